@@ -1,0 +1,183 @@
+/* libcurl's multi interface driven by libev, in the shape of curl's
+ * evhiperfifo example: one ev_timer for curl's timeouts, one ev_io per
+ * socket, and curl_multi_socket_action from both. Finished transfers are
+ * reported only after curl_multi_socket_action has returned. */
+#include <stdlib.h>
+
+#include <curl/curl.h>
+
+#include "internal.h"
+
+#define POOL_MAX 64
+
+typedef struct sockinfo {
+    ev_io io;
+    curl_socket_t fd;
+    aiorch_curl *c;
+    struct sockinfo *prev, *next;
+} sockinfo;
+
+struct aiorch_curl {
+    aiorch_runtime *rt;
+    CURLM *multi;
+    ev_timer timer;
+    sockinfo *socks;
+    CURL *pool[POOL_MAX];
+    int npool;
+};
+
+/* Reports each finished transfer to its owner. */
+static void check_done(aiorch_curl *c)
+{
+    CURLMsg *msg;
+    int left;
+    while ((msg = curl_multi_info_read(c->multi, &left))) {
+        if (msg->msg != CURLMSG_DONE) continue;
+        CURL *easy = msg->easy_handle;
+        CURLcode code = msg->data.result;
+        aiorch_transfer *tr = NULL;
+        curl_easy_getinfo(easy, CURLINFO_PRIVATE, (char **)&tr);
+        curl_multi_remove_handle(c->multi, easy);
+        if (tr) tr->done(tr, (int)code);
+    }
+}
+
+static void socket_action(aiorch_curl *c, curl_socket_t fd, int flags)
+{
+    int running;
+    curl_multi_socket_action(c->multi, fd, flags, &running);
+    check_done(c);
+    aiorch_sched_drain(c->rt);
+}
+
+/* ev_io: a curl socket is ready */
+static void io_cb(struct ev_loop *loop, ev_io *w, int revents)
+{
+    (void)loop;
+    sockinfo *si = w->data;
+    int flags = (revents & EV_READ ? CURL_CSELECT_IN : 0) | (revents & EV_WRITE ? CURL_CSELECT_OUT : 0);
+    socket_action(si->c, si->fd, flags);
+}
+
+/* ev_timer: curl's timeout expired */
+static void timer_cb(struct ev_loop *loop, ev_timer *w, int revents)
+{
+    (void)loop;
+    (void)revents;
+    socket_action(w->data, CURL_SOCKET_TIMEOUT, 0);
+}
+
+static void sock_free(aiorch_curl *c, sockinfo *si)
+{
+    ev_io_stop(c->rt->loop, &si->io);
+    if (si->prev)
+        si->prev->next = si->next;
+    else
+        c->socks = si->next;
+    if (si->next) si->next->prev = si->prev;
+    free(si);
+}
+
+/* CURLMOPT_SOCKETFUNCTION */
+static int curl_socket_cb(CURL *easy, curl_socket_t fd, int what, void *userp, void *socketp)
+{
+    (void)easy;
+    aiorch_curl *c = userp;
+    sockinfo *si = socketp;
+    if (what == CURL_POLL_REMOVE) {
+        if (si) sock_free(c, si);
+        return 0;
+    }
+    int events = (what & CURL_POLL_IN ? EV_READ : 0) | (what & CURL_POLL_OUT ? EV_WRITE : 0);
+    if (!si) {
+        si = calloc(1, sizeof *si);
+        if (!si) return -1;
+        si->fd = fd;
+        si->c = c;
+        si->next = c->socks;
+        if (si->next) si->next->prev = si;
+        c->socks = si;
+        ev_init(&si->io, io_cb);
+        si->io.data = si;
+        curl_multi_assign(c->multi, fd, si);
+    } else {
+        ev_io_stop(c->rt->loop, &si->io);
+    }
+    ev_io_set(&si->io, fd, events);
+    ev_io_start(c->rt->loop, &si->io);
+    return 0;
+}
+
+/* CURLMOPT_TIMERFUNCTION */
+static int curl_timer_cb(CURLM *multi, long timeout_ms, void *userp)
+{
+    (void)multi;
+    aiorch_curl *c = userp;
+    ev_timer_stop(c->rt->loop, &c->timer);
+    if (timeout_ms >= 0) { /* -1 means no timeout; 0 fires on the next turn */
+        ev_timer_set(&c->timer, (double)timeout_ms / 1000.0, 0.);
+        ev_timer_start(c->rt->loop, &c->timer);
+    }
+    return 0;
+}
+
+aiorch_curl *aiorch_curl_new(aiorch_runtime *rt)
+{
+    /* Reference-counted by libcurl: paired with curl_global_cleanup in free. */
+    if (curl_global_init(CURL_GLOBAL_DEFAULT) != CURLE_OK) return NULL;
+    aiorch_curl *c = calloc(1, sizeof *c);
+    if (!c) {
+        curl_global_cleanup();
+        return NULL;
+    }
+    c->rt = rt;
+    c->multi = curl_multi_init();
+    if (!c->multi) {
+        free(c);
+        curl_global_cleanup();
+        return NULL;
+    }
+    ev_init(&c->timer, timer_cb);
+    c->timer.data = c;
+    curl_multi_setopt(c->multi, CURLMOPT_SOCKETFUNCTION, curl_socket_cb);
+    curl_multi_setopt(c->multi, CURLMOPT_SOCKETDATA, c);
+    curl_multi_setopt(c->multi, CURLMOPT_TIMERFUNCTION, curl_timer_cb);
+    curl_multi_setopt(c->multi, CURLMOPT_TIMERDATA, c);
+    return c;
+}
+
+void aiorch_curl_free(aiorch_curl *c)
+{
+    for (int i = 0; i < c->npool; i++) curl_easy_cleanup(c->pool[i]);
+    curl_multi_cleanup(c->multi);
+    while (c->socks) sock_free(c, c->socks);
+    ev_timer_stop(c->rt->loop, &c->timer);
+    free(c);
+    curl_global_cleanup();
+}
+
+int aiorch_curl_add(aiorch_curl *c, aiorch_transfer *tr)
+{
+    curl_easy_setopt(tr->easy, CURLOPT_PRIVATE, tr);
+    return curl_multi_add_handle(c->multi, tr->easy) == CURLM_OK ? 0 : -1;
+}
+
+void aiorch_curl_remove(aiorch_curl *c, aiorch_transfer *tr)
+{
+    curl_multi_remove_handle(c->multi, tr->easy);
+}
+
+void *aiorch_curl_easy_get(aiorch_curl *c)
+{
+    return c->npool ? c->pool[--c->npool] : curl_easy_init();
+}
+
+void aiorch_curl_easy_put(aiorch_curl *c, void *easy)
+{
+    if (c->npool < POOL_MAX) {
+        curl_easy_reset(easy);
+        c->pool[c->npool++] = easy;
+    } else {
+        curl_easy_cleanup(easy);
+    }
+}

@@ -1,0 +1,404 @@
+/* aiorch.http.request: an HTTP request that yields its task until the
+ * response (or each server-sent event) arrives. */
+#include <ctype.h>
+#include <stdlib.h>
+#include <string.h>
+#include <strings.h>
+
+#include <curl/curl.h>
+
+#include "internal.h"
+#include "sse.h"
+
+#define DEFAULT_TIMEOUT_MS 60000L
+#define DEFAULT_CONNECT_TIMEOUT_MS 10000L
+#define DEFAULT_MAX_BODY (8L * 1024 * 1024)
+
+typedef struct http_req {
+    aiorch_transfer tr;
+    aiorch_op op;
+    aiorch_runtime *rt;
+    aiorch_task *task;
+    struct curl_slist *headers;
+    int body_ref;  /* the request body string, kept alive for curl */
+    int cb_ref;    /* on_event */
+    size_t max_body;
+    aiorch_sse_text body;
+    aiorch_sse_text head; /* header lines of the last response */
+    int sse;              /* -1 not known yet, 0 no, 1 yes */
+    aiorch_sse parser;
+    int finished;
+    int code;
+    int too_large;
+    char errbuf[CURL_ERROR_SIZE];
+} http_req;
+
+static int buf_add(aiorch_sse_text *t, const char *s, size_t n)
+{
+    if (t->len + n + 1 > t->cap) {
+        size_t cap = t->cap ? t->cap : 1024;
+        while (cap < t->len + n + 1) cap *= 2;
+        char *p = realloc(t->p, cap);
+        if (!p) return -1;
+        t->p = p;
+        t->cap = cap;
+    }
+    memcpy(t->p + t->len, s, n);
+    t->len += n;
+    return 0;
+}
+
+static void req_free(http_req *r)
+{
+    lua_State *S = r->rt->S;
+    aiorch_curl_easy_put(r->rt->curl, r->tr.easy);
+    curl_slist_free_all(r->headers);
+    luaL_unref(S, LUA_REGISTRYINDEX, r->body_ref);
+    luaL_unref(S, LUA_REGISTRYINDEX, r->cb_ref);
+    free(r->body.p);
+    free(r->head.p);
+    aiorch_sse_free(&r->parser);
+    free(r);
+}
+
+/* The task was cancelled: abort the transfer now (its socket closes). */
+static void req_cancel(aiorch_op *op)
+{
+    http_req *r = (http_req *)((char *)op - offsetof(http_req, op));
+    if (!r->finished) aiorch_curl_remove(r->rt->curl, &r->tr);
+    req_free(r);
+}
+
+static void wake(http_req *r)
+{
+    if (r->task && !aiorch_task_ended(r->task)) aiorch_task_wake(r->task, 0);
+}
+
+/* CURLOPT_WRITEFUNCTION */
+static size_t write_cb(char *data, size_t size, size_t nmemb, void *ud)
+{
+    http_req *r = ud;
+    size_t len = size * nmemb;
+    if (r->sse < 0) {
+        char *type = NULL;
+        curl_easy_getinfo(r->tr.easy, CURLINFO_CONTENT_TYPE, &type);
+        r->sse = r->cb_ref != LUA_NOREF && type && strncasecmp(type, "text/event-stream", 17) == 0;
+    }
+    if (r->sse) {
+        if (r->parser.queued + len > r->max_body || aiorch_sse_feed(&r->parser, data, len)) {
+            r->too_large = 1;
+            return 0;
+        }
+        if (r->parser.head) wake(r);
+        return len;
+    }
+    if (r->body.len + len > r->max_body || buf_add(&r->body, data, len)) {
+        r->too_large = 1;
+        return 0; /* curl stops with CURLE_WRITE_ERROR */
+    }
+    return len;
+}
+
+/* CURLOPT_HEADERFUNCTION */
+static size_t header_cb(char *data, size_t size, size_t nmemb, void *ud)
+{
+    http_req *r = ud;
+    size_t len = size * nmemb;
+    if (len >= 5 && memcmp(data, "HTTP/", 5) == 0) r->head.len = 0; /* after a 1xx */
+    return buf_add(&r->head, data, len) ? 0 : len;
+}
+
+static void done_cb(aiorch_transfer *tr, int code)
+{
+    http_req *r = (http_req *)tr;
+    r->finished = 1;
+    r->code = code;
+    wake(r);
+}
+
+static const char *error_kind(const http_req *r)
+{
+    switch (r->code) {
+    case CURLE_OPERATION_TIMEDOUT:
+        return "timeout";
+    case CURLE_COULDNT_RESOLVE_HOST:
+    case CURLE_COULDNT_RESOLVE_PROXY:
+        return "dns";
+    case CURLE_COULDNT_CONNECT:
+        return "connect";
+    case CURLE_SSL_CONNECT_ERROR:
+    case CURLE_PEER_FAILED_VERIFICATION:
+    case CURLE_SSL_CERTPROBLEM:
+    case CURLE_SSL_CIPHER:
+    case CURLE_SSL_CACERT_BADFILE:
+    case CURLE_SSL_ISSUER_ERROR:
+    case CURLE_SSL_PINNEDPUBKEYNOTMATCH:
+    case CURLE_SSL_INVALIDCERTSTATUS:
+    case CURLE_USE_SSL_FAILED:
+        return "tls";
+    case CURLE_RECV_ERROR:
+    case CURLE_SEND_ERROR:
+    case CURLE_GOT_NOTHING:
+    case CURLE_PARTIAL_FILE:
+    case CURLE_HTTP2:
+    case CURLE_HTTP2_STREAM:
+        return "reset";
+    case CURLE_WRITE_ERROR:
+        return r->too_large ? "too_large" : "http";
+    case CURLE_URL_MALFORMAT:
+    case CURLE_UNSUPPORTED_PROTOCOL:
+        return "invalid_url";
+    default:
+        return "http";
+    }
+}
+
+/* Pushes the response headers as a table with lower-case names. */
+static void push_headers(lua_State *L, const http_req *r)
+{
+    lua_newtable(L);
+    const char *p = r->head.p, *end = p + r->head.len;
+    if (!p) return;
+    while (p < end) {
+        const char *eol = memchr(p, '\n', (size_t)(end - p));
+        if (!eol) eol = end;
+        const char *colon = memchr(p, ':', (size_t)(eol - p));
+        if (colon && colon > p && memcmp(p, "HTTP/", 5) != 0) {
+            luaL_Buffer name;
+            luaL_buffinit(L, &name);
+            for (const char *q = p; q < colon; q++) luaL_addchar(&name, (char)tolower((unsigned char)*q));
+            luaL_pushresult(&name);
+            const char *v = colon + 1, *ve = eol;
+            while (v < ve && (*v == ' ' || *v == '\t')) v++;
+            while (ve > v && (ve[-1] == '\r' || ve[-1] == ' ' || ve[-1] == '\t')) ve--;
+            lua_pushvalue(L, -1);
+            if (lua_rawget(L, -3) == LUA_TSTRING) { /* a repeated header: join */
+                lua_pushliteral(L, ", ");
+                lua_pushlstring(L, v, (size_t)(ve - v));
+                lua_concat(L, 3);
+            } else {
+                lua_pop(L, 1);
+                lua_pushlstring(L, v, (size_t)(ve - v));
+            }
+            lua_rawset(L, -3);
+        }
+        p = eol + 1;
+    }
+}
+
+static int push_outcome(lua_State *L, http_req *r)
+{
+    if (r->code != CURLE_OK) {
+        lua_pushnil(L);
+        lua_pushstring(L, error_kind(r));
+        if (r->too_large)
+            lua_pushfstring(L, "response body larger than %I bytes", (lua_Integer)r->max_body);
+        else
+            lua_pushstring(L, r->errbuf[0] ? r->errbuf : curl_easy_strerror((CURLcode)r->code));
+        return 3;
+    }
+    long status = 0;
+    curl_easy_getinfo(r->tr.easy, CURLINFO_RESPONSE_CODE, &status);
+    lua_pushinteger(L, status);
+    push_headers(L, r);
+    lua_pushlstring(L, r->body.p ? r->body.p : "", r->body.len);
+    return 3;
+}
+
+/* Calls on_event for each queued event; 0 to go on, 1 to stop, -1 on error (at top). */
+static int deliver(lua_State *L, http_req *r)
+{
+    aiorch_sse_event *ev;
+    while ((ev = aiorch_sse_pop(&r->parser))) {
+        lua_rawgeti(L, LUA_REGISTRYINDEX, r->cb_ref);
+        lua_createtable(L, 0, 3);
+        lua_pushstring(L, ev->event);
+        lua_setfield(L, -2, "event");
+        lua_pushlstring(L, ev->data, ev->data_len);
+        lua_setfield(L, -2, "data");
+        if (ev->id) {
+            lua_pushstring(L, ev->id);
+            lua_setfield(L, -2, "id");
+        }
+        aiorch_sse_event_free(ev);
+        if (lua_pcall(L, 1, 1, 0) != LUA_OK) return -1;
+        int stop = lua_isboolean(L, -1) && !lua_toboolean(L, -1);
+        lua_pop(L, 1);
+        if (stop) return 1;
+    }
+    return 0;
+}
+
+static int request_k(lua_State *L, int status, lua_KContext ctx)
+{
+    (void)status;
+    http_req *r = (http_req *)ctx;
+    aiorch_task *self = aiorch_task_check(L, "aiorch.http.request");
+    if (r->cb_ref != LUA_NOREF && r->parser.head) {
+        int rc = deliver(L, r);
+        if (rc != 0) {
+            if (!r->finished) aiorch_curl_remove(r->rt->curl, &r->tr);
+            req_free(r);
+            if (rc < 0) return lua_error(L);
+            lua_pushnil(L);
+            lua_pushliteral(L, "aborted");
+            lua_pushliteral(L, "stopped by on_event");
+            return 3;
+        }
+    }
+    if (r->finished) {
+        int n = push_outcome(L, r);
+        req_free(r);
+        return n;
+    }
+    aiorch_task_wait(self, &r->op);
+    return lua_yieldk(L, 0, ctx, request_k);
+}
+
+static long opt_ms(lua_State *L, const char *field, long def)
+{
+    lua_getfield(L, 1, field);
+    if (lua_isnil(L, -1)) {
+        lua_pop(L, 1);
+        return def;
+    }
+    if (!lua_isnumber(L, -1)) luaL_error(L, "aiorch.http.request: '%s' must be a number", field);
+    double v = lua_tonumber(L, -1);
+    lua_pop(L, 1);
+    if (v < 0) luaL_error(L, "aiorch.http.request: '%s' must be >= 0", field);
+    return (long)v;
+}
+
+/* Checks the headers table at idx and turns it into a curl list. */
+static struct curl_slist *check_headers(lua_State *L, int idx)
+{
+    /* No "Expect: 100-continue": it would cost a round trip per request. */
+    struct curl_slist *list = curl_slist_append(NULL, "Expect:");
+    if (lua_isnil(L, idx)) return list;
+    if (!lua_istable(L, idx)) {
+        curl_slist_free_all(list);
+        luaL_error(L, "aiorch.http.request: 'headers' must be a table");
+    }
+    lua_pushnil(L);
+    while (lua_next(L, idx)) {
+        if (lua_type(L, -2) != LUA_TSTRING || !lua_isstring(L, -1)) {
+            curl_slist_free_all(list);
+            luaL_error(L, "aiorch.http.request: headers must map names to strings");
+        }
+        size_t nl, vl;
+        const char *name = lua_tolstring(L, -2, &nl);
+        const char *value = lua_tolstring(L, -1, &vl);
+        if (strpbrk(name, "\r\n:") || nl == 0 || memchr(value, '\r', vl) || memchr(value, '\n', vl) ||
+            strlen(value) != vl) {
+            curl_slist_free_all(list);
+            luaL_error(L, "aiorch.http.request: header '%s' has a forbidden character", name);
+        }
+        lua_pushfstring(L, "%s: %s", name, value);
+        struct curl_slist *next = curl_slist_append(list, lua_tostring(L, -1));
+        lua_pop(L, 2);
+        if (!next) {
+            curl_slist_free_all(list);
+            luaL_error(L, "out of memory");
+        }
+        list = next;
+    }
+    return list;
+}
+
+static int l_request(lua_State *L)
+{
+    aiorch_runtime *rt = aiorch_rt_of(L);
+    luaL_checktype(L, 1, LUA_TTABLE);
+    lua_settop(L, 1);
+    lua_getfield(L, 1, "url");     /* 2 */
+    lua_getfield(L, 1, "method");  /* 3 */
+    lua_getfield(L, 1, "body");    /* 4 */
+    lua_getfield(L, 1, "on_event"); /* 5 */
+    lua_getfield(L, 1, "headers"); /* 6 */
+    if (lua_type(L, 2) != LUA_TSTRING) return luaL_error(L, "aiorch.http.request: 'url' must be a string");
+    if (!lua_isnil(L, 3) && lua_type(L, 3) != LUA_TSTRING)
+        return luaL_error(L, "aiorch.http.request: 'method' must be a string");
+    if (!lua_isnil(L, 4) && lua_type(L, 4) != LUA_TSTRING)
+        return luaL_error(L, "aiorch.http.request: 'body' must be a string");
+    if (!lua_isnil(L, 5) && !lua_isfunction(L, 5))
+        return luaL_error(L, "aiorch.http.request: 'on_event' must be a function");
+    long timeout = opt_ms(L, "timeout_ms", DEFAULT_TIMEOUT_MS);
+    long connect_timeout = opt_ms(L, "connect_timeout_ms", DEFAULT_CONNECT_TIMEOUT_MS);
+    long max_body = opt_ms(L, "max_body", DEFAULT_MAX_BODY);
+    const char *method = lua_isnil(L, 3) ? (lua_isnil(L, 4) ? "GET" : "POST") : lua_tostring(L, 3);
+    for (const char *m = method; *m; m++)
+        if (!isupper((unsigned char)*m)) return luaL_error(L, "aiorch.http.request: bad method '%s'", method);
+    aiorch_task *self = aiorch_task_check(L, "aiorch.http.request");
+    struct curl_slist *headers = check_headers(L, 6);
+
+    /* From here on nothing raises until the yield. */
+    http_req *r = calloc(1, sizeof *r);
+    CURL *easy = r ? aiorch_curl_easy_get(rt->curl) : NULL;
+    if (!easy) {
+        free(r);
+        curl_slist_free_all(headers);
+        return luaL_error(L, "out of memory");
+    }
+    r->rt = rt;
+    r->task = self;
+    r->tr.easy = easy;
+    r->tr.done = done_cb;
+    r->op.cancel = req_cancel;
+    r->headers = headers;
+    r->max_body = (size_t)max_body;
+    r->sse = -1;
+    aiorch_sse_init(&r->parser);
+    lua_pushvalue(L, 4);
+    r->body_ref = luaL_ref(L, LUA_REGISTRYINDEX);
+    lua_pushvalue(L, 5);
+    r->cb_ref = luaL_ref(L, LUA_REGISTRYINDEX); /* LUA_REFNIL when absent */
+    if (r->cb_ref == LUA_REFNIL) r->cb_ref = LUA_NOREF;
+
+    curl_easy_setopt(easy, CURLOPT_URL, lua_tostring(L, 2));
+    curl_easy_setopt(easy, CURLOPT_PROTOCOLS_STR, "http,https");
+    curl_easy_setopt(easy, CURLOPT_NOSIGNAL, 1L);
+    curl_easy_setopt(easy, CURLOPT_HTTPHEADER, headers);
+    curl_easy_setopt(easy, CURLOPT_ERRORBUFFER, r->errbuf);
+    curl_easy_setopt(easy, CURLOPT_WRITEFUNCTION, write_cb);
+    curl_easy_setopt(easy, CURLOPT_WRITEDATA, r);
+    curl_easy_setopt(easy, CURLOPT_HEADERFUNCTION, header_cb);
+    curl_easy_setopt(easy, CURLOPT_HEADERDATA, r);
+    curl_easy_setopt(easy, CURLOPT_TIMEOUT_MS, timeout);
+    curl_easy_setopt(easy, CURLOPT_CONNECTTIMEOUT_MS, connect_timeout);
+    curl_easy_setopt(easy, CURLOPT_TCP_KEEPALIVE, 1L);
+    if (!lua_isnil(L, 4)) {
+        size_t len;
+        const char *body = lua_tolstring(L, 4, &len);
+        curl_easy_setopt(easy, CURLOPT_POSTFIELDSIZE_LARGE, (curl_off_t)len);
+        curl_easy_setopt(easy, CURLOPT_POSTFIELDS, body);
+    }
+    if (strcmp(method, "GET") == 0 && lua_isnil(L, 4))
+        curl_easy_setopt(easy, CURLOPT_HTTPGET, 1L);
+    else if (strcmp(method, "HEAD") == 0)
+        curl_easy_setopt(easy, CURLOPT_NOBODY, 1L);
+    else if (strcmp(method, "POST") != 0 || lua_isnil(L, 4))
+        curl_easy_setopt(easy, CURLOPT_CUSTOMREQUEST, method);
+
+    if (aiorch_curl_add(rt->curl, &r->tr) != 0) {
+        req_free(r);
+        lua_pushnil(L);
+        lua_pushliteral(L, "http");
+        lua_pushliteral(L, "cannot start the transfer");
+        return 3;
+    }
+    aiorch_task_wait(self, &r->op);
+    return lua_yieldk(L, 0, (lua_KContext)r, request_k);
+}
+
+static const luaL_Reg http_funcs[] = {
+    {"request", l_request},
+    {NULL, NULL},
+};
+
+void aiorch_http_open(aiorch_runtime *rt, lua_State *L)
+{
+    lua_newtable(L);
+    lua_pushlightuserdata(L, rt);
+    luaL_setfuncs(L, http_funcs, 1);
+    lua_setfield(L, -2, "http");
+}

@@ -1,0 +1,103 @@
+/* Shared by the runtime's C files; not part of the public API. */
+#ifndef AIORCH_INTERNAL_H
+#define AIORCH_INTERNAL_H
+
+#include <ev.h>
+#include <lua.h>
+#include <lauxlib.h>
+#include <stdint.h>
+
+#include "aiorch.h"
+
+typedef struct aiorch_task aiorch_task;
+typedef struct aiorch_curl aiorch_curl;
+
+/* What a waiting task is waiting on; cancel() undoes it and frees it. */
+typedef struct aiorch_op {
+    void (*cancel)(struct aiorch_op *op);
+} aiorch_op;
+
+struct aiorch_runtime {
+    struct ev_loop *loop;
+    int own_loop;
+    lua_State *L;
+    lua_State *S;            /* a scratch thread, never resumed */
+    int S_ref;
+    int own_L;               /* 0 when loaded as a C module into a host's state */
+    aiorch_curl *curl;
+    aiorch_task *current;    /* the task whose coroutine is running, or NULL */
+    aiorch_task *ready_head; /* tasks to resume, in order */
+    aiorch_task *ready_tail;
+    aiorch_task *live;       /* every task not yet ended */
+    int draining;
+    long budget;             /* instructions per resume */
+    long used;
+    uint64_t seq;            /* orders task completions */
+    aiorch_task *main;       /* started by aiorch_runtime_start */
+    int main_ended;
+    int main_status;         /* its exit status */
+    aiorch_error_fn on_error;
+    void *error_ud;
+    char error[512];
+    char *root;
+    char *user_path;
+};
+
+/* The runtime of a Lua-visible function: upvalue 1 of every module function. */
+#define aiorch_rt_of(L) ((aiorch_runtime *)lua_touserdata((L), lua_upvalueindex(1)))
+
+/* runtime.c */
+int aiorch_runtime_init(aiorch_runtime *rt, lua_State *L, const aiorch_options *opts);
+void aiorch_runtime_teardown(aiorch_runtime *rt);
+void aiorch_report(aiorch_runtime *rt, const char *fmt, ...);
+double aiorch_now_ms(void);
+
+/* task.c — the scheduler.
+ * A yielding C function: t = aiorch_task_check(L, "name"); arm the event;
+ * aiorch_task_wait(t, &op); return lua_yield(L, 0) (or lua_yieldk).
+ * The event handler pushes its results onto t->co and calls
+ * aiorch_task_wake(t, nresults); the coroutine resumes from the loop in
+ * aiorch_sched_drain, never from inside the event handler. */
+aiorch_task *aiorch_task_check(lua_State *L, const char *api); /* raises outside a task */
+aiorch_task *aiorch_task_require(aiorch_runtime *rt, lua_State *L, const char *api); /* for methods */
+aiorch_task *aiorch_task_current(aiorch_runtime *rt, lua_State *L); /* NULL outside */
+lua_State *aiorch_task_thread(aiorch_task *t);
+void aiorch_task_wait(aiorch_task *t, aiorch_op *op);
+void aiorch_task_wake(aiorch_task *t, int nargs);
+/* Pops a function and nargs arguments from L and starts them as a task
+ * (queued, run at the next drain). Pushes the task userdata. */
+aiorch_task *aiorch_task_spawn(aiorch_runtime *rt, lua_State *L, int nargs);
+/* Cancels a task and its children; returns 0 if it had already ended. */
+int aiorch_task_cancel(aiorch_task *t);
+int aiorch_task_ended(aiorch_task *t);
+void aiorch_sched_drain(aiorch_runtime *rt);
+void aiorch_task_cancel_all(aiorch_runtime *rt);
+/* Each *_open adds its functions to the module table on top of L, with rt as
+ * upvalue 1, and registers its metatables. */
+void aiorch_task_open(aiorch_runtime *rt, lua_State *L);
+
+/* curl_glue.c — curl multi driven by libev (evhiperfifo shape). */
+typedef struct aiorch_transfer {
+    void *easy; /* CURL * */
+    /* Called after curl_multi_socket_action returned, never inside curl. */
+    void (*done)(struct aiorch_transfer *tr, int curl_code);
+} aiorch_transfer;
+aiorch_curl *aiorch_curl_new(aiorch_runtime *rt);
+void aiorch_curl_free(aiorch_curl *c);
+int aiorch_curl_add(aiorch_curl *c, aiorch_transfer *tr);   /* CURLOPT_PRIVATE = tr */
+void aiorch_curl_remove(aiorch_curl *c, aiorch_transfer *tr);
+void *aiorch_curl_easy_get(aiorch_curl *c);                 /* pooled easy handle */
+void aiorch_curl_easy_put(aiorch_curl *c, void *easy);
+
+/* http.c */
+void aiorch_http_open(aiorch_runtime *rt, lua_State *L);  /* adds module.http */
+
+/* server.c */
+void aiorch_server_open(aiorch_runtime *rt, lua_State *L); /* adds module.server */
+void aiorch_server_close_all(aiorch_runtime *rt);
+
+/* module.c — builds the `aiorch` module table for this runtime. */
+int aiorch_push_module(aiorch_runtime *rt, lua_State *L);
+int aiorch_push_module_cached(lua_State *L); /* 0 (nothing pushed) before the first */
+
+#endif

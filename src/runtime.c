@@ -1,0 +1,193 @@
+/* One runtime instance: a lua_State, a libev loop and what hangs off them. */
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+
+#include <lualib.h>
+
+#include "internal.h"
+
+#ifndef AIORCH_DEFAULT_ROOT
+#define AIORCH_DEFAULT_ROOT "."
+#endif
+#define DEFAULT_BUDGET 100000000L
+
+static void default_report(void *ud, const char *message)
+{
+    (void)ud;
+    fprintf(stderr, "aiorch: %s\n", message);
+}
+
+void aiorch_report(aiorch_runtime *rt, const char *fmt, ...)
+{
+    char buf[4096];
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(buf, sizeof buf, fmt, ap);
+    va_end(ap);
+    rt->on_error(rt->error_ud, buf);
+}
+
+double aiorch_now_ms(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (double)ts.tv_sec * 1e3 + (double)ts.tv_nsec / 1e6;
+}
+
+static char *dup_or_null(const char *s)
+{
+    return s && *s ? strdup(s) : NULL;
+}
+
+/* Prepends ROOT/scripts to package.path so `require "aiorch.x"` finds the Lua layer. */
+static void set_package_path(aiorch_runtime *rt, lua_State *L)
+{
+    lua_getglobal(L, "package");
+    if (!lua_istable(L, -1)) {
+        lua_pop(L, 1);
+        return;
+    }
+    lua_getfield(L, -1, "path");
+    lua_pushfstring(L, "%s/scripts/?.lua;%s", rt->root, lua_tostring(L, -1) ? lua_tostring(L, -1) : "");
+    lua_setfield(L, -3, "path");
+    lua_pop(L, 2);
+}
+
+int aiorch_runtime_init(aiorch_runtime *rt, lua_State *L, const aiorch_options *opts)
+{
+    aiorch_options none = {0};
+    if (!opts) opts = &none;
+    const char *env;
+    rt->L = L;
+    rt->on_error = opts->on_error ? opts->on_error : default_report;
+    rt->error_ud = opts->error_ud;
+    rt->budget = opts->instruction_budget;
+    if (rt->budget <= 0 && (env = getenv("AIORCH_INSTRUCTION_BUDGET")) && *env)
+        rt->budget = strtol(env, NULL, 10);
+    if (rt->budget <= 0) rt->budget = DEFAULT_BUDGET;
+    rt->root = strdup(opts->root ? opts->root
+                                 : (env = getenv("AIORCH_ROOT")) && *env ? env : AIORCH_DEFAULT_ROOT);
+    rt->user_path = dup_or_null(opts->user_path ? opts->user_path : getenv("AIORCH_PATH"));
+    rt->curl = aiorch_curl_new(rt);
+    if (!rt->root || !rt->curl) return -1;
+    rt->S = lua_newthread(L);
+    rt->S_ref = luaL_ref(L, LUA_REGISTRYINDEX);
+    set_package_path(rt, L);
+    aiorch_push_module(rt, L);
+    lua_pop(L, 1);
+    return 0;
+}
+
+void aiorch_runtime_teardown(aiorch_runtime *rt)
+{
+    if (rt->L) {
+        aiorch_task_cancel_all(rt);
+        aiorch_server_close_all(rt);
+    }
+    if (rt->curl) aiorch_curl_free(rt->curl);
+    rt->curl = NULL;
+    free(rt->root);
+    free(rt->user_path);
+    rt->root = rt->user_path = NULL;
+}
+
+aiorch_runtime *aiorch_runtime_new(const aiorch_options *opts)
+{
+    aiorch_runtime *rt = calloc(1, sizeof *rt);
+    if (!rt) return NULL;
+    rt->loop = opts && opts->loop ? opts->loop : NULL;
+    if (!rt->loop) {
+        rt->loop = ev_loop_new(EVFLAG_AUTO);
+        rt->own_loop = 1;
+    }
+    lua_State *L = luaL_newstate();
+    if (!rt->loop || !L) {
+        fprintf(stderr, "aiorch: cannot create the runtime: out of memory\n");
+        if (L) lua_close(L);
+        if (rt->own_loop && rt->loop) ev_loop_destroy(rt->loop);
+        free(rt);
+        return NULL;
+    }
+    rt->own_L = 1;
+    luaL_openlibs(L);
+    if (aiorch_runtime_init(rt, L, opts) != 0) {
+        fprintf(stderr, "aiorch: cannot create the runtime\n");
+        aiorch_runtime_free(rt);
+        return NULL;
+    }
+    return rt;
+}
+
+void aiorch_runtime_free(aiorch_runtime *rt)
+{
+    if (!rt) return;
+    aiorch_runtime_teardown(rt);
+    if (rt->own_L && rt->L) lua_close(rt->L);
+    if (rt->own_loop && rt->loop) ev_loop_destroy(rt->loop);
+    free(rt);
+}
+
+struct lua_State *aiorch_runtime_lua(aiorch_runtime *rt)
+{
+    return rt->L;
+}
+
+struct ev_loop *aiorch_runtime_loop(aiorch_runtime *rt)
+{
+    return rt->loop;
+}
+
+const char *aiorch_runtime_root(aiorch_runtime *rt)
+{
+    return rt->root;
+}
+
+const char *aiorch_runtime_error(aiorch_runtime *rt)
+{
+    return rt->error;
+}
+
+int aiorch_runtime_start(aiorch_runtime *rt, const char *path, int argc, char **argv)
+{
+    lua_State *S = rt->S;
+    rt->error[0] = '\0';
+    if (rt->current) {
+        snprintf(rt->error, sizeof rt->error, "cannot start %s from inside a task", path);
+        return -1;
+    }
+    if (luaL_loadfile(S, path) != LUA_OK) {
+        snprintf(rt->error, sizeof rt->error, "%s", lua_tostring(S, -1));
+        lua_pop(S, 1);
+        return -1;
+    }
+    luaL_checkstack(S, argc + 2, "too many arguments");
+    for (int i = 0; i < argc; i++) lua_pushstring(S, argv[i]);
+    rt->main = aiorch_task_spawn(rt, S, argc);
+    rt->main_ended = 0;
+    rt->main_status = 0;
+    lua_pop(S, 1);
+    aiorch_sched_drain(rt);
+    return 0;
+}
+
+int aiorch_runtime_busy(aiorch_runtime *rt)
+{
+    return rt->main != NULL;
+}
+
+int aiorch_runtime_run(aiorch_runtime *rt, const char *path, int argc, char **argv)
+{
+    if (aiorch_runtime_start(rt, path, argc, argv) != 0) return 1;
+    while (!rt->main_ended) {
+        if (!ev_run(rt->loop, EVRUN_ONCE) && !rt->ready_head && !rt->main_ended) {
+            snprintf(rt->error, sizeof rt->error, "%s waits for something that can never happen", path);
+            aiorch_task_cancel_all(rt);
+            return 1;
+        }
+        aiorch_sched_drain(rt);
+    }
+    return rt->main_status;
+}
