@@ -41,6 +41,7 @@ struct aiorch_runtime {
     char error[512];
     char *root;
     char *user_path;
+    void *servers;           /* server.c: open aiorch.server listeners */
 };
 
 /* The runtime of a Lua-visible function: upvalue 1 of every module function. */

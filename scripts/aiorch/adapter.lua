@@ -1,0 +1,105 @@
+-- Helpers shared by the provider adapters (scripts/providers/*.lua).
+-- User adapters may use them too; nothing here does I/O.
+local cjson = require "cjson.safe"
+
+local fmt = string.format
+local type = type
+local tonumber = tonumber
+
+local _M = {}
+
+local null = cjson.null
+
+-- A JSON null decodes to cjson.null; treat it like an absent field.
+function _M.str(v)
+  if type(v) == "string" then
+    return v
+  end
+  return nil
+end
+
+function _M.num(v)
+  if type(v) == "number" then
+    return math.tointeger(v) or v
+  end
+  return nil
+end
+
+function _M.present(v)
+  return v ~= nil and v ~= null
+end
+
+function _M.join_url(base, path)
+  return (base:gsub("/+$", "")) .. path
+end
+
+-- The user turn: the question, preceded by the context when there is one.
+function _M.user_content(request)
+  local q = request.user_question
+  local c = request.context
+  if type(c) == "string" and c:find("%S") then
+    return fmt("Context:\n%s\n\nQuestion:\n%s", c, q)
+  end
+  return q
+end
+
+function _M.kind_for_status(status)
+  if status == 401 or status == 403 then
+    return "auth"
+  elseif status == 429 then
+    return "rate_limited"
+  elseif status >= 500 then
+    return "server_error" -- includes Anthropic's 529 (overloaded)
+  elseif status >= 400 then
+    return "bad_request"
+  end
+  return "http"
+end
+
+-- Retry-After is seconds or an HTTP date; keep a number when it is one.
+function _M.retry_after(headers)
+  local v = type(headers) == "table" and headers["retry-after"] or nil
+  if type(v) ~= "string" then
+    return nil
+  end
+  return _M.num(tonumber(v)) or v
+end
+
+-- At most n bytes of s on one line, for messages quoting a body.
+function _M.excerpt(s, n)
+  n = n or 200
+  s = tostring(s or ""):gsub("%s+", " ")
+  if #s > n then
+    s = s:sub(1, n) .. "..."
+  end
+  return s
+end
+
+-- The error for a non-2xx reply: kind from the status, the provider's own
+-- message when its JSON error shape carries one.
+function _M.http_error(status, headers, body, message_of)
+  local kind = _M.kind_for_status(status)
+  local doc = cjson.decode(body or "")
+  local msg = type(doc) == "table" and message_of(doc) or nil
+  if not msg or msg == "" then
+    msg = _M.excerpt(body, 200)
+  end
+  local message = msg ~= "" and fmt("HTTP %d: %s", status, _M.excerpt(msg, 500)) or fmt("HTTP %d", status)
+  return nil, kind, message, { retry_after = _M.retry_after(headers) }
+end
+
+-- Both APIs use a top-level "error" object: {type, message[, code]}.
+function _M.error_object_message(doc)
+  local e = doc.error
+  if type(e) == "table" then
+    return _M.str(e.message) or _M.str(e.type)
+  end
+  return _M.str(e) or _M.str(doc.message)
+end
+
+function _M.is_event_stream(headers)
+  local ct = type(headers) == "table" and headers["content-type"] or nil
+  return type(ct) == "string" and ct:lower():find("text/event-stream", 1, true) ~= nil
+end
+
+return _M

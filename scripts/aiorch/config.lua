@@ -1,0 +1,126 @@
+-- Provider configuration from the environment. A provider is available
+-- when its key is set. Keys stay in these tables: never log or return them.
+local log = require "aiorch.log"
+
+local fmt = string.format
+local type = type
+local ipairs = ipairs
+local tonumber = tonumber
+local os_getenv = os.getenv
+local concat = table.concat
+
+local _M = {}
+
+_M.default_priority = { "openai", "anthropic" }
+_M.default_timeout_ms = 60000
+_M.default_connect_timeout_ms = 10000
+
+-- env: nil (the process environment), a table, or a function(name).
+local function getter(env)
+  if env == nil then
+    return os_getenv
+  elseif type(env) == "table" then
+    return function(k) return env[k] end
+  end
+  return env
+end
+
+-- Trimmed, so a key pasted with a trailing newline still works.
+local function nonempty(v)
+  if type(v) == "string" then
+    v = v:match("^%s*(.-)%s*$")
+    if v ~= "" then
+      return v
+    end
+  end
+  return nil
+end
+
+local function env_prefix(name)
+  return (name:upper():gsub("[^%w]", "_"))
+end
+
+local function positive(v)
+  local n = tonumber(v)
+  if n and n > 0 then
+    return n
+  end
+  return nil
+end
+
+-- The providers' default order: AIORCH_PROVIDERS ("a,b") or openai, anthropic.
+function _M.priority(env)
+  local get = getter(env)
+  local list = nonempty(get("AIORCH_PROVIDERS"))
+  if not list then
+    return { table.unpack(_M.default_priority) }
+  end
+  local out = {}
+  for n in list:gmatch("[^,%s]+") do
+    out[#out + 1] = n
+  end
+  return out
+end
+
+-- Why a provider is unavailable, in words fit for an error message.
+function _M.unavailable_reason(cfg)
+  if cfg.key_env then
+    return fmt("%s is not set", cfg.key_env)
+  end
+  return fmt("%s is not available", cfg.name)
+end
+
+-- One provider's configuration from its adapter's fields and the env.
+function _M.provider(name, adapter, env)
+  local get = getter(env)
+  local prefix = env_prefix(name)
+  local key_env = adapter.key_env
+  if key_env == nil then
+    key_env = prefix .. "_API_KEY"
+  end
+  local key = key_env and nonempty(get(key_env)) or nil
+  local base_env = adapter.base_url_env or prefix .. "_BASE_URL"
+  local model_env = adapter.model_env or prefix .. "_MODEL"
+  local cfg = {
+    name = name,
+    key = key,
+    key_env = key_env,
+    -- An adapter with key_env = false needs no key (a local server).
+    available = key_env == false or key ~= nil,
+    base_url = nonempty(get(base_env)) or adapter.default_base_url,
+    model = nonempty(get(model_env)) or adapter.default_model,
+    timeout_ms = positive(get(prefix .. "_TIMEOUT_MS")) or positive(get("AIORCH_TIMEOUT_MS"))
+      or _M.default_timeout_ms,
+    connect_timeout_ms = positive(get("AIORCH_CONNECT_TIMEOUT_MS")) or _M.default_connect_timeout_ms,
+  }
+  if not cfg.available then
+    cfg.unavailable = _M.unavailable_reason(cfg)
+  end
+  return cfg
+end
+
+local announced = false
+
+-- Logs once which adapters came up, and warns when none did.
+function _M.announce(configs, order)
+  if announced then
+    return
+  end
+  announced = true
+  local up, hints = {}, {}
+  for _, name in ipairs(order) do
+    local c = configs[name]
+    if c and c.available then
+      up[#up + 1] = name
+      log.info("adapter %s up (model %s, %s)", name, c.model or "?", c.base_url or "?")
+    elseif c and c.key_env then
+      hints[#hints + 1] = c.key_env
+    end
+  end
+  if #up == 0 then
+    log.warn("no provider adapter is available (set %s)",
+      #hints > 0 and concat(hints, " or ") or "a provider key")
+  end
+end
+
+return _M

@@ -1,0 +1,175 @@
+-- orchestrate(request, strategy, providers, opts): validate, build the
+-- system prompt, pick providers, run the strategy. Validation errors come
+-- back as nil, message, "invalid" before any network call; everything after
+-- that comes back as StandardAIResponse(s).
+local config = require "aiorch.config"
+local context = require "aiorch.context"
+local loader = require "aiorch.loader"
+local request_mod = require "aiorch.request"
+local response = require "aiorch.response"
+local log = require "aiorch.log"
+
+local fmt = string.format
+local type = type
+local ipairs = ipairs
+local pcall = pcall
+local tostring = tostring
+local concat = table.concat
+
+local _M = {}
+
+_M.default_strategy = "fallback"
+_M.default_prompt = "default"
+
+local function split_names(v)
+  if type(v) == "table" then
+    return v
+  end
+  local out = {}
+  if type(v) == "string" then
+    for n in v:gmatch("[^,%s]+") do
+      out[#out + 1] = n
+    end
+  end
+  return out
+end
+
+local process_configs -- configs of the process environment, built once
+
+-- Adapters and configs for the given names. nil, message on an unknown name.
+local function providers_for(names, opts)
+  local adapters, configs, list = {}, {}, {}
+  for i, name in ipairs(names) do
+    if adapters[name] then
+      return nil, fmt("provider '%s' is listed twice", tostring(name))
+    end
+    local a, err = loader.load("provider", name, opts.path)
+    if not a then
+      return nil, err
+    end
+    local c
+    if opts.env == nil then
+      process_configs = process_configs or {}
+      c = process_configs[name] or config.provider(name, a, nil)
+      process_configs[name] = c
+    else
+      c = config.provider(name, a, opts.env)
+    end
+    adapters[name], configs[name], list[i] = a, c, a
+  end
+  return adapters, configs, list
+end
+
+local function build_prompt(request, opts)
+  local name = opts.prompt or _M.default_prompt
+  local builder, err = loader.load("prompt", name, opts.path)
+  if not builder then
+    return nil, err
+  end
+  local fn = type(builder) == "function" and builder or builder.build_system_prompt
+  local ok, prompt = pcall(fn, opts.context_info or request.context)
+  if not ok then
+    return nil, fmt("prompt builder '%s' failed: %s", name, tostring(prompt))
+  end
+  if type(prompt) ~= "string" then
+    return nil, fmt("prompt builder '%s' returned %s, not a string", name, type(prompt))
+  end
+  return prompt
+end
+
+-- The chosen providers: as given, or every available one in priority
+-- order; when none is available, all of them, so the error says why.
+local function choose(names, opts)
+  if names ~= nil and #split_names(names) > 0 then
+    names = split_names(names)
+    local adapters, configs, list = providers_for(names, opts)
+    return names, adapters, configs, list
+  end
+  local order = config.priority(opts.env)
+  local adapters, configs, list = providers_for(order, opts)
+  if not adapters then
+    return order, nil, configs
+  end
+  local out, out_list = {}, {}
+  for i, n in ipairs(order) do
+    if configs[n].available then
+      out[#out + 1] = n
+      out_list[#out_list + 1] = list[i]
+    end
+  end
+  if #out == 0 then
+    return order, adapters, configs, list, order
+  end
+  return out, adapters, configs, out_list, order
+end
+
+local function valid_result(v)
+  if response.is_response(v) then
+    return true
+  end
+  if type(v) ~= "table" or #v == 0 then
+    return false
+  end
+  for _, r in ipairs(v) do
+    if not response.is_response(r) then
+      return false
+    end
+  end
+  return true
+end
+
+-- opts: env (table|function, default the process env), path (user dirs),
+-- stream, on_token(text, provider), timeout_ms, prompt (builder name),
+-- context_info (for the prompt builder; default request.context).
+function _M.orchestrate(request, strategy_name, providers, opts)
+  opts = opts or {}
+  strategy_name = strategy_name or _M.default_strategy
+
+  local strategy, serr = loader.load("strategy", strategy_name, opts.path)
+  if not strategy then
+    return nil, serr, "invalid"
+  end
+
+  local names, adapters, configs, list, order = choose(providers, opts)
+  if not adapters then
+    return nil, configs, "invalid"
+  end
+
+  local req, verr = request_mod.validate(request, list)
+  if not req then
+    return nil, verr, "invalid"
+  end
+
+  -- Says which adapters came up, once, and only for a request that is valid.
+  if order and opts.env == nil then
+    config.announce(configs, order)
+  end
+
+  if req.system_prompt == nil then
+    local prompt, perr = build_prompt(req, opts)
+    if not prompt then
+      return nil, perr, "prompt"
+    end
+    req.system_prompt = prompt
+  end
+
+  local ctx = context.new {
+    request = req, adapters = adapters, configs = configs, opts = opts, strategy = strategy_name,
+  }
+  log.debug("strategy %s over %s", strategy_name, concat(names, ","))
+  local ok, result = pcall(strategy, req, names, ctx)
+  if not ok then
+    log.error("strategy '%s' failed: %s", strategy_name, tostring(result))
+    return response.error(names[1] or "none", "strategy", fmt("strategy '%s' failed: %s", strategy_name,
+      tostring(result)), 0, {})
+  end
+  if not valid_result(result) then
+    return response.error(names[1] or "none", "strategy",
+      fmt("strategy '%s' returned %s, not a response or a list of responses", strategy_name, type(result)), 0, {})
+  end
+  return result
+end
+
+setmetatable(_M, { __call = function(_, ...) return _M.orchestrate(...) end })
+
+return _M

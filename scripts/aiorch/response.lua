@@ -1,0 +1,242 @@
+-- StandardAIResponse: constructors, cost, and JSON encoding.
+local cjson = require "cjson.safe"
+
+local fmt = string.format
+local type = type
+local pairs = pairs
+local ipairs = ipairs
+local tostring = tostring
+local sort = table.sort
+local concat = table.concat
+local floor = math.floor
+local math_type = math.type
+
+local _M = {}
+
+-- USD per million tokens: {input, output}.
+_M.prices = {
+  ["gpt-4o-mini"] = { 0.15, 0.60 },
+  ["claude-3-haiku-20240307"] = { 0.25, 1.25 },
+}
+
+local function price_of(model)
+  if type(model) ~= "string" then
+    return nil
+  end
+  local p = _M.prices[model]
+  if p then
+    return p
+  end
+  -- Providers answer with dated names (gpt-4o-mini-2024-07-18): longest prefix.
+  local best, best_len = nil, 0
+  for name, price in pairs(_M.prices) do
+    if #name > best_len and model:sub(1, #name + 1) == name .. "-" then
+      best, best_len = price, #name
+    end
+  end
+  return best
+end
+
+function _M.cost(model, usage)
+  local p = price_of(model)
+  if not p or type(usage) ~= "table" then
+    return nil
+  end
+  local i, o = usage.input_tokens, usage.output_tokens
+  if i == nil and o == nil then
+    return nil
+  end
+  i, o = i or 0, o or 0
+  return (i * p[1] + o * p[2]) / 1e6
+end
+
+local function ms(v)
+  if type(v) ~= "number" then
+    return 0
+  end
+  return floor(v + 0.5)
+end
+
+-- result: an adapter result {text, model, usage, finish_reason}.
+function _M.success(provider, result, latency_ms, http_status)
+  local usage = result.usage or {}
+  return {
+    ia_provider_name = provider,
+    response_text = result.text or "",
+    status = "success",
+    latency_ms = ms(latency_ms),
+    error_message = nil,
+    metadata = {
+      model = result.model,
+      usage = usage,
+      finish_reason = result.finish_reason,
+      http_status = http_status,
+      cost_usd = _M.cost(result.model, usage),
+    },
+  }
+end
+
+-- kind "timeout" gives status "timeout"; every other kind gives "error".
+function _M.error(provider, kind, message, latency_ms, meta)
+  meta = meta or {}
+  meta.error_kind = kind
+  return {
+    ia_provider_name = provider,
+    response_text = "",
+    status = kind == "timeout" and "timeout" or "error",
+    latency_ms = ms(latency_ms),
+    error_message = message or kind,
+    metadata = meta,
+  }
+end
+
+function _M.is_response(v)
+  return type(v) == "table" and type(v.status) == "string" and v.ia_provider_name ~= nil
+end
+
+-- One entry of metadata.attempts.
+function _M.attempt(r)
+  local m = r.metadata or {}
+  return {
+    provider = r.ia_provider_name,
+    status = r.status,
+    kind = m.error_kind,
+    latency_ms = r.latency_ms,
+    http_status = m.http_status,
+  }
+end
+
+local function failure_text(r)
+  local m = r.metadata or {}
+  local kind = m.error_kind or r.status
+  local msg = r.error_message
+  if msg and msg ~= kind then
+    return fmt("%s: %s (%s)", tostring(r.ia_provider_name), kind, msg)
+  end
+  return fmt("%s: %s", tostring(r.ia_provider_name), kind)
+end
+
+-- The error that names every failure. Status is "timeout" only when every
+-- provider timed out.
+function _M.all_failed(responses)
+  local parts, attempts = {}, {}
+  local all_timeout = #responses > 0
+  local latency = 0
+  for i, r in ipairs(responses) do
+    parts[i] = failure_text(r)
+    attempts[i] = _M.attempt(r)
+    all_timeout = all_timeout and r.status == "timeout"
+    latency = latency + (r.latency_ms or 0)
+  end
+  local last = responses[#responses]
+  local message = #parts > 0 and "all providers failed: " .. concat(parts, "; ") or "no provider to call"
+  local resp = _M.error(last and last.ia_provider_name or "none", "all_failed", message, latency,
+    { attempts = attempts })
+  if all_timeout then
+    resp.status = "timeout"
+  end
+  return resp
+end
+
+-- JSON encoding: fixed key order for readability, error_message as null,
+-- and empty lists as [].
+local ORDER = {
+  "ia_provider_name", "provider", "response_text", "status", "kind", "latency_ms", "error_message", "metadata",
+  "model", "usage", "input_tokens", "output_tokens", "finish_reason", "http_status",
+  "error_kind", "retry_after", "attempts", "cost_usd",
+}
+local RANK = {}
+for i, k in ipairs(ORDER) do
+  RANK[k] = i
+end
+local ARRAY_FIELDS = { attempts = true }
+
+local function key_less(a, b)
+  local ra, rb = RANK[a] or 1000, RANK[b] or 1000
+  if ra ~= rb then
+    return ra < rb
+  end
+  return tostring(a) < tostring(b)
+end
+
+local function is_array(t)
+  local n = #t
+  if n == 0 then
+    return false
+  end
+  local count = 0
+  for _ in pairs(t) do
+    count = count + 1
+  end
+  return count == n
+end
+
+local encode_value
+
+local function encode_table(t, as_array, depth)
+  if depth > 32 then
+    return '"<nested too deep>"'
+  end
+  local out = {}
+  if as_array or is_array(t) then
+    for i = 1, #t do
+      out[i] = encode_value(t[i], false, depth + 1)
+    end
+    return "[" .. concat(out, ",") .. "]"
+  end
+  local keys = {}
+  for k, v in pairs(t) do
+    if (type(k) == "string" or type(k) == "number") and type(v) ~= "function" then
+      keys[#keys + 1] = k
+    end
+  end
+  sort(keys, key_less)
+  for i, k in ipairs(keys) do
+    out[i] = cjson.encode(tostring(k)) .. ":" .. encode_value(t[k], ARRAY_FIELDS[k], depth + 1)
+  end
+  return "{" .. concat(out, ",") .. "}"
+end
+
+function encode_value(v, as_array, depth)
+  local tv = type(v)
+  if tv == "table" then
+    return encode_table(v, as_array, depth or 0)
+  elseif tv == "number" then
+    if v ~= v or v == math.huge or v == -math.huge then
+      return "null"
+    end
+    if math_type(v) == "float" and v == floor(v) and v > -2 ^ 53 and v < 2 ^ 53 then
+      return fmt("%d", v)
+    end
+    return cjson.encode(v) or "null"
+  elseif tv == "string" or tv == "boolean" then
+    return cjson.encode(v) or "null"
+  end
+  return "null"
+end
+
+local function with_null_error(r)
+  if type(r) == "table" and r.status and r.error_message == nil then
+    local copy = {}
+    for k, v in pairs(r) do
+      copy[k] = v
+    end
+    copy.error_message = cjson.null
+    return copy
+  end
+  return r
+end
+
+-- encode(response) or encode({response, ...}) -> JSON text.
+function _M.encode(v)
+  if _M.is_response(v) then
+    return encode_value(with_null_error(v), false, 0)
+  end
+  local out = {}
+  for i, r in ipairs(v) do
+    out[i] = encode_value(with_null_error(r), false, 0)
+  end
+  return "[" .. concat(out, ",") .. "]"
+end
+
+return _M

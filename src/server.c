@@ -1,0 +1,1672 @@
+/* aiorch.server: an HTTP/1.1 server on the runtime's libev loop.
+ *
+ * A srv_server (the Lua userdata itself) owns a listening socket and the
+ * srv_conn of each accepted socket. A parsed request runs as its own task
+ * through handler_task, which completes the response when the handler
+ * returns or raises; a guard object closed with that task covers the
+ * handler being cancelled. While a response is in flight the connection
+ * owns registry references to its req table, res userdata and task. */
+#if defined(__linux__) && !defined(_GNU_SOURCE)
+#define _GNU_SOURCE /* accept4 */
+#endif
+
+#include <errno.h>
+#include <fcntl.h>
+#include <limits.h>
+#include <netdb.h>
+#include <netinet/in.h>
+#include <netinet/tcp.h>
+#include <stdarg.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <strings.h>
+#include <sys/socket.h>
+#include <sys/uio.h>
+#include <unistd.h>
+
+#include <http_parser.h>
+
+#include "internal.h"
+
+#define SRV_MT "aiorch.server"
+#define RES_MT "aiorch.server.response"
+#define GUARD_MT "aiorch.server.guard"
+
+#define SRV_DEFAULT_MAX_BODY (1024 * 1024)
+#define SRV_HIGH_WATER (64 * 1024) /* unsent output beyond which res:write yields */
+#define SRV_READ_SIZE (16 * 1024)
+#define SRV_IN_LIMIT (64 * 1024) /* pipelined input buffered while a request runs */
+#define SRV_KEEP_BUF (256 * 1024) /* bigger buffers are freed once empty */
+#define SRV_MAX_HEADERS 256
+#define SRV_LINGER_S 2.0
+#define SRV_ACCEPT_RETRY_S 0.1
+
+typedef struct srv_server srv_server;
+typedef struct srv_conn srv_conn;
+typedef struct srv_res srv_res;
+
+typedef struct srv_buf {
+    char *p;
+    size_t off, len, cap; /* bytes [off, len) are live */
+} srv_buf;
+
+/* One request header: offsets into conn->scratch, which may move. */
+typedef struct srv_hdr {
+    size_t name, name_len, value, value_len;
+} srv_hdr;
+
+/* A task blocked in res:write until the output drains. */
+typedef struct srv_waiter {
+    aiorch_op op; /* first member: the scheduler hands back &op */
+    aiorch_task *task;
+    srv_conn *conn;
+    struct srv_waiter *next, **pprev;
+} srv_waiter;
+
+struct srv_server {
+    aiorch_runtime *rt;
+    srv_server *prev, *next; /* rt->servers */
+    int linked;
+    ev_io accept_w;
+    ev_timer retry_w; /* re-arms accept after EMFILE and the like */
+    int fd;           /* -1 once closed */
+    int port;
+    size_t max_body;
+    int handler_ref, self_ref;
+    srv_conn *conns;
+    lua_Integer next_id;
+    lua_Integer accepted, open, requests, aborted;
+    char host[256];
+};
+
+struct srv_conn {
+    srv_server *srv;
+    srv_conn *next, **pprev;
+    int fd;
+    ev_io rw, ww;
+    ev_timer linger_w;
+    http_parser parser;
+    srv_buf in, out, scratch, body;
+    srv_hdr *hdrs;
+    size_t nhdrs, hdrs_cap, url_len;
+    int hstate; /* 0: none yet, 1: in a header name, 2: in a value */
+    int reject; /* status for a request refused while parsing */
+    unsigned keep_alive : 1, failed : 1, close_after : 1, linger : 1, lingering : 1,
+        read_paused : 1;
+    /* the request whose response is not finished yet */
+    srv_res *res;
+    aiorch_task *task;
+    int req_ref, res_ref, task_ref;
+    srv_waiter *waiters;
+};
+
+struct srv_res {
+    aiorch_runtime *rt;
+    srv_conn *conn; /* NULL once finished or once the connection closed */
+    int status;
+    uint64_t length, sent;
+    unsigned started : 1, finished : 1, chunked : 1, has_length : 1, no_body : 1, close : 1,
+        keep_alive : 1, head : 1, http10 : 1;
+};
+
+/* Closed with the handler task; still armed then means it never finished. */
+typedef struct srv_guard {
+    srv_res *res;
+    aiorch_runtime *rt;
+} srv_guard;
+
+enum { SRV_PLAIN, SRV_GONE, SRV_CANCEL };
+
+static void conn_free(lua_State *L, srv_conn *c, int how);
+static int conn_process(lua_State *L, srv_conn *c);
+
+/* ---- buffers ---------------------------------------------------------- */
+
+static int buf_reserve(srv_buf *b, size_t n)
+{
+    size_t cap;
+    char *p;
+
+    if (b->cap - b->len >= n) return 0;
+    if (b->off > 0) { /* reuse the consumed front before growing */
+        memmove(b->p, b->p + b->off, b->len - b->off);
+        b->len -= b->off;
+        b->off = 0;
+        if (b->cap - b->len >= n) return 0;
+    }
+    cap = b->cap ? b->cap : 4096;
+    while (cap - b->len < n) {
+        if (cap > SIZE_MAX / 2) return -1;
+        cap *= 2;
+    }
+    p = realloc(b->p, cap);
+    if (!p) return -1;
+    b->p = p;
+    b->cap = cap;
+    return 0;
+}
+
+static int buf_add(srv_buf *b, const void *s, size_t n)
+{
+    if (n == 0) return 0;
+    if (buf_reserve(b, n)) return -1;
+    memcpy(b->p + b->len, s, n);
+    b->len += n;
+    return 0;
+}
+
+#define buf_lit(b, s) buf_add((b), (s), sizeof(s) - 1)
+
+static int buf_fmt(srv_buf *b, const char *fmt, ...)
+{
+    size_t room = 128;
+    for (;;) {
+        va_list ap;
+        int n;
+        if (buf_reserve(b, room)) return -1;
+        va_start(ap, fmt);
+        n = vsnprintf(b->p + b->len, b->cap - b->len, fmt, ap);
+        va_end(ap);
+        if (n < 0) return -1;
+        if ((size_t)n < b->cap - b->len) {
+            b->len += (size_t)n;
+            return 0;
+        }
+        room = (size_t)n + 1;
+    }
+}
+
+static void buf_free(srv_buf *b)
+{
+    free(b->p);
+    memset(b, 0, sizeof *b);
+}
+
+/* Keeps a connection's memory small between large bodies. */
+static void buf_trim(srv_buf *b)
+{
+    if (b->off == b->len && b->cap > SRV_KEEP_BUF) buf_free(b);
+}
+
+/* ---- HTTP bits -------------------------------------------------------- */
+
+static const char *srv_reason(int status)
+{
+    switch (status) {
+    case 100: return "Continue";
+    case 200: return "OK";
+    case 201: return "Created";
+    case 202: return "Accepted";
+    case 204: return "No Content";
+    case 206: return "Partial Content";
+    case 301: return "Moved Permanently";
+    case 302: return "Found";
+    case 303: return "See Other";
+    case 304: return "Not Modified";
+    case 307: return "Temporary Redirect";
+    case 308: return "Permanent Redirect";
+    case 400: return "Bad Request";
+    case 401: return "Unauthorized";
+    case 402: return "Payment Required";
+    case 403: return "Forbidden";
+    case 404: return "Not Found";
+    case 405: return "Method Not Allowed";
+    case 408: return "Request Timeout";
+    case 409: return "Conflict";
+    case 410: return "Gone";
+    case 411: return "Length Required";
+    case 413: return "Payload Too Large";
+    case 415: return "Unsupported Media Type";
+    case 422: return "Unprocessable Entity";
+    case 429: return "Too Many Requests";
+    case 500: return "Internal Server Error";
+    case 501: return "Not Implemented";
+    case 502: return "Bad Gateway";
+    case 503: return "Service Unavailable";
+    case 504: return "Gateway Timeout";
+    case 529: return "Overloaded";
+    default: return status < 400 ? "OK" : status < 500 ? "Client Error" : "Server Error";
+    }
+}
+
+static int is_tchar(unsigned char ch)
+{
+    return (ch >= 'a' && ch <= 'z') || (ch >= 'A' && ch <= 'Z') || (ch >= '0' && ch <= '9') ||
+           (ch && strchr("!#$%&'*+-.^_`|~", ch) != NULL);
+}
+
+static int is_token(const char *s, size_t n)
+{
+    size_t i;
+    if (n == 0) return 0;
+    for (i = 0; i < n; i++)
+        if (!is_tchar((unsigned char)s[i])) return 0;
+    return 1;
+}
+
+/* CR and LF would let a value smuggle in headers of its own. */
+static int is_field_value(const char *s, size_t n)
+{
+    size_t i;
+    for (i = 0; i < n; i++)
+        if (s[i] == '\r' || s[i] == '\n' || s[i] == '\0') return 0;
+    return 1;
+}
+
+static int name_is(const char *s, size_t n, const char *lit)
+{
+    return strlen(lit) == n && strncasecmp(s, lit, n) == 0;
+}
+
+/* Whether a comma-separated header value lists the token tok. */
+static int has_token(const char *s, size_t n, const char *tok)
+{
+    size_t i = 0, tl = strlen(tok);
+    while (i < n) {
+        size_t j;
+        while (i < n && (s[i] == ' ' || s[i] == '\t' || s[i] == ',')) i++;
+        j = i;
+        while (j < n && s[j] != ',') j++;
+        {
+            size_t e = j;
+            while (e > i && (s[e - 1] == ' ' || s[e - 1] == '\t')) e--;
+            if (e - i == tl && strncasecmp(s + i, tok, tl) == 0) return 1;
+        }
+        i = j;
+    }
+    return 0;
+}
+
+/* ---- sending ---------------------------------------------------------- */
+
+static size_t out_pending(const srv_conn *c)
+{
+    return c->out.len - c->out.off;
+}
+
+static ssize_t sock_writev(int fd, struct iovec *iov, int n)
+{
+    struct msghdr m;
+    ssize_t w;
+    memset(&m, 0, sizeof m);
+    m.msg_iov = iov;
+    m.msg_iovlen = (size_t)n;
+    do
+        w = sendmsg(fd, &m, MSG_NOSIGNAL); /* a gone client must not raise SIGPIPE */
+    while (w < 0 && errno == EINTR);
+    return w;
+}
+
+/* Sends the queued output, then iov (at most 4 parts): straight to the
+ * socket while it takes bytes, the rest queued for the write watcher.
+ * Returns -1 when the socket failed; the caller closes the connection. */
+static int conn_send(srv_conn *c, const struct iovec *iov, int n)
+{
+    struct iovec v[5];
+    size_t done, queued;
+    ssize_t w;
+    int k = 0, i;
+
+    if (ev_is_active(&c->ww)) { /* the socket is full: keep the order, queue */
+        for (i = 0; i < n; i++)
+            if (buf_add(&c->out, iov[i].iov_base, iov[i].iov_len)) return -1;
+        return 0;
+    }
+    queued = out_pending(c);
+    if (queued) {
+        v[k].iov_base = c->out.p + c->out.off;
+        v[k++].iov_len = queued;
+    }
+    for (i = 0; i < n; i++)
+        if (iov[i].iov_len) v[k++] = iov[i];
+    if (k == 0) return 0;
+    w = sock_writev(c->fd, v, k);
+    if (w < 0) {
+        if (errno != EAGAIN && errno != EWOULDBLOCK) return -1;
+        w = 0;
+    }
+    done = (size_t)w;
+    if (done >= queued) {
+        done -= queued;
+        c->out.off = c->out.len = 0;
+    } else {
+        c->out.off += done;
+        done = 0;
+    }
+    for (i = 0; i < n; i++) {
+        size_t len = iov[i].iov_len;
+        if (done >= len) {
+            done -= len;
+            continue;
+        }
+        if (buf_add(&c->out, (const char *)iov[i].iov_base + done, len - done)) return -1;
+        done = 0;
+    }
+    if (out_pending(c))
+        ev_io_start(c->srv->rt->loop, &c->ww);
+    else
+        buf_trim(&c->out);
+    return 0;
+}
+
+/* The client went away (or its socket failed). */
+static void conn_fail(lua_State *L, srv_conn *c)
+{
+    conn_free(L, c, c->res ? SRV_GONE : SRV_PLAIN);
+}
+
+/* ---- backpressure waiters --------------------------------------------- */
+
+static void waiter_unlink(srv_waiter *w)
+{
+    *w->pprev = w->next;
+    if (w->next) w->next->pprev = w->pprev;
+}
+
+/* aiorch_op.cancel: the waiting task was cancelled; forget it */
+static void waiter_cancel(aiorch_op *op)
+{
+    srv_waiter *w = (srv_waiter *)op;
+    waiter_unlink(w);
+    free(w);
+}
+
+/* Resumes a task blocked in res:write with true or nil, "closed". */
+static void waiter_wake(srv_waiter *w, int ok)
+{
+    aiorch_task *t = w->task;
+    lua_State *co = aiorch_task_thread(t);
+    waiter_unlink(w);
+    free(w);
+    lua_checkstack(co, 2);
+    if (ok) {
+        lua_pushboolean(co, 1);
+        aiorch_task_wake(t, 1);
+    } else {
+        luaL_pushfail(co);
+        lua_pushliteral(co, "closed");
+        aiorch_task_wake(t, 2);
+    }
+}
+
+static void conn_wake_writers(srv_conn *c)
+{
+    while (c->waiters && out_pending(c) < SRV_HIGH_WATER) waiter_wake(c->waiters, 1);
+}
+
+/* ---- connection lifetime ---------------------------------------------- */
+
+/* Closes c and frees it. With a response in flight, SRV_GONE (the client
+ * went away) and SRV_CANCEL (the server closes) cancel its handler task,
+ * and SRV_GONE marks the request aborted. */
+static void conn_free(lua_State *L, srv_conn *c, int how)
+{
+    srv_server *s = c->srv;
+    struct ev_loop *loop = s->rt->loop;
+    srv_res *r = c->res;
+    aiorch_task *task = c->task;
+    int req_ref = c->req_ref, res_ref = c->res_ref, task_ref = c->task_ref;
+
+    /* Unhook c first: Lua run by the cancellation below must not reach it. */
+    if (r) r->conn = NULL;
+    c->res = NULL;
+    ev_io_stop(loop, &c->rw);
+    ev_io_stop(loop, &c->ww);
+    ev_timer_stop(loop, &c->linger_w);
+    close(c->fd);
+    *c->pprev = c->next;
+    if (c->next) c->next->pprev = c->pprev;
+    s->open--;
+    lua_checkstack(L, 4);
+    if (r && how == SRV_GONE) {
+        s->aborted++;
+        lua_rawgeti(L, LUA_REGISTRYINDEX, req_ref);
+        lua_pushliteral(L, "aborted_at");
+        lua_pushnumber(L, aiorch_now_ms());
+        lua_rawset(L, -3);
+        lua_pop(L, 1);
+    }
+    /* s may be collected once Lua runs: not used below */
+    if (r && how != SRV_PLAIN && task) aiorch_task_cancel(task);
+    while (c->waiters) waiter_wake(c->waiters, 0);
+    luaL_unref(L, LUA_REGISTRYINDEX, req_ref);
+    luaL_unref(L, LUA_REGISTRYINDEX, res_ref);
+    luaL_unref(L, LUA_REGISTRYINDEX, task_ref);
+    buf_free(&c->in);
+    buf_free(&c->out);
+    buf_free(&c->scratch);
+    buf_free(&c->body);
+    free(c->hdrs);
+    free(c);
+}
+
+/* The output is flushed and c must close. After a refused request the
+ * client may still be sending: closing now would reset the connection and
+ * could destroy the error response, so stop writing and drain its input
+ * for a while first. Returns -1 when c was freed. */
+static int conn_finish_close(lua_State *L, srv_conn *c)
+{
+    struct ev_loop *loop = c->srv->rt->loop;
+    if (c->linger && !c->lingering) {
+        c->lingering = 1;
+        shutdown(c->fd, SHUT_WR);
+        ev_io_start(loop, &c->rw);
+        ev_timer_start(loop, &c->linger_w);
+        return 0;
+    }
+    conn_free(L, c, SRV_PLAIN);
+    return -1;
+}
+
+/* c's response is complete: detach it and go on with the next request. */
+static void conn_end_response(lua_State *L, srv_conn *c)
+{
+    struct ev_loop *loop = c->srv->rt->loop;
+    srv_res *r = c->res;
+
+    r->finished = 1;
+    r->conn = NULL;
+    c->res = NULL;
+    c->task = NULL;
+    if (!r->keep_alive || r->close) c->close_after = 1;
+    luaL_unref(L, LUA_REGISTRYINDEX, c->req_ref);
+    luaL_unref(L, LUA_REGISTRYINDEX, c->res_ref);
+    luaL_unref(L, LUA_REGISTRYINDEX, c->task_ref);
+    c->req_ref = c->res_ref = c->task_ref = LUA_NOREF;
+    if (c->close_after) {
+        ev_io_stop(loop, &c->rw);
+        if (!out_pending(c)) conn_finish_close(L, c);
+        return;
+    }
+    if (c->read_paused) {
+        c->read_paused = 0;
+        ev_io_start(loop, &c->rw);
+    }
+    /* Pipelined input: parsed from the loop, so that the next handler task
+     * is not started from (and parented to) the task finishing this one. */
+    if (c->in.off < c->in.len) ev_feed_event(loop, &c->rw, EV_CUSTOM);
+}
+
+/* Answers a request refused while parsing, then closes. Returns -1 when
+ * c was freed. */
+static int conn_reject(lua_State *L, srv_conn *c, int status)
+{
+    const char *body = status == 413   ? "payload too large\n"
+                       : status == 500 ? "internal server error\n"
+                                       : "bad request\n";
+    c->close_after = 1;
+    c->linger = 1;
+    c->in.off = c->in.len = 0;
+    ev_io_stop(c->srv->rt->loop, &c->rw);
+    if (buf_fmt(&c->out,
+                "HTTP/1.1 %d %s\r\ncontent-type: text/plain\r\ncontent-length: %zu\r\n"
+                "connection: close\r\n\r\n%s",
+                status, srv_reason(status), strlen(body), body) ||
+        conn_send(c, NULL, 0) < 0) {
+        conn_free(L, c, SRV_PLAIN);
+        return -1;
+    }
+    if (!out_pending(c)) return conn_finish_close(L, c);
+    return 0;
+}
+
+/* ---- responses -------------------------------------------------------- */
+
+/* One entry of a res:start / res:respond headers table: key at -2, value
+ * at -1. Returns an error message or NULL. */
+static const char *res_header(lua_State *L, srv_res *r, srv_buf *b, int64_t body_len)
+{
+    const char *name, *val;
+    size_t nl, vl;
+
+    if (lua_type(L, -2) != LUA_TSTRING) return "header names must be strings";
+    name = lua_tolstring(L, -2, &nl);
+    if (!is_token(name, nl)) return "invalid header name";
+    if (lua_type(L, -1) == LUA_TTABLE) { /* repeated header: one line each */
+        lua_Integer i, n = luaL_len(L, -1);
+        if (name_is(name, nl, "content-length") || name_is(name, nl, "transfer-encoding") ||
+            name_is(name, nl, "connection"))
+            return "invalid header value";
+        for (i = 1; i <= n; i++) {
+            int t = lua_rawgeti(L, -1, i);
+            if (t != LUA_TSTRING && t != LUA_TNUMBER) return "header values must be strings";
+            val = lua_tolstring(L, -1, &vl);
+            if (!is_field_value(val, vl)) return "invalid header value";
+            if (buf_add(b, name, nl) || buf_lit(b, ": ") || buf_add(b, val, vl) ||
+                buf_lit(b, "\r\n"))
+                return "out of memory";
+            lua_pop(L, 1);
+        }
+        return NULL;
+    }
+    if (lua_type(L, -1) != LUA_TSTRING && lua_type(L, -1) != LUA_TNUMBER)
+        return "header values must be strings or numbers";
+    val = lua_tolstring(L, -1, &vl); /* converts the value slot only: lua_next is safe */
+    if (!is_field_value(val, vl)) return "invalid header value";
+    if (name_is(name, nl, "content-length")) {
+        uint64_t v = 0;
+        size_t i;
+        if (vl == 0 || vl > 19) return "invalid content-length";
+        for (i = 0; i < vl; i++) {
+            if (val[i] < '0' || val[i] > '9') return "invalid content-length";
+            v = v * 10 + (uint64_t)(val[i] - '0');
+        }
+        if (body_len >= 0 && !r->head) return NULL; /* ours, from the body, is sent */
+        r->has_length = 1;
+        r->length = v;
+    } else if (name_is(name, nl, "transfer-encoding")) {
+        return NULL; /* the framing is ours */
+    } else if (name_is(name, nl, "connection")) {
+        if (has_token(val, vl, "close")) r->close = 1;
+        return NULL; /* sent below, once we know */
+    }
+    if (buf_add(b, name, nl) || buf_lit(b, ": ") || buf_add(b, val, vl) || buf_lit(b, "\r\n"))
+        return "out of memory";
+    return NULL;
+}
+
+/* Appends the status line and headers to the output. body_len < 0: the
+ * length is unknown (res:start), so the body goes chunked (HTTP/1.1) or
+ * until the connection closes (HTTP/1.0). hidx: the headers table or 0.
+ * Returns an error message, leaving the output as it was, or NULL. */
+static const char *res_head(lua_State *L, srv_res *r, int status, int hidx, int64_t body_len,
+                            const char *extra)
+{
+    srv_buf *b = &r->conn->out;
+    size_t mark = b->len - b->off;
+    const char *err = "out of memory";
+    int bodyless = status < 200 || status == 204 || status == 304;
+
+    r->no_body = r->head || bodyless;
+    if (buf_fmt(b, "HTTP/1.1 %d %s\r\n", status, srv_reason(status))) goto fail;
+    if (extra && buf_add(b, extra, strlen(extra))) goto fail;
+    if (hidx) {
+        int top = lua_gettop(L);
+        lua_checkstack(L, 4);
+        lua_pushnil(L);
+        while (lua_next(L, hidx)) {
+            err = res_header(L, r, b, body_len);
+            if (err) {
+                lua_settop(L, top);
+                goto fail;
+            }
+            lua_pop(L, 1);
+        }
+        err = "out of memory";
+    }
+    if (bodyless) {
+        /* no framing at all */
+    } else if (body_len >= 0) {
+        if (!r->has_length && buf_fmt(b, "content-length: %lld\r\n", (long long)body_len))
+            goto fail;
+    } else if (r->has_length || r->head) {
+        /* raw body of the given length (or none for HEAD) */
+    } else if (!r->http10) {
+        if (buf_lit(b, "transfer-encoding: chunked\r\n")) goto fail;
+        r->chunked = 1;
+    } else {
+        r->close = 1; /* HTTP/1.0 has no chunks: the close ends the body */
+    }
+    if (!r->keep_alive || r->close) {
+        if (buf_lit(b, "connection: close\r\n")) goto fail;
+    } else if (r->http10) {
+        if (buf_lit(b, "connection: keep-alive\r\n")) goto fail;
+    }
+    if (buf_lit(b, "\r\n")) goto fail;
+    r->started = 1;
+    r->status = status;
+    return NULL;
+fail:
+    b->len = b->off + mark;
+    r->chunked = r->has_length = r->close = 0;
+    return err;
+}
+
+/* Sends body bytes (framed when chunked); last ends the body. Also flushes
+ * a queued head. Returns -1 when the connection failed and was closed. */
+static int res_body(lua_State *L, srv_res *r, const char *data, size_t n, int last)
+{
+    static const char crlf[] = "\r\n", crlf_end[] = "\r\n0\r\n\r\n";
+    srv_conn *c = r->conn;
+    struct iovec iov[3];
+    char hex[24];
+    int k = 0;
+
+    if (r->no_body) n = 0;
+    if (r->chunked) {
+        if (n) {
+            iov[k].iov_base = hex;
+            iov[k++].iov_len = (size_t)snprintf(hex, sizeof hex, "%zx\r\n", n);
+            iov[k].iov_base = (void *)data;
+            iov[k++].iov_len = n;
+            iov[k].iov_base = (void *)(last ? crlf_end : crlf);
+            iov[k++].iov_len = last ? sizeof crlf_end - 1 : sizeof crlf - 1;
+        } else if (last) {
+            iov[k].iov_base = (void *)(crlf_end + 2);
+            iov[k++].iov_len = sizeof crlf_end - 3;
+        }
+    } else if (n) {
+        iov[k].iov_base = (void *)data;
+        iov[k++].iov_len = n;
+    }
+    r->sent += n;
+    if (conn_send(c, iov, k) < 0) {
+        conn_fail(L, c);
+        return -1;
+    }
+    return 0;
+}
+
+/* The handler task ended and its response is still open. */
+static void res_end(lua_State *L, srv_res *r, int failed)
+{
+    static const char oops[] = "internal server error\n";
+    srv_conn *c = r->conn;
+
+    if (!r->started) {
+        const char *body = failed ? oops : "";
+        size_t n = failed ? sizeof oops - 1 : 0;
+        if (res_head(L, r, failed ? 500 : r->status, 0, (int64_t)n,
+                     failed ? "content-type: text/plain\r\n" : NULL)) {
+            conn_free(L, c, SRV_PLAIN);
+            return;
+        }
+        if (res_body(L, r, body, n, 1) == 0) conn_end_response(L, c);
+        return;
+    }
+    /* A cut-short body must not look complete: close instead. */
+    if (failed || (r->has_length && !r->no_body && r->sent != r->length)) {
+        conn_free(L, c, SRV_PLAIN);
+        return;
+    }
+    if (res_body(L, r, NULL, 0, 1) == 0) conn_end_response(L, c);
+}
+
+static srv_res *res_check(lua_State *L, int i)
+{
+    return luaL_checkudata(L, i, RES_MT);
+}
+
+static int res_status_arg(lua_State *L, int i)
+{
+    lua_Integer st = luaL_checkinteger(L, i);
+    luaL_argcheck(L, st >= 200 && st <= 999, i, "status must be in 200..999");
+    return (int)st;
+}
+
+static void res_usable(lua_State *L, srv_res *r)
+{
+    if (r->finished) luaL_error(L, "response already finished");
+}
+
+static int res_closed(lua_State *L)
+{
+    luaL_pushfail(L);
+    lua_pushliteral(L, "closed");
+    return 2;
+}
+
+/* res:start(status[, headers]) */
+static int res_start(lua_State *L)
+{
+    srv_res *r = res_check(L, 1);
+    int status = res_status_arg(L, 2);
+    const char *err;
+
+    if (!lua_isnoneornil(L, 3)) luaL_checktype(L, 3, LUA_TTABLE);
+    res_usable(L, r);
+    if (r->started) return luaL_error(L, "response already started");
+    if (!r->conn) return res_closed(L);
+    err = res_head(L, r, status, lua_istable(L, 3) ? 3 : 0, -1, NULL);
+    if (err) return luaL_argerror(L, 3, err);
+    if (res_body(L, r, NULL, 0, 0) < 0) return res_closed(L);
+    lua_pushboolean(L, 1);
+    return 1;
+}
+
+/* res:write(data): yields while more than SRV_HIGH_WATER is unsent */
+static int res_write(lua_State *L)
+{
+    srv_res *r = res_check(L, 1);
+    size_t n;
+    const char *data = luaL_checklstring(L, 2, &n);
+    aiorch_task *t;
+    srv_waiter *w;
+    srv_conn *c;
+
+    res_usable(L, r);
+    t = aiorch_task_require(r->rt, L, "response:write");
+    if (!r->conn) return res_closed(L);
+    if (!r->started) {
+        const char *err = res_head(L, r, r->status, 0, -1, NULL);
+        if (err) return luaL_error(L, "%s", err);
+    }
+    if (r->has_length && !r->no_body && n > r->length - r->sent)
+        return luaL_error(L, "body exceeds its content-length");
+    if (res_body(L, r, data, n, 0) < 0) return res_closed(L);
+    c = r->conn;
+    if (out_pending(c) <= SRV_HIGH_WATER) {
+        lua_pushboolean(L, 1);
+        return 1;
+    }
+    w = malloc(sizeof *w);
+    if (!w) return luaL_error(L, "out of memory");
+    w->op.cancel = waiter_cancel;
+    w->task = t;
+    w->conn = c;
+    w->next = c->waiters;
+    if (w->next) w->next->pprev = &w->next;
+    w->pprev = &c->waiters;
+    c->waiters = w;
+    aiorch_task_wait(t, &w->op);
+    return lua_yield(L, 0);
+}
+
+/* res:finish([data]) */
+static int res_finish(lua_State *L)
+{
+    srv_res *r = res_check(L, 1);
+    size_t n = 0;
+    const char *data = luaL_optlstring(L, 2, NULL, &n);
+
+    res_usable(L, r);
+    if (!r->conn) return res_closed(L);
+    if (!r->started) {
+        const char *err = res_head(L, r, r->status, 0, (int64_t)n, NULL);
+        if (err) return luaL_error(L, "%s", err);
+    } else if (r->has_length && !r->no_body && r->sent + n != r->length) {
+        return luaL_error(L, r->sent + n > r->length ? "body exceeds its content-length"
+                                                     : "body shorter than its content-length");
+    }
+    if (res_body(L, r, data, n, 1) < 0) return res_closed(L);
+    conn_end_response(L, r->conn);
+    lua_pushboolean(L, 1);
+    return 1;
+}
+
+/* res:respond(status, headers, body) */
+static int res_respond(lua_State *L)
+{
+    srv_res *r = res_check(L, 1);
+    int status = res_status_arg(L, 2);
+    size_t n;
+    const char *body, *err;
+
+    if (!lua_isnoneornil(L, 3)) luaL_checktype(L, 3, LUA_TTABLE);
+    body = luaL_optlstring(L, 4, "", &n);
+    res_usable(L, r);
+    if (r->started) return luaL_error(L, "response already started");
+    if (!r->conn) return res_closed(L);
+    err = res_head(L, r, status, lua_istable(L, 3) ? 3 : 0, (int64_t)n, NULL);
+    if (err) return luaL_argerror(L, 3, err);
+    if (res_body(L, r, body, n, 1) < 0) return res_closed(L);
+    conn_end_response(L, r->conn);
+    lua_pushboolean(L, 1);
+    return 1;
+}
+
+/* res:abort(): cuts the connection, whatever was sent */
+static int res_abort(lua_State *L)
+{
+    srv_res *r = res_check(L, 1);
+    if (r->conn) conn_free(L, r->conn, SRV_PLAIN);
+    return 0;
+}
+
+static int res_tostring(lua_State *L)
+{
+    srv_res *r = res_check(L, 1);
+    lua_pushfstring(L, "aiorch.server.response (%s)",
+                    r->finished ? "finished" : r->conn ? "open" : "closed");
+    return 1;
+}
+
+/* ---- the handler task ------------------------------------------------- */
+
+static int handler_traceback(lua_State *L)
+{
+    const char *msg = lua_tostring(L, 1);
+    if (!msg) msg = lua_pushfstring(L, "(error object is a %s value)", luaL_typename(L, 1));
+    luaL_traceback(L, L, msg, 1);
+    return 1;
+}
+
+static void handler_report(lua_State *L, aiorch_runtime *rt)
+{
+    const char *msg = lua_tostring(L, -1), *method, *path;
+    lua_checkstack(L, 2);
+    lua_pushliteral(L, "method");
+    lua_rawget(L, 2);
+    method = lua_tostring(L, -1);
+    lua_pushliteral(L, "path");
+    lua_rawget(L, 2);
+    path = lua_tostring(L, -1);
+    aiorch_report(rt, "aiorch.server: handler for %s %s failed: %s", method ? method : "?",
+                  path ? path : "?", msg ? msg : "(error object is not a string)");
+    lua_pop(L, 2);
+}
+
+/* lua_pcallk continuation: the handler returned or raised. */
+static int handler_done(lua_State *L, int status, lua_KContext ctx)
+{
+    srv_guard *g = lua_touserdata(L, 4);
+    srv_res *r = g->res;
+    int failed = status != LUA_OK && status != LUA_YIELD;
+
+    (void)ctx;
+    g->res = NULL; /* disarm: the guard's __close runs as we return */
+    if (failed) handler_report(L, g->rt);
+    if (r && r->conn) res_end(L, r, failed);
+    return 0;
+}
+
+/* The body of each request's task: handler(req, res), then the response
+ * is completed from the continuation, whether the handler returned or
+ * raised, after any number of yields. */
+static int handler_task(lua_State *L)
+{
+    /* 1 handler, 2 req, 3 res, 4 guard */
+    lua_toclose(L, 4);
+    lua_pushcfunction(L, handler_traceback);
+    lua_pushvalue(L, 1);
+    lua_pushvalue(L, 2);
+    lua_pushvalue(L, 3);
+    return handler_done(L, lua_pcallk(L, 2, 0, 5, 0, handler_done), 0);
+}
+
+/* __close and __gc of a request's guard: still armed means the handler
+ * task ended without handler_done (it was cancelled or dropped), so the
+ * response can't be completed; the connection is closed. */
+static int guard_close(lua_State *L)
+{
+    srv_guard *g = luaL_checkudata(L, 1, GUARD_MT);
+    srv_res *r = g->res;
+    g->res = NULL;
+    if (r && r->conn) conn_free(L, r->conn, SRV_PLAIN);
+    return 0;
+}
+
+/* ---- requests --------------------------------------------------------- */
+
+static void req_push(lua_State *L, srv_conn *c)
+{
+    srv_server *s = c->srv;
+    char *sc = c->scratch.p;
+    size_t i, j;
+
+    lua_createtable(L, 0, 7);
+    lua_pushstring(L, http_method_str((enum http_method)c->parser.method));
+    lua_setfield(L, -2, "method");
+    lua_pushlstring(L, c->url_len ? sc : "", c->url_len);
+    lua_setfield(L, -2, "path");
+    lua_createtable(L, 0, (int)c->nhdrs);
+    for (i = 0; i < c->nhdrs; i++) {
+        srv_hdr *h = &c->hdrs[i];
+        char *name = sc + h->name;
+        const char *val = h->value_len ? sc + h->value : "";
+        for (j = 0; j < h->name_len; j++)
+            if (name[j] >= 'A' && name[j] <= 'Z') name[j] = (char)(name[j] - 'A' + 'a');
+        lua_pushlstring(L, name, h->name_len);
+        lua_pushvalue(L, -1);
+        if (lua_rawget(L, -3) == LUA_TNIL) {
+            lua_pop(L, 1);
+            lua_pushlstring(L, val, h->value_len);
+        } else { /* a repeated header: values joined as HTTP allows */
+            lua_pushliteral(L, ", ");
+            lua_pushlstring(L, val, h->value_len);
+            lua_concat(L, 3);
+        }
+        lua_rawset(L, -3);
+    }
+    lua_setfield(L, -2, "headers");
+    lua_pushlstring(L, c->body.len ? c->body.p : "", c->body.len);
+    lua_setfield(L, -2, "body");
+    lua_pushinteger(L, ++s->next_id);
+    lua_setfield(L, -2, "id");
+    lua_pushnumber(L, aiorch_now_ms());
+    lua_setfield(L, -2, "received_at");
+}
+
+/* Builds req and res for the parsed request and starts its handler task.
+ * Run protected: everything here allocates. */
+static int request_spawn(lua_State *L)
+{
+    srv_conn *c = lua_touserdata(L, 1);
+    srv_server *s = c->srv;
+    srv_res *r;
+    srv_guard *g;
+
+    lua_pushcfunction(L, handler_task);
+    lua_rawgeti(L, LUA_REGISTRYINDEX, s->handler_ref);
+    req_push(L, c);
+    lua_pushvalue(L, -1);
+    c->req_ref = luaL_ref(L, LUA_REGISTRYINDEX);
+    r = lua_newuserdatauv(L, sizeof *r, 0);
+    memset(r, 0, sizeof *r);
+    r->rt = s->rt;
+    r->status = 200;
+    r->head = c->parser.method == HTTP_HEAD;
+    r->http10 = !(c->parser.http_major == 1 && c->parser.http_minor >= 1);
+    r->keep_alive = c->keep_alive && !c->parser.upgrade;
+    luaL_setmetatable(L, RES_MT);
+    lua_pushvalue(L, -1);
+    c->res_ref = luaL_ref(L, LUA_REGISTRYINDEX);
+    r->conn = c;
+    c->res = r;
+    g = lua_newuserdatauv(L, sizeof *g, 1);
+    g->res = r;
+    g->rt = s->rt;
+    lua_pushvalue(L, -2); /* the guard keeps res alive while it may read it */
+    lua_setiuservalue(L, -2, 1);
+    luaL_setmetatable(L, GUARD_MT);
+    c->task = aiorch_task_spawn(s->rt, L, 4);
+    c->task_ref = luaL_ref(L, LUA_REGISTRYINDEX);
+    s->requests++;
+    return 0;
+}
+
+/* Returns -1 when c was freed. */
+static int conn_dispatch(lua_State *L, srv_conn *c)
+{
+    lua_checkstack(L, 8);
+    lua_pushcfunction(L, request_spawn);
+    lua_pushlightuserdata(L, c);
+    if (lua_pcall(L, 1, 0, 0) != LUA_OK) {
+        aiorch_report(c->srv->rt, "aiorch.server: %s", lua_tostring(L, -1));
+        lua_pop(L, 1);
+        conn_free(L, c, SRV_PLAIN);
+        return -1;
+    }
+    if (c->body.cap > SRV_KEEP_BUF) buf_free(&c->body);
+    return 0;
+}
+
+/* ---- parsing (http_parser callbacks) ---------------------------------- */
+
+static int parse_oom(srv_conn *c)
+{
+    c->reject = 500;
+    return -1;
+}
+
+/* http_parser on_message_begin */
+static int on_message_begin(http_parser *p)
+{
+    srv_conn *c = p->data;
+    c->scratch.len = 0;
+    c->body.len = 0;
+    c->url_len = 0;
+    c->nhdrs = 0;
+    c->hstate = 0;
+    c->reject = 0;
+    return 0;
+}
+
+/* http_parser on_url */
+static int on_url(http_parser *p, const char *at, size_t n)
+{
+    srv_conn *c = p->data;
+    if (buf_add(&c->scratch, at, n)) return parse_oom(c);
+    c->url_len += n;
+    return 0;
+}
+
+/* http_parser on_header_field */
+static int on_header_field(http_parser *p, const char *at, size_t n)
+{
+    srv_conn *c = p->data;
+    srv_hdr *h;
+
+    if (c->hstate != 1) {
+        if (c->nhdrs == SRV_MAX_HEADERS) {
+            c->reject = 400;
+            return -1;
+        }
+        if (c->nhdrs == c->hdrs_cap) {
+            size_t cap = c->hdrs_cap ? c->hdrs_cap * 2 : 16;
+            srv_hdr *nh = realloc(c->hdrs, cap * sizeof *nh);
+            if (!nh) return parse_oom(c);
+            c->hdrs = nh;
+            c->hdrs_cap = cap;
+        }
+        h = &c->hdrs[c->nhdrs++];
+        h->name = h->value = c->scratch.len;
+        h->name_len = h->value_len = 0;
+        c->hstate = 1;
+    }
+    h = &c->hdrs[c->nhdrs - 1];
+    if (buf_add(&c->scratch, at, n)) return parse_oom(c);
+    h->name_len += n;
+    return 0;
+}
+
+/* http_parser on_header_value */
+static int on_header_value(http_parser *p, const char *at, size_t n)
+{
+    srv_conn *c = p->data;
+    srv_hdr *h;
+
+    if (c->nhdrs == 0) return -1;
+    h = &c->hdrs[c->nhdrs - 1];
+    if (c->hstate != 2) {
+        h->value = c->scratch.len;
+        c->hstate = 2;
+    }
+    if (buf_add(&c->scratch, at, n)) return parse_oom(c);
+    h->value_len += n;
+    return 0;
+}
+
+static int conn_expects_continue(srv_conn *c)
+{
+    size_t i;
+    for (i = 0; i < c->nhdrs; i++) {
+        srv_hdr *h = &c->hdrs[i];
+        if (name_is(c->scratch.p + h->name, h->name_len, "expect") &&
+            name_is(c->scratch.p + h->value, h->value_len, "100-continue"))
+            return 1;
+    }
+    return 0;
+}
+
+/* http_parser on_headers_complete */
+static int on_headers_complete(http_parser *p)
+{
+    static const char cont[] = "HTTP/1.1 100 Continue\r\n\r\n";
+    srv_conn *c = p->data;
+    int sized = !(p->flags & F_CHUNKED) && p->content_length != ULLONG_MAX;
+    int has_body = (p->flags & F_CHUNKED) || (sized && p->content_length > 0);
+
+    c->keep_alive = http_should_keep_alive(p) != 0;
+    if (sized && p->content_length > c->srv->max_body) { /* refuse before reading it */
+        c->reject = 413;
+        return -1;
+    }
+    /* A client waiting for "100 Continue" would otherwise stall. */
+    if (has_body && p->http_major == 1 && p->http_minor >= 1 && conn_expects_continue(c)) {
+        struct iovec v;
+        v.iov_base = (void *)cont;
+        v.iov_len = sizeof cont - 1;
+        if (conn_send(c, &v, 1) < 0) {
+            c->failed = 1;
+            return -1;
+        }
+    }
+    return 0;
+}
+
+/* http_parser on_body */
+static int on_body(http_parser *p, const char *at, size_t n)
+{
+    srv_conn *c = p->data;
+    if (n > c->srv->max_body - c->body.len) {
+        c->reject = 413;
+        return -1;
+    }
+    if (buf_add(&c->body, at, n)) return parse_oom(c);
+    return 0;
+}
+
+/* http_parser on_message_complete: pausing leaves pipelined bytes unparsed
+ * until this request's response is finished. */
+static int on_message_complete(http_parser *p)
+{
+    http_parser_pause(p, 1);
+    return 0;
+}
+
+static const http_parser_settings srv_parser_settings = {
+    .on_message_begin = on_message_begin,
+    .on_url = on_url,
+    .on_header_field = on_header_field,
+    .on_header_value = on_header_value,
+    .on_headers_complete = on_headers_complete,
+    .on_body = on_body,
+    .on_message_complete = on_message_complete,
+};
+
+/* Parses buffered input until a request is complete (and dispatched) or
+ * the input runs out. Returns -1 when c was freed. */
+static int conn_process(lua_State *L, srv_conn *c)
+{
+    while (!c->res && !c->close_after && c->in.off < c->in.len) {
+        size_t n;
+        enum http_errno e;
+
+        if (out_pending(c) > SRV_HIGH_WATER) break; /* resumed as the output drains */
+        n = http_parser_execute(&c->parser, &srv_parser_settings, c->in.p + c->in.off,
+                                c->in.len - c->in.off);
+        c->in.off += n;
+        e = HTTP_PARSER_ERRNO(&c->parser);
+        if (c->failed) {
+            conn_free(L, c, SRV_PLAIN);
+            return -1;
+        }
+        if (e == HPE_PAUSED) {
+            http_parser_pause(&c->parser, 0);
+            if (conn_dispatch(L, c) < 0) return -1;
+        } else if (e != HPE_OK) {
+            return conn_reject(L, c, c->reject ? c->reject : 400);
+        }
+    }
+    if (c->in.off == c->in.len) c->in.off = c->in.len = 0;
+    return 0;
+}
+
+/* ---- socket events ---------------------------------------------------- */
+
+/* EOF or a read error from the client. */
+static void conn_eof(lua_State *L, srv_conn *c, int clean)
+{
+    if (c->res) { /* it went away before its response was finished */
+        conn_free(L, c, SRV_GONE);
+        return;
+    }
+    if (clean && out_pending(c)) { /* half-closed: it may still read what is queued */
+        c->close_after = 1;
+        c->linger = 0;
+        ev_io_stop(c->srv->rt->loop, &c->rw);
+        return;
+    }
+    conn_free(L, c, SRV_PLAIN);
+}
+
+/* Reads what a lingering connection still sends, only to drop it. */
+static void conn_drain(lua_State *L, srv_conn *c)
+{
+    char tmp[4096];
+    for (;;) {
+        ssize_t n = recv(c->fd, tmp, sizeof tmp, 0);
+        if (n > 0) continue;
+        if (n < 0 && errno == EINTR) continue;
+        if (n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK)) return;
+        conn_free(L, c, SRV_PLAIN);
+        return;
+    }
+}
+
+/* Reads what the client sent; parses it when no request is running. */
+static void conn_read(struct ev_loop *loop, lua_State *L, srv_conn *c)
+{
+    int i;
+
+    for (i = 0; i < 8; i++) {
+        srv_buf *b = &c->in;
+        size_t room;
+        ssize_t n;
+
+        if (b->off == b->len) b->off = b->len = 0;
+        if ((c->res || out_pending(c) > SRV_HIGH_WATER) && b->len - b->off >= SRV_IN_LIMIT) {
+            /* enough pipelined input: wait for the running request or output */
+            ev_io_stop(loop, &c->rw);
+            c->read_paused = 1;
+            return;
+        }
+        if (b->cap - b->len < SRV_READ_SIZE / 4 && buf_reserve(b, SRV_READ_SIZE)) {
+            conn_free(L, c, c->res ? SRV_CANCEL : SRV_PLAIN);
+            return;
+        }
+        room = b->cap - b->len;
+        n = recv(c->fd, b->p + b->len, room, 0);
+        if (n > 0) {
+            b->len += (size_t)n;
+            if (!c->res && conn_process(L, c) < 0) return;
+            if (c->close_after) return;
+            if ((size_t)n < room) return;
+            continue;
+        }
+        if (n < 0 && errno == EINTR) continue;
+        if (n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK)) return;
+        conn_eof(L, c, n == 0);
+        return;
+    }
+}
+
+/* ev_io read watcher: reads the client's bytes and parses them when no
+ * request is running; EV_CUSTOM (fed by conn_end_response) only parses. */
+static void conn_on_read(struct ev_loop *loop, ev_io *w, int revents)
+{
+    srv_conn *c = w->data;
+    aiorch_runtime *rt = c->srv->rt;
+
+    if (c->lingering)
+        conn_drain(rt->S, c);
+    else if (!(revents & EV_READ)) {
+        if (!c->res) conn_process(rt->S, c);
+    } else
+        conn_read(loop, rt->S, c);
+    aiorch_sched_drain(rt); /* run the handler tasks started or cancelled here */
+}
+
+/* Writes queued output; wakes writers below the high-water mark and goes
+ * on with pipelined input held back by it. */
+static void conn_flush(struct ev_loop *loop, lua_State *L, srv_conn *c)
+{
+    while (out_pending(c)) {
+        ssize_t n = send(c->fd, c->out.p + c->out.off, out_pending(c), MSG_NOSIGNAL);
+        if (n < 0) {
+            if (errno == EINTR) continue;
+            if (errno == EAGAIN || errno == EWOULDBLOCK) break;
+            conn_fail(L, c);
+            return;
+        }
+        c->out.off += (size_t)n;
+    }
+    if (!out_pending(c)) {
+        ev_io_stop(loop, &c->ww);
+        c->out.off = c->out.len = 0;
+        buf_trim(&c->out);
+    }
+    conn_wake_writers(c);
+    if (!out_pending(c) && c->close_after) {
+        conn_finish_close(L, c);
+        return;
+    }
+    if (c->res || out_pending(c) > SRV_HIGH_WATER) return;
+    if (c->read_paused && !c->close_after) {
+        c->read_paused = 0;
+        ev_io_start(loop, &c->rw);
+    }
+    if (c->in.off < c->in.len) conn_process(L, c);
+}
+
+/* ev_io write watcher: flushes queued output once the socket takes more */
+static void conn_on_write(struct ev_loop *loop, ev_io *w, int revents)
+{
+    srv_conn *c = w->data;
+    aiorch_runtime *rt = c->srv->rt;
+
+    (void)revents;
+    conn_flush(loop, rt->S, c);
+    aiorch_sched_drain(rt); /* run the writers woken here */
+}
+
+/* ev_timer: a lingering close waited long enough */
+static void conn_on_linger(struct ev_loop *loop, ev_timer *w, int revents)
+{
+    srv_conn *c = w->data;
+    (void)loop;
+    (void)revents;
+    conn_free(c->srv->rt->S, c, SRV_PLAIN);
+}
+
+static int fd_setup(int fd)
+{
+    int fl = fcntl(fd, F_GETFL);
+    if (fl < 0 || fcntl(fd, F_SETFL, fl | O_NONBLOCK) < 0) return -1;
+    return fcntl(fd, F_SETFD, FD_CLOEXEC);
+}
+
+static int srv_accept_fd(int lfd)
+{
+#ifdef __linux__
+    return accept4(lfd, NULL, NULL, SOCK_NONBLOCK | SOCK_CLOEXEC);
+#else
+    int fd = accept(lfd, NULL, NULL);
+    if (fd >= 0 && fd_setup(fd) < 0) {
+        int e = errno;
+        close(fd);
+        errno = e;
+        return -1;
+    }
+    return fd;
+#endif
+}
+
+static srv_conn *conn_new(srv_server *s, int fd)
+{
+    struct ev_loop *loop = s->rt->loop;
+    int one = 1;
+    srv_conn *c = calloc(1, sizeof *c);
+
+    if (!c) return NULL;
+    /* small responses must not wait for Nagle */
+    setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
+    c->srv = s;
+    c->fd = fd;
+    c->req_ref = c->res_ref = c->task_ref = LUA_NOREF;
+    http_parser_init(&c->parser, HTTP_REQUEST);
+    c->parser.data = c;
+    ev_io_init(&c->rw, conn_on_read, fd, EV_READ);
+    c->rw.data = c;
+    ev_io_init(&c->ww, conn_on_write, fd, EV_WRITE);
+    c->ww.data = c;
+    ev_timer_init(&c->linger_w, conn_on_linger, SRV_LINGER_S, 0.);
+    c->linger_w.data = c;
+    c->next = s->conns;
+    if (c->next) c->next->pprev = &c->next;
+    c->pprev = &s->conns;
+    s->conns = c;
+    s->accepted++;
+    s->open++;
+    ev_io_start(loop, &c->rw);
+    return c;
+}
+
+/* ev_io on the listening socket: accepts every pending connection */
+static void srv_on_accept(struct ev_loop *loop, ev_io *w, int revents)
+{
+    srv_server *s = w->data;
+
+    (void)revents;
+    for (;;) {
+        int fd = srv_accept_fd(s->fd);
+        if (fd < 0) {
+            if (errno == EINTR || errno == ECONNABORTED) continue;
+            if (errno == EAGAIN || errno == EWOULDBLOCK) return;
+            /* Out of descriptors or the like: the socket stays readable,
+             * so pause rather than spin. */
+            aiorch_report(s->rt, "aiorch.server: accept on %s:%d: %s", s->host, s->port,
+                          strerror(errno));
+            ev_io_stop(loop, w);
+            ev_timer_start(loop, &s->retry_w);
+            return;
+        }
+        if (!conn_new(s, fd)) close(fd);
+    }
+}
+
+/* ev_timer: accepting again after a failure */
+static void srv_on_retry(struct ev_loop *loop, ev_timer *w, int revents)
+{
+    srv_server *s = w->data;
+    (void)revents;
+    if (s->fd >= 0) ev_io_start(loop, &s->accept_w);
+}
+
+/* ---- servers ---------------------------------------------------------- */
+
+static srv_server *srv_check(lua_State *L, int i)
+{
+    return luaL_checkudata(L, i, SRV_MT);
+}
+
+static srv_server *srv_check_open(lua_State *L, int i)
+{
+    srv_server *s = srv_check(L, i);
+    if (s->fd < 0) luaL_error(L, "attempt to use a closed server");
+    return s;
+}
+
+/* Stops listening, closes every connection (cancelling the handlers of
+ * unfinished responses) and drops the server's references. */
+static void srv_close(lua_State *L, srv_server *s)
+{
+    aiorch_runtime *rt = s->rt;
+    int self_ref = s->self_ref;
+
+    if (s->fd < 0) return;
+    ev_io_stop(rt->loop, &s->accept_w);
+    ev_timer_stop(rt->loop, &s->retry_w);
+    close(s->fd);
+    s->fd = -1;
+    if (s->linked) {
+        if (s->prev)
+            s->prev->next = s->next;
+        else
+            rt->servers = s->next;
+        if (s->next) s->next->prev = s->prev;
+        s->linked = 0;
+    }
+    while (s->conns) conn_free(L, s->conns, SRV_CANCEL);
+    luaL_unref(L, LUA_REGISTRYINDEX, s->handler_ref);
+    s->handler_ref = LUA_NOREF;
+    s->self_ref = LUA_NOREF;
+    luaL_unref(L, LUA_REGISTRYINDEX, self_ref); /* last: s may be collected from here */
+}
+
+/* Opens the listening socket. Returns -1 with a message in err. */
+static int srv_bind(srv_server *s, const char *host, int port, char *err, size_t errsz)
+{
+    struct addrinfo hints, *res, *ai;
+    struct sockaddr_storage ss;
+    socklen_t sl = sizeof ss;
+    char portstr[8];
+    int rc, fd = -1, e = 0, one = 1;
+
+    memset(&hints, 0, sizeof hints);
+    hints.ai_family = AF_UNSPEC;
+    hints.ai_socktype = SOCK_STREAM;
+    hints.ai_flags = AI_PASSIVE | AI_NUMERICSERV;
+    snprintf(portstr, sizeof portstr, "%d", port);
+    rc = getaddrinfo(host, portstr, &hints, &res);
+    if (rc != 0) {
+        snprintf(err, errsz, "%s: %s", host, gai_strerror(rc));
+        return -1;
+    }
+    for (ai = res; ai; ai = ai->ai_next) {
+        fd = socket(ai->ai_family, ai->ai_socktype, ai->ai_protocol);
+        if (fd < 0) {
+            e = errno;
+            continue;
+        }
+        if (fd_setup(fd) == 0 && setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &one, sizeof one) == 0 &&
+            bind(fd, ai->ai_addr, ai->ai_addrlen) == 0 && listen(fd, SOMAXCONN) == 0)
+            break;
+        e = errno;
+        close(fd);
+        fd = -1;
+    }
+    freeaddrinfo(res);
+    if (fd < 0) {
+        snprintf(err, errsz, "%s:%d: %s", host, port, strerror(e ? e : EADDRNOTAVAIL));
+        return -1;
+    }
+    if (getsockname(fd, (struct sockaddr *)&ss, &sl) == 0) {
+        if (ss.ss_family == AF_INET)
+            port = ntohs(((struct sockaddr_in *)&ss)->sin_port);
+        else if (ss.ss_family == AF_INET6)
+            port = ntohs(((struct sockaddr_in6 *)&ss)->sin6_port);
+    }
+    s->fd = fd;
+    s->port = port;
+    return 0;
+}
+
+static void srv_check_options(lua_State *L)
+{
+    static const char *const known[] = {"host", "port", "max_body", "handler", NULL};
+    lua_pushnil(L);
+    while (lua_next(L, 1)) {
+        const char *k = lua_type(L, -2) == LUA_TSTRING ? lua_tostring(L, -2) : NULL;
+        int i = 0;
+        while (k && known[i] && strcmp(k, known[i]) != 0) i++;
+        if (!k || !known[i])
+            luaL_argerror(L, 1,
+                          lua_pushfstring(L, "unknown option '%s'", k ? k : luaL_typename(L, -2)));
+        lua_pop(L, 1);
+    }
+}
+
+/* aiorch.server.listen{host, port, max_body, handler} */
+static int srv_listen(lua_State *L)
+{
+    aiorch_runtime *rt = aiorch_rt_of(L);
+    const char *host = "127.0.0.1";
+    lua_Integer port = 0, max_body = SRV_DEFAULT_MAX_BODY;
+    srv_server *s;
+    char err[512];
+    int isnum;
+
+    luaL_checktype(L, 1, LUA_TTABLE);
+    lua_settop(L, 1);
+    srv_check_options(L);
+    lua_getfield(L, 1, "host"); /* 2 */
+    if (!lua_isnil(L, 2)) {
+        size_t n;
+        luaL_argcheck(L, lua_type(L, 2) == LUA_TSTRING, 1, "'host' must be a string");
+        host = lua_tolstring(L, 2, &n);
+        luaL_argcheck(L, n > 0 && n < sizeof s->host, 1, "'host' has a bad length");
+    }
+    lua_getfield(L, 1, "port"); /* 3 */
+    if (!lua_isnil(L, 3)) {
+        port = lua_tointegerx(L, 3, &isnum);
+        luaL_argcheck(L, isnum && lua_type(L, 3) == LUA_TNUMBER && port >= 0 && port <= 65535, 1,
+                      "'port' must be an integer in 0..65535");
+    }
+    lua_getfield(L, 1, "max_body"); /* 4 */
+    if (!lua_isnil(L, 4)) {
+        max_body = lua_tointegerx(L, 4, &isnum);
+        luaL_argcheck(L, isnum && lua_type(L, 4) == LUA_TNUMBER && max_body >= 0, 1,
+                      "'max_body' must be a non-negative integer");
+    }
+    lua_getfield(L, 1, "handler"); /* 5 */
+    luaL_argcheck(L, lua_type(L, 5) == LUA_TFUNCTION, 1, "'handler' must be a function");
+
+    s = lua_newuserdatauv(L, sizeof *s, 0); /* 6 */
+    memset(s, 0, sizeof *s);
+    s->rt = rt;
+    s->fd = -1;
+    s->handler_ref = s->self_ref = LUA_NOREF;
+    s->max_body = (size_t)max_body;
+    memcpy(s->host, host, strlen(host) + 1);
+    luaL_setmetatable(L, SRV_MT);
+    if (srv_bind(s, host, (int)port, err, sizeof err) < 0) {
+        luaL_pushfail(L);
+        lua_pushliteral(L, "listen");
+        lua_pushstring(L, err);
+        return 3;
+    }
+    lua_pushvalue(L, 5);
+    s->handler_ref = luaL_ref(L, LUA_REGISTRYINDEX);
+    /* A listening server stays alive without a Lua reference, until closed. */
+    lua_pushvalue(L, 6);
+    s->self_ref = luaL_ref(L, LUA_REGISTRYINDEX);
+    s->next = rt->servers;
+    if (s->next) s->next->prev = s;
+    rt->servers = s;
+    s->linked = 1;
+    ev_io_init(&s->accept_w, srv_on_accept, s->fd, EV_READ);
+    s->accept_w.data = s;
+    ev_timer_init(&s->retry_w, srv_on_retry, SRV_ACCEPT_RETRY_S, 0.);
+    s->retry_w.data = s;
+    ev_io_start(rt->loop, &s->accept_w);
+    return 1;
+}
+
+/* server:close() */
+static int srv_close_m(lua_State *L)
+{
+    srv_close(L, srv_check_open(L, 1));
+    return 0;
+}
+
+/* __gc and __close: closes the server if it is still open */
+static int srv_gc(lua_State *L)
+{
+    srv_close(L, srv_check(L, 1));
+    return 0;
+}
+
+/* server:stats() */
+static int srv_stats(lua_State *L)
+{
+    srv_server *s = srv_check_open(L, 1);
+    lua_createtable(L, 0, 4);
+    lua_pushinteger(L, s->accepted);
+    lua_setfield(L, -2, "accepted");
+    lua_pushinteger(L, s->open);
+    lua_setfield(L, -2, "open");
+    lua_pushinteger(L, s->requests);
+    lua_setfield(L, -2, "requests");
+    lua_pushinteger(L, s->aborted);
+    lua_setfield(L, -2, "aborted");
+    return 1;
+}
+
+/* __index: the fields port and host, then the methods */
+static int srv_index(lua_State *L)
+{
+    srv_server *s = srv_check(L, 1);
+    const char *k = lua_type(L, 2) == LUA_TSTRING ? lua_tostring(L, 2) : "";
+    if (strcmp(k, "port") == 0)
+        lua_pushinteger(L, s->port);
+    else if (strcmp(k, "host") == 0)
+        lua_pushstring(L, s->host);
+    else {
+        lua_settop(L, 2);
+        lua_rawget(L, lua_upvalueindex(1));
+    }
+    return 1;
+}
+
+static int srv_tostring(lua_State *L)
+{
+    srv_server *s = srv_check(L, 1);
+    if (s->fd < 0)
+        lua_pushliteral(L, "aiorch.server (closed)");
+    else
+        lua_pushfstring(L, "aiorch.server (%s:%d)", s->host, s->port);
+    return 1;
+}
+
+static const luaL_Reg srv_functions[] = {
+    {"listen", srv_listen},
+    {NULL, NULL},
+};
+
+static const luaL_Reg srv_methods[] = {
+    {"close", srv_close_m},
+    {"stats", srv_stats},
+    {NULL, NULL},
+};
+
+static const luaL_Reg srv_metamethods[] = {
+    {"__index", NULL}, /* placeholder: a closure over the methods */
+    {"__gc", srv_gc},
+    {"__close", srv_gc},
+    {"__tostring", srv_tostring},
+    {NULL, NULL},
+};
+
+static const luaL_Reg res_methods[] = {
+    {"start", res_start},     {"write", res_write}, {"finish", res_finish},
+    {"respond", res_respond}, {"abort", res_abort}, {NULL, NULL},
+};
+
+static const luaL_Reg res_metamethods[] = {
+    {"__index", NULL}, /* placeholder: the methods */
+    {"__tostring", res_tostring},
+    {NULL, NULL},
+};
+
+static const luaL_Reg guard_metamethods[] = {
+    {"__gc", guard_close},
+    {"__close", guard_close},
+    {NULL, NULL},
+};
+
+void aiorch_server_open(aiorch_runtime *rt, lua_State *L)
+{
+    luaL_checkstack(L, 4, NULL);
+    if (luaL_newmetatable(L, SRV_MT)) {
+        luaL_setfuncs(L, srv_metamethods, 0);
+        luaL_newlib(L, srv_methods);
+        lua_pushcclosure(L, srv_index, 1);
+        lua_setfield(L, -2, "__index");
+    }
+    lua_pop(L, 1);
+    if (luaL_newmetatable(L, RES_MT)) {
+        luaL_setfuncs(L, res_metamethods, 0);
+        luaL_newlib(L, res_methods);
+        lua_setfield(L, -2, "__index");
+    }
+    lua_pop(L, 1);
+    if (luaL_newmetatable(L, GUARD_MT)) {
+        luaL_setfuncs(L, guard_metamethods, 0);
+        lua_pushboolean(L, 0);
+        lua_setfield(L, -2, "__metatable");
+    }
+    lua_pop(L, 1);
+    lua_createtable(L, 0, 1);
+    lua_pushlightuserdata(L, rt);
+    luaL_setfuncs(L, srv_functions, 1);
+    lua_setfield(L, -2, "server");
+}
+
+void aiorch_server_close_all(aiorch_runtime *rt)
+{
+    while (rt->servers) srv_close(rt->S, rt->servers);
+}

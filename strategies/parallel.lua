@@ -1,0 +1,14 @@
+-- parallel: call every chosen provider at once; one response per provider,
+-- in provider order. A failure in one leaves the others intact.
+return function(_, providers, ctx)
+  local tasks = {}
+  for i, p in ipairs(providers) do
+    tasks[i] = ctx.spawn(ctx.call, p)
+  end
+  local values, errors = ctx.gather(tasks)
+  local out = {}
+  for i, p in ipairs(providers) do
+    out[i] = values[i] or ctx.error_response(p, "internal", errors[i] or "no response")
+  end
+  return out
+end

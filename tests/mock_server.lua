@@ -1,0 +1,71 @@
+-- The mock providers as a process of their own:
+--   build/aiorch run tests/mock_server.lua [--port N] [--latency-ms N] [--fault F]
+--                                          [--chunks N] [--chunk-delay-ms N] [--retry-after N] [--text T]
+-- Prints "PORT <n>" as its first line, then serves on 127.0.0.1 until killed.
+-- The options set the directives of requests that carry none.
+local aiorch = require "aiorch"
+local mock = require "aiorch.mock"
+
+local USAGE = "usage: mock_server.lua [--port N] [--latency-ms N] [--fault F] [--chunks N]"
+  .. " [--chunk-delay-ms N] [--retry-after N] [--text T]"
+
+-- option -> directive name
+local DIRECTIVES = {
+  ["--latency-ms"] = "latency_ms",
+  ["--fault"] = "fault",
+  ["--chunks"] = "chunks",
+  ["--chunk-delay-ms"] = "chunk_delay_ms",
+  ["--retry-after"] = "retry_after",
+  ["--text"] = "text",
+}
+
+local function fail(msg)
+  io.stderr:write("mock_server: ", msg, "\n", USAGE, "\n")
+  return 2
+end
+
+local function main(...)
+  local args = table.pack(...)
+  local port = 0
+  local defaults = {}
+  local i = 1
+  while i <= args.n do
+    local opt, val = args[i], args[i + 1]
+    if opt == "-h" or opt == "--help" then
+      io.stdout:write(USAGE, "\n")
+      return 0
+    end
+    if val == nil then
+      return fail("missing value for " .. tostring(opt))
+    end
+    if opt == "--port" then
+      port = math.tointeger(tonumber(val))
+      if not port or port < 0 or port > 65535 then
+        return fail("bad port '" .. val .. "'")
+      end
+    elseif DIRECTIVES[opt] then
+      defaults[DIRECTIVES[opt]] = val
+    else
+      return fail("unknown option '" .. tostring(opt) .. "'")
+    end
+    i = i + 2
+  end
+
+  -- Nobody can read the recorded requests of another process: keep none.
+  local ok, m, err = pcall(mock.start, { host = "127.0.0.1", port = port, defaults = defaults, record = false })
+  if not ok then
+    return fail(tostring(m))
+  end
+  if not m then
+    io.stderr:write("mock_server: cannot listen: ", tostring(err), "\n")
+    return 1
+  end
+  io.stdout:write("PORT ", m.port, "\n")
+  io.stdout:flush()
+
+  while true do
+    aiorch.sleep(3600 * 1000)
+  end
+end
+
+return main(...)

@@ -1,0 +1,340 @@
+-- The `aiorch` command as a subprocess: exit codes, one-line errors on
+-- stderr, and keys that never show up in any output.
+local cjson = require "cjson.safe"
+
+local ROOT = debug.getinfo(1, "S").source:match("^@(.*)/tests/spec/[^/]+$") or "."
+local BUILD = os.getenv("AIORCH_BUILD") or (ROOT .. "/build")
+local BIN = BUILD .. "/aiorch"
+
+local KEYS = { openai = "sk-cli-secret-openai-7777", anthropic = "sk-ant-cli-secret-8888" }
+-- Variables of the caller's environment that would change what aiorch does.
+local CLEAN = "env -u OPENAI_API_KEY -u ANTHROPIC_API_KEY -u OPENAI_BASE_URL -u ANTHROPIC_BASE_URL"
+  .. " -u OPENAI_MODEL -u ANTHROPIC_MODEL -u AIORCH_PATH -u AIORCH_PROVIDERS -u AIORCH_LOG -u AIORCH_TIMEOUT_MS"
+
+local function q(s)
+  return "'" .. tostring(s):gsub("'", "'\\''") .. "'"
+end
+
+local function read_file(path)
+  local f = io.open(path, "r")
+  if not f then
+    return ""
+  end
+  local s = f:read("a")
+  f:close()
+  return s
+end
+
+-- sh(env, args...) -> exit code, stdout, stderr
+local function sh(env, ...)
+  local parts = { CLEAN }
+  for k, v in pairs(env or {}) do
+    parts[#parts + 1] = k .. "=" .. q(v)
+  end
+  parts[#parts + 1] = q(BIN)
+  for _, a in ipairs({ ... }) do
+    parts[#parts + 1] = q(a)
+  end
+  local errf = os.tmpname()
+  local p = assert(io.popen(table.concat(parts, " ") .. " 2>" .. errf .. " </dev/null; echo \"__EXIT:$?\""))
+  local out = p:read("a")
+  p:close()
+  local code = tonumber(out:match("__EXIT:(%d+)%s*$"))
+  out = out:gsub("__EXIT:%d+%s*$", "")
+  local err = read_file(errf)
+  os.remove(errf)
+  return code, out, err
+end
+
+local function lines(s)
+  local out = {}
+  for l in s:gmatch("[^\n]+") do
+    out[#out + 1] = l
+  end
+  return out
+end
+
+local function no_keys(...)
+  for _, text in ipairs({ ... }) do
+    for _, key in pairs(KEYS) do
+      assert.falsy(text:find(key, 1, true), "a key leaked into the output")
+    end
+  end
+end
+
+-- One clear line on stderr, starting with "aiorch: ".
+local function one_error_line(err, pattern)
+  local ls = lines(err)
+  assert.equal(1, #ls, "stderr: " .. err)
+  assert.matches("^aiorch: ", ls[1])
+  if pattern then
+    assert.matches(pattern, ls[1])
+  end
+end
+
+describe("aiorch command without network", function()
+  it("prints help and exits 0", function()
+    for _, a in ipairs({ "--help", "help", "-h" }) do
+      local code, out = sh(nil, a)
+      assert.equal(0, code)
+      assert.matches("usage: aiorch", out)
+      for _, word in ipairs({ "ask", "run", "demo", "%-%-strategy", "%-%-providers", "%-%-json", "%-%-stream" }) do
+        assert.matches(word, out)
+      end
+    end
+    local code, out = sh(nil, "ask", "--help")
+    assert.equal(0, code)
+    assert.matches("usage: aiorch", out)
+  end)
+
+  it("prints its version", function()
+    local code, out = sh(nil, "--version")
+    assert.equal(0, code)
+    assert.matches("^aiorch %d+%.%d+%.%d+\n$", out)
+  end)
+
+  it("exits 2 with usage errors", function()
+    local cases = {
+      { { "bogus" }, "unknown command 'bogus'" },
+      { { "ask" }, "missing QUESTION" },
+      { { "ask", "--bogus", "q" }, "unknown option '%-%-bogus'" },
+      { { "ask", "--strategy" }, "needs a value" },
+      { { "ask", "--temperature", "hot", "q" }, "temperature" },
+      { { "ask", "--temperature", "1.5", "q" }, "temperature: 1.5 is outside anthropic's range" },
+      { { "ask", "--temperature=3", "--providers", "openai", "q" }, "temperature: 3.* openai" },
+      { { "ask", "--max-tokens", "0", "q" }, "max_tokens" },
+      { { "ask", "--max-tokens", "2.5", "q" }, "max_tokens" },
+      { { "ask", "--strategy", "nope", "q" }, "unknown strategy 'nope' %(valid: .*fallback" },
+      { { "ask", "--providers", "gemini-x", "q" }, "unknown provider 'gemini%-x' %(valid: .*openai" },
+      { { "ask", "   " }, "user_question" },
+      { { "run" }, "missing SCRIPT" },
+    }
+    -- Keys set, but pointing at a closed port: a usage error must come first.
+    local env = { OPENAI_API_KEY = KEYS.openai, ANTHROPIC_API_KEY = KEYS.anthropic,
+      OPENAI_BASE_URL = "http://127.0.0.1:1/v1", ANTHROPIC_BASE_URL = "http://127.0.0.1:1" }
+    for _, c in ipairs(cases) do
+      local code, out, err = sh(env, table.unpack(c[1]))
+      assert.equal(2, code, table.concat(c[1], " ") .. " -> " .. err)
+      assert.equal("", out)
+      one_error_line(err, c[2])
+      no_keys(out, err)
+    end
+    local code, _, err = sh(nil)
+    assert.equal(2, code)
+    assert.matches("usage: aiorch", err)
+  end)
+
+  it("exits 1 with one line when no provider has a key", function()
+    local code, out, err = sh(nil, "ask", "--providers", "openai", "hello")
+    assert.equal(1, code)
+    assert.equal("", out)
+    one_error_line(err, "OPENAI_API_KEY is not set")
+  end)
+
+  it("exits 1 naming each failure when nothing answers", function()
+    local env = { OPENAI_API_KEY = KEYS.openai, ANTHROPIC_API_KEY = KEYS.anthropic,
+      OPENAI_BASE_URL = "http://127.0.0.1:1/v1", ANTHROPIC_BASE_URL = "http://127.0.0.1:1", AIORCH_LOG = "debug" }
+    local code, out, err = sh(env, "ask", "hello")
+    assert.equal(1, code)
+    assert.equal("", out)
+    assert.matches("aiorch: all providers failed: openai: connect .*; anthropic: connect", err)
+    no_keys(out, err)
+  end)
+
+  describe("run", function()
+    local dir
+
+    before_each(function()
+      dir = os.tmpname()
+      os.remove(dir)
+      assert(os.execute("mkdir -p " .. q(dir)))
+    end)
+
+    after_each(function()
+      os.execute("rm -rf " .. q(dir))
+    end)
+
+    it("runs a script in the runtime with its arguments; its integer return is the exit code", function()
+      local path = dir .. "/s.lua"
+      local f = assert(io.open(path, "w"))
+      f:write([[
+        local aiorch = require "aiorch"
+        local a, b = ...
+        aiorch.sleep(5)
+        print(arg[0]:match("s%.lua$"), a, b, #arg)
+        return tonumber(a)
+      ]])
+      f:close()
+      local code, out = sh(nil, "run", path, "7", "x y")
+      assert.equal(7, code)
+      assert.equal("s.lua\t7\tx y\t2\n", out)
+      code = sh(nil, "run", path, "0")
+      assert.equal(0, code)
+    end)
+
+    it("exits 1 with one line when the script fails or cannot be loaded", function()
+      local path = dir .. "/bad.lua"
+      local f = assert(io.open(path, "w"))
+      f:write("error('broken script')\n")
+      f:close()
+      local code, out, err = sh(nil, "run", path)
+      assert.equal(1, code)
+      assert.equal("", out)
+      one_error_line(err, "broken script")
+      code, out, err = sh(nil, "run", dir .. "/missing.lua")
+      assert.equal(1, code)
+      assert.equal("", out)
+      one_error_line(err, "missing%.lua")
+    end)
+  end)
+
+  it("runs the demo with no keys and no network", function()
+    local code, out, err = sh(nil, "demo")
+    assert.equal(0, code, out .. err)
+    for _, s in ipairs({ "single", "parallel", "fallback", "fastest" }) do
+      assert.matches("\n" .. s .. " ", out)
+    end
+    assert.matches("openai:rate_limited%(429", out)
+    assert.matches("every strategy behaved as expected", out)
+    assert.falsy(out:find("demo-openai-key", 1, true))
+    assert.falsy(out:find("demo-anthropic-key", 1, true))
+  end)
+end)
+
+describe("aiorch ask against the mock providers", function()
+  local mock_proc, mock_pid, base
+
+  setup(function()
+    mock_proc = assert(io.popen("echo $$; exec " .. q(BIN) .. " run " .. q(ROOT .. "/tests/mock_server.lua")))
+    mock_pid = assert(tonumber(mock_proc:read("l")))
+    local port = assert(mock_proc:read("l")):match("^PORT (%d+)$")
+    assert(port, "the mock printed no port")
+    base = "http://127.0.0.1:" .. port
+  end)
+
+  teardown(function()
+    if mock_pid then
+      os.execute("kill " .. mock_pid)
+    end
+    if mock_proc then
+      mock_proc:close()
+    end
+  end)
+
+  local function env(o, a, extra)
+    local e = {
+      OPENAI_API_KEY = KEYS.openai, ANTHROPIC_API_KEY = KEYS.anthropic,
+      OPENAI_BASE_URL = base .. (o and "/_mock/" .. o or "") .. "/v1",
+      ANTHROPIC_BASE_URL = base .. (a and "/_mock/" .. a or ""),
+      AIORCH_LOG = "debug", -- so that a key in any log line would be caught
+    }
+    for k, v in pairs(extra or {}) do
+      e[k] = v
+    end
+    return e
+  end
+
+  it("prints the answer text and exits 0", function()
+    local code, out, err = sh(env(), "ask", "--strategy", "single", "--providers", "openai", "What", "is", "Lua?")
+    assert.equal(0, code, err)
+    assert.equal("Hello from the mock openai provider. You asked: What is Lua?\n", out)
+    no_keys(out, err)
+  end)
+
+  it("prints one StandardAIResponse with --json", function()
+    local code, out, err = sh(env("fault=429,retry_after=4"), "ask", "--json", "--context", "ctx", "--system", "sys",
+      "--temperature", "0.3", "--max-tokens", "50", "hello")
+    assert.equal(0, code, err)
+    local r = assert(cjson.decode(out))
+    assert.equal("anthropic", r.ia_provider_name)
+    assert.equal("success", r.status)
+    assert.equal(cjson.null, r.error_message)
+    assert.is_number(r.latency_ms)
+    assert.equal("claude-3-haiku-20240307", r.metadata.model)
+    assert.equal(2, #r.metadata.attempts)
+    assert.equal("rate_limited", r.metadata.attempts[1].kind)
+    assert.equal(429, r.metadata.attempts[1].http_status)
+    assert.is_number(r.metadata.cost_usd)
+    no_keys(out, err)
+  end)
+
+  it("prints a JSON array for parallel and exits 0 when one answered", function()
+    local code, out, err = sh(env(nil, "fault=500"), "ask", "--json", "--strategy", "parallel", "hello")
+    assert.equal(0, code, err)
+    local list = assert(cjson.decode(out))
+    assert.equal(2, #list)
+    assert.equal("success", list[1].status)
+    assert.equal("error", list[2].status)
+    assert.equal("server_error", list[2].metadata.error_kind)
+    no_keys(out, err)
+  end)
+
+  it("prints each answer for parallel in text mode", function()
+    local code, out = sh(env(), "ask", "--strategy", "parallel", "hi")
+    assert.equal(0, code)
+    assert.matches("== openai %(%d+ ms%) ==\nHello from the mock openai provider", out)
+    assert.matches("== anthropic %(%d+ ms%) ==\nHello from the mock anthropic provider", out)
+  end)
+
+  it("exits 1 with one line on stderr when the provider fails", function()
+    local code, out, err = sh(env("fault=401"), "ask", "--strategy", "single", "--providers", "openai", "hello")
+    assert.equal(1, code)
+    assert.equal("", out)
+    local ls = {}
+    for _, l in ipairs(lines(err)) do
+      if not l:find("^aiorch: debug:") and not l:find("^aiorch: info:") then
+        ls[#ls + 1] = l
+      end
+    end
+    assert.equal(1, #ls, err)
+    assert.matches("^aiorch: openai: auth %(HTTP 401: Incorrect API key provided", ls[1])
+    no_keys(out, err)
+  end)
+
+  it("exits 1 naming each failure when all fail, also with --json", function()
+    local code, out, err = sh(env("fault=500", "fault=529", { AIORCH_LOG = "warn" }), "ask", "--json", "hello")
+    assert.equal(1, code)
+    local r = assert(cjson.decode(out))
+    assert.equal("error", r.status)
+    assert.matches("openai: server_error", r.error_message)
+    assert.matches("anthropic: server_error", r.error_message)
+    one_error_line(err, "all providers failed")
+    no_keys(out, err)
+  end)
+
+  it("streams the answer with --stream", function()
+    local code, out, err = sh(env(nil, "chunks=5,chunk_delay_ms=5"), "ask", "--stream", "--providers", "anthropic",
+      "Stream", "me")
+    assert.equal(0, code, err)
+    assert.equal("Hello from the mock anthropic provider. You asked: Stream me\n", out)
+    no_keys(out, err)
+  end)
+
+  it("says so when a stream is cut and the fallback answers", function()
+    local code, out, err = sh(env("fault=cut,chunks=6", nil, { AIORCH_LOG = "warn" }), "ask", "--stream", "hi")
+    assert.equal(0, code, err)
+    assert.matches("Hello from the mock anthropic provider. You asked: hi\n$", out)
+    one_error_line(err, "cut off")
+  end)
+
+  it("finds a user strategy via AIORCH_PATH and via --path, with no rebuild", function()
+    local dir = os.tmpname()
+    os.remove(dir)
+    assert(os.execute("mkdir -p " .. q(dir .. "/strategies")))
+    local f = assert(io.open(dir .. "/strategies/last_first.lua", "w"))
+    f:write("return function(_, providers, ctx) return ctx.call(providers[#providers]) end\n")
+    f:close()
+    local code, out, err = sh(env(nil, nil, { AIORCH_PATH = "/nonexistent:" .. dir }), "ask", "--strategy",
+      "last_first", "hi")
+    assert.equal(0, code, err)
+    assert.matches("mock anthropic provider", out)
+    code, out, err = sh(env(), "ask", "--path", dir, "--strategy", "last_first", "hi")
+    assert.equal(0, code, err)
+    assert.matches("mock anthropic provider", out)
+    code, out, err = sh(env(), "ask", "--strategy", "last_first", "hi")
+    assert.equal(2, code)
+    assert.equal("", out)
+    one_error_line(err, "unknown strategy 'last_first'")
+    os.execute("rm -rf " .. q(dir))
+  end)
+end)

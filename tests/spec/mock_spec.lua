@@ -1,0 +1,705 @@
+-- The mock providers, driven over loopback with aiorch.http.
+local aiorch = require "aiorch"
+local cjson = require "cjson.safe"
+local mock = require "aiorch.mock"
+
+local null = cjson.null
+
+local QUESTION = "What is the capital of France?"
+
+local function openai_body(extra)
+  local b = {
+    model = "gpt-4o-mini",
+    messages = {
+      { role = "system", content = "You are terse." },
+      { role = "user", content = QUESTION },
+    },
+  }
+  for k, v in pairs(extra or {}) do
+    b[k] = v
+  end
+  return b
+end
+
+local function anthropic_body(extra)
+  local b = {
+    model = "claude-3-haiku-20240307",
+    max_tokens = 256,
+    system = "You are terse.",
+    messages = { { role = "user", content = QUESTION } },
+  }
+  for k, v in pairs(extra or {}) do
+    b[k] = v
+  end
+  return b
+end
+
+local function words(s)
+  local _, n = s:gsub("%S+", "")
+  return n
+end
+
+local API = {
+  openai = {
+    path = "/chat/completions",
+    body = openai_body,
+    headers = { authorization = "Bearer sk-test" },
+  },
+  anthropic = {
+    path = "/v1/messages",
+    body = anthropic_body,
+    headers = { ["x-api-key"] = "sk-ant-test", ["anthropic-version"] = "2023-06-01" },
+  },
+}
+
+-- POSTs to the api's endpoint under base; returns status, headers, body, events.
+local function call(api, base, opts)
+  opts = opts or {}
+  local a = API[api]
+  local headers = { ["content-type"] = "application/json" }
+  for k, v in pairs(a.headers) do
+    headers[k] = v
+  end
+  for k, v in pairs(opts.headers or {}) do
+    headers[k] = v
+  end
+  local events = {}
+  local on_event
+  if opts.stream then
+    on_event = function(ev)
+      events[#events + 1] = ev
+    end
+  end
+  local status, h, body = aiorch.http.request {
+    method = "POST",
+    url = base .. a.path,
+    headers = headers,
+    body = opts.raw or cjson.encode(a.body(opts.body)),
+    timeout_ms = opts.timeout_ms or 5000,
+    on_event = on_event,
+  }
+  return status, h, body, events
+end
+
+local function stream_body(api, extra)
+  extra = extra or {}
+  extra.stream = true
+  return API[api].body(extra)
+end
+
+-- Decodes every event's data; returns the decoded list.
+local function decode_events(events)
+  local out = {}
+  for i, ev in ipairs(events) do
+    out[i] = assert(cjson.decode(ev.data), "event " .. i .. " is not JSON: " .. tostring(ev.data))
+  end
+  return out
+end
+
+local function wait_for(fn, ms)
+  local deadline = aiorch.now() + (ms or 2000)
+  while not fn() do
+    if aiorch.now() > deadline then
+      return false
+    end
+    aiorch.sleep(5)
+  end
+  return true
+end
+
+describe("aiorch.mock", function()
+  local m
+
+  setup(function()
+    m = assert(mock.start { host = "127.0.0.1", port = 0 })
+  end)
+
+  teardown(function()
+    m:close()
+  end)
+
+  before_each(function()
+    m:configure {}
+    m:reset()
+  end)
+
+  describe("urls", function()
+    it("gives the port, the url and base urls", function()
+      assert.is_true(math.type(m.port) == "integer" and m.port > 0)
+      assert.are.equal("http://127.0.0.1:" .. m.port, m.url)
+      assert.are.equal(m.url .. "/v1", m:base_url("openai"))
+      assert.are.equal(m.url, m:base_url("anthropic", {}))
+      assert.are.equal(m.url .. "/_mock/latency_ms=20,fault=500/v1",
+        m:base_url("openai", { latency_ms = 20, fault = "500" }))
+      assert.are.equal(m.url .. "/_mock/fault=429,retry_after=3",
+        m:base_url("anthropic", { retry_after = 3, fault = 429 }))
+      assert.are.equal(m.url .. "/_mock/text=a%20b%2Cc%2Fd%3De",
+        m:base_url("anthropic", { text = "a b,c/d=e" }))
+    end)
+
+    it("returns nil, err when the port is taken", function()
+      local other, err = mock.start { port = m.port }
+      assert.is_nil(other)
+      assert.are.equal("string", type(err))
+    end)
+
+    it("close ends the requests in flight", function()
+      local m2 = assert(mock.start {})
+      local t = aiorch.spawn(call, "openai", m2:base_url("openai", { fault = "hang" }))
+      assert.is_true(wait_for(function() return #m2.requests == 1 end, 500))
+      local t0 = aiorch.now()
+      m2:close()
+      local status, kind = t:await(2000)
+      assert.is_nil(status)
+      assert.are_not.equal("timeout", kind)
+      assert.is_true(aiorch.now() - t0 < 1000)
+      assert.is_nil(m2.requests[1].completed_at)
+      assert.is_nil((aiorch.http.request { url = m2.url .. "/v1/models" }))
+    end)
+
+    it("raises on misuse", function()
+      assert.has_error(function() m:base_url("gemini") end)
+      assert.has_error(function() m:base_url("openai", { bogus = 1 }) end)
+      assert.has_error(function() m:base_url("openai", { fault = "418" }) end)
+      assert.has_error(function() m:base_url("openai", { chunks = 0 }) end)
+      assert.has_error(function() m:configure { latency_ms = -1 } end)
+    end)
+  end)
+
+  describe("openai", function()
+    it("answers a chat completion", function()
+      local status, headers, body = call("openai", m:base_url("openai"))
+      assert.are.equal(200, status)
+      assert.are.equal("application/json", headers["content-type"])
+      local r = assert(cjson.decode(body))
+      assert.matches("^chatcmpl%-", r.id)
+      assert.are.equal("chat.completion", r.object)
+      assert.are.equal("number", type(r.created))
+      assert.are.equal("gpt-4o-mini", r.model)
+      assert.are.equal(1, #r.choices)
+      local c = r.choices[1]
+      assert.are.equal(0, c.index)
+      assert.are.equal("assistant", c.message.role)
+      assert.are.equal(null, c.logprobs)
+      assert.are.equal("stop", c.finish_reason)
+      local text = c.message.content
+      assert.truthy(text:find("openai", 1, true))
+      assert.truthy(text:find(QUESTION, 1, true))
+      assert.are.same({
+        prompt_tokens = words("You are terse.") + words(QUESTION),
+        completion_tokens = words(text),
+        total_tokens = words("You are terse.") + words(QUESTION) + words(text),
+      }, r.usage)
+    end)
+
+    it("echoes the model and the question, so answers differ", function()
+      local _, _, body = call("openai", m:base_url("openai"), {
+        body = { model = "gpt-4o", messages = { { role = "user", content = "Another question" } } },
+      })
+      local r = assert(cjson.decode(body))
+      assert.are.equal("gpt-4o", r.model)
+      assert.truthy(r.choices[1].message.content:find("Another question", 1, true))
+      assert.falsy(r.choices[1].message.content:find(QUESTION, 1, true))
+    end)
+
+    it("streams chunks ending in [DONE]", function()
+      local _, _, plain = call("openai", m:base_url("openai"))
+      local answer = cjson.decode(plain).choices[1].message.content
+      local status, headers, body, events = call("openai", m:base_url("openai", { chunks = 3 }),
+        { stream = true, body = stream_body("openai") })
+      assert.are.equal(200, status)
+      assert.are.equal("text/event-stream", headers["content-type"])
+      assert.are.equal("", body)
+      -- role chunk, 3 content chunks, finish chunk, [DONE]
+      assert.are.equal(6, #events)
+      for _, ev in ipairs(events) do
+        assert.are.equal("message", ev.event)
+      end
+      assert.are.equal("[DONE]", events[6].data)
+      table.remove(events)
+      local chunks = decode_events(events)
+      local id = chunks[1].id
+      local text = {}
+      for i, c in ipairs(chunks) do
+        assert.are.equal(id, c.id)
+        assert.are.equal("chat.completion.chunk", c.object)
+        assert.are.equal("gpt-4o-mini", c.model)
+        assert.are.equal("number", type(c.created))
+        assert.is_nil(c.usage)
+        assert.are.equal(1, #c.choices)
+        assert.are.equal(0, c.choices[1].index)
+        assert.are.equal(null, c.choices[1].logprobs)
+        if i < #chunks then
+          assert.are.equal(null, c.choices[1].finish_reason)
+        end
+        if i > 1 and i < #chunks then
+          text[#text + 1] = c.choices[1].delta.content
+        end
+      end
+      assert.are.same({ role = "assistant", content = "" }, chunks[1].choices[1].delta)
+      assert.are.same({}, chunks[5].choices[1].delta)
+      assert.are.equal("stop", chunks[5].choices[1].finish_reason)
+      assert.are.equal(answer, table.concat(text))
+    end)
+
+    it("adds a usage chunk when stream_options.include_usage", function()
+      local _, _, _, events = call("openai", m:base_url("openai"), {
+        stream = true, body = stream_body("openai", { stream_options = { include_usage = true } }),
+      })
+      -- role, 5 content, finish, usage, [DONE]
+      assert.are.equal(9, #events)
+      assert.are.equal("[DONE]", events[9].data)
+      table.remove(events)
+      local chunks = decode_events(events)
+      for i = 1, 7 do
+        assert.are.equal(null, chunks[i].usage)
+      end
+      assert.are.equal("stop", chunks[7].choices[1].finish_reason)
+      local u = chunks[8]
+      assert.are.equal("chat.completion.chunk", u.object)
+      assert.are.equal(0, #u.choices)
+      assert.truthy(events[8].data:find('"choices":[]', 1, true))
+      local text = {}
+      for i = 2, 6 do
+        text[#text + 1] = chunks[i].choices[1].delta.content
+      end
+      local out = words(table.concat(text))
+      local input = words("You are terse.") + words(QUESTION)
+      assert.are.same({ prompt_tokens = input, completion_tokens = out, total_tokens = input + out }, u.usage)
+    end)
+
+    it("lists models", function()
+      local status, _, body = aiorch.http.request { url = m:base_url("openai") .. "/models" }
+      assert.are.equal(200, status)
+      local r = assert(cjson.decode(body))
+      assert.are.equal("list", r.object)
+      assert.are.equal("gpt-4o-mini", r.data[1].id)
+      assert.are.equal("model", r.data[1].object)
+      assert.are.equal("openai", m.requests[1].api)
+    end)
+  end)
+
+  describe("anthropic", function()
+    it("answers a message", function()
+      local status, headers, body = call("anthropic", m:base_url("anthropic"))
+      assert.are.equal(200, status)
+      assert.are.equal("application/json", headers["content-type"])
+      local r = assert(cjson.decode(body))
+      assert.matches("^msg_", r.id)
+      assert.are.equal("message", r.type)
+      assert.are.equal("assistant", r.role)
+      assert.are.equal("claude-3-haiku-20240307", r.model)
+      assert.are.equal(1, #r.content)
+      assert.are.equal("text", r.content[1].type)
+      local text = r.content[1].text
+      assert.truthy(text:find("anthropic", 1, true))
+      assert.truthy(text:find(QUESTION, 1, true))
+      assert.are.equal("end_turn", r.stop_reason)
+      assert.are.equal(null, r.stop_sequence)
+      assert.are.same({
+        input_tokens = words("You are terse.") + words(QUESTION),
+        output_tokens = words(text),
+      }, r.usage)
+    end)
+
+    it("streams the Messages events in order", function()
+      local _, _, plain = call("anthropic", m:base_url("anthropic"))
+      local answer = cjson.decode(plain).content[1].text
+      local status, headers, body, events = call("anthropic", m:base_url("anthropic"),
+        { stream = true, body = stream_body("anthropic") })
+      assert.are.equal(200, status)
+      assert.are.equal("text/event-stream", headers["content-type"])
+      assert.are.equal("", body)
+      local names = {}
+      for i, ev in ipairs(events) do
+        names[i] = ev.event
+      end
+      assert.are.same({
+        "message_start", "content_block_start", "ping",
+        "content_block_delta", "content_block_delta", "content_block_delta",
+        "content_block_delta", "content_block_delta",
+        "content_block_stop", "message_delta", "message_stop",
+      }, names)
+      local data = decode_events(events)
+      for i, d in ipairs(data) do
+        assert.are.equal(names[i], d.type)
+      end
+      local msg = data[1].message
+      assert.matches("^msg_", msg.id)
+      assert.are.equal("message", msg.type)
+      assert.are.equal("assistant", msg.role)
+      assert.are.equal("claude-3-haiku-20240307", msg.model)
+      assert.are.same({}, msg.content)
+      assert.are.equal(null, msg.stop_reason)
+      assert.are.same({ input_tokens = words("You are terse.") + words(QUESTION), output_tokens = 1 }, msg.usage)
+      assert.are.same({ type = "content_block_start", index = 0, content_block = { type = "text", text = "" } },
+        data[2])
+      local text = {}
+      for i = 4, 8 do
+        assert.are.equal(0, data[i].index)
+        assert.are.equal("text_delta", data[i].delta.type)
+        text[#text + 1] = data[i].delta.text
+      end
+      assert.are.equal(answer, table.concat(text))
+      assert.are.same({ type = "content_block_stop", index = 0 }, data[9])
+      assert.are.equal("end_turn", data[10].delta.stop_reason)
+      assert.are.equal(null, data[10].delta.stop_sequence)
+      assert.are.same({ output_tokens = words(answer) }, data[10].usage)
+    end)
+
+    it("takes content blocks and the chunks and text directives", function()
+      local _, _, _, events = call("anthropic", m:base_url("anthropic", { chunks = 2, text = "one two three" }), {
+        stream = true,
+        body = stream_body("anthropic", {
+          messages = { { role = "user", content = { { type = "text", text = "Blocks here" } } } },
+        }),
+      })
+      local data = decode_events(events)
+      assert.are.equal(8, #data)
+      assert.are.equal("one two three", data[4].delta.text .. data[5].delta.text)
+      assert.are.equal(words("You are terse.") + 2, data[1].message.usage.input_tokens)
+      assert.are.equal(3, data[7].usage.output_tokens)
+    end)
+
+    it("lists models when asked Anthropic-style", function()
+      local status, _, body = aiorch.http.request {
+        url = m.url .. "/v1/models", headers = { ["anthropic-version"] = "2023-06-01" },
+      }
+      assert.are.equal(200, status)
+      local r = assert(cjson.decode(body))
+      assert.are.equal("model", r.data[1].type)
+      assert.are.equal("claude-3-haiku-20240307", r.data[1].id)
+      assert.are.equal(false, r.has_more)
+      assert.are.equal("anthropic", m.requests[1].api)
+    end)
+  end)
+
+  describe("faults", function()
+    local EXPECT = {
+      openai = {
+        ["429"] = { "requests", "rate_limit_exceeded" },
+        ["500"] = { "server_error", null },
+        ["529"] = { "server_error", null },
+        ["401"] = { "invalid_request_error", "invalid_api_key" },
+      },
+      anthropic = {
+        ["429"] = { "rate_limit_error" },
+        ["500"] = { "api_error" },
+        ["529"] = { "overloaded_error" },
+        ["401"] = { "authentication_error" },
+      },
+    }
+
+    local function check_error(api, body, etype, code)
+      local r = assert(cjson.decode(body), body)
+      if api == "openai" then
+        assert.are.equal("string", type(r.error.message))
+        assert.are.equal(etype, r.error.type)
+        assert.are.equal(null, r.error.param)
+        assert.are.equal(code, r.error.code)
+      else
+        assert.are.equal("error", r.type)
+        assert.are.equal(etype, r.error.type)
+        assert.are.equal("string", type(r.error.message))
+      end
+    end
+
+    for _, api in ipairs { "openai", "anthropic" } do
+      describe(api, function()
+        for _, fault in ipairs { "429", "500", "529", "401" } do
+          it("answers fault=" .. fault .. " with the API's error", function()
+            for _, stream in ipairs { false, true } do
+              local status, headers, body = call(api, m:base_url(api, { fault = fault }), {
+                stream = stream, body = stream and stream_body(api) or nil,
+              })
+              assert.are.equal(tonumber(fault), status)
+              assert.are.equal("application/json", headers["content-type"])
+              check_error(api, body, EXPECT[api][fault][1], EXPECT[api][fault][2])
+              if fault == "429" then
+                assert.are.equal("1", headers["retry-after"])
+              else
+                assert.is_nil(headers["retry-after"])
+              end
+            end
+          end)
+        end
+
+        it("sends retry_after in Retry-After", function()
+          local status, headers = call(api, m:base_url(api, { fault = "429", retry_after = 7 }))
+          assert.are.equal(429, status)
+          assert.are.equal("7", headers["retry-after"])
+        end)
+
+        it("hangs until the client gives up", function()
+          local t0 = aiorch.now()
+          local status, kind = call(api, m:base_url(api, { fault = "hang" }), { timeout_ms = 200 })
+          assert.is_nil(status)
+          assert.are.equal("timeout", kind)
+          assert.is_true(aiorch.now() - t0 >= 190)
+          local r = m.requests[1]
+          assert.is_true(wait_for(function() return r.aborted_at ~= nil end))
+          assert.is_nil(r.completed_at)
+        end)
+
+        it("sends a malformed body", function()
+          local status, _, body = call(api, m:base_url(api, { fault = "malformed" }))
+          assert.are.equal(200, status)
+          assert.is_nil(cjson.decode(body))
+          assert.is_true(#body > 0)
+        end)
+
+        it("sends an invalid data line in a stream", function()
+          local status, _, _, events = call(api, m:base_url(api, { fault = "malformed" }),
+            { stream = true, body = stream_body(api) })
+          assert.are.equal(200, status)
+          local bad = 0
+          for _, ev in ipairs(events) do
+            if ev.data ~= "[DONE]" and not cjson.decode(ev.data) then
+              bad = bad + 1
+            end
+          end
+          assert.are.equal(1, bad)
+        end)
+
+        it("cuts a body off mid-way", function()
+          local status, kind = call(api, m:base_url(api, { fault = "cut" }))
+          assert.is_nil(status)
+          assert.are.equal("reset", kind)
+          assert.is_not_nil(m.requests[1].completed_at)
+        end)
+
+        it("cuts a stream off mid-way", function()
+          local status, kind, _, events = call(api, m:base_url(api, { fault = "cut" }),
+            { stream = true, body = stream_body(api) })
+          assert.is_nil(status)
+          assert.are.equal("reset", kind)
+          assert.is_true(#events > 0)
+          local last = events[#events]
+          assert.are_not.equal("[DONE]", last.data)
+          assert.are_not.equal("message_stop", last.event)
+          local deltas = 0
+          for _, ev in ipairs(events) do
+            local d = cjson.decode(ev.data)
+            if d and (d.type == "content_block_delta" or (d.choices and d.choices[1].delta.content ~= nil
+                and d.choices[1].delta.content ~= "")) then
+              deltas = deltas + 1
+            end
+          end
+          assert.are.equal(3, deltas)
+        end)
+
+        it("answers 200 with an error object (error200)", function()
+          local status, _, body = call(api, m:base_url(api, { fault = "error200" }))
+          assert.are.equal(200, status)
+          local r = assert(cjson.decode(body))
+          if api == "openai" then
+            assert.are.equal("server_error", r.error.type)
+          else
+            assert.are.equal("error", r.type)
+            assert.are.equal("overloaded_error", r.error.type)
+          end
+        end)
+
+        it("streams an error event (error200)", function()
+          local status, _, _, events = call(api, m:base_url(api, { fault = "error200" }),
+            { stream = true, body = stream_body(api) })
+          assert.are.equal(200, status)
+          local last = events[#events]
+          local r = assert(cjson.decode(last.data))
+          if api == "openai" then
+            assert.are.equal("message", last.event)
+            assert.are.equal("server_error", r.error.type)
+          else
+            assert.are.equal("error", last.event)
+            assert.are.equal("error", r.type)
+            assert.are.equal("overloaded_error", r.error.type)
+          end
+        end)
+
+        it("waits latency_ms before answering", function()
+          local t0 = aiorch.now()
+          local status = call(api, m:base_url(api, { latency_ms = 120 }))
+          assert.are.equal(200, status)
+          assert.is_true(aiorch.now() - t0 >= 115)
+        end)
+
+        it("paces a stream by chunk_delay_ms", function()
+          local t0 = aiorch.now()
+          local seen = {}
+          local headers = { ["content-type"] = "application/json" }
+          for k, v in pairs(API[api].headers) do
+            headers[k] = v
+          end
+          local status = aiorch.http.request {
+            method = "POST",
+            url = m:base_url(api, { chunks = 3, chunk_delay_ms = 50 }) .. API[api].path,
+            headers = headers,
+            body = cjson.encode(stream_body(api)),
+            on_event = function(ev)
+              local d = cjson.decode(ev.data)
+              if d and (d.type == "content_block_delta" or (d.choices and d.choices[1]
+                  and d.choices[1].delta.content and d.choices[1].delta.content ~= "")) then
+                seen[#seen + 1] = aiorch.now()
+              end
+            end,
+          }
+          assert.are.equal(200, status)
+          assert.are.equal(3, #seen)
+          assert.is_true(seen[1] - t0 >= 45)
+          assert.is_true(seen[3] - seen[2] >= 45)
+          assert.is_true(aiorch.now() - t0 >= 145)
+        end)
+
+        it("rejects an unknown directive with 400", function()
+          local status, _, body = call(api, m.url .. "/_mock/bogus=1" .. (api == "openai" and "/v1" or ""))
+          assert.are.equal(400, status)
+          local r = assert(cjson.decode(body))
+          assert.truthy(r.error.message:find("unknown directive 'bogus'", 1, true))
+          assert.are.equal("invalid_request_error", r.error.type)
+        end)
+
+        it("rejects a bad directive value with 400", function()
+          local status, _, body = call(api, m.url .. "/_mock/fault=teapot" .. (api == "openai" and "/v1" or ""))
+          assert.are.equal(400, status)
+          assert.truthy(assert(cjson.decode(body)).error.message:find("fault", 1, true))
+        end)
+
+        it("takes directives from the x-mock-directives header", function()
+          local status, headers = call(api, m:base_url(api), {
+            headers = { ["x-mock-directives"] = "fault=429,retry_after=4" },
+          })
+          assert.are.equal(429, status)
+          assert.are.equal("4", headers["retry-after"])
+          assert.are.same("429", m.requests[1].directives.fault)
+        end)
+
+        it("lets the path prefix win over the header", function()
+          local status = call(api, m:base_url(api, { fault = "500" }), {
+            headers = { ["x-mock-directives"] = "fault=401" },
+          })
+          assert.are.equal(500, status)
+        end)
+
+        it("applies configured defaults to requests that carry no directives", function()
+          m:configure { fault = "529" }
+          assert.are.equal(529, (call(api, m:base_url(api))))
+          assert.are.equal(200, (call(api, m:base_url(api, { latency_ms = 0 }))))
+          assert.are.equal(200, (call(api, m:base_url(api, { fault = "none" }))))
+          m:configure {}
+          assert.are.equal(200, (call(api, m:base_url(api))))
+        end)
+      end)
+    end
+  end)
+
+  describe("errors of the request itself", function()
+    it("answers 400 to a body that is not JSON", function()
+      local status, _, body = call("openai", m:base_url("openai"), { raw = "{not json" })
+      assert.are.equal(400, status)
+      assert.are.equal("invalid_request_error", assert(cjson.decode(body)).error.type)
+      status, _, body = call("anthropic", m:base_url("anthropic"), { raw = "" })
+      assert.are.equal(400, status)
+      assert.are.equal("error", assert(cjson.decode(body)).type)
+      assert.is_nil(m.requests[1].json)
+    end)
+
+    it("answers 404 to an unknown path in the API's shape", function()
+      local status, _, body = aiorch.http.request { url = m.url .. "/v1/nothing" }
+      assert.are.equal(404, status)
+      assert.truthy(assert(cjson.decode(body)).error.message:find("/v1/nothing", 1, true))
+      status, _, body = aiorch.http.request {
+        url = m.url .. "/chat/completions", method = "POST", body = "{}",
+        headers = { ["x-api-key"] = "k", ["content-type"] = "application/json" },
+      }
+      assert.are.equal(404, status)
+      local r = assert(cjson.decode(body))
+      assert.are.equal("error", r.type)
+      assert.are.equal("not_found_error", r.error.type)
+    end)
+  end)
+
+  describe("recording", function()
+    it("records the wire request", function()
+      call("openai", m:base_url("openai", { latency_ms = 1 }), {
+        headers = { ["x-trace"] = "abc" },
+        body = { model = "gpt-4o", temperature = 0.5, messages = { { role = "user", content = "hi" } } },
+      })
+      call("anthropic", m:base_url("anthropic"))
+      assert.are.equal(2, #m.requests)
+      local r = m.requests[1]
+      assert.are.equal("openai", r.api)
+      assert.are.equal("POST", r.method)
+      assert.are.equal("/v1/chat/completions", r.path)
+      assert.are.equal("/_mock/latency_ms=1/v1/chat/completions", r.raw_path)
+      assert.are.equal("Bearer sk-test", r.headers.authorization)
+      assert.are.equal("abc", r.headers["x-trace"])
+      assert.are.equal("application/json", r.headers["content-type"])
+      assert.are.equal("string", type(r.body))
+      assert.are.equal("gpt-4o", r.json.model)
+      assert.are.equal(0.5, r.json.temperature)
+      assert.are.equal("hi", r.json.messages[1].content)
+      assert.are.equal(1, r.directives.latency_ms)
+      assert.is_nil(r.directives.fault)
+      assert.is_true(r.completed_at >= r.received_at + 1)
+      assert.is_nil(r.aborted_at)
+      local a = m.requests[2]
+      assert.are.equal("anthropic", a.api)
+      assert.are.equal("/v1/messages", a.path)
+      assert.are.equal("2023-06-01", a.headers["anthropic-version"])
+      assert.are.equal("sk-ant-test", a.headers["x-api-key"])
+      assert.are.equal(256, a.json.max_tokens)
+      assert.are.equal("You are terse.", a.json.system)
+    end)
+
+    it("records a request before its latency", function()
+      local t = aiorch.spawn(call, "openai", m:base_url("openai", { latency_ms = 500 }))
+      assert.is_true(wait_for(function() return #m.requests == 1 end, 400))
+      local r = m.requests[1]
+      assert.are.equal("gpt-4o-mini", r.json.model)
+      assert.is_nil(r.completed_at)
+      assert.are.equal(200, (t:await()))
+      assert.is_not_nil(r.completed_at)
+    end)
+
+    it("sets aborted_at when the client cancels", function()
+      local t = aiorch.spawn(call, "anthropic", m:base_url("anthropic", { fault = "hang" }),
+        { stream = true, body = stream_body("anthropic") })
+      assert.is_true(wait_for(function() return #m.requests == 1 end, 500))
+      aiorch.sleep(20)
+      local cancelled_at = aiorch.now()
+      t:cancel()
+      local r = m.requests[1]
+      assert.is_true(wait_for(function() return r.aborted_at ~= nil end, 1000))
+      assert.is_true(r.aborted_at >= cancelled_at)
+      assert.is_true(r.aborted_at - cancelled_at < 500)
+      assert.is_nil(r.completed_at)
+    end)
+
+    it("sets aborted_at when the client cancels mid-stream", function()
+      local got = 0
+      local t = aiorch.spawn(function()
+        return aiorch.http.request {
+          method = "POST",
+          url = m:base_url("openai", { chunks = 5, chunk_delay_ms = 100 }) .. "/chat/completions",
+          headers = { ["content-type"] = "application/json" },
+          body = cjson.encode(stream_body("openai")),
+          on_event = function() got = got + 1 end,
+        }
+      end)
+      assert.is_true(wait_for(function() return got >= 2 end, 1000))
+      t:cancel()
+      local r = m.requests[1]
+      assert.is_true(wait_for(function() return r.aborted_at ~= nil end, 1000))
+      assert.is_nil(r.completed_at)
+    end)
+
+    it("reset keeps the same table", function()
+      local reqs = m.requests
+      call("openai", m:base_url("openai"))
+      assert.are.equal(1, #reqs)
+      m:reset()
+      assert.are.equal(reqs, m.requests)
+      assert.are.equal(0, #reqs)
+    end)
+  end)
+end)

@@ -1,0 +1,341 @@
+-- The yielding primitives, each four ways: success, expected failure,
+-- misuse (raises), and cancellation or collection while pending.
+local aiorch = require "aiorch"
+
+local now, sleep, spawn = aiorch.now, aiorch.sleep, aiorch.spawn
+
+-- A loopback server whose handler is chosen per test.
+local server, base_url
+local handler
+local function start_server()
+  server = aiorch.server.listen{
+    host = "127.0.0.1", port = 0,
+    handler = function(req, res) return handler(req, res) end,
+  }
+  base_url = "http://127.0.0.1:" .. server.port
+end
+
+describe("tasks", function()
+  it("spawn/await returns every value of the task", function()
+    local t = spawn(function(a, b) sleep(1); return a + b, "x", nil end, 2, 3)
+    assert.equal("pending", t:status())
+    local s, x, n = t:await()
+    assert.equal(5, s)
+    assert.equal("x", x)
+    assert.is_nil(n)
+    assert.equal("done", t:status())
+    -- awaiting again gives the same values
+    assert.equal(5, (t:await()))
+  end)
+
+  it("an error in a task comes back from await and leaves other tasks alone", function()
+    local bad = spawn(function() sleep(1); error("kaboom") end)
+    local good = spawn(function() sleep(5); return "fine" end)
+    local v, msg, kind = bad:await()
+    assert.is_nil(v)
+    assert.equal("error", kind)
+    assert.truthy(msg:find("kaboom", 1, true))
+    assert.equal("fine", good:await())
+    assert.equal("failed", bad:status())
+  end)
+
+  it("await with a deadline returns timeout and leaves the task running", function()
+    local t = spawn(function() sleep(50); return "late" end)
+    local t0 = now()
+    local v, err, kind = t:await(10)
+    local waited = now() - t0
+    assert.is_nil(v)
+    assert.equal("timeout", err)
+    assert.equal("timeout", kind)
+    assert.is_true(waited >= 9 and waited < 45, "waited " .. waited)
+    assert.equal("late", t:await())
+  end)
+
+  it("misuse raises", function()
+    assert.has_error(function() spawn("not a function") end)
+    assert.has_error(function() aiorch.current():await() end, "task:await: a task cannot await itself")
+    assert.has_error(function() spawn(function() end):await(-1) end)
+    assert.has_error(function() aiorch.gather({ 1, 2 }) end)
+    assert.has_error(function() aiorch.first({}, "nope") end)
+    assert.has_error(function() aiorch.run(function() end) end)
+  end)
+
+  it("cancel stops a waiting task at once, runs its to-be-closed variables, and cancels its children",
+    function()
+      local closed, child = false, nil
+      local parent = spawn(function()
+        child = spawn(function() sleep(10000) end)
+        local guard <close> = setmetatable({}, { __close = function() closed = true end })
+        sleep(10000)
+        return guard
+      end)
+      sleep(1)
+      assert.equal("waiting", parent:status())
+      local t0 = now()
+      assert.is_true(parent:cancel())
+      assert.is_true(now() - t0 < 5)
+      assert.equal("cancelled", parent:status())
+      assert.equal("cancelled", child:status())
+      assert.is_true(closed)
+      local v, err, kind = parent:await()
+      assert.is_nil(v)
+      assert.equal("cancelled", err)
+      assert.equal("cancelled", kind)
+      assert.is_false(parent:cancel())
+    end)
+
+  it("a task that cancels itself stops at its next yield", function()
+    local after = false
+    local t = spawn(function()
+      aiorch.current():cancel()
+      sleep(1)
+      after = true
+    end)
+    t:await()
+    assert.equal("cancelled", t:status())
+    assert.is_false(after)
+  end)
+
+  it("a task that nobody references still runs to the end", function()
+    local done = false
+    spawn(function() sleep(5); done = true end)
+    collectgarbage()
+    collectgarbage()
+    sleep(20)
+    assert.is_true(done)
+  end)
+end)
+
+describe("aiorch.sleep", function()
+  it("sleeps at least the time asked, and sleep(0) lets others run", function()
+    local order = {}
+    local t = spawn(function() order[#order + 1] = "other" end)
+    sleep(0)
+    order[#order + 1] = "me"
+    assert.same({ "other", "me" }, order)
+    t:await()
+    local t0 = now()
+    sleep(15)
+    local took = now() - t0
+    assert.is_true(took >= 15 and took < 60, "slept " .. took)
+  end)
+
+  it("misuse raises", function()
+    assert.has_error(function() sleep(-1) end)
+    assert.has_error(function() sleep("x") end)
+    local co = coroutine.wrap(function() sleep(1) end)
+    assert.has_error(co) -- a coroutine that is not a task cannot yield to the loop
+  end)
+
+  it("a sleeping task is cancelled without waiting", function()
+    local t = spawn(function() sleep(60000) end)
+    sleep(1)
+    local t0 = now()
+    t:cancel()
+    assert.equal("cancelled", t:status())
+    assert.is_true(now() - t0 < 5)
+  end)
+end)
+
+describe("aiorch.gather", function()
+  it("returns every value in order and every error in its place", function()
+    local tasks = {
+      spawn(function() sleep(10); return "a" end),
+      spawn(function() sleep(1); error("b failed") end),
+      spawn(function() return "c" end),
+    }
+    local t0 = now()
+    local values, errors = aiorch.gather(tasks)
+    assert.is_true(now() - t0 >= 9)
+    assert.equal(3, values.n)
+    assert.equal("a", values[1])
+    assert.is_nil(values[2])
+    assert.truthy(errors[2]:find("b failed", 1, true))
+    assert.equal("c", values[3])
+    assert.is_nil(errors[1])
+  end)
+
+  it("a deadline cancels the unfinished tasks and marks them timeout", function()
+    local slow = spawn(function() sleep(10000) end)
+    local fast = spawn(function() return 1 end)
+    local values, errors = aiorch.gather({ slow, fast }, 20)
+    assert.equal("timeout", errors[1])
+    assert.equal(1, values[2])
+    assert.equal("cancelled", slow:status())
+  end)
+
+  it("an empty list gives empty results", function()
+    local values, errors = aiorch.gather({})
+    assert.equal(0, values.n)
+    assert.equal(0, errors.n)
+  end)
+
+  it("cancelling a gathering task leaves the gathered tasks running", function()
+    local inner = spawn(function() sleep(20); return "x" end)
+    local outer = spawn(function() return aiorch.gather({ inner }) end)
+    sleep(1)
+    outer:cancel()
+    assert.equal("x", inner:await())
+  end)
+end)
+
+describe("aiorch.first", function()
+  it("returns the first value that satisfies the predicate and cancels the rest", function()
+    local losers = {}
+    local tasks = {
+      spawn(function() sleep(40); return { ok = true, name = "slow" } end),
+      spawn(function() sleep(1); return { ok = false, name = "fails fast" } end),
+      spawn(function() sleep(10); return { ok = true, name = "fast" } end),
+    }
+    local t0 = now()
+    local v, i = aiorch.first(tasks, function(r) return r.ok end)
+    assert.is_true(now() - t0 < 35)
+    assert.equal("fast", v.name)
+    assert.equal(3, i)
+    losers[1] = tasks[1]:status()
+    assert.same({ "cancelled" }, losers)
+  end)
+
+  it("returns nil, values, errors when nothing satisfies", function()
+    local tasks = {
+      spawn(function() error("x") end),
+      spawn(function() return false end),
+    }
+    local v, values, errors = aiorch.first(tasks)
+    assert.is_nil(v)
+    assert.truthy(errors[1]:find("x", 1, true))
+    assert.is_false(values[2])
+  end)
+
+  it("a deadline ends the race", function()
+    local tasks = { spawn(function() sleep(10000) end) }
+    local v, _, errors = aiorch.first(tasks, nil, 15)
+    assert.is_nil(v)
+    assert.equal("timeout", errors[1])
+    assert.equal("cancelled", tasks[1]:status())
+  end)
+
+  it("misuse raises", function()
+    assert.has_error(function() aiorch.first({ spawn(function() end) }, nil, -5) end)
+  end)
+end)
+
+describe("aiorch.http.request", function()
+  setup(start_server)
+  teardown(function() server:close() end)
+
+  it("returns status, headers and body, and reuses the connection", function()
+    handler = function(req, res)
+      res:respond(201, { ["x-echo"] = req.method .. " " .. req.path }, "body:" .. req.body)
+    end
+    local accepted = server:stats().accepted
+    for _ = 1, 3 do
+      local status, headers, body = aiorch.http.request{
+        method = "POST", url = base_url .. "/p?q=1", body = "hi",
+        headers = { ["content-type"] = "text/plain" },
+      }
+      assert.equal(201, status)
+      assert.equal("POST /p?q=1", headers["x-echo"])
+      assert.equal("body:hi", body)
+    end
+    assert.equal(accepted + 1, server:stats().accepted) -- keep-alive
+  end)
+
+  it("delivers server-sent events as they arrive", function()
+    handler = function(_, res)
+      res:start(200, { ["content-type"] = "text/event-stream" })
+      res:write("event: a\ndata: 1\n\n: comment\n")
+      sleep(20)
+      res:write("data: two\ndata: lines\n\n")
+      res:finish()
+    end
+    local events, times = {}, {}
+    local t0 = now()
+    local status, _, body = aiorch.http.request{
+      url = base_url .. "/sse",
+      on_event = function(ev)
+        events[#events + 1] = ev.event .. "=" .. ev.data
+        times[#times + 1] = now() - t0
+      end,
+    }
+    assert.equal(200, status)
+    assert.equal("", body)
+    assert.same({ "a=1", "message=two\nlines" }, events)
+    assert.is_true(times[1] < 15, "the first event arrived before the stream ended")
+  end)
+
+  it("fails with stable kinds: connect, timeout, too_large, invalid_url, reset", function()
+    local _, kind = aiorch.http.request{ url = "http://127.0.0.1:1/" }
+    assert.equal("connect", kind)
+
+    handler = function() sleep(10000) end
+    local t0 = now()
+    local s, k, msg = aiorch.http.request{ url = base_url .. "/hang", timeout_ms = 50 }
+    assert.is_nil(s)
+    assert.equal("timeout", k)
+    assert.is_string(msg)
+    assert.is_true(now() - t0 < 1000)
+
+    handler = function(_, res) res:respond(200, {}, string.rep("x", 5000)) end
+    _, kind = aiorch.http.request{ url = base_url .. "/big", max_body = 100 }
+    assert.equal("too_large", kind)
+
+    _, kind = aiorch.http.request{ url = "gopher://127.0.0.1/" }
+    assert.equal("invalid_url", kind)
+
+    handler = function(_, res)
+      res:start(200, { ["content-length"] = "100" })
+      res:write("partial")
+      sleep(5)
+      res:abort()
+    end
+    _, kind = aiorch.http.request{ url = base_url .. "/cut" }
+    assert.equal("reset", kind)
+  end)
+
+  it("an on_event that returns false stops the transfer; one that raises propagates", function()
+    handler = function(_, res)
+      res:start(200, { ["content-type"] = "text/event-stream" })
+      for i = 1, 100 do
+        if not res:write("data: " .. i .. "\n\n") then return end
+        sleep(2)
+      end
+      res:finish()
+    end
+    local n = 0
+    local s, kind = aiorch.http.request{
+      url = base_url .. "/many", on_event = function() n = n + 1; return n < 3 and true or false end,
+    }
+    assert.is_nil(s)
+    assert.equal("aborted", kind)
+    assert.equal(3, n)
+    assert.has_error(function()
+      aiorch.http.request{ url = base_url .. "/many", on_event = function() error("in callback") end }
+    end)
+  end)
+
+  it("misuse raises", function()
+    assert.has_error(function() aiorch.http.request("http://x") end)
+    assert.has_error(function() aiorch.http.request{} end)
+    assert.has_error(function() aiorch.http.request{ url = base_url, headers = { a = "x\r\nInjected: 1" } } end)
+    assert.has_error(function() aiorch.http.request{ url = base_url, method = "get me" } end)
+    assert.has_error(function() aiorch.http.request{ url = base_url, timeout_ms = -1 } end)
+  end)
+
+  it("cancelling a task aborts its transfer and the server sees the close at once", function()
+    local seen
+    handler = function(req)
+      seen = req
+      sleep(10000)
+    end
+    local t = spawn(function() return aiorch.http.request{ url = base_url .. "/slow" } end)
+    while not seen do sleep(1) end
+    local t0 = now()
+    t:cancel()
+    while not seen.aborted_at and now() - t0 < 1000 do sleep(1) end
+    assert.is_number(seen.aborted_at)
+    assert.is_true(seen.aborted_at - t0 < 20, "closed after " .. (seen.aborted_at - t0) .. " ms")
+    assert.equal("cancelled", t:status())
+    collectgarbage()
+  end)
+end)

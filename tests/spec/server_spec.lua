@@ -1,0 +1,626 @@
+-- aiorch.server over real loopback sockets: aiorch.http for ordinary
+-- requests, a raw TCP client (python3, run in the background and polled) for
+-- pipelining, malformed input and slow readers.
+local aiorch = require "aiorch"
+
+local HOST = "127.0.0.1"
+
+-- Polls cond() every few ms until it is truthy or ms pass; returns its value.
+local function wait_for(cond, ms)
+  local deadline = aiorch.now() + (ms or 3000)
+  repeat
+    local v = cond()
+    if v then
+      return v
+    end
+    aiorch.sleep(5)
+  until aiorch.now() > deadline
+  return cond()
+end
+
+local function listen(handler, opts)
+  opts = opts or {}
+  opts.host = opts.host or HOST
+  opts.port = opts.port or 0
+  opts.handler = handler
+  return assert(aiorch.server.listen(opts))
+end
+
+local function url(srv, path)
+  return string.format("http://%s:%d%s", HOST, srv.port, path or "/")
+end
+
+local function get(srv, path, opts)
+  opts = opts or {}
+  opts.url = url(srv, path)
+  return aiorch.http.request(opts)
+end
+
+-- The raw client: sends a file's bytes, waits `pause` seconds, then reads
+-- until the server closes (or 10 s pass) and writes what it got to `out`
+-- (renamed into place, so the file's presence means done).
+local RAW_CLIENT = [[
+import socket, sys, time, os
+port, infile, out, pause = int(sys.argv[1]), sys.argv[2], sys.argv[3], float(sys.argv[4])
+s = socket.create_connection(("127.0.0.1", port))
+s.settimeout(10)
+s.sendall(open(infile, "rb").read())
+time.sleep(pause)
+got = []
+try:
+    while True:
+        b = s.recv(65536)
+        if not b:
+            break
+        got.append(b)
+except Exception as e:
+    got.append(("\n<client error: %s>" % e).encode())
+s.close()
+with open(out + ".tmp", "wb") as f:
+    f.write(b"".join(got))
+os.rename(out + ".tmp", out)
+]]
+
+local script = os.tmpname()
+do
+  local f = assert(io.open(script, "w"))
+  f:write(RAW_CLIENT)
+  f:close()
+end
+
+local function slurp(path)
+  local f = io.open(path, "rb")
+  if not f then
+    return nil
+  end
+  local s = f:read("a")
+  f:close()
+  return s
+end
+
+-- Sends payload to srv from a background process; returns a function that
+-- waits for (and returns) everything the server sent until it closed.
+local function raw(srv, payload, pause)
+  local input, out = os.tmpname(), os.tmpname()
+  os.remove(out)
+  local f = assert(io.open(input, "wb"))
+  f:write(payload)
+  f:close()
+  assert(os.execute(string.format("python3 %s %d %s %s %s >/dev/null 2>&1 &",
+    script, srv.port, input, out, tostring(pause or 0))))
+  return function(ms)
+    local got = wait_for(function() return slurp(out) end, ms or 8000)
+    os.remove(input)
+    os.remove(out)
+    return got
+  end
+end
+
+-- Splits raw HTTP/1.1 responses: returns a list of {status, headers, body}.
+local function parse_responses(s)
+  local list = {}
+  local pos = 1
+  while pos <= #s do
+    local head_end = s:find("\r\n\r\n", pos, true)
+    if not head_end then
+      break
+    end
+    local head = s:sub(pos, head_end - 1)
+    local status = tonumber(head:match("^HTTP/1%.%d (%d%d%d)"))
+    local headers = {}
+    for k, v in head:gmatch("\r\n([^:\r\n]+):%s*([^\r\n]*)") do
+      headers[k:lower()] = v
+    end
+    local body
+    pos = head_end + 4
+    if headers["content-length"] then
+      local n = tonumber(headers["content-length"])
+      body = s:sub(pos, pos + n - 1)
+      pos = pos + n
+    elseif headers["transfer-encoding"] == "chunked" then
+      local parts = {}
+      while true do
+        local line_end = assert(s:find("\r\n", pos, true), "truncated chunk")
+        local n = tonumber(s:sub(pos, line_end - 1), 16)
+        pos = line_end + 2
+        if n == 0 then
+          pos = pos + 2
+          break
+        end
+        parts[#parts + 1] = s:sub(pos, pos + n - 1)
+        pos = pos + n + 2
+      end
+      body = table.concat(parts)
+    else
+      body = s:sub(pos)
+      pos = #s + 1
+    end
+    list[#list + 1] = { status = status, headers = headers, body = body }
+  end
+  return list
+end
+
+describe("aiorch.server", function()
+  local srv
+
+  after_each(function()
+    if srv then
+      pcall(srv.close, srv)
+      srv = nil
+    end
+  end)
+
+  teardown(function()
+    os.remove(script)
+  end)
+
+  it("answers a plain request and describes it in req", function()
+    local seen
+    srv = listen(function(req, res)
+      seen = req
+      res:respond(201, { ["content-type"] = "text/plain", ["x-answer"] = 42 }, "got " .. req.body)
+    end)
+    assert.is_number(srv.port)
+    assert.is_true(srv.port > 0)
+    assert.equal(HOST, srv.host)
+    local before = aiorch.now()
+    local status, headers, body = aiorch.http.request {
+      url = url(srv, "/v1/x?a=1&b=2"),
+      method = "PUT",
+      headers = { ["X-Mixed-Case"] = "yes", ["content-type"] = "application/json" },
+      body = '{"q":1}',
+    }
+    assert.equal(201, status)
+    assert.equal("got {\"q\":1}", body)
+    assert.equal("42", headers["x-answer"])
+    assert.equal("text/plain", headers["content-type"])
+    assert.equal(tostring(#body), headers["content-length"])
+    assert.equal("PUT", seen.method)
+    assert.equal("/v1/x?a=1&b=2", seen.path)
+    assert.equal("yes", seen.headers["x-mixed-case"])
+    assert.is_nil(seen.headers["X-Mixed-Case"])
+    assert.equal("application/json", seen.headers["content-type"])
+    assert.equal('{"q":1}', seen.body)
+    assert.equal(1, seen.id)
+    assert.is_true(seen.received_at >= before and seen.received_at <= aiorch.now())
+    assert.is_nil(seen.aborted_at)
+  end)
+
+  it("uses content-length when given and chunks otherwise", function()
+    srv = listen(function(req, res)
+      if req.path == "/length" then
+        res:start(200, { ["content-length"] = "10" })
+        res:write("01234")
+        res:write("56789")
+        res:finish()
+      else
+        res:start(200, { ["content-type"] = "text/plain" })
+        for i = 1, 5 do
+          assert(res:write("part" .. i .. ";"))
+          aiorch.sleep(1)
+        end
+        res:write("")
+        res:finish("end")
+      end
+    end)
+    local status, headers, body = get(srv, "/length")
+    assert.equal(200, status)
+    assert.equal("10", headers["content-length"])
+    assert.is_nil(headers["transfer-encoding"])
+    assert.equal("0123456789", body)
+    status, headers, body = get(srv, "/chunked")
+    assert.equal(200, status)
+    assert.equal("chunked", headers["transfer-encoding"])
+    assert.is_nil(headers["content-length"])
+    assert.equal("part1;part2;part3;part4;part5;end", body)
+  end)
+
+  it("finishes a response the handler left open", function()
+    srv = listen(function(req, res)
+      if req.path == "/nothing" then
+        return
+      end
+      res:start(202)
+      res:write("partial")
+    end)
+    local status, headers, body = get(srv, "/nothing")
+    assert.equal(200, status)
+    assert.equal("0", headers["content-length"])
+    assert.equal("", body)
+    status, headers, body = get(srv, "/started")
+    assert.equal(202, status)
+    assert.equal("chunked", headers["transfer-encoding"])
+    assert.equal("partial", body)
+  end)
+
+  it("keeps connections alive between requests", function()
+    srv = listen(function(req, res)
+      res:respond(200, nil, req.path)
+    end)
+    for i = 1, 5 do
+      local status, _, body = get(srv, "/r" .. i)
+      assert.equal(200, status)
+      assert.equal("/r" .. i, body)
+    end
+    local st = srv:stats()
+    assert.equal(1, st.accepted)
+    assert.equal(5, st.requests)
+    assert.equal(0, st.aborted)
+    assert.equal(1, st.open)
+  end)
+
+  it("answers pipelined requests in order, one at a time", function()
+    local running, most = 0, 0
+    srv = listen(function(req, res)
+      running = running + 1
+      most = math.max(most, running)
+      if req.path == "/slow" then
+        aiorch.sleep(50)
+      end
+      running = running - 1
+      res:respond(200, { ["content-type"] = "text/plain" }, req.path .. ":" .. req.body)
+    end)
+    local done = raw(srv, "GET /slow HTTP/1.1\r\nHost: x\r\n\r\n"
+      .. "POST /post HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\n\r\nabc"
+      .. "POST /chunked HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
+      .. "2\r\nde\r\n3\r\nfgh\r\n0\r\n\r\n"
+      .. "GET /last HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+    local got = assert(done())
+    local list = parse_responses(got)
+    assert.equal(4, #list)
+    assert.equal("/slow:", list[1].body)
+    assert.equal("/post:abc", list[2].body)
+    assert.equal("/chunked:defgh", list[3].body)
+    assert.equal("/last:", list[4].body)
+    assert.equal("close", list[4].headers.connection)
+    assert.equal(1, most)
+    assert.equal(4, srv:stats().requests)
+    assert.equal(1, srv:stats().accepted)
+    assert.is_true(wait_for(function() return srv:stats().open == 0 end))
+  end)
+
+  it("joins repeated request headers and honours HTTP/1.0", function()
+    local seen
+    srv = listen(function(req, res)
+      seen = req
+      res:start(200)
+      res:write("old ")
+      res:finish("client")
+    end)
+    local got = assert(raw(srv, "GET /h HTTP/1.0\r\nX-Dup: a\r\nx-dup: b\r\nX-Empty:\r\n\r\n")())
+    local list = parse_responses(got)
+    assert.equal(1, #list)
+    assert.equal(200, list[1].status)
+    assert.is_nil(list[1].headers["transfer-encoding"])
+    assert.equal("old client", list[1].body)
+    assert.equal("close", list[1].headers.connection)
+    assert.equal("a, b", seen.headers["x-dup"])
+    assert.equal("", seen.headers["x-empty"])
+  end)
+
+  it("sends no body for HEAD", function()
+    srv = listen(function(_, res)
+      res:respond(200, { ["content-type"] = "text/plain" }, "twelve bytes")
+    end)
+    local got = assert(raw(srv, "HEAD / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")())
+    assert.matches("^HTTP/1%.1 200 OK\r\n", got)
+    assert.matches("content%-length: 12\r\n", got)
+    assert.equal(got:find("\r\n\r\n", 1, true) + 3, #got)
+  end)
+
+  it("answers 413 to a body over max_body", function()
+    local calls = 0
+    srv = listen(function(_, res)
+      calls = calls + 1
+      res:respond(200, nil, "ok")
+    end, { max_body = 1000 })
+    local status = aiorch.http.request { url = url(srv, "/up"), body = string.rep("x", 1000) }
+    assert.equal(200, status)
+    status = aiorch.http.request { url = url(srv, "/up"), body = string.rep("x", 5000) }
+    assert.equal(413, status)
+    status = aiorch.http.request { url = url(srv, "/up"), body = string.rep("x", 300 * 1024) }
+    assert.equal(413, status)
+    -- a chunked body is counted as it arrives
+    local got = assert(raw(srv, "POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
+      .. "400\r\n" .. string.rep("y", 1024) .. "\r\n0\r\n\r\n")())
+    assert.matches("^HTTP/1%.1 413 ", got)
+    assert.matches("connection: close", got)
+    assert.equal(1, calls)
+  end)
+
+  it("answers 400 to garbage and closes", function()
+    local calls = 0
+    srv = listen(function(_, res)
+      calls = calls + 1
+      res:respond(200, nil, "ok")
+    end)
+    local got = assert(raw(srv, "THIS IS NOT HTTP\r\n\r\n")())
+    assert.matches("^HTTP/1%.1 400 Bad Request\r\n", got)
+    got = assert(raw(srv, "GET / HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n")())
+    assert.matches("^HTTP/1%.1 400 ", got)
+    -- a good request before garbage is still answered
+    got = assert(raw(srv, "GET /ok HTTP/1.1\r\nHost: x\r\n\r\n\1\2\3 nonsense\r\n\r\n")())
+    local list = parse_responses(got)
+    assert.equal(200, list[1].status)
+    assert.equal(400, list[2].status)
+    assert.equal(1, calls)
+    assert.is_true(wait_for(function() return srv:stats().open == 0 end))
+  end)
+
+  it("answers 500 when the handler raises before responding", function()
+    local reports = 0
+    srv = listen(function(req, res)
+      reports = reports + 1
+      if req.path == "/late" then
+        res:start(200)
+        res:write("some")
+        error("late failure")
+      end
+      error("early failure")
+    end)
+    local status, _, body = get(srv, "/early")
+    assert.equal(500, status)
+    assert.equal("internal server error\n", body)
+    -- the server goes on serving, on the same connection
+    status = get(srv, "/early")
+    assert.equal(500, status)
+    assert.equal(1, srv:stats().accepted)
+    -- after the start the response can only be cut
+    local s2, kind = get(srv, "/late")
+    assert.is_nil(s2)
+    assert.is_string(kind)
+    assert.equal(3, reports)
+  end)
+
+  it("cuts the response on res:abort() and write then says closed", function()
+    local w1, w2, e2
+    srv = listen(function(_, res)
+      res:start(200, { ["content-length"] = "100" })
+      w1 = res:write("only part")
+      aiorch.sleep(10)
+      res:abort()
+      w2, e2 = res:write("more")
+      res:abort() -- twice is harmless
+    end)
+    local status, kind = get(srv, "/")
+    assert.is_nil(status)
+    assert.is_string(kind)
+    assert.is_true(wait_for(function() return w2 ~= nil or e2 ~= nil end))
+    assert.is_true(w1)
+    assert.is_nil(w2)
+    assert.equal("closed", e2)
+    assert.equal(0, srv:stats().aborted)
+    assert.equal(0, srv:stats().open)
+  end)
+
+  it("cancels the handler and sets req.aborted_at when the client goes away", function()
+    local seen, task, after_sleep = nil, nil, false
+    srv = listen(function(req, res)
+      seen, task = req, aiorch.current()
+      res:start(200)
+      res:write("waiting")
+      aiorch.sleep(5000)
+      after_sleep = true
+    end)
+    local status, kind = get(srv, "/", { timeout_ms = 200 })
+    assert.is_nil(status)
+    assert.equal("timeout", kind)
+    assert.is_truthy(wait_for(function() return seen and seen.aborted_at end))
+    assert.is_true(seen.aborted_at >= seen.received_at)
+    assert.equal("cancelled", task:status())
+    assert.is_false(after_sleep)
+    local st = srv:stats()
+    assert.equal(1, st.aborted)
+    assert.equal(0, st.open)
+  end)
+
+  it("closes the connection when the handler task is cancelled", function()
+    srv = listen(function(req, res)
+      if req.path == "/self" then
+        aiorch.current():cancel()
+        aiorch.sleep(10)
+      end
+      res:respond(200, nil, "never")
+    end)
+    local status = get(srv, "/self")
+    assert.is_nil(status)
+    assert.is_true(wait_for(function() return srv:stats().open == 0 end))
+    assert.equal(0, srv:stats().aborted)
+  end)
+
+  it("streams 10 MiB through backpressure", function()
+    local results = {}
+    local chunk = string.rep("0123456789abcdef", 4096) -- 64 KiB
+    srv = listen(function(req, res)
+      res:start(200, { ["content-type"] = "application/octet-stream" })
+      if req.path == "/one" then
+        results[#results + 1] = res:write(string.rep(chunk, 160))
+      else
+        for _ = 1, 160 do
+          local ok, err = res:write(chunk)
+          if not ok then
+            results[#results + 1] = err
+            return
+          end
+        end
+        results[#results + 1] = true
+      end
+      res:finish()
+    end)
+    for _, path in ipairs { "/many", "/one" } do
+      local status, _, body = get(srv, path, { max_body = 16 * 1024 * 1024 })
+      assert.equal(200, status)
+      assert.equal(10 * 1024 * 1024, #body)
+      assert.equal(chunk, body:sub(1, #chunk))
+      assert.equal(chunk, body:sub(-#chunk))
+    end
+    assert.same({ true, true }, results)
+  end)
+
+  it("yields writers while a slow client reads", function()
+    local chunk = string.rep("z", 64 * 1024)
+    local longest, total = 0, 0
+    srv = listen(function(_, res)
+      res:start(200, { ["content-length"] = tostring(512 * #chunk) })
+      for _ = 1, 512 do
+        local t0 = aiorch.now()
+        assert(res:write(chunk))
+        longest = math.max(longest, aiorch.now() - t0)
+        total = total + #chunk
+      end
+      res:finish()
+    end)
+    -- the client waits 0.5 s before reading anything
+    local got = assert(raw(srv, "GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n", 0.5)(15000))
+    local list = parse_responses(got)
+    assert.equal(1, #list)
+    assert.equal(32 * 1024 * 1024, #list[1].body)
+    assert.equal(32 * 1024 * 1024, total)
+    assert.is_true(longest > 200, "no write waited: " .. longest)
+  end)
+
+  it("answers Expect: 100-continue without a stall", function()
+    local seen
+    srv = listen(function(req, res)
+      seen = req
+      res:respond(200, nil, tostring(#req.body))
+    end, { max_body = 4 * 1024 * 1024 })
+    local t0 = aiorch.now()
+    local status, _, body = aiorch.http.request {
+      url = url(srv, "/big"),
+      headers = { expect = "100-continue" },
+      body = string.rep("b", 200 * 1024),
+    }
+    assert.equal(200, status)
+    assert.equal(tostring(200 * 1024), body)
+    assert.equal("100-continue", seen.headers.expect)
+    assert.is_true(aiorch.now() - t0 < 800)
+  end)
+
+  it("raises on misuse", function()
+    local handler = function() end
+    assert.has_error(function() aiorch.server.listen() end)
+    assert.has_error(function() aiorch.server.listen { port = 0 } end)
+    assert.has_error(function() aiorch.server.listen { handler = handler, port = "80" } end)
+    assert.has_error(function() aiorch.server.listen { handler = handler, port = 70000 } end)
+    assert.has_error(function() aiorch.server.listen { handler = handler, max_body = -1 } end)
+    assert.has_error(function() aiorch.server.listen { handler = handler, host = 1 } end)
+    assert.has_error(function() aiorch.server.listen { handler = handler, bogus = true } end)
+
+    local errs = {}
+    srv = listen(function(req, res)
+      local function try(name, f, ...)
+        local ok, err = pcall(f, ...)
+        errs[name] = not ok and tostring(err) or false
+      end
+      if req.path == "/a" then
+        try("status", res.start, res, 99)
+        try("header_crlf", res.start, res, 200, { ["x-bad"] = "a\r\nx-injected: 1" })
+        try("header_name", res.start, res, 200, { ["bad name"] = "v" })
+        try("header_type", res.start, res, 200, { ["x-v"] = true })
+        assert(res:start(200, { ["content-length"] = "4" }))
+        try("start_twice", res.start, res, 200)
+        try("respond_after_start", res.respond, res, 200, nil, "x")
+        try("too_long", res.write, res, "12345")
+        try("too_short", res.finish, res, "1")
+        try("write_type", res.write, res, {})
+        res:finish("1234")
+        try("write_after_finish", res.write, res, "x")
+        try("finish_twice", res.finish, res)
+        try("start_after_finish", res.start, res, 200)
+      else
+        res:respond(204)
+        try("respond_twice", res.respond, res, 200, nil, "")
+      end
+    end)
+    local status, _, body = get(srv, "/a")
+    assert.equal(200, status)
+    assert.equal("1234", body)
+    status, _, body = get(srv, "/b")
+    assert.equal(204, status)
+    assert.equal("", body)
+    for _, name in ipairs { "status", "header_crlf", "header_name", "header_type", "start_twice",
+      "respond_after_start", "too_long", "too_short", "write_type", "write_after_finish",
+      "finish_twice", "start_after_finish", "respond_twice" } do
+      assert.is_string(errs[name], name .. " should have raised")
+    end
+    assert.matches("already finished", errs.write_after_finish)
+
+    local closed = listen(handler)
+    closed:close()
+    assert.has_error(function() closed:close() end, "attempt to use a closed server")
+    assert.has_error(function() closed:stats() end, "attempt to use a closed server")
+    assert.matches("closed", tostring(closed))
+  end)
+
+  it("reports an address in use as an expected failure", function()
+    srv = listen(function() end)
+    local other, kind, msg = aiorch.server.listen { host = HOST, port = srv.port, handler = function() end }
+    assert.is_nil(other)
+    assert.equal("listen", kind)
+    assert.is_string(msg)
+  end)
+
+  it("closes every connection and cancels handlers on close()", function()
+    local started, tasks = 0, {}
+    srv = listen(function(_, res)
+      started = started + 1
+      tasks[#tasks + 1] = aiorch.current()
+      res:start(200)
+      aiorch.sleep(10000)
+    end)
+    local port = srv.port
+    local clients = {}
+    for i = 1, 3 do
+      clients[i] = aiorch.spawn(get, srv, "/", { timeout_ms = 5000 })
+    end
+    assert.is_true(wait_for(function() return started == 3 end))
+    assert.equal(3, srv:stats().open)
+    local t0 = aiorch.now()
+    srv:close()
+    srv = nil
+    for i = 1, 3 do
+      local status, kind = clients[i]:await()
+      assert.is_nil(status)
+      assert.is_string(kind)
+      assert.equal("cancelled", tasks[i]:status())
+    end
+    assert.is_true(aiorch.now() - t0 < 2000)
+    local status, kind = aiorch.http.request { url = string.format("http://%s:%d/", HOST, port) }
+    assert.is_nil(status)
+    assert.equal("connect", kind)
+  end)
+
+  it("closes through a to-be-closed variable", function()
+    local port
+    do
+      local s <close> = listen(function(_, res) res:respond(200, nil, "x") end)
+      port = s.port
+      assert.equal(200, (aiorch.http.request { url = string.format("http://%s:%d/", HOST, port) }))
+    end
+    local status, kind = aiorch.http.request { url = string.format("http://%s:%d/", HOST, port) }
+    assert.is_nil(status)
+    assert.equal("connect", kind)
+  end)
+
+  it("gives each request of a server its own id", function()
+    local ids = {}
+    srv = listen(function(req, res)
+      ids[#ids + 1] = req.id
+      res:respond(200, nil, "")
+    end)
+    local tasks = {}
+    for i = 1, 20 do
+      tasks[i] = aiorch.spawn(get, srv, "/" .. i)
+    end
+    local values = aiorch.gather(tasks)
+    for i = 1, 20 do
+      assert.equal(200, values[i])
+    end
+    table.sort(ids)
+    for i = 1, 20 do
+      assert.equal(i, ids[i])
+    end
+    assert.equal(20, srv:stats().requests)
+  end)
+end)
