@@ -1,6 +1,7 @@
 -- fallback: providers in priority order until one succeeds. Every attempt
 -- is kept in metadata.attempts; when all fail, the error names each failure.
 return function(_, providers, ctx)
+  local t0 = ctx.now()
   local attempts, failures = {}, {}
   for i, p in ipairs(providers) do
     if i > 1 then
@@ -20,5 +21,6 @@ return function(_, providers, ctx)
   end
   local e = ctx.all_failed(failures)
   e.metadata.attempts = attempts
+  e.latency_ms = math.floor(ctx.now() - t0 + 0.5) -- the wall time of the whole try
   return e
 end

@@ -1,6 +1,7 @@
 -- fastest: start every provider at once; the first success wins and the
 -- others are cancelled at once (their transfers aborted).
 return function(_, providers, ctx)
+  local t0 = ctx.now()
   local tasks, results = {}, {}
   for i, p in ipairs(providers) do
     tasks[i] = ctx.spawn(function()
@@ -13,11 +14,13 @@ return function(_, providers, ctx)
     return type(r) == "table" and r.status == "success"
   end)
 
+  -- No result: cancelled when another won, else the task itself failed.
+  local missing = winner and "cancelled" or "error"
   local attempts = {}
   for i, p in ipairs(providers) do
     local r = results[i]
     local m = r and r.metadata or {}
-    attempts[i] = { provider = p, status = r and r.status or "cancelled", kind = m.error_kind,
+    attempts[i] = { provider = p, status = r and r.status or missing, kind = m.error_kind,
                     latency_ms = r and r.latency_ms, http_status = m.http_status }
   end
 
@@ -39,5 +42,6 @@ return function(_, providers, ctx)
   end
   local e = ctx.all_failed(failures)
   e.metadata.attempts = attempts
+  e.latency_ms = math.floor(ctx.now() - t0 + 0.5) -- the wall time of the whole try
   return e
 end

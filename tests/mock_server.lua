@@ -39,7 +39,8 @@ local function main(...)
       return fail("missing value for " .. tostring(opt))
     end
     if opt == "--port" then
-      port = math.tointeger(tonumber(val))
+      port = tonumber(val)
+      port = port and math.tointeger(port)
       if not port or port < 0 or port > 65535 then
         return fail("bad port '" .. val .. "'")
       end
@@ -52,12 +53,13 @@ local function main(...)
   end
 
   -- Nobody can read the recorded requests of another process: keep none.
-  local ok, m, err = pcall(mock.start, { host = "127.0.0.1", port = port, defaults = defaults, record = false })
+  local ok, m, kind, message = pcall(mock.start,
+    { host = "127.0.0.1", port = port, defaults = defaults, record = false })
   if not ok then
     return fail(tostring(m))
   end
   if not m then
-    io.stderr:write("mock_server: cannot listen: ", tostring(err), "\n")
+    io.stderr:write("mock_server: cannot listen: ", tostring(message or kind), "\n")
     return 1
   end
   io.stdout:write("PORT ", m.port, "\n")

@@ -36,6 +36,15 @@ local function fail(name, config, kind, msg, t0, meta)
   return response.error(name, kind, scrub(msg, config.key), now() - t0, meta)
 end
 
+local function finish(name, resp)
+  metrics.finished(name, resp)
+  if log.enabled("debug") then
+    log.debug("%s: %s in %d ms%s", name, resp.status, resp.latency_ms,
+      resp.error_message and (" (" .. resp.error_message .. ")") or "")
+  end
+  return resp
+end
+
 -- Counts a call whose task was cancelled before it finished.
 local cancel_guard = {
   __close = function(g)
@@ -54,15 +63,9 @@ function _M.call(adapter, config, request, opts)
   local t0 = now()
   metrics.started(name)
 
-  local function done(resp)
-    metrics.finished(name, resp)
-    log.debug("%s: %s in %d ms%s", name, resp.status, resp.latency_ms,
-      resp.error_message and (" (" .. resp.error_message .. ")") or "")
-    return resp
-  end
 
   if not config.available then
-    return done(response.error(name, "unavailable", config.unavailable or (name .. " is not available"), 0,
+    return finish(name, response.error(name, "unavailable", config.unavailable or (name .. " is not available"), 0,
       { model = config.model }))
   end
 
@@ -72,7 +75,7 @@ function _M.call(adapter, config, request, opts)
   local ok, wire = pcall(adapter.build_request, config, request, { stream = stream })
   if not ok or type(wire) ~= "table" then
     guard.finished = true
-    return done(fail(name, config, "adapter", "build_request failed: " .. tostring(wire), t0))
+    return finish(name, fail(name, config, "adapter", "build_request failed: " .. tostring(wire), t0))
   end
 
   -- aiorch.http raises on CR/LF in a header value; name the header, not its value.
@@ -80,7 +83,7 @@ function _M.call(adapter, config, request, opts)
     local tv = type(v)
     if (tv ~= "string" and tv ~= "number") or (tv == "string" and v:find("[\r\n]")) then
       guard.finished = true
-      return done(fail(name, config, "bad_request", fmt("invalid value for header '%s'", tostring(k)), t0))
+      return finish(name, fail(name, config, "bad_request", fmt("invalid value for header '%s'", tostring(k)), t0))
     end
   end
 
@@ -90,7 +93,7 @@ function _M.call(adapter, config, request, opts)
     local pok, p = pcall(adapter.stream_parser, config)
     if not pok or type(p) ~= "table" then
       guard.finished = true
-      return done(fail(name, config, "adapter", "stream_parser failed: " .. tostring(p), t0))
+      return finish(name, fail(name, config, "adapter", "stream_parser failed: " .. tostring(p), t0))
     end
     parser, events = p, 0
     local on_token = opts.on_token
@@ -125,14 +128,14 @@ function _M.call(adapter, config, request, opts)
   if not status then
     local kind, msg = headers, body
     if stream_err then
-      return done(fail(name, config, "stream", stream_err, t0))
+      return finish(name, fail(name, config, "stream", stream_err, t0))
     end
     -- A stream that broke after it began is a cut answer, not a connect error.
     if events and events > 0 and kind ~= "timeout" then
-      return done(fail(name, config, "stream_cut",
+      return finish(name, fail(name, config, "stream_cut",
         fmt("stream cut after %d events: %s", events, tostring(msg or kind)), t0))
     end
-    return done(fail(name, config, tostring(kind or "http"), msg or kind, t0))
+    return finish(name, fail(name, config, tostring(kind or "http"), msg or kind, t0))
   end
 
   local result, kind, msg, extra
@@ -153,9 +156,9 @@ function _M.call(adapter, config, request, opts)
   end
 
   if type(result) == "table" then
-    return done(response.success(name, result, now() - t0, status))
+    return finish(name, response.success(name, result, now() - t0, status))
   end
-  return done(fail(name, config, kind or "parse", msg or "no result", t0, {
+  return finish(name, fail(name, config, kind or "parse", msg or "no result", t0, {
     http_status = status,
     retry_after = type(extra) == "table" and extra.retry_after or nil,
   }))

@@ -4,6 +4,7 @@ local log = require "aiorch.log"
 
 local fmt = string.format
 local type = type
+local setmetatable = setmetatable
 local ipairs = ipairs
 local tonumber = tonumber
 local os_getenv = os.getenv
@@ -99,6 +100,33 @@ function _M.provider(name, adapter, env)
   return cfg
 end
 
+-- Configs are read once per env table (weakly keyed) and once for the
+-- process environment: the env does not change under a running request.
+local by_env = setmetatable({}, { __mode = "k" })
+local process_env = {}
+
+function _M.cached(name, adapter, env)
+  local t
+  if env == nil then
+    t = process_env
+  elseif type(env) == "table" then
+    t = by_env[env]
+    if not t then
+      t = {}
+      by_env[env] = t
+    end
+  else
+    return _M.provider(name, adapter, env)
+  end
+  local e = t[name]
+  if e and e.adapter == adapter then
+    return e.config
+  end
+  local c = _M.provider(name, adapter, env)
+  t[name] = { adapter = adapter, config = c }
+  return c
+end
+
 local announced = false
 
 -- Logs once which adapters came up, and warns when none did.
@@ -112,7 +140,9 @@ function _M.announce(configs, order)
     local c = configs[name]
     if c and c.available then
       up[#up + 1] = name
-      log.info("adapter %s up (model %s, %s)", name, c.model or "?", c.base_url or "?")
+      -- A base URL may carry user:password@; that stays out of the log.
+      local url = (c.base_url or "?"):gsub("//[^/@]*@", "//")
+      log.info("adapter %s up (model %s, %s)", name, c.model or "?", url)
     elseif c and c.key_env then
       hints[#hints + 1] = c.key_env
     end

@@ -10,15 +10,48 @@ local log = require "aiorch.log"
 local type = type
 local pairs = pairs
 local tostring = tostring
+local setmetatable = setmetatable
 
 local _M = {}
+
+-- What every context shares; call and log are bound per orchestration.
+local base = {
+  spawn = core.spawn,
+  gather = core.gather,
+  first = core.first,
+  sleep = core.sleep,
+  now = core.now,
+  health = metrics.health,
+  latency = metrics.latency,
+  all_failed = response.all_failed,
+}
+
+function base.await(task, ms)
+  return task:await(ms)
+end
+
+function base.cancel(task)
+  return task:cancel()
+end
+
+function base.count(provider, name, n)
+  return metrics.count(provider, name, n)
+end
+
+function base.error_response(provider, kind, message)
+  return response.error(provider, kind or "error", message, 0, {})
+end
+
+local base_mt = { __index = base }
 
 -- state: {request, adapters = {name = adapter}, configs = {name = config},
 --         opts = {stream, on_token, timeout_ms, env, path}, strategy = name}
 function _M.new(state)
-  local ctx = {}
   local opts = state.opts or {}
   local adapters, configs = state.adapters, state.configs
+  local request = state.request
+  -- Read-only facts a strategy may want; the built-ins do not need them.
+  local ctx = setmetatable({ request = request, stream = opts.stream and true or false }, base_mt)
 
   -- A strategy may call a provider it was not given; load it on demand.
   local function resolve(provider)
@@ -31,10 +64,13 @@ function _M.new(state)
     if not a then
       return nil, err
     end
-    c = config.provider(provider, a, opts.env)
+    c = config.cached(provider, a, opts.env)
     adapters[provider], configs[provider] = a, c
     return a, c
   end
+
+  -- Without per-call options the orchestration's own are passed as they are.
+  local defaults = { stream = opts.stream, on_token = opts.on_token, timeout_ms = opts.timeout_ms }
 
   function ctx.call(provider, copts)
     local a, c = resolve(provider)
@@ -43,50 +79,21 @@ function _M.new(state)
       metrics.finished(tostring(provider), r)
       return r
     end
-    local o = { stream = opts.stream, on_token = opts.on_token, timeout_ms = opts.timeout_ms }
+    local o = defaults
     if type(copts) == "table" then
+      o = { stream = opts.stream, on_token = opts.on_token, timeout_ms = opts.timeout_ms }
       for k, v in pairs(copts) do
         o[k] = v
       end
     end
-    return call.call(a, c, state.request, o)
+    return call.call(a, c, request, o)
   end
-
-  ctx.spawn = core.spawn
-  ctx.gather = core.gather
-  ctx.first = core.first
-  ctx.sleep = core.sleep
-  ctx.now = core.now
-
-  function ctx.await(task, ms)
-    return task:await(ms)
-  end
-
-  function ctx.cancel(task)
-    return task:cancel()
-  end
-
-  ctx.health = metrics.health
-  ctx.latency = metrics.latency
-
-  function ctx.count(provider, name, n)
-    return metrics.count(provider, name, n)
-  end
-
-  function ctx.error_response(provider, kind, message)
-    return response.error(provider, kind or "error", message, 0, {})
-  end
-
-  ctx.all_failed = response.all_failed
 
   local tag = "[" .. tostring(state.strategy or "strategy") .. "] "
   function ctx.log(level, msg, ...)
     log.log(level, tag .. tostring(msg), ...)
   end
 
-  -- Read-only facts a strategy may want; not needed by the built-ins.
-  ctx.request = state.request
-  ctx.stream = opts.stream and true or false
   return ctx
 end
 

@@ -22,7 +22,7 @@
 local aiorch = require "aiorch"
 local cjson = require "cjson.safe"
 
-local concat = table.concat
+local concat, tinsert = table.concat, table.insert
 local fmt = string.format
 local byte, char = string.byte, string.char
 local math_type, tointeger, huge = math.type, math.tointeger, math.huge
@@ -287,17 +287,14 @@ local function default_answer(api, question)
   return fmt("Hello from the mock %s provider. You asked: %s", api, q)
 end
 
--- Splits text into at most n pieces of about equal size, on UTF-8 boundaries.
+-- Splits text into n pieces of about equal size (fewer when it is shorter
+-- than n bytes), never inside a UTF-8 sequence.
 local function split(text, n)
   local len = #text
   local pieces = {}
-  if len == 0 then
-    return pieces
-  end
-  local size = (len + n - 1) // n
   local i = 1
-  while i <= len do
-    local j = i + size
+  for k = 1, n do
+    local j = k * len // n + 1 -- the next piece starts here
     while j <= len do
       local b = byte(text, j)
       if b < 0x80 or b >= 0xC0 then
@@ -305,8 +302,10 @@ local function split(text, n)
       end
       j = j + 1
     end
-    pieces[#pieces + 1] = text:sub(i, j - 1)
-    i = j
+    if j > i then
+      pieces[#pieces + 1] = text:sub(i, j - 1)
+      i = j
+    end
   end
   return pieces
 end
@@ -363,7 +362,7 @@ local function send_stream(res, api, events, first, n, d)
     last = first + n - 1
   elseif fault == "malformed" then
     skip = n > 0 and first + 1 or first
-    table.insert(events, skip, MALFORMED[api])
+    tinsert(events, skip, MALFORMED[api])
     last = last + 1
   end
   local delay = d.chunk_delay_ms
@@ -567,7 +566,8 @@ end
 local Mock = {}
 Mock.__index = Mock
 
--- Starts a mock server; call inside a task. Returns the mock, or nil, err.
+-- Starts a mock server; call inside a task. Returns the mock, or nil, kind,
+-- message as aiorch.server.listen does.
 -- opts: host, port, defaults (directives), max_body, record (false: keep
 -- m.requests empty, for long benchmarks).
 function _M.start(opts)
@@ -583,14 +583,14 @@ function _M.start(opts)
     defaults = resolve(opts.defaults, 2),
     record = opts.record ~= false,
   }, Mock)
-  local srv, err = aiorch.server.listen {
+  local srv, kind, message = aiorch.server.listen {
     host = host,
     port = opts.port or 0,
     max_body = opts.max_body or 16 * 1024 * 1024,
     handler = function(req, res) return handle(self, req, res) end,
   }
   if not srv then
-    return nil, err
+    return nil, kind, message
   end
   self.server = srv
   self.host = host

@@ -34,8 +34,6 @@ local function split_names(v)
   return out
 end
 
-local process_configs -- configs of the process environment, built once
-
 -- Adapters and configs for the given names. nil, message on an unknown name.
 local function providers_for(names, opts)
   local adapters, configs, list = {}, {}, {}
@@ -47,15 +45,7 @@ local function providers_for(names, opts)
     if not a then
       return nil, err
     end
-    local c
-    if opts.env == nil then
-      process_configs = process_configs or {}
-      c = process_configs[name] or config.provider(name, a, nil)
-      process_configs[name] = c
-    else
-      c = config.provider(name, a, opts.env)
-    end
-    adapters[name], configs[name], list[i] = a, c, a
+    adapters[name], configs[name], list[i] = a, config.cached(name, a, opts.env), a
   end
   return adapters, configs, list
 end
@@ -80,8 +70,8 @@ end
 -- The chosen providers: as given, or every available one in priority
 -- order; when none is available, all of them, so the error says why.
 local function choose(names, opts)
-  if names ~= nil and #split_names(names) > 0 then
-    names = split_names(names)
+  names = names ~= nil and split_names(names) or nil
+  if names and #names > 0 then
     local adapters, configs, list = providers_for(names, opts)
     return names, adapters, configs, list
   end
@@ -156,7 +146,9 @@ function _M.orchestrate(request, strategy_name, providers, opts)
   local ctx = context.new {
     request = req, adapters = adapters, configs = configs, opts = opts, strategy = strategy_name,
   }
-  log.debug("strategy %s over %s", strategy_name, concat(names, ","))
+  if log.enabled("debug") then
+    log.debug("strategy %s over %s", strategy_name, concat(names, ","))
+  end
   local ok, result = pcall(strategy, req, names, ctx)
   if not ok then
     log.error("strategy '%s' failed: %s", strategy_name, tostring(result))

@@ -138,9 +138,10 @@ describe("aiorch.mock", function()
     end)
 
     it("returns nil, err when the port is taken", function()
-      local other, err = mock.start { port = m.port }
+      local other, kind, message = mock.start { port = m.port }
       assert.is_nil(other)
-      assert.are.equal("string", type(err))
+      assert.are.equal("listen", kind)
+      assert.are.equal("string", type(message))
     end)
 
     it("close ends the requests in flight", function()

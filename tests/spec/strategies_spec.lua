@@ -497,6 +497,30 @@ describe("user extensions", function()
   end)
 end)
 
+describe("concurrency", function()
+  it("runs many orchestrations at once in one runtime", function()
+    local tasks = {}
+    local strategies = { "single", "parallel", "fallback", "fastest" }
+    for i = 1, 40 do
+      local s = strategies[i % 4 + 1]
+      tasks[i] = aiorch.spawn(function()
+        return run(s, s == "single" and { "anthropic" } or nil, { latency_ms = 30 }, { latency_ms = 20 }, nil,
+          { user_question = "question " .. i })
+      end)
+    end
+    local t0 = aiorch.now()
+    local values, errors = aiorch.gather(tasks)
+    assert.is_true(aiorch.now() - t0 < 1000)
+    for i = 1, 40 do
+      assert.is_nil(errors[i])
+      local r = values[i]
+      local first = r.status and r or r[1]
+      assert.equal("success", first.status)
+      assert.matches("question " .. i .. "$", first.response_text)
+    end
+  end)
+end)
+
 describe("metrics", function()
   it("counts requests, successes, errors by kind, timeouts, latency, tokens and cost", function()
     run("single", { "openai" }, { latency_ms = 20 })
