@@ -63,7 +63,6 @@ function _M.call(adapter, config, request, opts)
   local t0 = now()
   metrics.started(name)
 
-
   if not config.available then
     return finish(name, response.error(name, "unavailable", config.unavailable or (name .. " is not available"), 0,
       { model = config.model }))

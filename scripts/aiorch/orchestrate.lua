@@ -50,14 +50,16 @@ local function providers_for(names, opts)
   return adapters, configs, list
 end
 
-local function build_prompt(request, opts)
+local function build_prompt(opts)
   local name = opts.prompt or _M.default_prompt
   local builder, err = loader.load("prompt", name, opts.path)
   if not builder then
     return nil, err
   end
   local fn = type(builder) == "function" and builder or builder.build_system_prompt
-  local ok, prompt = pcall(fn, opts.context_info or request.context)
+  -- context_info describes the caller's setting (project, audience); the
+  -- request's context text goes to the provider once, in the user turn.
+  local ok, prompt = pcall(fn, opts.context_info)
   if not ok then
     return nil, fmt("prompt builder '%s' failed: %s", name, tostring(prompt))
   end
@@ -110,7 +112,7 @@ end
 
 -- opts: env (table|function, default the process env), path (user dirs),
 -- stream, on_token(text, provider), timeout_ms, prompt (builder name),
--- context_info (for the prompt builder; default request.context).
+-- context_info (for the prompt builder: facts about the caller's setting, a table or a string).
 function _M.orchestrate(request, strategy_name, providers, opts)
   opts = opts or {}
   strategy_name = strategy_name or _M.default_strategy
@@ -136,7 +138,7 @@ function _M.orchestrate(request, strategy_name, providers, opts)
   end
 
   if req.system_prompt == nil then
-    local prompt, perr = build_prompt(req, opts)
+    local prompt, perr = build_prompt(opts)
     if not prompt then
       return nil, perr, "prompt"
     end
