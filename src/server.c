@@ -37,7 +37,7 @@
 #define SRV_DEFAULT_MAX_BODY (1024 * 1024)
 #define SRV_HIGH_WATER (64 * 1024) /* unsent output beyond which res:write yields */
 #define SRV_READ_SIZE (16 * 1024)
-#define SRV_IN_LIMIT (64 * 1024) /* pipelined input buffered while a request runs */
+#define SRV_IN_LIMIT (64 * 1024)  /* pipelined input buffered while a request runs */
 #define SRV_KEEP_BUF (256 * 1024) /* bigger buffers are freed once empty */
 #define SRV_MAX_HEADERS 256
 #define SRV_LINGER_S 2.0
@@ -61,7 +61,6 @@ typedef struct srv_hdr {
 typedef struct srv_waiter {
     aiorch_op op; /* first member: the scheduler hands back &op */
     aiorch_task *task;
-    srv_conn *conn;
     struct srv_waiter *next, **pprev;
 } srv_waiter;
 
@@ -120,7 +119,6 @@ typedef struct srv_guard {
 enum { SRV_PLAIN, SRV_GONE, SRV_CANCEL };
 
 static void conn_free(lua_State *L, srv_conn *c, int how);
-static int conn_process(lua_State *L, srv_conn *c);
 
 /* ---- buffers ---------------------------------------------------------- */
 
@@ -192,43 +190,50 @@ static void buf_trim(srv_buf *b)
 
 /* ---- HTTP bits -------------------------------------------------------- */
 
+static const struct {
+    int status;
+    const char *reason;
+} srv_reasons[] = {
+    {100, "Continue"},
+    {200, "OK"},
+    {201, "Created"},
+    {202, "Accepted"},
+    {204, "No Content"},
+    {206, "Partial Content"},
+    {301, "Moved Permanently"},
+    {302, "Found"},
+    {303, "See Other"},
+    {304, "Not Modified"},
+    {307, "Temporary Redirect"},
+    {308, "Permanent Redirect"},
+    {400, "Bad Request"},
+    {401, "Unauthorized"},
+    {402, "Payment Required"},
+    {403, "Forbidden"},
+    {404, "Not Found"},
+    {405, "Method Not Allowed"},
+    {408, "Request Timeout"},
+    {409, "Conflict"},
+    {410, "Gone"},
+    {411, "Length Required"},
+    {413, "Payload Too Large"},
+    {415, "Unsupported Media Type"},
+    {422, "Unprocessable Entity"},
+    {429, "Too Many Requests"},
+    {500, "Internal Server Error"},
+    {501, "Not Implemented"},
+    {502, "Bad Gateway"},
+    {503, "Service Unavailable"},
+    {504, "Gateway Timeout"},
+    {529, "Overloaded"},
+};
+
 static const char *srv_reason(int status)
 {
-    switch (status) {
-    case 100: return "Continue";
-    case 200: return "OK";
-    case 201: return "Created";
-    case 202: return "Accepted";
-    case 204: return "No Content";
-    case 206: return "Partial Content";
-    case 301: return "Moved Permanently";
-    case 302: return "Found";
-    case 303: return "See Other";
-    case 304: return "Not Modified";
-    case 307: return "Temporary Redirect";
-    case 308: return "Permanent Redirect";
-    case 400: return "Bad Request";
-    case 401: return "Unauthorized";
-    case 402: return "Payment Required";
-    case 403: return "Forbidden";
-    case 404: return "Not Found";
-    case 405: return "Method Not Allowed";
-    case 408: return "Request Timeout";
-    case 409: return "Conflict";
-    case 410: return "Gone";
-    case 411: return "Length Required";
-    case 413: return "Payload Too Large";
-    case 415: return "Unsupported Media Type";
-    case 422: return "Unprocessable Entity";
-    case 429: return "Too Many Requests";
-    case 500: return "Internal Server Error";
-    case 501: return "Not Implemented";
-    case 502: return "Bad Gateway";
-    case 503: return "Service Unavailable";
-    case 504: return "Gateway Timeout";
-    case 529: return "Overloaded";
-    default: return status < 400 ? "OK" : status < 500 ? "Client Error" : "Server Error";
-    }
+    size_t i;
+    for (i = 0; i < sizeof srv_reasons / sizeof srv_reasons[0]; i++)
+        if (srv_reasons[i].status == status) return srv_reasons[i].reason;
+    return status < 400 ? "OK" : status < 500 ? "Client Error" : "Server Error";
 }
 
 static int is_tchar(unsigned char ch)
@@ -266,12 +271,15 @@ static int has_token(const char *s, size_t n, const char *tok)
     size_t i = 0, tl = strlen(tok);
     while (i < n) {
         size_t j;
-        while (i < n && (s[i] == ' ' || s[i] == '\t' || s[i] == ',')) i++;
+        while (i < n && (s[i] == ' ' || s[i] == '\t' || s[i] == ','))
+            i++;
         j = i;
-        while (j < n && s[j] != ',') j++;
+        while (j < n && s[j] != ',')
+            j++;
         {
             size_t e = j;
-            while (e > i && (s[e - 1] == ' ' || s[e - 1] == '\t')) e--;
+            while (e > i && (s[e - 1] == ' ' || s[e - 1] == '\t'))
+                e--;
             if (e - i == tl && strncasecmp(s + i, tok, tl) == 0) return 1;
         }
         i = j;
@@ -393,7 +401,8 @@ static void waiter_wake(srv_waiter *w, int ok)
 
 static void conn_wake_writers(srv_conn *c)
 {
-    while (c->waiters && out_pending(c) < SRV_HIGH_WATER) waiter_wake(c->waiters, 1);
+    while (c->waiters && out_pending(c) < SRV_HIGH_WATER)
+        waiter_wake(c->waiters, 1);
 }
 
 /* ---- connection lifetime ---------------------------------------------- */
@@ -422,15 +431,17 @@ static void conn_free(lua_State *L, srv_conn *c, int how)
     lua_checkstack(L, 4);
     if (r && how == SRV_GONE) {
         s->aborted++;
-        lua_rawgeti(L, LUA_REGISTRYINDEX, req_ref);
-        lua_pushliteral(L, "aborted_at");
-        lua_pushnumber(L, aiorch_now_ms());
-        lua_rawset(L, -3);
+        if (lua_rawgeti(L, LUA_REGISTRYINDEX, req_ref) == LUA_TTABLE) {
+            lua_pushliteral(L, "aborted_at");
+            lua_pushnumber(L, aiorch_now_ms());
+            lua_rawset(L, -3);
+        }
         lua_pop(L, 1);
     }
     /* s may be collected once Lua runs: not used below */
     if (r && how != SRV_PLAIN && task) aiorch_task_cancel(task);
-    while (c->waiters) waiter_wake(c->waiters, 0);
+    while (c->waiters)
+        waiter_wake(c->waiters, 0);
     luaL_unref(L, LUA_REGISTRYINDEX, req_ref);
     luaL_unref(L, LUA_REGISTRYINDEX, res_ref);
     luaL_unref(L, LUA_REGISTRYINDEX, task_ref);
@@ -755,7 +766,6 @@ static int res_write(lua_State *L)
     if (!w) return luaL_error(L, "out of memory");
     w->op.cancel = waiter_cancel;
     w->task = t;
-    w->conn = c;
     w->next = c->waiters;
     if (w->next) w->next->pprev = &w->next;
     w->pprev = &c->waiters;
@@ -819,7 +829,9 @@ static int res_tostring(lua_State *L)
 {
     srv_res *r = res_check(L, 1);
     lua_pushfstring(L, "aiorch.server.response (%s)",
-                    r->finished ? "finished" : r->conn ? "open" : "closed");
+                    r->finished ? "finished"
+                    : r->conn   ? "open"
+                                : "closed");
     return 1;
 }
 
@@ -876,12 +888,17 @@ static int handler_task(lua_State *L)
     return handler_done(L, lua_pcallk(L, 2, 0, 5, 0, handler_done), 0);
 }
 
+static srv_guard *guard_check(lua_State *L, int i)
+{
+    return luaL_checkudata(L, i, GUARD_MT);
+}
+
 /* __close and __gc of a request's guard: still armed means the handler
  * task ended without handler_done (it was cancelled or dropped), so the
  * response can't be completed; the connection is closed. */
 static int guard_close(lua_State *L)
 {
-    srv_guard *g = luaL_checkudata(L, 1, GUARD_MT);
+    srv_guard *g = guard_check(L, 1);
     srv_res *r = g->res;
     g->res = NULL;
     if (r && r->conn) conn_free(L, r->conn, SRV_PLAIN);
@@ -1224,8 +1241,7 @@ static void conn_read(struct ev_loop *loop, lua_State *L, srv_conn *c)
     }
 }
 
-/* ev_io read watcher: reads the client's bytes and parses them when no
- * request is running; EV_CUSTOM (fed by conn_end_response) only parses. */
+/* ev_io read watcher (EV_CUSTOM when fed by conn_end_response: parse only) */
 static void conn_on_read(struct ev_loop *loop, ev_io *w, int revents)
 {
     srv_conn *c = w->data;
@@ -1272,7 +1288,7 @@ static void conn_flush(struct ev_loop *loop, lua_State *L, srv_conn *c)
     if (c->in.off < c->in.len) conn_process(L, c);
 }
 
-/* ev_io write watcher: flushes queued output once the socket takes more */
+/* ev_io write watcher */
 static void conn_on_write(struct ev_loop *loop, ev_io *w, int revents)
 {
     srv_conn *c = w->data;
@@ -1283,7 +1299,7 @@ static void conn_on_write(struct ev_loop *loop, ev_io *w, int revents)
     aiorch_sched_drain(rt); /* run the writers woken here */
 }
 
-/* ev_timer: a lingering close waited long enough */
+/* ev_timer: the lingering close has waited long enough */
 static void conn_on_linger(struct ev_loop *loop, ev_timer *w, int revents)
 {
     srv_conn *c = w->data;
@@ -1345,7 +1361,7 @@ static srv_conn *conn_new(srv_server *s, int fd)
     return c;
 }
 
-/* ev_io on the listening socket: accepts every pending connection */
+/* ev_io accept watcher: takes every pending connection */
 static void srv_on_accept(struct ev_loop *loop, ev_io *w, int revents)
 {
     srv_server *s = w->data;
@@ -1368,7 +1384,7 @@ static void srv_on_accept(struct ev_loop *loop, ev_io *w, int revents)
     }
 }
 
-/* ev_timer: accepting again after a failure */
+/* ev_timer: accepts again after a failure */
 static void srv_on_retry(struct ev_loop *loop, ev_timer *w, int revents)
 {
     srv_server *s = w->data;
@@ -1410,7 +1426,8 @@ static void srv_close(lua_State *L, srv_server *s)
         if (s->next) s->next->prev = s->prev;
         s->linked = 0;
     }
-    while (s->conns) conn_free(L, s->conns, SRV_CANCEL);
+    while (s->conns)
+        conn_free(L, s->conns, SRV_CANCEL);
     luaL_unref(L, LUA_REGISTRYINDEX, s->handler_ref);
     s->handler_ref = LUA_NOREF;
     s->self_ref = LUA_NOREF;
@@ -1472,7 +1489,8 @@ static void srv_check_options(lua_State *L)
     while (lua_next(L, 1)) {
         const char *k = lua_type(L, -2) == LUA_TSTRING ? lua_tostring(L, -2) : NULL;
         int i = 0;
-        while (k && known[i] && strcmp(k, known[i]) != 0) i++;
+        while (k && known[i] && strcmp(k, known[i]) != 0)
+            i++;
         if (!k || !known[i])
             luaL_argerror(L, 1,
                           lua_pushfstring(L, "unknown option '%s'", k ? k : luaL_typename(L, -2)));
@@ -1615,10 +1633,7 @@ static const luaL_Reg srv_methods[] = {
 
 static const luaL_Reg srv_metamethods[] = {
     {"__index", NULL}, /* placeholder: a closure over the methods */
-    {"__gc", srv_gc},
-    {"__close", srv_gc},
-    {"__tostring", srv_tostring},
-    {NULL, NULL},
+    {"__gc", srv_gc},  {"__close", srv_gc}, {"__tostring", srv_tostring}, {NULL, NULL},
 };
 
 static const luaL_Reg res_methods[] = {
@@ -1668,5 +1683,6 @@ void aiorch_server_open(aiorch_runtime *rt, lua_State *L)
 
 void aiorch_server_close_all(aiorch_runtime *rt)
 {
-    while (rt->servers) srv_close(rt->S, rt->servers);
+    while (rt->servers)
+        srv_close(rt->S, rt->servers);
 }

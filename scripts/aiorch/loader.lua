@@ -44,6 +44,8 @@ local root_override
 local extra_dirs = {}
 local dirs_cache = {} -- kind .. extra -> search dirs; the path is fixed per runtime
 local found = {} -- positive lookups only, so a new user file is seen at once
+-- The hot path: extra (a path table or string, or false) -> kind -> name -> value.
+local memo = setmetatable({}, { __mode = "k" })
 
 function _M.root()
   return root_override or default_root()
@@ -53,6 +55,7 @@ function _M.set_root(dir)
   root_override = dir
   dirs_cache = {}
   found = {}
+  memo = setmetatable({}, { __mode = "k" })
 end
 
 local function split(list, out)
@@ -74,12 +77,14 @@ function _M.add_path(dirs)
   split(dirs, extra_dirs)
   dirs_cache = {}
   found = {}
+  memo = setmetatable({}, { __mode = "k" })
 end
 
 function _M.reset_path()
   extra_dirs = {}
   dirs_cache = {}
   found = {}
+  memo = setmetatable({}, { __mode = "k" })
 end
 
 -- The user directories in search order: extra (a ':'-list or a list),
@@ -219,7 +224,7 @@ local SHAPES = {
 local loaded = {} -- path -> value
 
 -- load(kind, name[, extra]) -> the value the file returns, or nil, message.
-function _M.load(kind, name, extra)
+local function load_uncached(kind, name, extra)
   local path, err = _M.find(kind, name, extra)
   if not path then
     return nil, err
@@ -245,10 +250,29 @@ function _M.load(kind, name, extra)
   return value, path
 end
 
+-- Every request loads its strategy, adapters and prompt builder: once found,
+-- a name costs two table lookups.
+function _M.load(kind, name, extra)
+  local by_kind = memo[extra or false]
+  local hit = by_kind and by_kind[kind] and by_kind[kind][name]
+  if hit ~= nil then
+    return hit[1], hit[2]
+  end
+  local v, path = load_uncached(kind, name, extra)
+  if v ~= nil and type(name) == "string" then
+    by_kind = by_kind or {}
+    memo[extra or false] = by_kind
+    by_kind[kind] = by_kind[kind] or {}
+    by_kind[kind][name] = { v, path }
+  end
+  return v, path
+end
+
 function _M.clear_cache()
   loaded = {}
   found = {}
   dirs_cache = {}
+  memo = setmetatable({}, { __mode = "k" })
 end
 
 return _M
