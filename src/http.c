@@ -163,11 +163,12 @@ static void push_headers(lua_State *L, const http_req *r)
         const char *eol = memchr(p, '\n', (size_t)(end - p));
         if (!eol) eol = end;
         const char *colon = memchr(p, ':', (size_t)(eol - p));
-        if (colon && colon > p && memcmp(p, "HTTP/", 5) != 0) {
-            luaL_Buffer name;
-            luaL_buffinit(L, &name);
-            for (const char *q = p; q < colon; q++) luaL_addchar(&name, (char)tolower((unsigned char)*q));
-            luaL_pushresult(&name);
+        if (colon && colon > p && !(eol - p >= 5 && memcmp(p, "HTTP/", 5) == 0)) {
+            char name[128];
+            size_t nlen = (size_t)(colon - p);
+            if (nlen > sizeof name) nlen = sizeof name; /* no real header name is longer */
+            for (size_t i = 0; i < nlen; i++) name[i] = (char)tolower((unsigned char)p[i]);
+            lua_pushlstring(L, name, nlen);
             const char *v = colon + 1, *ve = eol;
             while (v < ve && (*v == ' ' || *v == '\t')) v++;
             while (ve > v && (ve[-1] == '\r' || ve[-1] == ' ' || ve[-1] == '\t')) ve--;
@@ -293,9 +294,18 @@ static struct curl_slist *check_headers(lua_State *L, int idx)
             curl_slist_free_all(list);
             luaL_error(L, "aiorch.http.request: header '%s' has a forbidden character", name);
         }
-        lua_pushfstring(L, "%s: %s", name, value);
-        struct curl_slist *next = curl_slist_append(list, lua_tostring(L, -1));
-        lua_pop(L, 2);
+        /* "Name: value" built in place: no Lua string per header. */
+        char line[1024], *big = NULL, *text = line;
+        if (nl + vl + 3 > sizeof line) text = big = malloc(nl + vl + 3);
+        struct curl_slist *next = NULL;
+        if (text) {
+            memcpy(text, name, nl);
+            memcpy(text + nl, ": ", 2);
+            memcpy(text + nl + 2, value, vl + 1);
+            next = curl_slist_append(list, text);
+        }
+        free(big);
+        lua_pop(L, 1);
         if (!next) {
             curl_slist_free_all(list);
             luaL_error(L, "out of memory");

@@ -49,14 +49,18 @@ function _M.validate(req, adapters)
 
   local out = { user_question = q }
 
-  for _, f in ipairs({ "context", "system_prompt" }) do
-    local v = req[f]
-    if not absent(v) then
-      if type(v) ~= "string" then
-        return nil, fmt("%s: must be a string (got %s)", f, type(v))
-      end
-      out[f] = v
+  local c, s = req.context, req.system_prompt
+  if not absent(c) then
+    if type(c) ~= "string" then
+      return nil, fmt("context: must be a string (got %s)", type(c))
     end
+    out.context = c
+  end
+  if not absent(s) then
+    if type(s) ~= "string" then
+      return nil, fmt("system_prompt: must be a string (got %s)", type(s))
+    end
+    out.system_prompt = s
   end
 
   local t = req.temperature
