@@ -33,21 +33,6 @@ typedef struct http_req {
     char errbuf[CURL_ERROR_SIZE];
 } http_req;
 
-static int buf_add(aiorch_sse_text *t, const char *s, size_t n)
-{
-    if (t->len + n + 1 > t->cap) {
-        size_t cap = t->cap ? t->cap : 1024;
-        while (cap < t->len + n + 1) cap *= 2;
-        char *p = realloc(t->p, cap);
-        if (!p) return -1;
-        t->p = p;
-        t->cap = cap;
-    }
-    memcpy(t->p + t->len, s, n);
-    t->len += n;
-    return 0;
-}
-
 static void req_free(http_req *r)
 {
     lua_State *S = r->rt->S;
@@ -92,7 +77,7 @@ static size_t write_cb(char *data, size_t size, size_t nmemb, void *ud)
         if (r->parser.head) wake(r);
         return len;
     }
-    if (r->body.len + len > r->max_body || buf_add(&r->body, data, len)) {
+    if (r->body.len + len > r->max_body || aiorch_text_add(&r->body, data, len)) {
         r->too_large = 1;
         return 0; /* curl stops with CURLE_WRITE_ERROR */
     }
@@ -105,7 +90,7 @@ static size_t header_cb(char *data, size_t size, size_t nmemb, void *ud)
     http_req *r = ud;
     size_t len = size * nmemb;
     if (len >= 5 && memcmp(data, "HTTP/", 5) == 0) r->head.len = 0; /* after a 1xx */
-    return buf_add(&r->head, data, len) ? 0 : len;
+    return aiorch_text_add(&r->head, data, len) ? 0 : len;
 }
 
 static void done_cb(aiorch_transfer *tr, int code)
@@ -266,8 +251,8 @@ static long opt_ms(lua_State *L, const char *field, long def)
     if (!lua_isnumber(L, -1)) luaL_error(L, "aiorch.http.request: '%s' must be a number", field);
     double v = lua_tonumber(L, -1);
     lua_pop(L, 1);
-    if (v < 0) luaL_error(L, "aiorch.http.request: '%s' must be >= 0", field);
-    return (long)v;
+    if (v < 0 || v != v) luaL_error(L, "aiorch.http.request: '%s' must be >= 0", field);
+    return v > 1e12 ? 1000000000000L : (long)v; /* about 30 years: "no limit" */
 }
 
 /* Checks the headers table at idx and turns it into a curl list. */

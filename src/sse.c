@@ -4,7 +4,7 @@
 
 #include "sse.h"
 
-static int text_add(aiorch_sse_text *t, const char *s, size_t n)
+int aiorch_text_add(aiorch_sse_text *t, const char *s, size_t n)
 {
     if (t->len + n + 1 > t->cap) {
         size_t cap = t->cap ? t->cap : 64;
@@ -106,16 +106,16 @@ static int field(aiorch_sse *p, const char *line, size_t len)
     if (vlen && value[0] == ' ') value++, vlen--;
     if (nlen == 4 && memcmp(line, "data", 4) == 0) {
         p->have_data = 1;
-        return text_add(&p->data, value, vlen) || text_add(&p->data, "\n", 1) ? -1 : 0;
+        return aiorch_text_add(&p->data, value, vlen) || aiorch_text_add(&p->data, "\n", 1) ? -1 : 0;
     }
     if (nlen == 5 && memcmp(line, "event", 5) == 0) {
         p->event.len = 0;
-        return text_add(&p->event, value, vlen);
+        return aiorch_text_add(&p->event, value, vlen);
     }
     if (nlen == 2 && memcmp(line, "id", 2) == 0 && !memchr(value, '\0', vlen)) {
         p->id.len = 0;
         p->have_id = 1;
-        return text_add(&p->id, value, vlen);
+        return aiorch_text_add(&p->id, value, vlen);
     }
     return 0; /* retry and unknown fields are ignored */
 }
@@ -128,7 +128,7 @@ int aiorch_sse_feed(aiorch_sse *p, const char *buf, size_t len)
         static const char bom[] = "\xEF\xBB\xBF";
         size_t have = p->line.len;
         while (buf < end && have < 3 && (unsigned char)*buf == (unsigned char)bom[have]) {
-            if (text_add(&p->line, buf, 1)) return -1;
+            if (aiorch_text_add(&p->line, buf, 1)) return -1;
             buf++, have++;
         }
         if (have == 3) {
@@ -147,10 +147,10 @@ int aiorch_sse_feed(aiorch_sse *p, const char *buf, size_t len)
     while (buf < end) {
         const char *eol = buf;
         while (eol < end && *eol != '\n' && *eol != '\r') eol++;
-        if (eol == end) return text_add(&p->line, buf, (size_t)(end - buf));
+        if (eol == end) return aiorch_text_add(&p->line, buf, (size_t)(end - buf));
         int rc;
         if (p->line.len) {
-            if (text_add(&p->line, buf, (size_t)(eol - buf))) return -1;
+            if (aiorch_text_add(&p->line, buf, (size_t)(eol - buf))) return -1;
             rc = field(p, p->line.p, p->line.len);
             p->line.len = 0;
         } else {

@@ -28,6 +28,9 @@ typedef struct aiorch_sse {
     size_t queued;  /* bytes of data in queued events */
 } aiorch_sse;
 
+/* Appends n bytes (kept NUL-terminated); 0, or -1 when out of memory. */
+int aiorch_text_add(aiorch_sse_text *t, const char *s, size_t n);
+
 void aiorch_sse_init(aiorch_sse *p);
 void aiorch_sse_free(aiorch_sse *p);
 /* Returns 0, or -1 when out of memory. */
