@@ -196,7 +196,7 @@ local function print_text(result, printer)
     end
     return 0
   end
-  local ok = false
+  local ok, failures = false, {}
   for _, r in ipairs(result) do
     if r.status == "success" then
       ok = true
@@ -205,8 +205,11 @@ local function print_text(result, printer)
       end
       io_stdout:write(r.response_text, "\n")
     else
-      err_line(failure_line(r))
+      failures[#failures + 1] = failure_line(r)
     end
+  end
+  if #failures > 0 then -- one line, whatever the number of providers
+    err_line("%s%s", ok and "" or "all providers failed: ", table.concat(failures, "; "))
   end
   return ok and 0 or 1
 end
