@@ -33,11 +33,12 @@ function _M.join_url(base, path)
   return (base:gsub("/+$", "")) .. path
 end
 
--- The user turn: the question, preceded by the context when there is one.
+-- The user turn: the question, preceded by the context when there is one
+-- and the system prompt does not already carry it.
 function _M.user_content(request)
   local q = request.user_question
   local c = request.context
-  if type(c) == "string" and c:find("%S") then
+  if type(c) == "string" and c:find("%S") and not request.context_in_system_prompt then
     return fmt("Context:\n%s\n\nQuestion:\n%s", c, q)
   end
   return q

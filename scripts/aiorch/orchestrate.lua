@@ -50,16 +50,14 @@ local function providers_for(names, opts)
   return adapters, configs, list
 end
 
-local function build_prompt(opts)
+local function build_prompt(opts, info)
   local name = opts.prompt or _M.default_prompt
   local builder, err = loader.load("prompt", name, opts.path)
   if not builder then
     return nil, err
   end
   local fn = type(builder) == "function" and builder or builder.build_system_prompt
-  -- context_info describes the caller's setting (project, audience); the
-  -- request's context text goes to the provider once, in the user turn.
-  local ok, prompt = pcall(fn, opts.context_info)
+  local ok, prompt = pcall(fn, info)
   if not ok then
     return nil, fmt("prompt builder '%s' failed: %s", name, tostring(prompt))
   end
@@ -112,7 +110,7 @@ end
 
 -- opts: env (table|function, default the process env), path (user dirs),
 -- stream, on_token(text, provider), timeout_ms, prompt (builder name),
--- context_info (for the prompt builder: facts about the caller's setting, a table or a string).
+-- context_info (for the prompt builder; default request.context).
 function _M.orchestrate(request, strategy_name, providers, opts)
   opts = opts or {}
   strategy_name = strategy_name or _M.default_strategy
@@ -138,11 +136,20 @@ function _M.orchestrate(request, strategy_name, providers, opts)
   end
 
   if req.system_prompt == nil then
-    local prompt, perr = build_prompt(opts)
+    -- The builder gets opts.context_info, or else the request's context.
+    local info = opts.context_info
+    if info == nil then
+      info = req.context
+    end
+    local prompt, perr = build_prompt(opts, info)
     if not prompt then
       return nil, perr, "prompt"
     end
     req.system_prompt = prompt
+    -- The context is sent once: when the prompt carries it, not again in the user turn.
+    if req.context and prompt:find(req.context, 1, true) then
+      req.context_in_system_prompt = true
+    end
   end
 
   local ctx = context.new {

@@ -124,11 +124,11 @@ describe("single", function()
     assert.equal("2023-06-01", w.headers["anthropic-version"])
     assert.equal(64, w.json.max_tokens)
     assert.equal(0.2, w.json.temperature)
-    -- The default prompt builder made the system prompt; the context is sent once, in the user turn.
+    -- The default prompt builder made the system prompt from the context, so
+    -- the user turn carries only the question: the context is sent once.
     assert.is_string(w.json.system)
-    assert.is_nil(w.json.system:find("Arithmetic in base ten", 1, true))
-    assert.matches("Question:\n" .. QUESTION, w.json.messages[1].content, 1, true)
-    assert.matches("Context:\nArithmetic in base ten.", w.json.messages[1].content, 1, true)
+    assert.matches("Arithmetic in base ten.", w.json.system, 1, true)
+    assert.equal(QUESTION, w.json.messages[1].content)
   end)
 
   it("sends max_tokens 1024 to anthropic when none is given", function()
@@ -448,9 +448,15 @@ describe("user extensions", function()
     write(dir .. "/prompts/default.lua", [[
       return { build_system_prompt = function(ctx) return "CUSTOM PROMPT / " .. tostring(ctx) end }
     ]])
+    run("single", { "openai" }, nil, nil, { path = { dir } }, { user_question = "q", context = "ctx-text" })
+    assert.equal("CUSTOM PROMPT / ctx-text", requests_of("openai")[1].json.messages[1].content)
+    assert.equal("q", requests_of("openai")[1].json.messages[2].content)
+    m:reset()
     run("single", { "openai" }, nil, nil, { path = { dir }, context_info = "project-x" },
       { user_question = "q", context = "ctx-text" })
-    assert.equal("CUSTOM PROMPT / project-x", requests_of("openai")[1].json.messages[1].content)
+    local sent = requests_of("openai")[1].json.messages
+    assert.equal("CUSTOM PROMPT / project-x", sent[1].content)
+    assert.matches("ctx-text", sent[2].content, 1, true) -- not in the prompt: it goes with the question
   end)
 
   it("finds a new provider by name on the path", function()
