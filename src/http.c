@@ -28,13 +28,24 @@ typedef struct http_req {
     int sse;              /* -1 not known yet, 0 no, 1 yes */
     aiorch_sse parser;
     int finished;
+    int waiting; /* the task is parked on op (not inside on_event) */
     int code;
     int too_large;
+    struct http_handle *handle;
     char errbuf[CURL_ERROR_SIZE];
 } http_req;
 
+/* The request's to-be-closed slot on its task's stack: closing it (the
+ * task was cancelled or its thread reset) aborts a transfer still running. */
+typedef struct http_handle {
+    http_req *r;
+} http_handle;
+
+#define HANDLE_MT "aiorch.http.request"
+
 static void req_free(http_req *r)
 {
+    if (r->handle) r->handle->r = NULL;
     lua_State *S = r->rt->S;
     aiorch_curl_easy_put(r->rt->curl, r->tr.easy);
     curl_slist_free_all(r->headers);
@@ -46,17 +57,34 @@ static void req_free(http_req *r)
     free(r);
 }
 
-/* The task was cancelled: abort the transfer now (its socket closes). */
-static void req_cancel(aiorch_op *op)
+/* Only when the task waits on this request: inside on_event it may be
+ * parked on something else (a write to its own client, say). */
+static void wake(http_req *r)
 {
-    http_req *r = (http_req *)((char *)op - offsetof(http_req, op));
+    if (r->waiting && !aiorch_task_ended(r->task)) {
+        r->waiting = 0;
+        aiorch_task_wake(r->task, 0);
+    }
+}
+
+static void req_abort(http_req *r)
+{
     if (!r->finished) aiorch_curl_remove(r->rt->curl, &r->tr);
     req_free(r);
 }
 
-static void wake(http_req *r)
+/* The task was cancelled: abort the transfer now (its socket closes). */
+static void req_cancel(aiorch_op *op)
 {
-    if (r->task && !aiorch_task_ended(r->task)) aiorch_task_wake(r->task, 0);
+    req_abort((http_req *)((char *)op - offsetof(http_req, op)));
+}
+
+/* __close and __gc of the handle */
+static int handle_close(lua_State *L)
+{
+    http_handle *h = luaL_checkudata(L, 1, HANDLE_MT);
+    if (h->r) req_abort(h->r);
+    return 0;
 }
 
 /* CURLOPT_WRITEFUNCTION */
@@ -191,11 +219,42 @@ static int push_outcome(lua_State *L, http_req *r)
     return 3;
 }
 
-/* Calls on_event for each queued event; 0 to go on, 1 to stop, -1 on error (at top). */
-static int deliver(lua_State *L, http_req *r)
+static int request_k(lua_State *L, int status, lua_KContext ctx);
+
+/* What on_event returned (or raised): 0 to go on, else the number of
+ * results request returns (after the transfer was aborted). */
+static int callback_done(lua_State *L, http_req *r, int status)
 {
+    if (status != LUA_OK && status != LUA_YIELD) {
+        req_abort(r);
+        return lua_error(L); /* the callback's error, as it was raised */
+    }
+    int stop = lua_isboolean(L, -1) && !lua_toboolean(L, -1);
+    lua_pop(L, 1);
+    if (!stop) return 0;
+    req_abort(r);
+    lua_pushnil(L);
+    lua_pushliteral(L, "aborted");
+    lua_pushliteral(L, "stopped by on_event");
+    return 3;
+}
+
+/* lua_pcallk continuation: on_event yielded, then returned or raised. */
+static int callback_k(lua_State *L, int status, lua_KContext ctx)
+{
+    int n = callback_done(L, (http_req *)ctx, status);
+    return n ? n : request_k(L, LUA_OK, ctx);
+}
+
+/* Hands queued events to on_event (which may yield), then returns the
+ * outcome or parks the task until curl has more. */
+static int request_k(lua_State *L, int status, lua_KContext ctx)
+{
+    (void)status;
+    http_req *r = (http_req *)ctx;
+    aiorch_task *self = aiorch_task_require(r->rt, L, "aiorch.http.request");
     aiorch_sse_event *ev;
-    while ((ev = aiorch_sse_pop(&r->parser))) {
+    while (r->cb_ref != LUA_NOREF && (ev = aiorch_sse_pop(&r->parser))) {
         lua_rawgeti(L, LUA_REGISTRYINDEX, r->cb_ref);
         lua_createtable(L, 0, 3);
         lua_pushstring(L, ev->event);
@@ -207,36 +266,15 @@ static int deliver(lua_State *L, http_req *r)
             lua_setfield(L, -2, "id");
         }
         aiorch_sse_event_free(ev);
-        if (lua_pcall(L, 1, 1, 0) != LUA_OK) return -1;
-        int stop = lua_isboolean(L, -1) && !lua_toboolean(L, -1);
-        lua_pop(L, 1);
-        if (stop) return 1;
-    }
-    return 0;
-}
-
-static int request_k(lua_State *L, int status, lua_KContext ctx)
-{
-    (void)status;
-    http_req *r = (http_req *)ctx;
-    aiorch_task *self = aiorch_task_check(L, "aiorch.http.request");
-    if (r->cb_ref != LUA_NOREF && r->parser.head) {
-        int rc = deliver(L, r);
-        if (rc != 0) {
-            if (!r->finished) aiorch_curl_remove(r->rt->curl, &r->tr);
-            req_free(r);
-            if (rc < 0) return lua_error(L);
-            lua_pushnil(L);
-            lua_pushliteral(L, "aborted");
-            lua_pushliteral(L, "stopped by on_event");
-            return 3;
-        }
+        int n = callback_done(L, r, lua_pcallk(L, 1, 1, 0, ctx, callback_k));
+        if (n) return n;
     }
     if (r->finished) {
         int n = push_outcome(L, r);
         req_free(r);
         return n;
     }
+    r->waiting = 1;
     aiorch_task_wait(self, &r->op);
     return lua_yieldk(L, 0, ctx, request_k);
 }
@@ -324,6 +362,12 @@ static int l_request(lua_State *L)
     for (const char *m = method; *m; m++)
         if (!isupper((unsigned char)*m)) return luaL_error(L, "aiorch.http.request: bad method '%s'", method);
     aiorch_task *self = aiorch_task_check(L, "aiorch.http.request");
+    /* Slot 7, to-be-closed: if the task dies anywhere past this point, closing
+     * it aborts the transfer (cancel inside on_event, reset thread, errors). */
+    http_handle *h = lua_newuserdatauv(L, sizeof *h, 0);
+    h->r = NULL;
+    luaL_setmetatable(L, HANDLE_MT);
+    lua_toclose(L, 7);
     struct curl_slist *headers = check_headers(L, 6);
 
     /* From here on nothing raises until the yield. */
@@ -381,6 +425,9 @@ static int l_request(lua_State *L)
         lua_pushliteral(L, "cannot start the transfer");
         return 3;
     }
+    h->r = r;
+    r->handle = h;
+    r->waiting = 1;
     aiorch_task_wait(self, &r->op);
     return lua_yieldk(L, 0, (lua_KContext)r, request_k);
 }
@@ -390,8 +437,16 @@ static const luaL_Reg http_funcs[] = {
     {NULL, NULL},
 };
 
+static const luaL_Reg handle_meta[] = {
+    {"__close", handle_close},
+    {"__gc", handle_close},
+    {NULL, NULL},
+};
+
 void aiorch_http_open(aiorch_runtime *rt, lua_State *L)
 {
+    if (luaL_newmetatable(L, HANDLE_MT)) luaL_setfuncs(L, handle_meta, 0);
+    lua_pop(L, 1);
     lua_newtable(L);
     lua_pushlightuserdata(L, rt);
     luaL_setfuncs(L, http_funcs, 1);

@@ -314,6 +314,47 @@ describe("aiorch.http.request", function()
     end)
   end)
 
+  it("on_event may yield: events keep their order and the transfer waits for it", function()
+    handler = function(_, res)
+      res:start(200, { ["content-type"] = "text/event-stream" })
+      for i = 1, 5 do res:write("data: " .. i .. "\n\n") end
+      res:finish()
+    end
+    local got = {}
+    local status = aiorch.http.request{
+      url = base_url .. "/yielding",
+      on_event = function(ev)
+        sleep(3) -- e.g. a write to a slow client
+        got[#got + 1] = ev.data
+      end,
+    }
+    assert.equal(200, status)
+    assert.same({ "1", "2", "3", "4", "5" }, got)
+  end)
+
+  it("cancelling a task parked inside on_event aborts its transfer", function()
+    local seen
+    handler = function(req, res)
+      seen = req
+      res:start(200, { ["content-type"] = "text/event-stream" })
+      res:write("data: first\n\n")
+      sleep(10000)
+    end
+    local inside = false
+    local t = spawn(function()
+      return aiorch.http.request{
+        url = base_url .. "/parked",
+        on_event = function() inside = true; sleep(10000) end,
+      }
+    end)
+    while not inside do sleep(1) end
+    local t0 = now()
+    t:cancel()
+    while not seen.aborted_at and now() - t0 < 1000 do sleep(1) end
+    assert.is_number(seen.aborted_at)
+    assert.is_true(seen.aborted_at - t0 < 20, "closed after " .. (seen.aborted_at - t0) .. " ms")
+  end)
+
   it("misuse raises", function()
     assert.has_error(function() aiorch.http.request("http://x") end)
     assert.has_error(function() aiorch.http.request{} end)
