@@ -97,6 +97,9 @@ void aiorch_http_open(aiorch_runtime *rt, lua_State *L);  /* adds module.http */
 void aiorch_server_open(aiorch_runtime *rt, lua_State *L); /* adds module.server */
 void aiorch_server_close_all(aiorch_runtime *rt);
 
+/* process.c */
+void aiorch_process_open(aiorch_runtime *rt, lua_State *L); /* adds module.process, module.signal */
+
 /* module.c — builds the `aiorch` module table for this runtime. */
 int aiorch_push_module(aiorch_runtime *rt, lua_State *L);
 int aiorch_push_module_cached(lua_State *L); /* 0 (nothing pushed) before the first */

@@ -17,6 +17,7 @@
 #include <netinet/in.h>
 #include <netinet/tcp.h>
 #include <stdarg.h>
+#include <stddef.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -42,6 +43,11 @@
 #define SRV_MAX_HEADERS 256
 #define SRV_LINGER_S 2.0
 #define SRV_ACCEPT_RETRY_S 0.1
+#define SRV_DEFAULT_MAX_HEADER (32 * 1024) /* request line + headers; 431 beyond */
+#define SRV_SHUTDOWN_IDLE_S 0.5 /* a fresh connection's chance to send during a shutdown */
+
+/* Where a connection is in reading a request (for the client timeouts). */
+enum { PH_NONE, PH_HEAD, PH_BODY };
 
 typedef struct srv_server srv_server;
 typedef struct srv_conn srv_conn;
@@ -70,13 +76,22 @@ struct srv_server {
     int linked;
     ev_io accept_w;
     ev_timer retry_w; /* re-arms accept after EMFILE and the like */
-    int fd;           /* -1 once closed */
+    int fd;           /* -1 once closed, or once shutting down */
     int port;
-    size_t max_body;
+    int closed;
+    size_t max_body, max_header;
+    lua_Integer max_conns;              /* 0: no limit */
+    lua_Integer refusing;               /* connections open only to be answered 503 */
+    double header_to, idle_to, read_to; /* seconds; 0: none */
     int handler_ref, self_ref;
     srv_conn *conns;
     lua_Integer next_id;
-    lua_Integer accepted, open, requests, aborted;
+    lua_Integer accepted, open, requests, aborted, refused, timed_out;
+    /* srv:shutdown in progress */
+    int shutting; /* 1: draining, 2: done */
+    aiorch_task *shut_task;
+    aiorch_op shut_op;
+    ev_timer shut_w;
     char host[256];
 };
 
@@ -86,6 +101,10 @@ struct srv_conn {
     int fd;
     ev_io rw, ww;
     ev_timer linger_w;
+    ev_timer to_w;      /* the header, read or idle timeout */
+    ev_tstamp phase_at; /* when the phase began (for PH_BODY: the last read) */
+    int phase;
+    lua_Integer served;
     http_parser parser;
     srv_buf in, out, scratch, body;
     srv_hdr *hdrs;
@@ -93,7 +112,7 @@ struct srv_conn {
     int hstate; /* 0: none yet, 1: in a header name, 2: in a value */
     int reject; /* status for a request refused while parsing */
     unsigned keep_alive : 1, failed : 1, close_after : 1, linger : 1, lingering : 1,
-        read_paused : 1;
+        read_paused : 1, refused : 1;
     /* the request whose response is not finished yet */
     srv_res *res;
     aiorch_task *task;
@@ -119,6 +138,9 @@ typedef struct srv_guard {
 enum { SRV_PLAIN, SRV_GONE, SRV_CANCEL };
 
 static void conn_free(lua_State *L, srv_conn *c, int how);
+static void conn_timer_update(srv_conn *c);
+static void srv_on_shut_timer(struct ev_loop *loop, ev_timer *w, int revents);
+static void srv_shut_end(lua_State *L, srv_server *s);
 
 /* ---- buffers ---------------------------------------------------------- */
 
@@ -424,10 +446,17 @@ static void conn_free(lua_State *L, srv_conn *c, int how)
     ev_io_stop(loop, &c->rw);
     ev_io_stop(loop, &c->ww);
     ev_timer_stop(loop, &c->linger_w);
+    ev_timer_stop(loop, &c->to_w);
     close(c->fd);
     *c->pprev = c->next;
     if (c->next) c->next->pprev = c->pprev;
     s->open--;
+    if (c->refused) s->refusing--;
+    if (s->shut_task && !s->conns) { /* drained: end the shutdown from the loop */
+        ev_timer_stop(loop, &s->shut_w);
+        ev_timer_set(&s->shut_w, 0., 0.);
+        ev_timer_start(loop, &s->shut_w);
+    }
     lua_checkstack(L, 4);
     if (r && how == SRV_GONE) {
         s->aborted++;
@@ -486,6 +515,8 @@ static void conn_end_response(lua_State *L, srv_conn *c)
     luaL_unref(L, LUA_REGISTRYINDEX, c->res_ref);
     luaL_unref(L, LUA_REGISTRYINDEX, c->task_ref);
     c->req_ref = c->res_ref = c->task_ref = LUA_NOREF;
+    c->served++;
+    c->phase_at = ev_now(loop);
     if (c->close_after) {
         ev_io_stop(loop, &c->rw);
         if (!out_pending(c)) conn_finish_close(L, c);
@@ -495,6 +526,7 @@ static void conn_end_response(lua_State *L, srv_conn *c)
         c->read_paused = 0;
         ev_io_start(loop, &c->rw);
     }
+    conn_timer_update(c);
     /* Pipelined input: parsed from the loop, so that the next handler task
      * is not started from (and parented to) the task finishing this one. */
     if (c->in.off < c->in.len) ev_feed_event(loop, &c->rw, EV_CUSTOM);
@@ -506,11 +538,15 @@ static int conn_reject(lua_State *L, srv_conn *c, int status)
 {
     const char *body = status == 413   ? "payload too large\n"
                        : status == 500 ? "internal server error\n"
+                       : status == 408 ? "request timeout\n"
+                       : status == 431 ? "request header fields too large\n"
+                       : status == 503 ? "service unavailable\n"
                                        : "bad request\n";
     c->close_after = 1;
     c->linger = 1;
     c->in.off = c->in.len = 0;
     ev_io_stop(c->srv->rt->loop, &c->rw);
+    ev_timer_stop(c->srv->rt->loop, &c->to_w);
     if (buf_fmt(&c->out,
                 "HTTP/1.1 %d %s\r\ncontent-type: text/plain\r\ncontent-length: %zu\r\n"
                 "connection: close\r\n\r\n%s",
@@ -966,7 +1002,7 @@ static int request_spawn(lua_State *L)
     r->status = 200;
     r->head = c->parser.method == HTTP_HEAD;
     r->http10 = !(c->parser.http_major == 1 && c->parser.http_minor >= 1);
-    r->keep_alive = c->keep_alive && !c->parser.upgrade;
+    r->keep_alive = c->keep_alive && !c->parser.upgrade && !s->shutting;
     luaL_setmetatable(L, RES_MT);
     lua_pushvalue(L, -1);
     c->res_ref = luaL_ref(L, LUA_REGISTRYINDEX);
@@ -1008,10 +1044,20 @@ static int parse_oom(srv_conn *c)
     return -1;
 }
 
+/* The request line and headers are held in scratch: bound them (431). */
+static int head_check(srv_conn *c)
+{
+    if (c->scratch.len <= c->srv->max_header) return 0;
+    c->reject = 431;
+    return -1;
+}
+
 /* http_parser on_message_begin */
 static int on_message_begin(http_parser *p)
 {
     srv_conn *c = p->data;
+    c->phase = PH_HEAD;
+    c->phase_at = ev_now(c->srv->rt->loop);
     c->scratch.len = 0;
     c->body.len = 0;
     c->url_len = 0;
@@ -1027,7 +1073,7 @@ static int on_url(http_parser *p, const char *at, size_t n)
     srv_conn *c = p->data;
     if (buf_add(&c->scratch, at, n)) return parse_oom(c);
     c->url_len += n;
-    return 0;
+    return head_check(c);
 }
 
 /* http_parser on_header_field */
@@ -1056,7 +1102,7 @@ static int on_header_field(http_parser *p, const char *at, size_t n)
     h = &c->hdrs[c->nhdrs - 1];
     if (buf_add(&c->scratch, at, n)) return parse_oom(c);
     h->name_len += n;
-    return 0;
+    return head_check(c);
 }
 
 /* http_parser on_header_value */
@@ -1073,7 +1119,7 @@ static int on_header_value(http_parser *p, const char *at, size_t n)
     }
     if (buf_add(&c->scratch, at, n)) return parse_oom(c);
     h->value_len += n;
-    return 0;
+    return head_check(c);
 }
 
 static int conn_expects_continue(srv_conn *c)
@@ -1097,6 +1143,8 @@ static int on_headers_complete(http_parser *p)
     int has_body = (p->flags & F_CHUNKED) || (sized && p->content_length > 0);
 
     c->keep_alive = http_should_keep_alive(p) != 0;
+    c->phase = PH_BODY;
+    c->phase_at = ev_now(c->srv->rt->loop);
     if (sized && p->content_length > c->srv->max_body) { /* refuse before reading it */
         c->reject = 413;
         return -1;
@@ -1130,6 +1178,7 @@ static int on_body(http_parser *p, const char *at, size_t n)
  * until this request's response is finished. */
 static int on_message_complete(http_parser *p)
 {
+    ((srv_conn *)p->data)->phase = PH_NONE;
     http_parser_pause(p, 1);
     return 0;
 }
@@ -1165,10 +1214,11 @@ static int conn_process(lua_State *L, srv_conn *c)
             http_parser_pause(&c->parser, 0);
             if (conn_dispatch(L, c) < 0) return -1;
         } else if (e != HPE_OK) {
-            return conn_reject(L, c, c->reject ? c->reject : 400);
+            return conn_reject(L, c, c->reject ? c->reject : e == HPE_HEADER_OVERFLOW ? 431 : 400);
         }
     }
     if (c->in.off == c->in.len) c->in.off = c->in.len = 0;
+    conn_timer_update(c);
     return 0;
 }
 
@@ -1229,6 +1279,7 @@ static void conn_read(struct ev_loop *loop, lua_State *L, srv_conn *c)
         n = recv(c->fd, b->p + b->len, room, 0);
         if (n > 0) {
             b->len += (size_t)n;
+            if (c->phase == PH_BODY) c->phase_at = ev_now(loop);
             if (!c->res && conn_process(L, c) < 0) return;
             if (c->close_after) return;
             if ((size_t)n < room) return;
@@ -1274,6 +1325,7 @@ static void conn_flush(struct ev_loop *loop, lua_State *L, srv_conn *c)
         ev_io_stop(loop, &c->ww);
         c->out.off = c->out.len = 0;
         buf_trim(&c->out);
+        if (!c->res && c->phase == PH_NONE) c->phase_at = ev_now(loop); /* idle from now */
     }
     conn_wake_writers(c);
     if (!out_pending(c) && c->close_after) {
@@ -1285,7 +1337,10 @@ static void conn_flush(struct ev_loop *loop, lua_State *L, srv_conn *c)
         c->read_paused = 0;
         ev_io_start(loop, &c->rw);
     }
-    if (c->in.off < c->in.len) conn_process(L, c);
+    if (c->in.off < c->in.len)
+        conn_process(L, c);
+    else
+        conn_timer_update(c);
 }
 
 /* ev_io write watcher */
@@ -1306,6 +1361,48 @@ static void conn_on_linger(struct ev_loop *loop, ev_timer *w, int revents)
     (void)loop;
     (void)revents;
     conn_free(c->srv->rt->S, c, SRV_PLAIN);
+}
+
+/* Arms c's timeout for where it is: the header timeout from a request's
+ * first byte, the read timeout between body reads, the idle timeout between
+ * requests; none while a handler runs or a response is being written. */
+static void conn_timer_update(srv_conn *c)
+{
+    srv_server *s = c->srv;
+    struct ev_loop *loop = s->rt->loop;
+    double to = 0, after;
+
+    ev_timer_stop(loop, &c->to_w);
+    if (c->res || c->close_after || c->lingering) return;
+    if (c->phase == PH_HEAD)
+        to = s->header_to;
+    else if (c->phase == PH_BODY)
+        to = s->read_to;
+    else if (out_pending(c))
+        return;
+    else if (s->shutting)
+        to = SRV_SHUTDOWN_IDLE_S;
+    else
+        to = s->idle_to;
+    if (to <= 0) return;
+    after = c->phase_at + to - ev_now(loop);
+    ev_timer_set(&c->to_w, after > 0 ? after : 0., 0.);
+    ev_timer_start(loop, &c->to_w);
+}
+
+/* ev_timer: a client timeout; 408 when a request was partly read */
+static void conn_on_timeout(struct ev_loop *loop, ev_timer *w, int revents)
+{
+    srv_conn *c = w->data;
+    aiorch_runtime *rt = c->srv->rt;
+    (void)loop;
+    (void)revents;
+    c->srv->timed_out++;
+    if (c->phase != PH_NONE)
+        conn_reject(rt->S, c, 408);
+    else
+        conn_free(rt->S, c, SRV_PLAIN);
+    aiorch_sched_drain(rt);
 }
 
 static int fd_setup(int fd)
@@ -1351,6 +1448,9 @@ static srv_conn *conn_new(srv_server *s, int fd)
     c->ww.data = c;
     ev_timer_init(&c->linger_w, conn_on_linger, SRV_LINGER_S, 0.);
     c->linger_w.data = c;
+    ev_init(&c->to_w, conn_on_timeout);
+    c->to_w.data = c;
+    c->phase_at = ev_now(loop);
     c->next = s->conns;
     if (c->next) c->next->pprev = &c->next;
     c->pprev = &s->conns;
@@ -1358,7 +1458,26 @@ static srv_conn *conn_new(srv_server *s, int fd)
     s->accepted++;
     s->open++;
     ev_io_start(loop, &c->rw);
+    conn_timer_update(c);
     return c;
+}
+
+/* Takes a new connection; beyond max_connections it is answered 503
+ * (before its request is read) and closed. */
+static void srv_take(srv_server *s, int fd)
+{
+    int full = s->max_conns > 0 && s->open - s->refusing >= s->max_conns;
+    srv_conn *c = conn_new(s, fd);
+    if (!c) {
+        close(fd);
+        return;
+    }
+    if (full) {
+        c->refused = 1;
+        s->refusing++;
+        s->refused++;
+        conn_reject(s->rt->S, c, 503);
+    }
 }
 
 /* ev_io accept watcher: takes every pending connection */
@@ -1380,7 +1499,7 @@ static void srv_on_accept(struct ev_loop *loop, ev_io *w, int revents)
             ev_timer_start(loop, &s->retry_w);
             return;
         }
-        if (!conn_new(s, fd)) close(fd);
+        srv_take(s, fd);
     }
 }
 
@@ -1389,7 +1508,7 @@ static void srv_on_retry(struct ev_loop *loop, ev_timer *w, int revents)
 {
     srv_server *s = w->data;
     (void)revents;
-    if (s->fd >= 0) ev_io_start(loop, &s->accept_w);
+    if (s->fd >= 0 && !s->shutting) ev_io_start(loop, &s->accept_w);
 }
 
 /* ---- servers ---------------------------------------------------------- */
@@ -1402,8 +1521,31 @@ static srv_server *srv_check(lua_State *L, int i)
 static srv_server *srv_check_open(lua_State *L, int i)
 {
     srv_server *s = srv_check(L, i);
-    if (s->fd < 0) luaL_error(L, "attempt to use a closed server");
+    if (s->closed) luaL_error(L, "attempt to use a closed server");
     return s;
+}
+
+/* Ends a shutdown: cuts the connections left (cancelling their handlers)
+ * and wakes its caller with the number of requests cut. */
+static void srv_shut_end(lua_State *L, srv_server *s)
+{
+    aiorch_task *t = s->shut_task;
+    lua_Integer cut = 0;
+    srv_conn *c;
+
+    ev_timer_stop(s->rt->loop, &s->shut_w);
+    s->shut_task = NULL;
+    s->shutting = 2;
+    for (c = s->conns; c; c = c->next)
+        if (c->res || (c->phase != PH_NONE && !c->close_after)) cut++;
+    while (s->conns)
+        conn_free(L, s->conns, SRV_CANCEL);
+    if (t) {
+        lua_State *co = aiorch_task_thread(t);
+        lua_checkstack(co, 1);
+        lua_pushinteger(co, cut);
+        aiorch_task_wake(t, 1);
+    }
 }
 
 /* Stops listening, closes every connection (cancelling the handlers of
@@ -1413,11 +1555,13 @@ static void srv_close(lua_State *L, srv_server *s)
     aiorch_runtime *rt = s->rt;
     int self_ref = s->self_ref;
 
-    if (s->fd < 0) return;
+    if (s->closed) return;
+    s->closed = 1;
     ev_io_stop(rt->loop, &s->accept_w);
     ev_timer_stop(rt->loop, &s->retry_w);
-    close(s->fd);
+    if (s->fd >= 0) close(s->fd);
     s->fd = -1;
+    if (s->shut_task) srv_shut_end(L, s);
     if (s->linked) {
         if (s->prev)
             s->prev->next = s->next;
@@ -1435,7 +1579,8 @@ static void srv_close(lua_State *L, srv_server *s)
 }
 
 /* Opens the listening socket. Returns -1 with a message in err. */
-static int srv_bind(srv_server *s, const char *host, int port, char *err, size_t errsz)
+static int srv_bind(srv_server *s, const char *host, int port, int reuseport, char *err,
+                    size_t errsz)
 {
     struct addrinfo hints, *res, *ai;
     struct sockaddr_storage ss;
@@ -1460,6 +1605,7 @@ static int srv_bind(srv_server *s, const char *host, int port, char *err, size_t
             continue;
         }
         if (fd_setup(fd) == 0 && setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &one, sizeof one) == 0 &&
+            (!reuseport || setsockopt(fd, SOL_SOCKET, SO_REUSEPORT, &one, sizeof one) == 0) &&
             bind(fd, ai->ai_addr, ai->ai_addrlen) == 0 && listen(fd, SOMAXCONN) == 0)
             break;
         e = errno;
@@ -1484,7 +1630,17 @@ static int srv_bind(srv_server *s, const char *host, int port, char *err, size_t
 
 static void srv_check_options(lua_State *L)
 {
-    static const char *const known[] = {"host", "port", "max_body", "handler", NULL};
+    static const char *const known[] = {"host",
+                                        "port",
+                                        "max_body",
+                                        "handler",
+                                        "reuseport",
+                                        "max_connections",
+                                        "max_header",
+                                        "header_timeout_ms",
+                                        "idle_timeout_ms",
+                                        "read_timeout_ms",
+                                        NULL};
     lua_pushnil(L);
     while (lua_next(L, 1)) {
         const char *k = lua_type(L, -2) == LUA_TSTRING ? lua_tostring(L, -2) : NULL;
@@ -1498,12 +1654,45 @@ static void srv_check_options(lua_State *L)
     }
 }
 
-/* aiorch.server.listen{host, port, max_body, handler} */
+/* An optional non-negative integer option; def when absent. */
+static lua_Integer opt_count(lua_State *L, const char *name, lua_Integer def)
+{
+    lua_Integer v;
+    int isnum;
+    if (lua_getfield(L, 1, name) == LUA_TNIL) {
+        lua_pop(L, 1);
+        return def;
+    }
+    v = lua_tointegerx(L, -1, &isnum);
+    if (!isnum || lua_type(L, -1) != LUA_TNUMBER || v < 0)
+        luaL_argerror(L, 1, lua_pushfstring(L, "'%s' must be a non-negative integer", name));
+    lua_pop(L, 1);
+    return v;
+}
+
+/* An optional timeout in ms, as seconds; 0 (none) when absent. */
+static double opt_timeout_s(lua_State *L, const char *name)
+{
+    double v;
+    if (lua_getfield(L, 1, name) == LUA_TNIL) {
+        lua_pop(L, 1);
+        return 0;
+    }
+    v = lua_tonumber(L, -1);
+    if (lua_type(L, -1) != LUA_TNUMBER || v < 0 || v != v)
+        luaL_argerror(L, 1, lua_pushfstring(L, "'%s' must be a number >= 0", name));
+    lua_pop(L, 1);
+    return v / 1000.0;
+}
+
+/* aiorch.server.listen{host, port, handler, ...limits} */
 static int srv_listen(lua_State *L)
 {
     aiorch_runtime *rt = aiorch_rt_of(L);
     const char *host = "127.0.0.1";
-    lua_Integer port = 0, max_body = SRV_DEFAULT_MAX_BODY;
+    lua_Integer port = 0, max_body = SRV_DEFAULT_MAX_BODY, max_conns, max_header;
+    double header_to, idle_to, read_to;
+    int reuseport = 0;
     srv_server *s;
     char err[512];
     int isnum;
@@ -1511,6 +1700,16 @@ static int srv_listen(lua_State *L)
     luaL_checktype(L, 1, LUA_TTABLE);
     lua_settop(L, 1);
     srv_check_options(L);
+    max_conns = opt_count(L, "max_connections", 0);
+    max_header = opt_count(L, "max_header", SRV_DEFAULT_MAX_HEADER);
+    header_to = opt_timeout_s(L, "header_timeout_ms");
+    idle_to = opt_timeout_s(L, "idle_timeout_ms");
+    read_to = opt_timeout_s(L, "read_timeout_ms");
+    if (lua_getfield(L, 1, "reuseport") != LUA_TNIL) {
+        luaL_argcheck(L, lua_isboolean(L, -1), 1, "'reuseport' must be a boolean");
+        reuseport = lua_toboolean(L, -1);
+    }
+    lua_pop(L, 1);
     lua_getfield(L, 1, "host"); /* 2 */
     if (!lua_isnil(L, 2)) {
         size_t n;
@@ -1537,11 +1736,17 @@ static int srv_listen(lua_State *L)
     memset(s, 0, sizeof *s);
     s->rt = rt;
     s->fd = -1;
+    s->closed = 1; /* until bound */
     s->handler_ref = s->self_ref = LUA_NOREF;
     s->max_body = (size_t)max_body;
+    s->max_header = (size_t)max_header;
+    s->max_conns = max_conns;
+    s->header_to = header_to;
+    s->idle_to = idle_to;
+    s->read_to = read_to;
     memcpy(s->host, host, strlen(host) + 1);
     luaL_setmetatable(L, SRV_MT);
-    if (srv_bind(s, host, (int)port, err, sizeof err) < 0) {
+    if (srv_bind(s, host, (int)port, reuseport, err, sizeof err) < 0) {
         luaL_pushfail(L);
         lua_pushliteral(L, "listen");
         lua_pushstring(L, err);
@@ -1552,6 +1757,7 @@ static int srv_listen(lua_State *L)
     /* A listening server stays alive without a Lua reference, until closed. */
     lua_pushvalue(L, 6);
     s->self_ref = luaL_ref(L, LUA_REGISTRYINDEX);
+    s->closed = 0;
     s->next = rt->servers;
     if (s->next) s->next->prev = s;
     rt->servers = s;
@@ -1560,8 +1766,89 @@ static int srv_listen(lua_State *L)
     s->accept_w.data = s;
     ev_timer_init(&s->retry_w, srv_on_retry, SRV_ACCEPT_RETRY_S, 0.);
     s->retry_w.data = s;
+    ev_init(&s->shut_w, srv_on_shut_timer);
+    s->shut_w.data = s;
     ev_io_start(rt->loop, &s->accept_w);
     return 1;
+}
+
+/* ev_timer: the shutdown's deadline (or, at 0, its last connection went) */
+static void srv_on_shut_timer(struct ev_loop *loop, ev_timer *w, int revents)
+{
+    srv_server *s = w->data;
+    aiorch_runtime *rt = s->rt;
+    (void)loop;
+    (void)revents;
+    srv_shut_end(rt->S, s);
+    aiorch_sched_drain(rt);
+}
+
+/* aiorch_op.cancel of srv:shutdown: its caller went, so close at once */
+static void srv_shut_cancel(aiorch_op *op)
+{
+    srv_server *s = (srv_server *)((char *)op - offsetof(srv_server, shut_op));
+    s->shut_task = NULL;
+    srv_shut_end(s->rt->S, s);
+}
+
+/* server:shutdown([drain_timeout_ms]): stops accepting at once, closes idle
+ * connections, lets the requests in flight finish (with connection: close),
+ * cuts the rest at the deadline. Yields; returns the number cut. The
+ * server stays open (stats) until close(). */
+static int srv_shutdown(lua_State *L)
+{
+    srv_server *s = srv_check_open(L, 1);
+    double ms = luaL_optnumber(L, 2, 30000);
+    struct ev_loop *loop = s->rt->loop;
+    aiorch_task *t;
+    srv_conn *c, *next;
+
+    luaL_argcheck(L, ms >= 0 && ms == ms, 2, "drain timeout must be >= 0 ms");
+    if (s->shutting == 1) return luaL_error(L, "server:shutdown: already shutting down");
+    if (s->shutting) {
+        lua_pushinteger(L, 0);
+        return 1;
+    }
+    t = aiorch_task_require(s->rt, L, "server:shutdown");
+    s->shutting = 1;
+    /* Connections the kernel queued for this socket would be reset by the
+     * close: take them first. */
+    ev_io_stop(loop, &s->accept_w);
+    ev_timer_stop(loop, &s->retry_w);
+    for (;;) {
+        int fd = srv_accept_fd(s->fd);
+        if (fd < 0) {
+            if (errno == EINTR || errno == ECONNABORTED) continue;
+            break;
+        }
+        srv_take(s, fd);
+    }
+    close(s->fd);
+    s->fd = -1;
+    for (c = s->conns; c; c = next) {
+        next = c->next; /* idle ones are freed without running Lua */
+        if (c->close_after || c->lingering) continue;
+        if (c->res) {
+            c->res->keep_alive = 0; /* connection: close, or closed after it */
+        } else if (c->phase == PH_NONE && c->served > 0 && !out_pending(c)) {
+            conn_free(L, c, SRV_PLAIN);
+        } else {
+            conn_timer_update(c);
+        }
+    }
+    if (!s->conns) {
+        s->shutting = 2;
+        lua_pushinteger(L, 0);
+        return 1;
+    }
+    s->shut_task = t;
+    s->shut_op.cancel = srv_shut_cancel;
+    ev_timer_stop(loop, &s->shut_w);
+    ev_now_update(loop);
+    ev_timer_set(&s->shut_w, ms / 1000.0, 0.);
+    ev_timer_start(loop, &s->shut_w);
+    aiorch_task_wait(t, &s->shut_op);
+    return lua_yield(L, 0);
 }
 
 /* server:close() */
@@ -1582,7 +1869,11 @@ static int srv_gc(lua_State *L)
 static int srv_stats(lua_State *L)
 {
     srv_server *s = srv_check_open(L, 1);
-    lua_createtable(L, 0, 4);
+    lua_createtable(L, 0, 6);
+    lua_pushinteger(L, s->refused);
+    lua_setfield(L, -2, "refused");
+    lua_pushinteger(L, s->timed_out);
+    lua_setfield(L, -2, "timed_out");
     lua_pushinteger(L, s->accepted);
     lua_setfield(L, -2, "accepted");
     lua_pushinteger(L, s->open);
@@ -1613,7 +1904,7 @@ static int srv_index(lua_State *L)
 static int srv_tostring(lua_State *L)
 {
     srv_server *s = srv_check(L, 1);
-    if (s->fd < 0)
+    if (s->closed)
         lua_pushliteral(L, "aiorch.server (closed)");
     else
         lua_pushfstring(L, "aiorch.server (%s:%d)", s->host, s->port);
@@ -1628,6 +1919,7 @@ static const luaL_Reg srv_functions[] = {
 static const luaL_Reg srv_methods[] = {
     {"close", srv_close_m},
     {"stats", srv_stats},
+    {"shutdown", srv_shutdown},
     {NULL, NULL},
 };
 

@@ -22,6 +22,7 @@ commands:
   ask [options] QUESTION     ask the providers and print the answer
   run SCRIPT.lua [ARGS...]   run a Lua script inside the runtime (as the main task)
   demo                       run every strategy against built-in mock providers (no keys needed)
+  serve [options]            run the gateway (OpenAI- and Anthropic-compatible HTTP API)
   help, --help               show this help
   --version                  show the version
 
@@ -36,6 +37,15 @@ ask options:
   --stream            print the answer as it arrives (single, fallback, fastest)
   --path DIR          a user directory searched first for strategies/, providers/ and
                       prompts/ (repeatable; AIORCH_PATH holds more, ':'-separated)
+
+serve options:
+  --listen HOST:PORT  address to listen on (default 127.0.0.1:8080, or the config's)
+  --config FILE       the gateway's Lua configuration (providers, aliases, client keys)
+  --path DIR          as for ask
+  --workers N         worker processes sharing the port, under a master that restarts them
+                      (default: the number of cores; 0: serve from this one process)
+  endpoints: POST /v1/chat/completions, POST /v1/messages, POST /v1/orchestrate,
+             GET /v1/models, GET /healthz, GET /metrics
 
 environment:
   OPENAI_API_KEY, ANTHROPIC_API_KEY     a provider is available when its key is set
@@ -316,6 +326,108 @@ function _M.run(args, first)
   return 0
 end
 
+-- serve [--listen HOST:PORT] [--config FILE] [--path DIR]: runs the gateway
+-- until the process is stopped (or the handle is drained by a signal hook).
+function _M.serve(args, first)
+  local o = { path = {} }
+  local i = first
+  while i <= #args do
+    local a = args[i]
+    local name, inline = a:match("^(%-%-[%w%-]+)=(.*)$")
+    name = name or a
+    if name == "--help" or name == "-h" then
+      io_stdout:write(_M.usage)
+      return 0
+    end
+    local field = ({ ["--listen"] = "listen", ["--config"] = "config", ["--path"] = "path",
+      ["--workers"] = "workers" })[name]
+    if name == "--worker" and not inline then
+      o.worker = true -- hidden: one worker under the master (gateway/master.lua)
+      field = false
+    end
+    if field == nil then
+      return usage_error("serve: unknown argument '%s'", a)
+    end
+    local value = inline
+    if value == nil and field then
+      i = i + 1
+      value = args[i]
+      if value == nil then
+        return usage_error("serve: option %s needs a value", name)
+      end
+    end
+    if field == "path" then
+      o.path[#o.path + 1] = value
+    elseif field then -- (a flag has none)
+      o[field] = value
+    end
+    i = i + 1
+  end
+  local master = require "aiorch.gateway.master"
+  local workers
+  if o.workers then
+    workers = math.tointeger(tonumber(o.workers))
+    if not workers or workers < 0 then
+      return usage_error("serve: --workers needs a number >= 0")
+    end
+  end
+  local gconfig = require "aiorch.gateway.config"
+  local gateway = require "aiorch.gateway.server"
+  local host, port
+  if o.listen then
+    host, port = gconfig.parse_listen(o.listen)
+    if not host then
+      return usage_error("serve: %s", port)
+    end
+  end
+  local path = #o.path > 0 and o.path or nil
+  local cfg, cerr
+  if o.config then
+    cfg, cerr = gconfig.load(o.config, nil, path)
+  else
+    cfg, cerr = gconfig.default(nil, path)
+  end
+  if not cfg then
+    err_line("serve: %s", cerr)
+    return o.config and 1 or 2
+  end
+  if not o.worker and workers ~= 0 then
+    -- The master: the workers run this same command with --worker.
+    if (port or cfg.port) == 0 then
+      return usage_error("serve: workers share a fixed port: give one, or --workers 0")
+    end
+    local argv = { require("aiorch").process.exe() or "aiorch", "serve", "--worker" }
+    local j = first
+    while j <= #args do
+      if args[j] == "--workers" then
+        j = j + 1
+      elseif not args[j]:match("^%-%-workers=") then
+        argv[#argv + 1] = args[j]
+      end
+      j = j + 1
+    end
+    return master.run { argv = argv, workers = workers, drain_timeout_ms = cfg.drain_timeout_ms }
+  end
+  if o.worker then -- the port is shared with the other workers
+    local server = {}
+    for k, v in pairs(cfg.server) do
+      server[k] = v
+    end
+    server.reuseport = true
+    cfg.server = server
+  end
+  local h, herr = gateway.start { config = cfg, host = host, port = port, path = path }
+  if not h then
+    err_line("serve: %s", herr)
+    return 1
+  end
+  _M.gateway = h -- the hook for signal handling (drain on SIGTERM)
+  err_line("listening on http://%s:%d", h.host, h.port)
+  io_stderr:flush()
+  -- SIGTERM drains and returns 0; SIGHUP is the master's business.
+  return master.worker(h, { drain_timeout_ms = cfg.drain_timeout_ms })
+end
+
 function _M.main(args)
   args = args or {}
   local cmd = args[1]
@@ -333,6 +445,8 @@ function _M.main(args)
     return _M.ask(args, 2)
   elseif cmd == "run" then
     return _M.run(args, 2)
+  elseif cmd == "serve" then
+    return _M.serve(args, 2)
   elseif cmd == "demo" then
     local demo = require "aiorch.demo"
     return demo.main({ unpack(args, 2) })

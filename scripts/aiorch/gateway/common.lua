@@ -1,0 +1,171 @@
+-- Shared by the two API shapes: reading messages into an AIRequest, and
+-- small JSON helpers.
+--
+-- A conversation becomes one AIRequest: system messages (or Anthropic's
+-- `system`) join into system_prompt; the last user message is the
+-- user_question; earlier turns are folded, in order, into `context` as
+-- "role: text" lines, which the adapters send ahead of the question. The
+-- gateway never adds the prompt builder's own system prompt to these
+-- requests (system_prompt is "" when the client sent none).
+local cjson = require "cjson.safe"
+
+local fmt = string.format
+local type = type
+local ipairs = ipairs
+local tostring = tostring
+local concat = table.concat
+local tointeger = math.tointeger
+
+local _M = {}
+
+local null = cjson.null
+_M.null = null
+
+function _M.absent(v)
+  return v == nil or v == null
+end
+
+-- Decodes a request body that must be a JSON object.
+function _M.decode_object(body)
+  if body == nil or body == "" then
+    return nil, "the request body is empty; a JSON object is required"
+  end
+  local doc, err = cjson.decode(body)
+  if doc == nil then
+    return nil, "malformed JSON body: " .. tostring(err)
+  end
+  if type(doc) ~= "table" or (#doc > 0) or doc[1] ~= nil then
+    return nil, "the request body must be a JSON object"
+  end
+  return doc
+end
+
+-- The text of a message content: a string or a list of text parts.
+-- Returns nil, message for a part it cannot carry (images, tools).
+function _M.content_text(c, where)
+  if type(c) == "string" then
+    return c
+  end
+  if type(c) ~= "table" then
+    return nil, fmt("%s: must be a string or a list of text parts", where)
+  end
+  local out = {}
+  for i, part in ipairs(c) do
+    if type(part) ~= "table" or part.type ~= "text" or type(part.text) ~= "string" then
+      return nil, fmt("%s[%d]: only text parts are supported", where, i - 1)
+    end
+    out[#out + 1] = part.text
+  end
+  return concat(out, "\n")
+end
+
+-- messages: the client's list; system: extra system text (Anthropic).
+-- Returns an AIRequest (without temperature/max_tokens) or nil, message.
+function _M.fold(messages, system_parts)
+  if type(messages) ~= "table" or #messages == 0 then
+    return nil, "messages: a non-empty list is required"
+  end
+  local systems = system_parts or {}
+  local turns = {}
+  local last
+  for i, m in ipairs(messages) do
+    local where = fmt("messages[%d]", i - 1)
+    if type(m) ~= "table" then
+      return nil, where .. ": must be an object"
+    end
+    local role = m.role
+    if role ~= "system" and role ~= "developer" and role ~= "user" and role ~= "assistant" then
+      return nil, fmt("%s.role: must be system, user or assistant", where)
+    end
+    local text, err = _M.content_text(m.content, where .. ".content")
+    if not text then
+      return nil, err
+    end
+    if role == "system" or role == "developer" then
+      systems[#systems + 1] = text
+    else
+      turns[#turns + 1] = { role = role, text = text }
+      last = #turns
+    end
+  end
+  if not last or turns[last].role ~= "user" then
+    return nil, "messages: the last message must come from the user"
+  end
+  if not turns[last].text:find("%S") then
+    return nil, "messages: the last user message is empty"
+  end
+  local earlier = {}
+  for i = 1, last - 1 do
+    earlier[i] = turns[i].role .. ": " .. turns[i].text
+  end
+  return {
+    user_question = turns[last].text,
+    context = #earlier > 0 and "Conversation so far:\n" .. concat(earlier, "\n") or nil,
+    system_prompt = concat(systems, "\n\n"),
+  }
+end
+
+-- A number field: nil when absent, else the number or nil, message.
+function _M.number_field(doc, name)
+  local v = doc[name]
+  if _M.absent(v) then
+    return nil
+  end
+  if type(v) ~= "number" then
+    return nil, fmt("%s: must be a number", name)
+  end
+  return v
+end
+
+function _M.int_field(doc, name)
+  local v = doc[name]
+  if _M.absent(v) then
+    return nil
+  end
+  local n = type(v) == "number" and tointeger(v) or nil
+  if not n or n <= 0 then
+    return nil, fmt("%s: must be a positive integer", name)
+  end
+  return n
+end
+
+function _M.json_string(s)
+  return cjson.encode(tostring(s or ""))
+end
+
+-- The usage numbers of a response (0 when the provider gave none).
+function _M.usage(r)
+  local u = r and r.metadata and r.metadata.usage or {}
+  return tointeger(u.input_tokens) or 0, tointeger(u.output_tokens) or 0
+end
+
+-- Successful responses of a result (one response or a list).
+function _M.successes(result)
+  local list = result.status and { result } or result
+  local out = {}
+  for _, r in ipairs(list) do
+    if r.status == "success" then
+      out[#out + 1] = r
+    end
+  end
+  return out, list
+end
+
+-- The failure a result stands for: status 504 when every provider timed
+-- out, else 502. Returns status, kind, message.
+function _M.failure(result)
+  local list = result.status and { result } or result
+  local timeout, msgs = #list > 0, {}
+  for _, r in ipairs(list) do
+    timeout = timeout and r.status == "timeout"
+    msgs[#msgs + 1] = r.error_message or r.status
+  end
+  local first = list[1] or {}
+  local kind = first.metadata and first.metadata.error_kind or "upstream"
+  if timeout then
+    return 504, "timeout", concat(msgs, "; ")
+  end
+  return 502, kind, concat(msgs, "; ")
+end
+
+return _M

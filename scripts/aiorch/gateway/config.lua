@@ -1,0 +1,442 @@
+-- The gateway's configuration: a Lua file (`--config FILE`) returning a
+-- table, checked once at load. Keys come only from environment variables
+-- named in it; a literal key is refused so that it never lands in a
+-- committed file. The result also answers "which strategy, providers and
+-- env for this request" (route()).
+local loader = require "aiorch.loader"
+
+local fmt = string.format
+local type = type
+local pairs = pairs
+local ipairs = ipairs
+local tostring = tostring
+local tonumber = tonumber
+local next = next
+local load = load
+local pcall = pcall
+local tointeger = math.tointeger
+local sort = table.sort
+local concat = table.concat
+local os_getenv = os.getenv
+local io_open = io.open
+
+local _M = {}
+
+_M.default_listen = "127.0.0.1:8080"
+_M.default_max_body = 1024 * 1024
+_M.default_drain_timeout_ms = 10000
+
+local TOP = {
+  listen = true, max_body = true, default_strategy = true, default_providers = true, providers = true,
+  aliases = true, client_keys_env = true, drain_timeout_ms = true, access_log = true, server = true,
+}
+local PROVIDER = {
+  api_key_env = true, base_url = true, model = true, models = true, timeout_ms = true, priority = true,
+  api_key = true, key = true,
+}
+local ALIAS = { strategy = true, providers = true }
+
+local function env_name_ok(s)
+  return type(s) == "string" and s:match("^[%a_][%w_]*$") ~= nil
+end
+
+local function positive_int(v)
+  local n = type(v) == "number" and tointeger(v) or nil
+  return n and n > 0 and n or nil
+end
+
+-- "HOST:PORT" -> host, port or nil, message. Only IPv4 literals and names.
+function _M.parse_listen(s)
+  if type(s) ~= "string" then
+    return nil, "listen: must be a string HOST:PORT"
+  end
+  local host, port = s:match("^([^:]*):(%d+)$")
+  port = tointeger(tonumber(port or ""))
+  if not host or not port or port > 65535 then
+    return nil, fmt("listen: '%s' is not HOST:PORT", s)
+  end
+  if host == "" then
+    host = "127.0.0.1"
+  end
+  return host, port
+end
+
+local function sorted_keys(t)
+  local out = {}
+  for k in pairs(t) do
+    out[#out + 1] = k
+  end
+  sort(out, function(a, b) return tostring(a) < tostring(b) end)
+  return out
+end
+
+local function check_keys(t, known, where)
+  for _, k in ipairs(sorted_keys(t)) do
+    if not known[k] then
+      return nil, fmt("%s: unknown field '%s'", where, tostring(k))
+    end
+  end
+  return true
+end
+
+local function string_list(v, where)
+  if type(v) == "string" then
+    local out = {}
+    for n in v:gmatch("[^,%s]+") do
+      out[#out + 1] = n
+    end
+    return out
+  end
+  if type(v) ~= "table" then
+    return nil, fmt("%s: must be a list of strings", where)
+  end
+  for i, s in ipairs(v) do
+    if type(s) ~= "string" or s == "" then
+      return nil, fmt("%s[%d]: must be a non-empty string", where, i)
+    end
+  end
+  return v
+end
+
+-- "provider" or "provider:model" -> name, model|nil
+local function split_pair(s)
+  local name, model = s:match("^([%w_%-]+):(.+)$")
+  if name then
+    return name, model
+  end
+  return s, nil
+end
+
+-- Checks a raw config table. getenv(name) reads the environment.
+-- Returns the config or nil, message.
+function _M.check(raw, getenv, path)
+  getenv = getenv or os_getenv
+  if type(raw) ~= "table" then
+    return nil, "config: must return a table"
+  end
+  local ok, err = check_keys(raw, TOP, "config")
+  if not ok then
+    return nil, err
+  end
+  local c = {
+    listen = raw.listen or _M.default_listen,
+    max_body = raw.max_body or _M.default_max_body,
+    default_strategy = raw.default_strategy or "fallback",
+    drain_timeout_ms = raw.drain_timeout_ms or _M.default_drain_timeout_ms,
+    access_log = raw.access_log ~= false,
+    server = raw.server or {},
+    providers = {}, -- name -> {model, models, ...}
+    order = {}, -- provider names in priority order (configured ones)
+    aliases = {},
+    client_keys = nil,
+    path = path,
+  }
+  local host, port = _M.parse_listen(c.listen)
+  if not host then
+    return nil, port
+  end
+  c.host, c.port = host, port
+  if not positive_int(c.max_body) then
+    return nil, "max_body: must be a positive integer (bytes)"
+  end
+  if not positive_int(c.drain_timeout_ms) then
+    return nil, "drain_timeout_ms: must be a positive integer"
+  end
+  if type(c.server) ~= "table" then
+    return nil, "server: must be a table of aiorch.server.listen options"
+  end
+  for _, k in ipairs({ "host", "port", "handler", "max_body" }) do
+    if c.server[k] ~= nil then
+      return nil, fmt("server.%s: set by the gateway (use listen or max_body)", k)
+    end
+  end
+  if type(c.default_strategy) ~= "string" then
+    return nil, "default_strategy: must be a string"
+  end
+  local default_s, serr = loader.load("strategy", c.default_strategy, path)
+  if not default_s then
+    return nil, "default_strategy: " .. serr
+  end
+
+  local providers = raw.providers or {}
+  if type(providers) ~= "table" then
+    return nil, "providers: must be a table {name = {...}}"
+  end
+  local prio = {}
+  for _, name in ipairs(sorted_keys(providers)) do
+    local p = providers[name]
+    local where = "providers." .. tostring(name)
+    if type(name) ~= "string" or type(p) ~= "table" then
+      return nil, where .. ": must be a table"
+    end
+    ok, err = check_keys(p, PROVIDER, where)
+    if not ok then
+      return nil, err
+    end
+    if p.api_key ~= nil or p.key ~= nil then
+      return nil, where .. ": literal keys are refused; name the environment variable with api_key_env"
+    end
+    local adapter, aerr = loader.load("provider", name, path)
+    if not adapter then
+      return nil, where .. ": " .. aerr
+    end
+    if p.api_key_env ~= nil and not env_name_ok(p.api_key_env) then
+      return nil, where .. ".api_key_env: must be an environment variable name (a literal key is refused)"
+    end
+    if p.base_url ~= nil and (type(p.base_url) ~= "string" or not p.base_url:match("^https?://")) then
+      return nil, where .. ".base_url: must be an http(s) URL"
+    end
+    if p.model ~= nil and type(p.model) ~= "string" then
+      return nil, where .. ".model: must be a string"
+    end
+    if p.timeout_ms ~= nil and not positive_int(p.timeout_ms) then
+      return nil, where .. ".timeout_ms: must be a positive integer"
+    end
+    if p.priority ~= nil and type(p.priority) ~= "number" then
+      return nil, where .. ".priority: must be a number"
+    end
+    local models = {}
+    if p.models ~= nil then
+      local list, lerr = string_list(p.models, where .. ".models")
+      if not list then
+        return nil, lerr
+      end
+      models = list
+    end
+    local model = p.model or adapter.default_model
+    c.providers[name] = {
+      name = name, adapter = adapter, model = model, models = models, base_url = p.base_url,
+      timeout_ms = p.timeout_ms, key_env = p.api_key_env,
+    }
+    prio[#prio + 1] = { name = name, priority = p.priority or 1000 }
+  end
+  sort(prio, function(a, b)
+    if a.priority ~= b.priority then
+      return a.priority < b.priority
+    end
+    return a.name < b.name
+  end)
+  for i, e in ipairs(prio) do
+    c.order[i] = e.name
+  end
+
+  if raw.default_providers ~= nil then
+    local list, lerr = string_list(raw.default_providers, "default_providers")
+    if not list then
+      return nil, lerr
+    end
+    for _, n in ipairs(list) do
+      local a, aerr = loader.load("provider", n, path)
+      if not a then
+        return nil, "default_providers: " .. aerr
+      end
+    end
+    c.default_providers = list
+  end
+
+  local aliases = raw.aliases or {}
+  if type(aliases) ~= "table" then
+    return nil, "aliases: must be a table {model_name = {strategy = ..., providers = {...}}}"
+  end
+  for _, name in ipairs(sorted_keys(aliases)) do
+    local a = aliases[name]
+    local where = fmt("aliases[%q]", tostring(name))
+    if type(name) ~= "string" or type(a) ~= "table" then
+      return nil, where .. ": must be a table"
+    end
+    ok, err = check_keys(a, ALIAS, where)
+    if not ok then
+      return nil, err
+    end
+    local strategy = a.strategy or c.default_strategy
+    local s, e2 = loader.load("strategy", strategy, path)
+    if not s then
+      return nil, where .. ".strategy: " .. e2
+    end
+    local list, lerr = string_list(a.providers or {}, where .. ".providers")
+    if not list then
+      return nil, lerr
+    end
+    local names, models = {}, {}
+    for _, pair in ipairs(list) do
+      local pname, pmodel = split_pair(pair)
+      local ad, aerr = loader.load("provider", pname, path)
+      if not ad then
+        return nil, where .. ".providers: " .. aerr
+      end
+      names[#names + 1] = pname
+      models[pname] = pmodel
+    end
+    c.aliases[name] = { strategy = strategy, providers = #names > 0 and names or nil, models = models }
+  end
+
+  if raw.client_keys_env ~= nil then
+    local list, lerr = string_list(raw.client_keys_env, "client_keys_env")
+    if not list then
+      return nil, lerr
+    end
+    local keys = {}
+    for _, n in ipairs(list) do
+      if not env_name_ok(n) then
+        return nil, "client_keys_env: must name environment variables (a literal key is refused)"
+      end
+      local v = getenv(n)
+      if type(v) ~= "string" or v == "" then
+        -- Starting without the keys would silently turn auth off.
+        return nil, fmt("client_keys_env: %s is not set", n)
+      end
+      keys[#keys + 1] = v
+    end
+    c.client_keys = #keys > 0 and keys or nil
+  end
+
+  c.getenv = getenv
+  c.env_cache = {}
+  return c
+end
+
+-- Loads FILE (a Lua chunk returning a table, run with no globals).
+function _M.load(file, getenv, path)
+  local f, oerr = io_open(file, "r")
+  if not f then
+    return nil, fmt("config: cannot open %s", tostring(oerr))
+  end
+  local text = f:read("a")
+  f:close()
+  local chunk, lerr = load(text, "@" .. file, "t", {})
+  if not chunk then
+    return nil, "config: " .. tostring(lerr)
+  end
+  local ok, raw = pcall(chunk)
+  if not ok then
+    return nil, "config: " .. tostring(raw)
+  end
+  return _M.check(raw, getenv, path)
+end
+
+-- The defaults when no file is given: providers from the environment.
+function _M.default(getenv, path)
+  return _M.check({}, getenv, path)
+end
+
+local ENV_VARS = { "AIORCH_TIMEOUT_MS", "AIORCH_CONNECT_TIMEOUT_MS", "AIORCH_PROVIDERS" }
+
+local function prefix_of(name)
+  return (name:upper():gsub("[^%w]", "_"))
+end
+
+-- The env table orchestrate reads for these model overrides
+-- ({provider = model} or nil). One table per distinct override, cached, so
+-- that aiorch.config caches provider configs per table.
+function _M.env_for(c, models)
+  local key = "-"
+  if models then
+    local parts = {}
+    for _, n in ipairs(sorted_keys(models)) do
+      parts[#parts + 1] = n .. "=" .. models[n]
+    end
+    key = concat(parts, ";")
+  end
+  local env = c.env_cache[key]
+  if env then
+    return env
+  end
+  local getenv = c.getenv
+  env = {}
+  for _, v in ipairs(ENV_VARS) do
+    env[v] = getenv(v)
+  end
+  -- Every provider the gateway may call: the built-ins, plus configured ones.
+  local names = { "openai", "anthropic" }
+  for n in pairs(c.providers) do
+    names[#names + 1] = n
+  end
+  for _, n in ipairs(names) do
+    local a = loader.load("provider", n, c.path)
+    if a then
+      local pre = prefix_of(n)
+      local key_env = a.key_env
+      if key_env == nil then
+        key_env = pre .. "_API_KEY"
+      end
+      local base_env = a.base_url_env or pre .. "_BASE_URL"
+      local model_env = a.model_env or pre .. "_MODEL"
+      if key_env then
+        env[key_env] = getenv(key_env)
+      end
+      env[base_env] = getenv(base_env)
+      env[model_env] = getenv(model_env)
+      env[pre .. "_TIMEOUT_MS"] = getenv(pre .. "_TIMEOUT_MS")
+      local p = c.providers[n]
+      if p then
+        if p.key_env and key_env then
+          env[key_env] = getenv(p.key_env)
+        end
+        env[base_env] = p.base_url or env[base_env]
+        env[model_env] = p.model or env[model_env]
+        env[pre .. "_TIMEOUT_MS"] = p.timeout_ms and tostring(p.timeout_ms) or env[pre .. "_TIMEOUT_MS"]
+      end
+      if models and models[n] then
+        env[model_env] = models[n]
+      end
+    end
+  end
+  -- Configured providers are the default set, in their priority order.
+  if #c.order > 0 then
+    env.AIORCH_PROVIDERS = concat(c.order, ",")
+  end
+  c.env_cache[key] = env
+  return env
+end
+
+-- The provider whose configured models include `model`, if any.
+local function owner_of(c, model)
+  for _, n in ipairs(c.order) do
+    local p = c.providers[n]
+    if p.model == model then
+      return n
+    end
+    for _, m in ipairs(p.models) do
+      if m == model then
+        return n
+      end
+    end
+  end
+  return nil
+end
+
+-- Chooses strategy, providers and env for a request.
+-- strategy_h, providers_h: the X-Aiorch-* header values (or body fields);
+-- model: the client's model name. Returns a table {strategy, providers, env,
+-- alias}.
+function _M.route(c, model, strategy_h, providers_h)
+  local alias = type(model) == "string" and c.aliases[model] or nil
+  local strategy = strategy_h or (alias and alias.strategy) or c.default_strategy
+  local providers = providers_h or (alias and alias.providers) or c.default_providers
+  local models
+  if alias then
+    models = next(alias.models) and alias.models or nil
+  elseif type(model) == "string" then
+    local owner = owner_of(c, model)
+    if owner then
+      models = { [owner] = model }
+    end
+  end
+  return { strategy = strategy, providers = providers, env = _M.env_for(c, models), alias = alias and model }
+end
+
+-- Provider names the gateway serves, in priority order.
+function _M.provider_names(c)
+  if #c.order > 0 then
+    return c.order
+  end
+  local env = _M.env_for(c, nil)
+  local list = env.AIORCH_PROVIDERS
+  local out = {}
+  for n in (list or "openai,anthropic"):gmatch("[^,%s]+") do
+    out[#out + 1] = n
+  end
+  return out
+end
+
+return _M

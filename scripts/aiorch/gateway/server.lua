@@ -1,0 +1,611 @@
+-- The gateway of one worker process: listen, route, authenticate, answer
+-- in the calling API's shape, log one line per request.
+--
+--   local gateway = require "aiorch.gateway.server"
+--   local h = assert(gateway.start { config = cfg })   -- or config_file = "gw.lua"
+--   h.server.port; h:drain(5000); h:wait()
+local aiorch = require "aiorch"
+local loader = require "aiorch.loader"
+local orchestrate = require "aiorch.orchestrate"
+local response = require "aiorch.response"
+local provider_config = require "aiorch.config"
+local metrics = require "aiorch.metrics"
+local gconfig = require "aiorch.gateway.config"
+local common = require "aiorch.gateway.common"
+local openai = require "aiorch.gateway.openai"
+local anthropic = require "aiorch.gateway.anthropic"
+local native = require "aiorch.gateway.native"
+local prometheus = require "aiorch.gateway.prometheus"
+local stream = require "aiorch.gateway.stream"
+
+local fmt = string.format
+local type = type
+local pairs = pairs
+local ipairs = ipairs
+local pcall = pcall
+local tostring = tostring
+local setmetatable = setmetatable
+local concat = table.concat
+local floor = math.floor
+local random = math.random
+local byte = string.byte
+local os_time = os.time
+local io_stderr = io.stderr
+local now = aiorch.now
+local sleep = aiorch.sleep
+local spawn = aiorch.spawn
+
+local _M = {}
+
+------------------------------------------------------------------------------
+-- Small helpers
+
+-- Equal strings, in a time that does not depend on where they differ.
+local function same(a, b)
+  if #a ~= #b then
+    return false
+  end
+  local diff = 0
+  for i = 1, #a do
+    if byte(a, i) ~= byte(b, i) then
+      diff = diff + 1
+    end
+  end
+  return diff == 0
+end
+
+local function client_key(headers)
+  local auth = headers["authorization"]
+  if type(auth) == "string" then
+    local k = auth:match("^[Bb]earer%s+(.-)%s*$")
+    if k and k ~= "" then
+      return k
+    end
+  end
+  local k = headers["x-api-key"]
+  if type(k) == "string" and k ~= "" then
+    return k
+  end
+  return nil
+end
+
+-- The error shape of a request: by its route, else by its headers.
+local function shape_of(route, headers)
+  if route == "/v1/messages" then
+    return anthropic
+  elseif route == "/v1/orchestrate" then
+    return native
+  elseif route == "/v1/chat/completions" then
+    return openai
+  elseif headers["anthropic-version"] or (headers["x-api-key"] and not headers["authorization"]) then
+    return anthropic
+  end
+  return openai
+end
+
+-- logfmt value: bare when safe, else quoted with escapes.
+local function lv(v)
+  v = tostring(v)
+  if v:match("^[%w%._:/,+%-]+$") then
+    return v
+  end
+  return '"' .. v:gsub('[%c"\\]', function(c) return fmt("\\x%02x", byte(c)) end) .. '"'
+end
+
+local function header_list(v)
+  if type(v) ~= "string" then
+    return nil
+  end
+  local out = {}
+  for n in v:gmatch("[^,%s]+") do
+    out[#out + 1] = n
+  end
+  return #out > 0 and out or nil
+end
+
+local function header_word(v)
+  if type(v) == "string" then
+    v = v:match("^%s*(.-)%s*$")
+    if v ~= "" then
+      return v
+    end
+  end
+  return nil
+end
+
+------------------------------------------------------------------------------
+-- Per-request state
+
+local Exchange = {}
+
+function Exchange:respond(status, headers, body)
+  self.status = status
+  self.started = true
+  headers = headers or {}
+  headers["content-type"] = headers["content-type"] or "application/json"
+  if self.state.draining then
+    headers["connection"] = "close"
+  end
+  self.res:respond(status, headers, body)
+end
+
+function Exchange:fail(status, message, code, extra_headers)
+  self.status = status
+  local shape = self.shape
+  self:respond(status, extra_headers or {}, shape.error_body(status, message, code))
+end
+
+-- Records a result (one response or a list) for the access log.
+function Exchange:note(result)
+  local list = result.status and { result } or result
+  local providers, attempts = {}, {}
+  local ti, to = 0, 0
+  for _, r in ipairs(list) do
+    if r.status == "success" then
+      providers[#providers + 1] = r.ia_provider_name
+    end
+    local a, b = common.usage(r)
+    ti, to = ti + a, to + b
+    local m = r.metadata or {}
+    if type(m.attempts) == "table" and #m.attempts > 0 then
+      for _, at in ipairs(m.attempts) do
+        attempts[#attempts + 1] = tostring(at.provider) .. ":" .. tostring(at.kind or at.status)
+      end
+    else
+      attempts[#attempts + 1] = tostring(r.ia_provider_name) .. ":" .. tostring(m.error_kind or r.status)
+    end
+  end
+  self.provider = #providers > 0 and concat(providers, ",") or nil
+  self.attempts = concat(attempts, ",")
+  self.tokens_in, self.tokens_out = ti, to
+  return providers
+end
+
+------------------------------------------------------------------------------
+-- The API endpoints (chat completions and messages share everything but shape)
+
+-- Unique enough across worker processes: time, a per-process random tag, a count.
+local function new_id(state)
+  state.seq = state.seq + 1
+  return fmt("aiorch%x%s%06d", os_time(), state.tag, state.seq % 1000000)
+end
+
+local function base_headers(x, strategy)
+  return { ["x-aiorch-strategy"] = strategy, ["x-request-id"] = x.id }
+end
+
+-- Runs the orchestration unstreamed. Returns the result or nil after
+-- answering the client with the error.
+local function run_plain(x, request, rt)
+  local r, err, kind = orchestrate.orchestrate(request, rt.strategy, rt.providers,
+    { env = rt.env, path = x.state.path, timeout_ms = x.state.timeout_ms })
+  if not r then
+    x:fail(kind == "invalid" and 400 or 500, err)
+    return nil
+  end
+  return r
+end
+
+-- Nobody answered: the headers say who was tried instead.
+local function failure_headers(h, x)
+  h["x-aiorch-attempts"] = x.attempts
+  return h
+end
+
+local function serve_streamed(x, shape, p, rt)
+  local id = x.id
+  local headers = base_headers(x, rt.strategy)
+  headers["content-type"] = "text/event-stream"
+  headers["cache-control"] = "no-cache"
+  local writer = shape.stream(id, p.model, p.include_usage)
+  local s = stream.session(x.res, writer, headers)
+  x.stream = true
+  local mode = stream.mode(rt.strategy, x.state.path)
+
+  if not mode then
+    -- Unstreamed strategies (parallel, user ones): send the answer as a stream.
+    local r = run_plain(x, p.request, rt)
+    if not r then
+      return
+    end
+    local ok = x:note(r)
+    if #ok == 0 then
+      local status, code, msg = common.failure(r)
+      return x:fail(status, msg, code, failure_headers({}, x))
+    end
+    local succ = common.successes(r)
+    s:commit(concat(ok, ","), #succ)
+    for i, one in ipairs(succ) do
+      if one.response_text ~= "" then
+        s:push(writer:delta(one.response_text, i - 1))
+      end
+    end
+    x.status, x.started = 200, true
+    return s:close(writer:finish(succ))
+  end
+
+  local r, err, kind, owner = stream.run(p.request, mode, rt.providers, s,
+    { env = rt.env, path = x.state.path, timeout_ms = x.state.timeout_ms })
+  if not r then
+    return x:fail(kind == "invalid" and 400 or 500, err)
+  end
+  x:note(r)
+  if r.status == "success" and (owner == nil or owner == r.ia_provider_name) then
+    if not s.committed then
+      -- No token came (an empty answer, or an adapter that cannot stream).
+      s:commit(r.ia_provider_name)
+      if r.response_text ~= "" then
+        s:push(writer:delta(r.response_text))
+      end
+    end
+    x.status, x.started = 200, true
+    return s:close(writer:finish({ r }))
+  end
+  local status, code, msg = common.failure(r)
+  if s.committed then
+    -- Tokens went out with a 200: the error travels as the stream's last event.
+    x.status, x.started = 200, true
+    x.broken = true
+    return s:close(writer:error(status, "the upstream stream broke: " .. msg, code))
+  end
+  return x:fail(status, msg, code, failure_headers({}, x))
+end
+
+local function serve_api(x, shape)
+  local doc, derr = common.decode_object(x.req.body)
+  if not doc then
+    return x:fail(400, derr)
+  end
+  local p, perr = shape.parse(doc)
+  if not p then
+    return x:fail(400, perr)
+  end
+  local h = x.req.headers
+  local state = x.state
+  local rt = gconfig.route(state.config, p.model, header_word(h["x-aiorch-strategy"]),
+    header_list(h["x-aiorch-providers"]))
+  x.strategy = rt.strategy
+  local s, serr = loader.load("strategy", rt.strategy, state.path)
+  if not s then
+    return x:fail(400, serr)
+  end
+  if p.stream then
+    return serve_streamed(x, shape, p, rt)
+  end
+  local r = run_plain(x, p.request, rt)
+  if not r then
+    return
+  end
+  local ok = x:note(r)
+  if #ok == 0 then
+    local status, code, msg = common.failure(r)
+    return x:fail(status, msg, code, failure_headers({}, x))
+  end
+  local headers = base_headers(x, rt.strategy)
+  headers["x-aiorch-provider"] = concat(ok, ",")
+  headers["x-aiorch-attempts"] = x.attempts
+  x:respond(200, headers, shape.render(common.successes(r), x.id, p.model))
+end
+
+local function serve_native(x)
+  local doc, derr = common.decode_object(x.req.body)
+  if not doc then
+    return x:fail(400, derr)
+  end
+  local p, perr = native.parse(doc)
+  if not p then
+    return x:fail(400, perr)
+  end
+  local h = x.req.headers
+  local rt = gconfig.route(x.state.config, p.model, p.strategy or header_word(h["x-aiorch-strategy"]),
+    p.providers or header_list(h["x-aiorch-providers"]))
+  x.strategy = rt.strategy
+  local r = run_plain(x, p.request, rt)
+  if not r then
+    return
+  end
+  local ok = x:note(r)
+  local headers = base_headers(x, rt.strategy)
+  local status = 200
+  if #ok == 0 then
+    status = common.failure(r)
+    failure_headers(headers, x)
+  else
+    headers["x-aiorch-provider"] = concat(ok, ",")
+    headers["x-aiorch-attempts"] = x.attempts
+  end
+  x:respond(status, headers, response.encode(r))
+end
+
+------------------------------------------------------------------------------
+-- The other endpoints
+
+local function model_entries(state)
+  local cfg = state.config
+  local env = gconfig.env_for(cfg, nil)
+  local out, seen = {}, {}
+  local function add(id, owner)
+    if type(id) == "string" and not seen[id] then
+      seen[id] = true
+      out[#out + 1] = { id = id, owner = owner }
+    end
+  end
+  for _, name in ipairs(gconfig.provider_names(cfg)) do
+    local a = loader.load("provider", name, state.path)
+    if a then
+      local pc = provider_config.cached(name, a, env)
+      add(pc.model, name)
+      local p = cfg.providers[name]
+      for _, m in ipairs(p and p.models or {}) do
+        add(m, name)
+      end
+    end
+  end
+  local aliases = {}
+  for name in pairs(cfg.aliases) do
+    aliases[#aliases + 1] = name
+  end
+  table.sort(aliases)
+  for _, name in ipairs(aliases) do
+    add(name, "aiorch")
+  end
+  return out
+end
+
+local function serve_models(x)
+  local shape = x.shape == anthropic and anthropic or openai
+  x:respond(200, {}, shape.models(model_entries(x.state)))
+end
+
+local function serve_health(x)
+  local state = x.state
+  local env = gconfig.env_for(state.config, nil)
+  local parts, any = {}, false
+  for _, name in ipairs(gconfig.provider_names(state.config)) do
+    local a = loader.load("provider", name, state.path)
+    if a then
+      local pc = provider_config.cached(name, a, env)
+      local hl = metrics.health(name)
+      any = any or (pc.available and hl.healthy)
+      parts[#parts + 1] = fmt('%s:{"available":%s,"healthy":%s,"failures":%d}', common.json_string(name),
+        tostring(pc.available), tostring(hl.healthy), hl.failures)
+    end
+  end
+  local status = state.draining and "draining" or (any and "ok" or "degraded")
+  x:respond(state.draining and 503 or 200, { ["cache-control"] = "no-cache" },
+    fmt('{"status":"%s","in_flight":%d,"providers":{%s}}', status, state.in_flight, concat(parts, ",")))
+end
+
+local function serve_metrics(x)
+  local state = x.state
+  x:respond(200, { ["content-type"] = prometheus.content_type },
+    prometheus.render({ requests = state.counts, in_flight = state.in_flight }))
+end
+
+local ROUTES = {
+  ["/v1/chat/completions"] = { POST = function(x) return serve_api(x, openai) end },
+  ["/v1/messages"] = { POST = function(x) return serve_api(x, anthropic) end },
+  ["/v1/orchestrate"] = { POST = serve_native },
+  ["/v1/models"] = { GET = serve_models },
+  ["/healthz"] = { GET = serve_health },
+  ["/metrics"] = { GET = serve_metrics },
+}
+local OPEN = { ["/healthz"] = true, ["/metrics"] = true } -- no client key needed
+
+local function allow_of(methods)
+  local out = {}
+  for m in pairs(methods) do
+    out[#out + 1] = m
+  end
+  table.sort(out)
+  return concat(out, ", ")
+end
+
+local function dispatch(x)
+  local req, state = x.req, x.state
+  local route = x.route
+  local methods = ROUTES[route]
+  if not methods then
+    return x:fail(404, fmt("Unknown request URL: %s %s", req.method, route))
+  end
+  local keys = state.config.client_keys
+  if keys and not OPEN[route] then
+    local k = client_key(req.headers)
+    local good = false
+    if k then
+      for _, want in ipairs(keys) do
+        good = same(k, want) or good
+      end
+    end
+    if not good then
+      return x:fail(401, k and "Incorrect API key provided." or "Missing API key (Authorization: Bearer or x-api-key).",
+        nil, { ["www-authenticate"] = "Bearer" })
+    end
+  end
+  local fn = methods[req.method] or (req.method == "HEAD" and methods.GET)
+  if not fn then
+    return x:fail(405, fmt("Method %s is not allowed on %s", req.method, route), nil,
+      { allow = allow_of(methods) })
+  end
+  if state.draining then
+    return x:fail(503, "the gateway is shutting down")
+  end
+  if #(req.body or "") > state.max_body then
+    return x:fail(413, fmt("request body too large (at most %d bytes)", state.max_body))
+  end
+  return fn(x)
+end
+
+local function access_line(x)
+  local parts = {
+    "method=" .. lv(x.req.method), "path=" .. lv(x.route), "status=" .. lv(x.status or 499),
+    "strategy=" .. lv(x.strategy or "-"), "provider=" .. lv(x.provider or "-"),
+    "attempts=" .. lv(x.attempts or "-"), fmt("latency_ms=%d", floor(now() - x.t0 + 0.5)),
+    fmt("tokens_in=%d", x.tokens_in or 0), fmt("tokens_out=%d", x.tokens_out or 0),
+    "stream=" .. tostring(x.stream or false), "id=" .. lv(x.id),
+  }
+  if x.broken then
+    parts[#parts + 1] = "stream_error=true"
+  end
+  if x.aborted then
+    parts[#parts + 1] = "client_gone=true"
+  end
+  return "aiorch: access " .. concat(parts, " ")
+end
+
+-- Ends the bookkeeping of a request, also when its task is cancelled
+-- (the client went away).
+local done_mt = {
+  __close = function(x)
+    local state = x.state
+    state.in_flight = state.in_flight - 1
+    if not x.status then
+      x.aborted = true
+    end
+    local key = (ROUTES[x.route] and x.route or "other") .. " " .. tostring(x.status or 499)
+    state.counts[key] = (state.counts[key] or 0) + 1
+    local sink = state.access_log
+    if sink then
+      local line = access_line(x)
+      if type(sink) == "function" then
+        pcall(sink, line)
+      else
+        io_stderr:write(line, "\n")
+      end
+    end
+  end,
+}
+
+local exchange_mt = { __index = Exchange, __close = done_mt.__close }
+
+local function handle(state, req, res)
+  state.in_flight = state.in_flight + 1
+  local route = req.path:match("^[^?]*")
+  local x <close> = setmetatable({
+    state = state, req = req, res = res, route = route, t0 = req.received_at or now(),
+    shape = shape_of(route, req.headers), id = new_id(state),
+  }, exchange_mt)
+  local ok, err = pcall(dispatch, x)
+  if not ok then
+    io_stderr:write("aiorch: error: gateway handler failed: ", tostring(err):gsub("[\r\n]+", " "), "\n")
+    if not x.started then
+      x:fail(500, "internal error in the gateway")
+    else
+      x.status = x.status or 500
+      res:abort()
+    end
+  end
+end
+
+------------------------------------------------------------------------------
+-- Starting and stopping
+
+local Handle = {}
+Handle.__index = Handle
+
+-- Stops taking new requests and waits up to timeout_ms for those in flight
+-- (server:shutdown stops accepting and lets them finish with connection:
+-- close; new requests on a kept-alive connection get 503 meanwhile).
+-- Returns true when none was cut, else false, n.
+function Handle:drain(timeout_ms)
+  local state = self.state
+  state.draining = true
+  timeout_ms = timeout_ms or state.config.drain_timeout_ms
+  local t0 = now()
+  local srv = self.server
+  if not self.closed and srv.shutdown then
+    pcall(srv.shutdown, srv, timeout_ms)
+  end
+  -- Handlers end their bookkeeping (the access log) right after the last byte.
+  while state.in_flight > 0 and now() - t0 < timeout_ms do
+    sleep(5)
+  end
+  local left = state.in_flight
+  self:close()
+  if left > 0 then
+    return false, left
+  end
+  return true
+end
+
+function Handle:close()
+  if self.closed then
+    return
+  end
+  self.closed = true
+  self.server:close()
+  self.park:cancel()
+end
+
+-- Waits until the gateway is closed (drain or close).
+function Handle:wait()
+  self.park:await()
+end
+
+function Handle:stats()
+  return { in_flight = self.state.in_flight, draining = self.state.draining }
+end
+
+local function park()
+  while true do
+    sleep(3600 * 1000)
+  end
+end
+
+-- opts: config (from aiorch.gateway.config) or config_file; host, port
+-- (override the config's listen); getenv (function(name), default
+-- os.getenv); path (user dirs); access_log (true: stderr, false, or a
+-- function(line)); timeout_ms (per provider call).
+-- Returns a handle {server, config, drain, close, wait} or nil, message.
+function _M.start(opts)
+  opts = opts or {}
+  local cfg = opts.config
+  local getenv = opts.getenv
+  if type(getenv) == "table" then
+    local t = getenv
+    getenv = function(k) return t[k] end
+  end
+  if not cfg then
+    if opts.config_file then
+      local err
+      cfg, err = gconfig.load(opts.config_file, getenv, opts.path)
+      if not cfg then
+        return nil, err
+      end
+    else
+      local err
+      cfg, err = gconfig.default(getenv, opts.path)
+      if not cfg then
+        return nil, err
+      end
+    end
+  end
+  local access = opts.access_log
+  if access == nil then
+    access = cfg.access_log
+  end
+  local state = {
+    config = cfg, path = opts.path, in_flight = 0, draining = false, seq = 0, counts = {},
+    tag = fmt("%04x", random(0, 0xffff)),
+    max_body = cfg.max_body, access_log = access, timeout_ms = opts.timeout_ms,
+  }
+  local listen = { host = opts.host or cfg.host, port = opts.port or cfg.port,
+    -- Room above the limit, so that most oversized bodies get the API's own 413.
+    max_body = cfg.max_body * 2,
+    handler = function(req, res) return handle(state, req, res) end }
+  for k, v in pairs(cfg.server) do
+    listen[k] = v
+  end
+  local ok, srv, kind, msg = pcall(aiorch.server.listen, listen)
+  if not ok then
+    return nil, "listen: " .. tostring(srv)
+  end
+  if not srv then
+    return nil, fmt("cannot listen on %s:%s: %s", tostring(listen.host), tostring(listen.port),
+      tostring(msg or kind))
+  end
+  return setmetatable({ server = srv, config = cfg, state = state, closed = false, park = spawn(park),
+    host = listen.host, port = srv.port }, Handle)
+end
+
+return _M

@@ -1,0 +1,520 @@
+-- `aiorch serve` as a production server: the server's limits and graceful
+-- shutdown (aiorch.server directly), then real `aiorch serve --workers 2`
+-- processes (master + workers) in front of the mock providers.
+local aiorch = require "aiorch"
+
+local process = aiorch.process
+local fmt = string.format
+
+local HOST = "127.0.0.1"
+local EXE = process.exe()
+
+local function wait_for(cond, ms)
+  local deadline = aiorch.now() + (ms or 5000)
+  repeat
+    local v = cond()
+    if v then
+      return v
+    end
+    aiorch.sleep(10)
+  until aiorch.now() > deadline
+  return cond()
+end
+
+local function slurp(path)
+  local f = io.open(path, "rb")
+  if not f then
+    return nil
+  end
+  local s = f:read("a")
+  f:close()
+  return s
+end
+
+local function tmpname()
+  local p = os.tmpname()
+  os.remove(p)
+  return p
+end
+
+local started = {} -- pids to stop at the end, whatever happens
+
+local function start(argv, opts)
+  local pid = assert(process.spawn(argv, opts))
+  started[#started + 1] = pid
+  return pid
+end
+
+local function stop_all()
+  for _, pid in ipairs(started) do
+    if process.kill(pid, "SIGKILL") then
+      process.wait(pid, 5000)
+    end
+  end
+  started = {}
+end
+
+-- A raw TCP client (python3): sends the bytes of `data`, then reads until
+-- the server closes; returns what it got and the seconds it took.
+local RAW = [[
+import socket, sys, time
+port, infile, out = int(sys.argv[1]), sys.argv[2], sys.argv[3]
+t0 = time.time()
+s = socket.create_connection(("127.0.0.1", port))
+s.settimeout(10)
+data = open(infile, "rb").read()
+if data:
+    s.sendall(data)
+got = []
+try:
+    while True:
+        b = s.recv(65536)
+        if not b:
+            break
+        got.append(b)
+except Exception as e:
+    got.append(("<client error: %s>" % e).encode())
+open(out, "wb").write(("%.3f\n" % (time.time() - t0)).encode() + b"".join(got))
+]]
+
+local raw_script = tmpname() .. ".py"
+do
+  local f = assert(io.open(raw_script, "w"))
+  f:write(RAW)
+  f:close()
+end
+
+-- Runs the raw client to completion; returns the response bytes and seconds.
+local function raw(port, data)
+  local infile, out = tmpname(), tmpname()
+  local f = assert(io.open(infile, "wb"))
+  f:write(data or "")
+  f:close()
+  local pid = start { "python3", raw_script, tostring(port), infile, out }
+  assert.equal(0, process.wait(pid, 15000))
+  local got = slurp(out)
+  os.remove(infile)
+  os.remove(out)
+  local secs, rest = got:match("^([%d.]+)\n(.*)$")
+  return rest, tonumber(secs)
+end
+
+local function listen(opts, handler)
+  opts.host = HOST
+  opts.port = opts.port or 0
+  opts.handler = handler or function(_, res)
+    res:respond(200, { ["content-type"] = "text/plain" }, "ok")
+  end
+  return assert(aiorch.server.listen(opts))
+end
+
+local function get(port, path, headers, timeout_ms)
+  return aiorch.http.request {
+    url = fmt("http://%s:%d%s", HOST, port, path or "/"),
+    headers = headers,
+    timeout_ms = timeout_ms or 10000,
+  }
+end
+
+describe("aiorch.server limits", function()
+  it("closes an idle connection after idle_timeout_ms, silently", function()
+    local srv = listen { idle_timeout_ms = 200 }
+    local got, secs = raw(srv.port, "")
+    assert.equal("", got)
+    assert.is_true(secs >= 0.15 and secs < 3, "closed after " .. secs)
+    assert.equal(1, srv:stats().timed_out)
+    srv:close()
+  end)
+
+  it("closes an idle keep-alive connection between requests", function()
+    local srv = listen { idle_timeout_ms = 200 }
+    local got, secs = raw(srv.port, "GET / HTTP/1.1\r\nhost: x\r\n\r\n")
+    assert.truthy(got:find("^HTTP/1.1 200"))
+    assert.is_true(secs >= 0.15 and secs < 3)
+    srv:close()
+  end)
+
+  it("answers 408 when the headers do not arrive within header_timeout_ms", function()
+    local srv = listen { header_timeout_ms = 200 }
+    local got, secs = raw(srv.port, "GET / HTTP/1.1\r\nhost: x\r\n")
+    assert.truthy(got:find("^HTTP/1.1 408"), got)
+    assert.truthy(got:find("connection: close", 1, true))
+    assert.is_true(secs >= 0.15 and secs < 3)
+    srv:close()
+  end)
+
+  it("answers 408 when the body stalls for read_timeout_ms", function()
+    local srv = listen { read_timeout_ms = 200 }
+    local got = raw(srv.port, "POST / HTTP/1.1\r\nhost: x\r\ncontent-length: 10\r\n\r\nabc")
+    assert.truthy(got:find("^HTTP/1.1 408"), got)
+    srv:close()
+  end)
+
+  it("answers 431 beyond max_header", function()
+    local srv = listen { max_header = 1024 }
+    local got = raw(srv.port, "GET / HTTP/1.1\r\nhost: x\r\nx-big: " .. ("a"):rep(2000) .. "\r\n\r\n")
+    assert.truthy(got:find("^HTTP/1.1 431"), got)
+    -- under the limit: served
+    local status = get(srv.port, "/", { ["x-small"] = ("a"):rep(500) })
+    assert.equal(200, status)
+    srv:close()
+  end)
+
+  it("answers 503 to connections beyond max_connections", function()
+    local srv = listen({ max_connections = 2 }, function(_, res)
+      aiorch.sleep(400)
+      res:respond(200, nil, "slow")
+    end)
+    local a = aiorch.spawn(get, srv.port, "/a")
+    local b = aiorch.spawn(get, srv.port, "/b")
+    aiorch.sleep(100)
+    local got = raw(srv.port, "GET / HTTP/1.1\r\nhost: x\r\n\r\n")
+    assert.truthy(got:find("^HTTP/1.1 503"), got)
+    assert.equal(200, a:await())
+    assert.equal(200, b:await())
+    assert.equal(1, srv:stats().refused)
+    assert.equal(200, (get(srv.port, "/c")))
+    srv:close()
+  end)
+
+  it("raises on bad limit options", function()
+    assert.has_error(function() listen { max_connections = -1 } end)
+    assert.has_error(function() listen { idle_timeout_ms = "x" } end)
+    assert.has_error(function() listen { reuseport = 1 } end)
+    assert.has_error(function() listen { max_header = 1.5 } end)
+  end)
+
+  it("lets several servers share a port with reuseport", function()
+    local a = listen { reuseport = true }
+    local b = listen { reuseport = true, port = a.port }
+    assert.equal(a.port, b.port)
+    local c, kind = aiorch.server.listen { host = HOST, port = a.port, handler = function() end }
+    assert.is_nil(c)
+    assert.equal("listen", kind)
+    b:close()
+    assert.equal(200, (get(a.port, "/")))
+    a:close()
+  end)
+end)
+
+describe("aiorch.server shutdown", function()
+  it("finishes the request in flight with connection: close and returns 0", function()
+    local srv = listen({}, function(_, res)
+      aiorch.sleep(300)
+      res:respond(200, nil, "done")
+    end)
+    local port = srv.port
+    local idle = aiorch.spawn(raw, port, "GET / HTTP/1.1\r\nhost: x\r\n\r\n") -- keep-alive, then idle
+    assert.truthy(wait_for(function() return srv:stats().requests == 1 end))
+    local t = aiorch.spawn(get, port, "/slow")
+    assert.truthy(wait_for(function() return srv:stats().requests == 2 end))
+    aiorch.sleep(350) -- both served: their connections are idle
+    local t2 = aiorch.spawn(get, port, "/slow2")
+    assert.truthy(wait_for(function() return srv:stats().requests == 3 end))
+    local t0 = aiorch.now()
+    local cut = srv:shutdown(5000)
+    assert.equal(0, cut)
+    assert.is_true(aiorch.now() - t0 < 2000)
+    local status, headers, body = t2:await()
+    assert.equal(200, status)
+    assert.equal("done", body)
+    assert.equal("close", headers.connection)
+    assert.equal(200, (t:await()))
+    local got, secs = idle:await()
+    assert.truthy(got:find("^HTTP/1.1 200"))
+    assert.is_true(secs < 3) -- closed by the shutdown, not by a timeout
+    -- not accepting any more
+    local s2, kind = get(port, "/late", nil, 2000)
+    assert.is_nil(s2)
+    assert.equal("connect", kind)
+    assert.equal(0, srv:shutdown(10)) -- done already
+    assert.is_table(srv:stats())
+    srv:close()
+    assert.has_error(function() srv:stats() end)
+  end)
+
+  it("cuts what is left at the deadline and returns the count", function()
+    local srv = listen({}, function(_, res)
+      aiorch.sleep(5000)
+      res:respond(200, nil, "never")
+    end)
+    local t = aiorch.spawn(get, srv.port, "/stuck")
+    wait_for(function() return srv:stats().requests == 1 end)
+    local t0 = aiorch.now()
+    assert.equal(1, srv:shutdown(100))
+    assert.is_true(aiorch.now() - t0 < 1000)
+    local status = t:await()
+    assert.is_nil(status)
+    srv:close()
+  end)
+
+  it("raises on misuse", function()
+    local srv = listen({}, function(_, res)
+      aiorch.sleep(300)
+      res:respond(200, nil, "x")
+    end)
+    assert.has_error(function() srv:shutdown(-1) end)
+    local co = coroutine.wrap(function() return pcall(srv.shutdown, srv, 10) end)
+    local ok = co()
+    assert.is_false(ok)
+    local t = aiorch.spawn(get, srv.port, "/")
+    wait_for(function() return srv:stats().requests == 1 end)
+    local s = aiorch.spawn(function() return srv:shutdown(2000) end)
+    aiorch.sleep(10)
+    assert.has_error(function() srv:shutdown(10) end) -- already shutting down
+    assert.equal(0, s:await())
+    assert.equal(200, (t:await()))
+    srv:close()
+    assert.has_error(function() srv:shutdown(10) end) -- closed
+  end)
+
+  it("closes at once when the shutdown is cancelled", function()
+    local srv = listen({}, function(_, res)
+      aiorch.sleep(5000)
+      res:respond(200, nil, "never")
+    end)
+    local t = aiorch.spawn(get, srv.port, "/stuck")
+    wait_for(function() return srv:stats().requests == 1 end)
+    local s = aiorch.spawn(function() return srv:shutdown(5000) end)
+    aiorch.sleep(20)
+    assert.equal("waiting", s:status())
+    assert.is_true(s:cancel())
+    assert.is_nil((t:await(2000)))
+    assert.equal(0, srv:stats().open)
+    srv:close()
+  end)
+end)
+
+-- ---- the real thing ------------------------------------------------------
+
+-- Starts the mock providers; returns pid, port.
+local function start_mock(extra)
+  local out = tmpname()
+  local argv = { EXE, "run", "tests/mock_server.lua" }
+  for _, a in ipairs(extra or {}) do
+    argv[#argv + 1] = a
+  end
+  local pid = start(argv, { stdout = out })
+  local port = wait_for(function()
+    local s = slurp(out)
+    return s and tonumber(s:match("PORT (%d+)"))
+  end)
+  os.remove(out)
+  assert(port, "the mock did not start")
+  return pid, port
+end
+
+-- A free port for a server of ours (bound and released).
+local function free_port()
+  local s = assert(aiorch.server.listen { host = HOST, port = 0, handler = function() end })
+  local port = s.port
+  s:close()
+  return port
+end
+
+local function children(pid)
+  local p = io.popen("pgrep -P " .. pid)
+  local list = {}
+  for line in p:lines() do
+    list[#list + 1] = tonumber(line)
+  end
+  p:close()
+  table.sort(list)
+  return list
+end
+
+local function wchar(pid)
+  local s = slurp("/proc/" .. pid .. "/io")
+  return s and tonumber(s:match("wchar: (%d+)")) or 0
+end
+
+local function chat(port, timeout_ms)
+  return aiorch.http.request {
+    method = "POST",
+    url = fmt("http://%s:%d/v1/chat/completions", HOST, port),
+    headers = { ["content-type"] = "application/json", connection = "close" },
+    body = '{"model":"gpt-4o-mini","messages":[{"role":"user","content":"hi"}]}',
+    timeout_ms = timeout_ms or 10000,
+  }
+end
+
+-- Starts `aiorch serve --workers 2` against the mock at mock_port.
+local function start_serve(mock_port, log)
+  local port = free_port()
+  local base = fmt("http://%s:%d", HOST, mock_port)
+  local pid = start({ EXE, "serve", "--workers", "2", "--listen", fmt("%s:%d", HOST, port) }, {
+    stderr = log,
+    env = {
+      OPENAI_API_KEY = "test-key", OPENAI_BASE_URL = base .. "/v1",
+      ANTHROPIC_API_KEY = "test-key", ANTHROPIC_BASE_URL = base,
+    },
+  })
+  assert(wait_for(function() return #children(pid) == 2 and (get(port, "/healthz", nil, 500)) == 200 end, 10000),
+    "serve did not start: " .. tostring(slurp(log)))
+  assert(wait_for(function() return (slurp(log) or ""):find("2 workers listening") end, 10000))
+  return pid, port
+end
+
+describe("aiorch serve --workers 2", function()
+  local mock_port, slow_port
+  local log = tmpname()
+
+  setup(function()
+    mock_port = select(2, start_mock())
+    slow_port = select(2, start_mock { "--latency-ms", "800" })
+  end)
+
+  teardown(function()
+    stop_all()
+    os.remove(log)
+    os.remove(raw_script)
+  end)
+
+  it("spreads requests over both workers, restarts a killed one, reloads on SIGHUP", function()
+    local master, port = start_serve(mock_port, log)
+    local workers = children(master)
+    assert.equal(2, #workers)
+
+    -- Fresh connections reach both workers (each writes its access log line).
+    local before = { wchar(workers[1]), wchar(workers[2]) }
+    for _ = 1, 40 do
+      assert.equal(200, (chat(port)))
+    end
+    assert.is_true(wchar(workers[1]) > before[1], "worker 1 served nothing")
+    assert.is_true(wchar(workers[2]) > before[2], "worker 2 served nothing")
+
+    -- SIGKILL a worker: the master starts another.
+    assert.is_true(process.kill(workers[1], "SIGKILL"))
+    local now_workers = wait_for(function()
+      local c = children(master)
+      return #c == 2 and c[1] ~= workers[1] and c[2] ~= workers[1] and c
+    end, 5000)
+    assert.truthy(now_workers, "the killed worker was not replaced")
+    assert.truthy(slurp(log):find("died %(signal SIGKILL%); restarting"))
+    assert.truthy(wait_for(function() return (chat(port, 2000)) == 200 end))
+
+    -- SIGHUP: a new generation, no request failed meanwhile.
+    local old = children(master)
+    local failures, done, running = {}, 0, true
+    local load = aiorch.spawn(function()
+      while running do
+        local status, kind, msg = chat(port)
+        if status ~= 200 then
+          failures[#failures + 1] = tostring(status or kind) .. " " .. tostring(msg)
+        end
+        done = done + 1
+      end
+    end)
+    aiorch.sleep(100)
+    assert.is_true(process.kill(master, "SIGHUP"))
+    local fresh = wait_for(function()
+      local c = children(master)
+      if #c ~= 2 then
+        return false
+      end
+      for _, p in ipairs(c) do
+        if p == old[1] or p == old[2] then
+          return false
+        end
+      end
+      return c
+    end, 10000)
+    aiorch.sleep(200)
+    running = false
+    load:await(15000)
+    assert.truthy(fresh, "no new generation")
+    assert.is_true(done > 5, "too few requests during the reload: " .. done)
+    assert.are.same({}, failures)
+    assert.truthy(slurp(log):find("reload: generation 2 listening"))
+
+    -- SIGTERM with nothing in flight: exits 0.
+    assert.is_true(process.kill(master, "SIGTERM"))
+    assert.equal(0, process.wait(master, 15000))
+    assert.are.same({}, children(master))
+    local stopped = 0
+    for how in slurp(log):gmatch("stopped: ([^\n]+)") do -- the drained workers (old generation too)
+      assert.equal("exit status 0", how)
+      stopped = stopped + 1
+    end
+    assert.equal(4, stopped)
+  end)
+
+  it("on SIGTERM finishes the request in flight and exits 0", function()
+    local slog = tmpname()
+    local master, port = start_serve(slow_port, slog)
+    local t = aiorch.spawn(chat, port, 10000)
+    aiorch.sleep(300) -- in flight: the mock answers after 800 ms
+    local t0 = aiorch.now()
+    assert.is_true(process.kill(master, "SIGTERM"))
+    local status, _, body = t:await()
+    assert.equal(200, status)
+    assert.truthy(body:find("mock openai", 1, true))
+    assert.equal(0, process.wait(master, 15000))
+    assert.is_true(aiorch.now() - t0 < 5000)
+    -- and the port is closed
+    assert.is_nil((get(port, "/healthz", nil, 1000)))
+    os.remove(slog)
+  end)
+
+  it("refuses --workers with port 0, and runs one process with --workers 0", function()
+    local pid = start { EXE, "serve", "--workers", "2", "--listen", "127.0.0.1:0" }
+    assert.equal(2, process.wait(pid, 10000))
+    local port = free_port()
+    local slog = tmpname()
+    pid = start({ EXE, "serve", "--workers", "0", "--listen", fmt("%s:%d", HOST, port) }, {
+      stderr = slog,
+      env = { OPENAI_API_KEY = "k", OPENAI_BASE_URL = fmt("http://%s:%d/v1", HOST, mock_port) },
+    })
+    assert.truthy(wait_for(function() return (get(port, "/healthz", nil, 500)) == 200 end, 10000))
+    assert.are.same({}, children(pid))
+    process.kill(pid, "SIGHUP") -- ignored
+    aiorch.sleep(100)
+    assert.equal(200, (chat(port)))
+    process.kill(pid, "SIGTERM")
+    assert.equal(0, process.wait(pid, 10000))
+    os.remove(slog)
+  end)
+
+  it("stops its workers when the master is killed", function()
+    local slog = tmpname()
+    local master, port = start_serve(mock_port, slog)
+    local workers = children(master)
+    process.kill(master, "SIGKILL")
+    process.wait(master, 5000)
+    local function gone(pid) -- exited (a zombie until someone reaps it) or reaped
+      local st = slurp("/proc/" .. pid .. "/stat")
+      return not st or st:match("^%d+ %b() (%a)") == "Z"
+    end
+    assert.truthy(wait_for(function() return gone(workers[1]) and gone(workers[2]) end, 10000),
+      "orphaned workers")
+    assert.is_nil((get(port, "/healthz", nil, 500)))
+    os.remove(slog)
+  end)
+end)
+
+describe("aiorch.gateway.master", function()
+  it("restarts a worker that keeps dying with a growing backoff, and stops on SIGTERM", function()
+    local master = require "aiorch.gateway.master"
+    local lines = {}
+    local t = aiorch.spawn(master.run, {
+      argv = { "sh", "-c", "exit 3" }, workers = 1, ready_timeout_ms = 50,
+      log = function(line) lines[#lines + 1] = line end,
+    })
+    aiorch.sleep(1000)
+    assert.is_true(process.kill(process.pid(), "SIGTERM")) -- caught by the master's signal.wait
+    assert.equal(0, t:await(5000))
+    for _, sig in ipairs { "SIGTERM", "SIGINT", "SIGQUIT", "SIGHUP" } do
+      aiorch.signal.reset(sig)
+    end
+    local delays = {}
+    for _, line in ipairs(lines) do
+      local d = line:match("died %(exit status 3%); restarting in (%d+) ms")
+      if d then
+        delays[#delays + 1] = tonumber(d)
+      end
+    end
+    assert.are.same({ 100, 200, 400 }, { delays[1], delays[2], delays[3] })
+    assert.is_true(#delays <= 5, "no backoff: " .. #delays .. " restarts")
+    assert.truthy(lines[#lines]:find("SIGTERM: stopping") or lines[#lines]:find("stopped"))
+  end)
+end)
