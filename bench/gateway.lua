@@ -1,0 +1,563 @@
+-- The gateway benchmark: build/aiorch run bench/gateway.lua [SECONDS] [STREAMS] [PARTS]
+-- Runs `aiorch serve` as a subprocess in front of the mock providers at 0 ms
+-- and prints, with a verdict per target (met / NOT met):
+--   * the latency the gateway adds over calling the mock directly, measured
+--     with wrk in the same run: 1 connection (p50, p99) and 64 connections (p99);
+--   * the gateway's own CPU time per request (utime + stime of its processes,
+--     from /proc) for `single`, and for `fallback` when the first provider
+--     always answers 500; the requests per second through it;
+--   * the RSS of an idle worker, and the peak RSS of the gateway while it
+--     carries STREAMS (default 10,000) concurrent streams from a slow-streaming
+--     mock, every one checked complete and in order;
+--   * the time from a `fastest` winner's first byte to the loser's socket
+--     closing, seen by the mock (which runs inside this process for that).
+-- SECONDS (default 5) is the length of each wrk run; PARTS (default all) a
+-- comma-separated choice of latency, streams, fastest. Needs wrk (Debian: apt-get install wrk);
+-- installs nothing.
+local aiorch = require "aiorch"
+local mock = require "aiorch.mock"
+local cjson = require "cjson.safe"
+
+local fmt = string.format
+local concat = table.concat
+
+local args = table.pack(...)
+local SECONDS = math.tointeger(tonumber(args[1] or "")) or 5
+local STREAMS = math.tointeger(tonumber(args[2] or "")) or 10000
+local PARTS = {}
+for p in (args[3] or "latency,streams,fastest"):gmatch("[^,%s]+") do PARTS[p] = true end
+local BUILD = os.getenv("AIORCH_BUILD") or "build"
+local EXE = BUILD .. "/aiorch"
+local HOST = "127.0.0.1"
+
+local TARGETS = {
+  p50_added_us = 100, p99_added_us = 250, p99_added_64_us = 1000, cpu_single_us = 50,
+  rps_single = 15000, idle_rss_mib = 10, streams_rss_mib = 350, abort_ms = 1,
+}
+
+------------------------------------------------------------------------------
+-- Processes
+
+local function sh_quote(s)
+  return "'" .. tostring(s):gsub("'", "'\\''") .. "'"
+end
+
+local function capture(cmd)
+  local p = io.popen(cmd, "r")
+  local out = p:read("a")
+  p:close()
+  return out
+end
+
+local function have(cmd)
+  return os.execute("command -v " .. cmd .. " >/dev/null 2>&1")
+end
+
+local function own_pid()
+  local f = assert(io.open("/proc/self/stat"))
+  local pid = f:read("n")
+  f:close()
+  return pid
+end
+
+-- aiorch (the gateway) on CPU 0; the mock, wrk and this process on CPU 1.
+local PIN = have("taskset") and tonumber(capture("nproc")) >= 2
+if PIN then os.execute("taskset -cp 1 " .. own_pid() .. " >/dev/null") end
+local function pin(cpu) return PIN and fmt("taskset -c %d ", cpu) or "" end
+-- Children inherit this process's CPU; "unpinned" ones get every CPU back.
+local ANY_CPU = PIN and fmt("taskset -c 0-%d ", tonumber(capture("nproc")) - 1) or ""
+
+local TMP = capture("mktemp -d /tmp/aiorch-gateway-bench.XXXXXX"):match("%S+")
+local started = {} -- pid -> pipe
+
+-- Starts cmd (exec'ed by sh, so the pid is the program's); returns pid, pipe.
+-- With `log`, its output goes to that file instead of the pipe.
+local function start(cmd, env, log)
+  local parts = { "echo $$; exec env" }
+  for k, v in pairs(env or {}) do parts[#parts + 1] = k .. "=" .. sh_quote(v) end
+  parts[#parts + 1] = cmd
+  if log then parts[#parts + 1] = ">" .. sh_quote(log) .. " 2>&1" end
+  local p = assert(io.popen(concat(parts, " "), "r"))
+  local pid = math.tointeger(tonumber(p:read("l") or ""))
+  assert(pid, "could not start: " .. cmd)
+  started[pid] = p
+  return pid, p
+end
+
+local function alive(pid)
+  local f = io.open(fmt("/proc/%d/stat", pid))
+  if not f then return false end
+  local s = f:read("a")
+  f:close()
+  return s:match("%) (%a)") ~= "Z"
+end
+
+local tree -- below
+
+-- SIGTERM (the gateway drains), then SIGKILL after 5 s to it and whatever
+-- of its workers is left; by pid.
+local function stop(pid)
+  local p = started[pid]
+  if not p then return end
+  started[pid] = nil
+  local pids = tree(pid)
+  os.execute(fmt("kill -TERM %d 2>/dev/null", pid))
+  local t0 = aiorch.now()
+  while alive(pid) and aiorch.now() - t0 < 5000 do aiorch.sleep(20) end
+  for _, q in ipairs(pids) do
+    if alive(q) then os.execute(fmt("kill -KILL %d 2>/dev/null", q)) end
+  end
+  p:close()
+end
+
+local function stop_all()
+  for pid in pairs(started) do stop(pid) end
+end
+
+local function start_mock(extra, unpinned)
+  local pid, p = start((unpinned and ANY_CPU or pin(1)) .. EXE .. " run tests/mock_server.lua " .. (extra or ""))
+  local line = p:read("l") or ""
+  local port = line:match("^PORT (%d+)")
+  assert(port, "the mock did not start: " .. line)
+  return tonumber(port), pid
+end
+
+-- The process and its descendants (a master and its workers).
+function tree(pid)
+  local out = { pid }
+  local i = 1
+  while out[i] do
+    local f = io.open(fmt("/proc/%d/task/%d/children", out[i], out[i]))
+    if f then
+      for c in f:read("a"):gmatch("%d+") do out[#out + 1] = tonumber(c) end
+      f:close()
+    end
+    i = i + 1
+  end
+  return out
+end
+
+local CLK_TCK = tonumber(capture("getconf CLK_TCK")) or 100
+
+-- utime + stime of the processes, in seconds.
+local function cpu_seconds(pids)
+  local total = 0
+  for _, pid in ipairs(pids) do
+    local f = io.open(fmt("/proc/%d/stat", pid))
+    if f then
+      local s = f:read("a")
+      f:close()
+      local fields = {}
+      for v in s:match("%) (.*)"):gmatch("%S+") do fields[#fields + 1] = v end
+      total = total + (tonumber(fields[12]) + tonumber(fields[13])) / CLK_TCK
+    end
+  end
+  return total
+end
+
+-- A field of /proc/PID/status in KiB (VmRSS, VmHWM).
+local function status_kib(pid, field)
+  local f = io.open(fmt("/proc/%d/status", pid))
+  if not f then return 0 end
+  local s = f:read("a")
+  f:close()
+  return tonumber(s:match(field .. ":%s*(%d+)")) or 0
+end
+
+local function sum_kib(pids, field)
+  local t = 0
+  for _, pid in ipairs(pids) do t = t + status_kib(pid, field) end
+  return t
+end
+
+local HELP = capture(EXE .. " --help 2>&1")
+local HAS_WORKERS = HELP:find("--workers", 1, true) ~= nil
+
+local function env_for(port, openai_directives, anthropic_directives)
+  local function prefix(d) return d and ("/_mock/" .. d) or "" end
+  return {
+    OPENAI_API_KEY = "sk-bench", ANTHROPIC_API_KEY = "sk-ant-bench",
+    OPENAI_BASE_URL = fmt("http://%s:%d%s/v1", HOST, port, prefix(openai_directives)),
+    ANTHROPIC_BASE_URL = fmt("http://%s:%d%s", HOST, port, prefix(anthropic_directives)),
+  }
+end
+
+local function free_port()
+  local srv = aiorch.server.listen { host = HOST, port = 0, handler = function() end }
+  local port = srv.port
+  srv:close()
+  return port
+end
+
+-- Starts `aiorch serve` and waits for /healthz; returns {pid, url, port, log}.
+local function start_gateway(name, env, opts)
+  opts = opts or {}
+  local port = free_port()
+  local log = fmt("%s/%s.log", TMP, name)
+  local cmd = { (opts.unpinned and ANY_CPU or pin(0)) .. EXE, "serve", "--listen", fmt("%s:%d", HOST, port) }
+  if HAS_WORKERS and not opts.unpinned then cmd[#cmd + 1] = "--workers " .. (opts.workers or 1) end
+  if opts.config then
+    local path = fmt("%s/%s.config.lua", TMP, name)
+    local f = assert(io.open(path, "w"))
+    f:write(opts.config)
+    f:close()
+    cmd[#cmd + 1] = "--config " .. sh_quote(path)
+  end
+  local pid = start(concat(cmd, " "), env, log)
+  local url = fmt("http://%s:%d", HOST, port)
+  local t0 = aiorch.now()
+  while true do
+    local status = aiorch.http.request { url = url .. "/healthz", timeout_ms = 1000 }
+    if status == 200 then break end
+    if not alive(pid) or aiorch.now() - t0 > 15000 then
+      local f = io.open(log)
+      local text = f and f:read("a") or ""
+      if f then f:close() end
+      error(fmt("aiorch serve (%s) did not become healthy: %s", name, text:sub(-2000)))
+    end
+    aiorch.sleep(20)
+  end
+  aiorch.sleep(200) -- let every worker come up
+  return { pid = pid, url = url, port = port, log = log }
+end
+
+------------------------------------------------------------------------------
+-- wrk
+
+local BODY = '{"model":"gpt-4o-mini","max_tokens":16,'
+  .. '"messages":[{"role":"user","content":"How fast is this?"}]}'
+
+local WRK_SCRIPT = [[
+wrk.method = "POST"
+wrk.body = os.getenv("BENCH_BODY")
+wrk.headers["Content-Type"] = "application/json"
+wrk.headers["Authorization"] = "Bearer sk-bench"
+local strategy, providers = os.getenv("BENCH_STRATEGY"), os.getenv("BENCH_PROVIDERS")
+if strategy and strategy ~= "" then wrk.headers["X-Aiorch-Strategy"] = strategy end
+if providers and providers ~= "" then wrk.headers["X-Aiorch-Providers"] = providers end
+function done(summary, latency, requests)
+  local e = summary.errors
+  io.write(string.format(
+    "WRK requests=%d duration_us=%d status_errors=%d socket_errors=%d p50=%d p90=%d p99=%d max=%d\n",
+    summary.requests, summary.duration, e.status, e.connect + e.read + e.write + e.timeout,
+    latency:percentile(50), latency:percentile(90), latency:percentile(99), latency.max))
+end
+]]
+local WRK_LUA = TMP .. "/post.lua"
+do
+  local f = assert(io.open(WRK_LUA, "w"))
+  f:write(WRK_SCRIPT)
+  f:close()
+end
+
+-- Runs wrk against url; returns {requests, rps, p50, p90, p99 (µs), errors}.
+local function wrk(url, conns, seconds, strategy, providers, unpinned)
+  local cmd = fmt("BENCH_BODY=%s BENCH_STRATEGY=%s BENCH_PROVIDERS=%s %swrk -t1 -c%d -d%ds --timeout 10s -s %s %s",
+    sh_quote(BODY), sh_quote(strategy or ""), sh_quote(providers or ""), unpinned and ANY_CPU or pin(1), conns, seconds,
+    sh_quote(WRK_LUA), sh_quote(url .. "/v1/chat/completions"))
+  local out = capture(cmd .. " 2>&1")
+  local r = {}
+  local line = out:match("WRK ([^\n]*)")
+  assert(line, "wrk failed: " .. out)
+  for k, v in line:gmatch("([%w_]+)=(%d+)") do r[k] = tonumber(v) end
+  r.rps = r.requests / (r.duration_us / 1e6)
+  r.errors = r.status_errors + r.socket_errors
+  return r
+end
+
+-- One request through the gateway: true when it answers 200 from `want`;
+-- otherwise prints why (the figures that follow are then not trustworthy).
+local function check_route(gw, strategy, providers, want)
+  local status, headers, body = aiorch.http.request {
+    method = "POST", url = gw.url .. "/v1/chat/completions", body = BODY,
+    headers = { ["content-type"] = "application/json", ["x-aiorch-strategy"] = strategy,
+      ["x-aiorch-providers"] = providers },
+  }
+  local by = headers and headers["x-aiorch-provider"]
+  if status == 200 and by == want then return true end
+  print(fmt("CHECK FAILED: %s over %s answered %s from %s (wanted 200 from %s): %s", strategy, providers,
+    tostring(status), tostring(by), want, tostring(body):sub(1, 200)))
+  return false
+end
+
+local function verdict(ok) return ok and "met" or "NOT met" end
+
+local function target(what, ok, figure)
+  print(fmt("target: %-52s %-8s (%s)", what, verdict(ok), figure))
+end
+
+------------------------------------------------------------------------------
+-- Parts
+
+local function latency_and_cpu(mock_port)
+  local gw = start_gateway("single", env_for(mock_port))
+  local workers = tree(gw.pid)
+  local idle_rss = 0
+  for i = (#workers > 1 and 2 or 1), #workers do idle_rss = math.max(idle_rss, status_kib(workers[i], "VmRSS")) end
+  local routed = check_route(gw, "single", "openai", "openai")
+  local direct_url = fmt("http://%s:%d", HOST, mock_port)
+
+  wrk(direct_url, 1, 1)
+  wrk(gw.url, 1, 1, "single", "openai")
+  local d1 = wrk(direct_url, 1, SECONDS)
+  local g1 = wrk(gw.url, 1, SECONDS, "single", "openai")
+
+  wrk(direct_url, 64, 1)
+  wrk(gw.url, 64, 1, "single", "openai")
+  local d64 = wrk(direct_url, 64, SECONDS)
+  local c0 = cpu_seconds(tree(gw.pid))
+  local g64 = wrk(gw.url, 64, SECONDS, "single", "openai")
+  local cpu_single = (cpu_seconds(tree(gw.pid)) - c0) / g64.requests * 1e6
+  aiorch.sleep(1000)
+  local after_rss = 0
+  for i = (#workers > 1 and 2 or 1), #workers do after_rss = math.max(after_rss, status_kib(workers[i], "VmRSS")) end
+  stop(gw.pid)
+
+  -- fallback: openai always answers 500, anthropic succeeds.
+  local fb = start_gateway("fallback", env_for(mock_port, "fault=500", nil))
+  local fb_routed = check_route(fb, "fallback", "openai,anthropic", "anthropic")
+  wrk(fb.url, 64, 1, "fallback", "openai,anthropic")
+  c0 = cpu_seconds(tree(fb.pid))
+  local f64 = wrk(fb.url, 64, SECONDS, "fallback", "openai,anthropic")
+  local cpu_fallback = (cpu_seconds(tree(fb.pid)) - c0) / f64.requests * 1e6
+  stop(fb.pid)
+
+  -- Throughput as a user would run it: nothing pinned, the gateway's default workers.
+  local free_mock, free_mock_pid = start_mock(nil, true)
+  local free = start_gateway("free", env_for(free_mock), { unpinned = true })
+  local free_workers = #tree(free.pid)
+  local free_direct_url = fmt("http://%s:%d", HOST, free_mock)
+  wrk(free_direct_url, 64, 1, nil, nil, true)
+  local dfree = wrk(free_direct_url, 64, SECONDS, nil, nil, true)
+  wrk(free.url, 64, 1, "single", "openai", true)
+  local gfree = wrk(free.url, 64, SECONDS, "single", "openai", true)
+  stop(free.pid)
+  stop(free_mock_pid)
+
+  print()
+  print(fmt("%-34s %5s %9s %8s %8s %8s %8s", "wrk POST /v1/chat/completions", "conns", "req/s", "p50 µs",
+    "p90 µs", "p99 µs", "errors"))
+  local function row(name, conns, r)
+    print(fmt("%-34s %5d %9.0f %8d %8d %8d %8d", name, conns, r.rps, r.p50, r.p90, r.p99, r.errors))
+  end
+  row("direct to the mock", 1, d1)
+  row("gateway single", 1, g1)
+  row("direct to the mock", 64, d64)
+  row("gateway single", 64, g64)
+  row("gateway fallback (500, then ok)", 64, f64)
+  row("direct to the mock, unpinned", 64, dfree)
+  row(fmt("gateway single, unpinned (%d procs)", free_workers), 64, gfree)
+  print(fmt("gateway CPU per request (utime+stime, /proc): single %.1f µs, fallback %.1f µs",
+    cpu_single, cpu_fallback))
+  print(fmt("worker RSS: %.1f MiB idle after start, %.1f MiB idle after the runs",
+    idle_rss / 1024, after_rss / 1024))
+  print()
+  local a50, a99, a99_64 = g1.p50 - d1.p50, g1.p99 - d1.p99, g64.p99 - d64.p99
+  local errors = g1.errors + g64.errors + (routed and 0 or 1)
+  target("p50 added at 1 connection <= 100 µs", a50 <= TARGETS.p50_added_us and errors == 0,
+    fmt("%d µs", a50))
+  target("p99 added at 1 connection <= 250 µs", a99 <= TARGETS.p99_added_us and errors == 0,
+    fmt("%d µs", a99))
+  target("p99 added at 64 connections <= 1 ms", a99_64 <= TARGETS.p99_added_64_us and errors == 0,
+    fmt("%d µs", a99_64))
+  target("gateway CPU per single request <= 50 µs", cpu_single <= TARGETS.cpu_single_us and routed,
+    fmt("%.1f µs; fallback %.1f µs%s", cpu_single, cpu_fallback,
+      (f64.errors > 0 or not fb_routed) and fmt(", fallback had %d errors", f64.errors) or ""))
+  local best = math.max(g64.rps, gfree.rps)
+  errors = errors + gfree.errors
+  target("single through the gateway >= 15,000 req/s", best >= TARGETS.rps_single and errors == 0,
+    fmt("%.0f req/s pinned, %.0f unpinned, %d errors", g64.rps, gfree.rps, errors))
+  target("idle worker RSS <= 10 MiB", math.max(idle_rss, after_rss) / 1024 <= TARGETS.idle_rss_mib,
+    fmt("%.1f MiB after start, %.1f MiB after load", idle_rss / 1024, after_rss / 1024))
+end
+
+-- STREAMS concurrent streams through the gateway from a slow-streaming mock.
+local CHUNKS, CHUNK_DELAY_MS = 20, 1500
+
+local function streams()
+  local words = {}
+  for i = 1, CHUNKS do words[i] = fmt("w%02d.", i) end
+  local text = concat(words) -- 4 bytes a word: the mock sends one word per chunk
+  local directives = fmt("chunks=%d,chunk_delay_ms=%d,text=%s", CHUNKS, CHUNK_DELAY_MS, text)
+  local mock_port, mock_pid = start_mock()
+  -- one worker holds at most ~2 fds per stream: two workers stay under the fd limit
+  local gw = start_gateway("streams", env_for(mock_port, directives, directives), {
+    workers = 2,
+    config = "return { access_log = false, server = { max_connections = 50000 } }\n",
+  })
+  local body = '{"model":"gpt-4o-mini","max_tokens":64,"stream":true,'
+    .. '"messages":[{"role":"user","content":"Stream to me"}]}'
+  local headers = { ["content-type"] = "application/json", ["x-aiorch-strategy"] = "single",
+    ["x-aiorch-providers"] = "openai" }
+  local open, peak_open, done, failures, first_failure = 0, 0, 0, 0, nil
+  local all_open_at = 0
+
+  local function one()
+    local got, deltas, finished, finish_reason, opened = {}, 0, false, nil, false
+    local status, kind, message = aiorch.http.request {
+      method = "POST", url = gw.url .. "/v1/chat/completions", headers = headers, body = body,
+      timeout_ms = 120000, connect_timeout_ms = 30000,
+      on_event = function(ev)
+        if not opened then
+          opened = true
+          open = open + 1
+          if open > peak_open then peak_open, all_open_at = open, aiorch.now() end
+        end
+        if ev.data == "[DONE]" then finished = true return end
+        local j = cjson.decode(ev.data)
+        local c = j and j.choices and j.choices[1]
+        if c and type(c.delta) == "table" and type(c.delta.content) == "string" and c.delta.content ~= "" then
+          deltas = deltas + 1
+          got[deltas] = c.delta.content
+        end
+        if c and type(c.finish_reason) == "string" then finish_reason = c.finish_reason end
+      end,
+    }
+    if opened then open = open - 1 end
+    local whole = concat(got)
+    local ok = status == 200 and finished and whole == text and deltas == CHUNKS and finish_reason == "stop"
+    if ok then
+      done = done + 1
+    else
+      failures = failures + 1
+      first_failure = first_failure or fmt("status %s %s %s, %d deltas, text %q, [DONE] %s",
+        tostring(status), tostring(kind), tostring(message), deltas, whole, tostring(finished))
+    end
+  end
+
+  local pids = tree(gw.pid)
+  local rss0 = sum_kib(pids, "VmRSS")
+  local peak, t0 = 0, aiorch.now()
+  local sampling = true
+  local sampler = aiorch.spawn(function()
+    while sampling do
+      local r = sum_kib(pids, "VmRSS")
+      if r > peak then peak = r end
+      aiorch.sleep(50)
+    end
+  end)
+  local tasks = {}
+  for i = 1, STREAMS do
+    tasks[i] = aiorch.spawn(one)
+    if i % 100 == 0 then aiorch.sleep(10) end -- a ramp, so that no listen backlog overflows
+  end
+  aiorch.gather(tasks)
+  sampling = false
+  sampler:await()
+  local wall = aiorch.now() - t0
+  local hwm = sum_kib(pids, "VmHWM")
+  stop(gw.pid)
+  stop(mock_pid)
+
+  print()
+  print(fmt("%d concurrent streams (%d chunks, %d ms apart, through `single`), %d gateway processes:",
+    STREAMS, CHUNKS, CHUNK_DELAY_MS, #pids))
+  print(fmt("  %d completed in order, %d failed; at most %d open at once (reached after %.1f s), %.1f s in all",
+    done, failures, peak_open, (all_open_at - t0) / 1000, wall / 1000))
+  if first_failure then print("  first failure: " .. first_failure) end
+  print(fmt("  gateway RSS (all its processes): %.1f MiB before, peak %.1f MiB sampled, %.1f MiB VmHWM",
+    rss0 / 1024, peak / 1024, hwm / 1024))
+  print()
+  local peak_mib = math.max(peak, hwm) / 1024
+  target(fmt("peak RSS with %d streams open at once <= 350 MiB", STREAMS),
+    peak_mib <= TARGETS.streams_rss_mib and peak_open == STREAMS,
+    fmt("%.1f MiB%s", peak_mib, peak_open < STREAMS and fmt(" with only %d open at once", peak_open) or ""))
+  target("every stream completed, no chunk lost or reordered", failures == 0 and done == STREAMS,
+    fmt("%d of %d", done, STREAMS))
+end
+
+-- `fastest`: from the winner's response being written to the loser's socket
+-- closing, both seen by an in-process mock on one clock.
+local function fastest()
+  local m = assert(mock.start { host = HOST, port = 0 })
+  local winner = { latency_ms = 20 }
+  local env = {
+    OPENAI_API_KEY = "sk-bench", ANTHROPIC_API_KEY = "sk-ant-bench",
+    OPENAI_BASE_URL = m:base_url("openai", winner),
+    ANTHROPIC_BASE_URL = m:base_url("anthropic", { latency_ms = 3000 }),
+  }
+  local gw = start_gateway("fastest", env)
+  local results = {}
+  for _, stream in ipairs { false, true } do
+    local gaps = {}
+    local body = stream and BODY:gsub("^{", '{"stream":true,') or BODY
+    for run = 1, 21 do
+      m:reset()
+      local status, headers = aiorch.http.request {
+        method = "POST", url = gw.url .. "/v1/chat/completions", body = body,
+        headers = { ["content-type"] = "application/json", ["x-aiorch-strategy"] = "fastest",
+          ["x-aiorch-providers"] = "openai,anthropic" },
+        on_event = stream and function() end or nil,
+      }
+      assert(status == 200 and headers["x-aiorch-provider"] == "openai",
+        fmt("fastest: %s answered by %s", tostring(status), tostring(headers and headers["x-aiorch-provider"])))
+      local t0 = aiorch.now()
+      local win, lose
+      repeat
+        for _, r in ipairs(m.requests) do
+          if r.api == "openai" then win = r else lose = r end
+        end
+        if lose and lose.aborted_at and win and win.completed_at then break end
+        aiorch.sleep(1)
+      until aiorch.now() - t0 > 2000
+      assert(lose and lose.aborted_at, "fastest: the loser's transfer was not aborted")
+      if run > 1 then gaps[#gaps + 1] = lose.aborted_at - win.completed_at end -- run 1 warms up
+    end
+    table.sort(gaps)
+    results[#results + 1] = { stream = stream, median = gaps[(#gaps + 1) // 2], max = gaps[#gaps] }
+  end
+  stop(gw.pid)
+  m:close()
+
+  print()
+  for _, r in ipairs(results) do
+    print(fmt("fastest (%s), 20 runs: winner's response written -> loser's socket closed: median %.3f ms, max %.3f ms",
+      r.stream and "streaming" or "non-streaming", r.median, r.max))
+  end
+  print()
+  local worst = math.max(results[1].max, results[2].max)
+  target("fastest: loser's socket closed <= 1 ms after the winner's first byte", worst <= TARGETS.abort_ms,
+    fmt("max %.3f ms", worst))
+end
+
+------------------------------------------------------------------------------
+
+local function main()
+  if not HELP:match("\n%s*serve%s") then
+    print(fmt("gateway benchmark skipped: %s has no 'serve' command yet", EXE))
+    return 0
+  end
+  if not have("wrk") then
+    print("gateway benchmark needs wrk: apt-get install wrk (Debian); nothing was run")
+    return 1
+  end
+  print(fmt("aiorch %s gateway benchmark: wrk runs of %d s, mock providers at 0 ms on %s", aiorch.version,
+    SECONDS, HOST))
+  local f = io.open("/proc/loadavg")
+  if f then
+    print(fmt("load average before the run: %s (other work on the machine skews every figure)",
+      f:read("l"):match("^(%S+ %S+ %S+)")))
+    f:close()
+  end
+  print(PIN and "pinned: the gateway on CPU 0; the mock, wrk and this script on CPU 1"
+    or "not pinned (no taskset or one core)")
+  print(HAS_WORKERS and "the gateway runs with --workers 1 (2 for the streams, for the fd limit)"
+    or "the gateway runs with its default workers")
+
+  if PARTS.latency then
+    latency_and_cpu((start_mock()))
+    stop_all()
+  end
+  if PARTS.streams then streams() end
+  if PARTS.fastest then fastest() end
+  return 0
+end
+
+local ok, rc = pcall(main)
+stop_all()
+os.execute("rm -rf " .. sh_quote(TMP))
+if not ok then
+  io.stderr:write("gateway benchmark failed: ", tostring(rc), "\n")
+  return 1
+end
+return rc
