@@ -3,12 +3,16 @@
  * socket, and curl_multi_socket_action from both. Finished transfers are
  * reported only after curl_multi_socket_action has returned. */
 #include <stdlib.h>
+#ifdef __GLIBC__
+#include <malloc.h>
+#endif
 
 #include <curl/curl.h>
 
 #include "internal.h"
 
 #define POOL_MAX 64
+#define QUIET_S 0.5 /* no transfer for this long: give memory back */
 
 typedef struct sockinfo {
     ev_io io;
@@ -24,7 +28,48 @@ struct aiorch_curl {
     sockinfo *socks;
     CURL *pool[POOL_MAX];
     int npool;
+    int active;     /* transfers added and not yet removed */
+    ev_timer quiet; /* armed while active is 0; does not keep the loop alive */
 };
+
+static void quiet_stop(aiorch_curl *c)
+{
+    if (!ev_is_active(&c->quiet)) return;
+    ev_ref(c->rt->loop);
+    ev_timer_stop(c->rt->loop, &c->quiet);
+}
+
+static void quiet_start(aiorch_curl *c)
+{
+    quiet_stop(c);
+    ev_timer_set(&c->quiet, QUIET_S, 0.);
+    ev_timer_start(c->rt->loop, &c->quiet);
+    ev_unref(c->rt->loop);
+}
+
+static void transfer_gone(aiorch_curl *c)
+{
+    if (--c->active == 0) quiet_start(c);
+}
+
+/* ev_timer: no transfer for QUIET_S after a burst. The garbage of the
+ * burst's coroutines and the free pages of the heap go back to the system,
+ * so that an idle process is small again. */
+static void quiet_cb(struct ev_loop *loop, ev_timer *w, int revents)
+{
+    (void)revents;
+    aiorch_curl *c = w->data;
+    ev_ref(loop); /* the expired one-shot timer was stopped by libev */
+    if (c->active) return;
+    lua_State *L = c->rt->L;
+    /* Not in a host's state, nor when a script stopped the collector. */
+    if (c->rt->own_L && !c->rt->current && lua_gc(L, LUA_GCISRUNNING)) lua_gc(L, LUA_GCCOLLECT);
+    for (int i = 0; i < c->npool; i++) curl_easy_cleanup(c->pool[i]);
+    c->npool = 0;
+#ifdef __GLIBC__
+    malloc_trim(0);
+#endif
+}
 
 /* Reports each finished transfer to its owner. */
 static void check_done(aiorch_curl *c)
@@ -38,6 +83,7 @@ static void check_done(aiorch_curl *c)
         aiorch_transfer *tr = NULL;
         curl_easy_getinfo(easy, CURLINFO_PRIVATE, (char **)&tr);
         curl_multi_remove_handle(c->multi, easy);
+        transfer_gone(c);
         if (tr) tr->done(tr, (int)code);
     }
 }
@@ -139,6 +185,8 @@ aiorch_curl *aiorch_curl_new(aiorch_runtime *rt)
     }
     ev_init(&c->timer, timer_cb);
     c->timer.data = c;
+    ev_init(&c->quiet, quiet_cb);
+    c->quiet.data = c;
     curl_multi_setopt(c->multi, CURLMOPT_SOCKETFUNCTION, curl_socket_cb);
     curl_multi_setopt(c->multi, CURLMOPT_SOCKETDATA, c);
     curl_multi_setopt(c->multi, CURLMOPT_TIMERFUNCTION, curl_timer_cb);
@@ -152,6 +200,7 @@ void aiorch_curl_free(aiorch_curl *c)
     curl_multi_cleanup(c->multi);
     while (c->socks) sock_free(c, c->socks);
     ev_timer_stop(c->rt->loop, &c->timer);
+    quiet_stop(c);
     free(c);
     curl_global_cleanup();
 }
@@ -159,12 +208,16 @@ void aiorch_curl_free(aiorch_curl *c)
 int aiorch_curl_add(aiorch_curl *c, aiorch_transfer *tr)
 {
     curl_easy_setopt(tr->easy, CURLOPT_PRIVATE, tr);
-    return curl_multi_add_handle(c->multi, tr->easy) == CURLM_OK ? 0 : -1;
+    if (curl_multi_add_handle(c->multi, tr->easy) != CURLM_OK) return -1;
+    c->active++;
+    quiet_stop(c);
+    return 0;
 }
 
 void aiorch_curl_remove(aiorch_curl *c, aiorch_transfer *tr)
 {
     curl_multi_remove_handle(c->multi, tr->easy);
+    transfer_gone(c);
 }
 
 void *aiorch_curl_easy_get(aiorch_curl *c)

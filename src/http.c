@@ -13,6 +13,10 @@
 #define DEFAULT_TIMEOUT_MS 60000L
 #define DEFAULT_CONNECT_TIMEOUT_MS 10000L
 #define DEFAULT_MAX_BODY (8L * 1024 * 1024)
+/* curl's receive buffer (its default is 16 KiB), allocated per transfer:
+ * SSE events and JSON answers are small, and a stream holds its buffer for
+ * its whole life. Always the same size, so a pooled handle's buffer fits. */
+#define RECV_BUFFER_SIZE (4L * 1024)
 
 typedef struct http_req {
     aiorch_transfer tr;
@@ -370,6 +374,11 @@ static int l_request(lua_State *L)
     lua_toclose(L, 7);
     struct curl_slist *headers = check_headers(L, 6);
 
+    if (!rt->curl && !(rt->curl = aiorch_curl_new(rt))) {
+        curl_slist_free_all(headers);
+        return luaL_error(L, "aiorch.http.request: cannot start libcurl");
+    }
+
     /* From here on nothing raises until the yield. */
     http_req *r = calloc(1, sizeof *r);
     CURL *easy = r ? aiorch_curl_easy_get(rt->curl) : NULL;
@@ -405,6 +414,7 @@ static int l_request(lua_State *L)
     curl_easy_setopt(easy, CURLOPT_TIMEOUT_MS, timeout);
     curl_easy_setopt(easy, CURLOPT_CONNECTTIMEOUT_MS, connect_timeout);
     curl_easy_setopt(easy, CURLOPT_TCP_KEEPALIVE, 1L);
+    curl_easy_setopt(easy, CURLOPT_BUFFERSIZE, RECV_BUFFER_SIZE);
     if (!lua_isnil(L, 4)) {
         size_t len;
         const char *body = lua_tolstring(L, 4, &len);

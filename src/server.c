@@ -258,6 +258,33 @@ static const char *srv_reason(int status)
     return status < 400 ? "OK" : status < 500 ? "Client Error" : "Server Error";
 }
 
+/* The status line, without printf (it runs for every response). */
+static int buf_status_line(srv_buf *b, int status)
+{
+    const char *reason = srv_reason(status);
+    char num[4];
+
+    if (status < 100 || status > 999) return buf_fmt(b, "HTTP/1.1 %d %s\r\n", status, reason);
+    num[0] = (char)('0' + status / 100);
+    num[1] = (char)('0' + status / 10 % 10);
+    num[2] = (char)('0' + status % 10);
+    num[3] = ' ';
+    return buf_lit(b, "HTTP/1.1 ") || buf_add(b, num, 4) || buf_add(b, reason, strlen(reason)) ||
+           buf_lit(b, "\r\n");
+}
+
+/* A decimal number, without printf. */
+static int buf_uint(srv_buf *b, uint64_t v)
+{
+    char tmp[24];
+    size_t i = sizeof tmp;
+    do {
+        tmp[--i] = (char)('0' + v % 10);
+        v /= 10;
+    } while (v);
+    return buf_add(b, tmp + i, sizeof tmp - i);
+}
+
 static int is_tchar(unsigned char ch)
 {
     return (ch >= 'a' && ch <= 'z') || (ch >= 'A' && ch <= 'Z') || (ch >= '0' && ch <= '9') ||
@@ -627,7 +654,7 @@ static const char *res_head(lua_State *L, srv_res *r, int status, int hidx, int6
     int bodyless = status < 200 || status == 204 || status == 304;
 
     r->no_body = r->head || bodyless;
-    if (buf_fmt(b, "HTTP/1.1 %d %s\r\n", status, srv_reason(status))) goto fail;
+    if (buf_status_line(b, status)) goto fail;
     if (extra && buf_add(b, extra, strlen(extra))) goto fail;
     if (hidx) {
         int top = lua_gettop(L);
@@ -646,7 +673,8 @@ static const char *res_head(lua_State *L, srv_res *r, int status, int hidx, int6
     if (bodyless) {
         /* no framing at all */
     } else if (body_len >= 0) {
-        if (!r->has_length && buf_fmt(b, "content-length: %lld\r\n", (long long)body_len))
+        if (!r->has_length && (buf_lit(b, "content-length: ") || buf_uint(b, (uint64_t)body_len) ||
+                               buf_lit(b, "\r\n")))
             goto fail;
     } else if (r->has_length || r->head) {
         /* raw body of the given length (or none for HEAD) */

@@ -45,6 +45,27 @@ local function finish(name, resp)
   return resp
 end
 
+-- Header values already checked (free of CR and LF): the same few repeat.
+local checked, n_checked = {}, 0
+
+local function header_ok(v)
+  local tv = type(v)
+  if tv == "number" or checked[v] then
+    return true
+  end
+  if tv ~= "string" or v:find("[\r\n]") then
+    return false
+  end
+  if #v <= 512 then
+    if n_checked >= 256 then
+      checked, n_checked = {}, 0
+    end
+    checked[v] = true
+    n_checked = n_checked + 1
+  end
+  return true
+end
+
 -- Counts a call whose task was cancelled before it finished.
 local cancel_guard = {
   __close = function(g)
@@ -79,8 +100,7 @@ function _M.call(adapter, config, request, opts)
 
   -- aiorch.http raises on CR/LF in a header value; name the header, not its value.
   for k, v in pairs(wire.headers or {}) do
-    local tv = type(v)
-    if (tv ~= "string" and tv ~= "number") or (tv == "string" and v:find("[\r\n]")) then
+    if not header_ok(v) then
       guard.finished = true
       return finish(name, fail(name, config, "bad_request", fmt("invalid value for header '%s'", tostring(k)), t0))
     end

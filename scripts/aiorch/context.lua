@@ -44,42 +44,43 @@ end
 
 local base_mt = { __index = base }
 
+local EMPTY = {} -- never written
+
+-- A strategy may call a provider it was not given; load it on demand.
+local function resolve(adapters, configs, opts, provider)
+  local a, c = adapters[provider], configs[provider]
+  if a and c then
+    return a, c
+  end
+  local err
+  a, err = loader.load("provider", provider, opts.path)
+  if not a then
+    return nil, err
+  end
+  c = config.cached(provider, a, opts.env)
+  adapters[provider], configs[provider] = a, c
+  return a, c
+end
+
 -- state: {request, adapters = {name = adapter}, configs = {name = config},
 --         opts = {stream, on_token, timeout_ms, env, path}, strategy = name}
 function _M.new(state)
-  local opts = state.opts or {}
+  local opts = state.opts or EMPTY
   local adapters, configs = state.adapters, state.configs
   local request = state.request
   -- Read-only facts a strategy may want; the built-ins do not need them.
   local ctx = setmetatable({ request = request, stream = opts.stream and true or false }, base_mt)
 
-  -- A strategy may call a provider it was not given; load it on demand.
-  local function resolve(provider)
-    local a, c = adapters[provider], configs[provider]
-    if a and c then
-      return a, c
-    end
-    local err
-    a, err = loader.load("provider", provider, opts.path)
-    if not a then
-      return nil, err
-    end
-    c = config.cached(provider, a, opts.env)
-    adapters[provider], configs[provider] = a, c
-    return a, c
-  end
-
-  -- Without per-call options the orchestration's own are passed as they are.
-  local defaults = { stream = opts.stream, on_token = opts.on_token, timeout_ms = opts.timeout_ms }
-
   function ctx.call(provider, copts)
-    local a, c = resolve(provider)
+    local a, c = resolve(adapters, configs, opts, provider)
     if not a then
       local r = response.error(tostring(provider), "unknown_provider", c, 0, {})
       metrics.finished(tostring(provider), r)
       return r
     end
-    local o = defaults
+    -- Without per-call options the orchestration's own are passed as they
+    -- are (call reads only stream, on_token and timeout_ms of them).
+    local o = opts
     if type(copts) == "table" then
       o = { stream = opts.stream, on_token = opts.on_token, timeout_ms = opts.timeout_ms }
       for k, v in pairs(copts) do
@@ -89,9 +90,13 @@ function _M.new(state)
     return call.call(a, c, request, o)
   end
 
-  local tag = "[" .. tostring(state.strategy or "strategy") .. "] "
+  local strategy = state.strategy
+  local levels = log.levels
   function ctx.log(level, msg, ...)
-    log.log(level, tag .. tostring(msg), ...)
+    if levels[level] and not log.enabled(level) then
+      return -- filtered out: no need to build the text
+    end
+    log.log(level, "[" .. tostring(strategy or "strategy") .. "] " .. tostring(msg), ...)
   end
 
   return ctx

@@ -41,9 +41,11 @@ local function entry(name)
 end
 
 local function observe_latency(e, ms)
-  local b = #_M.buckets + 1
-  for i, bound in ipairs(_M.buckets) do
-    if ms <= bound then
+  local buckets = _M.buckets
+  local n = #buckets
+  local b = n + 1
+  for i = 1, n do
+    if ms <= buckets[i] then
       b = i
       break
     end
@@ -68,13 +70,15 @@ function _M.cancelled(name)
 end
 
 -- A call has ended with a StandardAIResponse.
+local EMPTY = {} -- never written
+
 function _M.finished(name, resp)
   local e = entry(name)
-  local meta = resp.metadata or {}
+  local meta = resp.metadata or EMPTY
   if resp.status == "success" then
     e.successes = e.successes + 1
     e.consecutive_failures = 0
-    local u = meta.usage or {}
+    local u = meta.usage or EMPTY
     e.tokens_in = e.tokens_in + (u.input_tokens or 0)
     e.tokens_out = e.tokens_out + (u.output_tokens or 0)
     e.cost_usd = e.cost_usd + (meta.cost_usd or 0)

@@ -22,6 +22,9 @@ local _M = {
   default_max_tokens = 1024,
 }
 
+-- Per base URL: joined once, not on every request.
+local urls = {}
+
 function _M.build_request(config, request, opts)
   local body = {
     model = config.model or _M.default_model,
@@ -41,9 +44,15 @@ function _M.build_request(config, request, opts)
     body.stream = true
     headers["accept"] = "text/event-stream"
   end
+  local base = config.base_url or _M.default_base_url
+  local url = urls[base]
+  if not url then
+    url = util.join_url(base, "/v1/messages")
+    urls[base] = url
+  end
   return {
     method = "POST",
-    url = util.join_url(config.base_url or _M.default_base_url, "/v1/messages"),
+    url = url,
     headers = headers,
     body = assert(cjson.encode(body)),
   }

@@ -18,6 +18,9 @@ local _M = {
   temperature_range = { 0, 2 },
 }
 
+-- Per base URL and per key: built once, not on every request.
+local urls, bearers = {}, {}
+
 function _M.build_request(config, request, opts)
   local messages = {}
   if type(request.system_prompt) == "string" and request.system_prompt ~= "" then
@@ -31,18 +34,30 @@ function _M.build_request(config, request, opts)
     max_tokens = request.max_tokens,
     temperature = request.temperature,
   }
+  local key = config.key or ""
+  local auth = bearers[key]
+  if not auth then
+    auth = "Bearer " .. key
+    bearers[key] = auth
+  end
   local headers = {
     ["content-type"] = "application/json",
-    ["authorization"] = "Bearer " .. (config.key or ""),
+    ["authorization"] = auth,
   }
   if opts and opts.stream then
     body.stream = true
     body.stream_options = { include_usage = true }
     headers["accept"] = "text/event-stream"
   end
+  local base = config.base_url or _M.default_base_url
+  local url = urls[base]
+  if not url then
+    url = util.join_url(base, "/chat/completions")
+    urls[base] = url
+  end
   return {
     method = "POST",
-    url = util.join_url(config.base_url or _M.default_base_url, "/chat/completions"),
+    url = url,
     headers = headers,
     body = assert(cjson.encode(body)),
   }

@@ -8,6 +8,7 @@ local ipairs = ipairs
 local setmetatable = setmetatable
 local concat = table.concat
 local js = common.json_string
+local jw = common.json_word
 
 local _M = { name = "anthropic" }
 
@@ -70,6 +71,9 @@ function _M.parse(doc)
 end
 
 local function blocks(successes)
+  if #successes == 1 then
+    return '{"type":"text","text":' .. js(successes[1].response_text) .. "}"
+  end
   local out = {}
   for i, r in ipairs(successes) do
     out[i] = '{"type":"text","text":' .. js(r.response_text) .. "}"
@@ -86,14 +90,15 @@ local function usage_of(list)
   return i, o
 end
 
--- successes: the responses to show (one text block each, in order).
+-- successes: the responses to show (one text block each, in order); id:
+-- the request's id (letters and digits, from the gateway).
 function _M.render(successes, id, model)
   local first = successes[1]
   local i, o = usage_of(successes)
-  return concat { '{"id":', js("msg_" .. id), ',"type":"message","role":"assistant","model":',
-    js(first and first.metadata and first.metadata.model or model), ',"content":[', blocks(successes),
-    '],"stop_reason":', js(first and stop_reason(first) or "end_turn"), ',"stop_sequence":null,',
-    fmt('"usage":{"input_tokens":%d,"output_tokens":%d}}', i, o) }
+  return '{"id":"msg_' .. id .. '","type":"message","role":"assistant","model":'
+    .. jw(first and first.metadata and first.metadata.model or model) .. ',"content":[' .. blocks(successes)
+    .. '],"stop_reason":' .. jw(first and stop_reason(first) or "end_turn") .. ',"stop_sequence":null,'
+    .. fmt('"usage":{"input_tokens":%d,"output_tokens":%d}}', i, o)
 end
 
 local function event(name, data)

@@ -15,6 +15,9 @@ local ipairs = ipairs
 local tostring = tostring
 local concat = table.concat
 local tointeger = math.tointeger
+local byte = string.byte
+
+local EMPTY = {} -- never written
 
 local _M = {}
 
@@ -61,47 +64,68 @@ end
 
 -- messages: the client's list; system: extra system text (Anthropic).
 -- Returns an AIRequest (without temperature/max_tokens) or nil, message.
+local function where_of(i)
+  return fmt("messages[%d]", i - 1)
+end
+
+-- Whether s has a non-space character (as %S), looking at its first byte first.
+local function has_text(s)
+  local b = byte(s, 1)
+  if b and b ~= 32 and (b < 9 or b > 13) then
+    return true
+  end
+  return s:find("%S") ~= nil
+end
+
 function _M.fold(messages, system_parts)
   if type(messages) ~= "table" or #messages == 0 then
     return nil, "messages: a non-empty list is required"
   end
-  local systems = system_parts or {}
-  local turns = {}
-  local last
+  local systems = system_parts
+  local turns = {} -- role, text, role, text, ...
+  local n = 0
   for i, m in ipairs(messages) do
-    local where = fmt("messages[%d]", i - 1)
     if type(m) ~= "table" then
-      return nil, where .. ": must be an object"
+      return nil, where_of(i) .. ": must be an object"
     end
     local role = m.role
     if role ~= "system" and role ~= "developer" and role ~= "user" and role ~= "assistant" then
-      return nil, fmt("%s.role: must be system, user or assistant", where)
+      return nil, fmt("%s.role: must be system, user or assistant", where_of(i))
     end
-    local text, err = _M.content_text(m.content, where .. ".content")
-    if not text then
-      return nil, err
+    local text, err = m.content
+    if type(text) ~= "string" then
+      text, err = _M.content_text(text, where_of(i) .. ".content")
+      if not text then
+        return nil, err
+      end
     end
     if role == "system" or role == "developer" then
+      systems = systems or {}
       systems[#systems + 1] = text
     else
-      turns[#turns + 1] = { role = role, text = text }
-      last = #turns
+      turns[n + 1], turns[n + 2] = role, text
+      n = n + 2
     end
   end
-  if not last or turns[last].role ~= "user" then
+  if n == 0 or turns[n - 1] ~= "user" then
     return nil, "messages: the last message must come from the user"
   end
-  if not turns[last].text:find("%S") then
+  local question = turns[n]
+  if not has_text(question) then
     return nil, "messages: the last user message is empty"
   end
-  local earlier = {}
-  for i = 1, last - 1 do
-    earlier[i] = turns[i].role .. ": " .. turns[i].text
+  local context
+  if n > 2 then
+    local earlier = {}
+    for i = 1, n - 2, 2 do
+      earlier[#earlier + 1] = turns[i] .. ": " .. turns[i + 1]
+    end
+    context = "Conversation so far:\n" .. concat(earlier, "\n")
   end
   return {
-    user_question = turns[last].text,
-    context = #earlier > 0 and "Conversation so far:\n" .. concat(earlier, "\n") or nil,
-    system_prompt = concat(systems, "\n\n"),
+    user_question = question,
+    context = context,
+    system_prompt = systems and concat(systems, "\n\n") or "",
   }
 end
 
@@ -133,15 +157,38 @@ function _M.json_string(s)
   return cjson.encode(tostring(s or ""))
 end
 
+-- json_string for the few values that repeat (models, finish reasons):
+-- encoded once. Bounded: emptied when full; long strings are not kept.
+local js_cache, js_count = {}, 0
+function _M.json_word(s)
+  local hit = js_cache[s]
+  if hit then
+    return hit
+  end
+  local out = _M.json_string(s)
+  if type(s) == "string" and #s <= 128 then
+    if js_count >= 256 then
+      js_cache, js_count = {}, 0
+    end
+    js_cache[s] = out
+    js_count = js_count + 1
+  end
+  return out
+end
+
 -- The usage numbers of a response (0 when the provider gave none).
 function _M.usage(r)
-  local u = r and r.metadata and r.metadata.usage or {}
+  local u = r and r.metadata and r.metadata.usage or EMPTY
   return tointeger(u.input_tokens) or 0, tointeger(u.output_tokens) or 0
 end
 
 -- Successful responses of a result (one response or a list).
 function _M.successes(result)
-  local list = result.status and { result } or result
+  if result.status then
+    local list = { result }
+    return result.status == "success" and list or {}, list
+  end
+  local list = result
   local out = {}
   for _, r in ipairs(list) do
     if r.status == "success" then

@@ -10,6 +10,7 @@ local setmetatable = setmetatable
 local concat = table.concat
 local os_time = os.time
 local js = common.json_string
+local jw = common.json_word
 
 local _M = { name = "openai" }
 
@@ -85,18 +86,28 @@ local function usage_json(list)
   return fmt('{"prompt_tokens":%d,"completion_tokens":%d,"total_tokens":%d}', i, o, i + o)
 end
 
--- successes: the responses to show (one choice each, in order).
+local function choice(i, r)
+  return '{"index":' .. (i - 1) .. ',"message":{"role":"assistant","content":' .. js(r.response_text)
+    .. ',"refusal":null},"logprobs":null,"finish_reason":' .. jw(finish_reason(r)) .. "}"
+end
+
+-- successes: the responses to show (one choice each, in order); id: the
+-- request's id (letters and digits, from the gateway).
 function _M.render(successes, id, model)
-  local choices = {}
-  for i, r in ipairs(successes) do
-    choices[i] = concat { '{"index":', i - 1, ',"message":{"role":"assistant","content":', js(r.response_text),
-      ',"refusal":null},"logprobs":null,"finish_reason":', js(finish_reason(r)), "}" }
-  end
   local first = successes[1]
-  return concat { '{"id":', js("chatcmpl-" .. id), ',"object":"chat.completion","created":', os_time(),
-    ',"model":', js(first and first.metadata and first.metadata.model or model),
-    ',"choices":[', concat(choices, ","), '],"usage":', usage_json(successes),
-    ',"system_fingerprint":null}' }
+  local choices
+  if #successes == 1 then
+    choices = choice(1, first)
+  else
+    local list = {}
+    for i, r in ipairs(successes) do
+      list[i] = choice(i, r)
+    end
+    choices = concat(list, ",")
+  end
+  return '{"id":"chatcmpl-' .. id .. '","object":"chat.completion","created":' .. os_time()
+    .. ',"model":' .. jw(first and first.metadata and first.metadata.model or model)
+    .. ',"choices":[' .. choices .. '],"usage":' .. usage_json(successes) .. ',"system_fingerprint":null}'
 end
 
 -- A stream writer: each method returns the bytes to send.

@@ -29,6 +29,9 @@ local concat = table.concat
 local floor = math.floor
 local random = math.random
 local byte = string.byte
+local find = string.find
+local sub = string.sub
+local unpack = table.unpack
 local os_time = os.time
 local io_stderr = io.stderr
 local now = aiorch.now
@@ -83,28 +86,71 @@ local function shape_of(route, headers)
   return openai
 end
 
--- logfmt value: bare when safe, else quoted with escapes.
-local function lv(v)
-  v = tostring(v)
-  if v:match("^[%w%._:/,+%-]+$") then
-    return v
-  end
-  return '"' .. v:gsub('[%c"\\]', function(c) return fmt("\\x%02x", byte(c)) end) .. '"'
+-- Small caches of derived strings: requests repeat the same few values
+-- (paths, strategies, provider lists). Bounded: emptied when full, and
+-- long values are not kept.
+local CACHE_MAX, CACHE_LEN = 256, 128
+
+local function cache_new()
+  return { n = 0, t = {} }
 end
 
+local function cache_put(c, k, v)
+  if #k <= CACHE_LEN then
+    if c.n >= CACHE_MAX then
+      c.t, c.n = {}, 0
+    end
+    c.t[k] = v
+    c.n = c.n + 1
+  end
+  return v
+end
+
+-- logfmt value: bare when safe, else quoted with escapes.
+local lv_cache = cache_new()
+local function lv(v)
+  if type(v) ~= "string" then
+    v = tostring(v)
+  end
+  local hit = lv_cache.t[v]
+  if hit then
+    return hit
+  end
+  if v:match("^[%w%._:/,+%-]+$") then
+    return cache_put(lv_cache, v, v)
+  end
+  return cache_put(lv_cache, v,
+    '"' .. v:gsub('[%c"\\]', function(c) return fmt("\\x%02x", byte(c)) end) .. '"')
+end
+
+-- A fresh list each time: a strategy may change the one it is given.
+local list_cache = cache_new()
 local function header_list(v)
   if type(v) ~= "string" then
     return nil
+  end
+  local hit = list_cache.t[v]
+  if hit then
+    return hit[1] and { unpack(hit) } or nil
   end
   local out = {}
   for n in v:gmatch("[^,%s]+") do
     out[#out + 1] = n
   end
+  cache_put(list_cache, v, { unpack(out) })
   return #out > 0 and out or nil
+end
+
+local function is_space(b)
+  return b == 32 or (b >= 9 and b <= 13)
 end
 
 local function header_word(v)
   if type(v) == "string" then
+    local first, last = byte(v, 1), byte(v, -1)
+    if first and not is_space(first) and not is_space(last) then
+      return v
+    end
     v = v:match("^%s*(.-)%s*$")
     if v ~= "" then
       return v
@@ -135,30 +181,69 @@ function Exchange:fail(status, message, code, extra_headers)
   self:respond(status, extra_headers or {}, shape.error_body(status, message, code))
 end
 
--- Records a result (one response or a list) for the access log.
+-- "provider:kind", built once per pair.
+local attempt_cache = cache_new()
+local function attempt_text(provider, kind)
+  provider, kind = tostring(provider), tostring(kind)
+  local by = attempt_cache.t[provider]
+  local hit = by and by[kind]
+  if hit then
+    return hit
+  end
+  if not by then
+    by = cache_put(attempt_cache, provider, {})
+  end
+  hit = provider .. ":" .. kind
+  by[kind] = hit
+  return hit
+end
+
+local EMPTY = {} -- never written
+
+-- The attempts of one response, appended to out (a list) or, when out is
+-- nil and there is one, returned as a string.
+local function attempts_of(r, out)
+  local m = r.metadata or EMPTY
+  local list = m.attempts
+  if type(list) == "table" and #list > 0 then
+    out = out or {}
+    for _, at in ipairs(list) do
+      out[#out + 1] = attempt_text(at.provider, at.kind or at.status)
+    end
+    return out
+  end
+  local one = attempt_text(r.ia_provider_name, m.error_kind or r.status)
+  if not out then
+    return one
+  end
+  out[#out + 1] = one
+  return out
+end
+
+-- Records a result (one response or a list) for the access log. Returns
+-- the providers that answered ("a,b") or nil when none did.
 function Exchange:note(result)
-  local list = result.status and { result } or result
+  if result.status then -- one response: no lists to build
+    local a = attempts_of(result)
+    self.attempts = type(a) == "table" and concat(a, ",") or a
+    self.tokens_in, self.tokens_out = common.usage(result)
+    self.provider = result.status == "success" and result.ia_provider_name or nil
+    return self.provider
+  end
   local providers, attempts = {}, {}
   local ti, to = 0, 0
-  for _, r in ipairs(list) do
+  for _, r in ipairs(result) do
     if r.status == "success" then
       providers[#providers + 1] = r.ia_provider_name
     end
     local a, b = common.usage(r)
     ti, to = ti + a, to + b
-    local m = r.metadata or {}
-    if type(m.attempts) == "table" and #m.attempts > 0 then
-      for _, at in ipairs(m.attempts) do
-        attempts[#attempts + 1] = tostring(at.provider) .. ":" .. tostring(at.kind or at.status)
-      end
-    else
-      attempts[#attempts + 1] = tostring(r.ia_provider_name) .. ":" .. tostring(m.error_kind or r.status)
-    end
+    attempts_of(r, attempts)
   end
   self.provider = #providers > 0 and concat(providers, ",") or nil
   self.attempts = concat(attempts, ",")
   self.tokens_in, self.tokens_out = ti, to
-  return providers
+  return self.provider
 end
 
 ------------------------------------------------------------------------------
@@ -166,8 +251,13 @@ end
 
 -- Unique enough across worker processes: time, a per-process random tag, a count.
 local function new_id(state)
-  state.seq = state.seq + 1
-  return fmt("aiorch%x%s%06d", os_time(), state.tag, state.seq % 1000000)
+  local seq = state.seq + 1
+  state.seq = seq
+  local t = os_time()
+  if t ~= state.id_time then
+    state.id_time, state.id_prefix = t, fmt("aiorch%x%s", t, state.tag)
+  end
+  return fmt("%s%06d", state.id_prefix, seq % 1000000)
 end
 
 local function base_headers(x, strategy)
@@ -209,12 +299,12 @@ local function serve_streamed(x, shape, p, rt)
       return
     end
     local ok = x:note(r)
-    if #ok == 0 then
+    if not ok then
       local status, code, msg = common.failure(r)
       return x:fail(status, msg, code, failure_headers({}, x))
     end
     local succ = common.successes(r)
-    s:commit(concat(ok, ","), #succ)
+    s:commit(ok, #succ)
     for i, one in ipairs(succ) do
       if one.response_text ~= "" then
         s:push(writer:delta(one.response_text, i - 1))
@@ -277,14 +367,15 @@ local function serve_api(x, shape)
     return
   end
   local ok = x:note(r)
-  if #ok == 0 then
+  if not ok then
     local status, code, msg = common.failure(r)
     return x:fail(status, msg, code, failure_headers({}, x))
   end
-  local headers = base_headers(x, rt.strategy)
-  headers["x-aiorch-provider"] = concat(ok, ",")
-  headers["x-aiorch-attempts"] = x.attempts
-  x:respond(200, headers, shape.render(common.successes(r), x.id, p.model))
+  -- All of the headers in one constructor (respond adds nothing here).
+  x:respond(200, {
+    ["x-aiorch-strategy"] = rt.strategy, ["x-request-id"] = x.id, ["x-aiorch-provider"] = ok,
+    ["x-aiorch-attempts"] = x.attempts, ["content-type"] = "application/json",
+  }, shape.render(common.successes(r), x.id, p.model))
 end
 
 local function serve_native(x)
@@ -307,11 +398,11 @@ local function serve_native(x)
   local ok = x:note(r)
   local headers = base_headers(x, rt.strategy)
   local status = 200
-  if #ok == 0 then
+  if not ok then
     status = common.failure(r)
     failure_headers(headers, x)
   else
-    headers["x-aiorch-provider"] = concat(ok, ",")
+    headers["x-aiorch-provider"] = ok
     headers["x-aiorch-attempts"] = x.attempts
   end
   x:respond(status, headers, response.encode(r))
@@ -436,21 +527,31 @@ local function dispatch(x)
   return fn(x)
 end
 
-local function access_line(x)
-  local parts = {
-    "method=" .. lv(x.req.method), "path=" .. lv(x.route), "status=" .. lv(x.status or 499),
-    "strategy=" .. lv(x.strategy or "-"), "provider=" .. lv(x.provider or "-"),
-    "attempts=" .. lv(x.attempts or "-"), fmt("latency_ms=%d", floor(now() - x.t0 + 0.5)),
-    fmt("tokens_in=%d", x.tokens_in or 0), fmt("tokens_out=%d", x.tokens_out or 0),
-    "stream=" .. tostring(x.stream or false), "id=" .. lv(x.id),
-  }
-  if x.broken then
-    parts[#parts + 1] = "stream_error=true"
+-- One logfmt line; eol ends it ("\n" for a stream, so that it takes one
+-- write). The status, the numbers and the id (new_id's) are always bare.
+local function access_line(x, eol)
+  return "aiorch: access method=" .. lv(x.req.method) .. " path=" .. lv(x.route)
+    .. " status=" .. (x.status or 499) .. " strategy=" .. lv(x.strategy or "-")
+    .. " provider=" .. lv(x.provider or "-") .. " attempts=" .. lv(x.attempts or "-")
+    .. " latency_ms=" .. floor(now() - x.t0 + 0.5) .. " tokens_in=" .. (x.tokens_in or 0)
+    .. " tokens_out=" .. (x.tokens_out or 0) .. (x.stream and " stream=true id=" or " stream=false id=") .. x.id
+    .. (x.broken and " stream_error=true" or "") .. (x.aborted and " client_gone=true" or "") .. eol
+end
+
+-- The key of state.counts: "route status", built once per pair.
+local count_keys = {}
+local function count_key(route, status)
+  local by = count_keys[route]
+  if not by then
+    by = {}
+    count_keys[route] = by
   end
-  if x.aborted then
-    parts[#parts + 1] = "client_gone=true"
+  local k = by[status]
+  if not k then
+    k = route .. " " .. tostring(status)
+    by[status] = k
   end
-  return "aiorch: access " .. concat(parts, " ")
+  return k
 end
 
 -- Ends the bookkeeping of a request, also when its task is cancelled
@@ -462,15 +563,14 @@ local done_mt = {
     if not x.status then
       x.aborted = true
     end
-    local key = (ROUTES[x.route] and x.route or "other") .. " " .. tostring(x.status or 499)
+    local key = count_key(ROUTES[x.route] and x.route or "other", x.status or 499)
     state.counts[key] = (state.counts[key] or 0) + 1
     local sink = state.access_log
     if sink then
-      local line = access_line(x)
       if type(sink) == "function" then
-        pcall(sink, line)
+        pcall(sink, access_line(x, ""))
       else
-        io_stderr:write(line, "\n")
+        io_stderr:write(access_line(x, "\n"))
       end
     end
   end,
@@ -480,10 +580,14 @@ local exchange_mt = { __index = Exchange, __close = done_mt.__close }
 
 local function handle(state, req, res)
   state.in_flight = state.in_flight + 1
-  local route = req.path:match("^[^?]*")
+  local path = req.path
+  local q = find(path, "?", 1, true)
+  local route = q and sub(path, 1, q - 1) or path
+  -- The fields set later are named too, so that the table is sized once.
   local x <close> = setmetatable({
     state = state, req = req, res = res, route = route, t0 = req.received_at or now(),
     shape = shape_of(route, req.headers), id = new_id(state),
+    status = nil, started = nil, strategy = nil, provider = nil, attempts = nil, tokens_in = nil, tokens_out = nil,
   }, exchange_mt)
   local ok, err = pcall(dispatch, x)
   if not ok then
