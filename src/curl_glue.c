@@ -146,6 +146,8 @@ static int curl_socket_cb(CURL *easy, curl_socket_t fd, int what, void *userp, v
         ev_init(&si->io, io_cb);
         si->io.data = si;
         curl_multi_assign(c->multi, fd, si);
+    } else if (ev_is_active(&si->io) && (si->io.events & (EV_READ | EV_WRITE)) == events) {
+        return 0; /* unchanged: touching it would cost an epoll_ctl */
     } else {
         ev_io_stop(c->rt->loop, &si->io);
     }
