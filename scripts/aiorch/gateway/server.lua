@@ -282,6 +282,21 @@ local function failure_headers(h, x)
   return h
 end
 
+-- The orchestration's answer and who gave it; nil once the client got the error.
+local function answered(x, request, rt)
+  local r = run_plain(x, request, rt)
+  if not r then
+    return nil
+  end
+  local ok = x:note(r)
+  if not ok then
+    local status, code, msg = common.failure(r)
+    x:fail(status, msg, code, failure_headers({}, x))
+    return nil
+  end
+  return r, ok
+end
+
 local function serve_streamed(x, shape, p, rt)
   local id = x.id
   local headers = base_headers(x, rt.strategy)
@@ -294,14 +309,9 @@ local function serve_streamed(x, shape, p, rt)
 
   if not mode then
     -- Unstreamed strategies (parallel, user ones): send the answer as a stream.
-    local r = run_plain(x, p.request, rt)
+    local r, ok = answered(x, p.request, rt)
     if not r then
       return
-    end
-    local ok = x:note(r)
-    if not ok then
-      local status, code, msg = common.failure(r)
-      return x:fail(status, msg, code, failure_headers({}, x))
     end
     local succ = common.successes(r)
     s:commit(ok, #succ)
@@ -362,14 +372,9 @@ local function serve_api(x, shape)
   if p.stream then
     return serve_streamed(x, shape, p, rt)
   end
-  local r = run_plain(x, p.request, rt)
+  local r, ok = answered(x, p.request, rt)
   if not r then
     return
-  end
-  local ok = x:note(r)
-  if not ok then
-    local status, code, msg = common.failure(r)
-    return x:fail(status, msg, code, failure_headers({}, x))
   end
   -- All of the headers in one constructor (respond adds nothing here).
   x:respond(200, {
