@@ -13,10 +13,23 @@
 #define DEFAULT_TIMEOUT_MS 60000L
 #define DEFAULT_CONNECT_TIMEOUT_MS 10000L
 #define DEFAULT_MAX_BODY (8L * 1024 * 1024)
+#define NO_LIMIT_MS 1000000000000L /* about 30 years */
 /* curl's receive buffer (its default is 16 KiB), allocated per transfer:
  * SSE events and JSON answers are small, and a stream holds its buffer for
  * its whole life. Always the same size, so a pooled handle's buffer fits. */
 #define RECV_BUFFER_SIZE (4L * 1024)
+
+/* The deadlines of a request, each on its own libev timer. */
+enum { DL_CONNECT, DL_HEADERS, DL_FIRST_EVENT, DL_GAP, DL_TOTAL, DL_COUNT };
+static const char *const deadline_names[DL_COUNT] = {"connect", "headers", "first_token", "gap", "total"};
+static const char *const deadline_fields[DL_COUNT] = {"connect_timeout_ms", "headers_timeout_ms",
+                                                      "first_event_timeout_ms", "gap_timeout_ms", "timeout_ms"};
+
+typedef struct deadline {
+    ev_timer timer;
+    struct http_req *r;
+    long ms; /* 0: not set */
+} deadline;
 
 typedef struct http_req {
     aiorch_transfer tr;
@@ -35,6 +48,9 @@ typedef struct http_req {
     int waiting; /* the task is parked on op (not inside on_event) */
     int code;
     int too_large;
+    int fired;      /* 1 + the deadline that ended the transfer, or 0 */
+    int got_content; /* on_event returned true once */
+    deadline dl[DL_COUNT];
     struct http_handle *handle;
     char errbuf[CURL_ERROR_SIZE];
 } http_req;
@@ -47,9 +63,15 @@ typedef struct http_handle {
 
 #define HANDLE_MT "aiorch.http.request"
 
+static void deadlines_stop(http_req *r)
+{
+    for (int i = 0; i < DL_COUNT; i++) ev_timer_stop(r->rt->loop, &r->dl[i].timer);
+}
+
 static void req_free(http_req *r)
 {
     if (r->handle) r->handle->r = NULL;
+    deadlines_stop(r);
     lua_State *S = r->rt->S;
     aiorch_curl_easy_put(r->rt->curl, r->tr.easy);
     curl_slist_free_all(r->headers);
@@ -77,6 +99,48 @@ static void req_abort(http_req *r)
     req_free(r);
 }
 
+/* A deadline passed: the transfer ends now, as a timeout naming it. */
+static void deadline_cb(struct ev_loop *loop, ev_timer *w, int revents)
+{
+    (void)loop;
+    (void)revents;
+    deadline *d = (deadline *)w;
+    http_req *r = d->r;
+    if (r->finished) return;
+    aiorch_curl_remove(r->rt->curl, &r->tr);
+    deadlines_stop(r);
+    r->finished = 1;
+    r->code = CURLE_OPERATION_TIMEDOUT;
+    r->fired = 1 + (int)(d - r->dl);
+    wake(r);
+    aiorch_sched_drain(r->rt);
+}
+
+static void deadline_arm(http_req *r, int which)
+{
+    deadline *d = &r->dl[which];
+    if (d->ms <= 0 || r->finished) return;
+    ev_timer_stop(r->rt->loop, &d->timer);
+    ev_timer_set(&d->timer, (double)d->ms / 1000.0, 0.0);
+    ev_timer_start(r->rt->loop, &d->timer);
+}
+
+static void deadline_done(http_req *r, int which)
+{
+    ev_timer_stop(r->rt->loop, &r->dl[which].timer);
+}
+
+/* CURLOPT_PREREQFUNCTION: connected (TCP and TLS), or a connection reused. */
+static int prereq_cb(void *ud, char *primary_ip, char *local_ip, int primary_port, int local_port)
+{
+    (void)primary_ip;
+    (void)local_ip;
+    (void)primary_port;
+    (void)local_port;
+    deadline_done(ud, DL_CONNECT);
+    return CURL_PREREQFUNC_OK;
+}
+
 /* The task was cancelled: abort the transfer now (its socket closes). */
 static void req_cancel(aiorch_op *op)
 {
@@ -102,10 +166,12 @@ static size_t write_cb(char *data, size_t size, size_t nmemb, void *ud)
         r->sse = r->cb_ref != LUA_NOREF && type && strncasecmp(type, "text/event-stream", 17) == 0;
     }
     if (r->sse) {
+        aiorch_sse_event *last = r->parser.tail;
         if (r->parser.queued + len > r->max_body || aiorch_sse_feed(&r->parser, data, len)) {
             r->too_large = 1;
             return 0;
         }
+        if (r->parser.tail != last) deadline_arm(r, DL_GAP); /* a new event */
         if (r->parser.head) wake(r);
         return len;
     }
@@ -116,18 +182,40 @@ static size_t write_cb(char *data, size_t size, size_t nmemb, void *ud)
     return len;
 }
 
+/* The end of a final response's headers: the headers deadline is met; a
+ * stream's gap deadline starts; a response that is not a stream of events
+ * has no first event to wait for. */
+static void headers_done(http_req *r)
+{
+    deadline_done(r, DL_HEADERS);
+    char *type = NULL;
+    curl_easy_getinfo(r->tr.easy, CURLINFO_CONTENT_TYPE, &type);
+    if (r->cb_ref != LUA_NOREF && type && strncasecmp(type, "text/event-stream", 17) == 0) {
+        deadline_arm(r, DL_GAP);
+    } else {
+        deadline_done(r, DL_FIRST_EVENT);
+        deadline_done(r, DL_GAP);
+    }
+}
+
 /* CURLOPT_HEADERFUNCTION */
 static size_t header_cb(char *data, size_t size, size_t nmemb, void *ud)
 {
     http_req *r = ud;
     size_t len = size * nmemb;
     if (len >= 5 && memcmp(data, "HTTP/", 5) == 0) r->head.len = 0; /* after a 1xx */
+    if ((len == 2 && data[0] == '\r') || (len == 1 && data[0] == '\n')) {
+        long status = 0;
+        curl_easy_getinfo(r->tr.easy, CURLINFO_RESPONSE_CODE, &status);
+        if (status >= 200) headers_done(r);
+    }
     return aiorch_text_add(&r->head, data, len) ? 0 : len;
 }
 
 static void done_cb(aiorch_transfer *tr, int code)
 {
     http_req *r = (http_req *)tr;
+    deadlines_stop(r);
     r->finished = 1;
     r->code = code;
     wake(r);
@@ -206,6 +294,14 @@ static void push_headers(lua_State *L, const http_req *r)
 
 static int push_outcome(lua_State *L, http_req *r)
 {
+    if (r->fired) {
+        const deadline *d = &r->dl[r->fired - 1];
+        lua_pushnil(L);
+        lua_pushliteral(L, "timeout");
+        lua_pushfstring(L, "%s deadline of %I ms passed", deadline_names[r->fired - 1], (lua_Integer)d->ms);
+        lua_pushstring(L, deadline_names[r->fired - 1]);
+        return 4;
+    }
     if (r->code != CURLE_OK) {
         lua_pushnil(L);
         lua_pushstring(L, error_kind(r));
@@ -234,6 +330,10 @@ static int callback_done(lua_State *L, http_req *r, int status)
         return lua_error(L); /* the callback's error, as it was raised */
     }
     int stop = lua_isboolean(L, -1) && !lua_toboolean(L, -1);
+    if (lua_toboolean(L, -1) && !r->got_content) {
+        r->got_content = 1; /* the first content: its deadline is met */
+        deadline_done(r, DL_FIRST_EVENT);
+    }
     lua_pop(L, 1);
     if (!stop) return 0;
     req_abort(r);
@@ -258,7 +358,7 @@ static int request_k(lua_State *L, int status, lua_KContext ctx)
     http_req *r = (http_req *)ctx;
     aiorch_task *self = aiorch_task_require(r->rt, L, "aiorch.http.request");
     aiorch_sse_event *ev;
-    while (r->cb_ref != LUA_NOREF && (ev = aiorch_sse_pop(&r->parser))) {
+    while (r->cb_ref != LUA_NOREF && !r->fired && (ev = aiorch_sse_pop(&r->parser))) {
         lua_rawgeti(L, LUA_REGISTRYINDEX, r->cb_ref);
         lua_createtable(L, 0, 3);
         lua_pushstring(L, ev->event);
@@ -294,7 +394,7 @@ static long opt_ms(lua_State *L, const char *field, long def)
     double v = lua_tonumber(L, -1);
     lua_pop(L, 1);
     if (v < 0 || v != v) luaL_error(L, "aiorch.http.request: '%s' must be >= 0", field);
-    return v > 1e12 ? 1000000000000L : (long)v; /* about 30 years: "no limit" */
+    return v > (double)NO_LIMIT_MS ? NO_LIMIT_MS : (long)v;
 }
 
 /* Checks the headers table at idx and turns it into a curl list. */
@@ -359,8 +459,10 @@ static int l_request(lua_State *L)
         return luaL_error(L, "aiorch.http.request: 'body' must be a string");
     if (!lua_isnil(L, 5) && !lua_isfunction(L, 5))
         return luaL_error(L, "aiorch.http.request: 'on_event' must be a function");
-    long timeout = opt_ms(L, "timeout_ms", DEFAULT_TIMEOUT_MS);
-    long connect_timeout = opt_ms(L, "connect_timeout_ms", DEFAULT_CONNECT_TIMEOUT_MS);
+    long limits[DL_COUNT];
+    for (int i = 0; i < DL_COUNT; i++) limits[i] = opt_ms(L, deadline_fields[i], 0);
+    if (!limits[DL_TOTAL]) limits[DL_TOTAL] = DEFAULT_TIMEOUT_MS;
+    if (!limits[DL_CONNECT]) limits[DL_CONNECT] = DEFAULT_CONNECT_TIMEOUT_MS;
     long max_body = opt_ms(L, "max_body", DEFAULT_MAX_BODY);
     const char *method = lua_isnil(L, 3) ? (lua_isnil(L, 4) ? "GET" : "POST") : lua_tostring(L, 3);
     for (const char *m = method; *m; m++)
@@ -396,11 +498,19 @@ static int l_request(lua_State *L)
     r->max_body = (size_t)max_body;
     r->sse = -1;
     aiorch_sse_init(&r->parser);
+    for (int i = 0; i < DL_COUNT; i++) {
+        r->dl[i].r = r;
+        r->dl[i].ms = limits[i];
+        ev_init(&r->dl[i].timer, deadline_cb);
+    }
+
     lua_pushvalue(L, 4);
     r->body_ref = luaL_ref(L, LUA_REGISTRYINDEX);
     lua_pushvalue(L, 5);
     r->cb_ref = luaL_ref(L, LUA_REGISTRYINDEX); /* LUA_REFNIL when absent */
     if (r->cb_ref == LUA_REFNIL) r->cb_ref = LUA_NOREF;
+    /* The first event and the gap only mean something for a stream. */
+    if (r->cb_ref == LUA_NOREF) r->dl[DL_FIRST_EVENT].ms = r->dl[DL_GAP].ms = 0;
 
     curl_easy_setopt(easy, CURLOPT_URL, lua_tostring(L, 2));
     curl_easy_setopt(easy, CURLOPT_PROTOCOLS_STR, "http,https");
@@ -411,8 +521,11 @@ static int l_request(lua_State *L)
     curl_easy_setopt(easy, CURLOPT_WRITEDATA, r);
     curl_easy_setopt(easy, CURLOPT_HEADERFUNCTION, header_cb);
     curl_easy_setopt(easy, CURLOPT_HEADERDATA, r);
-    curl_easy_setopt(easy, CURLOPT_TIMEOUT_MS, timeout);
-    curl_easy_setopt(easy, CURLOPT_CONNECTTIMEOUT_MS, connect_timeout);
+    /* The deadlines are libev timers (below), not curl's own timeouts. */
+    curl_easy_setopt(easy, CURLOPT_TIMEOUT_MS, 0L);
+    curl_easy_setopt(easy, CURLOPT_CONNECTTIMEOUT_MS, NO_LIMIT_MS);
+    curl_easy_setopt(easy, CURLOPT_PREREQFUNCTION, prereq_cb);
+    curl_easy_setopt(easy, CURLOPT_PREREQDATA, r);
     curl_easy_setopt(easy, CURLOPT_TCP_KEEPALIVE, 1L);
     curl_easy_setopt(easy, CURLOPT_BUFFERSIZE, RECV_BUFFER_SIZE);
     if (!lua_isnil(L, 4)) {
@@ -438,6 +551,11 @@ static int l_request(lua_State *L)
     h->r = r;
     r->handle = h;
     r->waiting = 1;
+    /* The connect, headers, first event and total deadlines start now; the gap
+     * one when the stream's headers are in. */
+    ev_now_update(rt->loop);
+    for (int i = 0; i < DL_COUNT; i++)
+        if (i != DL_GAP) deadline_arm(r, i);
     aiorch_task_wait(self, &r->op);
     return lua_yieldk(L, 0, (lua_KContext)r, request_k);
 }

@@ -1,5 +1,10 @@
 -- fallback: providers in priority order until one succeeds. Every attempt
--- is kept in metadata.attempts; when all fail, the error names each failure.
+-- (retries included) is kept in metadata.attempts; when all fail, the error
+-- names each failure. A provider that is cooling down answers at once with
+-- an error (kind "cooldown"), so it is passed over without a request.
+-- Streaming: once a provider's first token has reached the caller, its
+-- failure ends the answer (or, with the policy's continue_on_cut, the next
+-- provider continues it), never a silent switch.
 return function(_, providers, ctx)
   local t0 = ctx.now()
   local attempts, failures = {}, {}
@@ -9,12 +14,20 @@ return function(_, providers, ctx)
       ctx.log("info", "falling back to %s", p)
     end
     local r = ctx.call(p)
-    local m = r.metadata or {}
-    attempts[i] = { provider = p, status = r.status, kind = m.error_kind, latency_ms = r.latency_ms,
-                    http_status = m.http_status }
+    ctx.add_attempts(attempts, r)
     if r.status == "success" then
-      m.attempts = attempts
-      r.metadata = m
+      r.metadata.attempts = attempts
+      return r
+    end
+    if ctx.owner() == p then
+      local partial, nextp = r.metadata.partial_text, providers[i + 1]
+      if partial and nextp and ctx.policy(p).continue_on_cut then
+        ctx.count(nextp, "continuations")
+        ctx.log("info", "%s was cut; %s continues the answer", p, nextp)
+        r = ctx.continue_with(nextp, partial, p)
+        ctx.add_attempts(attempts, r)
+      end
+      r.metadata.attempts = attempts
       return r
     end
     failures[#failures + 1] = r

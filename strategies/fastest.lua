@@ -1,8 +1,16 @@
 -- fastest: start every provider at once; the first success wins and the
--- others are cancelled at once (their transfers aborted).
+-- others are cancelled at once (their transfers aborted). Streaming: the
+-- first token wins, and the others are cancelled before it is passed on.
 return function(_, providers, ctx)
   local t0 = ctx.now()
   local tasks, results = {}, {}
+  ctx.on_commit(function(owner)
+    for i, t in ipairs(tasks) do
+      if providers[i] ~= owner then
+        ctx.cancel(t)
+      end
+    end
+  end)
   for i, p in ipairs(providers) do
     tasks[i] = ctx.spawn(function()
       local r = ctx.call(p)
@@ -10,18 +18,19 @@ return function(_, providers, ctx)
       return r
     end)
   end
+  -- A stream's owner ends the race even when it fails: its tokens went out.
   local winner, index, errors = ctx.first(tasks, function(r)
-    return type(r) == "table" and r.status == "success"
+    return type(r) == "table" and (r.status == "success" or r.ia_provider_name == ctx.owner())
   end)
 
-  -- No result: cancelled when another won, else the task itself failed.
-  local missing = winner and "cancelled" or "error"
   local attempts = {}
   for i, p in ipairs(providers) do
     local r = results[i]
-    local m = r and r.metadata or {}
-    attempts[i] = { provider = p, status = r and r.status or missing, kind = m.error_kind,
-                    latency_ms = r and r.latency_ms, http_status = m.http_status }
+    if r then
+      ctx.add_attempts(attempts, r)
+    else -- no result: cancelled when another won, else the task itself failed
+      attempts[#attempts + 1] = { provider = p, status = winner and "cancelled" or "error" }
+    end
   end
 
   if winner then

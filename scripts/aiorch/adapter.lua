@@ -44,6 +44,10 @@ function _M.user_content(request)
   return q
 end
 
+-- The turn that asks a model to go on with an answer cut short.
+_M.CONTINUE = "Your previous answer was cut off. Continue it exactly where it stops, "
+  .. "without repeating any of it and without any preamble."
+
 function _M.kind_for_status(status)
   if status == 401 or status == 403 then
     return "auth"

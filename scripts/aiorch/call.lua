@@ -5,6 +5,8 @@ local response = require "aiorch.response"
 local metrics = require "aiorch.metrics"
 local util = require "aiorch.adapter"
 local log = require "aiorch.log"
+local policy = require "aiorch.policy"
+local breaker = require "aiorch.breaker"
 
 local fmt = string.format
 local type = type
@@ -14,6 +16,11 @@ local tostring = tostring
 local setmetatable = setmetatable
 local http = core.http
 local now = core.now
+local sleep = core.sleep
+local floor = math.floor
+local concat = table.concat
+
+local EMPTY = {} -- never written
 
 local _M = {}
 
@@ -66,56 +73,83 @@ local function header_ok(v)
   return true
 end
 
--- Counts a call whose task was cancelled before it finished.
+-- What a stream parser saw of the usage before the stream ended.
+local function parser_usage(p)
+  if not p then
+    return nil
+  end
+  local u = p.usage
+  local i = type(u) == "table" and u.input_tokens or p.input_tokens
+  local o = type(u) == "table" and u.output_tokens or p.output_tokens
+  if type(i) == "number" or type(o) == "number" then
+    return { input_tokens = i, output_tokens = o }
+  end
+  return nil
+end
+
+-- The text a stream had sent before it failed.
+local function partial_text(p, emitted)
+  if emitted and p and type(p.parts) == "table" and #p.parts > 0 then
+    return concat(p.parts)
+  end
+  return nil
+end
+
+-- Tokens a provider reported for work that produced no answer: a failed
+-- attempt, a cancelled race loser. They cost money; count them.
+local function count_wasted(name, usage)
+  if usage then
+    metrics.count(name, "tokens_wasted_in", usage.input_tokens or 0)
+    metrics.count(name, "tokens_wasted_out", usage.output_tokens or 0)
+  end
+end
+
+-- Ends an attempt whose task was cancelled before it finished.
 local cancel_guard = {
   __close = function(g)
     if not g.finished then
       metrics.cancelled(g.name)
+      breaker.release(g.name)
+      count_wasted(g.name, parser_usage(g.parser))
     end
   end,
 }
 
--- call(adapter, config, request[, opts]) -> StandardAIResponse
--- config: from aiorch.config.provider; request: a validated AIRequest.
--- opts: stream, on_token(text, provider), timeout_ms.
-function _M.call(adapter, config, request, opts)
-  opts = opts or {}
+-- One HTTP attempt. Returns the response and whether a token went out.
+local function attempt(adapter, config, request, opts, pol)
   local name = config.name
   local t0 = now()
   metrics.started(name)
-
-  if not config.available then
-    return finish(name, response.error(name, "unavailable", config.unavailable or (name .. " is not available"), 0,
-      { model = config.model }))
-  end
-
   local guard <close> = setmetatable({ name = name, finished = false }, cancel_guard)
 
   local stream = opts.stream and type(adapter.stream_parser) == "function"
   local ok, wire = pcall(adapter.build_request, config, request, { stream = stream })
   if not ok or type(wire) ~= "table" then
     guard.finished = true
-    return finish(name, fail(name, config, "adapter", "build_request failed: " .. tostring(wire), t0))
+    return finish(name, fail(name, config, "adapter", "build_request failed: " .. tostring(wire), t0)), false
   end
 
   -- aiorch.http raises on CR/LF in a header value; name the header, not its value.
   for k, v in pairs(wire.headers or {}) do
     if not header_ok(v) then
       guard.finished = true
-      return finish(name, fail(name, config, "bad_request", fmt("invalid value for header '%s'", tostring(k)), t0))
+      return finish(name, fail(name, config, "bad_request", fmt("invalid value for header '%s'", tostring(k)), t0)),
+        false
     end
   end
 
-  local parser, events, stream_err
+  local parser, events, stream_err, emitted
   local on_event
   if stream then
     local pok, p = pcall(adapter.stream_parser, config)
     if not pok or type(p) ~= "table" then
       guard.finished = true
-      return finish(name, fail(name, config, "adapter", "stream_parser failed: " .. tostring(p), t0))
+      return finish(name, fail(name, config, "adapter", "stream_parser failed: " .. tostring(p), t0)), false
     end
-    parser, events = p, 0
+    parser, events, emitted = p, 0, false
+    guard.parser = p
     local on_token = opts.on_token
+    -- Returns true for a content event: that meets the first-token deadline.
     on_event = function(ev)
       events = events + 1
       local eok, delta = pcall(parser.event, parser, ev)
@@ -123,38 +157,52 @@ function _M.call(adapter, config, request, opts)
         stream_err = "stream parser failed: " .. tostring(delta)
         return false
       end
-      if delta and on_token then
-        local tok, terr = pcall(on_token, delta, name)
-        if not tok then
-          stream_err = "on_token failed: " .. tostring(terr)
-          return false
+      if delta then
+        if on_token then
+          emitted = true
+          local tok, terr = pcall(on_token, delta, name)
+          if not tok then
+            stream_err = "on_token failed: " .. tostring(terr)
+            return false
+          end
         end
+        return true
       end
     end
   end
 
-  local status, headers, body = http.request {
+  local status, headers, body, deadline = http.request {
     method = wire.method or "POST",
     url = wire.url,
     headers = wire.headers,
     body = wire.body,
-    timeout_ms = opts.timeout_ms or config.timeout_ms,
-    connect_timeout_ms = config.connect_timeout_ms,
+    timeout_ms = pol.timeout_ms,
+    connect_timeout_ms = pol.connect_timeout_ms,
+    headers_timeout_ms = pol.headers_timeout_ms,
+    first_event_timeout_ms = pol.first_token_timeout_ms,
+    gap_timeout_ms = pol.gap_timeout_ms,
+    max_body = pol.max_response_bytes,
     on_event = on_event,
   }
   guard.finished = true
 
   if not status then
     local kind, msg = headers, body
+    local usage = parser_usage(parser)
+    count_wasted(name, usage)
+    local partial = partial_text(parser, emitted)
     if stream_err then
-      return finish(name, fail(name, config, "stream", stream_err, t0))
+      return finish(name, fail(name, config, "stream", stream_err, t0,
+        { usage = usage, partial_text = partial })), emitted
     end
     -- A stream that broke after it began is a cut answer, not a connect error.
     if events and events > 0 and kind ~= "timeout" then
       return finish(name, fail(name, config, "stream_cut",
-        fmt("stream cut after %d events: %s", events, tostring(msg or kind)), t0))
+        fmt("stream cut after %d events: %s", events, tostring(msg or kind)), t0,
+        { usage = usage, partial_text = partial })), emitted
     end
-    return finish(name, fail(name, config, tostring(kind or "http"), msg or kind, t0))
+    return finish(name, fail(name, config, tostring(kind or "http"), msg or kind, t0,
+      { deadline = deadline, usage = usage, partial_text = partial })), emitted
   end
 
   local result, kind, msg, extra
@@ -175,12 +223,80 @@ function _M.call(adapter, config, request, opts)
   end
 
   if type(result) == "table" then
-    return finish(name, response.success(name, result, now() - t0, status))
+    return finish(name, response.success(name, result, now() - t0, status)), emitted
   end
+  local usage = parser_usage(parser)
+  count_wasted(name, usage)
   return finish(name, fail(name, config, kind or "parse", msg or "no result", t0, {
     http_status = status,
     retry_after = type(extra) == "table" and extra.retry_after or nil,
-  }))
+    usage = usage,
+    partial_text = partial_text(parser, emitted),
+  })), emitted
+end
+
+-- call(adapter, config, request[, opts]) -> StandardAIResponse
+-- config: from aiorch.config.provider; request: a validated AIRequest.
+-- opts: stream, on_token(text, provider), timeout_ms, policy.
+-- Retries the provider as its policy says; metadata.attempts lists every
+-- attempt. Never retries once a token went to the caller.
+function _M.call(adapter, config, request, opts)
+  opts = opts or EMPTY
+  local name = config.name
+
+  if not config.available then
+    local r = response.error(name, "unavailable", config.unavailable or (name .. " is not available"), 0,
+      { model = config.model })
+    r.metadata.attempts = { response.attempt(r) }
+    metrics.started(name)
+    return finish(name, r)
+  end
+
+  local pol = policy.resolve(config.policy or policy.for_provider {
+    timeout_ms = config.timeout_ms, connect_timeout_ms = config.connect_timeout_ms,
+  }, opts.policy, request.policy)
+  if opts.timeout_ms then
+    pol = policy.resolve(pol, { timeout_ms = opts.timeout_ms })
+  end
+  local t0 = now()
+  local attempts = {}
+  local r
+  for n = 1, pol.max_attempts do
+    local allowed, why = breaker.allow(name)
+    if not allowed then
+      metrics.count(name, "skipped")
+      if r then
+        break -- the last failure stands
+      end
+      r = response.error(name, "cooldown", why, 0, { model = config.model })
+      attempts[1] = response.attempt(r)
+      break
+    end
+    local emitted
+    r, emitted = attempt(adapter, config, request, opts, pol)
+    local m = r.metadata
+    attempts[n] = response.attempt(r)
+    breaker.record(name, pol, r.status == "success", m.error_kind, m.retry_after)
+    if r.status == "success" or emitted or n == pol.max_attempts
+      or not policy.retryable(m.error_kind, m.http_status) then
+      break
+    end
+    local wait = policy.backoff_ms(pol, n, m.retry_after)
+    if now() - t0 + wait > pol.retry_budget_ms then
+      attempts[n].note = "retry budget spent"
+      break
+    end
+    metrics.count(name, "retries")
+    if log.enabled("debug") then
+      log.debug("%s: %s, attempt %d in %d ms", name, m.error_kind, n + 1, floor(wait))
+    end
+    sleep(wait)
+  end
+  r.metadata.attempts = attempts
+  if #attempts > 1 then
+    r.latency_ms = floor(now() - t0 + 0.5) -- the caller waited for all of them
+  end
+  return r
 end
 
 _M.scrub = scrub

@@ -2,6 +2,7 @@
 -- 0 success (parallel: at least one provider answered), 1 failure, 2 usage.
 local orchestrate = require "aiorch.orchestrate"
 local response = require "aiorch.response"
+local policy = require "aiorch.policy"
 
 local fmt = string.format
 local type = type
@@ -35,6 +36,8 @@ ask options:
   --max-tokens N      at most N tokens in the answer
   --json              print the StandardAIResponse (a JSON array for parallel)
   --stream            print the answer as it arrives (single, fallback, fastest)
+  --policy K=V,...    this request's retries, deadlines and streaming policy, e.g.
+                      max_attempts=3,first_token_timeout_ms=5000,continue_on_cut=true
   --path DIR          a user directory searched first for strategies/, providers/ and
                       prompts/ (repeatable; AIORCH_PATH holds more, ':'-separated)
 
@@ -53,6 +56,7 @@ environment:
   OPENAI_MODEL, ANTHROPIC_MODEL         use another model
   AIORCH_PROVIDERS                      default priority order (default: openai,anthropic)
   AIORCH_TIMEOUT_MS                     per-call timeout (default 60000)
+  AIORCH_POLICY, OPENAI_POLICY, ...     K=V,... policies for every provider, or for one
   AIORCH_LOG                            debug | info | warn (default) | error
 
 exit status: 0 success (parallel: at least one answer), 1 failure, 2 usage error
@@ -93,6 +97,7 @@ local ASK_OPTIONS = {
   ["--path"] = { "path", true },
   ["--json"] = { "json", false },
   ["--stream"] = { "stream", false },
+  ["--policy"] = { "policy", true },
   ["--help"] = { "help", false },
   ["-h"] = { "help", false },
 }
@@ -157,21 +162,26 @@ local function build_request(o)
     end
     req.max_tokens = n
   end
+  if o.policy ~= nil then
+    local p, err = policy.parse(o.policy, "--policy")
+    if not p then
+      return nil, err
+    end
+    req.policy = p
+  end
   return req
 end
 
--- Streamed tokens: the first provider to send one owns stdout; tokens of
--- others (a fallback after a cut, a racer that lost) are not printed.
+-- Streamed tokens go to stdout as they come: the orchestration passes on
+-- only those of the provider that owns the stream (see aiorch.context).
 local function token_printer()
   local state = { owner = nil }
   function state.on_token(text, provider)
     if state.owner == nil then
       state.owner = provider
     end
-    if provider == state.owner then
-      io_stdout:write(text)
-      io_stdout:flush()
-    end
+    io_stdout:write(text)
+    io_stdout:flush()
   end
   return state
 end
@@ -194,7 +204,11 @@ local function print_text(result, printer)
       err_line(failure_line(result))
       return 1
     end
-    if printer and printer.owner == result.ia_provider_name then
+    local m = result.metadata or {}
+    if printer and (printer.owner == result.ia_provider_name or m.continued_from == printer.owner) then
+      if m.continued_from then
+        err_line("note: the answer from %s was cut off; %s continued it", m.continued_from, result.ia_provider_name)
+      end
       io_stdout:write("\n")
     else
       if printer and printer.owner then

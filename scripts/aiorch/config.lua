@@ -1,11 +1,13 @@
 -- Provider configuration from the environment. A provider is available
 -- when its key is set. Keys stay in these tables: never log or return them.
 local log = require "aiorch.log"
+local policy = require "aiorch.policy"
 
 local fmt = string.format
 local type = type
 local setmetatable = setmetatable
 local ipairs = ipairs
+local pairs = pairs
 local tonumber = tonumber
 local os_getenv = os.getenv
 local concat = table.concat
@@ -94,7 +96,28 @@ function _M.provider(name, adapter, env)
       or _M.default_timeout_ms,
     connect_timeout_ms = positive(get("AIORCH_CONNECT_TIMEOUT_MS")) or _M.default_connect_timeout_ms,
   }
-  if not cfg.available then
+  -- The policy: AIORCH_POLICY for every provider, then <NAME>_POLICY; each a
+  -- table (from a gateway configuration) or "name=value,..." (from the shell).
+  local merged = { timeout_ms = cfg.timeout_ms, connect_timeout_ms = cfg.connect_timeout_ms }
+  for _, var in ipairs { "AIORCH_POLICY", prefix .. "_POLICY" } do
+    local v = get(var)
+    local t, err = v, nil
+    if type(v) == "string" then
+      t, err = policy.parse(v, var)
+    end
+    if t ~= nil then
+      t, err = policy.check(t, var, true)
+    end
+    if err then
+      cfg.available, cfg.unavailable = false, err
+      break
+    end
+    for k, x in pairs(t or {}) do
+      merged[k] = x
+    end
+  end
+  cfg.policy = policy.for_provider(merged)
+  if not cfg.available and not cfg.unavailable then
     cfg.unavailable = _M.unavailable_reason(cfg)
   end
   return cfg

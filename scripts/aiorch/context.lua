@@ -6,6 +6,8 @@ local loader = require "aiorch.loader"
 local metrics = require "aiorch.metrics"
 local response = require "aiorch.response"
 local log = require "aiorch.log"
+local policy = require "aiorch.policy"
+local breaker = require "aiorch.breaker"
 
 local type = type
 local pairs = pairs
@@ -21,9 +23,10 @@ local base = {
   first = core.first,
   sleep = core.sleep,
   now = core.now,
-  health = metrics.health,
+  health = breaker.health,
   latency = metrics.latency,
   all_failed = response.all_failed,
+  add_attempts = response.add_attempts,
 }
 
 function base.await(task, ms)
@@ -63,7 +66,7 @@ local function resolve(adapters, configs, opts, provider)
 end
 
 -- state: {request, adapters = {name = adapter}, configs = {name = config},
---         opts = {stream, on_token, timeout_ms, env, path}, strategy = name}
+--         opts = {stream, on_token, timeout_ms, policy, env, path}, strategy = name}
 function _M.new(state)
   local opts = state.opts or EMPTY
   local adapters, configs = state.adapters, state.configs
@@ -71,23 +74,79 @@ function _M.new(state)
   -- Read-only facts a strategy may want; the built-ins do not need them.
   local ctx = setmetatable({ request = request, stream = opts.stream and true or false }, base_mt)
 
-  function ctx.call(provider, copts)
+  -- The commit point of a stream: the first provider to send a token owns
+  -- the caller's stream; tokens from any other are dropped. Before that,
+  -- a strategy may still switch providers unseen; after it, it may not.
+  local owner, on_commit
+  local on_token = opts.on_token
+  local token_sink
+  if on_token then
+    token_sink = function(text, provider)
+      if owner == nil then
+        owner = provider
+        if on_commit then
+          on_commit(provider)
+        end
+      end
+      if provider == owner then
+        on_token(text, provider)
+      end
+    end
+  end
+
+  -- The provider that owns the stream (nil before the first token).
+  function ctx.owner()
+    return owner
+  end
+
+  -- fn(provider) runs when the first token commits the stream (say, to
+  -- cancel the other racers before anything is written).
+  function ctx.on_commit(fn)
+    on_commit = fn
+  end
+
+  -- The policy a call to provider would run with (retries, deadlines, hedging).
+  function ctx.policy(provider)
+    local _, c = resolve(adapters, configs, opts, provider)
+    return policy.resolve(c and c.policy, opts.policy, request.policy)
+  end
+
+  local function do_call(provider, copts, req)
     local a, c = resolve(adapters, configs, opts, provider)
     if not a then
       local r = response.error(tostring(provider), "unknown_provider", c, 0, {})
       metrics.finished(tostring(provider), r)
       return r
     end
-    -- Without per-call options the orchestration's own are passed as they
-    -- are (call reads only stream, on_token and timeout_ms of them).
-    local o = opts
+    local o = { stream = opts.stream, on_token = token_sink, timeout_ms = opts.timeout_ms, policy = opts.policy }
     if type(copts) == "table" then
-      o = { stream = opts.stream, on_token = opts.on_token, timeout_ms = opts.timeout_ms }
       for k, v in pairs(copts) do
         o[k] = v
       end
     end
-    return call.call(a, c, request, o)
+    return call.call(a, c, req, o)
+  end
+
+  -- call(provider[, opts]) -> StandardAIResponse. opts: policy (overrides), timeout_ms.
+  function ctx.call(provider, copts)
+    return do_call(provider, copts, request)
+  end
+
+  -- After a stream owned by `from` was cut with `partial` sent: `provider`
+  -- takes the stream over and continues the answer where it stopped.
+  function ctx.continue_with(provider, partial, from)
+    owner = provider
+    local req = {}
+    for k, v in pairs(request) do
+      req[k] = v
+    end
+    req.continue_from = partial
+    local r = do_call(provider, nil, req)
+    if r.status == "success" then
+      r.response_text = partial .. r.response_text
+      r.metadata.continued_from = from
+    end
+    return r
   end
 
   local strategy = state.strategy

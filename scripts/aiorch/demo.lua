@@ -4,6 +4,7 @@
 local core = require "aiorch"
 local mock = require "aiorch.mock"
 local orchestrate = require "aiorch.orchestrate"
+local breaker = require "aiorch.breaker"
 
 local fmt = string.format
 local type = type
@@ -130,6 +131,9 @@ function _M.main()
   local answers, all_ok = {}, true
   for _, run in ipairs(RUNS) do
     m:reset()
+    -- Each row starts from healthy providers: the fallback row's 429 asks
+    -- for a pause that would otherwise make the next rows skip openai.
+    breaker.reset()
     local t0 = core.now()
     local result, rerr = orchestrate.orchestrate({ user_question = QUESTION }, run.strategy, run.providers,
       { env = run.env(m) })

@@ -1,5 +1,7 @@
 -- Per-provider metrics for this runtime (one Lua state = one runtime, so
 -- module-level state is per runtime).
+local breaker = require "aiorch.breaker"
+
 local type = type
 local pairs = pairs
 local ipairs = ipairs
@@ -27,6 +29,8 @@ local function new_entry()
     window = {}, window_next = 1,
     tokens_in = 0, tokens_out = 0, cost_usd = 0,
     fallback_activations = 0, races_won = 0, races_lost = 0,
+    retries = 0, skipped = 0, hedges = 0, continuations = 0,
+    tokens_wasted_in = 0, tokens_wasted_out = 0,
     consecutive_failures = 0,
   }
 end
@@ -157,7 +161,10 @@ function _M.snapshot()
                   p50 = lat.p50, p95 = lat.p95 },
       tokens_in = e.tokens_in, tokens_out = e.tokens_out, cost_usd = e.cost_usd,
       fallback_activations = e.fallback_activations, races_won = e.races_won, races_lost = e.races_lost,
-      healthy = e.consecutive_failures < UNHEALTHY_AFTER,
+      retries = e.retries, skipped = e.skipped, hedges = e.hedges, continuations = e.continuations,
+      tokens_wasted_in = e.tokens_wasted_in, tokens_wasted_out = e.tokens_wasted_out,
+      healthy = breaker.health(name).healthy,
+      breaker = breaker.health(name).state,
     }
   end
   return out

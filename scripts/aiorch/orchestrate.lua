@@ -8,6 +8,7 @@ local loader = require "aiorch.loader"
 local request_mod = require "aiorch.request"
 local response = require "aiorch.response"
 local log = require "aiorch.log"
+local policy = require "aiorch.policy"
 
 local fmt = string.format
 local type = type
@@ -109,7 +110,8 @@ local function valid_result(v)
 end
 
 -- opts: env (table|function, default the process env), path (user dirs),
--- stream, on_token(text, provider), timeout_ms, prompt (builder name),
+-- stream, on_token(text, provider), timeout_ms, policy (overrides of the
+-- providers' policies, see aiorch.policy), prompt (builder name),
 -- context_info (for the prompt builder; default request.context).
 function _M.orchestrate(request, strategy_name, providers, opts)
   opts = opts or {}
@@ -128,6 +130,12 @@ function _M.orchestrate(request, strategy_name, providers, opts)
   local req, verr = request_mod.validate(request, list)
   if not req then
     return nil, verr, "invalid"
+  end
+  if opts.policy ~= nil then
+    local _, perr = policy.check(opts.policy, "opts.policy")
+    if perr then
+      return nil, perr, "invalid"
+    end
   end
 
   -- Says which adapters came up, once, and only for a request that is valid.

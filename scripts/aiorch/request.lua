@@ -1,6 +1,7 @@
 -- AIRequest validation. Runs before any network call; each error names
 -- the field at fault.
 local cjson = require "cjson.safe"
+local policy = require "aiorch.policy"
 
 local fmt = string.format
 local type = type
@@ -12,7 +13,7 @@ local _M = {}
 
 local null = cjson.null
 
-_M.fields = { "user_question", "context", "temperature", "max_tokens", "system_prompt" }
+_M.fields = { "user_question", "context", "temperature", "max_tokens", "system_prompt", "policy" }
 
 local function absent(v)
   return v == nil or v == null
@@ -84,6 +85,15 @@ function _M.validate(req, adapters)
       return nil, fmt("max_tokens: must be a positive integer (got %s)", show(m))
     end
     out.max_tokens = n
+  end
+
+  -- Per-request overrides of the providers' policies (retries, deadlines...).
+  if not absent(req.policy) then
+    local p, perr = policy.check(req.policy, "policy")
+    if not p then
+      return nil, perr
+    end
+    out.policy = p
   end
   return out
 end

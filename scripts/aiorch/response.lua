@@ -103,7 +103,21 @@ function _M.attempt(r)
     kind = m.error_kind,
     latency_ms = r.latency_ms,
     http_status = m.http_status,
+    deadline = m.deadline,
   }
+end
+
+-- Appends r's attempts (or r itself, as one) to the list `into`.
+function _M.add_attempts(into, r)
+  local list = r.metadata and r.metadata.attempts
+  if type(list) == "table" and #list > 0 then
+    for _, a in ipairs(list) do
+      into[#into + 1] = a
+    end
+  else
+    into[#into + 1] = _M.attempt(r)
+  end
+  return into
 end
 
 local function failure_text(r)
@@ -124,7 +138,7 @@ function _M.all_failed(responses)
   local latency = 0
   for i, r in ipairs(responses) do
     parts[i] = failure_text(r)
-    attempts[i] = _M.attempt(r)
+    _M.add_attempts(attempts, r)
     all_timeout = all_timeout and r.status == "timeout"
     latency = latency + (r.latency_ms or 0)
   end
@@ -143,7 +157,7 @@ end
 local ORDER = {
   "ia_provider_name", "provider", "response_text", "status", "kind", "latency_ms", "error_message", "metadata",
   "model", "usage", "input_tokens", "output_tokens", "finish_reason", "http_status",
-  "error_kind", "retry_after", "attempts", "cost_usd",
+  "error_kind", "retry_after", "attempts", "cost_usd", "deadline", "partial_text", "continued_from",
 }
 local RANK = {}
 for i, k in ipairs(ORDER) do

@@ -35,6 +35,12 @@ function _M.build_request(config, request, opts)
   if type(request.system_prompt) == "string" and request.system_prompt ~= "" then
     body.system = request.system_prompt
   end
+  -- Continuing an answer another provider began: a last assistant turn is
+  -- a prefill the model goes on from (it must not end in whitespace).
+  local partial = request.continue_from
+  if type(partial) == "string" and partial:find("%S") then
+    body.messages[2] = { role = "assistant", content = (partial:gsub("%s+$", "")) }
+  end
   local headers = {
     ["content-type"] = "application/json",
     ["x-api-key"] = config.key or "",

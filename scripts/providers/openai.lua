@@ -27,6 +27,11 @@ function _M.build_request(config, request, opts)
     messages[1] = { role = "system", content = request.system_prompt }
   end
   messages[#messages + 1] = { role = "user", content = util.user_content(request) }
+  -- Continuing an answer another provider began: it is ours so far.
+  if type(request.continue_from) == "string" and request.continue_from ~= "" then
+    messages[#messages + 1] = { role = "assistant", content = request.continue_from }
+    messages[#messages + 1] = { role = "user", content = util.CONTINUE }
+  end
 
   local body = {
     model = config.model or _M.default_model,

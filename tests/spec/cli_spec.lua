@@ -310,11 +310,20 @@ describe("aiorch ask against the mock providers", function()
     no_keys(out, err)
   end)
 
-  it("says so when a stream is cut and the fallback answers", function()
+  it("ends with an error when a stream is cut after its first token (never a silent switch)", function()
     local code, out, err = sh(env("fault=cut,chunks=6", nil, { AIORCH_LOG = "warn" }), "ask", "--stream", "hi")
+    assert.equal(1, code, err)
+    assert.matches("^Hello from", out)
+    assert.not_matches("anthropic", out)
+    one_error_line(err, "openai: stream_cut")
+  end)
+
+  it("lets the next provider continue a cut stream with --policy continue_on_cut=true", function()
+    local code, out, err = sh(env("fault=cut,chunks=6", nil, { AIORCH_LOG = "warn" }), "ask", "--stream",
+      "--policy", "continue_on_cut=true", "hi")
     assert.equal(0, code, err)
-    assert.matches("Hello from the mock anthropic provider. You asked: hi\n$", out)
-    one_error_line(err, "cut off")
+    assert.matches("^Hello from.*Hello from the mock anthropic provider. You asked: hi\n$", out)
+    one_error_line(err, "openai was cut off; anthropic continued it")
   end)
 
   it("finds a user strategy via AIORCH_PATH and via --path, with no rebuild", function()

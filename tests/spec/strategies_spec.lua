@@ -5,6 +5,7 @@ local cjson = require "cjson.safe"
 local mock_mod = require "aiorch.mock"
 local orchestrate = require "aiorch.orchestrate"
 local metrics = require "aiorch.metrics"
+local breaker = require "aiorch.breaker"
 local call = require "aiorch.call"
 
 local KEYS = { openai = "sk-test-strategies-openai-0001", anthropic = "sk-ant-test-strategies-0002" }
@@ -79,6 +80,7 @@ end)
 before_each(function()
   m:reset()
   metrics.reset()
+  breaker.reset() -- each case starts with every provider healthy
 end)
 
 describe("single", function()
@@ -314,11 +316,48 @@ describe("fallback", function()
     assert.equal("timeout", r.metadata.attempts[1].status)
   end)
 
-  it("moves on after a stream cut", function()
-    local r = assert(run("fallback", nil, { fault = "cut" }, nil, { stream = true, on_token = function() end }))
+  it("ends a stream cut after its first token with an error holding the partial text", function()
+    local seen = {}
+    local r = assert(run("fallback", nil, { fault = "cut", chunks = 6 }, nil,
+      { stream = true, on_token = function(t, p) seen[#seen + 1] = p .. ":" .. t end }))
+    assert.equal("error", r.status)
+    assert.equal("openai", r.ia_provider_name)
+    assert.equal("stream_cut", r.metadata.error_kind)
+    assert.equal(1, #r.metadata.attempts)
+    assert.is_true(#seen > 0)
+    local sent = {}
+    for i, s in ipairs(seen) do
+      assert.matches("^openai:", s) -- nothing from anthropic reached the caller
+      sent[i] = s:sub(8)
+    end
+    assert.equal(table.concat(sent), r.metadata.partial_text)
+  end)
+
+  it("moves on after a stream fails before its first token, unseen by the caller", function()
+    local seen = {}
+    local r = assert(run("fallback", nil, { fault = "500" }, nil,
+      { stream = true, on_token = function(t) seen[#seen + 1] = t end }))
     assert.equal("success", r.status)
     assert.equal("anthropic", r.ia_provider_name)
-    assert.equal("stream_cut", r.metadata.attempts[1].kind)
+    assert.equal(r.response_text, table.concat(seen))
+  end)
+
+  it("continues a cut stream on the next provider with continue_on_cut", function()
+    local seen = {}
+    local r = assert(run("fallback", nil, { fault = "cut", chunks = 6 }, nil,
+      { stream = true, on_token = function(t) seen[#seen + 1] = t end, policy = { continue_on_cut = true } }))
+    assert.equal("success", r.status)
+    assert.equal("anthropic", r.ia_provider_name)
+    assert.equal("openai", r.metadata.continued_from)
+    assert.equal(r.response_text, table.concat(seen))
+    assert.matches("^Hello from the mock openai", r.response_text)
+    assert.same({ "stream_cut", nil }, { r.metadata.attempts[1].kind, r.metadata.attempts[2].kind })
+    -- anthropic was sent the partial answer to go on from
+    local sent = requests_of("anthropic")
+    local body = cjson.decode(sent[#sent].body)
+    assert.equal("assistant", body.messages[2].role)
+    local partial = body.messages[2].content
+    assert.equal(partial, r.response_text:sub(1, #partial))
   end)
 
   it("names each failure when all fail", function()
@@ -533,6 +572,7 @@ describe("metrics", function()
   it("counts requests, successes, errors by kind, timeouts, latency, tokens and cost", function()
     run("single", { "openai" }, { latency_ms = 20 })
     run("single", { "openai" }, { fault = "429" })
+    breaker.reset() -- the 429's Retry-After would skip openai for a second
     run("single", { "openai" }, { fault = "hang" }, nil, { env_extra = { AIORCH_TIMEOUT_MS = "100" } })
     run("single", { "anthropic" })
     local s = metrics.snapshot()

@@ -48,6 +48,10 @@ local COUNTERS = {
     "Times a fallback moved on to this provider." },
   { "races_won", "aiorch_provider_races_won_total", "Races (fastest) this provider won." },
   { "races_lost", "aiorch_provider_races_lost_total", "Races (fastest) this provider lost." },
+  { "retries", "aiorch_provider_retries_total", "Attempts that retried a failed one." },
+  { "skipped", "aiorch_provider_skipped_total", "Calls refused while the provider cooled down." },
+  { "hedges", "aiorch_provider_hedges_total", "Hedged (extra) requests started on this provider." },
+  { "continuations", "aiorch_provider_continuations_total", "Cut streams this provider continued." },
 }
 
 -- gw: the gateway's counters {requests = {["route status"] = n}, in_flight = n}.
@@ -83,8 +87,16 @@ function _M.render(gw)
     add(fmt('aiorch_provider_tokens_total{provider="%s",direction="in"} %s', esc(p), num(snap[p].tokens_in)))
     add(fmt('aiorch_provider_tokens_total{provider="%s",direction="out"} %s', esc(p), num(snap[p].tokens_out)))
   end
+  header("aiorch_provider_tokens_wasted_total",
+    "Tokens reported by attempts that gave no answer (failed, cancelled race losers).", "counter")
+  for _, p in ipairs(names) do
+    add(fmt('aiorch_provider_tokens_wasted_total{provider="%s",direction="in"} %s', esc(p),
+      num(snap[p].tokens_wasted_in)))
+    add(fmt('aiorch_provider_tokens_wasted_total{provider="%s",direction="out"} %s', esc(p),
+      num(snap[p].tokens_wasted_out)))
+  end
 
-  header("aiorch_provider_healthy", "1 when the provider's recent calls did not all fail.", "gauge")
+  header("aiorch_provider_healthy", "1 unless the provider's circuit breaker is open (it is cooling down).", "gauge")
   for _, p in ipairs(names) do
     add(fmt('aiorch_provider_healthy{provider="%s"} %d', esc(p), snap[p].healthy and 1 or 0))
   end

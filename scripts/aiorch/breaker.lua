@@ -1,0 +1,133 @@
+-- Circuit breakers, one per provider, per runtime (module state lives in
+-- this Lua state). closed: calls go through, failures are counted; open:
+-- calls are refused until the cooldown ends; half_open: one trial call
+-- decides between closed and open again.
+local policy = require "aiorch.policy"
+local core = require "aiorch"
+
+local fmt = string.format
+local ceil = math.ceil
+local now = core.now
+
+local _M = {}
+
+local states = {}
+
+local function state(name)
+  local s = states[name]
+  if not s then
+    s = { state = "closed", failures = {}, first = 1, count = 0, open_until = 0, trial = false, why = nil }
+    states[name] = s
+  end
+  return s
+end
+
+-- Drops the failures that fell out of the window (a ring of timestamps).
+local function prune(s, t, window)
+  local f = s.failures
+  while s.count > 0 and f[s.first] <= t - window do
+    f[s.first] = nil
+    s.first = s.first + 1
+    s.count = s.count - 1
+  end
+end
+
+local function open(s, t, ms, why)
+  s.state = "open"
+  s.open_until = t + ms
+  s.trial = false
+  s.why = why
+  s.failures, s.first, s.count = {}, 1, 0
+end
+
+-- allow(name) -> true, or false, message (the provider cools down).
+-- A half-open breaker lets one caller through; it must report back.
+function _M.allow(name)
+  local s = states[name]
+  if not s or s.state == "closed" then
+    return true
+  end
+  local t = now()
+  if s.state == "open" and t >= s.open_until then
+    s.state = "half_open"
+  end
+  if s.state == "half_open" and not s.trial then
+    s.trial = true
+    return true, "trial"
+  end
+  local left = s.state == "open" and ceil(s.open_until - t) or nil
+  return false, left and fmt("%s is cooling down for %d ms more (%s)", name, left, s.why or "failures")
+    or fmt("%s is cooling down: a trial request is deciding", name)
+end
+
+-- record(name, pol, ok, kind, retry_after) after a call that was let through.
+function _M.record(name, pol, ok, kind, retry_after)
+  local s = states[name]
+  if ok then
+    if s and s.state ~= "closed" then
+      s.state, s.trial, s.why = "closed", false, nil
+      s.failures, s.first, s.count = {}, 1, 0
+    end
+    return
+  end
+  local t = now()
+  -- A provider that says when to come back is believed, breaker or not.
+  local asked = kind == "rate_limited" and policy.retry_after_ms(retry_after) or nil
+  if asked and asked > 0 then
+    open(state(name), t, asked, fmt("it asked to wait %d s", ceil(asked / 1000)))
+    return
+  end
+  if not policy.counts_as_failure(kind) then
+    if s and s.state == "half_open" then
+      s.trial = false -- the trial said nothing; the next call tries again
+    end
+    return
+  end
+  s = state(name)
+  if s.state == "half_open" then
+    open(s, t, pol.cooldown_ms, "the trial request failed")
+    return
+  end
+  local limit = pol.breaker_failures
+  if not limit or limit <= 0 then
+    return
+  end
+  prune(s, t, pol.breaker_window_ms)
+  s.failures[s.first + s.count] = t
+  s.count = s.count + 1
+  if s.count >= limit then
+    open(s, t, pol.cooldown_ms, fmt("%d failures in %d ms", limit, pol.breaker_window_ms))
+  end
+end
+
+-- A let-through call ended without an outcome (cancelled): a half-open
+-- breaker lets the next caller try instead.
+function _M.release(name)
+  local s = states[name]
+  if s and s.state == "half_open" then
+    s.trial = false
+  end
+end
+
+-- health(name) -> {healthy, state, failures, cooldown_ms}
+function _M.health(name)
+  local s = states[name]
+  if not s then
+    return { healthy = true, state = "closed", failures = 0 }
+  end
+  local t = now()
+  local st = s.state
+  if st == "open" and t >= s.open_until then
+    st = "half_open"
+  end
+  return {
+    healthy = st ~= "open", state = st, failures = s.count,
+    cooldown_ms = st == "open" and ceil(s.open_until - t) or nil,
+  }
+end
+
+function _M.reset()
+  states = {}
+end
+
+return _M
