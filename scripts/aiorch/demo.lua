@@ -9,6 +9,7 @@ local breaker = require "aiorch.breaker"
 local fmt = string.format
 local type = type
 local ipairs = ipairs
+local pairs = pairs
 local tostring = tostring
 local concat = table.concat
 local io_stdout = io.stdout
@@ -109,6 +110,25 @@ local RUNS = {
       return ok, "anthropic wins, openai's transfer is aborted", loser
     end,
   },
+  {
+    -- openai is having a slow moment: after 100 ms anthropic is asked too.
+    strategy = "hedged", request = { policy = { hedge_delay_ms = 100 } },
+    env = function(m) return env_for(m, { latency_ms = 400 }, { latency_ms = LATENCY.anthropic }) end,
+    check = function(r, m)
+      local loser
+      for _ = 1, 50 do
+        loser = request_of(m, "openai")
+        if loser and loser.aborted_at then
+          break
+        end
+        core.sleep(5)
+      end
+      local a = r.metadata and r.metadata.attempts or {}
+      local ok = r.status == "success" and r.ia_provider_name == "anthropic" and #a == 2
+        and a[1].status == "cancelled" and loser ~= nil and loser.aborted_at ~= nil
+      return ok, "openai is slow (400 ms), anthropic is hedged in after 100 ms and wins", loser
+    end,
+  },
 }
 
 local function row(cols)
@@ -135,8 +155,11 @@ function _M.main()
     -- for a pause that would otherwise make the next rows skip openai.
     breaker.reset()
     local t0 = core.now()
-    local result, rerr = orchestrate.orchestrate({ user_question = QUESTION }, run.strategy, run.providers,
-      { env = run.env(m) })
+    local req = { user_question = QUESTION }
+    for k, v in pairs(run.request or {}) do
+      req[k] = v
+    end
+    local result, rerr = orchestrate.orchestrate(req, run.strategy, run.providers, { env = run.env(m) })
     local wall = fmt("%d ms", math.floor(core.now() - t0 + 0.5))
     if not result then
       all_ok = false
@@ -164,7 +187,7 @@ function _M.main()
           atts[1] = attempt_text { provider = result.ia_provider_name, status = result.status,
             kind = result.metadata.error_kind, latency_ms = result.latency_ms }
         end
-        local sep = run.strategy == "fallback" and " → " or ", "
+        local sep = (run.strategy == "fallback" or run.strategy == "hedged") and " → " or ", "
         local note = ""
         if loser and loser.aborted_at then
           local closed = math.floor(loser.aborted_at - loser.received_at + 0.5)
