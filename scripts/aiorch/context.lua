@@ -132,6 +132,12 @@ function _M.new(state)
     return do_call(provider, copts, request)
   end
 
+  -- call_with(provider, request[, opts]): a call with another request (a
+  -- continuation, a rewritten question).
+  function ctx.call_with(provider, req, copts)
+    return do_call(provider, copts, req)
+  end
+
   -- After a stream owned by `from` was cut with `partial` sent: `provider`
   -- takes the stream over and continues the answer where it stopped.
   function ctx.continue_with(provider, partial, from)

@@ -198,19 +198,42 @@ function _M.successes(result)
   return out, list
 end
 
+-- Whether every attempt behind r was refused by a cooling provider.
+local function all_cooling(r)
+  local m = r.metadata or {}
+  if m.error_kind == "cooldown" then
+    return true
+  end
+  local list = m.attempts
+  if m.error_kind ~= "all_failed" or type(list) ~= "table" or #list == 0 then
+    return false
+  end
+  for _, a in ipairs(list) do
+    if a.kind ~= "cooldown" then
+      return false
+    end
+  end
+  return true
+end
+
 -- The failure a result stands for: status 504 when every provider timed
--- out, else 502. Returns status, kind, message.
+-- out, 503 when every one is cooling down (nothing was sent), else 502.
+-- Returns status, kind, message.
 function _M.failure(result)
   local list = result.status and { result } or result
-  local timeout, msgs = #list > 0, {}
+  local timeout, cooling, msgs = #list > 0, #list > 0, {}
   for _, r in ipairs(list) do
     timeout = timeout and r.status == "timeout"
+    cooling = cooling and all_cooling(r)
     msgs[#msgs + 1] = r.error_message or r.status
   end
   local first = list[1] or {}
   local kind = first.metadata and first.metadata.error_kind or "upstream"
   if timeout then
     return 504, "timeout", concat(msgs, "; ")
+  end
+  if cooling then
+    return 503, "cooldown", concat(msgs, "; ")
   end
   return 502, kind, concat(msgs, "; ")
 end

@@ -4,6 +4,7 @@
 -- committed file. The result also answers "which strategy, providers and
 -- env for this request" (route()).
 local loader = require "aiorch.loader"
+local policy = require "aiorch.policy"
 
 local fmt = string.format
 local type = type
@@ -29,10 +30,11 @@ _M.default_drain_timeout_ms = 10000
 local TOP = {
   listen = true, max_body = true, default_strategy = true, default_providers = true, providers = true,
   aliases = true, client_keys_env = true, drain_timeout_ms = true, access_log = true, server = true,
+  policy = true,
 }
 local PROVIDER = {
   api_key_env = true, base_url = true, model = true, models = true, timeout_ms = true, priority = true,
-  api_key = true, key = true,
+  api_key = true, key = true, policy = true,
 }
 local ALIAS = { strategy = true, providers = true }
 
@@ -130,7 +132,15 @@ function _M.check(raw, getenv, path)
     aliases = {},
     client_keys = nil,
     path = path,
+    policy = nil, -- every provider's, under its own
   }
+  if raw.policy ~= nil then
+    local pol, perr = policy.check(raw.policy, "policy", true)
+    if not pol then
+      return nil, perr
+    end
+    c.policy = pol
+  end
   local host, port = _M.parse_listen(c.listen)
   if not host then
     return nil, port
@@ -192,6 +202,10 @@ function _M.check(raw, getenv, path)
     if p.timeout_ms ~= nil and not positive_int(p.timeout_ms) then
       return nil, where .. ".timeout_ms: must be a positive integer"
     end
+    local pol, polerr = policy.check(p.policy, where .. ".policy", true)
+    if not pol then
+      return nil, polerr
+    end
     if p.priority ~= nil and type(p.priority) ~= "number" then
       return nil, where .. ".priority: must be a number"
     end
@@ -206,7 +220,7 @@ function _M.check(raw, getenv, path)
     local model = p.model or adapter.default_model
     c.providers[name] = {
       name = name, adapter = adapter, model = model, models = models, base_url = p.base_url,
-      timeout_ms = p.timeout_ms, key_env = p.api_key_env,
+      timeout_ms = p.timeout_ms, key_env = p.api_key_env, policy = p.policy and pol or nil,
     }
     prio[#prio + 1] = { name = name, priority = p.priority or 1000 }
   end
@@ -319,7 +333,7 @@ function _M.default(getenv, path)
   return _M.check({}, getenv, path)
 end
 
-local ENV_VARS = { "AIORCH_TIMEOUT_MS", "AIORCH_CONNECT_TIMEOUT_MS", "AIORCH_PROVIDERS" }
+local ENV_VARS = { "AIORCH_TIMEOUT_MS", "AIORCH_CONNECT_TIMEOUT_MS", "AIORCH_PROVIDERS", "AIORCH_POLICY" }
 
 local function prefix_of(name)
   return (name:upper():gsub("[^%w]", "_"))
@@ -367,6 +381,7 @@ function _M.env_for(c, models)
       env[base_env] = getenv(base_env)
       env[model_env] = getenv(model_env)
       env[pre .. "_TIMEOUT_MS"] = getenv(pre .. "_TIMEOUT_MS")
+      env[pre .. "_POLICY"] = getenv(pre .. "_POLICY")
       local p = c.providers[n]
       if p then
         if p.key_env and key_env then
@@ -375,12 +390,14 @@ function _M.env_for(c, models)
         env[base_env] = p.base_url or env[base_env]
         env[model_env] = p.model or env[model_env]
         env[pre .. "_TIMEOUT_MS"] = p.timeout_ms and tostring(p.timeout_ms) or env[pre .. "_TIMEOUT_MS"]
+        env[pre .. "_POLICY"] = p.policy or env[pre .. "_POLICY"] -- a table: aiorch.config takes it as it is
       end
       if models and models[n] then
         env[model_env] = models[n]
       end
     end
   end
+  env.AIORCH_POLICY = c.policy or env.AIORCH_POLICY
   -- Configured providers are the default set, in their priority order.
   if #c.order > 0 then
     env.AIORCH_PROVIDERS = concat(c.order, ",")

@@ -22,7 +22,7 @@ function _M.error_body(status, message)
   return concat { '{"error":{"type":', js(ERROR_TYPES[status] or "error"), ',"message":', js(message), "}}" }
 end
 
-local FIELDS = { "user_question", "context", "temperature", "max_tokens", "system_prompt" }
+local FIELDS = { "user_question", "context", "temperature", "max_tokens", "system_prompt", "policy" }
 
 -- Returns {request, strategy, providers} or nil, message.
 function _M.parse(doc)

@@ -17,6 +17,7 @@ local anthropic = require "aiorch.gateway.anthropic"
 local native = require "aiorch.gateway.native"
 local prometheus = require "aiorch.gateway.prometheus"
 local stream = require "aiorch.gateway.stream"
+local policy = require "aiorch.policy"
 
 local fmt = string.format
 local type = type
@@ -351,6 +352,27 @@ local function serve_streamed(x, shape, p, rt)
   return x:fail(status, msg, code, failure_headers({}, x))
 end
 
+-- X-Aiorch-Policy: "name=value,..." overrides the providers' policies for
+-- this request (checked with the request, like a body field).
+local function header_policy(x, request)
+  local v = x.req.headers["x-aiorch-policy"]
+  if v == nil then
+    return true
+  end
+  local t, err = policy.parse(v, "X-Aiorch-Policy")
+  if not t then
+    x:fail(400, err)
+    return false
+  end
+  if type(request.policy) == "table" then
+    for k, pv in pairs(request.policy) do
+      t[k] = t[k] == nil and pv or t[k]
+    end
+  end
+  request.policy = t
+  return true
+end
+
 local function serve_api(x, shape)
   local doc, derr = common.decode_object(x.req.body)
   if not doc then
@@ -359,6 +381,9 @@ local function serve_api(x, shape)
   local p, perr = shape.parse(doc)
   if not p then
     return x:fail(400, perr)
+  end
+  if not header_policy(x, p.request) then
+    return
   end
   local h = x.req.headers
   local state = x.state
@@ -391,6 +416,9 @@ local function serve_native(x)
   local p, perr = native.parse(doc)
   if not p then
     return x:fail(400, perr)
+  end
+  if not header_policy(x, p.request) then
+    return
   end
   local h = x.req.headers
   local rt = gconfig.route(x.state.config, p.model, p.strategy or header_word(h["x-aiorch-strategy"]),

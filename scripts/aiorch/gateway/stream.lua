@@ -17,8 +17,10 @@
 local aiorch = require "aiorch"
 local loader = require "aiorch.loader"
 local orchestrate = require "aiorch.orchestrate"
+local response = require "aiorch.response"
 
 local type = type
+local pairs = pairs
 local ipairs = ipairs
 local setmetatable = setmetatable
 local concat = table.concat
@@ -26,6 +28,7 @@ local floor = math.floor
 local spawn = aiorch.spawn
 local current = aiorch.current
 local isyieldable = coroutine.isyieldable
+local ctx_add = response.add_attempts
 
 local _M = {}
 
@@ -136,10 +139,12 @@ end
 ------------------------------------------------------------------------------
 -- The strategies (run by gateway/strategies/gateway_stream.lua)
 
-local function attempt(p, r)
-  local m = r and r.metadata or {}
-  return { provider = p, status = r and r.status or "cancelled", kind = m.error_kind,
-            latency_ms = r and r.latency_ms, http_status = m.http_status }
+local function add_attempts(attempts, p, r)
+  if r then
+    return ctx_add(attempts, r)
+  end
+  attempts[#attempts + 1] = { provider = p, status = "cancelled" }
+  return attempts
 end
 
 local function failed_all(ctx, failures, attempts, t0)
@@ -160,9 +165,31 @@ local function fallback(providers, ctx, job)
       ctx.log("info", "falling back to %s", p)
     end
     local r = ctx.call(p, { stream = true, on_token = job.on_token })
-    attempts[#attempts + 1] = attempt(p, r)
-    if r.status == "success" or job.owner == p then
-      -- A failure after the first token ends the stream: nobody else may continue it.
+    add_attempts(attempts, p, r)
+    if r.status == "success" then
+      r.metadata.attempts = attempts
+      return r
+    end
+    if job.owner == p then
+      -- A failure after the first token ends the stream, unless the policy
+      -- lets the next provider continue the answer from where it stopped.
+      local partial, nextp = r.metadata.partial_text, i < last and providers[i + 1] or nil
+      if partial and nextp and ctx.policy(p).continue_on_cut then
+        ctx.count(nextp, "continuations")
+        ctx.log("info", "%s was cut; %s continues the answer", p, nextp)
+        job.owner = nextp
+        local req = {}
+        for k, v in pairs(ctx.request) do
+          req[k] = v
+        end
+        req.continue_from = partial
+        r = ctx.call_with(nextp, req, { stream = true, on_token = job.on_token })
+        add_attempts(attempts, nextp, r)
+        if r.status == "success" then
+          r.response_text = partial .. r.response_text
+          r.metadata.continued_from = p
+        end
+      end
       r.metadata.attempts = attempts
       return r
     end
@@ -193,7 +220,7 @@ local function fastest(providers, ctx, job)
   end)
   local attempts = {}
   for i, p in ipairs(providers) do
-    attempts[i] = attempt(p, results[i])
+    add_attempts(attempts, p, results[i])
   end
   if winner then
     for i, p in ipairs(providers) do
