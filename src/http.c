@@ -116,13 +116,21 @@ static void deadline_cb(struct ev_loop *loop, ev_timer *w, int revents)
     aiorch_sched_drain(r->rt);
 }
 
-static void deadline_arm(http_req *r, int which)
+/* Arms a deadline `ms` after `since` (a loop time; 0: now). */
+static void deadline_arm_since(http_req *r, int which, ev_tstamp since)
 {
     deadline *d = &r->dl[which];
     if (d->ms <= 0 || r->finished) return;
+    double after = (double)d->ms / 1000.0;
+    if (since > 0) after -= ev_now(r->rt->loop) - since;
     ev_timer_stop(r->rt->loop, &d->timer);
-    ev_timer_set(&d->timer, (double)d->ms / 1000.0, 0.0);
+    ev_timer_set(&d->timer, after > 0 ? after : 0, 0.0);
     ev_timer_start(r->rt->loop, &d->timer);
+}
+
+static void deadline_arm(http_req *r, int which)
+{
+    deadline_arm_since(r, which, 0);
 }
 
 static void deadline_done(http_req *r, int which)
@@ -445,6 +453,9 @@ static struct curl_slist *check_headers(lua_State *L, int idx)
 static int l_request(lua_State *L)
 {
     aiorch_runtime *rt = aiorch_rt_of(L);
+    /* The deadlines count from here: setting up (libcurl's first start) included. */
+    ev_now_update(rt->loop);
+    ev_tstamp started = ev_now(rt->loop);
     luaL_checktype(L, 1, LUA_TTABLE);
     lua_settop(L, 1);
     lua_getfield(L, 1, "url");     /* 2 */
@@ -514,6 +525,10 @@ static int l_request(lua_State *L)
 
     curl_easy_setopt(easy, CURLOPT_URL, lua_tostring(L, 2));
     curl_easy_setopt(easy, CURLOPT_PROTOCOLS_STR, "http,https");
+    /* Verify against the CA bundle only: libcurl caches the store built from
+     * it, where a CA directory would be read again for every connection,
+     * blocking the loop for tens of milliseconds each time. */
+    curl_easy_setopt(easy, CURLOPT_CAPATH, NULL);
     curl_easy_setopt(easy, CURLOPT_NOSIGNAL, 1L);
     curl_easy_setopt(easy, CURLOPT_HTTPHEADER, headers);
     curl_easy_setopt(easy, CURLOPT_ERRORBUFFER, r->errbuf);
@@ -555,7 +570,7 @@ static int l_request(lua_State *L)
      * one when the stream's headers are in. */
     ev_now_update(rt->loop);
     for (int i = 0; i < DL_COUNT; i++)
-        if (i != DL_GAP) deadline_arm(r, i);
+        if (i != DL_GAP) deadline_arm_since(r, i, started);
     aiorch_task_wait(self, &r->op);
     return lua_yieldk(L, 0, (lua_KContext)r, request_k);
 }

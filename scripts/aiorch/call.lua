@@ -266,6 +266,7 @@ function _M.call(adapter, config, request, opts)
     if not allowed then
       metrics.count(name, "skipped")
       if r then
+        attempts[#attempts].note = "provider cooling down"
         break -- the last failure stands
       end
       r = response.error(name, "cooldown", why, 0, { model = config.model })
