@@ -703,7 +703,8 @@ describe("aiorch.mock", function()
 
         it("stall_after sends N pieces, then nothing until the client leaves", function()
           local t0 = aiorch.now()
-          local status, kind, events, contents = timed_stream(api, m:base_url(api, { stall_after = 2, chunks = 4 }), 250)
+          local status, kind, events, contents = timed_stream(api,
+            m:base_url(api, { stall_after = 2, chunks = 4 }), 250)
           assert.is_nil(status)
           assert.are.equal("timeout", kind)
           assert.is_true(aiorch.now() - t0 >= 245)
