@@ -300,3 +300,135 @@ for _, strategy in ipairs { "single", "fallback" } do
     end
   end)
 end
+
+------------------------------------------------------------------------------
+-- Interleaved failures: orchestrations running at once whose providers fail
+-- differently at the same time; each must get its own answer. o / a: the
+-- directives of openai / anthropic, or "refused" (the closed port).
+-- attempts: "status/kind" per provider in call order ("success", "cancelled");
+-- partial: tokens a failed provider streamed to on_token before it failed
+-- (today they reach the caller, mixed with the winner's). Where the order
+-- of completion matters the gap is wide: the two 16 MiB answers keep the
+-- loop busy for a while.
+local MIX = {
+  { strategy = "fallback", o = { fault = "500", latency_ms = 30 }, a = { latency_ms = 20 },
+    provider = "anthropic", attempts = { "error/server_error", "success" } },
+  { strategy = "fallback", providers = { "anthropic", "openai" }, a = { fault = "429", latency_ms = 10 },
+    o = { latency_ms = 40 }, provider = "openai", attempts = { "error/rate_limited", "success" } },
+  { strategy = "fallback", o = { fault = "hang" }, a = { chunks = 3, chunk_delay_ms = 10 }, stream = true,
+    timeouts = { openai = 150 }, provider = "anthropic", attempts = { "timeout/timeout", "success" } },
+  { strategy = "fallback", o = { fault = "401", latency_ms = 20 }, a = { stall_after = 1 }, stream = true,
+    timeouts = { anthropic = 150 }, kind = "all_failed", attempts = { "error/auth", "timeout/timeout" },
+    partial = { anthropic = 1 } },
+  { strategy = "fallback", o = "refused", a = { fault = "error200", latency_ms = 10 }, kind = "all_failed",
+    attempts = { "error/connect", "error/server_error" } },
+  { strategy = "fallback", o = { fault = "huge" }, a = { fault = "html" }, kind = "all_failed",
+    attempts = { "error/too_large", "error/parse" } },
+  { strategy = "fallback", o = { fault = "cut", chunks = 4, chunk_delay_ms = 5 }, a = { latency_ms = 5 },
+    stream = true, provider = "anthropic", attempts = { "error/stream_cut", "success" }, partial = { openai = 2 } },
+  { strategy = "fastest", o = { fault = "cut", latency_ms = 10 }, a = { latency_ms = 300 },
+    provider = "anthropic", attempts = { "error/reset", "success" } },
+  { strategy = "fastest", o = { latency_ms = 40 }, a = { fault = "503" },
+    provider = "openai", attempts = { "success", "error/server_error" } },
+  { strategy = "fastest", o = { latency_ms = 20 }, a = { latency_ms = 500 },
+    provider = "openai", attempts = { "success", "cancelled" } },
+  { strategy = "fastest", o = { fault = "malformed", latency_ms = 15 }, a = { fault = "529", latency_ms = 5 },
+    kind = "all_failed", attempts = { "error/parse", "error/server_error" } },
+  { strategy = "fastest", o = { fault = "hang" }, a = "refused", timeouts = { openai = 150 },
+    kind = "all_failed", attempts = { "timeout/timeout", "error/connect" } },
+  { strategy = "fastest", o = { fault = "cut", chunks = 6, chunk_delay_ms = 5 }, a = { first_token_ms = 300 },
+    stream = true, provider = "anthropic", attempts = { "error/stream_cut", "success" }, partial = { openai = 3 } },
+}
+
+local function attempt_text(a)
+  if a.status == "success" or a.status == "cancelled" then
+    return a.status
+  end
+  return a.status .. "/" .. tostring(a.kind)
+end
+
+-- The user question a wire request carried.
+local function question_of(req)
+  local msgs = type(req.json) == "table" and req.json.messages
+  local last = type(msgs) == "table" and msgs[#msgs]
+  return type(last) == "table" and last.content or nil
+end
+
+describe("interleaved failures", function()
+  it("gives each concurrent orchestration its own correct answer", function()
+    local ROUNDS = 2
+    local tasks, runs = {}, {}
+    for round = 1, ROUNDS do
+      for i, c in ipairs(MIX) do
+        local q = ("mix question %d.%d"):format(i, round)
+        local bases = {}
+        for api, d in pairs { openai = c.o, anthropic = c.a } do
+          bases[api] = d == "refused" and ("http://127.0.0.1:%d%s"):format(closed_port, suffix(api))
+            or m:base_url(api, d)
+        end
+        local run = { c = c, q = q, by = {} }
+        runs[#runs + 1] = run
+        tasks[#tasks + 1] = aiorch.spawn(function()
+          return orchestrate.orchestrate({ user_question = q }, c.strategy, c.providers or { "openai", "anthropic" }, {
+            env = env_for(bases, c.timeouts), stream = c.stream,
+            on_token = function(t, p)
+              run.by[p] = run.by[p] or {}
+              table.insert(run.by[p], t)
+            end,
+          })
+        end)
+      end
+    end
+    local t0 = now()
+    local values, errors = aiorch.gather(tasks)
+    assert.is_true(now() - t0 < 1500, "took " .. (now() - t0))
+
+    -- wire requests by question
+    local wire = {}
+    for _, req in ipairs(m.requests) do
+      local q = question_of(req)
+      wire[q] = wire[q] or {}
+      wire[q][req.api] = (wire[q][req.api] or 0) + 1
+    end
+
+    for k, run in ipairs(runs) do
+      local c, r = run.c, values[k]
+      local what = ("%s #%d (%s)"):format(c.strategy, (k - 1) % #MIX + 1, run.q)
+      assert.is_nil(errors[k], what)
+      assert.is_true(response.is_response(r), what .. ": not one response")
+      local got = {}
+      for i, a in ipairs(r.metadata.attempts) do
+        got[i] = attempt_text(a)
+      end
+      assert.same(c.attempts, got, what .. " attempts")
+      if c.provider then
+        assert.equal("success", r.status, what)
+        assert.equal(c.provider, r.ia_provider_name, what)
+        assert.matches(run.q .. "$", r.response_text, what)
+        if c.stream then
+          assert.equal(r.response_text, table.concat(run.by[c.provider]), what .. " tokens")
+        end
+      else
+        assert.equal("error", r.status, what)
+        assert.equal(c.kind, r.metadata.error_kind, what)
+        assert.equal("", r.response_text, what)
+      end
+      for _, p in ipairs { "openai", "anthropic" } do
+        if p ~= c.provider then
+          assert.equal(c.partial and c.partial[p] or 0, #(run.by[p] or {}), what .. " tokens from " .. p)
+        end
+      end
+      -- one wire request per provider called, none for a refused one
+      local order = c.providers or { "openai", "anthropic" }
+      local expected = {}
+      for i, p in ipairs(order) do
+        local d = p == "openai" and c.o or c.a
+        if d ~= "refused" and c.attempts[i] then
+          expected[p] = 1
+        end
+      end
+      assert.same(expected, wire[run.q] or {}, what .. " wire requests")
+    end
+    assert.is_true(all_settled(m), "a request still running on the mock")
+  end)
+end)
