@@ -432,3 +432,65 @@ describe("interleaved failures", function()
     assert.is_true(all_settled(m), "a request still running on the mock")
   end)
 end)
+
+------------------------------------------------------------------------------
+-- Successive orchestrations against a provider that fails its first N
+-- requests (fail_first). Today nothing in aiorch retries, so each call
+-- sends one request and sees one outcome; `outcomes` lists them in order.
+-- wire: requests the mock sees in all (default: one per call).
+local SEQUENCES = {
+  { name = "500 twice, then fine", d = { fault = "500", fail_first = 2 },
+    outcomes = { "error/server_error", "error/server_error", "success" } },
+  { name = "429 once, then fine", d = { fault = "429", fail_first = 1 },
+    outcomes = { "error/rate_limited", "success" } },
+  { name = "stall once, then fine", d = { stall_after = 1, fail_first = 1 }, stream = true,
+    timeout = TIMEOUT, outcomes = { "timeout/timeout", "success" } },
+  -- curl's resend on a kept-alive connection uses up the failure: the
+  -- first call already succeeds, the provider saw the request twice
+  { name = "reset once, on a kept-alive connection", d = { fault = "reset", fail_first = 1 }, own_mock = true,
+    warm = true, outcomes = { "success" }, wire = 2 },
+  { name = "reset once, on a fresh connection", d = { fault = "reset", fail_first = 1 }, own_mock = true,
+    outcomes = { "error/reset", "success" } },
+}
+
+describe("repeated calls", function()
+  for _, c in ipairs(SEQUENCES) do
+    for _, api in ipairs { "openai", "anthropic" } do
+      it(("%s %s -> %s"):format(api, c.name, table.concat(c.outcomes, ", ")), function()
+        local fm = c.own_mock and assert(mock_mod.start {}) or m
+        local ok, err = pcall(function()
+          local d = {}
+          for k, v in pairs(c.d) do
+            d[k] = v
+          end
+          d.key = api .. " " .. c.name
+          local env = env_for({ [api] = fm:base_url(api, d), [OTHER[api]] = m:base_url(OTHER[api]) },
+            c.timeout and { [api] = c.timeout })
+          if c.warm then
+            local w = orchestrate.orchestrate({ user_question = "warm up" }, "single", { api },
+              { env = env_for { [api] = fm:base_url(api) } })
+            assert.equal("success", w.status)
+          end
+          fm:reset()
+          local got = {}
+          for i = 1, #c.outcomes do
+            local r = orchestrate.orchestrate({ user_question = QUESTION }, "single", { api },
+              { env = env, stream = c.stream, on_token = function() end })
+            assert.is_true(response.is_response(r), "call " .. i .. ": not one response")
+            got[i] = r.status == "success" and "success" or r.status .. "/" .. tostring(r.metadata.error_kind)
+          end
+          assert.same(c.outcomes, got)
+          assert.equal(c.wire or #c.outcomes, #requests_of(fm, api), "requests on the wire")
+          assert.equal(c.wire or #c.outcomes, fm:counter(d.key))
+          assert.is_true(all_settled(fm), "a request still running on the mock")
+        end)
+        if fm ~= m then
+          fm:close()
+        end
+        if not ok then
+          error(err, 0)
+        end
+      end)
+    end
+  end
+end)
