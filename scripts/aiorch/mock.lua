@@ -35,7 +35,8 @@
 --                   then sends nothing more and keeps the connection open
 --                   until the client goes away; a response that is not a
 --                   stream stalls after its headers and half its body.
---                   Ignored with fault=cut and error200, which end the stream.
+--                   Ignored with fault=cut and error200 (they end the
+--                   stream themselves) and with huge.
 --   text            the answer text (default: names the provider, echoes the question)
 --
 -- Every request is recorded in m.requests as soon as it arrives: the
