@@ -1,21 +1,27 @@
 -- The mock providers as a process of their own:
---   build/aiorch run tests/mock_server.lua [--port N] [--latency-ms N] [--fault F]
---                                          [--chunks N] [--chunk-delay-ms N] [--retry-after N] [--text T]
+--   build/aiorch run tests/mock_server.lua [--port N] [--latency-ms N] [--first-token-ms N]
+--     [--fault F] [--size N] [--retry-after N] [--fail-first N] [--key K] [--chunks N]
+--     [--chunk-delay-ms N] [--stall-after N] [--text T]
 -- Prints "PORT <n>" as its first line, then serves on 127.0.0.1 until killed.
 -- The options set the directives of requests that carry none.
 local aiorch = require "aiorch"
 local mock = require "aiorch.mock"
 
-local USAGE = "usage: mock_server.lua [--port N] [--latency-ms N] [--fault F] [--chunks N]"
-  .. " [--chunk-delay-ms N] [--retry-after N] [--text T]"
+local USAGE = "usage: mock_server.lua [--port N] [--latency-ms N] [--first-token-ms N] [--fault F] [--size N]"
+  .. " [--retry-after N] [--fail-first N] [--key K] [--chunks N] [--chunk-delay-ms N] [--stall-after N] [--text T]"
 
 -- option -> directive name
 local DIRECTIVES = {
   ["--latency-ms"] = "latency_ms",
+  ["--first-token-ms"] = "first_token_ms",
   ["--fault"] = "fault",
+  ["--size"] = "size",
+  ["--retry-after"] = "retry_after",
+  ["--fail-first"] = "fail_first",
+  ["--key"] = "key",
   ["--chunks"] = "chunks",
   ["--chunk-delay-ms"] = "chunk_delay_ms",
-  ["--retry-after"] = "retry_after",
+  ["--stall-after"] = "stall_after",
   ["--text"] = "text",
 }
 

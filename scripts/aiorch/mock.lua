@@ -10,15 +10,40 @@
 --
 -- Directives:
 --   latency_ms      wait before the response headers (default 0)
---   fault           429 | 500 | 529 | 401 | hang | malformed | cut | error200 | none
+--   first_token_ms  a stream sends its headers and the events before the
+--                   content at once, then waits this long before the first
+--                   content piece (in place of chunk_delay_ms); a response
+--                   that is not a stream waits it on top of latency_ms
+--   fault           429 | 500 | 529 | 401 | 400 | 403 | 503 | hang | malformed |
+--                   cut | error200 | huge | html | reset | none
+--                     4xx/5xx: that status in the API's own error shape
+--                     huge:  a 200 JSON answer of `size` bytes (one huge text)
+--                     html:  a 200 text/html page instead of JSON
+--                     reset: the connection closes once the request is read,
+--                            with no response at all (a client reusing a
+--                            kept-alive connection may resend once: curl does)
+--   size            bytes of a fault=huge body (default 16 MiB; never less
+--                   than the JSON around the text)
 --   retry_after     Retry-After of a 429, in seconds (default 1)
+--   fail_first      only the first N requests carrying the same `key` get
+--                   the fault and stall_after; later ones are answered
+--                   normally. Counted per mock on arrival; m:reset_counters()
+--   key             the counter of fail_first (default: one shared counter)
 --   chunks          content pieces of a stream, at most (default 5)
 --   chunk_delay_ms  wait before each content piece of a stream (default 0)
+--   stall_after     a stream sends N content pieces (all when N >= chunks),
+--                   then sends nothing more and keeps the connection open
+--                   until the client goes away; a response that is not a
+--                   stream stalls after its headers and half its body.
+--                   Ignored with fault=cut and error200 (they end the
+--                   stream themselves) and with huge.
 --   text            the answer text (default: names the provider, echoes the question)
 --
 -- Every request is recorded in m.requests as soon as it arrives: the
 -- server's request table itself, so req.aborted_at (set by the server when
--- the client goes away) is visible there.
+-- the client goes away) is visible there. Its fields set by the mock: api,
+-- raw_path, directives (those it was answered with), json, completed_at,
+-- and attempt (its number among the fail_first requests of its key).
 local aiorch = require "aiorch"
 local cjson = require "cjson.safe"
 
@@ -34,24 +59,36 @@ local encode, decode = cjson.encode, cjson.decode
 local _M = {}
 
 -- Directives, in the order base_url writes them.
-local ORDER = { "latency_ms", "fault", "retry_after", "chunks", "chunk_delay_ms", "text" }
+local ORDER = { "latency_ms", "first_token_ms", "fault", "size", "retry_after", "fail_first", "key",
+  "chunks", "chunk_delay_ms", "stall_after", "text" }
 local KNOWN = {}
 for i, k in ipairs(ORDER) do
   KNOWN[k] = i
 end
 local KNOWN_LIST = concat(ORDER, ", ")
+-- Directives whose value is a whole number: the least allowed.
+local INTEGERS = { chunks = 1, stall_after = 0, size = 0, fail_first = 0 }
 
-local FAULTS = {
-  ["429"] = true, ["500"] = true, ["529"] = true, ["401"] = true,
-  hang = true, malformed = true, cut = true, error200 = true, none = true,
-}
+local FAULT_LIST = "429, 500, 529, 401, 400, 403, 503, hang, malformed, cut, error200, huge, html, reset, none"
+local FAULTS = {}
+for f in FAULT_LIST:gmatch("[^, ]+") do
+  FAULTS[f] = true
+end
 -- Faults answered with an error status before anything else.
-local STATUS_FAULTS = { ["429"] = true, ["500"] = true, ["529"] = true, ["401"] = true }
-local FAULT_LIST = "429, 500, 529, 401, hang, malformed, cut, error200, none"
+local STATUS_FAULTS = {
+  ["429"] = true, ["500"] = true, ["529"] = true, ["401"] = true,
+  ["400"] = true, ["403"] = true, ["503"] = true,
+}
+-- Faults whose answer is never a stream, whatever was asked.
+local NO_STREAM = { hang = true, huge = true, html = true, reset = true }
+for f in pairs(STATUS_FAULTS) do
+  NO_STREAM[f] = true
+end
 
 local DEFAULT_MODEL = { openai = "gpt-4o-mini", anthropic = "claude-3-haiku-20240307" }
 local HANG_SLICE_MS = 3600 * 1000
 local MAX_ECHO = 60
+local HUGE_SIZE = 16 * 1024 * 1024
 
 ------------------------------------------------------------------------------
 -- Directives
@@ -61,9 +98,9 @@ local function check_directive(k, v)
   if not KNOWN[k] then
     return false, fmt("unknown directive '%s' (known: %s)", tostring(k), KNOWN_LIST)
   end
-  if k == "text" then
-    if type(v) ~= "string" then
-      return false, "directive text must be a string"
+  if k == "text" or k == "key" then
+    if type(v) ~= "string" or (k == "key" and v == "") then
+      return false, fmt("directive %s must be a%s string", k, k == "key" and " non-empty" or "")
     end
     return true, v
   end
@@ -81,13 +118,22 @@ local function check_directive(k, v)
   if not n or n ~= n or n < 0 or n == huge then
     return false, fmt("bad value '%s' for directive %s (a number >= 0)", tostring(v), k)
   end
-  if k == "chunks" then
+  local least = INTEGERS[k]
+  if least then
     n = tointeger(n)
-    if not n or n < 1 then
-      return false, fmt("bad value '%s' for directive chunks (an integer >= 1)", tostring(v))
+    if not n or n < least then
+      return false, fmt("bad value '%s' for directive %s (an integer >= %d)", tostring(v), k, least)
     end
   end
   return true, n
+end
+
+-- Checks what no single directive can; returns d or nil, message.
+local function check_set(d)
+  if d.fail_first and not (d.fault or d.stall_after) then
+    return nil, "directive fail_first needs a fault or stall_after"
+  end
+  return d
 end
 
 local function new_directives()
@@ -109,6 +155,10 @@ local function resolve(raw, level)
       error("mock: " .. val, level + 1)
     end
     d[k] = val
+  end
+  local ok, msg = check_set(d)
+  if not ok then
+    error("mock: " .. msg, level + 1)
   end
   return d
 end
@@ -152,6 +202,11 @@ local ERRORS = {
       "The server had an error while processing your request. Sorry about that!" },
     ["529"] = { 529, "server_error", nil, "The engine is currently overloaded, please try again later." },
     ["401"] = { 401, "invalid_request_error", "invalid_api_key", "Incorrect API key provided." },
+    ["400"] = { 400, "invalid_request_error", "invalid_value",
+      "Invalid 'max_tokens': integer below minimum value. Expected a value >= 1, but got 0 instead." },
+    ["403"] = { 403, "request_forbidden", "unsupported_country_region_territory",
+      "Country, region, or territory not supported" },
+    ["503"] = { 503, "server_error", nil, "The server is overloaded or not ready yet." },
     error200 = { 200, "server_error", nil,
       "The server had an error while processing your request. Sorry about that!" },
   },
@@ -160,6 +215,11 @@ local ERRORS = {
     ["500"] = { 500, "api_error", nil, "Internal server error" },
     ["529"] = { 529, "overloaded_error", nil, "Overloaded" },
     ["401"] = { 401, "authentication_error", nil, "invalid x-api-key" },
+    ["400"] = { 400, "invalid_request_error", nil, "max_tokens: Field required" },
+    ["403"] = { 403, "permission_error", nil,
+      "Your API key does not have permission to use the specified resource." },
+    -- Not among Anthropic's documented statuses; shaped like its 500.
+    ["503"] = { 503, "api_error", nil, "Service Unavailable" },
     error200 = { 200, "overloaded_error", nil, "Overloaded" },
   },
 }
@@ -332,10 +392,22 @@ local function respond_invalid(res, api, status, message)
   res:respond(status, JSON_HEADERS, body)
 end
 
+-- Keeps the connection open, sending nothing, until the client goes away
+-- (the server then cancels the handler) or the mock closes.
+local function stall()
+  while true do
+    aiorch.sleep(HANG_SLICE_MS)
+  end
+end
+
 -- A 200 JSON body, subject to the body faults.
 local function respond_json(res, api, body, d)
   local fault = d.fault
-  if fault == "malformed" then
+  if d.stall_after and fault ~= "cut" and fault ~= "error200" then
+    res:start(200, { ["content-type"] = "application/json", ["content-length"] = tostring(#body) })
+    res:write(body:sub(1, #body // 2))
+    stall()
+  elseif fault == "malformed" then
     res:respond(200, JSON_HEADERS, body:sub(1, #body // 2))
   elseif fault == "cut" then
     res:start(200, { ["content-type"] = "application/json", ["content-length"] = tostring(#body) })
@@ -349,7 +421,8 @@ local function respond_json(res, api, body, d)
 end
 
 -- Sends a stream: events[first .. first + n - 1] are the n content deltas,
--- each preceded by chunk_delay_ms. Applies the stream faults.
+-- the first preceded by first_token_ms (else chunk_delay_ms), the others by
+-- chunk_delay_ms. Applies the stream faults and stall_after.
 local function send_stream(res, api, events, first, n, d)
   local fault = d.fault
   local last = #events
@@ -365,35 +438,109 @@ local function send_stream(res, api, events, first, n, d)
     tinsert(events, skip, MALFORMED[api])
     last = last + 1
   end
-  local delay = d.chunk_delay_ms
-  if delay <= 0 and fault ~= "cut" then
+  local stall_after = d.stall_after
+  if fault == "cut" or fault == "error200" then
+    stall_after = nil
+  end
+  if stall_after and stall_after < n then
+    n = stall_after
+  end
+  local delay, first_wait = d.chunk_delay_ms, d.first_token_ms
+  if delay <= 0 and not first_wait and not stall_after and fault ~= "cut" then
     -- nothing to pace: one write, with a content-length
     res:respond(200, SSE_HEADERS, concat(events, "", 1, last))
     return
   end
   res:start(200, SSE_HEADERS)
-  local from = 1
-  if delay > 0 then
-    local i = first
-    for _ = 1, n do
-      if i == skip then
-        i = i + 1
-      end
+  -- events[from .. i - 1] are due but not yet written
+  local from, i = 1, first
+  for k = 1, n do
+    if i == skip then
+      i = i + 1
+    end
+    local wait = k == 1 and first_wait or delay
+    if wait > 0 then
       if i > from and not res:write(concat(events, "", from, i - 1)) then
         return
       end
-      aiorch.sleep(delay)
       from = i
-      i = i + 1
+      aiorch.sleep(wait)
     end
+    i = i + 1
   end
-  if fault == "cut" then
+  if stall_after then
+    if i > from and not res:write(concat(events, "", from, i - 1)) then
+      return
+    end
+    stall()
+  elseif fault == "cut" then
     res:write(concat(events, "", from, last))
     res:abort()
   else
     res:finish(concat(events, "", from, last))
   end
 end
+
+-- The text of a fault=huge answer repeats FILL; PIECE is a run of it that
+-- each write sends, so the body is never built whole.
+local FILL = "All work and no play makes Jack a dull boy. "
+local FILL_WORDS = words(FILL)
+local PIECE = FILL:rep(64 * 1024 // #FILL)
+
+-- The words in the first n bytes of the huge text.
+local function fill_words(n)
+  return n // #FILL * FILL_WORDS + words(FILL:sub(1, n % #FILL))
+end
+
+-- A 200 JSON answer of about `size` bytes (exactly, unless the JSON around
+-- the text is longer), written piece by piece as the client takes it.
+local function send_huge(self, res, api, json, size)
+  local _, input_tokens = read_messages(json)
+  local model = encode(type(json.model) == "string" and json.model or DEFAULT_MODEL[api])
+  self.seq = self.seq + 1
+  local head, tail
+  if api == "anthropic" then
+    head = concat { '{"id":"', fmt("msg_mock%08d", self.seq), '","type":"message","role":"assistant","model":',
+      model, ',"content":[{"type":"text","text":"' }
+    tail = function(out)
+      return concat { '"}],"stop_reason":"max_tokens","stop_sequence":null,"usage":{"input_tokens":',
+        input_tokens, ',"output_tokens":', out, "}}" }
+    end
+  else
+    head = concat { '{"id":"', fmt("chatcmpl-mock%08d", self.seq), '","object":"chat.completion","created":',
+      self.created, ',"model":', model, ',"choices":[{"index":0,"message":{"role":"assistant","content":"' }
+    tail = function(out)
+      return concat { '"},"logprobs":null,"finish_reason":"length"}],"usage":{"prompt_tokens":', input_tokens,
+        ',"completion_tokens":', out, ',"total_tokens":', input_tokens + out, "}}" }
+    end
+  end
+  -- The token count changes the tail's length: two passes settle it (the
+  -- count may be off by a word; nothing reads it that closely).
+  local room = size - #head - #tail(0)
+  local last = tail(fill_words(room > 0 and room or 0))
+  room = size - #head - #last
+  if room < 0 then
+    room = 0
+  end
+  res:start(200, { ["content-type"] = "application/json",
+    ["content-length"] = tostring(#head + room + #last) })
+  if not res:write(head) then
+    return
+  end
+  local piece = #PIECE
+  while room > 0 do
+    local n = room < piece and room or piece
+    if not res:write(n == piece and PIECE or PIECE:sub(1, n)) then
+      return
+    end
+    room = room - n
+  end
+  res:finish(last)
+end
+
+local HTML_HEADERS = { ["content-type"] = "text/html; charset=utf-8" }
+local HTML = '<!DOCTYPE html>\n<html lang="en">\n<head><meta charset="utf-8"><title>Sign in</title></head>\n'
+  .. "<body><h1>Sign in to continue</h1><p>This network requires you to sign in.</p></body>\n</html>\n"
 
 local function openai_chat(self, req, res, d)
   local json = req.json
@@ -484,6 +631,24 @@ local function api_of(route, headers)
   return "openai"
 end
 
+-- fail_first: counts the request under its key; past the first N, the fault
+-- and the stall are dropped. Returns the directives to answer with.
+local function count_request(self, req, d)
+  local key = d.key or ""
+  local n = (self.counters[key] or 0) + 1
+  self.counters[key] = n
+  req.attempt = n
+  if n <= d.fail_first then
+    return d
+  end
+  local copy = {}
+  for k, v in pairs(d) do
+    copy[k] = v
+  end
+  copy.fault, copy.stall_after = nil, nil
+  return copy
+end
+
 local function handle(self, req, res)
   if self.record then
     local requests = self.requests
@@ -516,12 +681,18 @@ local function handle(self, req, res)
     if d and prefix then
       d, err = parse_directives(prefix, d)
     end
+    if d then
+      d, err = check_set(d)
+    end
     if not d then
       req.directives = {}
       respond_invalid(res, api, 400, "mock: " .. err)
       req.completed_at = aiorch.now()
       return
     end
+  end
+  if d.fail_first then
+    d = count_request(self, req, d)
   end
   req.directives = d
 
@@ -530,32 +701,42 @@ local function handle(self, req, res)
     req.json = decode(body)
   end
 
-  if d.latency_ms > 0 then
-    aiorch.sleep(d.latency_ms)
-  end
+  local key = req.method .. " " .. route
+  local fn = ROUTES[key]
   local fault = d.fault
-  if fault == "hang" then
-    while true do
-      aiorch.sleep(HANG_SLICE_MS)
+  local wait = d.latency_ms
+  if d.first_token_ms then
+    local json = req.json
+    local streams = fn and type(json) == "table" and json.stream == true and not NO_STREAM[fault]
+    if not streams then
+      wait = wait + d.first_token_ms
     end
+  end
+  if wait > 0 then
+    aiorch.sleep(wait)
+  end
+  if fault == "hang" then
+    stall()
   end
 
-  if STATUS_FAULTS[fault] then
+  if fault == "reset" then
+    res:abort()
+  elseif STATUS_FAULTS[fault] then
     respond_error(res, api, fault, d)
-  else
-    local key = req.method .. " " .. route
-    local fn = ROUTES[key]
-    if fn then
-      if type(req.json) ~= "table" then
-        respond_invalid(res, api, 400, "We could not parse the JSON body of your request.")
-      else
-        fn(self, req, res, d)
-      end
-    elseif key == "GET /v1/models" then
-      respond_json(res, api, MODELS[api], d)
+  elseif fault == "html" then
+    res:respond(200, HTML_HEADERS, HTML)
+  elseif fn then
+    if type(req.json) ~= "table" then
+      respond_invalid(res, api, 400, "We could not parse the JSON body of your request.")
+    elseif fault == "huge" then
+      send_huge(self, res, api, req.json, d.size or HUGE_SIZE)
     else
-      respond_invalid(res, api, 404, fmt("Invalid URL (%s %s)", req.method, route))
+      fn(self, req, res, d)
     end
+  elseif key == "GET /v1/models" then
+    respond_json(res, api, MODELS[api], d)
+  else
+    respond_invalid(res, api, 404, fmt("Invalid URL (%s %s)", req.method, route))
   end
   req.completed_at = aiorch.now()
 end
@@ -578,6 +759,7 @@ function _M.start(opts)
   local host = opts.host or "127.0.0.1"
   local self = setmetatable({
     requests = {},
+    counters = {},
     seq = 0,
     created = os_time(),
     defaults = resolve(opts.defaults, 2),
@@ -614,6 +796,10 @@ function Mock:base_url(api, directives)
         error("mock: " .. msg, 2)
       end
     end
+    local ok, msg = check_set(directives)
+    if not ok then
+      error("mock: " .. msg, 2)
+    end
     for _, k in ipairs(ORDER) do
       local v = directives[k]
       if v ~= nil then
@@ -639,6 +825,22 @@ function Mock:reset()
   for i = #r, 1, -1 do
     r[i] = nil
   end
+end
+
+-- Forgets the fail_first counts (of one key, or of all).
+function Mock:reset_counters(key)
+  if key ~= nil then
+    self.counters[key] = nil
+    return
+  end
+  for k in pairs(self.counters) do
+    self.counters[k] = nil
+  end
+end
+
+-- How many fail_first requests arrived with this key ("" for none).
+function Mock:counter(key)
+  return self.counters[key or ""] or 0
 end
 
 -- Sets the directives of requests that carry none.

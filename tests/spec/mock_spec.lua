@@ -164,6 +164,18 @@ describe("aiorch.mock", function()
       assert.has_error(function() m:base_url("openai", { fault = "418" }) end)
       assert.has_error(function() m:base_url("openai", { chunks = 0 }) end)
       assert.has_error(function() m:configure { latency_ms = -1 } end)
+      assert.has_error(function() m:base_url("openai", { stall_after = -1 }) end)
+      assert.has_error(function() m:base_url("openai", { size = 1.5 }) end)
+      assert.has_error(function() m:base_url("openai", { fail_first = 2 }) end) -- no fault
+      assert.has_error(function() m:base_url("openai", { fault = "500", fail_first = 1, key = "" }) end)
+      assert.has_error(function() m:configure { fail_first = 1 } end)
+    end)
+
+    it("writes the new directives in a fixed order", function()
+      assert.are.equal(m.url .. "/_mock/latency_ms=5,first_token_ms=30,fault=huge,size=1000,fail_first=2,"
+        .. "key=k%201,chunks=3,stall_after=1/v1",
+        m:base_url("openai", { stall_after = 1, chunks = 3, key = "k 1", fail_first = 2, size = 1000,
+          fault = "huge", first_token_ms = 30, latency_ms = 5 }))
     end)
   end)
 
@@ -382,12 +394,18 @@ describe("aiorch.mock", function()
         ["500"] = { "server_error", null },
         ["529"] = { "server_error", null },
         ["401"] = { "invalid_request_error", "invalid_api_key" },
+        ["400"] = { "invalid_request_error", "invalid_value" },
+        ["403"] = { "request_forbidden", "unsupported_country_region_territory" },
+        ["503"] = { "server_error", null },
       },
       anthropic = {
         ["429"] = { "rate_limit_error" },
         ["500"] = { "api_error" },
         ["529"] = { "overloaded_error" },
         ["401"] = { "authentication_error" },
+        ["400"] = { "invalid_request_error" },
+        ["403"] = { "permission_error" },
+        ["503"] = { "api_error" },
       },
     }
 
@@ -407,7 +425,7 @@ describe("aiorch.mock", function()
 
     for _, api in ipairs { "openai", "anthropic" } do
       describe(api, function()
-        for _, fault in ipairs { "429", "500", "529", "401" } do
+        for _, fault in ipairs { "429", "500", "529", "401", "400", "403", "503" } do
           it("answers fault=" .. fault .. " with the API's error", function()
             for _, stream in ipairs { false, true } do
               local status, headers, body = call(api, m:base_url(api, { fault = fault }), {
@@ -591,6 +609,288 @@ describe("aiorch.mock", function()
         end)
       end)
     end
+  end)
+
+  describe("timing and size faults", function()
+    -- True for an event that carries answer text.
+    local function is_content(ev)
+      local d = cjson.decode(ev.data)
+      if type(d) ~= "table" then
+        return false
+      end
+      if d.type == "content_block_delta" then
+        return true
+      end
+      local c = type(d.choices) == "table" and d.choices[1]
+      return c and type(c.delta) == "table" and type(c.delta.content) == "string" and c.delta.content ~= "" or false
+    end
+
+    -- Streams from base; returns status, kind, events (each with .at, ms
+    -- since the request began), the number of content events.
+    local function timed_stream(api, base, timeout_ms)
+      local headers = { ["content-type"] = "application/json" }
+      for k, v in pairs(API[api].headers) do
+        headers[k] = v
+      end
+      local events, contents = {}, 0
+      local t0 = aiorch.now()
+      local status, kind = aiorch.http.request {
+        method = "POST",
+        url = base .. API[api].path,
+        headers = headers,
+        body = cjson.encode(stream_body(api)),
+        timeout_ms = timeout_ms or 5000,
+        on_event = function(ev)
+          ev.at = aiorch.now() - t0
+          ev.content = is_content(ev)
+          if ev.content then
+            contents = contents + 1
+          end
+          events[#events + 1] = ev
+        end,
+      }
+      return status, kind, events, contents
+    end
+
+    for _, api in ipairs { "openai", "anthropic" } do
+      describe(api, function()
+        it("first_token_ms sends what comes before the content at once, then waits", function()
+          local status, _, events, contents = timed_stream(api, m:base_url(api, { first_token_ms = 150, chunks = 3 }))
+          assert.are.equal(200, status)
+          assert.are.equal(3, contents)
+          local before = 0
+          for _, ev in ipairs(events) do
+            if ev.content then
+              break
+            end
+            before = before + 1
+            assert.is_true(ev.at < 100, "event before the content at " .. ev.at)
+          end
+          -- openai: the role chunk; anthropic: message_start, content_block_start, ping
+          assert.are.equal(api == "openai" and 1 or 3, before)
+          local first = events[before + 1]
+          assert.is_true(first.content)
+          assert.is_true(first.at >= 145, "first token at " .. first.at)
+          -- the later pieces are not held back (chunk_delay_ms is 0)
+          assert.is_true(events[#events].at - first.at < 100)
+        end)
+
+        it("first_token_ms replaces chunk_delay_ms for the first piece only", function()
+          local status, _, events = timed_stream(api,
+            m:base_url(api, { first_token_ms = 20, chunk_delay_ms = 120, chunks = 2 }))
+          assert.are.equal(200, status)
+          local at = {}
+          for _, ev in ipairs(events) do
+            if ev.content then
+              at[#at + 1] = ev.at
+            end
+          end
+          assert.are.equal(2, #at)
+          assert.is_true(at[1] >= 18 and at[1] < 100, "first at " .. at[1])
+          assert.is_true(at[2] - at[1] >= 115, "second after " .. (at[2] - at[1]))
+        end)
+
+        it("first_token_ms acts like latency_ms when not streaming", function()
+          local t0 = aiorch.now()
+          local status = call(api, m:base_url(api, { first_token_ms = 60, latency_ms = 40 }))
+          assert.are.equal(200, status)
+          assert.is_true(aiorch.now() - t0 >= 98)
+          t0 = aiorch.now()
+          assert.are.equal(500, (call(api, m:base_url(api, { first_token_ms = 60, fault = "500" }), {
+            stream = true, body = stream_body(api) })))
+          assert.is_true(aiorch.now() - t0 >= 58)
+        end)
+
+        it("stall_after sends N pieces, then nothing until the client leaves", function()
+          local t0 = aiorch.now()
+          local status, kind, events, contents = timed_stream(api,
+            m:base_url(api, { stall_after = 2, chunks = 4 }), 250)
+          assert.is_nil(status)
+          assert.are.equal("timeout", kind)
+          assert.is_true(aiorch.now() - t0 >= 245)
+          assert.are.equal(2, contents)
+          assert.is_true(events[#events].content, "nothing after the second piece")
+          assert.is_true(events[#events].at < 100)
+          local r = m.requests[1]
+          assert.is_true(wait_for(function() return r.aborted_at ~= nil end, 1000))
+          assert.is_nil(r.completed_at)
+        end)
+
+        it("stall_after=0 stalls before the first piece; >= chunks before the end", function()
+          local _, kind, events, contents = timed_stream(api, m:base_url(api, { stall_after = 0 }), 150)
+          assert.are.equal("timeout", kind)
+          assert.are.equal(0, contents)
+          assert.are.equal(api == "openai" and 1 or 3, #events)
+          _, kind, events, contents = timed_stream(api, m:base_url(api, { stall_after = 9, chunks = 3 }), 150)
+          assert.are.equal("timeout", kind)
+          assert.are.equal(3, contents)
+          assert.is_true(events[#events].content)
+        end)
+
+        it("stall_after stalls a plain answer after half its body", function()
+          local t0 = aiorch.now()
+          local status, kind = call(api, m:base_url(api, { stall_after = 1 }), { timeout_ms = 150 })
+          assert.is_nil(status)
+          assert.are.equal("timeout", kind)
+          assert.is_true(aiorch.now() - t0 >= 145)
+        end)
+
+        it("fault=huge sends 16 MiB of valid JSON by default", function()
+          local status, headers, body = aiorch.http.request {
+            method = "POST", url = m:base_url(api, { fault = "huge" }) .. API[api].path,
+            headers = { ["content-type"] = "application/json" }, body = cjson.encode(API[api].body()),
+            max_body = 17 * 1024 * 1024, timeout_ms = 10000,
+          }
+          assert.are.equal(200, status)
+          assert.are.equal("application/json", headers["content-type"])
+          assert.are.equal(tostring(16 * 1024 * 1024), headers["content-length"])
+          assert.are.equal(16 * 1024 * 1024, #body)
+          local r = assert(cjson.decode(body))
+          local text = api == "openai" and r.choices[1].message.content or r.content[1].text
+          assert.is_true(#text > 16 * 1024 * 1024 - 400)
+          assert.are.equal("All work and no play", text:sub(1, 20))
+        end)
+
+        it("fault=huge takes size, in the API's shape, streaming asked or not", function()
+          for _, stream in ipairs { false, true } do
+            local status, headers, body = call(api, m:base_url(api, { fault = "huge", size = 100000 }),
+              { stream = stream, body = stream and stream_body(api) or nil })
+            assert.are.equal(200, status)
+            assert.are.equal("application/json", headers["content-type"])
+            assert.are.equal(100000, #body)
+            local r = assert(cjson.decode(body))
+            if api == "openai" then
+              assert.are.equal("chat.completion", r.object)
+              assert.are.equal("length", r.choices[1].finish_reason)
+              assert.is_true(r.usage.completion_tokens > 20000)
+            else
+              assert.are.equal("message", r.type)
+              assert.are.equal("max_tokens", r.stop_reason)
+              assert.is_true(r.usage.output_tokens > 20000)
+            end
+          end
+          -- never less than the JSON around the text
+          local status, _, body = call(api, m:base_url(api, { fault = "huge", size = 0 }))
+          assert.are.equal(200, status)
+          assert.is_table(cjson.decode(body))
+        end)
+
+        it("fault=huge stops writing when the client gives up", function()
+          local status, kind = aiorch.http.request {
+            method = "POST", url = m:base_url(api, { fault = "huge" }) .. API[api].path,
+            headers = { ["content-type"] = "application/json" }, body = cjson.encode(API[api].body()),
+            max_body = 1024 * 1024,
+          }
+          assert.is_nil(status)
+          assert.are.equal("too_large", kind)
+          local r = m.requests[1]
+          assert.is_true(wait_for(function() return r.aborted_at ~= nil end, 1000))
+          assert.is_nil(r.completed_at)
+        end)
+
+        it("fault=html answers 200 with a page, not JSON", function()
+          for _, stream in ipairs { false, true } do
+            local status, headers, body = call(api, m:base_url(api, { fault = "html" }),
+              { stream = stream, body = stream and stream_body(api) or nil })
+            assert.are.equal(200, status)
+            assert.matches("^text/html", headers["content-type"])
+            assert.matches("^<!DOCTYPE html>", body)
+            assert.is_nil(cjson.decode(body))
+          end
+        end)
+
+        it("fault=reset closes the connection with no response", function()
+          -- A fresh connection: curl resends once on a reused one that closes
+          -- before answering (see the next case).
+          local m2 = assert(mock.start {})
+          local status, kind = call(api, m2:base_url(api, { fault = "reset" }))
+          assert.is_nil(status)
+          assert.are.equal("reset", kind)
+          assert.are.equal(1, #m2.requests)
+          assert.is_not_nil(m2.requests[1].completed_at)
+          m2:close()
+        end)
+
+        it("fault=reset on a kept-alive connection: curl sends the request twice", function()
+          -- a mock of its own: exactly one idle connection to its port
+          local m2 = assert(mock.start {})
+          assert.are.equal(200, (call(api, m2:base_url(api))))
+          local status, kind = call(api, m2:base_url(api, { fault = "reset" }))
+          assert.is_nil(status)
+          assert.are.equal("reset", kind)
+          assert.are.equal(3, #m2.requests)
+          m2:close()
+        end)
+      end)
+    end
+  end)
+
+  describe("fail_first", function()
+    before_each(function()
+      m:reset_counters()
+    end)
+
+    for _, api in ipairs { "openai", "anthropic" } do
+      it(api .. ": fails the first N requests of a key, then answers", function()
+        local base = m:base_url(api, { fault = "500", fail_first = 2, key = "ff-" .. api })
+        assert.are.equal(500, (call(api, base)))
+        assert.are.equal(500, (call(api, base)))
+        assert.are.equal(200, (call(api, base)))
+        assert.are.equal(200, (call(api, base, { stream = true, body = stream_body(api) })))
+        assert.are.same({ 1, 2, 3, 4 }, { m.requests[1].attempt, m.requests[2].attempt,
+          m.requests[3].attempt, m.requests[4].attempt })
+        assert.are.equal("500", m.requests[2].directives.fault)
+        assert.is_nil(m.requests[3].directives.fault)
+        assert.are.equal(4, m:counter("ff-" .. api))
+        m:reset_counters("ff-" .. api)
+        assert.are.equal(0, m:counter("ff-" .. api))
+        assert.are.equal(500, (call(api, base)))
+      end)
+    end
+
+    it("keeps one count per key, and one for requests without a key", function()
+      local a = m:base_url("openai", { fault = "429", fail_first = 1, key = "a" })
+      local b = m:base_url("openai", { fault = "401", fail_first = 1, key = "b" })
+      local none = m:base_url("openai", { fault = "503", fail_first = 1 })
+      assert.are.equal(429, (call("openai", a)))
+      assert.are.equal(401, (call("openai", b)))
+      assert.are.equal(503, (call("openai", none)))
+      assert.are.equal(200, (call("openai", a)))
+      assert.are.equal(200, (call("openai", b)))
+      assert.are.equal(200, (call("openai", none)))
+      assert.are.equal(2, m:counter())
+    end)
+
+    it("counts requests on arrival, so concurrent ones share the N failures", function()
+      local base = m:base_url("anthropic", { fault = "529", fail_first = 3, key = "burst", latency_ms = 30 })
+      local tasks = {}
+      for i = 1, 5 do
+        tasks[i] = aiorch.spawn(call, "anthropic", base)
+      end
+      local values = aiorch.gather(tasks)
+      local by = {}
+      for i = 1, 5 do
+        by[values[i]] = (by[values[i]] or 0) + 1
+      end
+      assert.are.same({ [529] = 3, [200] = 2 }, by)
+    end)
+
+    it("lifts a stall too, and works from the configured defaults", function()
+      m:configure { stall_after = 1, fail_first = 1, key = "cfg" }
+      local _, kind = call("openai", m:base_url("openai"), { stream = true, body = stream_body("openai"),
+        timeout_ms = 150 })
+      assert.are.equal("timeout", kind)
+      local status, _, _, events = call("openai", m:base_url("openai"),
+        { stream = true, body = stream_body("openai") })
+      assert.are.equal(200, status)
+      assert.are.equal("[DONE]", events[#events].data)
+    end)
+
+    it("answers 400 to fail_first without a fault", function()
+      local status, _, body = call("openai", m.url .. "/_mock/fail_first=1/v1")
+      assert.are.equal(400, status)
+      assert.truthy(assert(cjson.decode(body)).error.message:find("fail_first", 1, true))
+    end)
   end)
 
   describe("errors of the request itself", function()

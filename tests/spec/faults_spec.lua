@@ -1,0 +1,496 @@
+-- Fault injection: aiorch's real orchestration against the mock providers
+-- over loopback. One data-driven case per fault; each asserts the exact
+-- StandardAIResponse (status, error kind, HTTP status, timing) and that
+-- every orchestration got exactly one answer and every wire request ended.
+-- The expectations are today's behaviour: extend the tables as it changes.
+local aiorch = require "aiorch"
+local mock_mod = require "aiorch.mock"
+local orchestrate = require "aiorch.orchestrate"
+local response = require "aiorch.response"
+local metrics = require "aiorch.metrics"
+
+local KEYS = { openai = "sk-test-faults-openai-0001", anthropic = "sk-ant-test-faults-0002" }
+local QUESTION = "What is the boiling point of water?"
+local OTHER = { openai = "anthropic", anthropic = "openai" }
+local BASE_ENV = { openai = "OPENAI_BASE_URL", anthropic = "ANTHROPIC_BASE_URL" }
+local TIMEOUT_ENV = { openai = "OPENAI_TIMEOUT_MS", anthropic = "ANTHROPIC_TIMEOUT_MS" }
+
+local TIMEOUT = 200 -- ms: the provider timeout of the cases that need one
+local SLACK = 75 -- ms a timer may overshoot on a busy shared machine
+local FAST = 150 -- ms: a fault answered at once must end within this
+
+local m -- the mock every healthy provider and most faulty ones talk to
+local closed_port -- a port nothing listens on
+
+local function now()
+  return aiorch.now()
+end
+
+-- Polls (yielding) until pred() or ms pass.
+local function wait_for(pred, ms)
+  local t0 = now()
+  while not pred() and now() - t0 < ms do
+    aiorch.sleep(2)
+  end
+  return pred()
+end
+
+local function suffix(api)
+  return api == "openai" and "/v1" or ""
+end
+
+local function requests_of(mk, api)
+  local out = {}
+  for _, r in ipairs(mk.requests) do
+    if r.api == api then
+      out[#out + 1] = r
+    end
+  end
+  return out
+end
+
+-- Every request the mock saw was answered, cut or abandoned by its client:
+-- none is left running.
+local function all_settled(mk)
+  return wait_for(function()
+    for _, r in ipairs(mk.requests) do
+      if not (r.completed_at or r.aborted_at) then
+        return false
+      end
+    end
+    return true
+  end, 1000)
+end
+
+local function env_for(bases, timeouts)
+  local env = { OPENAI_API_KEY = KEYS.openai, ANTHROPIC_API_KEY = KEYS.anthropic }
+  for api, url in pairs(bases) do
+    env[BASE_ENV[api]] = url
+  end
+  for api, ms in pairs(timeouts or {}) do
+    env[TIMEOUT_ENV[api]] = tostring(ms)
+  end
+  return env
+end
+
+local function no_keys_in(r)
+  local text = response.encode(r)
+  for _, key in pairs(KEYS) do
+    assert.falsy(text:find(key, 1, true), "a key leaked")
+  end
+end
+
+------------------------------------------------------------------------------
+-- The faults. A case gives the faulty provider either mock directives `d`
+-- or a base URL `url(api)`, and what is expected of its answer:
+--   status   "error" (default), "timeout" or "success"
+--   kind     metadata.error_kind (nil for a success)
+--   http     metadata.http_status (nil: none is reported)
+--   min, max bounds of its latency_ms (default 0 and FAST)
+--   wire     requests the faulty provider's server sees (default 1)
+--   tokens   on_token pieces it delivers before failing (stream; default 0)
+--   timeout  the faulty provider's timeout_ms (default: none set)
+--   own_mock a mock of its own (a port with no kept-alive connections)
+--   warm     one healthy request first, so a kept-alive connection waits
+--   stream / plain: overrides for a streamed / a plain call;
+--   only = "stream" | "plain": run one way only
+--   pending  a reason: today's behaviour is wrong; the case does not run
+local CASES = {
+  { name = "429 with Retry-After", d = { fault = "429", retry_after = 7 }, kind = "rate_limited", http = 429,
+    retry_after = 7 },
+  { name = "500", d = { fault = "500" }, kind = "server_error", http = 500 },
+  { name = "529 overloaded", d = { fault = "529" }, kind = "server_error", http = 529 },
+  { name = "401", d = { fault = "401" }, kind = "auth", http = 401 },
+  { name = "400", d = { fault = "400" }, kind = "bad_request", http = 400 },
+  { name = "403", d = { fault = "403" }, kind = "auth", http = 403 },
+  { name = "503", d = { fault = "503" }, kind = "server_error", http = 503 },
+  { name = "hang", d = { fault = "hang" }, timeout = TIMEOUT, status = "timeout", kind = "timeout",
+    min = TIMEOUT, max = TIMEOUT + SLACK },
+  { name = "malformed JSON", d = { fault = "malformed" }, kind = "parse", http = 200,
+    stream = { tokens = 1 } },
+  { name = "cut mid-body", d = { fault = "cut", chunks = 6 }, kind = "reset",
+    -- 3 of the 6 content pieces arrive before the cut
+    stream = { kind = "stream_cut", tokens = 3 } },
+  { name = "200 with an error body", d = { fault = "error200" }, kind = "server_error", http = 200 },
+  { name = "slow first token", d = { first_token_ms = 150 }, status = "success", http = 200,
+    min = 150, max = 150 + SLACK, stream = { tokens = 5 } },
+  { name = "first token after the timeout", d = { first_token_ms = 5000 }, timeout = TIMEOUT,
+    status = "timeout", kind = "timeout", min = TIMEOUT, max = TIMEOUT + SLACK },
+  { name = "stall mid-stream", d = { stall_after = 2 }, timeout = TIMEOUT, status = "timeout", kind = "timeout",
+    min = TIMEOUT, max = TIMEOUT + SLACK, stream = { tokens = 2 } },
+  { name = "enormous response (16 MiB)", d = { fault = "huge" }, kind = "too_large", max = 2000 },
+  { name = "enormous stream (10 MiB of events)", only = "stream", own_mock = true,
+    defaults = { text = ("word "):rep(2 * 1024 * 1024), chunks = 200 }, kind = "too_large", max = 3000,
+    pending = "a streamed answer has no size cap: http.c bounds only the unparsed SSE queue by max_body,"
+      .. " so 10 MiB of events is a success" },
+  { name = "not JSON (html)", d = { fault = "html" }, kind = "parse", http = 200 },
+  { name = "reset, fresh connection", d = { fault = "reset" }, own_mock = true, kind = "reset" },
+  -- curl resends a request once when a reused connection closes before
+  -- any answer: the provider sees it twice (a POST!).
+  { name = "reset, kept-alive connection", d = { fault = "reset" }, own_mock = true, warm = true,
+    kind = "reset", wire = 2 },
+  { name = "connection refused", kind = "connect", wire = 0,
+    url = function(api) return ("http://127.0.0.1:%d%s"):format(closed_port, suffix(api)) end },
+  { name = "DNS failure", url = function(api) return "http://no-such-host.invalid:1" .. suffix(api) end,
+    kind = "dns", wire = 0, max = 5000 },
+  -- the mock answers the TLS hello with an HTTP 400: OpenSSL reads "wrong version number"
+  { name = "TLS to a plain port", kind = "tls", wire = 0, max = 2000,
+    url = function(api) return ("https://127.0.0.1:%d%s"):format(m.port, suffix(api)) end },
+}
+
+-- The expectation for one way of calling: the case, with its overrides.
+local function expect(c, stream)
+  local e = {}
+  for k, v in pairs(c) do
+    e[k] = v
+  end
+  for k, v in pairs((stream and c.stream or c.plain) or {}) do
+    e[k] = v
+  end
+  e.status = e.status or "error"
+  e.min, e.max = e.min or 0, e.max or FAST
+  e.wire = e.wire or 1
+  e.tokens = stream and (e.tokens or 0) or 0
+  return e
+end
+
+-- Checks the faulty provider's outcome, `r` a response or an attempt entry.
+local function check_outcome(e, r, what)
+  assert.equal(e.status, r.status, what .. " status")
+  local md = r.metadata or r -- an attempt carries kind and http_status itself
+  assert.equal(e.kind, md.error_kind or r.kind, what .. " kind")
+  assert.equal(e.http, md.http_status, what .. " http_status")
+  local lat = r.latency_ms
+  assert.is_true(lat >= e.min and lat < e.max, ("%s latency %s not in [%d, %d)"):format(what, lat, e.min, e.max))
+end
+
+-- Runs one case: strategy "single" (the faulty provider alone) or
+-- "fallback" (the faulty provider first, a healthy one second).
+local function run_case(c, strategy, api, stream)
+  local e = expect(c, stream)
+  local other = OTHER[api]
+  local fm = m
+  if c.own_mock then
+    fm = assert(mock_mod.start {})
+  end
+  local ok, err = pcall(function()
+    local bases = { [other] = m:base_url(other) }
+    if c.url then
+      bases[api] = c.url(api)
+    elseif c.defaults then
+      fm:configure(c.defaults)
+      bases[api] = fm:base_url(api)
+    else
+      bases[api] = fm:base_url(api, c.d)
+    end
+    if c.warm then
+      local w = orchestrate.orchestrate({ user_question = "warm up" }, "single", { api },
+        { env = env_for { [api] = fm:base_url(api) } })
+      assert.equal("success", w.status)
+    end
+    fm:reset()
+    m:reset()
+
+    local env = env_for(bases, c.timeout and { [api] = c.timeout })
+    local providers = strategy == "single" and { api } or { api, other }
+    local by = {}
+    local t0 = now()
+    local r, msg = orchestrate.orchestrate({ user_question = QUESTION }, strategy, providers, {
+      env = env, stream = stream,
+      on_token = function(t, p) by[p] = by[p] or {}; by[p][#by[p] + 1] = t end,
+    })
+    local took = now() - t0
+
+    -- exactly one answer
+    assert.is_true(response.is_response(r), "not one StandardAIResponse: " .. tostring(msg))
+    assert.is_string(r.status)
+    no_keys_in(r)
+
+    if strategy == "single" or e.status == "success" then
+      assert.equal(api, r.ia_provider_name)
+      check_outcome(e, r, api)
+      if e.status == "success" then
+        assert.matches("boiling point", r.response_text, 1, true)
+        assert.is_nil(r.error_message)
+      else
+        assert.equal("", r.response_text)
+        assert.is_string(r.error_message)
+        assert.falsy(r.error_message:find("\n"), "a one-line message")
+        assert.equal(e.retry_after, r.metadata.retry_after)
+      end
+      if strategy == "fallback" then
+        assert.equal(1, #r.metadata.attempts)
+      end
+      assert.is_true(took < e.max + FAST, "took " .. took)
+    else
+      -- fallback: the faulty provider's attempt, then the healthy answer
+      assert.equal("success", r.status)
+      assert.equal(other, r.ia_provider_name)
+      assert.matches("boiling point", r.response_text, 1, true)
+      local a = r.metadata.attempts
+      assert.equal(2, #a)
+      assert.equal(api, a[1].provider)
+      check_outcome(e, a[1], api .. " attempt")
+      assert.same({ provider = other, status = "success", http_status = 200, latency_ms = a[2].latency_ms }, a[2])
+      assert.is_true(took >= e.min and took < e.max + FAST, "took " .. took)
+      assert.equal(1, #requests_of(m, other))
+      if stream then
+        -- the healthy provider's tokens make its whole answer
+        assert.equal(r.response_text, table.concat(by[other] or {}))
+      end
+    end
+
+    -- tokens the faulty provider streamed before it failed (or all of them)
+    assert.equal(e.tokens, #(by[api] or {}), "tokens from " .. api)
+    -- the wire: how many requests the faulty provider's server saw, and
+    -- that each one ended (answered, cut, or abandoned by the client)
+    assert.equal(e.wire, #requests_of(fm, api), "requests on the wire")
+    assert.is_true(all_settled(fm), "a request still running on the mock")
+    if fm ~= m then
+      assert.is_true(all_settled(m), "a request still running on the mock")
+    end
+  end)
+  if c.defaults then
+    fm:configure {}
+  end
+  if fm ~= m then
+    fm:close()
+  end
+  if not ok then
+    error(err, 0)
+  end
+end
+
+setup(function()
+  m = assert(mock_mod.start { host = "127.0.0.1", port = 0 })
+  -- bound, noted, closed: nothing listens there now
+  local srv = assert(aiorch.server.listen { host = "127.0.0.1", port = 0, handler = function() end })
+  closed_port = srv.port
+  srv:close()
+end)
+
+teardown(function()
+  m:close()
+end)
+
+before_each(function()
+  m:reset()
+  metrics.reset()
+end)
+
+for _, strategy in ipairs { "single", "fallback" } do
+  describe(strategy, function()
+    for _, c in ipairs(CASES) do
+      for _, api in ipairs { "openai", "anthropic" } do
+        for _, stream in ipairs { false, true } do
+          if not c.only or c.only == (stream and "stream" or "plain") then
+            local e = expect(c, stream)
+            local title = ("%s %s%s -> %s"):format(api, c.name, stream and " (stream)" or "",
+              e.status == "success" and "success" or e.status .. "/" .. tostring(e.kind))
+            if c.pending then
+              pending(title .. ": " .. c.pending)
+            else
+              it(title, function()
+                run_case(c, strategy, api, stream)
+              end)
+            end
+          end
+        end
+      end
+    end
+  end)
+end
+
+------------------------------------------------------------------------------
+-- Interleaved failures: orchestrations running at once whose providers fail
+-- differently at the same time; each must get its own answer. o / a: the
+-- directives of openai / anthropic, or "refused" (the closed port).
+-- attempts: "status/kind" per provider in call order ("success", "cancelled");
+-- partial: tokens a failed provider streamed to on_token before it failed
+-- (today they reach the caller, mixed with the winner's). Where the order
+-- of completion matters the gap is wide: the two 16 MiB answers keep the
+-- loop busy for a while.
+local MIX = {
+  { strategy = "fallback", o = { fault = "500", latency_ms = 30 }, a = { latency_ms = 20 },
+    provider = "anthropic", attempts = { "error/server_error", "success" } },
+  { strategy = "fallback", providers = { "anthropic", "openai" }, a = { fault = "429", latency_ms = 10 },
+    o = { latency_ms = 40 }, provider = "openai", attempts = { "error/rate_limited", "success" } },
+  { strategy = "fallback", o = { fault = "hang" }, a = { chunks = 3, chunk_delay_ms = 10 }, stream = true,
+    timeouts = { openai = 150 }, provider = "anthropic", attempts = { "timeout/timeout", "success" } },
+  { strategy = "fallback", o = { fault = "401", latency_ms = 20 }, a = { stall_after = 1 }, stream = true,
+    timeouts = { anthropic = 150 }, kind = "all_failed", attempts = { "error/auth", "timeout/timeout" },
+    partial = { anthropic = 1 } },
+  { strategy = "fallback", o = "refused", a = { fault = "error200", latency_ms = 10 }, kind = "all_failed",
+    attempts = { "error/connect", "error/server_error" } },
+  { strategy = "fallback", o = { fault = "huge" }, a = { fault = "html" }, kind = "all_failed",
+    attempts = { "error/too_large", "error/parse" } },
+  { strategy = "fallback", o = { fault = "cut", chunks = 4, chunk_delay_ms = 5 }, a = { latency_ms = 5 },
+    stream = true, provider = "anthropic", attempts = { "error/stream_cut", "success" }, partial = { openai = 2 } },
+  { strategy = "fastest", o = { fault = "cut", latency_ms = 10 }, a = { latency_ms = 300 },
+    provider = "anthropic", attempts = { "error/reset", "success" } },
+  { strategy = "fastest", o = { latency_ms = 40 }, a = { fault = "503" },
+    provider = "openai", attempts = { "success", "error/server_error" } },
+  { strategy = "fastest", o = { latency_ms = 20 }, a = { latency_ms = 500 },
+    provider = "openai", attempts = { "success", "cancelled" } },
+  { strategy = "fastest", o = { fault = "malformed", latency_ms = 15 }, a = { fault = "529", latency_ms = 5 },
+    kind = "all_failed", attempts = { "error/parse", "error/server_error" } },
+  { strategy = "fastest", o = { fault = "hang" }, a = "refused", timeouts = { openai = 150 },
+    kind = "all_failed", attempts = { "timeout/timeout", "error/connect" } },
+  { strategy = "fastest", o = { fault = "cut", chunks = 6, chunk_delay_ms = 5 }, a = { first_token_ms = 300 },
+    stream = true, provider = "anthropic", attempts = { "error/stream_cut", "success" }, partial = { openai = 3 } },
+}
+
+local function attempt_text(a)
+  if a.status == "success" or a.status == "cancelled" then
+    return a.status
+  end
+  return a.status .. "/" .. tostring(a.kind)
+end
+
+-- The user question a wire request carried.
+local function question_of(req)
+  local msgs = type(req.json) == "table" and req.json.messages
+  local last = type(msgs) == "table" and msgs[#msgs]
+  return type(last) == "table" and last.content or nil
+end
+
+describe("interleaved failures", function()
+  it("gives each concurrent orchestration its own correct answer", function()
+    local ROUNDS = 2
+    local tasks, runs = {}, {}
+    for round = 1, ROUNDS do
+      for i, c in ipairs(MIX) do
+        local q = ("mix question %d.%d"):format(i, round)
+        local bases = {}
+        for api, d in pairs { openai = c.o, anthropic = c.a } do
+          bases[api] = d == "refused" and ("http://127.0.0.1:%d%s"):format(closed_port, suffix(api))
+            or m:base_url(api, d)
+        end
+        local run = { c = c, q = q, by = {} }
+        runs[#runs + 1] = run
+        tasks[#tasks + 1] = aiorch.spawn(function()
+          return orchestrate.orchestrate({ user_question = q }, c.strategy, c.providers or { "openai", "anthropic" }, {
+            env = env_for(bases, c.timeouts), stream = c.stream,
+            on_token = function(t, p)
+              run.by[p] = run.by[p] or {}
+              table.insert(run.by[p], t)
+            end,
+          })
+        end)
+      end
+    end
+    local t0 = now()
+    local values, errors = aiorch.gather(tasks)
+    assert.is_true(now() - t0 < 1500, "took " .. (now() - t0))
+
+    -- wire requests by question
+    local wire = {}
+    for _, req in ipairs(m.requests) do
+      local q = question_of(req)
+      wire[q] = wire[q] or {}
+      wire[q][req.api] = (wire[q][req.api] or 0) + 1
+    end
+
+    for k, run in ipairs(runs) do
+      local c, r = run.c, values[k]
+      local what = ("%s #%d (%s)"):format(c.strategy, (k - 1) % #MIX + 1, run.q)
+      assert.is_nil(errors[k], what)
+      assert.is_true(response.is_response(r), what .. ": not one response")
+      local got = {}
+      for i, a in ipairs(r.metadata.attempts) do
+        got[i] = attempt_text(a)
+      end
+      assert.same(c.attempts, got, what .. " attempts")
+      if c.provider then
+        assert.equal("success", r.status, what)
+        assert.equal(c.provider, r.ia_provider_name, what)
+        assert.matches(run.q .. "$", r.response_text, what)
+        if c.stream then
+          assert.equal(r.response_text, table.concat(run.by[c.provider]), what .. " tokens")
+        end
+      else
+        assert.equal("error", r.status, what)
+        assert.equal(c.kind, r.metadata.error_kind, what)
+        assert.equal("", r.response_text, what)
+      end
+      for _, p in ipairs { "openai", "anthropic" } do
+        if p ~= c.provider then
+          assert.equal(c.partial and c.partial[p] or 0, #(run.by[p] or {}), what .. " tokens from " .. p)
+        end
+      end
+      -- one wire request per provider called, none for a refused one
+      local order = c.providers or { "openai", "anthropic" }
+      local expected = {}
+      for i, p in ipairs(order) do
+        local d = p == "openai" and c.o or c.a
+        if d ~= "refused" and c.attempts[i] then
+          expected[p] = 1
+        end
+      end
+      assert.same(expected, wire[run.q] or {}, what .. " wire requests")
+    end
+    assert.is_true(all_settled(m), "a request still running on the mock")
+  end)
+end)
+
+------------------------------------------------------------------------------
+-- Successive orchestrations against a provider that fails its first N
+-- requests (fail_first). Today nothing in aiorch retries, so each call
+-- sends one request and sees one outcome; `outcomes` lists them in order.
+-- wire: requests the mock sees in all (default: one per call).
+local SEQUENCES = {
+  { name = "500 twice, then fine", d = { fault = "500", fail_first = 2 },
+    outcomes = { "error/server_error", "error/server_error", "success" } },
+  { name = "429 once, then fine", d = { fault = "429", fail_first = 1 },
+    outcomes = { "error/rate_limited", "success" } },
+  { name = "stall once, then fine", d = { stall_after = 1, fail_first = 1 }, stream = true,
+    timeout = TIMEOUT, outcomes = { "timeout/timeout", "success" } },
+  -- curl's resend on a kept-alive connection uses up the failure: the
+  -- first call already succeeds, the provider saw the request twice
+  { name = "reset once, on a kept-alive connection", d = { fault = "reset", fail_first = 1 }, own_mock = true,
+    warm = true, outcomes = { "success" }, wire = 2 },
+  { name = "reset once, on a fresh connection", d = { fault = "reset", fail_first = 1 }, own_mock = true,
+    outcomes = { "error/reset", "success" } },
+}
+
+describe("repeated calls", function()
+  for _, c in ipairs(SEQUENCES) do
+    for _, api in ipairs { "openai", "anthropic" } do
+      it(("%s %s -> %s"):format(api, c.name, table.concat(c.outcomes, ", ")), function()
+        local fm = c.own_mock and assert(mock_mod.start {}) or m
+        local ok, err = pcall(function()
+          local d = {}
+          for k, v in pairs(c.d) do
+            d[k] = v
+          end
+          d.key = api .. " " .. c.name
+          local env = env_for({ [api] = fm:base_url(api, d), [OTHER[api]] = m:base_url(OTHER[api]) },
+            c.timeout and { [api] = c.timeout })
+          if c.warm then
+            local w = orchestrate.orchestrate({ user_question = "warm up" }, "single", { api },
+              { env = env_for { [api] = fm:base_url(api) } })
+            assert.equal("success", w.status)
+          end
+          fm:reset()
+          local got = {}
+          for i = 1, #c.outcomes do
+            local r = orchestrate.orchestrate({ user_question = QUESTION }, "single", { api },
+              { env = env, stream = c.stream, on_token = function() end })
+            assert.is_true(response.is_response(r), "call " .. i .. ": not one response")
+            got[i] = r.status == "success" and "success" or r.status .. "/" .. tostring(r.metadata.error_kind)
+          end
+          assert.same(c.outcomes, got)
+          assert.equal(c.wire or #c.outcomes, #requests_of(fm, api), "requests on the wire")
+          assert.equal(c.wire or #c.outcomes, fm:counter(d.key))
+          assert.is_true(all_settled(fm), "a request still running on the mock")
+        end)
+        if fm ~= m then
+          fm:close()
+        end
+        if not ok then
+          error(err, 0)
+        end
+      end)
+    end
+  end
+end)
