@@ -48,6 +48,7 @@ typedef struct http_req {
     int waiting; /* the task is parked on op (not inside on_event) */
     int code;
     int too_large;
+    size_t streamed; /* bytes of event stream received */
     int fired;      /* 1 + the deadline that ended the transfer, or 0 */
     int got_content; /* on_event returned true once */
     deadline dl[DL_COUNT];
@@ -175,7 +176,9 @@ static size_t write_cb(char *data, size_t size, size_t nmemb, void *ud)
     }
     if (r->sse) {
         aiorch_sse_event *last = r->parser.tail;
-        if (r->parser.queued + len > r->max_body || aiorch_sse_feed(&r->parser, data, len)) {
+        /* The cap holds for a whole stream too, not just what waits in it. */
+        r->streamed += len;
+        if (r->streamed > r->max_body || aiorch_sse_feed(&r->parser, data, len)) {
             r->too_large = 1;
             return 0;
         }

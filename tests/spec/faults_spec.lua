@@ -8,6 +8,7 @@ local mock_mod = require "aiorch.mock"
 local orchestrate = require "aiorch.orchestrate"
 local response = require "aiorch.response"
 local metrics = require "aiorch.metrics"
+local breaker = require "aiorch.breaker"
 
 local KEYS = { openai = "sk-test-faults-openai-0001", anthropic = "sk-ant-test-faults-0002" }
 local QUESTION = "What is the boiling point of water?"
@@ -276,6 +277,7 @@ end)
 before_each(function()
   m:reset()
   metrics.reset()
+  breaker.reset() -- each case starts with every provider healthy
 end)
 
 for _, strategy in ipairs { "single", "fallback" } do
