@@ -175,6 +175,51 @@ while True:
     within(150, r.metadata.attempts[1].latency_ms)
   end)
 
+  it("verifies TLS: a self-signed upstream is refused (kind tls), whatever the policy", function()
+    local dir = os.tmpname()
+    os.remove(dir)
+    assert(os.execute("mkdir -p '" .. dir .. "'"))
+    assert(os.execute(("openssl req -x509 -newkey rsa:2048 -nodes -keyout '%s/k.pem' -out '%s/c.pem' -days 1"
+      .. " -subj /CN=127.0.0.1 -addext subjectAltName=IP:127.0.0.1 >/dev/null 2>&1"):format(dir, dir)))
+    local pid = assert(aiorch.process.spawn({ "python3", "-c", [[
+import socket, ssl, sys
+d = sys.argv[1]
+ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER); ctx.load_cert_chain(d + "/c.pem", d + "/k.pem")
+s = socket.socket(); s.bind(("127.0.0.1", 0)); s.listen(16)
+open(d + "/port", "w").write(str(s.getsockname()[1]))
+while True:
+    c, _ = s.accept()
+    try:
+        t = ctx.wrap_socket(c, server_side=True); t.recv(65536)
+        t.sendall(b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: 2\r\n\r\n{}")
+        t.close()
+    except Exception:
+        c.close()
+]], dir }, { death_signal = "TERM" }))
+    local port
+    for _ = 1, 1000 do
+      local f = io.open(dir .. "/port")
+      port = f and tonumber(f:read("a"))
+      if f then
+        f:close()
+      end
+      if port then
+        break
+      end
+      aiorch.sleep(10)
+    end
+    assert.is_number(port)
+    local r = run("single", { "openai" }, nil, nil, { max_attempts = 2, backoff_ms = 5 },
+      { env_extra = { OPENAI_BASE_URL = "https://127.0.0.1:" .. port } })
+    aiorch.process.kill(pid, "TERM")
+    aiorch.process.wait(pid, 2000)
+    os.execute("rm -rf '" .. dir .. "'")
+    assert.equal("error", r.status)
+    assert.equal("tls", r.metadata.error_kind)
+    assert.matches("certificate", r.error_message)
+    assert.equal(1, #r.metadata.attempts) -- a bad certificate is not worth another try
+  end)
+
   it("an upstream body over max_response_bytes is refused as too_large", function()
     local r = run("single", { "openai" }, { text = string.rep("x", 4000) }, nil, nil,
       { env_extra = { OPENAI_POLICY = "max_response_bytes=1024" } })
