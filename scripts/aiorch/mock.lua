@@ -10,6 +10,8 @@
 --
 -- Directives:
 --   latency_ms      wait before the response headers (default 0)
+--   tail_pct        a latency tail: this percentage of requests (at random)
+--   tail_ms         waits tail_ms instead of latency_ms (both needed)
 --   first_token_ms  a stream sends its headers and the events before the
 --                   content at once, then waits this long before the first
 --                   content piece (in place of chunk_delay_ms); a response
@@ -59,7 +61,7 @@ local encode, decode = cjson.encode, cjson.decode
 local _M = {}
 
 -- Directives, in the order base_url writes them.
-local ORDER = { "latency_ms", "first_token_ms", "fault", "size", "retry_after", "fail_first", "key",
+local ORDER = { "latency_ms", "tail_pct", "tail_ms", "first_token_ms", "fault", "size", "retry_after", "fail_first", "key",
   "chunks", "chunk_delay_ms", "stall_after", "text" }
 local KNOWN = {}
 for i, k in ipairs(ORDER) do
@@ -132,6 +134,9 @@ end
 local function check_set(d)
   if d.fail_first and not (d.fault or d.stall_after) then
     return nil, "directive fail_first needs a fault or stall_after"
+  end
+  if (d.tail_pct == nil) ~= (d.tail_ms == nil) then
+    return nil, "directives tail_pct and tail_ms go together"
   end
   return d
 end
@@ -705,6 +710,9 @@ local function handle(self, req, res)
   local fn = ROUTES[key]
   local fault = d.fault
   local wait = d.latency_ms
+  if d.tail_pct and math.random() * 100 < d.tail_pct then
+    wait = d.tail_ms
+  end
   if d.first_token_ms then
     local json = req.json
     local streams = fn and type(json) == "table" and json.stream == true and not NO_STREAM[fault]
