@@ -61,8 +61,8 @@ local encode, decode = cjson.encode, cjson.decode
 local _M = {}
 
 -- Directives, in the order base_url writes them.
-local ORDER = { "latency_ms", "tail_pct", "tail_ms", "first_token_ms", "fault", "size", "retry_after", "fail_first", "key",
-  "chunks", "chunk_delay_ms", "stall_after", "text" }
+local ORDER = { "latency_ms", "tail_pct", "tail_ms", "first_token_ms", "fault", "size", "retry_after",
+  "fail_first", "key", "chunks", "chunk_delay_ms", "stall_after", "text" }
 local KNOWN = {}
 for i, k in ipairs(ORDER) do
   KNOWN[k] = i
