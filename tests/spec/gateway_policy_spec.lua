@@ -223,6 +223,25 @@ describe("what a client may not choose", function()
   end)
 end)
 
+describe("client headers", function()
+  it("never reach an upstream: only the adapter's own headers are sent", function()
+    local base = start_gw()
+    local s = post(base, "/v1/chat/completions", chat(), { ["x-forward-me"] = "client-value",
+      ["openai-organization"] = "org-client", cookie = "session=abc", ["x-aiorch-strategy"] = "single",
+      ["x-aiorch-providers"] = "openai" })
+    assert.equal(200, s)
+    local up = m.requests[#m.requests]
+    assert.equal("openai", up.api)
+    for name, value in pairs(up.headers) do
+      assert.is_nil(tostring(value):find("client", 1, true), "client value in upstream header " .. name)
+      assert.is_nil(tostring(value):find("session=abc", 1, true), "cookie in upstream header " .. name)
+    end
+    assert.is_nil(up.headers["x-forward-me"])
+    assert.is_nil(up.headers["cookie"])
+    assert.equal("Bearer " .. KEYS.openai, up.headers["authorization"]) -- the configured key, not the client's
+  end)
+end)
+
 describe("aiorch serve, every output searched for the keys", function()
   local process = aiorch.process
 
@@ -306,5 +325,57 @@ return {
       assert.falsy(all:find(secret, 1, true), "a key leaked: " .. secret)
     end
     assert.falsy(all:lower():find("bearer", 1, true), "an Authorization header leaked")
+  end)
+
+  it("a user strategy that raises or runs away fails that request only; the server goes on", function()
+    local dir = os.tmpname()
+    os.remove(dir)
+    assert(os.execute("mkdir -p '" .. dir .. "/strategies'"))
+    local function put(name, text)
+      local f = assert(io.open(dir .. "/strategies/" .. name .. ".lua", "w"))
+      f:write(text)
+      f:close()
+    end
+    put("raises", "return function() error('strategy bug') end\n")
+    put("spins", "return function() local n = 0 while true do n = n + 1 end end\n")
+    local probe = assert(aiorch.server.listen { host = "127.0.0.1", port = 0, handler = function() end })
+    local port = probe.port
+    probe:close()
+    local err = dir .. "/err"
+    local pid = assert(process.spawn({ process.exe(), "serve", "--workers", "0", "--path", dir,
+      "--listen", "127.0.0.1:" .. port }, {
+      stderr = err, death_signal = "TERM",
+      env = { AIORCH_INSTRUCTION_BUDGET = "2000000", OPENAI_API_KEY = KEYS.openai,
+              OPENAI_BASE_URL = m:base_url("openai"), ANTHROPIC_API_KEY = false },
+    }))
+    local base = "http://127.0.0.1:" .. port
+    local up = false
+    for _ = 1, 500 do
+      if aiorch.http.request { url = base .. "/healthz", timeout_ms = 500 } then
+        up = true
+        break
+      end
+      aiorch.sleep(10)
+    end
+    assert.is_true(up, slurp(err))
+    local function ask(strategy, question)
+      return post(base, "/v1/orchestrate", { user_question = question or QUESTION, strategy = strategy,
+        providers = { "openai" } })
+    end
+    local s, _, body, doc = ask("raises")
+    assert.equal(502, s, body)
+    assert.equal("strategy", doc.metadata.error_kind)
+    assert.matches("strategy bug", doc.error_message, 1, true)
+    -- a runaway is stopped by the instruction budget; pcall cannot keep it
+    -- going, so the request's own task ends, and the server answers 500
+    s, _, body = ask("spins")
+    assert.equal(500, s, body)
+    assert.matches("instruction budget exceeded", slurp(err), 1, true)
+    s, _, _, doc = ask("single")
+    assert.equal(200, s)
+    assert.equal("success", doc.status)
+    assert(process.kill(pid, "TERM"))
+    assert.equal(0, process.wait(pid, 10000))
+    os.execute("rm -rf '" .. dir .. "'")
   end)
 end)
