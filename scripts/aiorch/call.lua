@@ -196,7 +196,7 @@ local function attempt(adapter, config, request, opts, pol)
         { usage = usage, partial_text = partial })), emitted
     end
     -- A stream that broke after it began is a cut answer, not a connect error.
-    if events and events > 0 and kind ~= "timeout" then
+    if events and events > 0 and kind ~= "timeout" and kind ~= "too_large" then
       return finish(name, fail(name, config, "stream_cut",
         fmt("stream cut after %d events: %s", events, tostring(msg or kind)), t0,
         { usage = usage, partial_text = partial })), emitted
