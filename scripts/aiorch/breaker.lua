@@ -60,32 +60,43 @@ function _M.allow(name)
     or fmt("%s is cooling down: a trial request is deciding", name)
 end
 
--- record(name, pol, ok, kind, retry_after) after a call that was let through.
-function _M.record(name, pol, ok, kind, retry_after)
+-- record(name, pol, ok, kind, retry_after, trial) after a call that was let
+-- through; trial: allow() said "trial". While the breaker is open or half
+-- open, the outcome of a call let through before it opened is stale: only
+-- the trial decides (a later Retry-After may still lengthen the pause).
+function _M.record(name, pol, ok, kind, retry_after, trial)
   local s = states[name]
-  if ok then
-    if s and s.state ~= "closed" then
-      s.state, s.trial, s.why = "closed", false, nil
-      s.failures, s.first, s.count = {}, 1, 0
+  local t = now()
+  -- A provider that says when to come back is believed, breaker or not.
+  local asked = not ok and kind == "rate_limited" and policy.retry_after_ms(retry_after) or nil
+  if asked and asked > 0 then
+    s = state(name)
+    if s.state ~= "open" or t + asked > s.open_until then
+      open(s, t, asked, fmt("it asked to wait %d s", ceil(asked / 1000)))
     end
     return
   end
-  local t = now()
-  -- A provider that says when to come back is believed, breaker or not.
-  local asked = kind == "rate_limited" and policy.retry_after_ms(retry_after) or nil
-  if asked and asked > 0 then
-    open(state(name), t, asked, fmt("it asked to wait %d s", ceil(asked / 1000)))
-    return
+  if not s then
+    if ok or not policy.counts_as_failure(kind) then
+      return
+    end
+    s = state(name)
   end
-  if not policy.counts_as_failure(kind) then
-    if s and s.state == "half_open" then
+  if s.state ~= "closed" then
+    if not trial then
+      return -- stale
+    end
+    if ok then
+      s.state, s.trial, s.why = "closed", false, nil
+      s.failures, s.first, s.count = {}, 1, 0
+    elseif policy.counts_as_failure(kind) then
+      open(s, t, pol.cooldown_ms, "the trial request failed")
+    else
       s.trial = false -- the trial said nothing; the next call tries again
     end
     return
   end
-  s = state(name)
-  if s.state == "half_open" then
-    open(s, t, pol.cooldown_ms, "the trial request failed")
+  if ok or not policy.counts_as_failure(kind) then
     return
   end
   local limit = pol.breaker_failures
@@ -100,11 +111,11 @@ function _M.record(name, pol, ok, kind, retry_after)
   end
 end
 
--- A let-through call ended without an outcome (cancelled): a half-open
--- breaker lets the next caller try instead.
-function _M.release(name)
+-- The trial call ended without an outcome (cancelled): the next caller
+-- may try instead.
+function _M.release(name, trial)
   local s = states[name]
-  if s and s.state == "half_open" then
+  if trial and s and s.state == "half_open" then
     s.trial = false
   end
 end

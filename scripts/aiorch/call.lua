@@ -109,18 +109,18 @@ local cancel_guard = {
   __close = function(g)
     if not g.finished then
       metrics.cancelled(g.name)
-      breaker.release(g.name)
+      breaker.release(g.name, g.trial)
       count_wasted(g.name, parser_usage(g.parser))
     end
   end,
 }
 
 -- One HTTP attempt. Returns the response and whether a token went out.
-local function attempt(adapter, config, request, opts, pol)
+local function attempt(adapter, config, request, opts, pol, trial)
   local name = config.name
   local t0 = now()
   metrics.started(name)
-  local guard <close> = setmetatable({ name = name, finished = false }, cancel_guard)
+  local guard <close> = setmetatable({ name = name, finished = false, trial = trial }, cancel_guard)
 
   local stream = opts.stream and type(adapter.stream_parser) == "function"
   local ok, wire = pcall(adapter.build_request, config, request, { stream = stream })
@@ -274,10 +274,11 @@ function _M.call(adapter, config, request, opts)
       break
     end
     local emitted
-    r, emitted = attempt(adapter, config, request, opts, pol)
+    local trial = why == "trial"
+    r, emitted = attempt(adapter, config, request, opts, pol, trial)
     local m = r.metadata
     attempts[n] = response.attempt(r)
-    breaker.record(name, pol, r.status == "success", m.error_kind, m.retry_after)
+    breaker.record(name, pol, r.status == "success", m.error_kind, m.retry_after, trial)
     if r.status == "success" or emitted or n == pol.max_attempts
       or not policy.retryable(m.error_kind, m.http_status) then
       break
