@@ -355,6 +355,22 @@ describe("aiorch.http.request", function()
     assert.is_true(seen.aborted_at - t0 < 20, "closed after " .. (seen.aborted_at - t0) .. " ms")
   end)
 
+  it("a handle reused after a transfer that failed early still reads a large body safely", function()
+    -- libcurl kept the 4 KiB receive buffer of such transfers, and refused
+    -- the size on the reset handle: the next read overflowed it (ASan, valgrind).
+    local big = string.rep("0123456789abcdef", 4096)
+    handler = function(_, res) res:respond(200, {}, big) end
+    for _ = 1, 3 do
+      local _, kind = aiorch.http.request{ url = "gopher://127.0.0.1/" }
+      assert.equal("invalid_url", kind)
+      _, kind = aiorch.http.request{ url = base_url .. "/big", max_body = 100 }
+      assert.equal("too_large", kind)
+      local status, _, body = aiorch.http.request{ url = base_url .. "/big" }
+      assert.equal(200, status)
+      assert.equal(big, body)
+    end
+  end)
+
   it("misuse raises", function()
     assert.has_error(function() aiorch.http.request("http://x") end)
     assert.has_error(function() aiorch.http.request{} end)
