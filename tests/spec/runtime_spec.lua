@@ -60,7 +60,7 @@ describe("tasks", function()
     assert.has_error(function() aiorch.run(function() end) end)
   end)
 
-  it("cancel stops a waiting task at once, runs its to-be-closed variables, and cancels its children",
+  it("cancel stops a waiting task at once, runs its to-be-closed variables, and cancels its children #timing",
     function()
       local closed, child = false, nil
       local parent = spawn(function()
@@ -241,7 +241,7 @@ describe("aiorch.http.request", function()
     assert.equal(accepted + 1, server:stats().accepted) -- keep-alive
   end)
 
-  it("delivers server-sent events as they arrive", function()
+  it("delivers server-sent events as they arrive #timing", function()
     handler = function(_, res)
       res:start(200, { ["content-type"] = "text/event-stream" })
       res:write("event: a\ndata: 1\n\n: comment\n")
