@@ -37,6 +37,7 @@ local HANG_TIMEOUT_MS = 150
 -- AIORCH_SOAK_CLIENT_ABORTS=0: no client goes away mid-stream (the draw is
 -- the same, so a seed replays the other requests identically).
 local CLIENT_ABORTS = os.getenv("AIORCH_SOAK_CLIENT_ABORTS") ~= "0"
+local REPLAY_ENV = CLIENT_ABORTS and "" or "AIORCH_SOAK_CLIENT_ABORTS=0 "
 
 ------------------------------------------------------------------------------
 -- Arguments and the seeded generator
@@ -714,7 +715,7 @@ return a
   local base = fmt("http://%s:%d", HOST, port)
 
   print(fmt("soak: %d requests, seed %d, %d at a time, gateway pid %d on port %d", N, SEED, CONCURRENCY, gw, port))
-  print(fmt("soak: replay with: build/aiorch run tests/soak.lua %d %d", N, SEED))
+  print(fmt("soak: replay with: %sbuild/aiorch run tests/soak.lua %d %d", REPLAY_ENV, N, SEED))
   io.stdout:flush()
 
   local next_i, answered = 1, 0
@@ -875,7 +876,7 @@ return a
     (rss_end - rss_warm) * 100 / rss_warm, hwm))
   print(fmt("soak: fds        warm %d (%d sockets), end %d (%d sockets)", fds_warm, socks_warm, fds_end, socks_end))
   print(fmt("soak: gateway    %s", gw_state))
-  print(fmt("soak: seed       %d (replay: build/aiorch run tests/soak.lua %d %d)", SEED, N, SEED))
+  print(fmt("soak: seed       %d (replay: %sbuild/aiorch run tests/soak.lua %d %d)", SEED, REPLAY_ENV, N, SEED))
   if #violations > 0 then
     print(fmt("soak: FAILED: %d violations", #violations))
     return 1
