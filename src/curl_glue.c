@@ -227,12 +227,18 @@ void *aiorch_curl_easy_get(aiorch_curl *c)
     return c->npool ? c->pool[--c->npool] : curl_easy_init();
 }
 
+/* libcurl 7.x keeps the receive buffer of some failed transfers (a refused
+ * URL, an aborted write) across curl_easy_reset, and then refuses a new
+ * CURLOPT_BUFFERSIZE while reading up to its default size into the old,
+ * smaller buffer. A handle that refuses the size is dropped, not pooled. */
 void aiorch_curl_easy_put(aiorch_curl *c, void *easy)
 {
     if (c->npool < POOL_MAX) {
         curl_easy_reset(easy);
-        c->pool[c->npool++] = easy;
-    } else {
-        curl_easy_cleanup(easy);
+        if (curl_easy_setopt(easy, CURLOPT_BUFFERSIZE, 0L) == CURLE_OK) { /* 0: the default */
+            c->pool[c->npool++] = easy;
+            return;
+        }
     }
+    curl_easy_cleanup(easy);
 }

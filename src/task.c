@@ -358,15 +358,17 @@ int aiorch_task_cancel(aiorch_task *t)
         return 1;
     }
     t->state = T_CANCELLED; /* no wakes from here on */
-    while (t->children) {
-        aiorch_task *c = t->children;
-        unlink_child(c);
-        aiorch_task_cancel(c);
-    }
+    /* Its pending operation first: it may be a wait on one of the children,
+     * which that child's end below would free under us. */
     if (t->op) {
         aiorch_op *op = t->op;
         t->op = NULL;
         op->cancel(op);
+    }
+    while (t->children) {
+        aiorch_task *c = t->children;
+        unlink_child(c);
+        aiorch_task_cancel(c);
     }
     ready_remove(t);
     if (t->started) {

@@ -2,6 +2,14 @@
 -- bodies can call yielding functions (aiorch.sleep, aiorch.http.request …).
 -- Usage: aiorch run tests/busted.lua [busted options] SPEC…
 local args = { ... }
+-- AIORCH_TEST_SLOWDOWN=N (set by .ci/valgrind): the specs' waits last N
+-- times longer, and tests tagged #timing, which bound how fast the runtime
+-- itself is, are skipped.
+local slowdown = tonumber(os.getenv("AIORCH_TEST_SLOWDOWN") or "")
+if slowdown and slowdown > 1 then
+  io.stderr:write("AIORCH_TEST_SLOWDOWN=", slowdown, ": skipping the tests tagged #timing\n")
+  table.insert(args, 1, "--exclude-tags=timing")
+end
 arg = { [0] = "busted", table.unpack(args) } -- luacheck: ignore 111 (busted reads the global)
 
 local finished = {}

@@ -1,7 +1,7 @@
 -- The mock providers as a process of their own:
 --   build/aiorch run tests/mock_server.lua [--port N] [--latency-ms N] [--first-token-ms N]
 --     [--fault F] [--size N] [--retry-after N] [--fail-first N] [--key K] [--chunks N]
---     [--chunk-delay-ms N] [--stall-after N] [--text T]
+--     [--chunk-delay-ms N] [--stall-after N] [--text T] [--idle-timeout-ms N]
 -- Prints "PORT <n>" as its first line, then serves on 127.0.0.1 until killed.
 -- The options set the directives of requests that carry none.
 local aiorch = require "aiorch"
@@ -9,6 +9,7 @@ local mock = require "aiorch.mock"
 
 local USAGE = "usage: mock_server.lua [--port N] [--latency-ms N] [--first-token-ms N] [--fault F] [--size N]"
   .. " [--retry-after N] [--fail-first N] [--key K] [--chunks N] [--chunk-delay-ms N] [--stall-after N] [--text T]"
+  .. " [--idle-timeout-ms N]"
 
 -- option -> directive name
 local DIRECTIVES = {
@@ -34,6 +35,7 @@ local function main(...)
   local args = table.pack(...)
   local port = 0
   local defaults = {}
+  local idle_timeout_ms
   local i = 1
   while i <= args.n do
     local opt, val = args[i], args[i + 1]
@@ -50,6 +52,11 @@ local function main(...)
       if not port or port < 0 or port > 65535 then
         return fail("bad port '" .. val .. "'")
       end
+    elseif opt == "--idle-timeout-ms" then
+      idle_timeout_ms = math.tointeger(tonumber(val))
+      if not idle_timeout_ms or idle_timeout_ms <= 0 then
+        return fail("bad idle timeout '" .. val .. "'")
+      end
     elseif DIRECTIVES[opt] then
       defaults[DIRECTIVES[opt]] = val
     else
@@ -60,7 +67,7 @@ local function main(...)
 
   -- Nobody can read the recorded requests of another process: keep none.
   local ok, m, kind, message = pcall(mock.start,
-    { host = "127.0.0.1", port = port, defaults = defaults, record = false })
+    { host = "127.0.0.1", port = port, defaults = defaults, record = false, idle_timeout_ms = idle_timeout_ms })
   if not ok then
     return fail(tostring(m))
   end

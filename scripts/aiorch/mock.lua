@@ -758,7 +758,8 @@ Mock.__index = Mock
 -- Starts a mock server; call inside a task. Returns the mock, or nil, kind,
 -- message as aiorch.server.listen does.
 -- opts: host, port, defaults (directives), max_body, record (false: keep
--- m.requests empty, for long benchmarks).
+-- m.requests empty, for long benchmarks), idle_timeout_ms (close idle
+-- keep-alive connections).
 function _M.start(opts)
   opts = opts or {}
   if type(opts) ~= "table" then
@@ -777,6 +778,7 @@ function _M.start(opts)
     host = host,
     port = opts.port or 0,
     max_body = opts.max_body or 16 * 1024 * 1024,
+    idle_timeout_ms = opts.idle_timeout_ms,
     handler = function(req, res) return handle(self, req, res) end,
   }
   if not srv then

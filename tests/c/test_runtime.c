@@ -2,6 +2,7 @@
 #include <arpa/inet.h>
 #include <netinet/in.h>
 #include <stdio.h>
+#include <stdlib.h>
 #include <string.h>
 #include <sys/socket.h>
 #include <unistd.h>
@@ -47,8 +48,10 @@ static void test_shared_loop(void)
     CHECK(aiorch_runtime_start(b, script("two_runtimes.lua"), 2, args_b) == 0, "%s", aiorch_runtime_error(b));
     while (aiorch_runtime_busy(a) || aiorch_runtime_busy(b)) ev_run(loop, EVRUN_ONCE);
     double ms = (ev_time() - t0) * 1000;
-    /* 5 x 20 ms each: concurrently about 100 ms, one after the other 200. */
-    CHECK(ms >= 95 && ms < 190, "two runtimes interleave (took %.0f ms)", ms);
+    /* 5 x 20 ms each: concurrently about 100 ms, one after the other 200
+     * (AIORCH_TEST_SLOWDOWN, under valgrind: only the lower bound holds). */
+    const char *slow = getenv("AIORCH_TEST_SLOWDOWN");
+    CHECK(ms >= 95 && (ms < 190 || (slow && atof(slow) > 1)), "two runtimes interleave (took %.0f ms)", ms);
     aiorch_runtime_free(a);
     aiorch_runtime_free(b);
     ev_loop_destroy(loop);

@@ -188,7 +188,7 @@ describe("aiorch command without network", function()
     end)
   end)
 
-  it("runs the demo with no keys and no network", function()
+  it("runs the demo with no keys and no network #timing", function()
     local code, out, err = sh(nil, "demo")
     assert.equal(0, code, out .. err)
     for _, s in ipairs({ "single", "parallel", "fallback", "fastest" }) do

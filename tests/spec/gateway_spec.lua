@@ -94,7 +94,11 @@ local function requests_of(api)
   return out
 end
 
+-- Longer under valgrind (tests/busted.lua).
+local SLOWDOWN = (tonumber(os.getenv("AIORCH_TEST_SLOWDOWN") or "") or 1)
+
 local function wait_for(pred, ms)
+  ms = ms * SLOWDOWN
   local t0 = aiorch.now()
   while not pred() and aiorch.now() - t0 < ms do
     aiorch.sleep(5)

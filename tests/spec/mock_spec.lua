@@ -96,8 +96,11 @@ local function decode_events(events)
   return out
 end
 
+-- Longer under valgrind (tests/busted.lua).
+local SLOWDOWN = (tonumber(os.getenv("AIORCH_TEST_SLOWDOWN") or "") or 1)
+
 local function wait_for(fn, ms)
-  local deadline = aiorch.now() + (ms or 2000)
+  local deadline = aiorch.now() + (ms or 2000) * SLOWDOWN
   while not fn() do
     if aiorch.now() > deadline then
       return false

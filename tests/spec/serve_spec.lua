@@ -9,8 +9,11 @@ local fmt = string.format
 local HOST = "127.0.0.1"
 local EXE = process.exe()
 
+-- Longer under valgrind (tests/busted.lua).
+local SLOWDOWN = (tonumber(os.getenv("AIORCH_TEST_SLOWDOWN") or "") or 1)
+
 local function wait_for(cond, ms)
-  local deadline = aiorch.now() + (ms or 5000)
+  local deadline = aiorch.now() + (ms or 5000) * SLOWDOWN
   repeat
     local v = cond()
     if v then
@@ -370,7 +373,8 @@ describe("aiorch serve --workers 2", function()
     os.remove(raw_script)
   end)
 
-  it("spreads requests over both workers, restarts a killed one, reloads on SIGHUP", function()
+  -- #timing: the master gives its workers 10 s to listen, too short under valgrind.
+  it("spreads requests over both workers, restarts a killed one, reloads on SIGHUP #timing", function()
     local master, port = start_serve(mock_port, log)
     local workers = children(master)
     assert.equal(2, #workers)

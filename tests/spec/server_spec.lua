@@ -6,8 +6,11 @@ local aiorch = require "aiorch"
 local HOST = "127.0.0.1"
 
 -- Polls cond() every few ms until it is truthy or ms pass; returns its value.
+-- Longer under valgrind (tests/busted.lua).
+local SLOWDOWN = (tonumber(os.getenv("AIORCH_TEST_SLOWDOWN") or "") or 1)
+
 local function wait_for(cond, ms)
-  local deadline = aiorch.now() + (ms or 3000)
+  local deadline = aiorch.now() + (ms or 3000) * SLOWDOWN
   repeat
     local v = cond()
     if v then

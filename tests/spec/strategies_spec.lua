@@ -48,7 +48,11 @@ local function no_keys_in(v)
 end
 
 -- Polls (yielding) until pred() or ms pass.
+-- Longer under valgrind (tests/busted.lua).
+local SLOWDOWN = (tonumber(os.getenv("AIORCH_TEST_SLOWDOWN") or "") or 1)
+
 local function wait_for(pred, ms)
+  ms = ms * SLOWDOWN
   local t0 = aiorch.now()
   while not pred() and aiorch.now() - t0 < ms do
     aiorch.sleep(2)
@@ -245,7 +249,7 @@ describe("single", function()
 end)
 
 describe("parallel", function()
-  it("calls every provider at once; the list keeps provider order; wall time = the slowest", function()
+  it("calls every provider at once; the list keeps provider order; wall time = the slowest #timing", function()
     local t0 = aiorch.now()
     local list = assert(run("parallel", nil, { latency_ms = 200 }, { latency_ms = 120 }))
     local wall = aiorch.now() - t0
@@ -545,7 +549,7 @@ describe("user extensions", function()
 end)
 
 describe("concurrency", function()
-  it("runs many orchestrations at once in one runtime", function()
+  it("runs many orchestrations at once in one runtime #timing", function()
     local tasks = {}
     local strategies = { "single", "parallel", "fallback", "fastest" }
     for i = 1, 40 do
