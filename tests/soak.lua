@@ -86,7 +86,8 @@ local PROVIDERS = {
   { name = "slow_o", api = "openai", d = "latency_ms=15,chunks=4,chunk_delay_ms=2", plain = "ok", stream = "ok" },
   { name = "slow_a", api = "anthropic", d = "latency_ms=10,chunks=3,chunk_delay_ms=3", plain = "ok", stream = "ok" },
   { name = "e500_o", api = "openai", d = "fault=500", plain = "fail", stream = "fail" },
-  { name = "e429_a", api = "anthropic", d = "fault=429", plain = "fail", stream = "fail" },
+  -- Retry-After 0: a 429 that asked for a pause would cool the provider
+  { name = "e429_a", api = "anthropic", d = "fault=429,retry_after=0", plain = "fail", stream = "fail" },
   { name = "e529_a", api = "anthropic", d = "fault=529", plain = "fail", stream = "fail" },
   { name = "e401_o", api = "openai", d = "fault=401", plain = "fail", stream = "fail" },
   { name = "hang_o", api = "openai", d = "fault=hang", timeout = HANG_TIMEOUT_MS, plain = "timeout",
@@ -705,6 +706,9 @@ return a
     "  aliases = { [", fmt("%q", ALIAS), "] = { strategy = \"fallback\", providers = ", list(ALIAS_PROVIDERS),
     " } },\n",
     "  server = { idle_timeout_ms = 1000 },\n",
+    -- No circuit breaking: each answer stays what its own faults predict,
+    -- whatever came before (tests/spec/faults_spec.lua covers breakers).
+    "  policy = { breaker_failures = 0 },\n",
     "}\n",
   })
 
