@@ -1,8 +1,11 @@
 -- Fault injection: aiorch's real orchestration against the mock providers
 -- over loopback. One data-driven case per fault; each asserts the exact
--- StandardAIResponse (status, error kind, HTTP status, timing) and that
--- every orchestration got exactly one answer and every wire request ended.
--- The expectations are today's behaviour: extend the tables as it changes.
+-- StandardAIResponse (status, error kind, HTTP status, deadline, timing) and
+-- that every orchestration got exactly one answer and every wire request ended.
+-- The first groups run with the default policy (one attempt, breakers on);
+-- the later ones turn retries, deadlines, hedging and breakers on and assert
+-- every attempt. A stream is committed to the first provider that sends a
+-- token: its failure ends the answer (with partial_text), never a switch.
 local aiorch = require "aiorch"
 local mock_mod = require "aiorch.mock"
 local orchestrate = require "aiorch.orchestrate"
@@ -89,7 +92,9 @@ end
 --   http     metadata.http_status (nil: none is reported)
 --   min, max bounds of its latency_ms (default 0 and FAST)
 --   wire     requests the faulty provider's server sees (default 1)
---   tokens   on_token pieces it delivers before failing (stream; default 0)
+--   tokens   on_token pieces it delivers before failing (stream; default 0);
+--            then it owns the stream: a fallback ends with its error
+--   deadline metadata.deadline of a timeout
 --   timeout  the faulty provider's timeout_ms (default: none set)
 --   own_mock a mock of its own (a port with no kept-alive connections)
 --   warm     one healthy request first, so a kept-alive connection waits
@@ -106,7 +111,7 @@ local CASES = {
   { name = "403", d = { fault = "403" }, kind = "auth", http = 403 },
   { name = "503", d = { fault = "503" }, kind = "server_error", http = 503 },
   { name = "hang", d = { fault = "hang" }, timeout = TIMEOUT, status = "timeout", kind = "timeout",
-    min = TIMEOUT, max = TIMEOUT + SLACK },
+    deadline = "total", min = TIMEOUT, max = TIMEOUT + SLACK },
   { name = "malformed JSON", d = { fault = "malformed" }, kind = "parse", http = 200,
     stream = { tokens = 1 } },
   { name = "cut mid-body", d = { fault = "cut", chunks = 6 }, kind = "reset",
@@ -116,14 +121,14 @@ local CASES = {
   { name = "slow first token", d = { first_token_ms = 150 }, status = "success", http = 200,
     min = 150, max = 150 + SLACK, stream = { tokens = 5 } },
   { name = "first token after the timeout", d = { first_token_ms = 5000 }, timeout = TIMEOUT,
-    status = "timeout", kind = "timeout", min = TIMEOUT, max = TIMEOUT + SLACK },
+    status = "timeout", kind = "timeout", deadline = "total", min = TIMEOUT, max = TIMEOUT + SLACK },
   { name = "stall mid-stream", d = { stall_after = 2 }, timeout = TIMEOUT, status = "timeout", kind = "timeout",
-    min = TIMEOUT, max = TIMEOUT + SLACK, stream = { tokens = 2 } },
+    deadline = "total", min = TIMEOUT, max = TIMEOUT + SLACK, stream = { tokens = 2 } },
   { name = "enormous response (16 MiB)", d = { fault = "huge" }, kind = "too_large", max = 2000 },
   { name = "enormous stream (10 MiB of events)", only = "stream", own_mock = true,
     defaults = { text = ("word "):rep(2 * 1024 * 1024), chunks = 200 }, kind = "too_large", max = 3000,
-    pending = "a streamed answer has no size cap: http.c bounds only the unparsed SSE queue by max_body,"
-      .. " so 10 MiB of events is a success" },
+    pending = "call.lua reports a stream capped at max_response_bytes as stream_cut (retryable), not too_large:"
+      .. " every failure after the first event is renamed" },
   { name = "not JSON (html)", d = { fault = "html" }, kind = "parse", http = 200 },
   { name = "reset, fresh connection", d = { fault = "reset" }, own_mock = true, kind = "reset" },
   -- curl resends a request once when a reused connection closes before
@@ -161,6 +166,7 @@ local function check_outcome(e, r, what)
   local md = r.metadata or r -- an attempt carries kind and http_status itself
   assert.equal(e.kind, md.error_kind or r.kind, what .. " kind")
   assert.equal(e.http, md.http_status, what .. " http_status")
+  assert.equal(e.deadline, md.deadline, what .. " deadline")
   local lat = r.latency_ms
   assert.is_true(lat >= e.min and lat < e.max, ("%s latency %s not in [%d, %d)"):format(what, lat, e.min, e.max))
 end
@@ -222,6 +228,21 @@ local function run_case(c, strategy, api, stream)
       if strategy == "fallback" then
         assert.equal(1, #r.metadata.attempts)
       end
+      assert.is_true(took < e.max + FAST, "took " .. took)
+      if e.status ~= "success" then
+        -- the text it streamed before failing, exactly what reached the caller
+        assert.equal(e.tokens > 0 and table.concat(by[api]) or nil, r.metadata.partial_text)
+      end
+    elseif e.tokens > 0 then
+      -- its tokens went out: it owns the stream, its failure ends the answer
+      assert.equal(api, r.ia_provider_name)
+      check_outcome(e, r, api)
+      assert.equal("", r.response_text)
+      assert.equal(table.concat(by[api]), r.metadata.partial_text)
+      assert.equal(1, #r.metadata.attempts)
+      check_outcome(e, r.metadata.attempts[1], api .. " attempt")
+      assert.is_nil(by[other], "tokens from " .. other)
+      assert.equal(0, #requests_of(m, other), "no switch to " .. other)
       assert.is_true(took < e.max + FAST, "took " .. took)
     else
       -- fallback: the faulty provider's attempt, then the healthy answer
@@ -303,31 +324,58 @@ for _, strategy in ipairs { "single", "fallback" } do
   end)
 end
 
+-- The cap itself, apart from the kind it is reported as (pending above).
+describe("enormous stream", function()
+  it("is cut at max_response_bytes: an error, never a success", function()
+    local fm = assert(mock_mod.start {})
+    local ok, err = pcall(function()
+      fm:configure { text = ("word "):rep(2 * 1024 * 1024), chunks = 200 }
+      local n = 0
+      local r = orchestrate.orchestrate({ user_question = QUESTION }, "single", { "anthropic" }, {
+        env = env_for({ anthropic = fm:base_url("anthropic") }), stream = true,
+        on_token = function() n = n + 1 end,
+      })
+      assert.equal("error", r.status)
+      assert.matches("larger than 8388608 bytes", r.error_message, 1, true)
+      assert.is_true(n > 0 and #r.metadata.partial_text <= 8 * 1024 * 1024)
+      assert.equal(1, #r.metadata.attempts)
+      assert.is_true(all_settled(fm), "a request still running on the mock")
+    end)
+    fm:close()
+    if not ok then
+      error(err, 0)
+    end
+  end)
+end)
+
 ------------------------------------------------------------------------------
 -- Interleaved failures: orchestrations running at once whose providers fail
 -- differently at the same time; each must get its own answer. o / a: the
 -- directives of openai / anthropic, or "refused" (the closed port).
 -- attempts: "status/kind" per provider in call order ("success", "cancelled");
--- partial: tokens a failed provider streamed to on_token before it failed
--- (today they reach the caller, mixed with the winner's). Where the order
--- of completion matters the gap is wide: the two 16 MiB answers keep the
--- loop busy for a while.
+-- partial: tokens a failed provider streamed to on_token before it failed;
+-- owner: the provider whose tokens went out first and whose failure is the
+-- answer. Where the order of completion matters the gap is wide: the two
+-- 16 MiB answers keep the loop busy for a while. Breakers are shared by
+-- every orchestration of the runtime, so this mix counts no failures
+-- (breaker_failures=0) and its 429 says Retry-After: 0 (no cooling); the
+-- breakers' part in a mix is in "interleaved failures with policies on".
 local MIX = {
   { strategy = "fallback", o = { fault = "500", latency_ms = 30 }, a = { latency_ms = 20 },
     provider = "anthropic", attempts = { "error/server_error", "success" } },
-  { strategy = "fallback", providers = { "anthropic", "openai" }, a = { fault = "429", latency_ms = 10 },
-    o = { latency_ms = 40 }, provider = "openai", attempts = { "error/rate_limited", "success" } },
+  { strategy = "fallback", providers = { "anthropic", "openai" },
+    a = { fault = "429", latency_ms = 10, retry_after = 0 }, o = { latency_ms = 40 }, provider = "openai", attempts = { "error/rate_limited", "success" } },
   { strategy = "fallback", o = { fault = "hang" }, a = { chunks = 3, chunk_delay_ms = 10 }, stream = true,
     timeouts = { openai = 150 }, provider = "anthropic", attempts = { "timeout/timeout", "success" } },
   { strategy = "fallback", o = { fault = "401", latency_ms = 20 }, a = { stall_after = 1 }, stream = true,
-    timeouts = { anthropic = 150 }, kind = "all_failed", attempts = { "error/auth", "timeout/timeout" },
-    partial = { anthropic = 1 } },
+    timeouts = { anthropic = 150 }, owner = "anthropic", status = "timeout", kind = "timeout",
+    attempts = { "error/auth", "timeout/timeout" }, partial = { anthropic = 1 } },
   { strategy = "fallback", o = "refused", a = { fault = "error200", latency_ms = 10 }, kind = "all_failed",
     attempts = { "error/connect", "error/server_error" } },
   { strategy = "fallback", o = { fault = "huge" }, a = { fault = "html" }, kind = "all_failed",
     attempts = { "error/too_large", "error/parse" } },
   { strategy = "fallback", o = { fault = "cut", chunks = 4, chunk_delay_ms = 5 }, a = { latency_ms = 5 },
-    stream = true, provider = "anthropic", attempts = { "error/stream_cut", "success" }, partial = { openai = 2 } },
+    stream = true, owner = "openai", kind = "stream_cut", attempts = { "error/stream_cut" }, partial = { openai = 2 } },
   { strategy = "fastest", o = { fault = "cut", latency_ms = 10 }, a = { latency_ms = 300 },
     provider = "anthropic", attempts = { "error/reset", "success" } },
   { strategy = "fastest", o = { latency_ms = 40 }, a = { fault = "503" },
@@ -338,8 +386,10 @@ local MIX = {
     kind = "all_failed", attempts = { "error/parse", "error/server_error" } },
   { strategy = "fastest", o = { fault = "hang" }, a = "refused", timeouts = { openai = 150 },
     kind = "all_failed", attempts = { "timeout/timeout", "error/connect" } },
+  -- openai's first token commits the stream and cancels anthropic
   { strategy = "fastest", o = { fault = "cut", chunks = 6, chunk_delay_ms = 5 }, a = { first_token_ms = 300 },
-    stream = true, provider = "anthropic", attempts = { "error/stream_cut", "success" }, partial = { openai = 3 } },
+    stream = true, owner = "openai", kind = "stream_cut", attempts = { "error/stream_cut", "cancelled" },
+    partial = { openai = 3 } },
 }
 
 local function attempt_text(a)
@@ -370,9 +420,11 @@ describe("interleaved failures", function()
         end
         local run = { c = c, q = q, by = {} }
         runs[#runs + 1] = run
+        local env = env_for(bases, c.timeouts)
+        env.AIORCH_POLICY = "breaker_failures=0"
         tasks[#tasks + 1] = aiorch.spawn(function()
           return orchestrate.orchestrate({ user_question = q }, c.strategy, c.providers or { "openai", "anthropic" }, {
-            env = env_for(bases, c.timeouts), stream = c.stream,
+            env = env, stream = c.stream,
             on_token = function(t, p)
               run.by[p] = run.by[p] or {}
               table.insert(run.by[p], t)
@@ -411,10 +463,15 @@ describe("interleaved failures", function()
           assert.equal(r.response_text, table.concat(run.by[c.provider]), what .. " tokens")
         end
       else
-        assert.equal("error", r.status, what)
+        assert.equal(c.status or "error", r.status, what)
         assert.equal(c.kind, r.metadata.error_kind, what)
         assert.equal("", r.response_text, what)
+        if c.owner then
+          assert.equal(c.owner, r.ia_provider_name, what)
+          assert.equal(table.concat(run.by[c.owner]), r.metadata.partial_text, what .. " partial_text")
+        end
       end
+      no_keys_in(r)
       for _, p in ipairs { "openai", "anthropic" } do
         if p ~= c.provider then
           assert.equal(c.partial and c.partial[p] or 0, #(run.by[p] or {}), what .. " tokens from " .. p)
@@ -437,13 +494,17 @@ end)
 
 ------------------------------------------------------------------------------
 -- Successive orchestrations against a provider that fails its first N
--- requests (fail_first). Today nothing in aiorch retries, so each call
--- sends one request and sees one outcome; `outcomes` lists them in order.
+-- requests (fail_first), with the default policy: one attempt per call (no
+-- retries), so each call sees one outcome; `outcomes` lists them in order.
+-- A 429 with Retry-After cools the provider for that long: the next call is
+-- refused at once ("cooldown") without a request.
 -- wire: requests the mock sees in all (default: one per call).
 local SEQUENCES = {
   { name = "500 twice, then fine", d = { fault = "500", fail_first = 2 },
     outcomes = { "error/server_error", "error/server_error", "success" } },
-  { name = "429 once, then fine", d = { fault = "429", fail_first = 1 },
+  { name = "429 (Retry-After: 1) once, then cooling", d = { fault = "429", fail_first = 1 },
+    outcomes = { "error/rate_limited", "error/cooldown" }, wire = 1 },
+  { name = "429 (Retry-After: 0) once, then fine", d = { fault = "429", retry_after = 0, fail_first = 1 },
     outcomes = { "error/rate_limited", "success" } },
   { name = "stall once, then fine", d = { stall_after = 1, fail_first = 1 }, stream = true,
     timeout = TIMEOUT, outcomes = { "timeout/timeout", "success" } },
