@@ -299,6 +299,7 @@ before_each(function()
   m:reset()
   metrics.reset()
   breaker.reset() -- each case starts with every provider healthy
+  m:reset_counters()
 end)
 
 for _, strategy in ipairs { "single", "fallback" } do
@@ -558,3 +559,336 @@ describe("repeated calls", function()
     end
   end
 end)
+
+------------------------------------------------------------------------------
+-- The same faults with the policies on: retries, deadlines, fallback after
+-- a deadline, hedging and parallel calls. F is the faulty provider (the api
+-- under test), H the healthy other one. Each case gives:
+--   d / url / own_mock  F's directives, or its base URL, or a mock of its own
+--   strategy  "single" (default: F alone), or over {F, H}: "fallback",
+--             "hedged", "parallel" (then the checks apply to F's response)
+--   pol       the orchestration's policy; stream: a streamed call
+--   status, kind, http, deadline  of the answer (status default "error")
+--   by        who answers, "F" (default) or "H"
+--   attempts  every attempt, as "F|H status[/kind][:http][@deadline]"
+--   at        a timed-out attempt of F ends this many ms after it began,
+--             measured on its own latency_ms: in the deadlines group within
+--             DEADLINE_SLACK (+ at_slack), elsewhere within LOOSE_SLACK
+--   took      {min, max} of the orchestration's wall time (default {0, FAST})
+--   tokens    on_token pieces of F when it is not the answer (default 0)
+--   wire      requests F's server sees (default: one per attempt that got
+--             a connection); every timed-out or cancelled one is abandoned
+--   hedges    hedges counted for H
+--   apis      the apis to run as F (default both)
+local ASAN = os.getenv("ASAN_OPTIONS") ~= nil
+local DEADLINE_SLACK = ASAN and 20 or 10 -- ms a deadline may fire late, on the attempt's clock
+local LOOSE_SLACK = 40 -- the same where the deadline is not what the case is about
+local RETRY = { max_attempts = 3, backoff_ms = 5 }
+
+local function refused(api)
+  return ("http://127.0.0.1:%d%s"):format(closed_port, suffix(api))
+end
+
+local function with(t, extra)
+  local out = {}
+  for k, v in pairs(t) do
+    out[k] = v
+  end
+  for k, v in pairs(extra) do
+    out[k] = v
+  end
+  return out
+end
+
+local function sig(a, api)
+  local s = (a.provider == api and "F " or "H ") .. a.status
+  if a.kind then
+    s = s .. "/" .. a.kind
+  end
+  if a.http_status then
+    s = s .. ":" .. a.http_status
+  end
+  if a.deadline then
+    s = s .. "@" .. a.deadline
+  end
+  return s
+end
+
+local function within(ms, got, slack, what)
+  local hi = ms + slack
+  assert.is_true(got >= ms - 1 and got <= hi, ("%s: %s ms, expected %d to %d"):format(what, got, ms - 1, hi))
+end
+
+local SUCCESS = "F success:200"
+local HSUCCESS = "H success:200"
+
+local POLICY_CASES = {
+  { group = "retries", name = "500 twice, then fine", d = { fault = "500", fail_first = 2 }, pol = RETRY,
+    status = "success", http = 200, attempts = { "F error/server_error:500", "F error/server_error:500", SUCCESS } },
+  { group = "retries", name = "529 once, then fine", d = { fault = "529", fail_first = 1 }, pol = RETRY,
+    status = "success", http = 200, attempts = { "F error/server_error:529", SUCCESS } },
+  { group = "retries", name = "503 every time", d = { fault = "503" }, pol = RETRY, kind = "server_error", http = 503,
+    attempts = { "F error/server_error:503", "F error/server_error:503", "F error/server_error:503" } },
+  { group = "retries", name = "429 (Retry-After: 0) once, then fine",
+    d = { fault = "429", retry_after = 0, fail_first = 1 }, pol = RETRY, status = "success", http = 200,
+    attempts = { "F error/rate_limited:429", SUCCESS } },
+  -- costs a second: one api only
+  { group = "retries", name = "429 (Retry-After: 1) once, then fine after waiting it", apis = { "openai" },
+    d = { fault = "429", retry_after = 1, fail_first = 1 }, pol = RETRY, status = "success", http = 200,
+    attempts = { "F error/rate_limited:429", SUCCESS }, took = { 1000, 1000 + FAST } },
+  { group = "retries", name = "400, never retried", d = { fault = "400" }, pol = RETRY, kind = "bad_request",
+    http = 400, attempts = { "F error/bad_request:400" } },
+  { group = "retries", name = "401, never retried", d = { fault = "401" }, pol = RETRY, kind = "auth", http = 401,
+    attempts = { "F error/auth:401" } },
+  { group = "retries", name = "403, never retried", d = { fault = "403" }, pol = RETRY, kind = "auth", http = 403,
+    attempts = { "F error/auth:403" } },
+  { group = "retries", name = "malformed JSON, never retried", d = { fault = "malformed" }, pol = RETRY,
+    kind = "parse", http = 200, attempts = { "F error/parse:200" } },
+  { group = "retries", name = "malformed JSON (stream), never retried", stream = true, d = { fault = "malformed" },
+    pol = RETRY, kind = "parse", http = 200, attempts = { "F error/parse:200" }, tokens = 1 },
+  { group = "retries", name = "html, never retried", d = { fault = "html" }, pol = RETRY, kind = "parse", http = 200,
+    attempts = { "F error/parse:200" } },
+  { group = "retries", name = "connection refused, retried", url = refused, pol = RETRY, kind = "connect",
+    attempts = { "F error/connect", "F error/connect", "F error/connect" } },
+  { group = "retries", name = "reset on a fresh connection once, then fine", own_mock = true,
+    d = { fault = "reset", fail_first = 1 }, pol = RETRY, status = "success", http = 200,
+    attempts = { "F error/reset", SUCCESS } },
+  { group = "retries", name = "reset on a fresh connection every time", own_mock = true, d = { fault = "reset" },
+    pol = RETRY, kind = "reset", attempts = { "F error/reset", "F error/reset", "F error/reset" } },
+  { group = "retries", name = "cut mid-body once, then fine", d = { fault = "cut", fail_first = 1 }, pol = RETRY,
+    status = "success", http = 200, attempts = { "F error/reset", SUCCESS } },
+  { group = "retries", name = "hang, each attempt ends at its timeout", d = { fault = "hang" },
+    pol = { max_attempts = 2, backoff_ms = 5, timeout_ms = 100 }, status = "timeout", kind = "timeout",
+    deadline = "total", attempts = { "F timeout/timeout@total", "F timeout/timeout@total" }, at = 100,
+    took = { 200, 200 + FAST } },
+  { group = "retries", name = "hang once, then fine", d = { fault = "hang", fail_first = 1 },
+    pol = { max_attempts = 2, backoff_ms = 5, timeout_ms = 100 }, status = "success", http = 200,
+    attempts = { "F timeout/timeout@total", SUCCESS }, at = 100, took = { 100, 100 + FAST } },
+  { group = "retries", name = "cut after 3 tokens (stream), never retried", stream = true,
+    d = { fault = "cut", chunks = 6 }, pol = RETRY, kind = "stream_cut", attempts = { "F error/stream_cut" },
+    tokens = 3 },
+  { group = "retries", name = "stall before the first token (stream) once, then fine", stream = true,
+    d = { stall_after = 0, fail_first = 1 }, pol = { max_attempts = 2, backoff_ms = 5, first_token_timeout_ms = 100 },
+    status = "success", http = 200, attempts = { "F timeout/timeout@first_token", SUCCESS }, at = 100,
+    took = { 100, 100 + FAST } },
+
+  { group = "deadlines", name = "first_token", stream = true, d = { first_token_ms = 400 },
+    pol = { first_token_timeout_ms = 100 }, status = "timeout", kind = "timeout", deadline = "first_token",
+    attempts = { "F timeout/timeout@first_token" }, at = 100, took = { 100, 100 + FAST } },
+  { group = "deadlines", name = "first_token, retried", stream = true, d = { first_token_ms = 400 },
+    pol = { first_token_timeout_ms = 100, max_attempts = 2, backoff_ms = 5 }, status = "timeout", kind = "timeout",
+    deadline = "first_token", attempts = { "F timeout/timeout@first_token", "F timeout/timeout@first_token" },
+    at = 100, took = { 200, 200 + FAST } },
+  -- a gap counts from the last event, a little after the attempt began
+  { group = "deadlines", name = "gap after 2 tokens, never retried", stream = true, d = { stall_after = 2 },
+    pol = { gap_timeout_ms = 100, max_attempts = 3, backoff_ms = 5 }, status = "timeout", kind = "timeout",
+    deadline = "gap", attempts = { "F timeout/timeout@gap" }, at = 100, at_slack = 20, tokens = 2,
+    took = { 100, 100 + FAST } },
+  { group = "deadlines", name = "headers, retried", d = { latency_ms = 400 },
+    pol = { headers_timeout_ms = 100, max_attempts = 2, backoff_ms = 5 }, status = "timeout", kind = "timeout",
+    deadline = "headers", attempts = { "F timeout/timeout@headers", "F timeout/timeout@headers" }, at = 100,
+    took = { 200, 200 + FAST } },
+  { group = "deadlines", name = "total", d = { latency_ms = 400 }, pol = { timeout_ms = 150 }, status = "timeout",
+    kind = "timeout", deadline = "total", attempts = { "F timeout/timeout@total" }, at = 150,
+    took = { 150, 150 + FAST } },
+  -- tokens at 100 and 200 ms, the deadline at 250: never retried
+  { group = "deadlines", name = "total, mid-stream", stream = true, d = { chunk_delay_ms = 100, chunks = 5 },
+    pol = { timeout_ms = 250, max_attempts = 3, backoff_ms = 5 }, status = "timeout", kind = "timeout",
+    deadline = "total", attempts = { "F timeout/timeout@total" }, at = 250, tokens = 2, took = { 250, 250 + FAST } },
+
+  { group = "fallback after a deadline", name = "first_token: the next one answers", strategy = "fallback",
+    stream = true, d = { first_token_ms = 400 }, pol = { first_token_timeout_ms = 100 }, status = "success",
+    http = 200, by = "H", attempts = { "F timeout/timeout@first_token", HSUCCESS }, at = 100,
+    took = { 100, 100 + FAST } },
+  { group = "fallback after a deadline", name = "first_token after retries: the next one answers",
+    strategy = "fallback", stream = true, d = { first_token_ms = 400 },
+    pol = { first_token_timeout_ms = 100, max_attempts = 2, backoff_ms = 5 }, status = "success", http = 200,
+    by = "H", attempts = { "F timeout/timeout@first_token", "F timeout/timeout@first_token", HSUCCESS }, at = 100,
+    took = { 200, 200 + FAST } },
+  { group = "fallback after a deadline", name = "headers: the next one answers", strategy = "fallback",
+    d = { latency_ms = 400 }, pol = { headers_timeout_ms = 100 }, status = "success", http = 200, by = "H",
+    attempts = { "F timeout/timeout@headers", HSUCCESS }, at = 100, took = { 100, 100 + FAST } },
+  { group = "fallback after a deadline", name = "gap after tokens: no switch", strategy = "fallback",
+    stream = true, d = { stall_after = 2 }, pol = { gap_timeout_ms = 100 }, status = "timeout", kind = "timeout",
+    deadline = "gap", attempts = { "F timeout/timeout@gap" }, at = 100, at_slack = 20, tokens = 2,
+    took = { 100, 100 + FAST } },
+
+  { group = "hedged", name = "hang: hedged after the delay, F cancelled", strategy = "hedged",
+    d = { fault = "hang" }, pol = { hedge_delay_ms = 50 }, status = "success", http = 200, by = "H",
+    attempts = { "F cancelled", HSUCCESS }, took = { 50, 50 + FAST }, hedges = 1 },
+  { group = "hedged", name = "slow first token: the hedge's tokens commit, F cancelled", strategy = "hedged",
+    stream = true, d = { first_token_ms = 400 }, pol = { hedge_delay_ms = 50 }, status = "success", http = 200,
+    by = "H", attempts = { "F cancelled", HSUCCESS }, took = { 50, 50 + FAST }, hedges = 1 },
+  { group = "hedged", name = "500 retried, then the next at once", strategy = "hedged", d = { fault = "500" },
+    pol = with(RETRY, { hedge_delay_ms = 1000 }), status = "success", http = 200, by = "H",
+    attempts = { "F error/server_error:500", "F error/server_error:500", "F error/server_error:500", HSUCCESS },
+    hedges = 0 },
+  { group = "hedged", name = "first_token deadline, then the next at once", strategy = "hedged", stream = true,
+    d = { first_token_ms = 400 }, pol = { hedge_delay_ms = 1000, first_token_timeout_ms = 100 }, status = "success",
+    http = 200, by = "H", attempts = { "F timeout/timeout@first_token", HSUCCESS }, at = 100,
+    took = { 100, 100 + FAST }, hedges = 0 },
+  { group = "hedged", name = "401, then the next at once", strategy = "hedged", d = { fault = "401" },
+    pol = with(RETRY, { hedge_delay_ms = 1000 }), status = "success", http = 200, by = "H",
+    attempts = { "F error/auth:401", HSUCCESS }, hedges = 0 },
+
+  { group = "parallel", name = "500 once, retried", strategy = "parallel", d = { fault = "500", fail_first = 1 },
+    pol = RETRY, status = "success", http = 200, attempts = { "F error/server_error:500", SUCCESS } },
+  { group = "parallel", name = "401", strategy = "parallel", d = { fault = "401" }, pol = RETRY, kind = "auth",
+    http = 401, attempts = { "F error/auth:401" } },
+  { group = "parallel", name = "hang, retried", strategy = "parallel", d = { fault = "hang" },
+    pol = { max_attempts = 2, backoff_ms = 5, timeout_ms = 100 }, status = "timeout", kind = "timeout",
+    deadline = "total", attempts = { "F timeout/timeout@total", "F timeout/timeout@total" }, at = 100,
+    took = { 200, 200 + FAST } },
+  { group = "parallel", name = "first_token deadline (stream): H owns the stream", strategy = "parallel",
+    stream = true, d = { first_token_ms = 400 }, pol = { first_token_timeout_ms = 100 }, status = "timeout",
+    kind = "timeout", deadline = "first_token", attempts = { "F timeout/timeout@first_token" }, at = 100,
+    took = { 100, 100 + FAST } },
+}
+
+local NO_WIRE = { connect = true, dns = true, tls = true, cooldown = true }
+
+local function run_policy_case(c, api)
+  local other = OTHER[api]
+  local strategy = c.strategy or "single"
+  local fm = c.own_mock and assert(mock_mod.start {}) or m
+  local ok, err = pcall(function()
+    local d
+    if c.d then
+      d = with(c.d, {})
+      if d.fail_first then
+        d.key = api .. " " .. c.name
+      end
+    end
+    local bases = { [api] = c.url and c.url(api) or fm:base_url(api, d), [other] = m:base_url(other) }
+    local providers = strategy == "single" and { api } or { api, other }
+    local by = {}
+    local t0 = now()
+    local r, msg = orchestrate.orchestrate({ user_question = QUESTION }, strategy, providers, {
+      env = env_for(bases), stream = c.stream, policy = c.pol,
+      on_token = function(t, p) by[p] = by[p] or {}; by[p][#by[p] + 1] = t end,
+    })
+    local took = now() - t0
+    assert.is_table(r, tostring(msg))
+    no_keys_in(r)
+
+    -- exactly one answer (parallel: one per provider)
+    local rf, rh = r, nil
+    if strategy == "parallel" then
+      assert.equal(2, #r)
+      rf, rh = r[1], r[2]
+      assert.equal(api, rf.ia_provider_name)
+      assert.equal(other, rh.ia_provider_name)
+      assert.equal("success", rh.status)
+      assert.same({ HSUCCESS }, { sig(rh.metadata.attempts[1], api) })
+      assert.equal(1, #rh.metadata.attempts)
+    end
+    assert.is_true(response.is_response(rf), "not one StandardAIResponse")
+    local status = c.status or "error"
+    local who = c.by == "H" and other or api
+    assert.equal(who, rf.ia_provider_name)
+    assert.equal(status, rf.status)
+    assert.equal(c.kind, rf.metadata.error_kind)
+    assert.equal(c.http, rf.metadata.http_status)
+    assert.equal(c.deadline, rf.metadata.deadline)
+    if status == "success" then
+      assert.matches("boiling point", rf.response_text, 1, true)
+      assert.is_nil(rf.error_message)
+    else
+      assert.equal("", rf.response_text)
+      assert.is_string(rf.error_message)
+      assert.falsy(rf.error_message:find("\n"), "a one-line message")
+    end
+
+    -- every attempt, in order
+    local got, timed_out, f_wire, h_wire = {}, 0, 0, 0
+    for i, a in ipairs(rf.metadata.attempts) do
+      got[i] = sig(a, api)
+      if a.provider == api then
+        if a.status == "timeout" or a.status == "cancelled" then
+          timed_out = timed_out + 1
+        end
+        if not NO_WIRE[a.kind] then
+          f_wire = f_wire + 1
+        end
+        if a.status == "timeout" and c.at then
+          local slack = c.group == "deadlines" and DEADLINE_SLACK + (c.at_slack or 0) or LOOSE_SLACK
+          within(c.at, a.latency_ms, slack, "attempt " .. i .. " latency_ms")
+        end
+      else
+        h_wire = h_wire + 1
+      end
+    end
+    assert.same(c.attempts, got)
+    local took_b = c.took or { 0, FAST }
+    assert.is_true(took >= took_b[1] and took < took_b[2], ("took %.1f ms, expected [%d, %d)"):format(took,
+      took_b[1], took_b[2]))
+
+    -- tokens: the answer's own make its text; F's before it failed are its partial_text
+    if c.stream and status == "success" then
+      assert.equal(rf.response_text, table.concat(by[who] or {}))
+    end
+    if who == other then
+      assert.equal(c.tokens or 0, #(by[api] or {}), "tokens from " .. api)
+    elseif status ~= "success" then
+      assert.equal(c.tokens or 0, #(by[api] or {}), "tokens from " .. api)
+      assert.equal((c.tokens or 0) > 0 and table.concat(by[api]) or nil, rf.metadata.partial_text)
+      if rh then
+        if c.stream and (c.tokens or 0) == 0 then
+          assert.equal(rh.response_text, table.concat(by[other] or {}), "H owns the stream")
+        end
+      else
+        assert.is_nil(by[other], "tokens from " .. other)
+      end
+    end
+
+    -- the wire: one request per attempt that got a connection; the ones
+    -- that timed out or were cancelled abandoned by aiorch, none left running
+    local fr = requests_of(fm, api)
+    assert.equal(c.wire or f_wire, #fr, "requests on the wire")
+    assert.equal(rh and 1 or h_wire, #requests_of(m, other), "requests to " .. other)
+    assert.is_true(all_settled(fm), "a request still running on the mock")
+    assert.is_true(all_settled(m), "a request still running on the mock")
+    local aborted = 0
+    for _, q in ipairs(fr) do
+      if q.aborted_at then
+        aborted = aborted + 1
+      end
+    end
+    assert.equal(timed_out, aborted, "requests abandoned by aiorch")
+    if c.hedges then
+      assert.equal(c.hedges, metrics.snapshot()[other].hedges or 0, "hedges")
+    end
+  end)
+  if fm ~= m then
+    fm:close()
+  end
+  if not ok then
+    error(err, 0)
+  end
+end
+
+local groups, by_group = {}, {}
+for _, c in ipairs(POLICY_CASES) do
+  if not by_group[c.group] then
+    by_group[c.group] = {}
+    groups[#groups + 1] = c.group
+  end
+  table.insert(by_group[c.group], c)
+end
+
+for _, g in ipairs(groups) do
+  describe("with policies: " .. g, function()
+    for _, c in ipairs(by_group[g]) do
+      for _, api in ipairs(c.apis or { "openai", "anthropic" }) do
+        local title = ("%s %s -> %s"):format(api, c.name, table.concat(c.attempts, ", "))
+        if c.pending then
+          pending(title .. ": " .. c.pending)
+        else
+          it(title, function()
+            run_policy_case(c, api)
+          end)
+        end
+      end
+    end
+  end)
+end
