@@ -892,3 +892,171 @@ for _, g in ipairs(groups) do
     end
   end)
 end
+
+------------------------------------------------------------------------------
+-- Interleaved failures with the policies on: concurrent orchestrations with
+-- retries, over breakers every one of them shares (one per provider, per
+-- runtime). Each run starts `at` ms after the others (by sleeping first) so
+-- that what the breakers decide is known: wide gaps, never a race.
+-- attempts: "provider status[/kind][:http][@deadline]"; free: a run whose
+-- outcome the test checks itself (which of two runs wins a trial).
+local function run_mix(runs, common_env)
+  local tasks = {}
+  for i, run in ipairs(runs) do
+    run.q = ("policy mix question %d"):format(i)
+    run.by = {}
+    local bases = {}
+    for api, d in pairs { openai = run.o or {}, anthropic = run.a or {} } do
+      if d == "refused" then
+        bases[api] = refused(api)
+      else
+        d = with(d, {})
+        if d.fail_first then
+          d.key = run.q
+        end
+        bases[api] = m:base_url(api, d)
+      end
+    end
+    local env = with(env_for(bases), common_env or {})
+    tasks[i] = aiorch.spawn(function()
+      if run.at then
+        aiorch.sleep(run.at)
+      end
+      return orchestrate.orchestrate({ user_question = run.q }, run.strategy or "single", run.providers, {
+        env = env, stream = run.stream, policy = run.pol,
+        on_token = function(t, p)
+          run.by[p] = run.by[p] or {}
+          table.insert(run.by[p], t)
+        end,
+      })
+    end)
+  end
+  local values, errors = aiorch.gather(tasks)
+  local wire = {}
+  for _, req in ipairs(m.requests) do
+    local q = question_of(req)
+    wire[q] = wire[q] or {}
+    wire[q][req.api] = (wire[q][req.api] or 0) + 1
+  end
+  for i, run in ipairs(runs) do
+    local r = values[i]
+    local what = run.q
+    assert.is_nil(errors[i], what)
+    assert.is_true(response.is_response(r), what .. ": not one response")
+    no_keys_in(r)
+    run.r = r
+    run.got = {}
+    for k, a in ipairs(r.metadata.attempts) do
+      run.got[k] = sig(a, nil):gsub("^H", a.provider)
+    end
+    if not run.free then
+      assert.same(run.attempts, run.got, what .. " attempts")
+      assert.equal(run.status or "error", r.status, what)
+      assert.equal(run.kind, r.metadata.error_kind, what)
+    end
+    if r.status == "success" then
+      assert.matches(run.q .. "$", r.response_text, what)
+      assert.equal(run.provider or r.ia_provider_name, r.ia_provider_name, what)
+      if run.stream then
+        assert.equal(r.response_text, table.concat(run.by[r.ia_provider_name]), what .. " tokens")
+      end
+    else
+      assert.equal("", r.response_text, what)
+    end
+    -- a wire request per attempt that reached a server, none more
+    local expected = {}
+    for _, a in ipairs(r.metadata.attempts) do
+      local d = a.provider == "openai" and run.o or run.a
+      if d ~= "refused" and a.kind ~= "cooldown" then
+        expected[a.provider] = (expected[a.provider] or 0) + 1
+      end
+    end
+    assert.same(expected, wire[run.q] or {}, what .. " wire requests")
+  end
+  assert.is_true(all_settled(m), "a request still running on the mock")
+end
+
+describe("interleaved failures with policies on", function()
+  it("retries and breakers: each concurrent orchestration gets its own correct answer", function()
+    local t0 = now()
+    local trial = {
+      strategy = "fallback", providers = { "anthropic", "openai" }, pol = RETRY,
+      a = { fault = "400", latency_ms = 700 }, o = { latency_ms = 100 }, free = true,
+    }
+    local runs = {
+      -- three 500s open openai's breaker (3 failures) for 400 ms
+      { providers = { "openai" }, pol = RETRY, o = { fault = "500" }, kind = "server_error", attempts = {
+        "openai error/server_error:500", "openai error/server_error:500", "openai error/server_error:500" } },
+      { strategy = "fallback", providers = { "anthropic", "openai" }, pol = RETRY,
+        a = { fault = "503", fail_first = 2 }, status = "success", provider = "anthropic", attempts = {
+          "anthropic error/server_error:503", "anthropic error/server_error:503", "anthropic success:200" } },
+      -- at 200 ms openai is open: passed over without a request
+      { strategy = "fallback", providers = { "anthropic", "openai" }, pol = RETRY,
+        a = { fault = "401", latency_ms = 200 }, kind = "all_failed",
+        attempts = { "anthropic error/auth:401", "openai error/cooldown" } },
+      -- at 700 ms it is half-open: one trial (100 ms long) closes it; the other is refused meanwhile
+      with(trial, {}),
+      with(trial, {}),
+      { providers = { "anthropic" }, stream = true, pol = { gap_timeout_ms = 100, max_attempts = 3, backoff_ms = 5 },
+        a = { stall_after = 1 }, status = "timeout", kind = "timeout", attempts = { "anthropic timeout/timeout@gap" } },
+      { providers = { "anthropic" }, pol = { max_attempts = 2, backoff_ms = 5, timeout_ms = 100 },
+        a = { fault = "hang", fail_first = 1 }, status = "success", provider = "anthropic",
+        attempts = { "anthropic timeout/timeout@total", "anthropic success:200" } },
+      { providers = { "anthropic" }, pol = RETRY, a = "refused", kind = "connect",
+        attempts = { "anthropic error/connect", "anthropic error/connect", "anthropic error/connect" } },
+      -- after the trial closed openai's breaker: a hedge to it wins
+      { at = 900, strategy = "hedged", providers = { "anthropic", "openai" }, pol = { hedge_delay_ms = 50 },
+        a = { fault = "hang" }, status = "success", provider = "openai",
+        attempts = { "anthropic cancelled", "openai success:200" } },
+    }
+    run_mix(runs, {
+      OPENAI_POLICY = "breaker_failures=3,breaker_window_ms=10000,cooldown_ms=400",
+      ANTHROPIC_POLICY = "breaker_failures=10",
+    })
+    assert.is_true(now() - t0 < 1500, "took " .. (now() - t0))
+    -- the trial and the one refused while it ran
+    local got = { table.concat(runs[4].got, ", "), table.concat(runs[5].got, ", ") }
+    table.sort(got)
+    assert.same({ "anthropic error/bad_request:400, openai error/cooldown",
+      "anthropic error/bad_request:400, openai success:200" }, got)
+    for _, k in ipairs { 4, 5 } do
+      local r = runs[k].r
+      if r.status == "success" then
+        assert.equal("openai", r.ia_provider_name)
+        assert.matches(runs[k].q .. "$", r.response_text)
+      else
+        assert.equal("all_failed", r.metadata.error_kind)
+        assert.matches("a trial request is deciding", r.error_message, 1, true)
+      end
+    end
+    assert.equal(table.concat(runs[6].by.anthropic), runs[6].r.metadata.partial_text)
+    assert.equal(1, #runs[6].by.anthropic)
+    -- openai was skipped twice (a run at 200 ms, a run during the trial)
+    assert.equal(2, metrics.snapshot().openai.skipped)
+    assert.equal("closed", breaker.health("openai").state)
+    -- anthropic: 2 + 1 + 1 + 3 failures counted, under its limit of 10
+    assert.same({ healthy = true, state = "closed", failures = 7 }, breaker.health("anthropic"))
+  end)
+
+  it("a 429 with Retry-After in one orchestration cools the provider for the others", function()
+    local runs = {
+      { providers = { "anthropic" }, a = { fault = "429", retry_after = 1 }, kind = "rate_limited",
+        attempts = { "anthropic error/rate_limited:429" } },
+      -- anthropic is reached at 100 ms: cooling, no request
+      { strategy = "fallback", providers = { "openai", "anthropic" }, o = { fault = "500", latency_ms = 100 },
+        kind = "all_failed", attempts = { "openai error/server_error:500", "anthropic error/cooldown" } },
+      { strategy = "fallback", providers = { "openai", "anthropic" }, o = { fault = "503", latency_ms = 100 },
+        stream = true, kind = "all_failed",
+        attempts = { "openai error/server_error:503", "anthropic error/cooldown" } },
+      { at = 150, strategy = "fastest", providers = { "openai", "anthropic" }, o = { latency_ms = 20 },
+        status = "success", provider = "openai", attempts = { "openai success:200", "anthropic error/cooldown" } },
+    }
+    run_mix(runs)
+    for k = 2, 3 do
+      local msg = runs[k].r.error_message
+      assert.matches("anthropic: cooldown %(anthropic is cooling down for %d+ ms more %(it asked to wait 1 s%)%)$", msg)
+    end
+    assert.is_false(breaker.health("anthropic").healthy)
+    assert.equal(3, metrics.snapshot().anthropic.skipped)
+  end)
+end)
