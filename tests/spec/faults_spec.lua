@@ -588,7 +588,10 @@ end)
 --   pending   a reason: the new code is wrong here; the case does not run
 local ASAN = os.getenv("ASAN_OPTIONS") ~= nil
 local DEADLINE_SLACK = ASAN and 20 or 10 -- ms a deadline may fire late, on the attempt's clock
-local LOOSE_SLACK = 40 -- the same where the deadline is not what the case is about
+local LOOSE_SLACK = SLACK -- the same where the deadline is not what the case is about
+-- An exact case runs again (at most twice) when a deadline was late: a busy
+-- machine may deschedule the loop now and then, a late timer is late every time.
+local EXACT_RUNS = 3
 local RETRY = { max_attempts = 3, backoff_ms = 5 }
 
 local function refused(api)
@@ -620,9 +623,17 @@ local function sig(a, api)
   return s
 end
 
+-- nil when got is within [ms - 1, ms + slack], else what is wrong.
+local function off(ms, got, slack, what)
+  if got >= ms - 1 and got <= ms + slack then
+    return nil
+  end
+  return ("%s: %s ms, expected %d to %d"):format(what, got, ms - 1, ms + slack)
+end
+
 local function within(ms, got, slack, what)
-  local hi = ms + slack
-  assert.is_true(got >= ms - 1 and got <= hi, ("%s: %s ms, expected %d to %d"):format(what, got, ms - 1, hi))
+  local msg = off(ms, got, slack, what)
+  assert.is_nil(msg, msg)
 end
 
 local SUCCESS = "F success:200"
@@ -837,6 +848,7 @@ local function run_policy_case(c, api)
 
     -- every attempt, in order
     local got, timed_out, f_wire, h_wire = {}, 0, 0, 0
+    local late
     for i, a in ipairs(rf.metadata.attempts) do
       got[i] = sig(a, api)
       if a.provider == api then
@@ -847,8 +859,11 @@ local function run_policy_case(c, api)
           f_wire = f_wire + 1
         end
         if a.status == "timeout" and c.at then
-          local slack = c.exact and DEADLINE_SLACK + (c.at_slack or 0) or LOOSE_SLACK
-          within(c.at, a.latency_ms, slack, "attempt " .. i .. " latency_ms")
+          if c.exact then
+            late = late or off(c.at, a.latency_ms, DEADLINE_SLACK + (c.at_slack or 0), "attempt " .. i .. " latency_ms")
+          else
+            within(c.at, a.latency_ms, LOOSE_SLACK, "attempt " .. i .. " latency_ms")
+          end
         end
       else
         h_wire = h_wire + 1
@@ -858,7 +873,7 @@ local function run_policy_case(c, api)
     assert.equal(c.note, rf.metadata.attempts[#got].note, "the last attempt's note")
     if c.exact and c.deadline == "gap" then
       -- the gap itself: from the last event (the last token) to the end
-      within(c.at, t_end - last_token, DEADLINE_SLACK, "the gap")
+      late = late or off(c.at, t_end - last_token, DEADLINE_SLACK, "the gap")
     end
     local took_b = c.took or { 0, FAST }
     assert.is_true(took >= took_b[1] and took < took_b[2], ("took %.1f ms, expected [%d, %d)"):format(took,
@@ -905,6 +920,7 @@ local function run_policy_case(c, api)
     if c.hedges then
       assert.equal(c.hedges, metrics.snapshot()[other].hedges or 0, "hedges")
     end
+    return late
   end)
   if fm ~= m then
     fm:close()
@@ -912,6 +928,7 @@ local function run_policy_case(c, api)
   if not ok then
     error(err, 0)
   end
+  return err -- nil, or how a deadline was late
 end
 
 local groups, by_group = {}, {}
@@ -932,7 +949,18 @@ for _, g in ipairs(groups) do
           pending(title .. ": " .. c.pending)
         else
           it(title, function()
-            run_policy_case(c, api)
+            local late = run_policy_case(c, api)
+            for _ = 2, c.exact and EXACT_RUNS or 1 do
+              if not late then
+                break
+              end
+              m:reset()
+              m:reset_counters()
+              metrics.reset()
+              breaker.reset()
+              late = run_policy_case(c, api)
+            end
+            assert.is_nil(late, late)
           end)
         end
       end
