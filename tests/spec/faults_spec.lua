@@ -100,10 +100,11 @@ end
 --   warm     one healthy request first, so a kept-alive connection waits
 --   stream / plain: overrides for a streamed / a plain call;
 --   only = "stream" | "plain": run one way only
---   pending  a reason: today's behaviour is wrong; the case does not run
+--   cools    ms the provider cools down for after the call (its breaker is open)
+--   pending  a reason: the code is wrong here; the case does not run
 local CASES = {
   { name = "429 with Retry-After", d = { fault = "429", retry_after = 7 }, kind = "rate_limited", http = 429,
-    retry_after = 7 },
+    retry_after = 7, cools = 7000 },
   { name = "500", d = { fault = "500" }, kind = "server_error", http = 500 },
   { name = "529 overloaded", d = { fault = "529" }, kind = "server_error", http = 529 },
   { name = "401", d = { fault = "401" }, kind = "auth", http = 401 },
@@ -264,6 +265,13 @@ local function run_case(c, strategy, api, stream)
 
     -- tokens the faulty provider streamed before it failed (or all of them)
     assert.equal(e.tokens, #(by[api] or {}), "tokens from " .. api)
+    local h = breaker.health(api)
+    if e.cools then
+      assert.is_false(h.healthy)
+      assert.is_true(h.cooldown_ms > e.cools - 1000 and h.cooldown_ms <= e.cools, "cooling for " .. h.cooldown_ms)
+    else
+      assert.is_true(h.healthy)
+    end
     -- the wire: how many requests the faulty provider's server saw, and
     -- that each one ended (answered, cut, or abandoned by the client)
     assert.equal(e.wire, #requests_of(fm, api), "requests on the wire")
@@ -542,6 +550,7 @@ describe("repeated calls", function()
             local r = orchestrate.orchestrate({ user_question = QUESTION }, "single", { api },
               { env = env, stream = c.stream, on_token = function() end })
             assert.is_true(response.is_response(r), "call " .. i .. ": not one response")
+            no_keys_in(r)
             got[i] = r.status == "success" and "success" or r.status .. "/" .. tostring(r.metadata.error_kind)
           end
           assert.same(c.outcomes, got)
