@@ -90,6 +90,7 @@ void aiorch_runtime_teardown(aiorch_runtime *rt)
         aiorch_task_cancel_all(rt);
         aiorch_server_close_all(rt);
     }
+    aiorch_task_watchdog_stop(rt);
     if (rt->curl) aiorch_curl_free(rt->curl);
     rt->curl = NULL;
     free(rt->root);
