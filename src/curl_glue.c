@@ -66,6 +66,7 @@ static void quiet_cb(struct ev_loop *loop, ev_timer *w, int revents)
     if (c->rt->own_L && !c->rt->current && lua_gc(L, LUA_GCISRUNNING)) lua_gc(L, LUA_GCCOLLECT);
     for (int i = 0; i < c->npool; i++) curl_easy_cleanup(c->pool[i]);
     c->npool = 0;
+    if (c->rt->own_L) aiorch_alloc_trim(c->rt);
 #ifdef __GLIBC__
     malloc_trim(0);
 #endif

@@ -52,6 +52,9 @@ struct aiorch_runtime {
     lua_State *wd_co;        /* the coroutine being resumed, or NULL (under wd_mu) */
     lua_State *wd_armed;     /* the one the watchdog armed, or NULL (under wd_mu) */
     unsigned long wd_seq;    /* counts resumes (under wd_mu) */
+    /* runtime.c: freed small Lua blocks kept for reuse, by size class */
+    void *blocks[17];
+    unsigned nblocks[17];
 };
 
 /* The runtime of a Lua-visible function: upvalue 1 of every module function. */
@@ -62,6 +65,7 @@ int aiorch_runtime_init(aiorch_runtime *rt, lua_State *L, const aiorch_options *
 void aiorch_runtime_teardown(aiorch_runtime *rt);
 void aiorch_report(aiorch_runtime *rt, const char *fmt, ...);
 double aiorch_now_ms(void);
+void aiorch_alloc_trim(aiorch_runtime *rt); /* gives the kept blocks back to malloc */
 
 /* task.c — the scheduler.
  * A yielding C function: t = aiorch_task_check(L, "name"); arm the event;
