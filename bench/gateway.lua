@@ -164,6 +164,19 @@ local function status_kib(pid, field)
   return tonumber(s:match(field .. ":%s*(%d+)")) or 0
 end
 
+-- Of /proc/PID/smaps_rollup: the RSS split into what the process alone
+-- holds (Private_*) and the shared library pages it maps (Shared_*), and
+-- its PSS. Only shown: the target stays on VmRSS.
+local function rss_split(pid)
+  local f = io.open(fmt("/proc/%d/smaps_rollup", pid))
+  if not f then return nil end
+  local s = f:read("a")
+  f:close()
+  local function kib(k) return tonumber(s:match("\n" .. k .. ":%s*(%d+)")) or 0 end
+  return fmt("private %.1f, shared %.1f, PSS %.1f MiB", (kib("Private_Clean") + kib("Private_Dirty")) / 1024,
+    (kib("Shared_Clean") + kib("Shared_Dirty")) / 1024, kib("Pss") / 1024)
+end
+
 local function sum_kib(pids, field)
   local t = 0
   for _, pid in ipairs(pids) do t = t + status_kib(pid, field) end
@@ -292,8 +305,11 @@ end
 local function latency_and_cpu(mock_port)
   local gw = start_gateway("single", env_for(mock_port))
   local workers = tree(gw.pid)
-  local idle_rss = 0
-  for i = (#workers > 1 and 2 or 1), #workers do idle_rss = math.max(idle_rss, status_kib(workers[i], "VmRSS")) end
+  local idle_rss, idle_split = 0, nil
+  for i = (#workers > 1 and 2 or 1), #workers do
+    local r = status_kib(workers[i], "VmRSS")
+    if r >= idle_rss then idle_rss, idle_split = r, rss_split(workers[i]) end
+  end
   local routed = check_route(gw, "single", "openai", "openai")
   local direct_url = fmt("http://%s:%d", HOST, mock_port)
 
@@ -309,8 +325,11 @@ local function latency_and_cpu(mock_port)
   local g64 = wrk(gw.url, 64, SECONDS, "single", "openai")
   local cpu_single = (cpu_seconds(tree(gw.pid)) - c0) / g64.requests * 1e6
   aiorch.sleep(1000)
-  local after_rss = 0
-  for i = (#workers > 1 and 2 or 1), #workers do after_rss = math.max(after_rss, status_kib(workers[i], "VmRSS")) end
+  local after_rss, after_split = 0, nil
+  for i = (#workers > 1 and 2 or 1), #workers do
+    local r = status_kib(workers[i], "VmRSS")
+    if r >= after_rss then after_rss, after_split = r, rss_split(workers[i]) end
+  end
   stop(gw.pid)
 
   -- fallback: openai always answers 500, anthropic succeeds.
@@ -351,6 +370,7 @@ local function latency_and_cpu(mock_port)
     cpu_single, cpu_fallback))
   print(fmt("worker RSS: %.1f MiB idle after start, %.1f MiB idle after the runs",
     idle_rss / 1024, after_rss / 1024))
+  if idle_split then print(fmt("  after start: %s; after the runs: %s", idle_split, after_split or "?")) end
   print()
   local a50, a99, a99_64 = g1.p50 - d1.p50, g1.p99 - d1.p99, g64.p99 - d64.p99
   local errors = g1.errors + g64.errors + (routed and 0 or 1)

@@ -13,6 +13,7 @@
 
 #define POOL_MAX 64
 #define QUIET_S 0.5 /* no transfer for this long: give memory back */
+#define FEED_MAX 16  /* zero timeouts run without polling, per loop iteration */
 
 typedef struct sockinfo {
     ev_io io;
@@ -29,6 +30,7 @@ struct aiorch_curl {
     CURL *pool[POOL_MAX];
     int npool;
     int active;     /* transfers added and not yet removed */
+    unsigned fed_iter, fed; /* zero timeouts fed in loop iteration fed_iter */
     ev_timer quiet; /* armed while active is 0; does not keep the loop alive */
 };
 
@@ -66,6 +68,7 @@ static void quiet_cb(struct ev_loop *loop, ev_timer *w, int revents)
     if (c->rt->own_L && !c->rt->current && lua_gc(L, LUA_GCISRUNNING)) lua_gc(L, LUA_GCCOLLECT);
     for (int i = 0; i < c->npool; i++) curl_easy_cleanup(c->pool[i]);
     c->npool = 0;
+    if (c->rt->own_L) aiorch_alloc_trim(c->rt);
 #ifdef __GLIBC__
     malloc_trim(0);
 #endif
@@ -161,8 +164,20 @@ static int curl_timer_cb(CURLM *multi, long timeout_ms, void *userp)
 {
     (void)multi;
     aiorch_curl *c = userp;
-    ev_timer_stop(c->rt->loop, &c->timer);
-    if (timeout_ms >= 0) { /* -1 means no timeout; 0 fires on the next turn */
+    ev_timer_stop(c->rt->loop, &c->timer); /* also drops a fed event not yet run */
+    if (timeout_ms == 0 && c->fed_iter == ev_iteration(c->rt->loop) && c->fed >= FEED_MAX) {
+        ev_timer_set(&c->timer, 0., 0.); /* enough for this pass: poll first */
+        ev_timer_start(c->rt->loop, &c->timer);
+    } else if (timeout_ms == 0) {
+        /* Run it from the loop in this same pass, once the current callback
+         * returns, rather than after another poll (one per request). */
+        if (c->fed_iter != ev_iteration(c->rt->loop)) {
+            c->fed_iter = ev_iteration(c->rt->loop);
+            c->fed = 0;
+        }
+        c->fed++;
+        ev_feed_event(c->rt->loop, &c->timer, EV_TIMER);
+    } else if (timeout_ms > 0) { /* -1 means no timeout */
         ev_timer_set(&c->timer, (double)timeout_ms / 1000.0, 0.);
         ev_timer_start(c->rt->loop, &c->timer);
     }

@@ -5,6 +5,7 @@
 #include <ev.h>
 #include <lua.h>
 #include <lauxlib.h>
+#include <pthread.h>
 #include <stdint.h>
 
 #include "aiorch.h"
@@ -42,6 +43,18 @@ struct aiorch_runtime {
     char *root;
     char *user_path;
     void *servers;           /* server.c: open aiorch.server listeners */
+    /* task.c: the watchdog thread, which arms the budget hook on a long resume */
+    pthread_t wd_thread;
+    pthread_mutex_t wd_mu;
+    pthread_cond_t wd_cv;
+    int wd_state;            /* 0: not started, 1: running, -1: could not start */
+    int wd_stop;
+    lua_State *wd_co;        /* the coroutine being resumed, or NULL (under wd_mu) */
+    lua_State *wd_armed;     /* the one the watchdog armed, or NULL (under wd_mu) */
+    unsigned long wd_seq;    /* counts resumes (under wd_mu) */
+    /* runtime.c: freed small Lua blocks kept for reuse, by size class */
+    void *blocks[17];
+    unsigned nblocks[17];
 };
 
 /* The runtime of a Lua-visible function: upvalue 1 of every module function. */
@@ -52,6 +65,7 @@ int aiorch_runtime_init(aiorch_runtime *rt, lua_State *L, const aiorch_options *
 void aiorch_runtime_teardown(aiorch_runtime *rt);
 void aiorch_report(aiorch_runtime *rt, const char *fmt, ...);
 double aiorch_now_ms(void);
+void aiorch_alloc_trim(aiorch_runtime *rt); /* gives the kept blocks back to malloc */
 
 /* task.c — the scheduler.
  * A yielding C function: t = aiorch_task_check(L, "name"); arm the event;
@@ -73,6 +87,7 @@ int aiorch_task_cancel(aiorch_task *t);
 int aiorch_task_ended(aiorch_task *t);
 void aiorch_sched_drain(aiorch_runtime *rt);
 void aiorch_task_cancel_all(aiorch_runtime *rt);
+void aiorch_task_watchdog_stop(aiorch_runtime *rt); /* before the lua_State closes */
 /* Each *_open adds its functions to the module table on top of L, with rt as
  * upvalue 1, and registers its metatables. */
 void aiorch_task_open(aiorch_runtime *rt, lua_State *L);

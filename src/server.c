@@ -37,9 +37,8 @@
 
 #define SRV_DEFAULT_MAX_BODY (1024 * 1024)
 #define SRV_HIGH_WATER (64 * 1024) /* unsent output beyond which res:write yields */
-#define SRV_READ_SIZE (16 * 1024)
+#define SRV_READ_SIZE (16 * 1024) /* on the stack: a connection keeps only what is left */
 #define SRV_IN_LIMIT (64 * 1024)  /* pipelined input buffered while a request runs */
-#define SRV_KEEP_BUF (256 * 1024) /* bigger buffers are freed once empty */
 #define SRV_MAX_HEADERS 256
 #define SRV_LINGER_S 2.0
 #define SRV_ACCEPT_RETRY_S 0.1
@@ -156,7 +155,7 @@ static int buf_reserve(srv_buf *b, size_t n)
         b->off = 0;
         if (b->cap - b->len >= n) return 0;
     }
-    cap = b->cap ? b->cap : 4096;
+    cap = b->cap ? b->cap : 1024;
     while (cap - b->len < n) {
         if (cap > SIZE_MAX / 2) return -1;
         cap *= 2;
@@ -202,12 +201,6 @@ static void buf_free(srv_buf *b)
 {
     free(b->p);
     memset(b, 0, sizeof *b);
-}
-
-/* Keeps a connection's memory small between large bodies. */
-static void buf_trim(srv_buf *b)
-{
-    if (b->off == b->len && b->cap > SRV_KEEP_BUF) buf_free(b);
 }
 
 /* ---- HTTP bits -------------------------------------------------------- */
@@ -404,7 +397,7 @@ static int conn_send(srv_conn *c, const struct iovec *iov, int n)
     if (out_pending(c))
         ev_io_start(c->srv->rt->loop, &c->ww);
     else
-        buf_trim(&c->out);
+        buf_free(&c->out); /* thousands of idle streams must not each keep one */
     return 0;
 }
 
@@ -1060,7 +1053,12 @@ static int conn_dispatch(lua_State *L, srv_conn *c)
         conn_free(L, c, SRV_PLAIN);
         return -1;
     }
-    if (c->body.cap > SRV_KEEP_BUF) buf_free(&c->body);
+    /* req has copies: a long response (a stream) must not hold these */
+    buf_free(&c->scratch);
+    buf_free(&c->body);
+    free(c->hdrs);
+    c->hdrs = NULL;
+    c->nhdrs = c->hdrs_cap = 0;
     return 0;
 }
 
@@ -1177,6 +1175,8 @@ static int on_headers_complete(http_parser *p)
         c->reject = 413;
         return -1;
     }
+    if (sized && p->content_length > 0 && buf_reserve(&c->body, (size_t)p->content_length))
+        return parse_oom(c);
     /* A client waiting for "100 Continue" would otherwise stall. */
     if (has_body && p->http_major == 1 && p->http_minor >= 1 && conn_expects_continue(c)) {
         struct iovec v;
@@ -1221,18 +1221,17 @@ static const http_parser_settings srv_parser_settings = {
     .on_message_complete = on_message_complete,
 };
 
-/* Parses buffered input until a request is complete (and dispatched) or
- * the input runs out. Returns -1 when c was freed. */
-static int conn_process(lua_State *L, srv_conn *c)
+/* Parses input (c->in, or bytes just read) until a request is complete
+ * (and dispatched) or the input runs out. Returns -1 when c was freed. */
+static int conn_parse(lua_State *L, srv_conn *c, srv_buf *in)
 {
-    while (!c->res && !c->close_after && c->in.off < c->in.len) {
+    while (!c->res && !c->close_after && in->off < in->len) {
         size_t n;
         enum http_errno e;
 
         if (out_pending(c) > SRV_HIGH_WATER) break; /* resumed as the output drains */
-        n = http_parser_execute(&c->parser, &srv_parser_settings, c->in.p + c->in.off,
-                                c->in.len - c->in.off);
-        c->in.off += n;
+        n = http_parser_execute(&c->parser, &srv_parser_settings, in->p + in->off, in->len - in->off);
+        in->off += n;
         e = HTTP_PARSER_ERRNO(&c->parser);
         if (c->failed) {
             conn_free(L, c, SRV_PLAIN);
@@ -1245,9 +1244,19 @@ static int conn_process(lua_State *L, srv_conn *c)
             return conn_reject(L, c, c->reject ? c->reject : e == HPE_HEADER_OVERFLOW ? 431 : 400);
         }
     }
-    if (c->in.off == c->in.len) c->in.off = c->in.len = 0;
+    if (in->off == in->len) {
+        if (in == &c->in)
+            buf_free(in);
+        else
+            in->off = in->len = 0;
+    }
     conn_timer_update(c);
     return 0;
+}
+
+static int conn_process(lua_State *L, srv_conn *c)
+{
+    return conn_parse(L, c, &c->in);
 }
 
 /* ---- socket events ---------------------------------------------------- */
@@ -1285,32 +1294,39 @@ static void conn_drain(lua_State *L, srv_conn *c)
 /* Reads what the client sent; parses it when no request is running. */
 static void conn_read(struct ev_loop *loop, lua_State *L, srv_conn *c)
 {
+    char tmp[SRV_READ_SIZE];
     int i;
 
     for (i = 0; i < 8; i++) {
         srv_buf *b = &c->in;
-        size_t room;
         ssize_t n;
 
-        if (b->off == b->len) b->off = b->len = 0;
         if ((c->res || out_pending(c) > SRV_HIGH_WATER) && b->len - b->off >= SRV_IN_LIMIT) {
             /* enough pipelined input: wait for the running request or output */
             ev_io_stop(loop, &c->rw);
             c->read_paused = 1;
             return;
         }
-        if (b->cap - b->len < SRV_READ_SIZE / 4 && buf_reserve(b, SRV_READ_SIZE)) {
-            conn_free(L, c, c->res ? SRV_CANCEL : SRV_PLAIN);
-            return;
-        }
-        room = b->cap - b->len;
-        n = recv(c->fd, b->p + b->len, room, 0);
+        n = recv(c->fd, tmp, sizeof tmp, 0);
         if (n > 0) {
-            b->len += (size_t)n;
             if (c->phase == PH_BODY) c->phase_at = ev_now(loop);
-            if (!c->res && conn_process(L, c) < 0) return;
-            if (c->close_after) return;
-            if ((size_t)n < room) return;
+            if (b->off == b->len && !c->res && out_pending(c) <= SRV_HIGH_WATER) {
+                /* parsed in place; only bytes past a complete request are kept */
+                srv_buf view = {tmp, 0, (size_t)n, sizeof tmp};
+                if (conn_parse(L, c, &view) < 0 || c->close_after) return;
+                if (view.off < view.len && buf_add(b, tmp + view.off, view.len - view.off)) {
+                    conn_free(L, c, c->res ? SRV_CANCEL : SRV_PLAIN);
+                    return;
+                }
+            } else {
+                if (buf_add(b, tmp, (size_t)n)) {
+                    conn_free(L, c, c->res ? SRV_CANCEL : SRV_PLAIN);
+                    return;
+                }
+                if (!c->res && conn_process(L, c) < 0) return;
+                if (c->close_after) return;
+            }
+            if ((size_t)n < sizeof tmp) return;
             continue;
         }
         if (n < 0 && errno == EINTR) continue;
@@ -1351,8 +1367,7 @@ static void conn_flush(struct ev_loop *loop, lua_State *L, srv_conn *c)
     }
     if (!out_pending(c)) {
         ev_io_stop(loop, &c->ww);
-        c->out.off = c->out.len = 0;
-        buf_trim(&c->out);
+        buf_free(&c->out);
         if (!c->res && c->phase == PH_NONE) c->phase_at = ev_now(loop); /* idle from now */
     }
     conn_wake_writers(c);

@@ -3,6 +3,7 @@
  * queue the task, and aiorch_sched_drain resumes it. */
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 
 #include "internal.h"
 
@@ -147,6 +148,8 @@ void aiorch_task_wake(aiorch_task *t, int nargs)
 
 static char budget_key;
 
+#define HOOK_COUNT 1000 /* instructions between two calls of the hook */
+
 /* lua_Hook on a count: stops a task that runs too long without yielding. */
 static void budget_hook(lua_State *L, lua_Debug *ar)
 {
@@ -155,11 +158,154 @@ static void budget_hook(lua_State *L, lua_Debug *ar)
     aiorch_runtime *rt = lua_touserdata(L, -1);
     lua_pop(L, 1);
     if (!rt || !rt->current) return;
-    rt->used += 1000;
+    rt->used += HOOK_COUNT;
     if (rt->used <= rt->budget) return;
     /* Fire on every instruction from now on, so pcall cannot swallow it. */
     lua_sethook(L, budget_hook, LUA_MASKCOUNT, 1);
     luaL_error(L, "instruction budget exceeded (%I instructions without yielding)", (lua_Integer)rt->budget);
+}
+
+/* A count hook makes Lua stop at every instruction (~15% of the gateway's
+ * CPU), so a task runs without one until a resume has lasted WATCH_NS: a
+ * thread then arms it. lua_sethook may be called asynchronously (Lua's own
+ * interpreter arms its hook from a signal handler); wd_mu keeps the
+ * coroutine alive meanwhile. The budget counts from the arming. */
+#define WATCH_NS 50000000L
+
+static void arm(lua_State *co)
+{
+    lua_sethook(co, budget_hook, LUA_MASKCOUNT, HOOK_COUNT);
+}
+
+static void *watchdog(void *arg)
+{
+    aiorch_runtime *rt = arg;
+    unsigned long seen = 0;
+    struct timespec ts;
+
+    pthread_mutex_lock(&rt->wd_mu);
+    while (!rt->wd_stop) {
+        clock_gettime(CLOCK_MONOTONIC, &ts);
+        ts.tv_nsec += WATCH_NS;
+        if (ts.tv_nsec >= 1000000000L) {
+            ts.tv_sec++;
+            ts.tv_nsec -= 1000000000L;
+        }
+        pthread_cond_timedwait(&rt->wd_cv, &rt->wd_mu, &ts);
+        /* the same resume is still running a whole period later */
+        if (rt->wd_co && rt->wd_seq == seen && !rt->wd_armed) {
+            arm(rt->wd_co);
+            rt->wd_armed = rt->wd_co;
+        }
+        seen = rt->wd_seq;
+    }
+    pthread_mutex_unlock(&rt->wd_mu);
+    return NULL;
+}
+
+static int watchdog_start(aiorch_runtime *rt)
+{
+    pthread_condattr_t ca;
+    int ok;
+
+    if (rt->wd_state) return rt->wd_state > 0;
+    rt->wd_state = -1;
+    if (pthread_condattr_init(&ca)) return 0;
+    ok = pthread_condattr_setclock(&ca, CLOCK_MONOTONIC) == 0 && pthread_cond_init(&rt->wd_cv, &ca) == 0;
+    pthread_condattr_destroy(&ca);
+    if (!ok) return 0;
+    if (pthread_mutex_init(&rt->wd_mu, NULL)) {
+        pthread_cond_destroy(&rt->wd_cv);
+        return 0;
+    }
+    rt->wd_stop = 0;
+    if (pthread_create(&rt->wd_thread, NULL, watchdog, rt)) {
+        pthread_mutex_destroy(&rt->wd_mu);
+        pthread_cond_destroy(&rt->wd_cv);
+        return 0;
+    }
+    rt->wd_state = 1;
+    return 1;
+}
+
+void aiorch_task_watchdog_stop(aiorch_runtime *rt)
+{
+    if (rt->wd_state <= 0) return;
+    pthread_mutex_lock(&rt->wd_mu);
+    rt->wd_stop = 1;
+    pthread_cond_signal(&rt->wd_cv);
+    pthread_mutex_unlock(&rt->wd_mu);
+    pthread_join(rt->wd_thread, NULL);
+    pthread_mutex_destroy(&rt->wd_mu);
+    pthread_cond_destroy(&rt->wd_cv);
+    rt->wd_state = 0;
+}
+
+static lua_State *watch_begin(aiorch_runtime *rt, lua_State *co)
+{
+    lua_State *prev;
+    if (rt->wd_state <= 0) return NULL;
+    pthread_mutex_lock(&rt->wd_mu);
+    prev = rt->wd_co;
+    rt->wd_co = co;
+    rt->wd_seq++;
+    pthread_mutex_unlock(&rt->wd_mu);
+    return prev;
+}
+
+static void watch_end(aiorch_runtime *rt, lua_State *co, lua_State *prev)
+{
+    if (rt->wd_state <= 0) return;
+    pthread_mutex_lock(&rt->wd_mu);
+    if (rt->wd_armed == co) {
+        lua_sethook(co, NULL, 0, 0);
+        rt->wd_armed = NULL;
+    }
+    rt->wd_co = prev;
+    rt->wd_seq++;
+    pthread_mutex_unlock(&rt->wd_mu);
+}
+
+/* coroutine.create and coroutine.wrap: a coroutine made inside a task
+ * carries the hook from the start, since the watchdog arms only the
+ * task's own. Upvalues: rt, the original function. */
+static int co_make(lua_State *L)
+{
+    aiorch_runtime *rt = lua_touserdata(L, lua_upvalueindex(1));
+    lua_State *co;
+
+    lua_pushvalue(L, lua_upvalueindex(2));
+    lua_insert(L, 1);
+    lua_call(L, lua_gettop(L) - 1, LUA_MULTRET);
+    if (!rt->current || lua_gettop(L) < 1) return lua_gettop(L);
+    co = lua_tothread(L, 1);
+    if (!co && lua_tocfunction(L, 1) && lua_getupvalue(L, 1, 1)) { /* wrap's: the coroutine */
+        co = lua_tothread(L, -1);
+        lua_pop(L, 1);
+    }
+    if (co) arm(co);
+    return lua_gettop(L);
+}
+
+static void co_wrap_make(aiorch_runtime *rt, lua_State *L)
+{
+    static const char *const names[] = {"create", "wrap"};
+    size_t i;
+    if (lua_getglobal(L, "coroutine") != LUA_TTABLE) {
+        lua_pop(L, 1);
+        return;
+    }
+    for (i = 0; i < 2; i++) {
+        if (lua_getfield(L, -1, names[i]) != LUA_TFUNCTION || lua_tocfunction(L, -1) == co_make) {
+            lua_pop(L, 1);
+            continue;
+        }
+        lua_pushlightuserdata(L, rt);
+        lua_insert(L, -2);
+        lua_pushcclosure(L, co_make, 2);
+        lua_setfield(L, -2, names[i]);
+    }
+    lua_pop(L, 1);
 }
 
 /* ---- ending a task ---- */
@@ -278,12 +424,15 @@ static void resume(aiorch_task *t)
     aiorch_runtime *rt = t->rt;
     int nres = 0, status;
     aiorch_task *prev = rt->current;
+    lua_State *prev_co;
     ready_remove(t);
     t->state = T_RUNNING;
     t->started = 1;
     rt->current = t;
     rt->used = 0;
+    prev_co = watch_begin(rt, t->co);
     status = lua_resume(t->co, rt->S, t->nargs, &nres);
+    watch_end(rt, t->co, prev_co);
     rt->current = prev;
     t->nargs = 0;
     if (status == LUA_YIELD) {
@@ -325,7 +474,7 @@ aiorch_task *aiorch_task_spawn(aiorch_runtime *rt, lua_State *L, int nargs)
     luaL_setmetatable(L, TASK_MT);
     lua_insert(L, -(nargs + 2));     /* task fn args... */
     t->co = lua_newthread(L);
-    lua_sethook(t->co, budget_hook, LUA_MASKCOUNT, 1000);
+    if (!watchdog_start(rt)) arm(t->co); /* no thread: hooked all along */
     lua_insert(L, -(nargs + 2));     /* task thread fn args... */
     lua_xmove(L, t->co, nargs + 1);  /* task thread */
     t->co_ref = luaL_ref(L, LUA_REGISTRYINDEX);
@@ -860,6 +1009,7 @@ void aiorch_task_open(aiorch_runtime *rt, lua_State *L)
 {
     lua_pushlightuserdata(L, rt);
     lua_rawsetp(L, LUA_REGISTRYINDEX, &budget_key);
+    co_wrap_make(rt, L);
     if (luaL_newmetatable(L, TASK_MT)) {
         luaL_setfuncs(L, task_meta, 0);
         luaL_newlib(L, task_methods);

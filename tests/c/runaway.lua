@@ -7,6 +7,15 @@ local sleeper = aiorch.spawn(function() aiorch.sleep(10); return "slept" end)
 local ok, err = spinner:await()
 assert(ok == nil and err:find("instruction budget exceeded"), tostring(err))
 assert(sleeper:await() == "slept")
+-- Nor does spinning inside a coroutine of its own hide it.
+for _, make in ipairs { coroutine.wrap, coroutine.create } do
+  local nested = aiorch.spawn(function()
+    local co = make(function() while true do end end)
+    if type(co) == "function" then co() else assert(coroutine.resume(co)) end
+  end)
+  local nok, nerr = nested:await()
+  assert(nok == nil and tostring(nerr):find("instruction budget exceeded"), tostring(nerr))
+end
 local bad = aiorch.spawn(function() error("boom") end)
 local _, msg, kind = bad:await()
 assert(kind == "error" and msg:find("boom"), msg)

@@ -47,7 +47,10 @@ import socket, sys, time, os
 port, infile, out, pause = int(sys.argv[1]), sys.argv[2], sys.argv[3], float(sys.argv[4])
 s = socket.create_connection(("127.0.0.1", port))
 s.settimeout(10)
-s.sendall(open(infile, "rb").read())
+for i, part in enumerate(open(infile, "rb").read().split(b"<pause>")):
+    if i:
+        time.sleep(0.03)
+    s.sendall(part)
 time.sleep(pause)
 got = []
 try:
@@ -280,6 +283,19 @@ describe("aiorch.server", function()
     assert.equal(4, srv:stats().requests)
     assert.equal(1, srv:stats().accepted)
     assert.is_true(wait_for(function() return srv:stats().open == 0 end))
+  end)
+
+  it("parses requests that arrive in pieces, with the next one behind", function()
+    srv = listen(function(req, res)
+      res:respond(200, { ["content-type"] = "text/plain" }, req.path .. ":" .. req.headers["x-long"] .. ":" .. req.body)
+    end)
+    local done = raw(srv, "POST /a HTTP/1.1\r\nHost: x\r\nX-Lo<pause>ng: 12<pause>34\r\n"
+      .. "Content-Length: 5\r\n\r\nab<pause>cd"
+      .. "eGET /b HTTP/1.1\r\nX-Long: z\r\n<pause>Connection: close\r\n\r\n")
+    local list = parse_responses(assert(done()))
+    assert.equal(2, #list)
+    assert.equal("/a:1234:abcde", list[1].body)
+    assert.equal("/b:z:", list[2].body)
   end)
 
   it("joins repeated request headers and honours HTTP/1.0", function()

@@ -110,12 +110,12 @@ end
 -- logfmt value: bare when safe, else quoted with escapes.
 local lv_cache = cache_new()
 local function lv(v)
-  if type(v) ~= "string" then
-    v = tostring(v)
-  end
-  local hit = lv_cache.t[v]
+  local hit = lv_cache.t[v] -- first: the values are almost always cached strings
   if hit then
     return hit
+  end
+  if type(v) ~= "string" then
+    v = tostring(v)
   end
   if v:match("^[%w%._:/,+%-]+$") then
     return cache_put(lv_cache, v, v)
