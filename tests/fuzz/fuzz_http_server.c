@@ -161,14 +161,14 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
     sa.sin_family = AF_INET;
     sa.sin_port = htons((uint16_t)port);
     sa.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
-    if (connect(fd, (struct sockaddr *)&sa, sizeof sa) < 0 && errno != EINPROGRESS)
-        fail("connect");
+    if (connect(fd, (struct sockaddr *)&sa, sizeof sa) < 0 && errno != EINPROGRESS) fail("connect");
     ev_io_init(&c.io, on_client, fd, EV_READ | EV_WRITE);
     ev_io_start(loop, &c.io);
     ev_now_update(loop);
     ev_timer_init(&c.hang, on_hang, HANG_S, 0.);
     ev_timer_start(loop, &c.hang);
-    while (!c.done || server_open() > 0) ev_run(loop, EVRUN_ONCE);
+    while (!c.done || server_open() > 0)
+        ev_run(loop, EVRUN_ONCE);
     ev_io_stop(loop, &c.io);
     ev_timer_stop(loop, &c.hang);
     close(fd);

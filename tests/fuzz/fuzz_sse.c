@@ -13,7 +13,7 @@
 #define CHECK(cond)                                                                                \
     do {                                                                                           \
         if (!(cond)) {                                                                             \
-            fprintf(stderr, "fuzz_sse: check failed: %s (line %d)\n", #cond, __LINE__);           \
+            fprintf(stderr, "fuzz_sse: check failed: %s (line %d)\n", #cond, __LINE__);            \
             abort();                                                                               \
         }                                                                                          \
     } while (0)
@@ -85,7 +85,8 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
     run(s, len, cuts, k, &split);
     size_t *each = malloc((len ? len : 1) * sizeof *each);
     CHECK(each);
-    for (size_t i = 0; i < len; i++) each[i] = i + 1;
+    for (size_t i = 0; i < len; i++)
+        each[i] = i + 1;
     run(s, len, each, len, &bytes);
     free(each);
 
