@@ -3,6 +3,11 @@
 local aiorch = require "aiorch"
 
 local function handler(req, res)
+  -- Yielding keeps the request in flight while more input (or the
+  -- client's EOF, which cancels it) arrives.
+  if req.path:find("yield", 1, true) then
+    aiorch.sleep(0)
+  end
   local n = 0
   for name, value in pairs(req.headers) do
     n = n + #name + #value
