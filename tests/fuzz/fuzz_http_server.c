@@ -4,9 +4,14 @@
  * then the write side is shut, and the loop runs until the server has
  * answered and closed it. A handler failure, a server that never closes,
  * a connection or descriptor left over, or a response that is not HTTP/1.1
- * aborts. */
+ * aborts.
+ *
+ * Input: one byte k (low 3 bits), k 16-bit cut points, then the bytes sent.
+ * Each piece between cuts is sent in its own loop iteration, after the
+ * server has read the one before, so requests arrive split there. */
 #include <arpa/inet.h>
 #include <errno.h>
+#include <fcntl.h>
 #include <netinet/in.h>
 #include <stdint.h>
 #include <stdio.h>
@@ -29,10 +34,11 @@ static int server_ref = LUA_NOREF, port, first_fd = -1;
 
 typedef struct {
     ev_io io;
-    ev_timer hang;
+    ev_timer hang, pace;
     const uint8_t *data;
     size_t len, sent;
-    char head[9]; /* the first bytes answered */
+    size_t cuts[8], ncuts, next; /* sorted; cuts[next] ends the next piece */
+    char head[9];                /* the first bytes answered */
     size_t got;
     int done;
 } client;
@@ -104,22 +110,29 @@ static void client_read(client *c, int fd)
     }
 }
 
-static void client_write(client *c, int fd)
+/* ev_timer, once per loop iteration: sends the next piece */
+static void on_pace(struct ev_loop *l, ev_timer *w, int revents)
 {
-    while (c->sent < c->len) {
-        ssize_t n = send(fd, c->data + c->sent, c->len - c->sent, MSG_NOSIGNAL);
+    client *c = w->data;
+    size_t end = c->next < c->ncuts ? c->cuts[c->next] : c->len;
+    (void)revents;
+    while (c->sent < end) {
+        ssize_t n = send(c->io.fd, c->data + c->sent, end - c->sent, MSG_NOSIGNAL);
         if (n < 0 && errno == EINTR) continue;
-        if (n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK)) return;
+        if (n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK)) break;
         if (n < 0) { /* the server closed early: the rest goes unsent */
-            c->sent = c->len;
+            c->sent = end = c->len;
             break;
         }
         c->sent += (size_t)n;
     }
-    shutdown(fd, SHUT_WR);
-    ev_io_stop(loop, &c->io);
-    ev_io_set(&c->io, fd, EV_READ);
-    ev_io_start(loop, &c->io);
+    if (c->sent == end && c->next < c->ncuts) c->next++;
+    if (c->sent == c->len) {
+        shutdown(c->io.fd, SHUT_WR);
+        return;
+    }
+    ev_timer_set(w, 0., 0.);
+    ev_timer_start(l, w);
 }
 
 /* ev_io: the client's socket */
@@ -127,9 +140,15 @@ static void on_client(struct ev_loop *l, ev_io *w, int revents)
 {
     client *c = (client *)w;
     (void)l;
-    if (revents & EV_WRITE) client_write(c, w->fd);
-    if (revents & EV_READ) client_read(c, w->fd);
+    (void)revents;
+    client_read(c, w->fd);
     if (c->done) ev_io_stop(loop, w);
+}
+
+static int cmp_size(const void *a, const void *b)
+{
+    size_t x = *(const size_t *)a, y = *(const size_t *)b;
+    return x < y ? -1 : x > y;
 }
 
 /* ev_timer */
@@ -149,9 +168,14 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
 
     if (!rt) setup();
     memset(&c, 0, sizeof c);
-    c.data = data;
-    c.len = size;
-    fd = socket(AF_INET, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
+    if (size < 1 || size < 1 + 2 * (size_t)(data[0] & 7)) return 0;
+    c.ncuts = data[0] & 7;
+    c.data = data + 1 + 2 * c.ncuts;
+    c.len = size - 1 - 2 * c.ncuts;
+    for (size_t i = 0; i < c.ncuts; i++)
+        c.cuts[i] = (size_t)(data[1 + 2 * i] | data[2 + 2 * i] << 8) % (c.len + 1);
+    qsort(c.cuts, c.ncuts, sizeof c.cuts[0], cmp_size);
+    fd = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
     if (fd < 0) fail("socket");
     /* Each input closes what it opened, so the number stays low (the
      * sanitizers' symbolizer may hold a few more). */
@@ -161,9 +185,17 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
     sa.sin_family = AF_INET;
     sa.sin_port = htons((uint16_t)port);
     sa.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
-    if (connect(fd, (struct sockaddr *)&sa, sizeof sa) < 0 && errno != EINPROGRESS) fail("connect");
-    ev_io_init(&c.io, on_client, fd, EV_READ | EV_WRITE);
+    /* on loopback the handshake is done when connect returns */
+    if (connect(fd, (struct sockaddr *)&sa, sizeof sa) < 0) fail("connect");
+    if (fcntl(fd, F_SETFL, O_NONBLOCK) < 0) fail("fcntl");
+    ev_io_init(&c.io, on_client, fd, EV_READ);
     ev_io_start(loop, &c.io);
+    /* Lowest priority: in each iteration the server accepts and reads what
+     * came before the next piece is sent. */
+    ev_timer_init(&c.pace, on_pace, 0., 0.);
+    ev_set_priority(&c.pace, EV_MINPRI);
+    c.pace.data = &c;
+    ev_timer_start(loop, &c.pace);
     ev_now_update(loop);
     ev_timer_init(&c.hang, on_hang, HANG_S, 0.);
     ev_timer_start(loop, &c.hang);
@@ -171,6 +203,7 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
         ev_run(loop, EVRUN_ONCE);
     ev_io_stop(loop, &c.io);
     ev_timer_stop(loop, &c.hang);
+    ev_timer_stop(loop, &c.pace);
     close(fd);
     /* What the input allocated is freed before it ends, so that libFuzzer's
      * per-input leak check sees the server's own leaks, not Lua's garbage. */
