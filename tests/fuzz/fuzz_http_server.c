@@ -18,6 +18,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/socket.h>
+#include <time.h>
 #include <unistd.h>
 
 #include <ev.h>
@@ -176,7 +177,7 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
         c.cuts[i] = (size_t)(data[1 + 2 * i] | data[2 + 2 * i] << 8) % (c.len + 1);
     qsort(c.cuts, c.ncuts, sizeof c.cuts[0], cmp_size);
     fd = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
-    if (fd < 0) fail("socket");
+    if (fd < 0) fail(strerror(errno));
     /* Each input closes what it opened, so the number stays low (the
      * sanitizers' symbolizer may hold a few more). */
     if (first_fd < 0) first_fd = fd;
@@ -186,7 +187,13 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
     sa.sin_port = htons((uint16_t)port);
     sa.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
     /* on loopback the handshake is done when connect returns */
-    if (connect(fd, (struct sockaddr *)&sa, sizeof sa) < 0) fail("connect");
+    for (int tries = 0; connect(fd, (struct sockaddr *)&sa, sizeof sa) < 0; tries++) {
+        /* Out of ephemeral ports: the client side of every input ends in
+         * TIME_WAIT, and others on the machine use ports too. Wait. */
+        struct timespec ms10 = {0, 10000000};
+        if (errno != EADDRNOTAVAIL || tries == 6000) fail(strerror(errno));
+        nanosleep(&ms10, NULL);
+    }
     if (fcntl(fd, F_SETFL, O_NONBLOCK) < 0) fail("fcntl");
     ev_io_init(&c.io, on_client, fd, EV_READ);
     ev_io_start(loop, &c.io);
