@@ -11,8 +11,8 @@
  * server has read the one before, so requests arrive split there. */
 #include <arpa/inet.h>
 #include <errno.h>
-#include <fcntl.h>
 #include <netinet/in.h>
+#include <poll.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -176,7 +176,7 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
     for (size_t i = 0; i < c.ncuts; i++)
         c.cuts[i] = (size_t)(data[1 + 2 * i] | data[2 + 2 * i] << 8) % (c.len + 1);
     qsort(c.cuts, c.ncuts, sizeof c.cuts[0], cmp_size);
-    fd = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
+    fd = socket(AF_INET, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
     if (fd < 0) fail(strerror(errno));
     /* Each input closes what it opened, so the number stays low (the
      * sanitizers' symbolizer may hold a few more). */
@@ -186,15 +186,23 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
     sa.sin_family = AF_INET;
     sa.sin_port = htons((uint16_t)port);
     sa.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
-    /* on loopback the handshake is done when connect returns */
     for (int tries = 0; connect(fd, (struct sockaddr *)&sa, sizeof sa) < 0; tries++) {
+        struct timespec ms10 = {0, 10000000};
+        struct pollfd p = {.fd = fd, .events = POLLOUT};
+        int err = 0;
+        socklen_t len = sizeof err;
+        if (errno == EINPROGRESS || errno == EINTR) { /* finishes on its own */
+            while (poll(&p, 1, -1) < 0 && errno == EINTR)
+                ;
+            getsockopt(fd, SOL_SOCKET, SO_ERROR, &err, &len);
+            if (err) fail(strerror(err));
+            break;
+        }
         /* Out of ephemeral ports: the client side of every input ends in
          * TIME_WAIT, and others on the machine use ports too. Wait. */
-        struct timespec ms10 = {0, 10000000};
         if (errno != EADDRNOTAVAIL || tries == 6000) fail(strerror(errno));
         nanosleep(&ms10, NULL);
     }
-    if (fcntl(fd, F_SETFL, O_NONBLOCK) < 0) fail("fcntl");
     ev_io_init(&c.io, on_client, fd, EV_READ);
     ev_io_start(loop, &c.io);
     /* Lowest priority: in each iteration the server accepts and reads what
