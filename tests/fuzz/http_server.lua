@@ -1,0 +1,31 @@
+-- The server of the fuzz_http_server target: small limits that fuzzed
+-- requests can reach, and a handler that uses what was parsed.
+local aiorch = require "aiorch"
+
+local function handler(req, res)
+  -- Yielding keeps the request in flight while more input (or the
+  -- client's EOF, which cancels it) arrives.
+  if req.path:find("yield", 1, true) then
+    aiorch.sleep(0)
+  end
+  local n = 0
+  for name, value in pairs(req.headers) do
+    n = n + #name + #value
+  end
+  if req.path:find("stream", 1, true) then
+    res:start(200, { ["content-type"] = "text/plain" })
+    res:write(req.method)
+    res:write(req.body)
+    res:finish(tostring(n))
+  else
+    res:respond(200, { ["content-type"] = "text/plain", ["x-header-bytes"] = tostring(n) }, req.body)
+  end
+end
+
+package.loaded.fuzz_server = assert(aiorch.server.listen {
+  host = "127.0.0.1",
+  port = 0,
+  max_body = 4096,
+  max_header = 2048,
+  handler = handler,
+})
