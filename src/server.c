@@ -728,7 +728,7 @@ static int res_body(lua_State *L, srv_res *r, const char *data, size_t n, int la
 }
 
 /* The handler task ended and its response is still open. */
-static void res_end(lua_State *L, srv_res *r, int failed)
+static void res_end(lua_State *L, srv_res *r, int failed, int res_idx)
 {
     static const char oops[] = "internal server error\n";
     srv_conn *c = r->conn;
@@ -736,8 +736,17 @@ static void res_end(lua_State *L, srv_res *r, int failed)
     if (!r->started) {
         const char *body = failed ? oops : "";
         size_t n = failed ? sizeof oops - 1 : 0;
-        if (res_head(L, r, failed ? 500 : r->status, 0, (int64_t)n,
-                     failed ? "content-type: text/plain\r\n" : NULL)) {
+        const char *type = "content-type: text/plain\r\n";
+        char line[128];
+        /* A failed handler's answer may be set beforehand (res:on_error). */
+        if (failed && lua_getiuservalue(L, res_idx, 1) == LUA_TSTRING) {
+            body = lua_tolstring(L, -1, &n);
+            lua_getiuservalue(L, res_idx, 2);
+            snprintf(line, sizeof line, "content-type: %s\r\n", lua_tostring(L, -1));
+            lua_pop(L, 1);
+            type = line;
+        }
+        if (res_head(L, r, failed ? 500 : r->status, 0, (int64_t)n, failed ? type : NULL)) {
             conn_free(L, c, SRV_PLAIN);
             return;
         }
@@ -874,6 +883,23 @@ static int res_respond(lua_State *L)
     return 1;
 }
 
+/* res:on_error(body[, content_type]): what a 500 carries if the handler
+ * fails before it starts the response (default: a plain-text line). */
+static int res_on_error(lua_State *L)
+{
+    res_check(L, 1);
+    luaL_checkstring(L, 2);
+    size_t tl;
+    const char *type = luaL_optlstring(L, 3, "application/json", &tl);
+    luaL_argcheck(L, tl < 100 && !strpbrk(type, "\r\n"), 3, "bad content type");
+    lua_settop(L, 3);
+    lua_pushstring(L, type);
+    lua_setiuservalue(L, 1, 2);
+    lua_pushvalue(L, 2);
+    lua_setiuservalue(L, 1, 1);
+    return 0;
+}
+
 /* res:abort(): cuts the connection, whatever was sent */
 static int res_abort(lua_State *L)
 {
@@ -927,7 +953,7 @@ static int handler_done(lua_State *L, int status, lua_KContext ctx)
     (void)ctx;
     g->res = NULL; /* disarm: the guard's __close runs as we return */
     if (failed) handler_report(L, g->rt);
-    if (r && r->conn) res_end(L, r, failed);
+    if (r && r->conn) res_end(L, r, failed, 3);
     return 0;
 }
 
@@ -1017,7 +1043,7 @@ static int request_spawn(lua_State *L)
     req_push(L, c);
     lua_pushvalue(L, -1);
     c->req_ref = luaL_ref(L, LUA_REGISTRYINDEX);
-    r = lua_newuserdatauv(L, sizeof *r, 0);
+    r = lua_newuserdatauv(L, sizeof *r, 2); /* res:on_error's body and type */
     memset(r, 0, sizeof *r);
     r->rt = s->rt;
     r->status = 200;
@@ -1973,7 +1999,7 @@ static const luaL_Reg srv_metamethods[] = {
 
 static const luaL_Reg res_methods[] = {
     {"start", res_start},     {"write", res_write}, {"finish", res_finish},
-    {"respond", res_respond}, {"abort", res_abort}, {NULL, NULL},
+    {"respond", res_respond}, {"abort", res_abort}, {"on_error", res_on_error}, {NULL, NULL},
 };
 
 static const luaL_Reg res_metamethods[] = {

@@ -368,8 +368,9 @@ return {
     assert.matches("strategy bug", doc.error_message, 1, true)
     -- a runaway is stopped by the instruction budget; pcall cannot keep it
     -- going, so the request's own task ends, and the server answers 500
-    s, _, body = ask("spins")
+    s, _, body, doc = ask("spins")
     assert.equal(500, s, body)
+    assert.matches("instruction budget exceeded", doc.error.message, 1, true) -- the API's error shape
     assert.matches("instruction budget exceeded", slurp(err), 1, true)
     s, _, _, doc = ask("single")
     assert.equal(200, s)

@@ -611,6 +611,16 @@ local done_mt = {
 
 local exchange_mt = { __index = Exchange, __close = done_mt.__close }
 
+local runaway_bodies = {}
+local function runaway_body(shape)
+  local b = runaway_bodies[shape]
+  if not b then
+    b = shape.error_body(500, "internal error: a script ran too long (instruction budget exceeded)")
+    runaway_bodies[shape] = b
+  end
+  return b
+end
+
 local function handle(state, req, res)
   state.in_flight = state.in_flight + 1
   local path = req.path
@@ -622,6 +632,9 @@ local function handle(state, req, res)
     shape = shape_of(route, req.headers), id = new_id(state),
     status = nil, started = nil, strategy = nil, provider = nil, attempts = nil, tokens_in = nil, tokens_out = nil,
   }, exchange_mt)
+  -- A script that runs away is stopped past any pcall: the server then
+  -- answers with this, in the caller's error shape.
+  res:on_error(runaway_body(x.shape))
   local ok, err = pcall(dispatch, x)
   if not ok then
     io_stderr:write("aiorch: error: gateway handler failed: ", tostring(err):gsub("[\r\n]+", " "), "\n")
