@@ -379,10 +379,11 @@ describe("aiorch.server", function()
       end
       error("early failure")
     end)
-    local status, h, body = get(srv, "/early")
+    local status, _, body = get(srv, "/early")
     assert.equal(500, status)
     assert.equal("internal server error\n", body)
     -- res:on_error sets what a failure answers
+    local h
     status, h, body = get(srv, "/shaped")
     assert.equal(500, status)
     assert.equal('{"error":"shaped"}', body)
