@@ -61,6 +61,19 @@ local function request_of(m, api)
   return nil
 end
 
+-- The provider's request, once the mock saw its client go (at most 250 ms).
+local function aborted_request(m, api)
+  local req
+  for _ = 1, 50 do
+    req = request_of(m, api)
+    if req and req.aborted_at then
+      break
+    end
+    core.sleep(5)
+  end
+  return req
+end
+
 local RUNS = {
   {
     strategy = "single", providers = { "openai" },
@@ -97,14 +110,7 @@ local RUNS = {
     env = function(m) return env_for(m, { latency_ms = LATENCY.openai }, { latency_ms = LATENCY.anthropic }) end,
     check = function(r, m)
       -- The loser's connection must be closed as soon as the winner answers.
-      local loser
-      for _ = 1, 50 do
-        loser = request_of(m, "openai")
-        if loser and loser.aborted_at then
-          break
-        end
-        core.sleep(5)
-      end
+      local loser = aborted_request(m, "openai")
       local ok = r.status == "success" and r.ia_provider_name == "anthropic"
         and loser ~= nil and loser.aborted_at ~= nil
       return ok, "anthropic wins, openai's transfer is aborted", loser
@@ -115,14 +121,7 @@ local RUNS = {
     strategy = "hedged", request = { policy = { hedge_delay_ms = 100 } },
     env = function(m) return env_for(m, { latency_ms = 400 }, { latency_ms = LATENCY.anthropic }) end,
     check = function(r, m)
-      local loser
-      for _ = 1, 50 do
-        loser = request_of(m, "openai")
-        if loser and loser.aborted_at then
-          break
-        end
-        core.sleep(5)
-      end
+      local loser = aborted_request(m, "openai")
       local a = r.metadata and r.metadata.attempts or {}
       local ok = r.status == "success" and r.ia_provider_name == "anthropic" and #a == 2
         and a[1].status == "cancelled" and loser ~= nil and loser.aborted_at ~= nil
