@@ -17,7 +17,7 @@ local QUESTION = "Does the gateway hold up?"
 -- against a slow runtime, stretch by it.
 local SLOWDOWN = tonumber(os.getenv("AIORCH_TEST_SLOWDOWN") or "") or 1
 local function stretch(ms)
-  return ms * SLOWDOWN
+  return math.ceil(ms * SLOWDOWN) -- whole ms: policies take integers
 end
 
 local m

@@ -16,7 +16,7 @@ local SLACK_MS = 10 -- a deadline fires this close to its time
 -- against a slow runtime stretches by it; the tests of precision are #timing.
 local SLOWDOWN = tonumber(os.getenv("AIORCH_TEST_SLOWDOWN") or "") or 1
 local function stretch(ms)
-  return ms * SLOWDOWN
+  return math.ceil(ms * SLOWDOWN) -- whole ms: policies take integers
 end
 
 local m
