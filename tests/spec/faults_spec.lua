@@ -381,7 +381,7 @@ local MIX = {
     a = { fault = "429", latency_ms = 10, retry_after = 0 }, o = { latency_ms = 40 },
     provider = "openai", attempts = { "error/rate_limited", "success" } },
   { strategy = "fallback", o = { fault = "hang" }, a = { chunks = 3, chunk_delay_ms = 10 }, stream = true,
-    timeouts = { openai = 150 }, provider = "anthropic", attempts = { "timeout/timeout", "success" } },
+    timeouts = { openai = stretch(150) }, provider = "anthropic", attempts = { "timeout/timeout", "success" } },
   -- anthropic's first token must come before its timeout while the loop sends 16 MiB answers: a wide one
   { strategy = "fallback", o = { fault = "401", latency_ms = 20 }, a = { stall_after = 1 }, stream = true,
     timeouts = { anthropic = stretch(800) }, owner = "anthropic", status = "timeout", kind = "timeout",
@@ -400,7 +400,7 @@ local MIX = {
     provider = "openai", attempts = { "success", "cancelled" } },
   { strategy = "fastest", o = { fault = "malformed", latency_ms = 15 }, a = { fault = "529", latency_ms = 5 },
     kind = "all_failed", attempts = { "error/parse", "error/server_error" } },
-  { strategy = "fastest", o = { fault = "hang" }, a = "refused", timeouts = { openai = 150 },
+  { strategy = "fastest", o = { fault = "hang" }, a = "refused", timeouts = { openai = stretch(150) },
     kind = "all_failed", attempts = { "timeout/timeout", "error/connect" } },
   -- openai's first token commits the stream and cancels anthropic
   { strategy = "fastest", o = { fault = "cut", chunks = 6, chunk_delay_ms = 5 }, a = { first_token_ms = stretch(300) },
