@@ -988,7 +988,8 @@ end
 -- runtime). Each run starts `at` ms after the others (by sleeping first) so
 -- that what the breakers decide is known: wide gaps, never a race.
 -- attempts: "provider status[/kind][:http][@deadline]"; free: a run whose
--- outcome the test checks itself (which of two runs wins a trial).
+-- outcome the test checks itself (which of two runs wins a trial). The times
+-- in the comments below are stretched by AIORCH_TEST_SLOWDOWN, as are the gaps.
 local function run_mix(runs, common_env)
   local tasks = {}
   for i, run in ipairs(runs) do
