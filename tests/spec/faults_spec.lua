@@ -19,9 +19,16 @@ local OTHER = { openai = "anthropic", anthropic = "openai" }
 local BASE_ENV = { openai = "OPENAI_BASE_URL", anthropic = "ANTHROPIC_BASE_URL" }
 local TIMEOUT_ENV = { openai = "OPENAI_TIMEOUT_MS", anthropic = "ANTHROPIC_TIMEOUT_MS" }
 
+-- AIORCH_TEST_SLOWDOWN (.ci/valgrind): a bound or a margin that only guards
+-- against a slow runtime stretches by it; the tests of precision are #timing.
+local SLOWDOWN = tonumber(os.getenv("AIORCH_TEST_SLOWDOWN") or "") or 1
+local function stretch(ms)
+  return math.ceil(ms * SLOWDOWN) -- whole ms: policies take integers
+end
+
 local TIMEOUT = 100 -- ms: the provider timeout of the cases that need one
-local SLACK = 75 -- ms a timer may overshoot on a busy shared machine
-local FAST = 150 -- ms: a fault answered at once must end within this
+local SLACK = stretch(75) -- ms a timer may overshoot on a busy shared machine
+local FAST = stretch(150) -- ms: a fault answered at once must end within this
 
 local m -- the mock every healthy provider and most faulty ones talk to
 local closed_port -- a port nothing listens on
@@ -63,7 +70,7 @@ local function all_settled(mk)
       end
     end
     return true
-  end, 1000)
+  end, stretch(1000))
 end
 
 local function env_for(bases, timeouts)
@@ -125,7 +132,7 @@ local CASES = {
     status = "timeout", kind = "timeout", deadline = "total", min = TIMEOUT, max = TIMEOUT + SLACK },
   { name = "stall mid-stream", d = { stall_after = 2 }, timeout = TIMEOUT, status = "timeout", kind = "timeout",
     deadline = "total", min = TIMEOUT, max = TIMEOUT + SLACK, stream = { tokens = 2 } },
-  { name = "enormous response (16 MiB)", d = { fault = "huge" }, kind = "too_large", max = 2000 },
+  { name = "enormous response (16 MiB)", d = { fault = "huge" }, kind = "too_large", max = stretch(2000) },
   -- an enormous stream sends tokens before the cap: see "enormous stream" below
   { name = "not JSON (html)", d = { fault = "html" }, kind = "parse", http = 200 },
   { name = "reset, fresh connection", d = { fault = "reset" }, own_mock = true, kind = "reset" },
@@ -136,9 +143,9 @@ local CASES = {
   { name = "connection refused", kind = "connect", wire = 0,
     url = function(api) return ("http://127.0.0.1:%d%s"):format(closed_port, suffix(api)) end },
   { name = "DNS failure", url = function(api) return "http://no-such-host.invalid:1" .. suffix(api) end,
-    kind = "dns", wire = 0, max = 5000 },
+    kind = "dns", wire = 0, max = stretch(5000) },
   -- the mock answers the TLS hello with an HTTP 400: OpenSSL reads "wrong version number"
-  { name = "TLS to a plain port", kind = "tls", wire = 0, max = 2000,
+  { name = "TLS to a plain port", kind = "tls", wire = 0, max = stretch(2000),
     url = function(api) return ("https://127.0.0.1:%d%s"):format(m.port, suffix(api)) end },
 }
 
@@ -265,7 +272,8 @@ local function run_case(c, strategy, api, stream)
     local h = breaker.health(api)
     if e.cools then
       assert.is_false(h.healthy)
-      assert.is_true(h.cooldown_ms > e.cools - 1000 and h.cooldown_ms <= e.cools, "cooling for " .. h.cooldown_ms)
+      assert.is_true(h.cooldown_ms > e.cools - stretch(1000) and h.cooldown_ms <= e.cools,
+        "cooling for " .. h.cooldown_ms)
     else
       assert.is_true(h.healthy)
     end
@@ -373,10 +381,10 @@ local MIX = {
     a = { fault = "429", latency_ms = 10, retry_after = 0 }, o = { latency_ms = 40 },
     provider = "openai", attempts = { "error/rate_limited", "success" } },
   { strategy = "fallback", o = { fault = "hang" }, a = { chunks = 3, chunk_delay_ms = 10 }, stream = true,
-    timeouts = { openai = 150 }, provider = "anthropic", attempts = { "timeout/timeout", "success" } },
+    timeouts = { openai = stretch(150) }, provider = "anthropic", attempts = { "timeout/timeout", "success" } },
   -- anthropic's first token must come before its timeout while the loop sends 16 MiB answers: a wide one
   { strategy = "fallback", o = { fault = "401", latency_ms = 20 }, a = { stall_after = 1 }, stream = true,
-    timeouts = { anthropic = 800 }, owner = "anthropic", status = "timeout", kind = "timeout",
+    timeouts = { anthropic = stretch(800) }, owner = "anthropic", status = "timeout", kind = "timeout",
     attempts = { "error/auth", "timeout/timeout" }, partial = { anthropic = 1 } },
   { strategy = "fallback", o = "refused", a = { fault = "error200", latency_ms = 10 }, kind = "all_failed",
     attempts = { "error/connect", "error/server_error" } },
@@ -384,18 +392,18 @@ local MIX = {
     attempts = { "error/too_large", "error/parse" } },
   { strategy = "fallback", o = { fault = "cut", chunks = 4, chunk_delay_ms = 5 }, a = { latency_ms = 5 },
     stream = true, owner = "openai", kind = "stream_cut", attempts = { "error/stream_cut" }, partial = { openai = 2 } },
-  { strategy = "fastest", o = { fault = "cut", latency_ms = 10 }, a = { latency_ms = 300 },
+  { strategy = "fastest", o = { fault = "cut", latency_ms = 10 }, a = { latency_ms = stretch(300) },
     provider = "anthropic", attempts = { "error/reset", "success" } },
   { strategy = "fastest", o = { latency_ms = 40 }, a = { fault = "503" },
     provider = "openai", attempts = { "success", "error/server_error" } },
-  { strategy = "fastest", o = { latency_ms = 20 }, a = { latency_ms = 500 },
+  { strategy = "fastest", o = { latency_ms = 20 }, a = { latency_ms = stretch(500) },
     provider = "openai", attempts = { "success", "cancelled" } },
   { strategy = "fastest", o = { fault = "malformed", latency_ms = 15 }, a = { fault = "529", latency_ms = 5 },
     kind = "all_failed", attempts = { "error/parse", "error/server_error" } },
-  { strategy = "fastest", o = { fault = "hang" }, a = "refused", timeouts = { openai = 150 },
+  { strategy = "fastest", o = { fault = "hang" }, a = "refused", timeouts = { openai = stretch(150) },
     kind = "all_failed", attempts = { "timeout/timeout", "error/connect" } },
   -- openai's first token commits the stream and cancels anthropic
-  { strategy = "fastest", o = { fault = "cut", chunks = 6, chunk_delay_ms = 5 }, a = { first_token_ms = 300 },
+  { strategy = "fastest", o = { fault = "cut", chunks = 6, chunk_delay_ms = 5 }, a = { first_token_ms = stretch(300) },
     stream = true, owner = "openai", kind = "stream_cut", attempts = { "error/stream_cut", "cancelled" },
     partial = { openai = 3 } },
 }
@@ -443,7 +451,7 @@ describe("interleaved failures", function()
     end
     local t0 = now()
     local values, errors = aiorch.gather(tasks)
-    assert.is_true(now() - t0 < 2000, "took " .. (now() - t0))
+    assert.is_true(now() - t0 < stretch(2000), "took " .. (now() - t0))
 
     -- wire requests by question
     local wire = {}
@@ -690,7 +698,7 @@ local POLICY_CASES = {
     note = "provider cooling down" },
   { group = "retries", name = "enormous stream, no token to the caller: too_large, never retried", stream = true,
     silent = true, own_mock = true, defaults = { text = ("word "):rep(2 * 1024 * 1024), chunks = 200 },
-    pol = RETRY, kind = "too_large", attempts = { "F error/too_large" }, took = { 0, 3000 } },
+    pol = RETRY, kind = "too_large", attempts = { "F error/too_large" }, took = { 0, stretch(3000) } },
   { group = "retries", name = "cut mid-body once, then fine", d = { fault = "cut", fail_first = 1 }, pol = RETRY,
     status = "success", http = 200, attempts = { "F error/reset", SUCCESS } },
   { group = "retries", name = "hang, each attempt ends at its timeout", d = { fault = "hang" },
@@ -949,7 +957,8 @@ for _, g in ipairs(groups) do
   describe("with policies: " .. g, function()
     for _, c in ipairs(by_group[g]) do
       for _, api in ipairs(c.apis or { "openai", "anthropic" }) do
-        local title = ("%s %s -> %s"):format(api, c.name, table.concat(c.attempts, ", "))
+        local title = ("%s %s -> %s%s"):format(api, c.name, table.concat(c.attempts, ", "),
+          c.exact and " #timing" or "")
         if c.pending then
           pending(title .. ": " .. c.pending)
         else
@@ -979,7 +988,8 @@ end
 -- runtime). Each run starts `at` ms after the others (by sleeping first) so
 -- that what the breakers decide is known: wide gaps, never a race.
 -- attempts: "provider status[/kind][:http][@deadline]"; free: a run whose
--- outcome the test checks itself (which of two runs wins a trial).
+-- outcome the test checks itself (which of two runs wins a trial). The times
+-- in the comments below are stretched by AIORCH_TEST_SLOWDOWN, as are the gaps.
 local function run_mix(runs, common_env)
   local tasks = {}
   for i, run in ipairs(runs) do
@@ -1061,7 +1071,7 @@ describe("interleaved failures with policies on", function()
     local t0 = now()
     local trial = {
       strategy = "fallback", providers = { "anthropic", "openai" }, pol = RETRY,
-      a = { fault = "400", latency_ms = 700 }, o = { latency_ms = 100 }, free = true,
+      a = { fault = "400", latency_ms = stretch(700) }, o = { latency_ms = stretch(100) }, free = true,
     }
     local runs = {
       -- three 500s open openai's breaker (3 failures) for 400 ms
@@ -1072,12 +1082,13 @@ describe("interleaved failures with policies on", function()
           "anthropic error/server_error:503", "anthropic error/server_error:503", "anthropic success:200" } },
       -- at 200 ms openai is open: passed over without a request
       { strategy = "fallback", providers = { "anthropic", "openai" }, pol = RETRY,
-        a = { fault = "401", latency_ms = 200 }, kind = "all_failed",
+        a = { fault = "401", latency_ms = stretch(200) }, kind = "all_failed",
         attempts = { "anthropic error/auth:401", "openai error/cooldown" } },
       -- at 700 ms it is half-open: one trial (100 ms long) closes it; the other is refused meanwhile
       with(trial, {}),
       with(trial, {}),
-      { providers = { "anthropic" }, stream = true, pol = { gap_timeout_ms = 100, max_attempts = 3, backoff_ms = 5 },
+      { providers = { "anthropic" }, stream = true,
+        pol = { gap_timeout_ms = stretch(100), max_attempts = 3, backoff_ms = 5 },
         a = { stall_after = 1 }, status = "timeout", kind = "timeout", attempts = { "anthropic timeout/timeout@gap" } },
       { providers = { "anthropic" }, pol = { max_attempts = 2, backoff_ms = 5, timeout_ms = 100 },
         a = { fault = "hang", fail_first = 1 }, status = "success", provider = "anthropic",
@@ -1085,15 +1096,16 @@ describe("interleaved failures with policies on", function()
       { providers = { "anthropic" }, pol = RETRY, a = "refused", kind = "connect",
         attempts = { "anthropic error/connect", "anthropic error/connect", "anthropic error/connect" } },
       -- after the trial closed openai's breaker: a hedge to it wins
-      { at = 900, strategy = "hedged", providers = { "anthropic", "openai" }, pol = { hedge_delay_ms = 50 },
+      { at = stretch(900), strategy = "hedged", providers = { "anthropic", "openai" },
+        pol = { hedge_delay_ms = stretch(50) },
         a = { fault = "hang" }, status = "success", provider = "openai",
         attempts = { "anthropic cancelled", "openai success:200" } },
     }
     run_mix(runs, {
-      OPENAI_POLICY = "breaker_failures=3,breaker_window_ms=10000,cooldown_ms=400",
+      OPENAI_POLICY = "breaker_failures=3,breaker_window_ms=10000,cooldown_ms=" .. stretch(400),
       ANTHROPIC_POLICY = "breaker_failures=10",
     })
-    assert.is_true(now() - t0 < 1500, "took " .. (now() - t0))
+    assert.is_true(now() - t0 < stretch(1500), "took " .. (now() - t0))
     -- the trial and the one refused while it ran
     local got = { table.concat(runs[4].got, ", "), table.concat(runs[5].got, ", ") }
     table.sort(got)
@@ -1121,8 +1133,8 @@ describe("interleaved failures with policies on", function()
   it("a success of a call let through before the breaker opened leaves it open", function()
     -- 3 failures open openai's breaker (cooldown 1 s) while a 200 ms success
     -- started before is in flight; at 300 ms a new call is refused.
-    local env = env_for({ openai = m:base_url("openai", { latency_ms = 200 }) }, nil)
-    env.OPENAI_POLICY = "breaker_failures=3,cooldown_ms=1000"
+    local env = env_for({ openai = m:base_url("openai", { latency_ms = stretch(200) }) }, nil)
+    env.OPENAI_POLICY = "breaker_failures=3,cooldown_ms=" .. stretch(1000)
     local bad = env_for({ openai = m:base_url("openai", { fault = "500" }) }, nil)
     bad.OPENAI_POLICY = env.OPENAI_POLICY
     local slow = aiorch.spawn(orchestrate.orchestrate, { user_question = QUESTION }, "single", { "openai" },
@@ -1133,29 +1145,32 @@ describe("interleaved failures with policies on", function()
     end
     assert.equal("open", breaker.health("openai").state)
     assert.equal("success", slow:await().status)
-    aiorch.sleep(300 - 210)
+    aiorch.sleep(stretch(300 - 210))
     local r = orchestrate.orchestrate({ user_question = QUESTION }, "single", { "openai" }, { env = env })
     assert.equal("cooldown", r.metadata.error_kind)
     assert.equal("open", breaker.health("openai").state)
   end)
 
   it("a 429 with Retry-After in one orchestration cools the provider for the others", function()
+    -- Retry-After in whole seconds: a stretched timeline cools for longer too.
+    local wait_s = math.ceil(SLOWDOWN)
     local runs = {
-      { providers = { "anthropic" }, a = { fault = "429", retry_after = 1 }, kind = "rate_limited",
+      { providers = { "anthropic" }, a = { fault = "429", retry_after = wait_s }, kind = "rate_limited",
         attempts = { "anthropic error/rate_limited:429" } },
       -- anthropic is reached at 100 ms: cooling, no request
-      { strategy = "fallback", providers = { "openai", "anthropic" }, o = { fault = "500", latency_ms = 100 },
+      { strategy = "fallback", providers = { "openai", "anthropic" }, o = { fault = "500", latency_ms = stretch(100) },
         kind = "all_failed", attempts = { "openai error/server_error:500", "anthropic error/cooldown" } },
-      { strategy = "fallback", providers = { "openai", "anthropic" }, o = { fault = "503", latency_ms = 100 },
+      { strategy = "fallback", providers = { "openai", "anthropic" }, o = { fault = "503", latency_ms = stretch(100) },
         stream = true, kind = "all_failed",
         attempts = { "openai error/server_error:503", "anthropic error/cooldown" } },
-      { at = 150, strategy = "fastest", providers = { "openai", "anthropic" }, o = { latency_ms = 20 },
+      { at = stretch(150), strategy = "fastest", providers = { "openai", "anthropic" }, o = { latency_ms = 20 },
         status = "success", provider = "openai", attempts = { "openai success:200", "anthropic error/cooldown" } },
     }
     run_mix(runs)
     for k = 2, 3 do
       local msg = runs[k].r.error_message
-      assert.matches("anthropic: cooldown %(anthropic is cooling down for %d+ ms more %(it asked to wait 1 s%)%)$", msg)
+      assert.matches("anthropic: cooldown %(anthropic is cooling down for %d+ ms more %(it asked to wait "
+        .. wait_s .. " s%)%)$", msg)
     end
     assert.is_false(breaker.health("anthropic").healthy)
     assert.equal(3, metrics.snapshot().anthropic.skipped)

@@ -13,6 +13,12 @@ local breaker = require "aiorch.breaker"
 local KEYS = { openai = "sk-gwpol-openai-8181", anthropic = "sk-ant-gwpol-9292" }
 local CLIENT_KEY = "gwpol-client-secret-1717"
 local QUESTION = "Does the gateway hold up?"
+-- AIORCH_TEST_SLOWDOWN (.ci/valgrind): waits, and margins that only guard
+-- against a slow runtime, stretch by it.
+local SLOWDOWN = tonumber(os.getenv("AIORCH_TEST_SLOWDOWN") or "") or 1
+local function stretch(ms)
+  return math.ceil(ms * SLOWDOWN) -- whole ms: policies take integers
+end
 
 local m
 local started = {}
@@ -34,7 +40,7 @@ local function post(base, path, body, headers)
     h[k] = v
   end
   local status, rh, rb = aiorch.http.request { method = "POST", url = base .. path, headers = h,
-    body = type(body) == "table" and assert(cjson.encode(body)) or body, timeout_ms = 10000 }
+    body = type(body) == "table" and assert(cjson.encode(body)) or body, timeout_ms = stretch(10000) }
   assert(status, "request failed: " .. tostring(rh) .. " " .. tostring(rb))
   return status, rh, rb, cjson.decode(rb or "")
 end
@@ -167,24 +173,24 @@ end)
 
 describe("streams through the gateway", function()
   it("a first-token deadline moves a stream to the next provider before anything is sent", function()
-    local base = start_gw({}, { first_token_ms = 400 }, nil)
+    local base = start_gw({}, { first_token_ms = stretch(400) }, nil)
     local t0 = aiorch.now()
     local s, h, body = post(base, "/v1/chat/completions", chat { stream = true }, {
       ["x-aiorch-strategy"] = "fallback", ["x-aiorch-providers"] = "openai,anthropic",
-      ["x-aiorch-policy"] = "first_token_timeout_ms=100" })
+      ["x-aiorch-policy"] = "first_token_timeout_ms=" .. stretch(100) })
     assert.equal(200, s)
     assert.equal("anthropic", h["x-aiorch-provider"])
     local text, done = stream_text(body)
     assert.matches("^Hello from the mock anthropic provider", text)
     assert.is_true(done)
-    assert.is_true(aiorch.now() - t0 < 350)
+    assert.is_true(aiorch.now() - t0 < stretch(350))
   end)
 
   it("a stall after tokens ends the stream with an error event (gap deadline), never [DONE]", function()
     local base = start_gw({}, { stall_after = 2, chunks = 6 })
     local s, _, body = post(base, "/v1/chat/completions", chat { stream = true }, {
       ["x-aiorch-strategy"] = "fallback", ["x-aiorch-providers"] = "openai,anthropic",
-      ["x-aiorch-policy"] = "gap_timeout_ms=100" })
+      ["x-aiorch-policy"] = "gap_timeout_ms=" .. stretch(100) })
     assert.equal(200, s)
     local text, done, err = stream_text(body)
     assert.is_false(done)
@@ -245,6 +251,18 @@ end)
 describe("aiorch serve, every output searched for the keys", function()
   local process = aiorch.process
 
+  -- Polls /healthz until the server answers or its start-up time runs out.
+  local function wait_up(base)
+    local deadline = aiorch.now() + stretch(5000)
+    repeat
+      if aiorch.http.request { url = base .. "/healthz", timeout_ms = stretch(500) } then
+        return true
+      end
+      aiorch.sleep(10)
+    until aiorch.now() > deadline
+    return false
+  end
+
   local function slurp(path)
     local f = io.open(path, "rb")
     if not f then
@@ -284,16 +302,7 @@ return {
               GWPOL_ANTHROPIC_KEY = KEYS.anthropic },
     }))
     local base = "http://127.0.0.1:" .. port
-    local up = false
-    for _ = 1, 500 do
-      local s = aiorch.http.request { url = base .. "/healthz", timeout_ms = 500 }
-      if s then
-        up = true
-        break
-      end
-      aiorch.sleep(10)
-    end
-    assert.is_true(up, slurp(err))
+    assert.is_true(wait_up(base), slurp(err))
     local seen = {}
     local auth = { authorization = "Bearer " .. CLIENT_KEY }
     for _, path in ipairs { "/v1/chat/completions", "/v1/orchestrate" } do
@@ -314,7 +323,7 @@ return {
     local _, _, metrics_text = aiorch.http.request { url = base .. "/metrics", headers = auth }
     seen[#seen + 1] = metrics_text
     assert(process.kill(pid, "TERM"))
-    assert.equal(0, process.wait(pid, 10000))
+    assert.equal(0, process.wait(pid, stretch(10000)))
     seen[#seen + 1] = slurp(out)
     seen[#seen + 1] = slurp(err)
     local all = table.concat(seen, "\n")
@@ -349,15 +358,7 @@ return {
               OPENAI_BASE_URL = m:base_url("openai"), ANTHROPIC_API_KEY = false },
     }))
     local base = "http://127.0.0.1:" .. port
-    local up = false
-    for _ = 1, 500 do
-      if aiorch.http.request { url = base .. "/healthz", timeout_ms = 500 } then
-        up = true
-        break
-      end
-      aiorch.sleep(10)
-    end
-    assert.is_true(up, slurp(err))
+    assert.is_true(wait_up(base), slurp(err))
     local function ask(strategy, question)
       return post(base, "/v1/orchestrate", { user_question = question or QUESTION, strategy = strategy,
         providers = { "openai" } })
@@ -376,7 +377,7 @@ return {
     assert.equal(200, s)
     assert.equal("success", doc.status)
     assert(process.kill(pid, "TERM"))
-    assert.equal(0, process.wait(pid, 10000))
+    assert.equal(0, process.wait(pid, stretch(10000)))
     os.execute("rm -rf '" .. dir .. "'")
   end)
 end)
