@@ -132,22 +132,17 @@ function _M.new(state)
     return do_call(provider, copts, request)
   end
 
-  -- call_with(provider, request[, opts]): a call with another request (a
-  -- continuation, a rewritten question).
-  function ctx.call_with(provider, req, copts)
-    return do_call(provider, copts, req)
-  end
-
   -- After a stream owned by `from` was cut with `partial` sent: `provider`
   -- takes the stream over and continues the answer where it stopped.
-  function ctx.continue_with(provider, partial, from)
+  -- copts as for call (a gateway passes its own token sink there).
+  function ctx.continue_with(provider, partial, from, copts)
     owner = provider
     local req = {}
     for k, v in pairs(request) do
       req[k] = v
     end
     req.continue_from = partial
-    local r = do_call(provider, nil, req)
+    local r = do_call(provider, copts, req)
     if r.status == "success" then
       r.response_text = partial .. r.response_text
       r.metadata.continued_from = from

@@ -154,6 +154,7 @@ function _M.snapshot()
       buckets[i] = { le = _M.buckets[i] or "+Inf", count = cumulative }
     end
     local lat = _M.latency(name)
+    local health = breaker.health(name)
     out[name] = {
       requests = e.requests, successes = e.successes, errors = e.errors, timeouts = e.timeouts,
       cancelled = e.cancelled, errors_by_kind = kinds,
@@ -163,8 +164,8 @@ function _M.snapshot()
       fallback_activations = e.fallback_activations, races_won = e.races_won, races_lost = e.races_lost,
       retries = e.retries, skipped = e.skipped, hedges = e.hedges, continuations = e.continuations,
       tokens_wasted_in = e.tokens_wasted_in, tokens_wasted_out = e.tokens_wasted_out,
-      healthy = breaker.health(name).healthy,
-      breaker = breaker.health(name).state,
+      healthy = health.healthy,
+      breaker = health.state,
     }
   end
   return out

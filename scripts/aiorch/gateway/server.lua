@@ -9,7 +9,6 @@ local loader = require "aiorch.loader"
 local orchestrate = require "aiorch.orchestrate"
 local response = require "aiorch.response"
 local provider_config = require "aiorch.config"
-local metrics = require "aiorch.metrics"
 local gconfig = require "aiorch.gateway.config"
 local common = require "aiorch.gateway.common"
 local openai = require "aiorch.gateway.openai"
@@ -18,6 +17,7 @@ local native = require "aiorch.gateway.native"
 local prometheus = require "aiorch.gateway.prometheus"
 local stream = require "aiorch.gateway.stream"
 local policy = require "aiorch.policy"
+local breaker = require "aiorch.breaker"
 
 local fmt = string.format
 local type = type
@@ -365,8 +365,10 @@ local function header_policy(x, request)
     return false
   end
   if type(request.policy) == "table" then
-    for k, pv in pairs(request.policy) do
-      t[k] = t[k] == nil and pv or t[k]
+    for k, pv in pairs(request.policy) do -- the header wins a clash
+      if t[k] == nil then
+        t[k] = pv
+      end
     end
   end
   request.policy = t
@@ -489,7 +491,7 @@ local function serve_health(x)
     local a = loader.load("provider", name, state.path)
     if a then
       local pc = provider_config.cached(name, a, env)
-      local hl = metrics.health(name)
+      local hl = breaker.health(name) -- as /metrics and strategies see it
       any = any or (pc.available and hl.healthy)
       parts[#parts + 1] = fmt('%s:{"available":%s,"healthy":%s,"failures":%d}', common.json_string(name),
         tostring(pc.available), tostring(hl.healthy), hl.failures)

@@ -20,7 +20,6 @@ local orchestrate = require "aiorch.orchestrate"
 local response = require "aiorch.response"
 
 local type = type
-local pairs = pairs
 local ipairs = ipairs
 local setmetatable = setmetatable
 local concat = table.concat
@@ -28,7 +27,7 @@ local floor = math.floor
 local spawn = aiorch.spawn
 local current = aiorch.current
 local isyieldable = coroutine.isyieldable
-local ctx_add = response.add_attempts
+local add_response_attempts = response.add_attempts
 
 local _M = {}
 
@@ -141,7 +140,7 @@ end
 
 local function add_attempts(attempts, p, r)
   if r then
-    return ctx_add(attempts, r)
+    return add_response_attempts(attempts, r)
   end
   attempts[#attempts + 1] = { provider = p, status = "cancelled" }
   return attempts
@@ -178,17 +177,8 @@ local function fallback(providers, ctx, job)
         ctx.count(nextp, "continuations")
         ctx.log("info", "%s was cut; %s continues the answer", p, nextp)
         job.owner = nextp
-        local req = {}
-        for k, v in pairs(ctx.request) do
-          req[k] = v
-        end
-        req.continue_from = partial
-        r = ctx.call_with(nextp, req, { stream = true, on_token = job.on_token })
+        r = ctx.continue_with(nextp, partial, p, { stream = true, on_token = job.on_token })
         add_attempts(attempts, nextp, r)
-        if r.status == "success" then
-          r.response_text = partial .. r.response_text
-          r.metadata.continued_from = p
-        end
       end
       r.metadata.attempts = attempts
       return r
