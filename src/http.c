@@ -272,8 +272,10 @@ static const char *error_kind(const http_req *r)
 /* Pushes the response headers as a table with lower-case names. */
 static void push_headers(lua_State *L, const http_req *r)
 {
-    lua_newtable(L);
     const char *p = r->head.p, *end = p + r->head.len;
+    int lines = 0;
+    for (const char *q = p; q && (q = memchr(q, '\n', (size_t)(end - q))); q++) lines++;
+    lua_createtable(L, 0, lines); /* sized once: a line a header, but the status line */
     if (!p) return;
     while (p < end) {
         const char *eol = memchr(p, '\n', (size_t)(end - p));

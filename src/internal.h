@@ -55,6 +55,7 @@ struct aiorch_runtime {
     /* runtime.c: freed small Lua blocks kept for reuse, by size class */
     void *blocks[17];
     unsigned nblocks[17];
+    int warn_on, warn_cont; /* runtime.c: Lua warnings (warn_cb) */
 };
 
 /* The runtime of a Lua-visible function: upvalue 1 of every module function. */

@@ -4,9 +4,6 @@
 #include <stdlib.h>
 #include <string.h>
 #include <time.h>
-#ifdef __GLIBC__
-#include <malloc.h>
-#endif
 
 #include <lualib.h>
 
@@ -41,13 +38,13 @@ double aiorch_now_ms(void)
     return (double)ts.tv_sec * 1e3 + (double)ts.tv_nsec / 1e6;
 }
 
-/* Lua's allocator. Most of Lua's blocks are small and short-lived, and
- * malloc and free cost ~200 instructions a pair there (12% of a gateway
- * request): freed blocks of up to 256 bytes are kept on lists by size
- * class, 16 bytes apart, and reused. They stay malloc's blocks, filed by
- * the room malloc gave them, so any block of Lua's can be kept, and
- * aiorch_alloc_trim gives them back. Under ASan all go to malloc, so that
- * misuse is still caught. */
+/* Lua's allocator, for every block of a state the runtime creates. Most
+ * of Lua's blocks are small and short-lived, and malloc and free cost ~200
+ * instructions a pair there (12% of a gateway request): freed blocks of up
+ * to 256 bytes are kept on lists by size class, 16 bytes apart, and reused.
+ * A small block is always allocated with its class's full size, so the
+ * size Lua gives back names its class. aiorch_alloc_trim returns them to
+ * malloc. Under ASan all go to malloc, so that misuse is still caught. */
 #define BLOCK_CLASSES 16
 #define BLOCK_KEEP 2048 /* per class */
 
@@ -62,21 +59,10 @@ double aiorch_now_ms(void)
 #define KEEP_BLOCKS 1
 #endif
 
-static size_t block_room(void *p, size_t size)
-{
-#ifdef __GLIBC__
-    (void)size;
-    return malloc_usable_size(p);
-#else
-    (void)p;
-    return size;
-#endif
-}
-
 static void block_free(aiorch_runtime *rt, void *p, size_t size)
 {
-    size_t k = KEEP_BLOCKS ? block_room(p, size) / 16 : 0;
-    if (k >= 1 && k <= BLOCK_CLASSES && rt->nblocks[k] < BLOCK_KEEP) {
+    size_t k = (size + 15) / 16;
+    if (KEEP_BLOCKS && k >= 1 && k <= BLOCK_CLASSES && rt->nblocks[k] < BLOCK_KEEP) {
         *(void **)p = rt->blocks[k];
         rt->blocks[k] = p;
         rt->nblocks[k]++;
@@ -102,7 +88,6 @@ static void *block_alloc(aiorch_runtime *rt, size_t size)
 static void *lua_alloc(void *ud, void *ptr, size_t osize, size_t nsize)
 {
     aiorch_runtime *rt = ud;
-    size_t room;
     void *p;
 
     if (nsize == 0) {
@@ -111,13 +96,32 @@ static void *lua_alloc(void *ud, void *ptr, size_t osize, size_t nsize)
     }
     if (!ptr) return block_alloc(rt, nsize);
     if (osize > BLOCK_CLASSES * 16 && nsize > BLOCK_CLASSES * 16) return realloc(ptr, nsize);
-    room = block_room(ptr, osize);
-    if (nsize <= room && (nsize + 15) / 16 == room / 16) return ptr; /* the same class */
+    if ((nsize + 15) / 16 == (osize + 15) / 16) return ptr; /* the same class */
     p = block_alloc(rt, nsize);
     if (!p) return NULL;
     memcpy(p, ptr, osize < nsize ? osize : nsize);
     block_free(rt, ptr, osize);
     return p;
+}
+
+static int panic(lua_State *L)
+{
+    const char *msg = lua_tostring(L, -1);
+    fprintf(stderr, "aiorch: PANIC: unprotected error in call to Lua API (%s)\n", msg ? msg : "?");
+    return 0; /* Lua aborts */
+}
+
+/* lua_WarnFunction as the standalone lua's: off until "@on". */
+static void warn_cb(void *ud, const char *msg, int tocont)
+{
+    aiorch_runtime *rt = ud;
+    if (!rt->warn_cont && *msg == '@') { /* a control message */
+        if (strcmp(msg, "@on") == 0) rt->warn_on = 1;
+        if (strcmp(msg, "@off") == 0) rt->warn_on = 0;
+        return;
+    }
+    if (rt->warn_on) fprintf(stderr, "%s%s%s", rt->warn_cont ? "" : "Lua warning: ", msg, tocont ? "" : "\n");
+    rt->warn_cont = tocont;
 }
 
 void aiorch_alloc_trim(aiorch_runtime *rt)
@@ -201,16 +205,18 @@ aiorch_runtime *aiorch_runtime_new(const aiorch_options *opts)
         rt->loop = ev_loop_new(EVFLAG_AUTO);
         rt->own_loop = 1;
     }
-    lua_State *L = luaL_newstate();
+    lua_State *L = lua_newstate(lua_alloc, rt);
     if (!rt->loop || !L) {
         fprintf(stderr, "aiorch: cannot create the runtime: out of memory\n");
         if (L) lua_close(L);
+        aiorch_alloc_trim(rt);
         if (rt->own_loop && rt->loop) ev_loop_destroy(rt->loop);
         free(rt);
         return NULL;
     }
     rt->own_L = 1;
-    lua_setallocf(L, lua_alloc, rt); /* from here on; it frees the first blocks too */
+    lua_atpanic(L, panic);
+    lua_setwarnf(L, warn_cb, rt);
     luaL_openlibs(L);
     /* Thousands of coroutines in flight leave a lot of short-lived garbage:
      * a cycle starts at 1.5x the live heap instead of Lua's 2x. */

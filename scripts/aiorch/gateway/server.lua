@@ -573,6 +573,33 @@ local function access_line(x, eol)
     .. (x.broken and " stream_error=true" or "") .. (x.aborted and " client_gone=true" or "") .. eol
 end
 
+-- Access lines for stderr go out together, one write per LOG_FLUSH_MS
+-- (or per LOG_FLUSH_BYTES) instead of one per request; close flushes.
+local LOG_FLUSH_MS, LOG_FLUSH_BYTES = 50, 32 * 1024
+
+local function log_flush(state)
+  local n = state.log_n
+  if n > 0 then
+    state.log_n, state.log_bytes = 0, 0
+    io_stderr:write(concat(state.log_buf, "", 1, n))
+  end
+end
+
+local function log_later(state)
+  sleep(LOG_FLUSH_MS)
+  log_flush(state)
+end
+
+local function log_line(state, line)
+  local n = state.log_n + 1
+  state.log_buf[n] = line
+  state.log_n = n
+  state.log_bytes = state.log_bytes + #line
+  if state.log_bytes >= LOG_FLUSH_BYTES or (n == 1 and not pcall(spawn, log_later, state)) then
+    log_flush(state)
+  end
+end
+
 -- The key of state.counts: "route status", built once per pair.
 local count_keys = {}
 local function count_key(route, status)
@@ -605,7 +632,7 @@ local done_mt = {
       if type(sink) == "function" then
         pcall(sink, access_line(x, ""))
       else
-        io_stderr:write(access_line(x, "\n"))
+        log_line(state, access_line(x, "\n"))
       end
     end
   end,
@@ -687,6 +714,7 @@ function Handle:close()
   self.closed = true
   self.server:close()
   self.park:cancel()
+  log_flush(self.state)
 end
 
 -- Waits until the gateway is closed (drain or close).
@@ -740,6 +768,7 @@ function _M.start(opts)
     config = cfg, path = opts.path, in_flight = 0, draining = false, seq = 0, counts = {},
     tag = fmt("%04x", random(0, 0xffff)),
     max_body = cfg.max_body, access_log = access, timeout_ms = opts.timeout_ms,
+    log_buf = {}, log_n = 0, log_bytes = 0,
   }
   local listen = { host = opts.host or cfg.host, port = opts.port or cfg.port,
     -- Room above the limit, so that most oversized bodies get the API's own 413.
