@@ -171,6 +171,7 @@ static void budget_hook(lua_State *L, lua_Debug *ar)
  * interpreter arms its hook from a signal handler); wd_mu keeps the
  * coroutine alive meanwhile. The budget counts from the arming. */
 #define WATCH_NS 50000000L
+#define IDLE_WATCH_NS 1000000000L /* after a period without a resume: few wake-ups when idle */
 
 static void arm(lua_State *co)
 {
@@ -181,12 +182,14 @@ static void *watchdog(void *arg)
 {
     aiorch_runtime *rt = arg;
     unsigned long seen = 0;
+    long period = WATCH_NS;
     struct timespec ts;
 
     pthread_mutex_lock(&rt->wd_mu);
     while (!rt->wd_stop) {
         clock_gettime(CLOCK_MONOTONIC, &ts);
-        ts.tv_nsec += WATCH_NS;
+        ts.tv_sec += period / 1000000000L;
+        ts.tv_nsec += period % 1000000000L;
         if (ts.tv_nsec >= 1000000000L) {
             ts.tv_sec++;
             ts.tv_nsec -= 1000000000L;
@@ -197,6 +200,9 @@ static void *watchdog(void *arg)
             arm(rt->wd_co);
             rt->wd_armed = rt->wd_co;
         }
+        /* Nothing ran for a whole period: look less often. A resume that
+         * begins meanwhile is armed at most IDLE_WATCH_NS + WATCH_NS late. */
+        period = !rt->wd_co && rt->wd_seq == seen ? IDLE_WATCH_NS : WATCH_NS;
         seen = rt->wd_seq;
     }
     pthread_mutex_unlock(&rt->wd_mu);
