@@ -574,8 +574,9 @@ local function access_line(x, eol)
 end
 
 -- Access lines for stderr go out together, one write per LOG_FLUSH_MS
--- (or per LOG_FLUSH_BYTES) instead of one per request; close flushes.
-local LOG_FLUSH_MS, LOG_FLUSH_BYTES = 50, 32 * 1024
+-- instead of one per request; close flushes. A write stays within PIPE_BUF
+-- (4 KiB), so that workers sharing a pipe never split each other's lines.
+local LOG_FLUSH_MS, LOG_FLUSH_BYTES = 50, 4096
 
 local function log_flush(state)
   local n = state.log_n
@@ -587,16 +588,23 @@ end
 
 local function log_later(state)
   sleep(LOG_FLUSH_MS)
+  state.log_timer = false
   log_flush(state)
 end
 
 local function log_line(state, line)
+  if state.log_bytes + #line > LOG_FLUSH_BYTES then
+    log_flush(state)
+  end
   local n = state.log_n + 1
   state.log_buf[n] = line
   state.log_n = n
   state.log_bytes = state.log_bytes + #line
-  if state.log_bytes >= LOG_FLUSH_BYTES or (n == 1 and not pcall(spawn, log_later, state)) then
-    log_flush(state)
+  if not state.log_timer then
+    state.log_timer = pcall(spawn, log_later, state)
+    if not state.log_timer then
+      log_flush(state)
+    end
   end
 end
 
@@ -768,7 +776,7 @@ function _M.start(opts)
     config = cfg, path = opts.path, in_flight = 0, draining = false, seq = 0, counts = {},
     tag = fmt("%04x", random(0, 0xffff)),
     max_body = cfg.max_body, access_log = access, timeout_ms = opts.timeout_ms,
-    log_buf = {}, log_n = 0, log_bytes = 0,
+    log_buf = {}, log_n = 0, log_bytes = 0, log_timer = false,
   }
   local listen = { host = opts.host or cfg.host, port = opts.port or cfg.port,
     -- Room above the limit, so that most oversized bodies get the API's own 413.
