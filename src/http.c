@@ -212,18 +212,34 @@ static void headers_done(http_req *r)
     }
 }
 
+/* A stream keeps its response headers for its whole life: no spare room. */
+static void text_fit(aiorch_sse_text *t)
+{
+    char *p = t->cap > t->len + 1 ? realloc(t->p, t->len + 1) : NULL;
+    if (p) {
+        t->p = p;
+        t->cap = t->len + 1;
+    }
+}
+
 /* CURLOPT_HEADERFUNCTION */
 static size_t header_cb(char *data, size_t size, size_t nmemb, void *ud)
 {
     http_req *r = ud;
     size_t len = size * nmemb;
+    int end = 0;
     if (len >= 5 && memcmp(data, "HTTP/", 5) == 0) r->head.len = 0; /* after a 1xx */
     if ((len == 2 && data[0] == '\r') || (len == 1 && data[0] == '\n')) {
         long status = 0;
         curl_easy_getinfo(r->tr.easy, CURLINFO_RESPONSE_CODE, &status);
-        if (status >= 200) headers_done(r);
+        if (status >= 200) {
+            headers_done(r);
+            end = 1;
+        }
     }
-    return aiorch_text_add(&r->head, data, len) ? 0 : len;
+    if (aiorch_text_add(&r->head, data, len)) return 0;
+    if (end && r->cb_ref != LUA_NOREF) text_fit(&r->head);
+    return len;
 }
 
 static void done_cb(aiorch_transfer *tr, int code)
