@@ -500,8 +500,9 @@ local function streams()
   print(fmt("  %d completed in order, %d failed; at most %d open at once (reached after %.1f s), %.1f s in all",
     done, failures, peak_open, (all_open_at - t0) / 1000, wall / 1000))
   if first_failure then print("  first failure: " .. first_failure) end
-  print(fmt("  gateway RSS (all its processes): %.1f MiB before, peak %.1f MiB sampled, %.1f MiB VmHWM",
-    rss0 / 1024, peak / 1024, hwm / 1024))
+  print(fmt("  gateway RSS (all its processes): %.1f MiB before, peak %.1f MiB sampled, %.1f MiB VmHWM"
+    .. " (%.1f KiB per stream over the start)", rss0 / 1024, peak / 1024, hwm / 1024,
+    (math.max(peak, hwm) - rss0) / STREAMS))
   print()
   local peak_mib = math.max(peak, hwm) / 1024
   target(fmt("peak RSS with %d streams open at once <= 350 MiB", STREAMS),

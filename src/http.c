@@ -14,10 +14,13 @@
 #define DEFAULT_CONNECT_TIMEOUT_MS 10000L
 #define DEFAULT_MAX_BODY (8L * 1024 * 1024)
 #define NO_LIMIT_MS 1000000000000L /* about 30 years */
-/* curl's receive buffer (its default is 16 KiB), allocated per transfer:
- * SSE events and JSON answers are small, and a stream holds its buffer for
- * its whole life. Always the same size, so a pooled handle's buffer fits. */
+/* curl's receive buffer (its default is 16 KiB), allocated per transfer.
+ * JSON answers are small; a stream's events smaller still, and a stream
+ * holds its buffer for its whole life (thousands of them at once), so it
+ * gets curl's minimum. A pooled handle has no buffer left (see
+ * aiorch_curl_easy_put), so either size can be set on it. */
 #define RECV_BUFFER_SIZE (4L * 1024)
+#define STREAM_BUFFER_SIZE 1024L
 
 /* The deadlines of a request, each on its own libev timer. */
 enum { DL_CONNECT, DL_HEADERS, DL_FIRST_EVENT, DL_GAP, DL_TOTAL, DL_COUNT };
@@ -209,18 +212,34 @@ static void headers_done(http_req *r)
     }
 }
 
+/* A stream keeps its response headers for its whole life: no spare room. */
+static void text_fit(aiorch_sse_text *t)
+{
+    char *p = t->cap > t->len + 1 ? realloc(t->p, t->len + 1) : NULL;
+    if (p) {
+        t->p = p;
+        t->cap = t->len + 1;
+    }
+}
+
 /* CURLOPT_HEADERFUNCTION */
 static size_t header_cb(char *data, size_t size, size_t nmemb, void *ud)
 {
     http_req *r = ud;
     size_t len = size * nmemb;
+    int end = 0;
     if (len >= 5 && memcmp(data, "HTTP/", 5) == 0) r->head.len = 0; /* after a 1xx */
     if ((len == 2 && data[0] == '\r') || (len == 1 && data[0] == '\n')) {
         long status = 0;
         curl_easy_getinfo(r->tr.easy, CURLINFO_RESPONSE_CODE, &status);
-        if (status >= 200) headers_done(r);
+        if (status >= 200) {
+            headers_done(r);
+            end = 1;
+        }
     }
-    return aiorch_text_add(&r->head, data, len) ? 0 : len;
+    if (aiorch_text_add(&r->head, data, len)) return 0;
+    if (end && r->cb_ref != LUA_NOREF) text_fit(&r->head);
+    return len;
 }
 
 static void done_cb(aiorch_transfer *tr, int code)
@@ -547,7 +566,7 @@ static int l_request(lua_State *L)
     curl_easy_setopt(easy, CURLOPT_PREREQFUNCTION, prereq_cb);
     curl_easy_setopt(easy, CURLOPT_PREREQDATA, r);
     curl_easy_setopt(easy, CURLOPT_TCP_KEEPALIVE, 1L);
-    curl_easy_setopt(easy, CURLOPT_BUFFERSIZE, RECV_BUFFER_SIZE);
+    curl_easy_setopt(easy, CURLOPT_BUFFERSIZE, r->cb_ref != LUA_NOREF ? STREAM_BUFFER_SIZE : RECV_BUFFER_SIZE);
     if (!lua_isnil(L, 4)) {
         size_t len;
         const char *body = lua_tolstring(L, 4, &len);
@@ -571,6 +590,12 @@ static int l_request(lua_State *L)
     h->r = r;
     r->handle = h;
     r->waiting = 1;
+    /* curl copied the URL and method, and the body and on_event are
+     * referenced: a stream must not hold the argument table for its life. */
+    for (int i = 1; i <= 6; i++) {
+        lua_pushnil(L);
+        lua_replace(L, i);
+    }
     /* The connect, headers, first event and total deadlines start now; the gap
      * one when the stream's headers are in. */
     ev_now_update(rt->loop);

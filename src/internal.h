@@ -30,6 +30,8 @@ struct aiorch_runtime {
     aiorch_task *ready_head; /* tasks to resume, in order */
     aiorch_task *ready_tail;
     aiorch_task *live;       /* every task not yet ended */
+    long nlive;              /* how many */
+    int gc_pause;            /* task.c: the GC pause to restore after a busy spell, or 0 */
     int draining;
     long budget;             /* instructions per resume */
     long used;

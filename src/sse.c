@@ -73,7 +73,16 @@ static int dispatch(aiorch_sse *p)
         size_t n = p->data.len;
         if (n && p->data.p[n - 1] == '\n') n--; /* the last data line's LF */
         if (!ev) return -1;
-        ev->data = text_dup(n ? p->data.p : "", n);
+        if (p->data.p) {
+            /* The buffer becomes the event's: no copy, and a stream keeps
+             * no data buffer between its events. */
+            p->data.p[n] = '\0';
+            ev->data = p->data.p;
+            p->data.p = NULL;
+            p->data.cap = 0;
+        } else {
+            ev->data = text_dup("", 0);
+        }
         ev->data_len = n;
         ev->event = p->event.len ? text_dup(p->event.p, p->event.len) : text_dup("message", 7);
         ev->id = p->have_id ? text_dup(p->id.p ? p->id.p : "", p->id.len) : NULL;

@@ -117,6 +117,23 @@ describe("tasks", function()
     sleep(20)
     assert.is_true(done)
   end)
+
+  it("the collector starts earlier while thousands of tasks are live, and as before after", function()
+    -- "setpause" sets and returns the previous pause: read it, put it back
+    local function pause()
+      local p = collectgarbage("setpause", 100)
+      collectgarbage("setpause", p)
+      return p
+    end
+    local before = pause()
+    local tasks = {}
+    for i = 1, 1100 do
+      tasks[i] = spawn(sleep, 20)
+    end
+    assert.equal(120, pause())
+    aiorch.gather(tasks)
+    assert.equal(before, pause())
+  end)
 end)
 
 describe("aiorch.sleep", function()

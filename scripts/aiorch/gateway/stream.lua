@@ -40,7 +40,8 @@ _M.strategy_name = "gateway_stream"
 -- Which built-in strategies stream, and how.
 local MODES = { single = "single", fallback = "fallback", fastest = "fastest" }
 
--- jobs[task] = the streaming job of the orchestration running in that task.
+-- jobs[task] = the session (the streaming job) of the orchestration
+-- running in that task.
 local jobs = setmetatable({}, { __mode = "k" })
 
 function _M.job_of(task)
@@ -69,16 +70,28 @@ Session.__index = Session
 
 -- res: the server response; shape: a Stream of gateway/openai or anthropic;
 -- headers: the response headers (X-Aiorch-Provider is added on commit).
+-- The session is also the streaming job of its orchestration (mode,
+-- owner, on_token, on_owner): one table per stream, thousands at once.
 function _M.session(res, shape, headers)
-  return setmetatable({ res = res, shape = shape, headers = headers, queue = {}, qn = 0,
-                        committed = false, sent = false, gone = false, writer = nil }, Session)
+  return setmetatable({ res = res, shape = shape, headers = headers, queue = nil, qn = 0,
+                        committed = false, sent = false, gone = false, draining = false, writer = nil,
+                        mode = nil, owner = nil, on_token = nil, on_owner = nil }, Session)
 end
 
-local function drain(s)
+-- Writes first (when given), then what was queued meanwhile, in order.
+local function drain(s, first)
   s.draining = true
-  while s.qn > 0 and not s.gone do
-    local chunk = concat(s.queue, "", 1, s.qn)
-    s.queue, s.qn = {}, 0
+  local chunk = first
+  while not s.gone do
+    if chunk == nil then
+      local n = s.qn
+      if n == 0 then
+        break
+      end
+      local q = s.queue
+      chunk = n == 1 and q[1] or concat(q, "", 1, n)
+      s.queue, s.qn = nil, 0
+    end
     if not s.sent then
       s.sent = true
       s.res:start(200, s.headers)
@@ -86,20 +99,25 @@ local function drain(s)
     if not s.res:write(chunk) then
       s.gone = true
     end
+    chunk = nil
   end
   s.draining = false
   s.writer = nil
 end
 
 function Session:push(bytes)
-  self.qn = self.qn + 1
-  self.queue[self.qn] = bytes
-  if self.draining or self.writer then
-    return -- the drain under way sends it
+  if self.qn == 0 and not (self.draining or self.writer) and isyieldable() then
+    return drain(self, bytes) -- nothing waits before it: no queue
   end
-  if isyieldable() then
-    drain(self)
-  else
+  local n = self.qn + 1
+  local q = self.queue
+  if not q then
+    q = {}
+    self.queue = q
+  end
+  q[n] = bytes
+  self.qn = n
+  if not (self.draining or self.writer) then
     self.writer = spawn(drain, self)
   end
 end
@@ -155,7 +173,7 @@ end
 
 local function fallback(providers, ctx, job)
   local t0 = ctx.now()
-  local attempts, failures = {}, {}
+  local attempts, failures = {}, nil
   local last = job.mode == "single" and 1 or #providers
   for i = 1, last do
     local p = providers[i]
@@ -183,6 +201,7 @@ local function fallback(providers, ctx, job)
       r.metadata.attempts = attempts
       return r
     end
+    failures = failures or {}
     failures[#failures + 1] = r
   end
   return failed_all(ctx, failures, attempts, t0)
@@ -261,26 +280,26 @@ end
 -- opts: as for orchestrate (env, path, timeout_ms). Returns what
 -- orchestrate returns; s.committed says whether tokens went out.
 function _M.run(request, mode, providers, s, opts)
-  local job = { mode = mode, owner = nil }
-  job.on_token = function(text, provider)
-    if job.owner == nil then
-      job.owner = provider
+  s.mode = mode
+  s.on_token = function(text, provider)
+    if s.owner == nil then
+      s.owner = provider
       -- The losers go before anything is written (a write may yield).
-      if job.on_owner then
-        job.on_owner(provider)
+      if s.on_owner then
+        s.on_owner(provider)
       end
       s:commit(provider)
     end
-    if provider == job.owner then
+    if provider == s.owner then
       s:push(s.shape:delta(text))
     end
   end
   local task = current()
-  jobs[task] = job
+  jobs[task] = s
   local o = { env = opts.env, path = search_path(opts.path), stream = true, timeout_ms = opts.timeout_ms }
   local r, err, kind = orchestrate.orchestrate(request, _M.strategy_name, providers, o)
   jobs[task] = nil
-  return r, err, kind, job.owner
+  return r, err, kind, s.owner
 end
 
 return _M
