@@ -167,17 +167,23 @@ static int handle_close(lua_State *L)
     return 0;
 }
 
-/* CURLOPT_WRITEFUNCTION */
-static size_t write_cb(char *data, size_t size, size_t nmemb, void *ud)
+/* Whether the response is a stream of events for on_event: decided once. */
+static int is_stream(http_req *r)
 {
-    http_req *r = ud;
-    size_t len = size * nmemb;
     if (r->sse < 0) {
         char *type = NULL;
         curl_easy_getinfo(r->tr.easy, CURLINFO_CONTENT_TYPE, &type);
         r->sse = r->cb_ref != LUA_NOREF && type && strncasecmp(type, "text/event-stream", 17) == 0;
     }
-    if (r->sse) {
+    return r->sse;
+}
+
+/* CURLOPT_WRITEFUNCTION */
+static size_t write_cb(char *data, size_t size, size_t nmemb, void *ud)
+{
+    http_req *r = ud;
+    size_t len = size * nmemb;
+    if (is_stream(r)) {
         aiorch_sse_event *last = r->parser.tail;
         /* The cap holds for a whole stream too, not just what waits in it. */
         r->streamed += len;
@@ -202,9 +208,7 @@ static size_t write_cb(char *data, size_t size, size_t nmemb, void *ud)
 static void headers_done(http_req *r)
 {
     deadline_done(r, DL_HEADERS);
-    char *type = NULL;
-    curl_easy_getinfo(r->tr.easy, CURLINFO_CONTENT_TYPE, &type);
-    if (r->cb_ref != LUA_NOREF && type && strncasecmp(type, "text/event-stream", 17) == 0) {
+    if (is_stream(r)) {
         deadline_arm(r, DL_GAP);
     } else {
         deadline_done(r, DL_FIRST_EVENT);

@@ -13,7 +13,6 @@
 #define AIORCH_DEFAULT_ROOT "."
 #endif
 #define DEFAULT_BUDGET 100000000L
-#define GC_PAUSE 200 /* percent: Lua's default */
 
 static void default_report(void *ud, const char *message)
 {
@@ -217,12 +216,9 @@ aiorch_runtime *aiorch_runtime_new(const aiorch_options *opts)
     rt->own_L = 1;
     lua_atpanic(L, panic);
     lua_setwarnf(L, warn_cb, rt);
+    /* The collector keeps Lua's own pause (a cycle at 2x the live heap)
+     * while few tasks are live; task.c (gc_load) lowers it under load. */
     luaL_openlibs(L);
-    /* A cycle starts at 2x the live heap: the live heap of a runtime with
-     * few tasks is small, and collecting less often costs less CPU per
-     * request. With thousands of tasks in flight task.c (gc_load) makes it
-     * 1.2x, as memory is then what runs out first. */
-    lua_gc(L, LUA_GCINC, GC_PAUSE, 0, 0);
     if (aiorch_runtime_init(rt, L, opts) != 0) {
         fprintf(stderr, "aiorch: cannot create the runtime\n");
         aiorch_runtime_free(rt);

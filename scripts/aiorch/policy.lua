@@ -116,6 +116,16 @@ function _M.parse(s, who)
   return t
 end
 
+-- Copies the fields of t (when given) over those of out.
+local function merge(out, t)
+  if t then
+    for k, v in pairs(t) do
+      out[k] = v
+    end
+  end
+  return out
+end
+
 -- The policy of one call: defaults < provider < orchestration < request.
 -- Tables are merged only when an override is there (the usual case is none).
 function _M.resolve(provider_policy, opts_policy, request_policy)
@@ -123,29 +133,12 @@ function _M.resolve(provider_policy, opts_policy, request_policy)
   if opts_policy == nil and request_policy == nil then
     return p
   end
-  local out = {}
-  for k, v in pairs(p) do
-    out[k] = v
-  end
-  for k, v in pairs(opts_policy or {}) do
-    out[k] = v
-  end
-  for k, v in pairs(request_policy or {}) do
-    out[k] = v
-  end
-  return out
+  return merge(merge(merge({}, p), opts_policy), request_policy)
 end
 
 -- A provider's policy: the defaults overridden by its configuration.
 function _M.for_provider(t)
-  local out = {}
-  for k, v in pairs(defaults) do
-    out[k] = v
-  end
-  for k, v in pairs(t or {}) do
-    out[k] = v
-  end
-  return out
+  return merge(merge({}, defaults), t)
 end
 
 -- Failures worth another attempt: the provider or the path to it was at
@@ -173,6 +166,9 @@ function _M.counts_as_failure(kind)
   return BREAKER_KINDS[kind] == true
 end
 
+local MONTHS = { Jan = 1, Feb = 2, Mar = 3, Apr = 4, May = 5, Jun = 6, Jul = 7, Aug = 8, Sep = 9, Oct = 10,
+                 Nov = 11, Dec = 12 }
+
 -- Retry-After in ms: seconds, or an HTTP date (then, from now).
 function _M.retry_after_ms(v)
   if type(v) == "number" then
@@ -182,12 +178,10 @@ function _M.retry_after_ms(v)
     return nil
   end
   local d, mon, y, h, mi, s = v:match("^%a+, (%d+) (%a+) (%d+) (%d+):(%d+):(%d+) GMT$")
-  local months = { Jan = 1, Feb = 2, Mar = 3, Apr = 4, May = 5, Jun = 6, Jul = 7, Aug = 8, Sep = 9, Oct = 10,
-                   Nov = 11, Dec = 12 }
-  if not d or not months[mon] then
+  if not d or not MONTHS[mon] then
     return nil
   end
-  local t = os.time { year = tonumber(y), month = months[mon], day = tonumber(d), hour = tonumber(h),
+  local t = os.time { year = tonumber(y), month = MONTHS[mon], day = tonumber(d), hour = tonumber(h),
                       min = tonumber(mi), sec = tonumber(s), isdst = false }
   -- os.time reads the fields as local time; correct by the zone's offset.
   local utc_now = os.time(os.date("!*t"))
