@@ -12,7 +12,9 @@
 --     carries STREAMS (default 10,000) concurrent streams from a slow-streaming
 --     mock, every one checked complete and in order;
 --   * the time from a `fastest` winner's first byte to the loser's socket
---     closing, seen by the mock (which runs inside this process for that).
+--     closing, seen by the mock (which runs inside this process for that);
+--   * for comparison, the runtime's floor under the same load: bench/floor.lua,
+--     the HTTP server alone and the server relaying one upstream call.
 -- SECONDS (default 5) is the length of each wrk run; PARTS (default all) a
 -- comma-separated choice of latency, streams, fastest. Needs wrk (Debian: apt-get install wrk);
 -- installs nothing.
@@ -312,6 +314,33 @@ end
 ------------------------------------------------------------------------------
 -- Parts
 
+-- The runtime's floor (bench/floor.lua) under the same pinned load: the
+-- server alone, then the server relaying one upstream call to the mock.
+-- Whatever a gateway on this runtime does, it costs at least this much.
+local function floor(mock_port)
+  local rows = {}
+  for _, mode in ipairs { "fixed", "relay" } do
+    local port = free_port()
+    local upstream = mode == "relay" and fmt("http://%s:%d/v1/chat/completions", HOST, mock_port) or ""
+    local pid = start(fmt("%s%s run bench/floor.lua %d %s", pin(0), EXE, port, upstream), nil,
+      fmt("%s/floor-%s.log", TMP, mode))
+    local url = fmt("http://%s:%d", HOST, port)
+    local t0 = aiorch.now()
+    while aiorch.http.request { url = url .. "/ready", timeout_ms = 1000 } ~= 200 do
+      assert(alive(pid) and aiorch.now() - t0 < 15000, "bench/floor.lua did not start")
+      aiorch.sleep(20)
+    end
+    wrk(url, 1, 1)
+    local r1 = wrk(url, 1, SECONDS)
+    wrk(url, 64, 1)
+    local c0 = cpu_seconds { pid }
+    local r64 = wrk(url, 64, SECONDS)
+    rows[mode] = { r1 = r1, r64 = r64, cpu = (cpu_seconds { pid } - c0) / r64.requests * 1e6 }
+    stop(pid)
+  end
+  return rows
+end
+
 local function latency_and_cpu(mock_port)
   local gw = start_gateway("single", env_for(mock_port))
   local workers = tree(gw.pid)
@@ -361,6 +390,8 @@ local function latency_and_cpu(mock_port)
   local s1 = wrk(same.url, 1, SECONDS, "single", "openai")
   stop(same.pid)
 
+  local fl = floor(mock_port)
+
   -- Throughput as a user would run it: nothing pinned, the gateway's default workers.
   local free_mock, free_mock_pid = start_mock(nil, true)
   local free = start_gateway("free", env_for(free_mock), { unpinned = true })
@@ -389,8 +420,16 @@ local function latency_and_cpu(mock_port)
   row("gateway fallback (500, then ok)", 64, f64)
   row("direct to the mock, unpinned", 64, dfree)
   row(fmt("gateway single, unpinned (%d procs)", free_workers), 64, gfree)
+  row("floor: server alone (bench/floor)", 1, fl.fixed.r1)
+  row("floor: server alone", 64, fl.fixed.r64)
+  row("floor: server + one upstream call", 1, fl.relay.r1)
+  row("floor: server + one upstream call", 64, fl.relay.r64)
   print(fmt("gateway CPU per request (utime+stime, /proc): single %.1f µs, fallback %.1f µs",
     cpu_single, cpu_fallback))
+  print(fmt("the runtime's floor, CPU per request: server alone %.1f µs, + one upstream call %.1f µs",
+    fl.fixed.cpu, fl.relay.cpu))
+  print(fmt("  (added at 1 connection by the floor with an upstream call: p50 %d µs, p99 %d µs)",
+    fl.relay.r1.p50 - d1.p50, fl.relay.r1.p99 - d1.p99))
   print(fmt("worker RSS: %.1f MiB idle after start, %.1f MiB idle after the runs",
     idle_rss / 1024, after_rss / 1024))
   if idle_split then print(fmt("  after start: %s; after the runs: %s", idle_split, after_split or "?")) end
