@@ -87,7 +87,8 @@ local PROVIDERS = {
   { name = "slow_a", api = "anthropic", d = "latency_ms=10,chunks=3,chunk_delay_ms=3", plain = "ok", stream = "ok" },
   { name = "e500_o", api = "openai", d = "fault=500", plain = "fail", stream = "fail" },
   -- Retry-After 0: a 429 that asked for a pause would cool the provider
-  { name = "e429_a", api = "anthropic", d = "fault=429,retry_after=0", plain = "fail", stream = "fail" },
+  { name = "e429_a", api = "anthropic", d = "fault=429,retry_after=0", plain = "fail", stream = "fail",
+    limited = true },
   { name = "e529_a", api = "anthropic", d = "fault=529", plain = "fail", stream = "fail" },
   { name = "e401_o", api = "openai", d = "fault=401", plain = "fail", stream = "fail" },
   { name = "hang_o", api = "openai", d = "fault=hang", timeout = HANG_TIMEOUT_MS, plain = "timeout",
@@ -262,13 +263,14 @@ local function draw(i)
   return r
 end
 
+-- 504 when every provider timed out, 429 when every one rate-limited, else 502.
 local function failure_status(names, beh)
+  local timeout, limited = true, true
   for _, n in ipairs(names) do
-    if BY_NAME[n][beh] ~= "timeout" then
-      return 502
-    end
+    timeout = timeout and BY_NAME[n][beh] == "timeout"
+    limited = limited and BY_NAME[n].limited == true
   end
-  return 504
+  return timeout and 504 or (limited and 429 or 502)
 end
 
 -- The outcomes request r may have: a list of {status, owners = {names},
@@ -360,8 +362,10 @@ end
 -- Checking an answer. Each check returns nil when the answer is right,
 -- else a message.
 
-local OPENAI_TYPES = { [400] = "invalid_request_error", [502] = "upstream_error", [504] = "timeout" }
-local ANTHROPIC_TYPES = { [400] = "invalid_request_error", [502] = "api_error", [504] = "timeout_error" }
+local OPENAI_TYPES = { [400] = "invalid_request_error", [429] = "rate_limit_exceeded", [502] = "upstream_error",
+  [504] = "timeout" }
+local ANTHROPIC_TYPES = { [400] = "invalid_request_error", [429] = "rate_limit_error", [502] = "api_error",
+  [504] = "timeout_error" }
 local NATIVE_TYPES = { [400] = "invalid_request" }
 
 local function json_error(r, status, doc)

@@ -32,15 +32,19 @@ local function prune(s, t, window)
   end
 end
 
-local function open(s, t, ms, why)
+-- asked: the provider asked for the pause (Retry-After), rather than the
+-- breaker deciding it after failures.
+local function open(s, t, ms, why, asked)
   s.state = "open"
   s.open_until = t + ms
   s.trial = false
   s.why = why
+  s.asked = asked or false
   s.failures, s.first, s.count = {}, 1, 0
 end
 
--- allow(name) -> true, or false, message (the provider cools down).
+-- allow(name) -> true, or false, message (the provider cools down) and,
+-- when the provider itself asked for the pause, the ms left of it.
 -- A half-open breaker lets one caller through; it must report back.
 function _M.allow(name)
   local s = states[name]
@@ -57,7 +61,7 @@ function _M.allow(name)
   end
   local left = s.state == "open" and ceil(s.open_until - t) or nil
   return false, left and fmt("%s is cooling down for %d ms more (%s)", name, left, s.why or "failures")
-    or fmt("%s is cooling down: a trial request is deciding", name)
+    or fmt("%s is cooling down: a trial request is deciding", name), s.asked and left or nil
 end
 
 -- record(name, pol, ok, kind, retry_after, trial) after a call that was let
@@ -72,7 +76,7 @@ function _M.record(name, pol, ok, kind, retry_after, trial)
   if asked and asked > 0 then
     s = state(name)
     if s.state ~= "open" or t + asked > s.open_until then
-      open(s, t, asked, fmt("it asked to wait %d s", ceil(asked / 1000)))
+      open(s, t, asked, fmt("it asked to wait %d s", ceil(asked / 1000)), true)
     end
     return
   end

@@ -18,6 +18,7 @@ local http = core.http
 local now = core.now
 local sleep = core.sleep
 local floor = math.floor
+local ceil = math.ceil
 local concat = table.concat
 
 local EMPTY = {} -- never written
@@ -262,14 +263,16 @@ function _M.call(adapter, config, request, opts)
   local attempts = {}
   local r
   for n = 1, pol.max_attempts do
-    local allowed, why = breaker.allow(name)
+    local allowed, why, asked_ms = breaker.allow(name)
     if not allowed then
       metrics.count(name, "skipped")
       if r then
         attempts[#attempts].note = "provider cooling down"
         break -- the last failure stands
       end
-      r = response.error(name, "cooldown", why, 0, { model = config.model })
+      -- A pause the provider asked for: its rest, as Retry-After seconds.
+      r = response.error(name, "cooldown", why, 0,
+        { model = config.model, retry_after = asked_ms and ceil(asked_ms / 1000) or nil })
       attempts[1] = response.attempt(r)
       break
     end

@@ -104,6 +104,7 @@ function _M.attempt(r)
     latency_ms = r.latency_ms,
     http_status = m.http_status,
     deadline = m.deadline,
+    retry_after = m.retry_after,
   }
 end
 

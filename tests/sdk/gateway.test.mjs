@@ -135,7 +135,7 @@ const messagesBody = (extra = {}) => ({
   model: ANTHROPIC_MODEL, max_tokens: 64, messages: [{ role: 'user', content: QUESTION }], ...extra,
 });
 
-let mock, gw, faulty, cut, locked;
+let mock, gw, faulty, limited, cut, locked;
 
 before(async () => {
   if (SKIP) return;
@@ -144,6 +144,8 @@ before(async () => {
   gw = await startGateway(mock.port);
   // Every upstream call of this one fails with a 500.
   faulty = await startGateway(mock.port, { directives: 'fault=500' });
+  // Every upstream call is rate-limited (429, Retry-After: 1).
+  limited = await startGateway(mock.port, { directives: 'fault=429,retry_after=1' });
   // Streams that break after tokens were sent.
   cut = await startGateway(mock.port, { directives: 'fault=cut,chunks=6' });
   // A gateway with client keys: the config names the variable that holds one.
@@ -233,6 +235,21 @@ test('openai: upstream 500 raises InternalServerError', { skip: SKIP }, async ()
   // A stream that fails before its first token is an HTTP error too.
   await assert.rejects(client.chat.completions.create(chatBody({ stream: true })), OpenAI.APIError);
 });
+
+test('openai: rate-limited upstreams raise RateLimitError; the SDK waits the Retry-After', { skip: SKIP },
+  async () => {
+    await assert.rejects(openai(limited, { maxRetries: 0 }).chat.completions.create(chatBody()), (err) => {
+      assert.ok(err instanceof OpenAI.RateLimitError, `${err.constructor.name} ${err.status}`);
+      assert.equal(err.status, 429);
+      assert.equal(err.error?.type, 'rate_limit_exceeded', JSON.stringify(err.error));
+      return true;
+    });
+    // One retry of the SDK's own, after the Retry-After the gateway passed on.
+    const t0 = Date.now();
+    await assert.rejects(openai(limited, { maxRetries: 1 }).chat.completions.create(chatBody()),
+      OpenAI.RateLimitError);
+    assert.ok(Date.now() - t0 >= 900, `the SDK retried after ${Date.now() - t0} ms`);
+  });
 
 test('openai: a stream cut after tokens raises, not a silent truncation', { skip: SKIP }, async () => {
   const stream = await openai(cut, { maxRetries: 0 }).chat.completions.create(chatBody({ stream: true }));
@@ -331,6 +348,15 @@ test('anthropic: upstream 500 raises an APIError', { skip: SKIP }, async () => {
     return true;
   });
   await assert.rejects(client.messages.stream(messagesBody()).finalMessage(), Anthropic.APIError);
+});
+
+test('anthropic: rate-limited upstreams raise RateLimitError', { skip: SKIP }, async () => {
+  await assert.rejects(anthropic(limited, { maxRetries: 0 }).messages.create(messagesBody()), (err) => {
+    assert.ok(err instanceof Anthropic.RateLimitError, `${err.constructor.name} ${err.status}`);
+    assert.equal(err.status, 429);
+    assert.equal(err.error?.error?.type, 'rate_limit_error', JSON.stringify(err.error));
+    return true;
+  });
 });
 
 test('anthropic: a stream cut after tokens raises, not a silent truncation', { skip: SKIP }, async () => {

@@ -600,6 +600,40 @@ describe("upstream failures", function()
     assert.is_table(doc4.error)
   end)
 
+  it("are 429 with Retry-After when every provider rate-limits", function()
+    local base = start_gw(nil, { fault = "429", retry_after = 7 }, { fault = "429", retry_after = 3 })
+    local s, h, _, doc = post(base, "/v1/chat/completions", chat())
+    assert.equal(429, s)
+    assert.equal("3", h["retry-after"]) -- the shortest wait asked
+    assert.equal("openai:rate_limited,anthropic:rate_limited", h["x-aiorch-attempts"])
+    assert.equal("rate_limit_exceeded", doc.error.type)
+    assert.matches("all providers failed", doc.error.message)
+    assert.equal(2, #m.requests)
+    -- Both now wait out what they asked: not called, still 429, with the time left.
+    local s2, h2, _, doc2 = post(base, "/v1/messages", msgs())
+    assert.equal(429, s2)
+    assert.equal("openai:cooldown,anthropic:cooldown", h2["x-aiorch-attempts"])
+    assert.equal("error", doc2.type)
+    assert.equal("rate_limit_error", doc2.error.type)
+    local left = tonumber(h2["retry-after"])
+    assert.is_true(left >= 1 and left <= 3, h2["retry-after"])
+    local s3, h3, _, doc3 = post(base, "/v1/orchestrate", { user_question = QUESTION })
+    assert.equal(429, s3)
+    assert.is_string(h3["retry-after"])
+    assert.equal("all_failed", doc3.metadata.error_kind)
+    local s4, h4 = post(base, "/v1/chat/completions", chat(nil, { stream = true }))
+    assert.equal(429, s4)
+    assert.matches("^application/json", h4["content-type"])
+    assert.equal(2, #m.requests)
+  end)
+
+  it("are 502 when a rate limit meets another failure", function()
+    local base = start_gw(nil, { fault = "429", retry_after = 2 }, { fault = "500" })
+    local s, h = post(base, "/v1/chat/completions", chat())
+    assert.equal(502, s)
+    assert.is_nil(h["retry-after"])
+  end)
+
   it("are 504 when every provider times out", function()
     local raw = { providers = { openai = { timeout_ms = 150 }, anthropic = { timeout_ms = 150 } } }
     local base = start_gw(raw, { fault = "hang" }, { fault = "hang" })
@@ -690,6 +724,47 @@ describe("client errors", function()
       chat(nil, { messages = { { role = "user", content = string.rep("z", 3000) } } }))
     assert.equal(200, ok)
     assert.equal(1, #m.requests)
+  end)
+end)
+
+describe("requests in flight", function()
+  it("beyond max_inflight are 429 in the API's shape; others are not counted", function()
+    local base = start_gw({ max_inflight = 1 }, { latency_ms = 300 })
+    local first = aiorch.spawn(post, base, "/v1/chat/completions", chat(), { ["x-aiorch-providers"] = "openai" })
+    assert.is_true(wait_for(function() return #m.requests == 1 end, 1000))
+    local s, h, _, doc = post(base, "/v1/chat/completions", chat())
+    assert.equal(429, s)
+    assert.equal("1", h["retry-after"])
+    assert.equal("rate_limit_exceeded", doc.error.type)
+    assert.matches("at most 1 per worker", doc.error.message, 1, true)
+    local s2, _, _, doc2 = post(base, "/v1/messages", msgs())
+    assert.equal(429, s2)
+    assert.equal("rate_limit_error", doc2.error.type)
+    assert.equal(429, (post(base, "/v1/orchestrate", { user_question = QUESTION })))
+    assert.equal(200, (request(base, "GET", "/healthz")))
+    assert.equal(200, (request(base, "GET", "/v1/models")))
+    assert.equal(1, #m.requests)
+    assert.equal(200, (first:await()))
+    -- The slot is free again, also after a client that went away.
+    local st, kind = aiorch.http.request { method = "POST", url = base .. "/v1/chat/completions",
+      headers = { ["content-type"] = "application/json" }, body = cjson.encode(chat()), timeout_ms = 50 }
+    assert.is_nil(st)
+    assert.equal("timeout", kind)
+    assert.is_true(wait_for(function()
+      return logs[#logs]:find("client_gone=true", 1, true) ~= nil
+    end, 1000))
+    assert.equal(200, (post(base, "/v1/chat/completions", chat())))
+    assert.matches("status=200", logs[#logs], 1, true)
+  end)
+
+  it("a stream holds its slot until it ends", function()
+    local base = start_gw({ max_inflight = 1 }, { chunks = 4, chunk_delay_ms = 100 })
+    local stream = aiorch.spawn(post, base, "/v1/chat/completions", chat(nil, { stream = true }),
+      { ["x-aiorch-providers"] = "openai" })
+    assert.is_true(wait_for(function() return #m.requests == 1 end, 1000))
+    assert.equal(429, (post(base, "/v1/chat/completions", chat(nil, { stream = true }))))
+    assert.equal(200, (stream:await()))
+    assert.equal(200, (post(base, "/v1/chat/completions", chat(nil, { stream = true }))))
   end)
 end)
 
@@ -837,6 +912,8 @@ describe("configuration", function()
       { { aliases = { x = { strategy = "nope" } } }, "unknown strategy 'nope'" },
       { { default_strategy = "nope" }, "unknown strategy" },
       { { max_body = -1 }, "max_body" },
+      { { max_inflight = -1 }, "max_inflight" },
+      { { max_inflight = 2.5 }, "max_inflight" },
       { { providers = { openai = { base_url = "ftp://x" } } }, "base_url" },
       { { server = { port = 1 } }, "server.port: set by the gateway" },
     }

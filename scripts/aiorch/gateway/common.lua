@@ -8,6 +8,7 @@
 -- gateway never adds the prompt builder's own system prompt to these
 -- requests (system_prompt is "" when the client sent none).
 local cjson = require "cjson.safe"
+local policy = require "aiorch.policy"
 
 local fmt = string.format
 local type = type
@@ -16,6 +17,7 @@ local tostring = tostring
 local concat = table.concat
 local tointeger = math.tointeger
 local byte = string.byte
+local ceil = math.ceil
 
 local EMPTY = {} -- never written
 
@@ -216,21 +218,54 @@ local function all_cooling(r)
   return true
 end
 
+-- Whether every attempt behind r was rate-limited: answered 429, or
+-- skipped while its provider waits out a Retry-After it sent earlier.
+-- Returns that, and the shortest wait asked, in ms, if any.
+local function rate_limited(r)
+  local m = r.metadata or EMPTY
+  local list = m.error_kind == "all_failed" and m.attempts or { m }
+  local wait
+  for _, a in ipairs(list) do
+    local kind = a.kind or a.error_kind
+    if kind ~= "rate_limited" and not (kind == "cooldown" and a.retry_after) then
+      return false
+    end
+    local ms = policy.retry_after_ms(a.retry_after)
+    if ms and (not wait or ms < wait) then
+      wait = ms
+    end
+  end
+  return #list > 0, wait
+end
+
 -- The failure a result stands for: status 504 when every provider timed
--- out, 503 when every one is cooling down (nothing was sent), else 502.
--- Returns status, kind, message.
+-- out, 429 when every one rate-limited the request, 503 when every one is
+-- cooling down (nothing was sent), else 502. Returns status, kind, message
+-- and for a 429 the Retry-After to pass on (whole seconds, as a string) if
+-- a provider asked for one.
 function _M.failure(result)
   local list = result.status and { result } or result
-  local timeout, cooling, msgs = #list > 0, #list > 0, {}
+  local timeout, cooling, limited, msgs = #list > 0, #list > 0, #list > 0, {}
+  local wait
   for _, r in ipairs(list) do
     timeout = timeout and r.status == "timeout"
     cooling = cooling and all_cooling(r)
+    if limited then
+      local ok, ms = rate_limited(r)
+      limited = ok
+      if ms and (not wait or ms < wait) then
+        wait = ms
+      end
+    end
     msgs[#msgs + 1] = r.error_message or r.status
   end
   local first = list[1] or {}
   local kind = first.metadata and first.metadata.error_kind or "upstream"
   if timeout then
     return 504, "timeout", concat(msgs, "; ")
+  end
+  if limited then
+    return 429, "rate_limited", concat(msgs, "; "), wait and tostring(ceil(wait / 1000)) or nil
   end
   if cooling then
     return 503, "cooldown", concat(msgs, "; ")

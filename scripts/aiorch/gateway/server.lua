@@ -277,9 +277,11 @@ local function run_plain(x, request, rt)
   return r
 end
 
--- Nobody answered: the headers say who was tried instead.
-local function failure_headers(h, x)
+-- Nobody answered: the headers say who was tried instead, and when the
+-- providers rate-limited the request, when to come back (Retry-After).
+local function failure_headers(h, x, retry_after)
   h["x-aiorch-attempts"] = x.attempts
+  h["retry-after"] = retry_after
   return h
 end
 
@@ -291,8 +293,8 @@ local function answered(x, request, rt)
   end
   local ok = x:note(r)
   if not ok then
-    local status, code, msg = common.failure(r)
-    x:fail(status, msg, code, failure_headers({}, x))
+    local status, code, msg, wait = common.failure(r)
+    x:fail(status, msg, code, failure_headers({}, x, wait))
     return nil
   end
   return r, ok
@@ -342,14 +344,14 @@ local function serve_streamed(x, shape, p, rt)
     x.status, x.started = 200, true
     return s:close(writer:finish({ r }))
   end
-  local status, code, msg = common.failure(r)
+  local status, code, msg, wait = common.failure(r)
   if s.committed then
     -- Tokens went out with a 200: the error travels as the stream's last event.
     x.status, x.started = 200, true
     x.broken = true
     return s:close(writer:error(status, "the upstream stream broke: " .. msg, code))
   end
-  return x:fail(status, msg, code, failure_headers({}, x))
+  return x:fail(status, msg, code, failure_headers({}, x, wait))
 end
 
 -- X-Aiorch-Policy: "name=value,..." overrides the providers' policies for
@@ -434,8 +436,9 @@ local function serve_native(x)
   local headers = base_headers(x, rt.strategy)
   local status = 200
   if not ok then
-    status = common.failure(r)
-    failure_headers(headers, x)
+    local failed, _, _, wait = common.failure(r)
+    status = failed
+    failure_headers(headers, x, wait)
   else
     headers["x-aiorch-provider"] = ok
     headers["x-aiorch-attempts"] = x.attempts
@@ -517,6 +520,8 @@ local ROUTES = {
   ["/metrics"] = { GET = serve_metrics },
 }
 local OPEN = { ["/healthz"] = true, ["/metrics"] = true } -- no client key needed
+-- The routes that call providers: max_inflight counts their requests.
+local ORCHESTRATING = { ["/v1/chat/completions"] = true, ["/v1/messages"] = true, ["/v1/orchestrate"] = true }
 
 local function allow_of(methods)
   local out = {}
@@ -558,6 +563,15 @@ local function dispatch(x)
   end
   if #(req.body or "") > state.max_body then
     return x:fail(413, fmt("request body too large (at most %d bytes)", state.max_body))
+  end
+  if ORCHESTRATING[route] then
+    local cap = state.max_inflight
+    if cap > 0 and state.orchestrating >= cap then
+      return x:fail(429, fmt("too many requests in flight (at most %d per worker); retry shortly", cap),
+        nil, { ["retry-after"] = "1" })
+    end
+    state.orchestrating = state.orchestrating + 1
+    x.counted = true
   end
   return fn(x)
 end
@@ -630,6 +644,9 @@ local done_mt = {
   __close = function(x)
     local state = x.state
     state.in_flight = state.in_flight - 1
+    if x.counted then
+      state.orchestrating = state.orchestrating - 1
+    end
     if not x.status then
       x.aborted = true
     end
@@ -668,6 +685,7 @@ local function handle(state, req, res)
     state = state, req = req, res = res, route = route, t0 = req.received_at or now(),
     shape = shape_of(route, req.headers), id = new_id(state),
     status = nil, started = nil, strategy = nil, provider = nil, attempts = nil, tokens_in = nil, tokens_out = nil,
+    counted = nil,
   }, exchange_mt)
   -- A script that runs away is stopped past any pcall: the server then
   -- answers with this, in the caller's error shape.
@@ -776,6 +794,7 @@ function _M.start(opts)
     config = cfg, path = opts.path, in_flight = 0, draining = false, seq = 0, counts = {},
     tag = fmt("%04x", random(0, 0xffff)),
     max_body = cfg.max_body, access_log = access, timeout_ms = opts.timeout_ms,
+    max_inflight = cfg.max_inflight or 0, orchestrating = 0,
     log_buf = {}, log_n = 0, log_bytes = 0, log_timer = false,
   }
   local listen = { host = opts.host or cfg.host, port = opts.port or cfg.port,
