@@ -83,6 +83,7 @@ struct srv_server {
     lua_Integer refusing;               /* connections open only to be answered 503 */
     double header_to, idle_to, read_to; /* seconds; 0: none */
     int handler_ref, self_ref;
+    int refuse_ref; /* on_refuse, or LUA_NOREF */
     srv_conn *conns;
     lua_Integer next_id;
     lua_Integer accepted, open, requests, aborted, refused, timed_out;
@@ -552,8 +553,21 @@ static void conn_end_response(lua_State *L, srv_conn *c)
     if (c->in.off < c->in.len) ev_feed_event(loop, &c->rw, EV_CUSTOM);
 }
 
-/* Answers a request refused while parsing, then closes. Returns -1 when
- * c was freed. */
+static void req_push(lua_State *L, srv_conn *c);
+
+/* Run protected: on_refuse(status, req) -> body[, content type]. */
+static int refuse_call(lua_State *L)
+{
+    srv_conn *c = lua_touserdata(L, 1);
+    lua_rawgeti(L, LUA_REGISTRYINDEX, c->srv->refuse_ref);
+    lua_pushvalue(L, 2);
+    req_push(L, c);
+    lua_call(L, 2, 2);
+    return 2;
+}
+
+/* Answers a request refused while parsing, then closes. Once its headers
+ * are in, on_refuse may word the answer. Returns -1 when c was freed. */
 static int conn_reject(lua_State *L, srv_conn *c, int status)
 {
     const char *body = status == 413   ? "payload too large\n"
@@ -562,16 +576,36 @@ static int conn_reject(lua_State *L, srv_conn *c, int status)
                        : status == 431 ? "request header fields too large\n"
                        : status == 503 ? "service unavailable\n"
                                        : "bad request\n";
+    const char *type = "text/plain";
+    size_t len = strlen(body), tlen;
+    int top = lua_gettop(L), failed;
     c->close_after = 1;
     c->linger = 1;
     c->in.off = c->in.len = 0;
     ev_io_stop(c->srv->rt->loop, &c->rw);
     ev_timer_stop(c->srv->rt->loop, &c->to_w);
-    if (buf_fmt(&c->out,
-                "HTTP/1.1 %d %s\r\ncontent-type: text/plain\r\ncontent-length: %zu\r\n"
-                "connection: close\r\n\r\n%s",
-                status, srv_reason(status), strlen(body), body) ||
-        conn_send(c, NULL, 0) < 0) {
+    if (c->srv->refuse_ref != LUA_NOREF && c->phase == PH_BODY) {
+        lua_checkstack(L, 4);
+        lua_pushcfunction(L, refuse_call);
+        lua_pushlightuserdata(L, c);
+        lua_pushinteger(L, status);
+        if (lua_pcall(L, 2, 2, 0) != LUA_OK) {
+            aiorch_report(c->srv->rt, "aiorch.server: on_refuse: %s", lua_tostring(L, -1));
+        } else if (lua_type(L, -2) == LUA_TSTRING) {
+            body = lua_tolstring(L, -2, &len);
+            if (lua_type(L, -1) == LUA_TSTRING) {
+                const char *t = lua_tolstring(L, -1, &tlen);
+                if (tlen > 0 && is_field_value(t, tlen) && strlen(t) == tlen) type = t;
+            }
+        }
+    }
+    failed = buf_fmt(&c->out,
+                     "HTTP/1.1 %d %s\r\ncontent-type: %s\r\ncontent-length: %zu\r\n"
+                     "connection: close\r\n\r\n",
+                     status, srv_reason(status), type, len) ||
+             buf_add(&c->out, body, len);
+    lua_settop(L, top); /* body and type were copied */
+    if (failed || conn_send(c, NULL, 0) < 0) {
         conn_free(L, c, SRV_PLAIN);
         return -1;
     }
@@ -1642,7 +1676,8 @@ static void srv_close(lua_State *L, srv_server *s)
     while (s->conns)
         conn_free(L, s->conns, SRV_CANCEL);
     luaL_unref(L, LUA_REGISTRYINDEX, s->handler_ref);
-    s->handler_ref = LUA_NOREF;
+    luaL_unref(L, LUA_REGISTRYINDEX, s->refuse_ref);
+    s->handler_ref = s->refuse_ref = LUA_NOREF;
     s->self_ref = LUA_NOREF;
     luaL_unref(L, LUA_REGISTRYINDEX, self_ref); /* last: s may be collected from here */
 }
@@ -1709,6 +1744,7 @@ static void srv_check_options(lua_State *L)
                                         "header_timeout_ms",
                                         "idle_timeout_ms",
                                         "read_timeout_ms",
+                                        "on_refuse",
                                         NULL};
     lua_pushnil(L);
     while (lua_next(L, 1)) {
@@ -1800,13 +1836,15 @@ static int srv_listen(lua_State *L)
     }
     lua_getfield(L, 1, "handler"); /* 5 */
     luaL_argcheck(L, lua_type(L, 5) == LUA_TFUNCTION, 1, "'handler' must be a function");
+    lua_getfield(L, 1, "on_refuse"); /* 6 */
+    luaL_argcheck(L, lua_isnil(L, 6) || lua_type(L, 6) == LUA_TFUNCTION, 1, "'on_refuse' must be a function");
 
-    s = lua_newuserdatauv(L, sizeof *s, 0); /* 6 */
+    s = lua_newuserdatauv(L, sizeof *s, 0); /* 7 */
     memset(s, 0, sizeof *s);
     s->rt = rt;
     s->fd = -1;
     s->closed = 1; /* until bound */
-    s->handler_ref = s->self_ref = LUA_NOREF;
+    s->handler_ref = s->self_ref = s->refuse_ref = LUA_NOREF;
     s->max_body = (size_t)max_body;
     s->max_header = (size_t)max_header;
     s->max_conns = max_conns;
@@ -1823,8 +1861,12 @@ static int srv_listen(lua_State *L)
     }
     lua_pushvalue(L, 5);
     s->handler_ref = luaL_ref(L, LUA_REGISTRYINDEX);
+    if (!lua_isnil(L, 6)) {
+        lua_pushvalue(L, 6);
+        s->refuse_ref = luaL_ref(L, LUA_REGISTRYINDEX);
+    }
     /* A listening server stays alive without a Lua reference, until closed. */
-    lua_pushvalue(L, 6);
+    lua_pushvalue(L, 7);
     s->self_ref = luaL_ref(L, LUA_REGISTRYINDEX);
     s->closed = 0;
     s->next = rt->servers;

@@ -22,10 +22,24 @@ local function handler(req, res)
   end
 end
 
+-- Refusals after the headers (a body over max_body, a malformed one) are
+-- worded from what was parsed; "refuse-error" paths make the hook fail.
+local function on_refuse(status, req)
+  if req.path:find("refuse-error", 1, true) then
+    error("refused")
+  end
+  local n = 0
+  for name, value in pairs(req.headers) do
+    n = n + #name + #value
+  end
+  return '{"status":' .. status .. ',"header_bytes":' .. n .. '}', req.headers["x-type"] or "application/json"
+end
+
 package.loaded.fuzz_server = assert(aiorch.server.listen {
   host = "127.0.0.1",
   port = 0,
   max_body = 4096,
   max_header = 2048,
   handler = handler,
+  on_refuse = on_refuse,
 })

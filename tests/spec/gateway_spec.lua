@@ -716,9 +716,18 @@ describe("client errors", function()
     local s2, _, _, doc2 = post(base, "/v1/messages", big)
     assert.equal(413, s2)
     assert.equal("request_too_large", doc2.error.type)
-    -- Far beyond the limit the server refuses before reading the body.
-    local s3 = post(base, "/v1/chat/completions", string.rep("y", 64 * 1024))
+    -- Far beyond the limit the server refuses before reading the body,
+    -- still in the caller's shape, with an access line.
+    local s3, h3, _, doc3 = post(base, "/v1/chat/completions", string.rep("y", 64 * 1024))
     assert.equal(413, s3)
+    assert.matches("^application/json", h3["content-type"])
+    assert.equal("invalid_request_error", doc3.error.type)
+    assert.matches("at most 4096 bytes", doc3.error.message, 1, true)
+    assert.matches("path=/v1/chat/completions status=413", logs[#logs], 1, true)
+    local s4, _, _, doc4 = post(base, "/v1/messages", string.rep("y", 64 * 1024))
+    assert.equal(413, s4)
+    assert.equal("error", doc4.type)
+    assert.equal("request_too_large", doc4.error.type)
     -- Just under the limit is fine.
     local ok = post(base, "/v1/chat/completions",
       chat(nil, { messages = { { role = "user", content = string.rep("z", 3000) } } }))

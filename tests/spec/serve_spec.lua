@@ -153,6 +153,37 @@ describe("aiorch.server limits", function()
     srv:close()
   end)
 
+  it("lets on_refuse word a refusal once the headers are in", function()
+    local seen = {}
+    local srv = listen { max_body = 100, read_timeout_ms = 200, max_header = 1024,
+      on_refuse = function(status, req)
+        seen[#seen + 1] = status .. " " .. req.method .. " " .. req.path .. " " .. tostring(req.headers["x-api"])
+        if req.headers["x-api"] == "boom" then
+          error("a broken hook")
+        end
+        return '{"error":' .. status .. '}', "application/json"
+      end }
+    -- over max_body by content-length: refused before the body is read
+    local got = raw(srv.port, "POST /v1/x?q=1 HTTP/1.1\r\nhost: x\r\nX-Api: a\r\ncontent-length: 500\r\n\r\n")
+    assert.truthy(got:find("^HTTP/1.1 413"), got)
+    assert.truthy(got:find("content-type: application/json\r\n", 1, true), got)
+    assert.truthy(got:find("connection: close", 1, true), got)
+    assert.truthy(got:find('\r\n\r\n{"error":413}$'), got)
+    -- a body that stalls
+    got = raw(srv.port, "POST /b HTTP/1.1\r\nhost: x\r\ncontent-length: 10\r\n\r\nabc")
+    assert.truthy(got:find('^HTTP/1.1 408.*\r\n\r\n{"error":408}$'), got)
+    -- a hook that fails: the plain answer, and the server goes on
+    got = raw(srv.port, "POST /c HTTP/1.1\r\nhost: x\r\nx-api: boom\r\ncontent-length: 500\r\n\r\n")
+    assert.truthy(got:find("^HTTP/1.1 413.*content%-type: text/plain.*payload too large"), got)
+    -- before the headers are complete there is no request to word it for
+    got = raw(srv.port, "GET / HTTP/1.1\r\nhost: x\r\nx-big: " .. ("a"):rep(2000) .. "\r\n\r\n")
+    assert.truthy(got:find("^HTTP/1.1 431.*content%-type: text/plain"), got)
+    assert.same({ "413 POST /v1/x?q=1 a", "408 POST /b nil", "413 POST /c boom" }, seen)
+    assert.equal(200, (get(srv.port, "/")))
+    assert.has_error(function() listen { on_refuse = 1 } end)
+    srv:close()
+  end)
+
   it("answers 431 beyond max_header", function()
     local srv = listen { max_header = 1024 }
     local got = raw(srv.port, "GET / HTTP/1.1\r\nhost: x\r\nx-big: " .. ("a"):rep(2000) .. "\r\n\r\n")

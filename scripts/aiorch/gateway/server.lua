@@ -561,9 +561,6 @@ local function dispatch(x)
   if state.draining then
     return x:fail(503, "the gateway is shutting down")
   end
-  if #(req.body or "") > state.max_body then
-    return x:fail(413, fmt("request body too large (at most %d bytes)", state.max_body))
-  end
   if ORCHESTRATING[route] then
     local cap = state.max_inflight
     if cap > 0 and state.orchestrating >= cap then
@@ -638,6 +635,20 @@ local function count_key(route, status)
   return k
 end
 
+-- Counts an answered request by route and status, and logs its line.
+local function account(state, x)
+  local key = count_key(ROUTES[x.route] and x.route or "other", x.status or 499)
+  state.counts[key] = (state.counts[key] or 0) + 1
+  local sink = state.access_log
+  if sink then
+    if type(sink) == "function" then
+      pcall(sink, access_line(x, ""))
+    else
+      log_line(state, access_line(x, "\n"))
+    end
+  end
+end
+
 -- Ends the bookkeeping of a request, also when its task is cancelled
 -- (the client went away).
 local done_mt = {
@@ -650,16 +661,7 @@ local done_mt = {
     if not x.status then
       x.aborted = true
     end
-    local key = count_key(ROUTES[x.route] and x.route or "other", x.status or 499)
-    state.counts[key] = (state.counts[key] or 0) + 1
-    local sink = state.access_log
-    if sink then
-      if type(sink) == "function" then
-        pcall(sink, access_line(x, ""))
-      else
-        log_line(state, access_line(x, "\n"))
-      end
-    end
+    account(state, x)
   end,
 }
 
@@ -675,11 +677,26 @@ local function runaway_body(shape)
   return b
 end
 
+local function route_of(path)
+  local q = find(path, "?", 1, true)
+  return q and sub(path, 1, q - 1) or path
+end
+
+-- The HTTP server refused a request whose headers it had read, before any
+-- handler ran (a body over max_body, a body that stalled or was malformed):
+-- the answer in the caller's error shape, and its access line.
+local REFUSED = { [408] = "the request body stopped arriving", [400] = "the request body is malformed" }
+local function refusal(state, status, req)
+  local route = route_of(req.path)
+  account(state, { req = req, route = route, status = status, t0 = req.received_at or now(), id = new_id(state) })
+  local msg = status == 413 and fmt("request body too large (at most %d bytes)", state.max_body)
+    or REFUSED[status] or "the request was refused"
+  return shape_of(route, req.headers).error_body(status, msg), "application/json"
+end
+
 local function handle(state, req, res)
   state.in_flight = state.in_flight + 1
-  local path = req.path
-  local q = find(path, "?", 1, true)
-  local route = q and sub(path, 1, q - 1) or path
+  local route = route_of(req.path)
   -- The fields set later are named too, so that the table is sized once.
   local x <close> = setmetatable({
     state = state, req = req, res = res, route = route, t0 = req.received_at or now(),
@@ -797,10 +814,9 @@ function _M.start(opts)
     max_inflight = cfg.max_inflight or 0, orchestrating = 0,
     log_buf = {}, log_n = 0, log_bytes = 0, log_timer = false,
   }
-  local listen = { host = opts.host or cfg.host, port = opts.port or cfg.port,
-    -- Room above the limit, so that most oversized bodies get the API's own 413.
-    max_body = cfg.max_body * 2,
-    handler = function(req, res) return handle(state, req, res) end }
+  local listen = { host = opts.host or cfg.host, port = opts.port or cfg.port, max_body = cfg.max_body,
+    handler = function(req, res) return handle(state, req, res) end,
+    on_refuse = function(status, req) return refusal(state, status, req) end }
   for k, v in pairs(cfg.server) do
     listen[k] = v
   end
