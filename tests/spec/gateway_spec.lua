@@ -903,6 +903,42 @@ describe("access log", function()
       no_keys_in(line)
     end
   end)
+
+  it("logs the bodies only when log_bodies is set, and never a key", function()
+    local base = start_gw({ log_bodies = true, client_keys_env = { "GW_SPEC_CLIENT_KEY" } }, nil, nil,
+      { GW_SPEC_CLIENT_KEY = CLIENT_KEY })
+    local auth = { authorization = "Bearer " .. CLIENT_KEY }
+    local body = chat(nil, { messages = { { role = "user", content = SECRET_PROMPT } } })
+    local s, _, raw = post(base, "/v1/chat/completions", body, auth)
+    assert.equal(200, s)
+    local s2 = post(base, "/v1/messages", msgs(nil, { stream = true }), auth)
+    assert.equal(200, s2)
+    local lines = {}
+    for _, l in ipairs(logs) do
+      local dir = l:match("^aiorch: body id=%S+ dir=(%a+) ")
+      if dir then
+        lines[#lines + 1] = dir
+      end
+      no_keys_in(l)
+    end
+    assert.same({ "request", "response", "request", "stream" }, lines)
+    local req_line = logs[1]
+    assert.matches(SECRET_PROMPT, req_line, 1, true)
+    assert.matches("bytes=" .. #cjson.encode(body), req_line, 1, true)
+    -- The response line holds the JSON answer, escaped on one line.
+    local answer = cjson.decode(raw).choices[1].message.content
+    assert.matches(answer, logs[2], 1, true)
+    assert.matches("status=200", logs[3], 1, true) -- then the access line
+    assert.matches("You asked: " .. QUESTION, logs[5], 1, true)
+    -- A body over 16 KiB is cut.
+    local big = chat(nil, { messages = { { role = "user", content = string.rep("b", 20000) } } })
+    post(base, "/v1/chat/completions", big, auth)
+    local cut
+    for _, l in ipairs(logs) do
+      cut = cut or l:match(" dir=request bytes=%d+ cut=(%d+) ")
+    end
+    assert.equal(#cjson.encode(big) - 16384, tonumber(cut))
+  end)
 end)
 
 describe("configuration", function()
@@ -923,6 +959,7 @@ describe("configuration", function()
       { { max_body = -1 }, "max_body" },
       { { max_inflight = -1 }, "max_inflight" },
       { { max_inflight = 2.5 }, "max_inflight" },
+      { { log_bodies = "yes" }, "log_bodies" },
       { { providers = { openai = { base_url = "ftp://x" } } }, "base_url" },
       { { server = { port = 1 } }, "server.port: set by the gateway" },
     }

@@ -30,7 +30,7 @@ _M.default_drain_timeout_ms = 10000
 local TOP = {
   listen = true, max_body = true, default_strategy = true, default_providers = true, providers = true,
   aliases = true, client_keys_env = true, drain_timeout_ms = true, access_log = true, server = true,
-  policy = true, max_inflight = true,
+  policy = true, max_inflight = true, log_bodies = true,
 }
 local PROVIDER = {
   api_key_env = true, base_url = true, model = true, models = true, timeout_ms = true, priority = true,
@@ -127,6 +127,7 @@ function _M.check(raw, getenv, path)
     drain_timeout_ms = raw.drain_timeout_ms or _M.default_drain_timeout_ms,
     max_inflight = raw.max_inflight or 0,
     access_log = raw.access_log ~= false,
+    log_bodies = raw.log_bodies,
     server = raw.server or {},
     providers = {}, -- name -> {model, models, ...}
     order = {}, -- provider names in priority order (configured ones)
@@ -152,6 +153,9 @@ function _M.check(raw, getenv, path)
   end
   if not positive_int(c.drain_timeout_ms) then
     return nil, "drain_timeout_ms: must be a positive integer"
+  end
+  if c.log_bodies ~= nil and type(c.log_bodies) ~= "boolean" then
+    return nil, "log_bodies: must be true or false"
   end
   if c.max_inflight ~= 0 and not positive_int(c.max_inflight) then
     return nil, "max_inflight: must be a positive integer (requests per worker), or 0 for no limit"

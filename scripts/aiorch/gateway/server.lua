@@ -165,9 +165,17 @@ end
 
 local Exchange = {}
 
+-- log_bodies: what a client sent and got, for debugging only. Never a
+-- header, so never a key; a body is cut at LOG_BODY_MAX bytes.
+local LOG_BODY_MAX = 16 * 1024
+local body_line -- below
+
 function Exchange:respond(status, headers, body)
   self.status = status
   self.started = true
+  if self.state.log_bodies then
+    body_line(self, "response", body)
+  end
   headers = headers or {}
   headers["content-type"] = headers["content-type"] or "application/json"
   if self.state.draining then
@@ -333,6 +341,9 @@ local function serve_streamed(x, shape, p, rt)
     return x:fail(kind == "invalid" and 400 or 500, err)
   end
   x:note(r)
+  if x.state.log_bodies then -- the answer's text, not each event
+    body_line(x, "stream", r.response_text)
+  end
   if r.status == "success" and (owner == nil or owner == r.ia_provider_name) then
     if not s.committed then
       -- No token came (an empty answer, or an adapter that cannot stream).
@@ -635,6 +646,21 @@ local function count_key(route, status)
   return k
 end
 
+function body_line(x, dir, body)
+  body = tostring(body or "")
+  local more = #body - LOG_BODY_MAX
+  local line = "aiorch: body id=" .. x.id .. " dir=" .. dir .. " bytes=" .. #body
+    .. (more > 0 and " cut=" .. more or "") .. " body=" .. lv(more > 0 and sub(body, 1, LOG_BODY_MAX) or body)
+  local sink = x.state.access_log
+  if type(sink) == "function" then
+    pcall(sink, line)
+  elseif sink then
+    log_line(x.state, line .. "\n")
+  else
+    io_stderr:write(line, "\n")
+  end
+end
+
 -- Counts an answered request by route and status, and logs its line.
 local function account(state, x)
   local key = count_key(ROUTES[x.route] and x.route or "other", x.status or 499)
@@ -707,6 +733,9 @@ local function handle(state, req, res)
   -- A script that runs away is stopped past any pcall: the server then
   -- answers with this, in the caller's error shape.
   res:on_error(runaway_body(x.shape))
+  if state.log_bodies then
+    body_line(x, "request", req.body)
+  end
   local ok, err = pcall(dispatch, x)
   if not ok then
     io_stderr:write("aiorch: error: gateway handler failed: ", tostring(err):gsub("[\r\n]+", " "), "\n")
@@ -811,7 +840,7 @@ function _M.start(opts)
     config = cfg, path = opts.path, in_flight = 0, draining = false, seq = 0, counts = {},
     tag = fmt("%04x", random(0, 0xffff)),
     max_body = cfg.max_body, access_log = access, timeout_ms = opts.timeout_ms,
-    max_inflight = cfg.max_inflight or 0, orchestrating = 0,
+    max_inflight = cfg.max_inflight or 0, orchestrating = 0, log_bodies = cfg.log_bodies == true,
     log_buf = {}, log_n = 0, log_bytes = 0, log_timer = false,
   }
   local listen = { host = opts.host or cfg.host, port = opts.port or cfg.port, max_body = cfg.max_body,
