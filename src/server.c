@@ -84,6 +84,7 @@ struct srv_server {
     double header_to, idle_to, read_to; /* seconds; 0: none */
     int handler_ref, self_ref;
     int refuse_ref; /* on_refuse, or LUA_NOREF */
+    int refusing_now; /* inside on_refuse: closing would free its connection */
     srv_conn *conns;
     lua_Integer next_id;
     lua_Integer accepted, open, requests, aborted, refused, timed_out;
@@ -589,7 +590,10 @@ static int conn_reject(lua_State *L, srv_conn *c, int status)
         lua_pushcfunction(L, refuse_call);
         lua_pushlightuserdata(L, c);
         lua_pushinteger(L, status);
-        if (lua_pcall(L, 2, 2, 0) != LUA_OK) {
+        c->srv->refusing_now = 1;
+        int rc = lua_pcall(L, 2, 2, 0);
+        c->srv->refusing_now = 0;
+        if (rc != LUA_OK) {
             aiorch_report(c->srv->rt, "aiorch.server: on_refuse: %s", lua_tostring(L, -1));
         } else if (lua_type(L, -2) == LUA_TSTRING) {
             body = lua_tolstring(L, -2, &len);
@@ -1965,7 +1969,9 @@ static int srv_shutdown(lua_State *L)
 /* server:close() */
 static int srv_close_m(lua_State *L)
 {
-    srv_close(L, srv_check_open(L, 1));
+    srv_server *s = srv_check_open(L, 1);
+    if (s->refusing_now) return luaL_error(L, "aiorch.server: close: not from inside on_refuse");
+    srv_close(L, s);
     return 0;
 }
 

@@ -155,11 +155,15 @@ describe("aiorch.server limits", function()
 
   it("lets on_refuse word a refusal once the headers are in", function()
     local seen = {}
-    local srv = listen { max_body = 100, read_timeout_ms = 200, max_header = 1024,
+    local srv
+    srv = listen { max_body = 100, read_timeout_ms = 200, max_header = 1024,
       on_refuse = function(status, req)
         seen[#seen + 1] = status .. " " .. req.method .. " " .. req.path .. " " .. tostring(req.headers["x-api"])
         if req.headers["x-api"] == "boom" then
           error("a broken hook")
+        end
+        if req.headers["x-api"] == "close" then
+          srv:close() -- refused: it would free the connection being answered
         end
         return '{"error":' .. status .. '}', "application/json"
       end }
@@ -178,7 +182,9 @@ describe("aiorch.server limits", function()
     -- before the headers are complete there is no request to word it for
     got = raw(srv.port, "GET / HTTP/1.1\r\nhost: x\r\nx-big: " .. ("a"):rep(2000) .. "\r\n\r\n")
     assert.truthy(got:find("^HTTP/1.1 431.*content%-type: text/plain"), got)
-    assert.same({ "413 POST /v1/x?q=1 a", "408 POST /b nil", "413 POST /c boom" }, seen)
+    got = raw(srv.port, "POST /d HTTP/1.1\r\nhost: x\r\nx-api: close\r\ncontent-length: 500\r\n\r\n")
+    assert.truthy(got:find("^HTTP/1.1 413.*payload too large"), got)
+    assert.same({ "413 POST /v1/x?q=1 a", "408 POST /b nil", "413 POST /c boom", "413 POST /d close" }, seen)
     assert.equal(200, (get(srv.port, "/")))
     assert.has_error(function() listen { on_refuse = 1 } end)
     srv:close()
