@@ -66,11 +66,13 @@ local function own_pid()
 end
 
 -- aiorch (the gateway) on CPU 0; the mock, wrk and this process on CPU 1.
-local PIN = have("taskset") and tonumber(capture("nproc")) >= 2
+-- Counted before this process pins itself: nproc honours the affinity.
+local NCPU = tonumber(capture("nproc")) or 1
+local PIN = have("taskset") and NCPU >= 2
 if PIN then os.execute("taskset -cp 1 " .. own_pid() .. " >/dev/null") end
 local function pin(cpu) return PIN and fmt("taskset -c %d ", cpu) or "" end
 -- Children inherit this process's CPU; "unpinned" ones get every CPU back.
-local ANY_CPU = PIN and fmt("taskset -c 0-%d ", tonumber(capture("nproc")) - 1) or ""
+local ANY_CPU = PIN and fmt("taskset -c 0-%d ", NCPU - 1) or ""
 
 local TMP = capture("mktemp -d /tmp/aiorch-gateway-bench.XXXXXX"):match("%S+")
 local started = {} -- pid -> pipe
