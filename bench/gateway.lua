@@ -209,6 +209,23 @@ local function free_port()
   return port
 end
 
+-- Waits until url/healthz answers 200; raises with the tail of the log
+-- if the process (what, for the message) dies or 15 s pass.
+local function wait_healthy(what, pid, url, log)
+  local t0 = aiorch.now()
+  while true do
+    local status = aiorch.http.request { url = url .. "/healthz", timeout_ms = 1000 }
+    if status == 200 then return end
+    if not alive(pid) or aiorch.now() - t0 > 15000 then
+      local f = io.open(log)
+      local text = f and f:read("a") or ""
+      if f then f:close() end
+      error(fmt("%s did not become healthy: %s", what, text:sub(-2000)))
+    end
+    aiorch.sleep(20)
+  end
+end
+
 -- Starts `aiorch serve` and waits for /healthz; returns {pid, url, port, log}.
 local function start_gateway(name, env, opts)
   opts = opts or {}
@@ -226,18 +243,7 @@ local function start_gateway(name, env, opts)
   end
   local pid = start(concat(cmd, " "), env, log)
   local url = fmt("http://%s:%d", HOST, port)
-  local t0 = aiorch.now()
-  while true do
-    local status = aiorch.http.request { url = url .. "/healthz", timeout_ms = 1000 }
-    if status == 200 then break end
-    if not alive(pid) or aiorch.now() - t0 > 15000 then
-      local f = io.open(log)
-      local text = f and f:read("a") or ""
-      if f then f:close() end
-      error(fmt("aiorch serve (%s) did not become healthy: %s", name, text:sub(-2000)))
-    end
-    aiorch.sleep(20)
-  end
+  wait_healthy(fmt("aiorch serve (%s)", name), pid, url, log)
   aiorch.sleep(200) -- let every worker come up
   return { pid = pid, url = url, port = port, log = log }
 end
@@ -324,14 +330,10 @@ local function floor(mock_port)
   for _, mode in ipairs { "fixed", "relay" } do
     local port = free_port()
     local upstream = mode == "relay" and fmt("http://%s:%d/v1/chat/completions", HOST, mock_port) or ""
-    local pid = start(fmt("%s%s run bench/floor.lua %d %s", pin(0), EXE, port, upstream), nil,
-      fmt("%s/floor-%s.log", TMP, mode))
+    local log = fmt("%s/floor-%s.log", TMP, mode)
+    local pid = start(fmt("%s%s run bench/floor.lua %d %s", pin(0), EXE, port, upstream), nil, log)
     local url = fmt("http://%s:%d", HOST, port)
-    local t0 = aiorch.now()
-    while aiorch.http.request { url = url .. "/ready", timeout_ms = 1000 } ~= 200 do
-      assert(alive(pid) and aiorch.now() - t0 < 15000, "bench/floor.lua did not start")
-      aiorch.sleep(20)
-    end
+    wait_healthy("bench/floor.lua (" .. mode .. ")", pid, url, log)
     wrk(url, 1, 1)
     local r1 = wrk(url, 1, SECONDS)
     wrk(url, 64, 1)

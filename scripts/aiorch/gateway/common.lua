@@ -220,11 +220,11 @@ end
 
 -- Whether every attempt behind r was rate-limited: answered 429, or
 -- skipped while its provider waits out a Retry-After it sent earlier.
--- Returns that, and the shortest wait asked, in ms, if any.
-local function rate_limited(r)
+-- Returns that, and the shortest wait asked (in ms; wait is the shortest
+-- so far, or nil).
+local function rate_limited(r, wait)
   local m = r.metadata or EMPTY
   local list = m.error_kind == "all_failed" and m.attempts or { m }
-  local wait
   for _, a in ipairs(list) do
     local kind = a.kind or a.error_kind
     if kind ~= "rate_limited" and not (kind == "cooldown" and a.retry_after) then
@@ -251,11 +251,7 @@ function _M.failure(result)
     timeout = timeout and r.status == "timeout"
     cooling = cooling and all_cooling(r)
     if limited then
-      local ok, ms = rate_limited(r)
-      limited = ok
-      if ms and (not wait or ms < wait) then
-        wait = ms
-      end
+      limited, wait = rate_limited(r, wait)
     end
     msgs[#msgs + 1] = r.error_message or r.status
   end

@@ -584,15 +584,15 @@ local function dispatch(x)
   return fn(x)
 end
 
--- One logfmt line; eol ends it ("\n" for a stream, so that it takes one
--- write). The status, the numbers and the id (new_id's) are always bare.
-local function access_line(x, eol)
+-- One logfmt line. The status, the numbers and the id (new_id's) are
+-- always bare.
+local function access_line(x)
   return "aiorch: access method=" .. lv(x.req.method) .. " path=" .. lv(x.route)
     .. " status=" .. (x.status or 499) .. " strategy=" .. lv(x.strategy or "-")
     .. " provider=" .. lv(x.provider or "-") .. " attempts=" .. lv(x.attempts or "-")
     .. " latency_ms=" .. floor(now() - x.t0 + 0.5) .. " tokens_in=" .. (x.tokens_in or 0)
     .. " tokens_out=" .. (x.tokens_out or 0) .. (x.stream and " stream=true id=" or " stream=false id=") .. x.id
-    .. (x.broken and " stream_error=true" or "") .. (x.aborted and " client_gone=true" or "") .. eol
+    .. (x.broken and " stream_error=true" or "") .. (x.aborted and " client_gone=true" or "")
 end
 
 -- Access lines for stderr go out together, one write per LOG_FLUSH_MS
@@ -614,14 +614,17 @@ local function log_later(state)
   log_flush(state)
 end
 
+-- line has no "\n": the buffer holds it next, joined at the flush.
 local function log_line(state, line)
-  if state.log_bytes + #line > LOG_FLUSH_BYTES then
+  local len = #line + 1
+  if state.log_bytes + len > LOG_FLUSH_BYTES then
     log_flush(state)
   end
-  local n = state.log_n + 1
-  state.log_buf[n] = line
-  state.log_n = n
-  state.log_bytes = state.log_bytes + #line
+  local n = state.log_n
+  local buf = state.log_buf
+  buf[n + 1], buf[n + 2] = line, "\n"
+  state.log_n = n + 2
+  state.log_bytes = state.log_bytes + len
   if not state.log_timer then
     state.log_timer = pcall(spawn, log_later, state)
     if not state.log_timer then
@@ -646,16 +649,23 @@ local function count_key(route, status)
   return k
 end
 
+-- Hands a line to the access log: its function, or stderr in batches.
+local function emit(state, line)
+  local sink = state.access_log
+  if type(sink) == "function" then
+    pcall(sink, line)
+  elseif sink then
+    log_line(state, line)
+  end
+end
+
 function body_line(x, dir, body)
   body = tostring(body or "")
   local more = #body - LOG_BODY_MAX
   local line = "aiorch: body id=" .. x.id .. " dir=" .. dir .. " bytes=" .. #body
     .. (more > 0 and " cut=" .. more or "") .. " body=" .. lv(more > 0 and sub(body, 1, LOG_BODY_MAX) or body)
-  local sink = x.state.access_log
-  if type(sink) == "function" then
-    pcall(sink, line)
-  elseif sink then
-    log_line(x.state, line .. "\n")
+  if x.state.access_log then
+    emit(x.state, line)
   else
     io_stderr:write(line, "\n")
   end
@@ -665,33 +675,26 @@ end
 local function account(state, x)
   local key = count_key(ROUTES[x.route] and x.route or "other", x.status or 499)
   state.counts[key] = (state.counts[key] or 0) + 1
-  local sink = state.access_log
-  if sink then
-    if type(sink) == "function" then
-      pcall(sink, access_line(x, ""))
-    else
-      log_line(state, access_line(x, "\n"))
-    end
+  if state.access_log then
+    emit(state, access_line(x))
   end
 end
 
 -- Ends the bookkeeping of a request, also when its task is cancelled
 -- (the client went away).
-local done_mt = {
-  __close = function(x)
-    local state = x.state
-    state.in_flight = state.in_flight - 1
-    if x.counted then
-      state.orchestrating = state.orchestrating - 1
-    end
-    if not x.status then
-      x.aborted = true
-    end
-    account(state, x)
-  end,
-}
+local function done(x)
+  local state = x.state
+  state.in_flight = state.in_flight - 1
+  if x.counted then
+    state.orchestrating = state.orchestrating - 1
+  end
+  if not x.status then
+    x.aborted = true
+  end
+  account(state, x)
+end
 
-local exchange_mt = { __index = Exchange, __close = done_mt.__close }
+local exchange_mt = { __index = Exchange, __close = done }
 
 local runaway_bodies = {}
 local function runaway_body(shape)
