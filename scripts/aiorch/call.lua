@@ -253,12 +253,22 @@ function _M.call(adapter, config, request, opts)
     return finish(name, r)
   end
 
-  local pol = policy.resolve(config.policy or policy.for_provider {
+  -- The operator's policy (the provider's, the orchestration's, a call's
+  -- timeout), then the request's overrides on top.
+  local base = policy.resolve(config.policy or policy.for_provider {
     timeout_ms = config.timeout_ms, connect_timeout_ms = config.connect_timeout_ms,
-  }, opts.policy, request.policy)
+  }, opts.policy)
   if opts.timeout_ms then
-    pol = policy.resolve(pol, { timeout_ms = opts.timeout_ms })
+    base = policy.resolve(base, { timeout_ms = opts.timeout_ms })
   end
+  local pol = base
+  if request.policy ~= nil then
+    pol = policy.resolve(base, nil, request.policy) -- a fresh table
+    pol.timeout_ms = opts.timeout_ms or pol.timeout_ms
+  end
+  -- A deadline the request made tighter than the operator's: its timeouts
+  -- are the request's business, not the provider's health.
+  local hurried = pol ~= base and policy.tightens(base, pol)
   local t0 = now()
   local attempts = {}
   local r
@@ -281,7 +291,11 @@ function _M.call(adapter, config, request, opts)
     r, emitted = attempt(adapter, config, request, opts, pol, trial)
     local m = r.metadata
     attempts[n] = response.attempt(r)
-    breaker.record(name, pol, r.status == "success", m.error_kind, m.retry_after, trial)
+    if hurried and m.error_kind == "timeout" then
+      breaker.release(name, trial)
+    else
+      breaker.record(name, pol, r.status == "success", m.error_kind, m.retry_after, trial)
+    end
     if r.status == "success" or emitted or n == pol.max_attempts
       or not policy.retryable(m.error_kind, m.http_status) then
       break

@@ -11,38 +11,50 @@ local random = math.random
 local tointeger = math.tointeger
 local tonumber = tonumber
 local concat = table.concat
+local ipairs = ipairs
 
 local _M = {}
 
--- name -> {default, what it is}; nil defaults are "not set".
+-- name -> {default, what it is, kind, least, most}; nil defaults are "not
+-- set". kind: "int" (whole numbers within least..most), "number" (within
+-- least..most) or "bool". The ranges are hard limits, whoever sets the
+-- value: they keep every figure finite and every loop short.
+local HOUR_MS, DAY_MS = 3600 * 1000, 24 * 3600 * 1000
+_M.MAX_ATTEMPTS = 10
 _M.fields = {
   -- retries of one provider, after its first attempt
-  max_attempts = { 1, "attempts per provider, the first included" },
-  backoff_ms = { 200, "base of the exponential backoff (full jitter)" },
-  backoff_max_ms = { 5000, "cap of one wait between attempts" },
-  retry_budget_ms = { 15000, "cap of the time from the first attempt to starting another" },
+  max_attempts = { 1, "attempts per provider, the first included", "int", 1, _M.MAX_ATTEMPTS },
+  backoff_ms = { 200, "base of the exponential backoff (full jitter)", "int", 0, 60000 },
+  backoff_max_ms = { 5000, "cap of one wait between attempts", "int", 0, 300000 },
+  retry_budget_ms = { 15000, "cap of the time from the first attempt to starting another", "int", 0, HOUR_MS },
   -- deadlines of one attempt, each on its own timer
-  connect_timeout_ms = { 10000, "to a connected (TLS-ready) socket" },
-  headers_timeout_ms = { nil, "to the response headers" },
-  first_token_timeout_ms = { nil, "to the first content token of a stream" },
-  gap_timeout_ms = { nil, "the longest pause between two stream events" },
-  timeout_ms = { 60000, "the whole attempt" },
-  max_response_bytes = { 8 * 1024 * 1024, "cap of an upstream response body" },
+  connect_timeout_ms = { 10000, "to a connected (TLS-ready) socket", "int", 1, HOUR_MS },
+  headers_timeout_ms = { nil, "to the response headers", "int", 1, HOUR_MS },
+  first_token_timeout_ms = { nil, "to the first content token of a stream", "int", 1, HOUR_MS },
+  gap_timeout_ms = { nil, "the longest pause between two stream events", "int", 1, HOUR_MS },
+  timeout_ms = { 60000, "the whole attempt", "int", 1, HOUR_MS },
+  max_response_bytes = { 8 * 1024 * 1024, "cap of an upstream response body", "int", 1, 1024 * 1024 * 1024 },
   -- circuit breaker, per provider and per runtime
-  breaker_failures = { 5, "failures within breaker_window_ms that open the breaker (0: never)" },
-  breaker_window_ms = { 30000, "window in which failures are counted" },
-  cooldown_ms = { 30000, "how long an open breaker skips the provider" },
+  breaker_failures = { 5, "failures within breaker_window_ms that open the breaker (0: never)", "int", 0, 100000 },
+  breaker_window_ms = { 30000, "window in which failures are counted", "int", 1, DAY_MS },
+  cooldown_ms = { 30000, "how long an open breaker skips the provider", "int", 0, DAY_MS },
   -- the hedged strategy
-  hedge_delay_ms = { nil, "wait before the next provider starts (default: the last one's p95)" },
-  hedge_budget = { 0.1, "extra requests hedging may add, as a share of hedged requests" },
+  hedge_delay_ms = { nil, "wait before the next provider starts (default: the last one's p95)", "int", 0, HOUR_MS },
+  hedge_budget = { 0.1, "extra requests hedging may add, as a share of hedged requests", "number", 0, 1 },
   -- streaming
-  continue_on_cut = { false, "a stream cut after its first token continues on the next provider" },
+  continue_on_cut = { false, "a stream cut after its first token continues on the next provider", "bool" },
 }
+
+-- The deadlines of an attempt: a client that makes one tighter than the
+-- provider's own may see timeouts that say nothing of the provider's health.
+_M.DEADLINES = { "connect_timeout_ms", "headers_timeout_ms", "first_token_timeout_ms", "gap_timeout_ms",
+  "timeout_ms" }
 
 -- Fields a request (a client) may not change: they protect the runtime.
 local PROVIDER_ONLY = {
   max_response_bytes = true, breaker_failures = true, breaker_window_ms = true, cooldown_ms = true,
 }
+_M.PROVIDER_ONLY = PROVIDER_ONLY
 
 local defaults = {}
 for k, f in pairs(_M.fields) do
@@ -57,6 +69,37 @@ end
 table.sort(names)
 local NAMES = concat(names, ", ")
 
+-- The text of a value in a message: short, and never a whole string.
+local function show(v)
+  if type(v) == "string" then
+    return fmt("%q", #v > 24 and v:sub(1, 24) .. "..." or v)
+  end
+  return tostring(v)
+end
+
+-- The one check of a field's value: nil, message when it is not of the
+-- field's kind or not within its range (NaN and infinities never are).
+-- Returns the value (an integer for "int" fields).
+function _M.check_value(k, v, who)
+  local f = _M.fields[k]
+  local kind, least, most = f[3], f[4], f[5]
+  if kind == "bool" then
+    if type(v) ~= "boolean" then
+      return nil, fmt("%s.%s: must be true or false (got %s)", who, k, show(v))
+    end
+    return v
+  end
+  local n = type(v) == "number" and v == v and v >= least and v <= most and v or nil
+  if n and kind == "int" then
+    n = tointeger(n)
+  end
+  if n == nil then
+    return nil, fmt("%s.%s: must be %s from %s to %s (got %s)", who, k, kind == "int" and "an integer" or "a number",
+      tostring(least), tostring(most), show(v))
+  end
+  return n
+end
+
 -- check(t, who[, provider_level]) -> a clean copy of t, or nil, message.
 function _M.check(t, who, provider_level)
   if t == nil then
@@ -65,32 +108,26 @@ function _M.check(t, who, provider_level)
   if type(t) ~= "table" then
     return nil, fmt("%s: must be a table", who)
   end
+  local keys = {}
+  for k in pairs(t) do
+    keys[#keys + 1] = k
+  end
+  -- the first bad key is the same every time
+  table.sort(keys, function(a, b) return tostring(a) < tostring(b) end)
   local out = {}
-  for k, v in pairs(t) do
-    local f = _M.fields[k]
-    if not f then
+  for _, k in ipairs(keys) do
+    local v = t[k]
+    if type(k) ~= "string" or not _M.fields[k] then
       return nil, fmt("%s: unknown field '%s' (known: %s)", who, tostring(k), NAMES)
     end
     if PROVIDER_ONLY[k] and not provider_level then
       return nil, fmt("%s.%s: set per provider only", who, k)
     end
-    if k == "continue_on_cut" then
-      if type(v) ~= "boolean" then
-        return nil, fmt("%s.%s: must be true or false", who, k)
-      end
-    elseif k == "hedge_budget" then
-      if type(v) ~= "number" or v < 0 or v > 1 then
-        return nil, fmt("%s.%s: must be a number from 0 to 1", who, k)
-      end
-    else
-      local n = type(v) == "number" and tointeger(v) or nil
-      local least = (k == "max_attempts" or k:find("_timeout_ms$") or k == "timeout_ms") and 1 or 0
-      if not n or n < least then
-        return nil, fmt("%s.%s: must be an integer >= %d", who, k, least)
-      end
-      v = n
+    local value, err = _M.check_value(k, v, who)
+    if value == nil then
+      return nil, err
     end
-    out[k] = v
+    out[k] = value
   end
   return out
 end
@@ -134,6 +171,18 @@ function _M.resolve(provider_policy, opts_policy, request_policy)
     return p
   end
   return merge(merge(merge({}, p), opts_policy), request_policy)
+end
+
+-- Whether pol sets a deadline tighter than base does: its timeouts then
+-- say more about the caller's hurry than about the provider's health.
+function _M.tightens(base, pol)
+  for _, k in ipairs(_M.DEADLINES) do
+    local v = pol[k]
+    if v and v ~= base[k] and (base[k] == nil or v < base[k]) then
+      return true
+    end
+  end
+  return false
 end
 
 -- A provider's policy: the defaults overridden by its configuration.
@@ -192,7 +241,9 @@ end
 -- The wait before attempt n + 1 (n >= 1): full jitter over an exponential
 -- ceiling, and never less than what the provider asked for.
 function _M.backoff_ms(pol, n, retry_after)
-  local ceiling = pol.backoff_ms * 2 ^ (n - 1)
+  -- n is at most MAX_ATTEMPTS, and the exponent is capped anyway: the
+  -- ceiling stays finite (0 * inf would be NaN).
+  local ceiling = pol.backoff_ms * 2 ^ (n <= 31 and n - 1 or 30)
   if ceiling > pol.backoff_max_ms then
     ceiling = pol.backoff_max_ms
   end

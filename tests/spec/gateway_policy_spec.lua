@@ -9,6 +9,7 @@ local gateway = require "aiorch.gateway.server"
 local gconfig = require "aiorch.gateway.config"
 local metrics = require "aiorch.metrics"
 local breaker = require "aiorch.breaker"
+local policy = require "aiorch.policy"
 
 local KEYS = { openai = "sk-gwpol-openai-8181", anthropic = "sk-ant-gwpol-9292" }
 local CLIENT_KEY = "gwpol-client-secret-1717"
@@ -23,12 +24,26 @@ end
 local m
 local started = {}
 
+-- Clients may set every field they may ever set, over its whole range.
+local ALL_CLIENT_POLICY = {}
+for k, f in pairs(policy.fields) do
+  if not policy.PROVIDER_ONLY[k] then
+    ALL_CLIENT_POLICY[k] = f[3] == "bool" or { f[4], f[5] }
+  end
+end
+
 local function start_gw(raw, o, a)
+  raw = raw or {}
+  if raw.client_policy == nil then
+    raw.client_policy = ALL_CLIENT_POLICY
+  elseif raw.client_policy == false then
+    raw.client_policy = nil
+  end
   local env = {
     OPENAI_API_KEY = KEYS.openai, ANTHROPIC_API_KEY = KEYS.anthropic,
     OPENAI_BASE_URL = m:base_url("openai", o), ANTHROPIC_BASE_URL = m:base_url("anthropic", a),
   }
-  local cfg = assert(gconfig.check(raw or {}, function(k) return env[k] end))
+  local cfg = assert(gconfig.check(raw, function(k) return env[k] end))
   local h = assert(gateway.start { config = cfg, port = 0, access_log = function() end })
   started[#started + 1] = h
   return "http://127.0.0.1:" .. h.port
@@ -347,12 +362,16 @@ return {
     end
     put("raises", "return function() error('strategy bug') end\n")
     put("spins", "return function() local n = 0 while true do n = n + 1 end end\n")
+    local conf = dir .. "/gw.lua"
+    local f = assert(io.open(conf, "w"))
+    f:write('return { strategies = { "raises", "spins", "single" } }\n')
+    f:close()
     local probe = assert(aiorch.server.listen { host = "127.0.0.1", port = 0, handler = function() end })
     local port = probe.port
     probe:close()
     local err = dir .. "/err"
     local pid = assert(process.spawn({ process.exe(), "serve", "--workers", "0", "--path", dir,
-      "--listen", "127.0.0.1:" .. port }, {
+      "--config", conf, "--listen", "127.0.0.1:" .. port }, {
       stderr = err, death_signal = "TERM",
       env = { AIORCH_INSTRUCTION_BUDGET = "2000000", OPENAI_API_KEY = KEYS.openai,
               OPENAI_BASE_URL = m:base_url("openai"), ANTHROPIC_API_KEY = false },

@@ -26,17 +26,26 @@ local _M = {}
 _M.default_listen = "127.0.0.1:8080"
 _M.default_max_body = 1024 * 1024
 _M.default_drain_timeout_ms = 10000
+-- The whole of one request, strategy and every attempt included. The
+-- official SDKs give up after 10 minutes; an attempt's own default is 60 s.
+_M.default_request_timeout_ms = 300000
+_M.max_request_timeout_ms = 24 * 3600 * 1000
+-- The strategies that come with aiorch: clients may choose them unless the
+-- configuration lists its own.
+_M.builtin_strategies = { "fallback", "fastest", "hedged", "parallel", "single" }
 
 local TOP = {
   listen = true, max_body = true, default_strategy = true, default_providers = true, providers = true,
   aliases = true, client_keys_env = true, drain_timeout_ms = true, access_log = true, server = true,
-  policy = true, max_inflight = true, log_bodies = true,
+  policy = true, max_inflight = true, log_bodies = true, request_timeout_ms = true, client_policy = true,
+  strategies = true, clients = true,
 }
 local PROVIDER = {
   api_key_env = true, base_url = true, model = true, models = true, timeout_ms = true, priority = true,
   api_key = true, key = true, policy = true,
 }
 local ALIAS = { strategy = true, providers = true }
+local CLIENT = { key_env = true, strategies = true, providers = true, client_policy = true, request_timeout_ms = true }
 
 local function env_name_ok(s)
   return type(s) == "string" and s:match("^[%a_][%w_]*$") ~= nil
@@ -100,6 +109,100 @@ local function string_list(v, where)
   return v
 end
 
+-- A strategy or provider name clients may send: letters, digits, _ and -.
+local function name_ok(s)
+  return type(s) == "string" and s:match("^[%w_%-]+$") ~= nil
+end
+_M.name_ok = name_ok
+
+-- A list of strategy names that exist -> a set and the sorted list, or nil, message.
+local function strategy_set(list, where, path)
+  local set, names = {}, {}
+  for i, n in ipairs(list) do
+    if not name_ok(n) then
+      return nil, fmt("%s[%d]: '%s' is not a strategy name (letters, digits, '_' and '-')", where, i, tostring(n))
+    end
+    local s, err = loader.load("strategy", n, path)
+    if not s then
+      return nil, fmt("%s[%d]: %s", where, i, err)
+    end
+    if not set[n] then
+      set[n] = true
+      names[#names + 1] = n
+    end
+  end
+  sort(names)
+  return set, names
+end
+
+local function provider_set(list, where, path)
+  local set, names = {}, {}
+  for i, n in ipairs(list) do
+    if not name_ok(n) then
+      return nil, fmt("%s[%d]: '%s' is not a provider name", where, i, tostring(n))
+    end
+    local a, err = loader.load("provider", n, path)
+    if not a then
+      return nil, fmt("%s[%d]: %s", where, i, err)
+    end
+    if not set[n] then
+      set[n] = true
+      names[#names + 1] = n
+    end
+  end
+  sort(names)
+  return set, names
+end
+
+-- client_policy = {field = {least, most}, ...}: the policy fields clients
+-- may set (X-Aiorch-Policy, a request's policy), each clamped to its
+-- bounds, which must lie within the field's own range. Absent: none.
+local function check_client_policy(v, where)
+  if type(v) ~= "table" then
+    return nil, where .. ": must be a table {field = {least, most}, ...}"
+  end
+  local out = {}
+  for _, k in ipairs(sorted_keys(v)) do
+    local b = v[k]
+    local f = type(k) == "string" and policy.fields[k]
+    if not f then
+      return nil, fmt("%s: unknown policy field '%s'", where, tostring(k))
+    end
+    if policy.PROVIDER_ONLY[k] then
+      return nil, fmt("%s.%s: set per provider only; clients may never set it", where, k)
+    end
+    if f[3] == "bool" then
+      if b ~= true then
+        return nil, fmt("%s.%s: must be true (clients may set it)", where, k)
+      end
+      out[k] = true
+    else
+      if type(b) ~= "table" or #b ~= 2 then
+        return nil, fmt("%s.%s: must be {least, most}", where, k)
+      end
+      for i = 1, 2 do
+        local _, err = policy.check_value(k, b[i], where)
+        if err then
+          return nil, err
+        end
+      end
+      if b[1] > b[2] then
+        return nil, fmt("%s.%s: least %s is above most %s", where, k, tostring(b[1]), tostring(b[2]))
+      end
+      out[k] = { b[1], b[2] }
+    end
+  end
+  return out
+end
+
+local function request_timeout(v, where)
+  local n = type(v) == "number" and tointeger(v) or nil
+  if not n or n < 1 or n > _M.max_request_timeout_ms then
+    return nil, fmt("%s: must be an integer from 1 to %d (ms)", where, _M.max_request_timeout_ms)
+  end
+  return n
+end
+
 -- "provider" or "provider:model" -> name, model|nil
 local function split_pair(s)
   local name, model = s:match("^([%w_%-]+):(.+)$")
@@ -135,7 +238,26 @@ function _M.check(raw, getenv, path)
     client_keys = nil,
     path = path,
     policy = nil, -- every provider's, under its own
+    request_timeout_ms = _M.default_request_timeout_ms,
+    client_policy = nil, -- {field = {least, most}}: what clients may override; nil: nothing
+    strategies = nil, -- the set clients may choose, and its sorted list (strategy_names)
+    strategy_names = nil,
+    clients = nil, -- the list of client entries, one per key, in key order
   }
+  if raw.request_timeout_ms ~= nil then
+    local n, terr = request_timeout(raw.request_timeout_ms, "request_timeout_ms")
+    if not n then
+      return nil, terr
+    end
+    c.request_timeout_ms = n
+  end
+  if raw.client_policy ~= nil then
+    local cp, cperr = check_client_policy(raw.client_policy, "client_policy")
+    if not cp then
+      return nil, cperr
+    end
+    c.client_policy = cp
+  end
   if raw.policy ~= nil then
     local pol, perr = policy.check(raw.policy, "policy", true)
     if not pol then
@@ -292,12 +414,38 @@ function _M.check(raw, getenv, path)
     c.aliases[name] = { strategy = strategy, providers = #names > 0 and names or nil, models = models }
   end
 
+  -- The strategies clients may choose: as listed, else the built-ins plus
+  -- every strategy the configuration names.
+  local allowed = raw.strategies
+  if allowed == nil then
+    allowed = {}
+    for _, n in ipairs(_M.builtin_strategies) do
+      allowed[#allowed + 1] = n
+    end
+    allowed[#allowed + 1] = c.default_strategy
+    for _, a in pairs(c.aliases) do
+      allowed[#allowed + 1] = a.strategy
+    end
+  else
+    local list, lerr = string_list(allowed, "strategies")
+    if not list then
+      return nil, lerr
+    end
+    allowed = list
+  end
+  local sset, snames = strategy_set(allowed, "strategies", path)
+  if not sset then
+    return nil, snames
+  end
+  c.strategies, c.strategy_names = sset, snames
+
+  local clients = {}
+  local keys = {}
   if raw.client_keys_env ~= nil then
     local list, lerr = string_list(raw.client_keys_env, "client_keys_env")
     if not list then
       return nil, lerr
     end
-    local keys = {}
     for _, n in ipairs(list) do
       if not env_name_ok(n) then
         return nil, "client_keys_env: must name environment variables (a literal key is refused)"
@@ -308,9 +456,75 @@ function _M.check(raw, getenv, path)
         return nil, fmt("client_keys_env: %s is not set", n)
       end
       keys[#keys + 1] = v
+      clients[#clients + 1] = { name = n, key = v }
     end
-    c.client_keys = #keys > 0 and keys or nil
   end
+  -- clients = {NAME = {key_env, strategies, providers, client_policy,
+  -- request_timeout_ms}}: a key each, with what it may do.
+  if raw.clients ~= nil then
+    if type(raw.clients) ~= "table" then
+      return nil, "clients: must be a table {name = {key_env = ..., ...}}"
+    end
+    for _, name in ipairs(sorted_keys(raw.clients)) do
+      local e = raw.clients[name]
+      local where = "clients." .. tostring(name)
+      if not name_ok(name) or type(e) ~= "table" then
+        return nil, where .. ": must be a table, under a name of letters, digits, '_' and '-'"
+      end
+      ok, err = check_keys(e, CLIENT, where)
+      if not ok then
+        return nil, err
+      end
+      if not env_name_ok(e.key_env) then
+        return nil, where .. ".key_env: must name an environment variable (a literal key is refused)"
+      end
+      local v = getenv(e.key_env)
+      if type(v) ~= "string" or v == "" then
+        return nil, fmt("%s.key_env: %s is not set", where, e.key_env)
+      end
+      local entry = { name = name, key = v }
+      if e.strategies ~= nil then
+        local list, lerr = string_list(e.strategies, where .. ".strategies")
+        if not list then
+          return nil, lerr
+        end
+        local set, names = strategy_set(list, where .. ".strategies", path)
+        if not set then
+          return nil, names
+        end
+        entry.strategies, entry.strategy_names = set, names
+      end
+      if e.providers ~= nil then
+        local list, lerr = string_list(e.providers, where .. ".providers")
+        if not list then
+          return nil, lerr
+        end
+        local set, names = provider_set(list, where .. ".providers", path)
+        if not set then
+          return nil, names
+        end
+        entry.providers, entry.provider_names = set, names
+      end
+      if e.client_policy ~= nil then
+        local cp, cperr = check_client_policy(e.client_policy, where .. ".client_policy")
+        if not cp then
+          return nil, cperr
+        end
+        entry.client_policy = cp
+      end
+      if e.request_timeout_ms ~= nil then
+        local n, terr = request_timeout(e.request_timeout_ms, where .. ".request_timeout_ms")
+        if not n then
+          return nil, terr
+        end
+        entry.request_timeout_ms = n
+      end
+      keys[#keys + 1] = v
+      clients[#clients + 1] = entry
+    end
+  end
+  c.client_keys = #keys > 0 and keys or nil
+  c.clients = #clients > 0 and clients or nil
 
   c.getenv = getenv
   c.env_cache = {}
@@ -333,7 +547,11 @@ function _M.load(file, getenv, path)
   if not ok then
     return nil, "config: " .. tostring(raw)
   end
-  return _M.check(raw, getenv, path)
+  local c, err = _M.check(raw, getenv, path)
+  if not c then
+    return nil, fmt("config %s: %s", file, err)
+  end
+  return c
 end
 
 -- The defaults when no file is given: providers from the environment.

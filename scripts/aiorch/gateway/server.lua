@@ -25,6 +25,7 @@ local pairs = pairs
 local ipairs = ipairs
 local pcall = pcall
 local tostring = tostring
+local tonumber = tonumber
 local setmetatable = setmetatable
 local concat = table.concat
 local floor = math.floor
@@ -315,7 +316,7 @@ local function serve_streamed(x, shape, p, rt)
   headers["cache-control"] = "no-cache"
   local writer = shape.stream(id, p.model, p.include_usage)
   local s = stream.session(x.res, writer, headers)
-  x.stream = true
+  x.stream, x.session = true, s
   local mode = stream.mode(rt.strategy, x.state.path)
 
   if not mode then
@@ -365,27 +366,106 @@ local function serve_streamed(x, shape, p, rt)
   return x:fail(status, msg, code, failure_headers({}, x, wait))
 end
 
--- X-Aiorch-Policy: "name=value,..." overrides the providers' policies for
--- this request (checked with the request, like a body field).
-local function header_policy(x, request)
+-- What a client may ask of the policy: X-Aiorch-Policy ("name=value,...")
+-- and a request's own policy field, merged (the header wins a clash). Only
+-- the fields the configuration's client_policy lists, each clamped to its
+-- bounds; none at all without one. Answers 400 and returns false on refusal.
+local function client_policy(x, request)
   local v = x.req.headers["x-aiorch-policy"]
-  if v == nil then
+  local body = request.policy
+  if v == nil and body == nil then
     return true
   end
-  local t, err = policy.parse(v, "X-Aiorch-Policy")
-  if not t then
+  local who = v ~= nil and "X-Aiorch-Policy" or "policy"
+  local bounds = x.client.client_policy or x.state.config.client_policy
+  if not bounds then
+    x:fail(400, who .. ": clients may not override the policy here (the gateway's configuration has no "
+      .. "client_policy)")
+    return false
+  end
+  local t = {}
+  if type(body) == "table" then
+    for k, pv in pairs(body) do
+      t[k] = pv
+    end
+  elseif body ~= nil then
+    x:fail(400, "policy: must be an object of policy fields")
+    return false
+  end
+  if v ~= nil then
+    local h, err = policy.parse(v, "X-Aiorch-Policy")
+    if not h then
+      x:fail(400, err)
+      return false
+    end
+    for k, hv in pairs(h) do
+      t[k] = hv
+    end
+  end
+  local checked, err = policy.check(t, who)
+  if not checked then
     x:fail(400, err)
     return false
   end
-  if type(request.policy) == "table" then
-    for k, pv in pairs(request.policy) do -- the header wins a clash
-      if t[k] == nil then
-        t[k] = pv
+  for k, cv in pairs(checked) do
+    local b = bounds[k]
+    if not b then
+      local allowed = {}
+      for name in pairs(bounds) do
+        allowed[#allowed + 1] = name
+      end
+      table.sort(allowed)
+      x:fail(400, fmt("%s.%s: clients may not set this field here (allowed: %s)", who, k,
+        #allowed > 0 and concat(allowed, ", ") or "none"))
+      return false
+    end
+    if b ~= true then
+      checked[k] = cv < b[1] and b[1] or cv > b[2] and b[2] or cv
+    end
+  end
+  request.policy = checked
+  return true
+end
+
+-- Whether this client may use the chosen strategy and providers; answers
+-- 400 naming what is allowed, and returns false, when it may not.
+local function allowed(x, rt)
+  local cfg = x.state.config
+  local client = x.client
+  local name = rt.strategy
+  local set = client.strategies or cfg.strategies
+  if not (gconfig.name_ok(name) and set[name]) then
+    x:fail(400, fmt("strategy %s is not allowed (allowed: %s)", type(name) == "string"
+      and "'" .. (#name > 64 and sub(name, 1, 64) .. "..." or name) .. "'" or tostring(name),
+      concat(client.strategy_names or cfg.strategy_names, ", ")))
+    return false
+  end
+  local pset = client.providers
+  if pset and rt.providers then
+    for _, p in ipairs(rt.providers) do
+      if not pset[p] then
+        x:fail(400, fmt("provider '%s' is not allowed (allowed: %s)", tostring(p), concat(client.provider_names, ", ")))
+        return false
       end
     end
   end
-  request.policy = t
   return true
+end
+
+-- The providers a client with an allow-list gets when it names none: the
+-- route's own, else the configured order, kept to those it may use.
+local function client_providers(x, rt)
+  local pset = x.client.providers
+  if not pset or rt.providers then
+    return
+  end
+  local out = {}
+  for _, n in ipairs(gconfig.provider_names(x.state.config)) do
+    if pset[n] then
+      out[#out + 1] = n
+    end
+  end
+  rt.providers = #out > 0 and out or x.client.provider_names
 end
 
 local function serve_api(x, shape)
@@ -397,7 +477,7 @@ local function serve_api(x, shape)
   if not p then
     return x:fail(400, perr)
   end
-  if not header_policy(x, p.request) then
+  if not client_policy(x, p.request) then
     return
   end
   local h = x.req.headers
@@ -405,6 +485,10 @@ local function serve_api(x, shape)
   local rt = gconfig.route(state.config, p.model, header_word(h["x-aiorch-strategy"]),
     header_list(h["x-aiorch-providers"]))
   x.strategy = rt.strategy
+  if not allowed(x, rt) then
+    return
+  end
+  client_providers(x, rt)
   local s, serr = loader.load("strategy", rt.strategy, state.path)
   if not s then
     return x:fail(400, serr)
@@ -432,13 +516,17 @@ local function serve_native(x)
   if not p then
     return x:fail(400, perr)
   end
-  if not header_policy(x, p.request) then
+  if not client_policy(x, p.request) then
     return
   end
   local h = x.req.headers
   local rt = gconfig.route(x.state.config, p.model, p.strategy or header_word(h["x-aiorch-strategy"]),
     p.providers or header_list(h["x-aiorch-providers"]))
   x.strategy = rt.strategy
+  if not allowed(x, rt) then
+    return
+  end
+  client_providers(x, rt)
   local r = run_plain(x, p.request, rt)
   if not r then
     return
@@ -513,13 +601,13 @@ local function serve_health(x)
   end
   local status = state.draining and "draining" or (any and "ok" or "degraded")
   x:respond(state.draining and 503 or 200, { ["cache-control"] = "no-cache" },
-    fmt('{"status":"%s","in_flight":%d,"providers":{%s}}', status, state.in_flight, concat(parts, ",")))
+    fmt('{"status":"%s","in_flight":%d,"providers":{%s}}', status, state.in_flight - 1, concat(parts, ",")))
 end
 
 local function serve_metrics(x)
   local state = x.state
   x:respond(200, { ["content-type"] = prometheus.content_type },
-    prometheus.render({ requests = state.counts, in_flight = state.in_flight }))
+    prometheus.render({ requests = state.counts, in_flight = state.in_flight - 1 })) -- not this scrape
 end
 
 local ROUTES = {
@@ -543,26 +631,64 @@ local function allow_of(methods)
   return concat(out, ", ")
 end
 
-local function dispatch(x)
+-- The client a request's key names: its entry of the configuration, or
+-- ANYONE when the gateway has no keys. nil, message for a wrong key.
+local ANYONE = {}
+local function authenticate(state, headers)
+  local clients = state.config.clients
+  if not clients then
+    return ANYONE
+  end
+  local k = client_key(headers)
+  if not k then
+    return nil, "Missing API key (Authorization: Bearer or x-api-key)."
+  end
+  local found
+  for _, c in ipairs(clients) do -- every key compared: the time does not say which came close
+    if same(k, c.key) and not found then
+      found = c
+    end
+  end
+  if not found then
+    return nil, "Incorrect API key provided."
+  end
+  return found
+end
+
+-- The whole request's deadline: the configuration's (or the client's),
+-- made shorter by X-Aiorch-Request-Timeout-Ms or the timeout an official
+-- SDK announces (X-Stainless-Timeout, seconds), never longer.
+local function request_deadline(x)
+  local h = x.req.headers
+  local ms = x.client.request_timeout_ms or x.state.config.request_timeout_ms
+  local asked = tonumber(h["x-aiorch-request-timeout-ms"] or "")
+  if asked and asked >= 1 and asked < ms then
+    ms = floor(asked)
+  end
+  local sdk = tonumber(h["x-stainless-timeout"] or "")
+  if sdk and sdk > 0 and sdk * 1000 < ms then
+    ms = floor(sdk * 1000)
+  end
+  return ms
+end
+
+-- Routing, authentication and the limits, before anything is read from the
+-- body. Returns the endpoint's function, or nil once the client has its answer.
+local function admit(x)
   local req, state = x.req, x.state
   local route = x.route
   local methods = ROUTES[route]
   if not methods then
     return x:fail(404, fmt("Unknown request URL: %s %s", req.method, route))
   end
-  local keys = state.config.client_keys
-  if keys and not OPEN[route] then
-    local k = client_key(req.headers)
-    local good = false
-    if k then
-      for _, want in ipairs(keys) do
-        good = same(k, want) or good
-      end
+  if OPEN[route] then
+    x.client = ANYONE
+  else
+    local client, why = authenticate(state, req.headers)
+    if not client then
+      return x:fail(401, why, nil, { ["www-authenticate"] = "Bearer" })
     end
-    if not good then
-      return x:fail(401, k and "Incorrect API key provided." or "Missing API key (Authorization: Bearer or x-api-key).",
-        nil, { ["www-authenticate"] = "Bearer" })
-    end
+    x.client = client
   end
   local fn = methods[req.method] or (req.method == "HEAD" and methods.GET)
   if not fn then
@@ -581,7 +707,7 @@ local function dispatch(x)
     state.orchestrating = state.orchestrating + 1
     x.counted = true
   end
-  return fn(x)
+  return fn
 end
 
 -- One logfmt line. The status, the numbers and the id (new_id's) are
@@ -593,6 +719,7 @@ local function access_line(x)
     .. " latency_ms=" .. floor(now() - x.t0 + 0.5) .. " tokens_in=" .. (x.tokens_in or 0)
     .. " tokens_out=" .. (x.tokens_out or 0) .. (x.stream and " stream=true id=" or " stream=false id=") .. x.id
     .. (x.broken and " stream_error=true" or "") .. (x.aborted and " client_gone=true" or "")
+    .. (x.timed_out and " timed_out=true" or "")
 end
 
 -- Access lines for stderr go out together, one write per LOG_FLUSH_MS
@@ -723,6 +850,45 @@ local function refusal(state, status, req)
   return shape_of(route, req.headers).error_body(status, msg), "application/json"
 end
 
+-- Ends a request whose work did not answer it: with an error in the
+-- caller's shape, as the stream's last event when a stream has begun, or
+-- by cutting the connection when something else was sent.
+function Exchange:abandon(status, code, message)
+  local s = self.session
+  if s and s.closed then
+    return -- the stream was complete
+  elseif s and s.sent and not s.gone then
+    self.status, self.broken = 200, true
+    s:close(s.shape:error(status, message, code))
+  elseif not self.started and self.shape == native and status == 504 then
+    -- The native endpoint's answer is a StandardAIResponse, a timed-out one here.
+    self:respond(status, {}, response.encode(response.error(common.null, "timeout", message,
+      now() - self.t0, {})))
+  elseif not self.started then
+    self:fail(status, message, code)
+  else
+    self.status = self.status or status
+    self.res:abort()
+  end
+end
+
+-- The work of one request, in a task of its own: the handler stays free to
+-- enforce its deadline, and to end its bookkeeping even when the work is
+-- stopped for running too long (the budget then stops every Lua step of
+-- the task that ran away, its to-be-closed handlers included).
+local function work(fn, x)
+  return fn(x)
+end
+
+-- The work raised (or ran away): one log line, and the caller's 500.
+local function failed(x, err)
+  local msg = tostring(err)
+  io_stderr:write("aiorch: error: request ", x.id, " failed: ", (msg:gsub("[\r\n]+", " ")), "\n")
+  local runaway = msg:find("instruction budget exceeded", 1, true)
+  return x:abandon(500, "internal_error", runaway and "internal error: a script ran too long "
+    .. "(instruction budget exceeded)" or "internal error in the gateway")
+end
+
 local function handle(state, req, res)
   state.in_flight = state.in_flight + 1
   local route = route_of(req.path)
@@ -731,24 +897,39 @@ local function handle(state, req, res)
     state = state, req = req, res = res, route = route, t0 = req.received_at or now(),
     shape = shape_of(route, req.headers), id = new_id(state),
     status = nil, started = nil, strategy = nil, provider = nil, attempts = nil, tokens_in = nil, tokens_out = nil,
-    counted = nil,
+    counted = nil, client = nil, session = nil,
   }, exchange_mt)
-  -- A script that runs away is stopped past any pcall: the server then
-  -- answers with this, in the caller's error shape.
+  -- If this handler itself fails, the server answers with this, in the
+  -- caller's error shape.
   res:on_error(runaway_body(x.shape))
   if state.log_bodies then
     body_line(x, "request", req.body)
   end
-  local ok, err = pcall(dispatch, x)
-  if not ok then
-    io_stderr:write("aiorch: error: gateway handler failed: ", tostring(err):gsub("[\r\n]+", " "), "\n")
-    if not x.started then
-      x:fail(500, "internal error in the gateway")
-    else
-      x.status = x.status or 500
-      res:abort()
-    end
+  local fn = admit(x)
+  if not fn then
+    return
   end
+  if not x.counted then -- no provider is called: answered here
+    local ok, err = pcall(fn, x)
+    if not ok then
+      return failed(x, err)
+    end
+    return
+  end
+  local deadline = request_deadline(x)
+  local task = spawn(work, fn, x)
+  local _, e1, e2 = task:await(deadline)
+  local st = task:status()
+  if st == "done" then
+    return
+  end
+  if st == "failed" then
+    return failed(x, e1 == "error" and e2 or e1)
+  end
+  -- Still running at the deadline: stop it, its tasks and their transfers.
+  task:cancel()
+  x.timed_out = true
+  return x:abandon(504, "timeout", fmt("the request did not complete within %d ms (request_timeout_ms)", deadline))
 end
 
 ------------------------------------------------------------------------------

@@ -74,7 +74,7 @@ Session.__index = Session
 -- owner, on_token, on_owner): one table per stream, thousands at once.
 function _M.session(res, shape, headers)
   return setmetatable({ res = res, shape = shape, headers = headers, queue = nil, qn = 0,
-                        committed = false, sent = false, gone = false, draining = false, writer = nil,
+                        committed = false, sent = false, gone = false, closed = false, draining = false, writer = nil,
                         mode = nil, owner = nil, on_token = nil, on_owner = nil }, Session)
 end
 
@@ -143,9 +143,10 @@ end
 -- Ends the stream with the given last bytes.
 function Session:close(bytes)
   self:flush()
-  if self.gone then
+  if self.gone or self.closed then
     return
   end
+  self.closed = true
   if not self.sent then
     self.sent = true
     self.res:start(200, self.headers)
