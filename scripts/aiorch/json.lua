@@ -1,0 +1,169 @@
+-- JSON that keeps what the APIs' bodies say: `[]` stays an array, `{}` an
+-- object, and integers keep every digit.
+--
+-- lua-cjson (Debian's 2.1.0) decodes both `[]` and `{}` to an empty table,
+-- encodes every empty table as `{}` and every number with 14 significant
+-- digits. For a tool's JSON Schema (`"required": []`) or a 19-digit seed
+-- that loses information. So: cjson decodes a text that has neither an
+-- empty array nor a long number (almost every body, and fast); dkjson
+-- decodes the others, marking arrays and objects with the metatables
+-- below; and encode writes tables by those marks (cjson still escapes the
+-- strings). An empty table without a mark is an object.
+--   local json = require "aiorch.json"
+--   local v, err = json.decode(text)      -- nil, message on malformed JSON
+--   local text = json.encode(v)           -- raises on a value JSON cannot hold
+local cjson = require "cjson.safe"
+
+local type = type
+local ipairs = ipairs
+local tonumber = tonumber
+local pcall = pcall
+local pairs = pairs
+local tostring = tostring
+local getmetatable = getmetatable
+local setmetatable = setmetatable
+local fmt = string.format
+local find = string.find
+local concat = table.concat
+local sort = table.sort
+local math_type = math.type
+local huge = math.huge
+local encode_string = cjson.encode
+
+local _M = {}
+
+_M.null = cjson.null
+local array_mt = { __jsontype = "array" }
+local object_mt = { __jsontype = "object" }
+_M.array_mt, _M.object_mt = array_mt, object_mt
+
+-- Marks t (default: a new table) as a JSON array, or as an object.
+function _M.array(t)
+  return setmetatable(t or {}, array_mt)
+end
+
+function _M.object(t)
+  return setmetatable(t or {}, object_mt)
+end
+
+function _M.is_array(t)
+  return getmetatable(t) == array_mt
+end
+
+local dkjson -- loaded on first need
+
+-- What cjson would decode with a loss: an empty array, or an integer
+-- longer than its 14 digits.
+local function lossy(s)
+  return find(s, "%[%s*%]") or find(s, "%d%d%d%d%d%d%d%d%d%d%d%d%d%d%d")
+end
+
+-- decode(text) -> value, or nil, message.
+function _M.decode(s)
+  if type(s) ~= "string" then
+    return nil, "not a string"
+  end
+  if not lossy(s) then
+    return cjson.decode(s)
+  end
+  dkjson = dkjson or require "dkjson"
+  local v, _, err = dkjson.decode(s, 1, cjson.null, object_mt, array_mt)
+  if err then
+    return nil, err
+  end
+  return v
+end
+
+local encode_value
+
+local function encode_table(t, out, n, depth)
+  if depth > 64 then
+    error("json.encode: nested deeper than 64", 0)
+  end
+  local mt = getmetatable(t)
+  local len = #t
+  if mt == array_mt or (mt ~= object_mt and len > 0) then
+    out[n + 1] = "["
+    n = n + 1
+    for i = 1, len do
+      if i > 1 then
+        n = n + 1
+        out[n] = ","
+      end
+      n = encode_value(t[i], out, n, depth + 1)
+    end
+    n = n + 1
+    out[n] = "]"
+    return n
+  end
+  local keys = {}
+  for k in pairs(t) do
+    if type(k) ~= "string" then
+      error(fmt("json.encode: an object key must be a string (got %s)", type(k)), 0)
+    end
+    keys[#keys + 1] = k
+  end
+  sort(keys) -- the same table gives the same text
+  n = n + 1
+  out[n] = "{"
+  for i, k in ipairs(keys) do
+    if i > 1 then
+      n = n + 1
+      out[n] = ","
+    end
+    n = n + 1
+    out[n] = encode_string(k) .. ":"
+    n = encode_value(t[k], out, n, depth + 1)
+  end
+  n = n + 1
+  out[n] = "}"
+  return n
+end
+
+function encode_value(v, out, n, depth)
+  local tv = type(v)
+  n = n + 1
+  if tv == "string" then
+    out[n] = encode_string(v)
+  elseif tv == "number" then
+    if math_type(v) == "integer" then
+      out[n] = fmt("%d", v)
+    elseif v ~= v or v == huge or v == -huge then
+      error("json.encode: NaN and infinities have no JSON form", 0)
+    elseif v == math.floor(v) and v > -2 ^ 53 and v < 2 ^ 53 then
+      out[n] = fmt("%d", v)
+    else
+      out[n] = fmt("%.17g", v)
+      if tonumber(fmt("%.15g", v)) == v then
+        out[n] = fmt("%.15g", v) -- 0.1, not 0.10000000000000001
+      end
+    end
+  elseif tv == "boolean" then
+    out[n] = v and "true" or "false"
+  elseif v == cjson.null then
+    out[n] = "null"
+  elseif tv == "table" then
+    return encode_table(v, out, n - 1, depth)
+  else
+    error(fmt("json.encode: a %s has no JSON form", tv), 0)
+  end
+  return n
+end
+
+-- encode(value) -> text. Raises on NaN, infinities, functions and the like.
+function _M.encode(v)
+  local out = {}
+  local n = encode_value(v, out, 0, 0)
+  return concat(out, "", 1, n)
+end
+
+-- Like encode, but returns nil, message instead of raising.
+function _M.encode_safe(v)
+  local ok, s = pcall(_M.encode, v)
+  if not ok then
+    return nil, tostring(s)
+  end
+  return s
+end
+
+return _M
