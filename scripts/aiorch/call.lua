@@ -22,6 +22,7 @@ local ceil = math.ceil
 local concat = table.concat
 
 local EMPTY = {} -- never written
+local legacy_sink -- below
 
 local _M = {}
 
@@ -116,6 +117,43 @@ local cancel_guard = {
   end,
 }
 
+-- Stream events that are content: the first one commits a stream.
+local CONTENT = { text = true, thinking = true, thinking_signature = true, redacted_thinking = true,
+  tool_call = true, tool_arguments = true }
+_M.CONTENT = CONTENT
+
+-- What a stream parser's event() returned, as a list of canonical events:
+-- nil, one event, a list, or (an adapter of the first kind) a text delta.
+local function events_of(out, ev)
+  local t = type(out)
+  if t == "string" then
+    return out ~= "" and { { type = "text", text = out, raw = ev } } or nil
+  elseif t ~= "table" then
+    return nil
+  elseif out.type then
+    return { out }
+  end
+  return #out > 0 and out or nil
+end
+
+-- The index of the first content event of a list, or nil.
+local function first_content(list)
+  for i = 1, #list do
+    if CONTENT[list[i].type] then
+      return i
+    end
+  end
+  return nil
+end
+
+-- Hands list[from..] to the sink; info goes with the first of them.
+local function deliver(sink, list, from, name, info)
+  for i = from, #list do
+    sink(list[i], name, info)
+    info = nil
+  end
+end
+
 -- One HTTP attempt. Returns the response and whether a token went out.
 local function attempt(adapter, config, request, opts, pol, trial)
   local name = config.name
@@ -124,7 +162,7 @@ local function attempt(adapter, config, request, opts, pol, trial)
   local guard <close> = setmetatable({ name = name, finished = false, trial = trial }, cancel_guard)
 
   local stream = opts.stream and type(adapter.stream_parser) == "function"
-  local ok, wire = pcall(adapter.build_request, config, request, { stream = stream })
+  local ok, wire = pcall(adapter.build_request, config, request, { stream = stream, model = config.model })
   if not ok or type(wire) ~= "table" then
     guard.finished = true
     return finish(name, fail(name, config, "adapter", "build_request failed: " .. tostring(wire), t0)), false
@@ -149,26 +187,54 @@ local function attempt(adapter, config, request, opts, pol, trial)
     end
     parser, events, emitted = p, 0, false
     guard.parser = p
-    local on_token = opts.on_token
+    local sink = opts.on_event
+    local held -- this attempt's events before its first content (a same-API caller relays them)
     -- Returns true for a content event: that meets the first-token deadline.
     on_event = function(ev)
       events = events + 1
-      local eok, delta = pcall(parser.event, parser, ev)
+      local eok, out = pcall(parser.event, parser, ev)
       if not eok then
-        stream_err = "stream parser failed: " .. tostring(delta)
+        stream_err = "stream parser failed: " .. tostring(out)
         return false
       end
-      if delta then
-        if on_token then
-          emitted = true
-          local tok, terr = pcall(on_token, delta, name)
-          if not tok then
-            stream_err = "on_token failed: " .. tostring(terr)
+      local list = events_of(out, ev)
+      if not list then
+        return nil
+      end
+      local first = first_content(list)
+      if not first then
+        if sink and not emitted then
+          held = held or {}
+          for i = 1, #list do
+            held[#held + 1] = list[i]
+          end
+        elseif sink then
+          local sok, serr = pcall(deliver, sink, list, 1, name, nil)
+          if not sok then
+            stream_err = "on_event failed: " .. tostring(serr)
             return false
           end
         end
-        return true
+        return nil
       end
+      if sink then
+        local info
+        if not emitted then -- the first content of this attempt: it may commit the stream
+          held = held or {}
+          for i = 1, first - 1 do
+            held[#held + 1] = list[i]
+          end
+          info = { prelude = held, model = parser.model or config.model, api = adapter.api }
+          held = nil
+        end
+        emitted = true
+        local sok, serr = pcall(deliver, sink, list, info and first or 1, name, info)
+        if not sok then
+          stream_err = "on_event failed: " .. tostring(serr)
+          return false
+        end
+      end
+      return true
     end
   end
 
@@ -236,14 +302,34 @@ local function attempt(adapter, config, request, opts, pol, trial)
   })), emitted
 end
 
+-- opts.on_token(text, provider) of a caller that wants only the text: an
+-- on_event sink that passes it the text events.
+function legacy_sink(opts)
+  local o = {}
+  for k, v in pairs(opts) do
+    o[k] = v
+  end
+  local on_token = opts.on_token
+  o.on_event = function(ev, provider)
+    if ev.type == "text" then
+      on_token(ev.text, provider)
+    end
+  end
+  return o
+end
+
 -- call(adapter, config, request[, opts]) -> StandardAIResponse
 -- config: from aiorch.config.provider; request: a validated AIRequest.
--- opts: stream, on_token(text, provider), timeout_ms, policy.
+-- opts: stream, on_event(event, provider, info) (see aiorch.context) or
+-- on_token(text, provider), timeout_ms, policy.
 -- Retries the provider as its policy says; metadata.attempts lists every
 -- attempt. Never retries once a token went to the caller.
 function _M.call(adapter, config, request, opts)
   opts = opts or EMPTY
   local name = config.name
+  if opts.on_token and not opts.on_event then
+    opts = legacy_sink(opts)
+  end
 
   if not config.available then
     local r = response.error(name, "unavailable", config.unavailable or (name .. " is not available"), 0,

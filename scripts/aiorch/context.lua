@@ -66,7 +66,7 @@ local function resolve(adapters, configs, opts, provider)
 end
 
 -- state: {request, adapters = {name = adapter}, configs = {name = config},
---         opts = {stream, on_token, timeout_ms, policy, env, path}, strategy = name}
+--         opts = {stream, on_event, on_token, timeout_ms, policy, env, path}, strategy = name}
 function _M.new(state)
   local opts = state.opts or EMPTY
   local adapters, configs = state.adapters, state.configs
@@ -74,22 +74,34 @@ function _M.new(state)
   -- Read-only facts a strategy may want; the built-ins do not need them.
   local ctx = setmetatable({ request = request, stream = opts.stream and true or false }, base_mt)
 
-  -- The commit point of a stream: the first provider to send a token owns
-  -- the caller's stream; tokens from any other are dropped. Before that,
+  -- The commit point of a stream: the first provider to send content owns
+  -- the caller's stream; events from any other are dropped. Before that,
   -- a strategy may still switch providers unseen; after it, it may not.
+  -- on_event(event, provider, info) gets the owner's canonical events
+  -- (info, with the first content of each attempt: {prelude = the events
+  -- before it, model, api}); on_token(text, provider) its text only.
   local owner, on_commit
-  local on_token = opts.on_token
-  local token_sink
-  if on_token then
-    token_sink = function(text, provider)
+  local on_event, on_token = opts.on_event, opts.on_token
+  local event_sink
+  if on_event or on_token then
+    event_sink = function(ev, provider, info)
       if owner == nil then
+        if not info then
+          return -- not content: a meta event of an attempt that will not win
+        end
         owner = provider
         if on_commit then
           on_commit(provider)
         end
       end
-      if provider == owner then
-        on_token(text, provider)
+      if provider ~= owner then
+        return
+      end
+      if on_event then
+        on_event(ev, provider, info)
+      end
+      if on_token and ev.type == "text" then
+        on_token(ev.text, provider)
       end
     end
   end
@@ -118,7 +130,7 @@ function _M.new(state)
       metrics.finished(tostring(provider), r)
       return r
     end
-    local o = { stream = opts.stream, on_token = token_sink, timeout_ms = opts.timeout_ms, policy = opts.policy }
+    local o = { stream = opts.stream, on_event = event_sink, timeout_ms = opts.timeout_ms, policy = opts.policy }
     if type(copts) == "table" then
       for k, v in pairs(copts) do
         o[k] = v
