@@ -11,6 +11,8 @@ local str, num, present = util.str, util.num, util.present
 
 local _M = {
   name = "anthropic",
+  -- The models this provider serves by default (aiorch serve routes by them).
+  model_prefixes = { "claude-" },
   default_model = "claude-3-haiku-20240307",
   key_env = "ANTHROPIC_API_KEY",
   base_url_env = "ANTHROPIC_BASE_URL",

@@ -10,6 +10,8 @@ local str, num, present = util.str, util.num, util.present
 
 local _M = {
   name = "openai",
+  -- The models this provider serves by default (aiorch serve routes by them).
+  model_prefixes = { "gpt-", "o1", "o3", "o4", "chatgpt-" },
   default_model = "gpt-4o-mini",
   key_env = "OPENAI_API_KEY",
   base_url_env = "OPENAI_BASE_URL",

@@ -41,8 +41,8 @@ local TOP = {
   strategies = true, clients = true,
 }
 local PROVIDER = {
-  api_key_env = true, base_url = true, model = true, models = true, timeout_ms = true, priority = true,
-  api_key = true, key = true, policy = true,
+  api_key_env = true, base_url = true, model = true, models = true, model_prefixes = true, timeout_ms = true,
+  priority = true, api_key = true, key = true, policy = true,
 }
 local ALIAS = { strategy = true, providers = true }
 local CLIENT = { key_env = true, strategies = true, providers = true, client_policy = true, request_timeout_ms = true }
@@ -347,9 +347,17 @@ function _M.check(raw, getenv, path)
       end
       models = list
     end
+    local prefixes
+    if p.model_prefixes ~= nil then
+      local list, lerr = string_list(p.model_prefixes, where .. ".model_prefixes")
+      if not list then
+        return nil, lerr
+      end
+      prefixes = list
+    end
     local model = p.model or adapter.default_model
     c.providers[name] = {
-      name = name, adapter = adapter, model = model, models = models, base_url = p.base_url,
+      name = name, adapter = adapter, model = model, models = models, model_prefixes = prefixes, base_url = p.base_url,
       timeout_ms = p.timeout_ms, key_env = p.api_key_env, policy = p.policy and pol or nil,
     }
     prio[#prio + 1] = { name = name, priority = p.priority or 1000 }
@@ -632,17 +640,58 @@ function _M.env_for(c, models)
   return env
 end
 
--- The provider whose configured models include `model`, if any.
-local function owner_of(c, model)
-  for _, n in ipairs(c.order) do
-    local p = c.providers[n]
-    if p.model == model then
-      return n
-    end
-    for _, m in ipairs(p.models) do
-      if m == model then
-        return n
+-- Which provider serves which model: exact names (each provider's model
+-- and models), then the longest matching prefix (its model_prefixes, else
+-- its adapter's: gpt-, o1, o3, o4, chatgpt- for openai; claude- for
+-- anthropic). Built once per configuration.
+local function model_table(c)
+  local t = c.model_table
+  if t then
+    return t
+  end
+  t = { exact = {}, prefixes = {} }
+  for _, n in ipairs(_M.provider_names(c)) do
+    local a = loader.load("provider", n, c.path)
+    local p = c.providers[n] or {}
+    if a then
+      local function exact(m)
+        if type(m) == "string" and not t.exact[m] then
+          t.exact[m] = n
+        end
       end
+      exact(p.model or a.default_model)
+      for _, m in ipairs(p.models or {}) do
+        exact(m)
+      end
+      for _, pre in ipairs(p.model_prefixes or a.model_prefixes or {}) do
+        t.prefixes[#t.prefixes + 1] = { pre, n }
+      end
+    end
+  end
+  -- Longest first; among equals, the earlier provider (priority order).
+  for i, e in ipairs(t.prefixes) do
+    e[3] = i
+  end
+  sort(t.prefixes, function(a, b)
+    if #a[1] ~= #b[1] then
+      return #a[1] > #b[1]
+    end
+    return a[3] < b[3]
+  end)
+  c.model_table = t
+  return t
+end
+
+-- The provider that serves `model`, or nil.
+function _M.owner_of(c, model)
+  local t = model_table(c)
+  local n = t.exact[model]
+  if n then
+    return n
+  end
+  for _, e in ipairs(t.prefixes) do
+    if model:sub(1, #e[1]) == e[1] then
+      return e[2]
     end
   end
   return nil
@@ -650,22 +699,32 @@ end
 
 -- Chooses strategy, providers and env for a request.
 -- strategy_h, providers_h: the X-Aiorch-* header values (or body fields);
--- model: the client's model name. Returns a table {strategy, providers, env,
--- alias}.
+-- model: the client's model name (nil: the native endpoint without one).
+-- The model a client names is the model sent: an alias maps it to a model
+-- per provider; otherwise it goes to the provider that serves it, alone
+-- unless the client names the providers (who then use their own models).
+-- Returns {strategy, providers, env, alias, owner}, or nil, message for a
+-- model no provider serves.
 function _M.route(c, model, strategy_h, providers_h)
   local alias = type(model) == "string" and c.aliases[model] or nil
   local strategy = strategy_h or (alias and alias.strategy) or c.default_strategy
-  local providers = providers_h or (alias and alias.providers) or c.default_providers
-  local models
+  local providers, models, owner
   if alias then
+    providers = providers_h or alias.providers or c.default_providers
     models = next(alias.models) and alias.models or nil
   elseif type(model) == "string" then
-    local owner = owner_of(c, model)
-    if owner then
-      models = { [owner] = model }
+    owner = _M.owner_of(c, model)
+    if not owner and not providers_h then
+      return nil, fmt("The model '%s' is not served here: no provider lists it (models, model_prefixes) and no "
+        .. "alias names it", #model > 100 and model:sub(1, 100) .. "..." or model)
     end
+    providers = providers_h or { owner }
+    models = owner and { [owner] = model } or nil
+  else
+    providers = providers_h or c.default_providers
   end
-  return { strategy = strategy, providers = providers, env = _M.env_for(c, models), alias = alias and model }
+  return { strategy = strategy, providers = providers, env = _M.env_for(c, models), alias = alias and model,
+    owner = owner }
 end
 
 -- Provider names the gateway serves, in priority order.

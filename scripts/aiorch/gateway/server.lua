@@ -238,19 +238,22 @@ function Exchange:note(result)
     self.attempts = type(a) == "table" and concat(a, ",") or a
     self.tokens_in, self.tokens_out = common.usage(result)
     self.provider = result.status == "success" and result.ia_provider_name or nil
+    self.model = self.provider and result.metadata and result.metadata.model or nil
     return self.provider
   end
-  local providers, attempts = {}, {}
+  local providers, models, attempts = {}, {}, {}
   local ti, to = 0, 0
   for _, r in ipairs(result) do
     if r.status == "success" then
       providers[#providers + 1] = r.ia_provider_name
+      models[#models + 1] = tostring(r.metadata and r.metadata.model or "-")
     end
     local a, b = common.usage(r)
     ti, to = ti + a, to + b
     attempts_of(r, attempts)
   end
   self.provider = #providers > 0 and concat(providers, ",") or nil
+  self.model = #models > 0 and concat(models, ",") or nil
   self.attempts = concat(attempts, ",")
   self.tokens_in, self.tokens_out = ti, to
   return self.provider
@@ -482,8 +485,11 @@ local function serve_api(x, shape)
   end
   local h = x.req.headers
   local state = x.state
-  local rt = gconfig.route(state.config, p.model, header_word(h["x-aiorch-strategy"]),
+  local rt, rerr = gconfig.route(state.config, p.model, header_word(h["x-aiorch-strategy"]),
     header_list(h["x-aiorch-providers"]))
+  if not rt then
+    return x:fail(404, rerr, "model_not_found")
+  end
   x.strategy = rt.strategy
   if not allowed(x, rt) then
     return
@@ -503,6 +509,7 @@ local function serve_api(x, shape)
   -- All of the headers in one constructor (respond adds nothing here).
   x:respond(200, {
     ["x-aiorch-strategy"] = rt.strategy, ["x-request-id"] = x.id, ["x-aiorch-provider"] = ok,
+    ["x-aiorch-model"] = x.model,
     ["x-aiorch-attempts"] = x.attempts, ["content-type"] = "application/json",
   }, shape.render(common.successes(r), x.id, p.model))
 end
@@ -520,8 +527,11 @@ local function serve_native(x)
     return
   end
   local h = x.req.headers
-  local rt = gconfig.route(x.state.config, p.model, p.strategy or header_word(h["x-aiorch-strategy"]),
+  local rt, rerr = gconfig.route(x.state.config, p.model, p.strategy or header_word(h["x-aiorch-strategy"]),
     p.providers or header_list(h["x-aiorch-providers"]))
+  if not rt then
+    return x:fail(404, rerr, "model_not_found")
+  end
   x.strategy = rt.strategy
   if not allowed(x, rt) then
     return
@@ -540,6 +550,7 @@ local function serve_native(x)
     failure_headers(headers, x, wait)
   else
     headers["x-aiorch-provider"] = ok
+    headers["x-aiorch-model"] = x.model
     headers["x-aiorch-attempts"] = x.attempts
   end
   x:respond(status, headers, response.encode(r))
@@ -897,7 +908,7 @@ local function handle(state, req, res)
     state = state, req = req, res = res, route = route, t0 = req.received_at or now(),
     shape = shape_of(route, req.headers), id = new_id(state),
     status = nil, started = nil, strategy = nil, provider = nil, attempts = nil, tokens_in = nil, tokens_out = nil,
-    counted = nil, client = nil, session = nil,
+    counted = nil, client = nil, session = nil, model = nil,
   }, exchange_mt)
   -- If this handler itself fails, the server answers with this, in the
   -- caller's error shape.
