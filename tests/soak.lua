@@ -114,7 +114,10 @@ for _, p in ipairs(PROVIDERS) do
   end
 end
 
+-- The "default" route names a model that only these two serve (their
+-- configured models), in this order (default_providers).
 local DEFAULT_PROVIDERS = { "e429_a", "ok_o" }
+local DEFAULT_MODEL = "soak-default"
 local ALIAS, ALIAS_PROVIDERS = "soak-alias", { "e500_o", "ok_a" }
 local STRATEGIES = { "single", "fallback", "fastest", "parallel" }
 
@@ -340,7 +343,7 @@ local function build(r)
     body = cjson.encode(doc)
   else
     local doc = {
-      model = r.route == "alias" and ALIAS or MODEL[r.endpoint],
+      model = r.route == "alias" and ALIAS or r.route == "default" and DEFAULT_MODEL or MODEL[r.endpoint],
       max_tokens = 64,
       messages = { { role = "user", content = r.question } },
     }
@@ -692,7 +695,13 @@ a.name, a.key_env, a.base_url_env, a.model_env = %q, false, nil, nil
 return a
 ]], root .. "/scripts/providers/" .. p.api .. ".lua", p.name))
     local url = fmt("http://%s:%d/_mock/%s%s", HOST, mock_port, p.d, p.api == "openai" and "/v1" or "")
-    lines[#lines + 1] = fmt("    %s = { base_url = %q, timeout_ms = %d },", p.name, url, p.timeout or 10000)
+    local models = ""
+    for _, d in ipairs(DEFAULT_PROVIDERS) do
+      if d == p.name then
+        models = fmt(", models = { %q }", DEFAULT_MODEL)
+      end
+    end
+    lines[#lines + 1] = fmt("    %s = { base_url = %q, timeout_ms = %d%s },", p.name, url, p.timeout or 10000, models)
   end
   local function list(t)
     local q = {}

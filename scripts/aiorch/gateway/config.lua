@@ -640,10 +640,11 @@ function _M.env_for(c, models)
   return env
 end
 
--- Which provider serves which model: exact names (each provider's model
--- and models), then the longest matching prefix (its model_prefixes, else
--- its adapter's: gpt-, o1, o3, o4, chatgpt- for openai; claude- for
--- anthropic). Built once per configuration.
+-- Which providers serve which model: those that name it exactly (their
+-- model and models), else those with the longest matching prefix (their
+-- model_prefixes, else their adapter's: gpt-, o1, o3, o4, chatgpt- for
+-- openai; claude- for anthropic), in priority order. Built once per
+-- configuration.
 local function model_table(c)
   local t = c.model_table
   if t then
@@ -654,9 +655,13 @@ local function model_table(c)
     local a = loader.load("provider", n, c.path)
     local p = c.providers[n] or {}
     if a then
+      local seen = {}
       local function exact(m)
-        if type(m) == "string" and not t.exact[m] then
-          t.exact[m] = n
+        if type(m) == "string" and not seen[m] then
+          seen[m] = true
+          local list = t.exact[m] or {}
+          list[#list + 1] = n
+          t.exact[m] = list
         end
       end
       exact(p.model or a.default_model)
@@ -668,63 +673,83 @@ local function model_table(c)
       end
     end
   end
-  -- Longest first; among equals, the earlier provider (priority order).
-  for i, e in ipairs(t.prefixes) do
-    e[3] = i
-  end
-  sort(t.prefixes, function(a, b)
-    if #a[1] ~= #b[1] then
-      return #a[1] > #b[1]
-    end
-    return a[3] < b[3]
-  end)
   c.model_table = t
   return t
 end
 
--- The provider that serves `model`, or nil.
-function _M.owner_of(c, model)
+-- The providers that serve `model`, in priority order, or nil.
+function _M.owners_of(c, model)
   local t = model_table(c)
-  local n = t.exact[model]
-  if n then
-    return n
+  local list = t.exact[model]
+  if list then
+    return list
   end
+  local best, out = 0, nil
   for _, e in ipairs(t.prefixes) do
-    if model:sub(1, #e[1]) == e[1] then
-      return e[2]
+    local pre = e[1]
+    if #pre >= best and model:sub(1, #pre) == pre then
+      if #pre > best then
+        best, out = #pre, {}
+      end
+      if out[#out] ~= e[2] then
+        out[#out + 1] = e[2]
+      end
     end
   end
-  return nil
+  return out
+end
+
+-- default_providers, when configured, keeps and orders the owners.
+local function restrict(c, owners)
+  local only = c.default_providers
+  if not only then
+    return owners
+  end
+  local set = {}
+  for _, n in ipairs(owners) do
+    set[n] = true
+  end
+  local out = {}
+  for _, n in ipairs(only) do
+    if set[n] then
+      out[#out + 1] = n
+    end
+  end
+  return #out > 0 and out or owners
 end
 
 -- Chooses strategy, providers and env for a request.
 -- strategy_h, providers_h: the X-Aiorch-* header values (or body fields);
 -- model: the client's model name (nil: the native endpoint without one).
 -- The model a client names is the model sent: an alias maps it to a model
--- per provider; otherwise it goes to the provider that serves it, alone
--- unless the client names the providers (who then use their own models).
--- Returns {strategy, providers, env, alias, owner}, or nil, message for a
--- model no provider serves.
+-- per provider; otherwise it goes to the providers that serve it, unless
+-- the client names the providers (those who do not serve it then use their
+-- own models). Returns {strategy, providers, env, alias}, or nil, message
+-- for a model no provider serves.
 function _M.route(c, model, strategy_h, providers_h)
   local alias = type(model) == "string" and c.aliases[model] or nil
   local strategy = strategy_h or (alias and alias.strategy) or c.default_strategy
-  local providers, models, owner
+  local providers, models
   if alias then
     providers = providers_h or alias.providers or c.default_providers
     models = next(alias.models) and alias.models or nil
   elseif type(model) == "string" then
-    owner = _M.owner_of(c, model)
-    if not owner and not providers_h then
+    local owners = _M.owners_of(c, model)
+    if not owners and not providers_h then
       return nil, fmt("The model '%s' is not served here: no provider lists it (models, model_prefixes) and no "
         .. "alias names it", #model > 100 and model:sub(1, 100) .. "..." or model)
     end
-    providers = providers_h or { owner }
-    models = owner and { [owner] = model } or nil
+    providers = providers_h or restrict(c, owners)
+    if owners then
+      models = {}
+      for _, n in ipairs(owners) do
+        models[n] = model
+      end
+    end
   else
     providers = providers_h or c.default_providers
   end
-  return { strategy = strategy, providers = providers, env = _M.env_for(c, models), alias = alias and model,
-    owner = owner }
+  return { strategy = strategy, providers = providers, env = _M.env_for(c, models), alias = alias and model }
 end
 
 -- Provider names the gateway serves, in priority order.
