@@ -17,6 +17,7 @@ local load = load
 local pcall = pcall
 local tointeger = math.tointeger
 local sort = table.sort
+local unpack = table.unpack
 local concat = table.concat
 local os_getenv = os.getenv
 local io_open = io.open
@@ -718,6 +719,37 @@ local function restrict(c, owners)
   return #out > 0 and out or owners
 end
 
+-- A model's providers and env, once per model name (bounded: emptied when
+-- full; clients choose the names).
+local ROUTES_MAX = 1024
+local function model_route(c, model)
+  local cache = c.route_cache
+  if not cache then
+    cache = { n = 0, t = {} }
+    c.route_cache = cache
+  end
+  local hit = cache.t[model]
+  if hit ~= nil then
+    return hit or nil
+  end
+  local owners = _M.owners_of(c, model)
+  local by = false
+  if owners then
+    local models = {}
+    for _, n in ipairs(owners) do
+      models[n] = model
+    end
+    by = { providers = restrict(c, owners), env = _M.env_for(c, models) }
+  end
+  if cache.n >= ROUTES_MAX then
+    cache.t, cache.n = {}, 0
+    c.env_cache = {} -- its entries are per model too
+  end
+  cache.t[model] = by
+  cache.n = cache.n + 1
+  return by or nil
+end
+
 -- Chooses strategy, providers and env for a request.
 -- strategy_h, providers_h: the X-Aiorch-* header values (or body fields);
 -- model: the client's model name (nil: the native endpoint without one).
@@ -734,18 +766,13 @@ function _M.route(c, model, strategy_h, providers_h)
     providers = providers_h or alias.providers or c.default_providers
     models = next(alias.models) and alias.models or nil
   elseif type(model) == "string" then
-    local owners = _M.owners_of(c, model)
-    if not owners and not providers_h then
+    local by = model_route(c, model)
+    if not by and not providers_h then
       return nil, fmt("The model '%s' is not served here: no provider lists it (models, model_prefixes) and no "
         .. "alias names it", #model > 100 and model:sub(1, 100) .. "..." or model)
     end
-    providers = providers_h or restrict(c, owners)
-    if owners then
-      models = {}
-      for _, n in ipairs(owners) do
-        models[n] = model
-      end
-    end
+    return { strategy = strategy, providers = providers_h or (by and { unpack(by.providers) }),
+      env = by and by.env or _M.env_for(c, nil) }
   else
     providers = providers_h or c.default_providers
   end
