@@ -430,22 +430,52 @@ static void finish_ok(aiorch_task *t, int nres)
     finish(t, T_DONE);
 }
 
+static int tostring_call(lua_State *L)
+{
+    luaL_tolstring(L, 1, NULL);
+    return 1;
+}
+
+/* Replaces the error value on top of S with a message: await returns a
+ * string, always. A __tostring runs protected; it may itself fail. */
+static const char *error_message(lua_State *S)
+{
+    int t = lua_type(S, -1), printable = t == LUA_TNUMBER;
+    if (t == LUA_TSTRING) return lua_tostring(S, -1);
+    if (!printable && luaL_getmetafield(S, -1, "__tostring") != LUA_TNIL) {
+        lua_pop(S, 1);
+        printable = 1;
+    }
+    if (printable) {
+        lua_pushcfunction(S, tostring_call);
+        lua_pushvalue(S, -2);
+        if (lua_pcall(S, 1, 1, 0) == LUA_OK && lua_type(S, -1) == LUA_TSTRING) {
+            lua_remove(S, -2);
+            return lua_tostring(S, -1);
+        }
+        lua_pop(S, 1);
+    }
+    lua_pushfstring(S, "(error object is a %s value)", luaL_typename(S, -1));
+    lua_remove(S, -2);
+    return lua_tostring(S, -1);
+}
+
 static void finish_error(aiorch_task *t)
 {
     aiorch_runtime *rt = t->rt;
     lua_State *S = rt->S;
     lua_xmove(t->co, S, 1);
+    const char *msg = error_message(S);
     lua_createtable(S, 0, 2);
     lua_insert(S, -2);
-    const char *msg = lua_tostring(S, -1);
-    lua_setfield(S, -2, "error");
-    luaL_traceback(S, t->co, msg ? msg : "(error object is not a string)", 0);
+    luaL_traceback(S, t->co, msg, 0);
     if (rt->main == t) {
         rt->main_status = 1;
-        snprintf(rt->error, sizeof rt->error, "%s", msg ? msg : "(error object is not a string)");
+        snprintf(rt->error, sizeof rt->error, "%s", msg);
         t->retrieved = 1;
     }
-    lua_setfield(S, -2, "traceback");
+    lua_setfield(S, -3, "traceback");
+    lua_setfield(S, -2, "error");
     store_outcome(t, S);
     finish(t, T_FAILED);
 }
@@ -599,8 +629,8 @@ static int push_results(lua_State *L, int idx, aiorch_task *t)
     }
     lua_pushnil(L);
     if (t->state == T_FAILED) {
-        lua_getfield(L, -2, "error");
         lua_pushliteral(L, "error");
+        lua_getfield(L, -3, "error");
     } else {
         lua_pushliteral(L, "cancelled");
         lua_pushliteral(L, "cancelled");
@@ -793,20 +823,25 @@ static aiorch_task **check_tasks(lua_State *L, int idx, int *n)
     return list;
 }
 
-/* Pushes values, errors for the tasks in table 1; unfinished ones get "timeout". */
+/* Pushes values, errors, messages for the tasks in table 1: for a task
+ * that did not succeed, errors[i] and messages[i] are the kind and message
+ * its await gives; unfinished ones are cancelled and get "timeout". */
 static int push_gathered(lua_State *L)
 {
     int n = (int)luaL_len(L, 1);
     lua_createtable(L, n, 1);
     lua_createtable(L, n, 1);
-    int values = lua_gettop(L) - 1, errors = values + 1;
+    lua_createtable(L, n, 1);
+    int values = lua_gettop(L) - 2, errors = values + 1, messages = values + 2;
     for (int i = 1; i <= n; i++) {
         lua_rawgeti(L, 1, i);
         aiorch_task *t = check_task(L, -1);
         if (!ended(t)) {
             aiorch_task_cancel(t);
             lua_pushliteral(L, "timeout");
+            lua_pushvalue(L, -1);
             lua_rawseti(L, errors, i);
+            lua_rawseti(L, messages, i);
         } else {
             int top = lua_gettop(L);
             int nr = push_results(L, top, t);
@@ -816,18 +851,18 @@ static int push_gathered(lua_State *L)
                     lua_rawseti(L, values, i);
                 }
             } else {
-                lua_pushvalue(L, top + 2);
+                lua_rawseti(L, messages, i);
                 lua_rawseti(L, errors, i);
             }
             lua_settop(L, top);
         }
         lua_pop(L, 1);
     }
-    lua_pushinteger(L, n);
-    lua_setfield(L, values, "n");
-    lua_pushinteger(L, n);
-    lua_setfield(L, errors, "n");
-    return 2;
+    for (int k = values; k <= messages; k++) {
+        lua_pushinteger(L, n);
+        lua_setfield(L, k, "n");
+    }
+    return 3;
 }
 
 static int gather_k(lua_State *L, int status, lua_KContext ctx)
@@ -888,8 +923,14 @@ static int first_scan(lua_State *L)
             if (unfinished == 0 || timed_out) {
                 lua_settop(L, 5);
                 lua_pushnil(L);
-                push_gathered(L);
-                return 3;
+                if (unfinished) {
+                    lua_pushliteral(L, "timeout");
+                    lua_pushliteral(L, "timeout");
+                } else {
+                    lua_pushliteral(L, "none");
+                    lua_pushfstring(L, "no task of %d gave a value that satisfies the predicate", n);
+                }
+                return 3 + push_gathered(L);
             }
             if (!self) self = aiorch_task_check(L, "aiorch.first");
             aiorch_task **list = lua_newuserdatauv(L, (size_t)unfinished * sizeof *list, 0);

@@ -275,7 +275,7 @@ function _M.ask(args, first)
     stream = o.stream and true or nil,
     on_token = printer and printer.on_token or nil,
   }
-  local result, err, kind = orchestrate.orchestrate(req, strategy, o.providers, opts)
+  local result, kind, err = orchestrate.orchestrate(req, strategy, o.providers, opts)
   if not result then
     if kind == "invalid" then
       return usage_error(err)

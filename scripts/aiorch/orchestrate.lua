@@ -1,6 +1,6 @@
 -- orchestrate(request, strategy, providers, opts): validate, build the
 -- system prompt, pick providers, run the strategy. Validation errors come
--- back as nil, message, "invalid" before any network call; everything after
+-- back as nil, "invalid", message before any network call; everything after
 -- that comes back as StandardAIResponse(s).
 local config = require "aiorch.config"
 local context = require "aiorch.context"
@@ -119,22 +119,22 @@ function _M.orchestrate(request, strategy_name, providers, opts)
 
   local strategy, serr = loader.load("strategy", strategy_name, opts.path)
   if not strategy then
-    return nil, serr, "invalid"
+    return nil, "invalid", serr
   end
 
   local names, adapters, configs, list, order = choose(providers, opts)
   if not adapters then
-    return nil, configs, "invalid"
+    return nil, "invalid", configs
   end
 
   local req, verr = request_mod.validate(request, list)
   if not req then
-    return nil, verr, "invalid"
+    return nil, "invalid", verr
   end
   if opts.policy ~= nil then
     local _, perr = policy.check(opts.policy, "opts.policy")
     if perr then
-      return nil, perr, "invalid"
+      return nil, "invalid", perr
     end
   end
 
@@ -151,7 +151,7 @@ function _M.orchestrate(request, strategy_name, providers, opts)
     end
     local prompt, perr = build_prompt(opts, info)
     if not prompt then
-      return nil, perr, "prompt"
+      return nil, "prompt", perr
     end
     req.system_prompt = prompt
     -- The context is sent once: when the prompt carries it, not again in the user turn.

@@ -560,10 +560,10 @@ describe("concurrency", function()
       end)
     end
     local t0 = aiorch.now()
-    local values, errors = aiorch.gather(tasks)
+    local values, _, messages = aiorch.gather(tasks)
     assert.is_true(aiorch.now() - t0 < 1000)
     for i = 1, 40 do
-      assert.is_nil(errors[i])
+      assert.is_nil(messages[i])
       local r = values[i]
       local first = r.status and r or r[1]
       assert.equal("success", first.status)
