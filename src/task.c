@@ -147,6 +147,8 @@ void aiorch_task_wake(aiorch_task *t, int nargs)
 /* ---- the instruction budget ---- */
 
 static char budget_key;
+static char debug_key; /* a boolean: aiorch.debug() */
+static char stopped_key; /* weak table: thread -> the message it was stopped with */
 
 #define HOOK_COUNT 1000 /* instructions between two calls of the hook */
 
@@ -160,9 +162,23 @@ static void budget_hook(lua_State *L, lua_Debug *ar)
     if (!rt || !rt->current) return;
     rt->used += HOOK_COUNT;
     if (rt->used <= rt->budget) return;
+    /* Stopped already (a pcall caught it): the same message again, naming
+     * where the loop ran rather than where the pcall sits. */
+    lua_rawgetp(L, LUA_REGISTRYINDEX, &stopped_key);
+    if (lua_gethookcount(L) == 1) {
+        lua_pushthread(L);
+        if (lua_rawget(L, -2) == LUA_TSTRING) lua_error(L);
+        lua_pop(L, 1);
+    }
     /* Fire on every instruction from now on, so pcall cannot swallow it. */
     lua_sethook(L, budget_hook, LUA_MASKCOUNT, 1);
-    luaL_error(L, "instruction budget exceeded (%I instructions without yielding)", (lua_Integer)rt->budget);
+    luaL_where(L, 0); /* level 0 in a hook: the function that ran too long */
+    lua_pushfstring(L, "instruction budget exceeded (%I instructions without yielding)", (lua_Integer)rt->budget);
+    lua_concat(L, 2);
+    lua_pushthread(L);
+    lua_pushvalue(L, -2);
+    lua_rawset(L, -4);
+    lua_error(L);
 }
 
 /* A count hook makes Lua stop at every instruction (~15% of the gateway's
@@ -468,13 +484,17 @@ static void finish_error(aiorch_task *t)
     const char *msg = error_message(S);
     lua_createtable(S, 0, 2);
     lua_insert(S, -2);
-    luaL_traceback(S, t->co, msg, 0);
     if (rt->main == t) {
         rt->main_status = 1;
         snprintf(rt->error, sizeof rt->error, "%s", msg);
         t->retrieved = 1;
     }
-    lua_setfield(S, -3, "traceback");
+    /* Only a report in debug mode shows it (t_gc). */
+    if (lua_rawgetp(S, LUA_REGISTRYINDEX, &debug_key) == LUA_TBOOLEAN && lua_toboolean(S, -1)) {
+        luaL_traceback(S, t->co, msg, 0);
+        lua_setfield(S, -4, "traceback");
+    }
+    lua_pop(S, 1);
     lua_setfield(S, -2, "error");
     store_outcome(t, S);
     finish(t, T_FAILED);
@@ -792,7 +812,8 @@ static int t_tostring(lua_State *L)
     return 1;
 }
 
-/* __gc: reports an error that nobody looked at; cancels at lua_close. */
+/* __gc: reports an error that nobody looked at, on one line (with the
+ * traceback in debug mode); cancels at lua_close. */
 static int t_gc(lua_State *L)
 {
     aiorch_task *t = check_task(L, 1);
@@ -800,11 +821,26 @@ static int t_gc(lua_State *L)
         aiorch_task_cancel(t);
     } else if (t->state == T_FAILED && !t->retrieved) {
         lua_getiuservalue(L, 1, 1);
-        lua_getfield(L, -1, "traceback");
+        if (lua_getfield(L, -1, "traceback") != LUA_TSTRING) {
+            lua_pop(L, 1);
+            lua_getfield(L, -1, "error");
+        }
         aiorch_report(t->rt, "task failed and nobody awaited it: %s", lua_tostring(L, -1));
         lua_pop(L, 2);
     }
     return 0;
+}
+
+/* aiorch.debug([on]): debug mode, where the runtime's own reports carry
+ * tracebacks. Starts on when AIORCH_DEBUG is set (and not "0"). */
+static int l_debug(lua_State *L)
+{
+    if (!lua_isnoneornil(L, 1)) {
+        lua_pushboolean(L, lua_toboolean(L, 1));
+        lua_rawsetp(L, LUA_REGISTRYINDEX, &debug_key);
+    }
+    lua_rawgetp(L, LUA_REGISTRYINDEX, &debug_key);
+    return 1;
 }
 
 /* Checks the list of tasks at idx; pushes an array of them (a userdata). */
@@ -1078,6 +1114,7 @@ static const luaL_Reg task_funcs[] = {
     {"current", l_current},
     {"now", l_now},
     {"run", l_run},
+    {"debug", l_debug},
     {NULL, NULL},
 };
 
@@ -1085,6 +1122,15 @@ void aiorch_task_open(aiorch_runtime *rt, lua_State *L)
 {
     lua_pushlightuserdata(L, rt);
     lua_rawsetp(L, LUA_REGISTRYINDEX, &budget_key);
+    lua_newtable(L);
+    lua_createtable(L, 0, 1);
+    lua_pushliteral(L, "k");
+    lua_setfield(L, -2, "__mode");
+    lua_setmetatable(L, -2);
+    lua_rawsetp(L, LUA_REGISTRYINDEX, &stopped_key);
+    const char *dbg = getenv("AIORCH_DEBUG");
+    lua_pushboolean(L, dbg && *dbg && strcmp(dbg, "0") != 0);
+    lua_rawsetp(L, LUA_REGISTRYINDEX, &debug_key);
     co_wrap_make(rt, L);
     if (luaL_newmetatable(L, TASK_MT)) {
         luaL_setfuncs(L, task_meta, 0);

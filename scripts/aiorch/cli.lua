@@ -1,8 +1,10 @@
 -- The `aiorch` command: main(args) -> exit status.
 -- 0 success (parallel: at least one provider answered), 1 failure, 2 usage.
+local core = require "aiorch"
 local orchestrate = require "aiorch.orchestrate"
 local response = require "aiorch.response"
 local policy = require "aiorch.policy"
+local trace = require "aiorch.trace"
 
 local fmt = string.format
 local type = type
@@ -21,7 +23,8 @@ usage: aiorch <command> [options]
 
 commands:
   ask [options] QUESTION     ask the providers and print the answer
-  run SCRIPT.lua [ARGS...]   run a Lua script inside the runtime (as the main task)
+  run [--debug] SCRIPT.lua [ARGS...]
+                             run a Lua script inside the runtime (as the main task)
   demo                       run every strategy against built-in mock providers (no keys needed)
   serve [options]            run the gateway (OpenAI- and Anthropic-compatible HTTP API)
   help, --help               show this help
@@ -40,6 +43,8 @@ ask options:
                       max_attempts=3,first_token_timeout_ms=5000,continue_on_cut=true
   --path DIR          a user directory searched first for strategies/, providers/ and
                       prompts/ (repeatable; AIORCH_PATH holds more, ':'-separated)
+  --debug             print the traceback of an error in a script or strategy (also for
+                      run and serve, or before the command; or AIORCH_DEBUG=1)
 
 serve options:
   --listen HOST:PORT  address to listen on (default 127.0.0.1:8080, or the config's)
@@ -58,6 +63,7 @@ environment:
   AIORCH_TIMEOUT_MS                     per-call timeout (default 60000)
   AIORCH_POLICY, OPENAI_POLICY, ...     K=V,... policies for every provider, or for one
   AIORCH_LOG                            debug | info | warn (default) | error
+  AIORCH_DEBUG                          1: tracebacks, as --debug
 
 exit status: 0 success (parallel: at least one answer), 1 failure, 2 usage error
 ]]
@@ -82,8 +88,7 @@ local function usage_error(msg, ...)
 end
 
 local function version()
-  local ok, core = pcall(require, "aiorch")
-  return ok and type(core) == "table" and core.version or "0.1.0"
+  return core.version or "0.1.0"
 end
 
 -- ask's options: name -> field, and whether it takes a value.
@@ -98,6 +103,7 @@ local ASK_OPTIONS = {
   ["--json"] = { "json", false },
   ["--stream"] = { "stream", false },
   ["--policy"] = { "policy", true },
+  ["--debug"] = { "debug", false },
   ["--help"] = { "help", false },
   ["-h"] = { "help", false },
 }
@@ -188,7 +194,8 @@ end
 
 local function failure_line(r)
   local m = r.metadata or {}
-  if m.error_kind == "all_failed" then
+  -- Every provider's failure is in the message; a strategy's names no provider.
+  if m.error_kind == "all_failed" or r.ia_provider_name == nil then
     return r.error_message
   end
   return fmt("%s: %s (%s)", tostring(r.ia_provider_name), m.error_kind or r.status,
@@ -250,6 +257,18 @@ local function exit_code(result)
   return 1
 end
 
+-- orchestrate in a task of its own: a strategy that runs away is stopped
+-- by the instruction budget, past any pcall; that ends this task only, and
+-- the failure is reported as the strategy's.
+local function run_orchestration(req, strategy, providers, opts)
+  local t = core.spawn(orchestrate.orchestrate, req, strategy, providers, opts)
+  local r, kind, err = t:await()
+  if r == nil and kind == "error" then
+    return response.error(nil, "strategy", fmt("strategy '%s' failed: %s", strategy, err), 0, {})
+  end
+  return r, kind, err
+end
+
 function _M.ask(args, first)
   local o, perr = parse_ask(args, first)
   if not o then
@@ -258,6 +277,9 @@ function _M.ask(args, first)
   if o.help then
     io_stdout:write(_M.usage)
     return 0
+  end
+  if o.debug then
+    trace.debug(true)
   end
   if #o.words == 0 then
     return usage_error("ask: missing QUESTION")
@@ -275,7 +297,7 @@ function _M.ask(args, first)
     stream = o.stream and true or nil,
     on_token = printer and printer.on_token or nil,
   }
-  local result, kind, err = orchestrate.orchestrate(req, strategy, o.providers, opts)
+  local result, kind, err = run_orchestration(req, strategy, o.providers, opts)
   if not result then
     if kind == "invalid" then
       return usage_error(err)
@@ -299,15 +321,14 @@ function _M.ask(args, first)
   return print_text(result, printer)
 end
 
-local function traceback(e)
-  if type(e) ~= "string" then
-    e = tostring(e)
-  end
-  return { message = e, trace = debug.traceback(e, 2) }
-end
-
--- run SCRIPT.lua [ARGS...]: the script runs in this task, with global arg.
+-- run [--debug] SCRIPT.lua [ARGS...]: the script runs in this task, with
+-- global arg. An error is one line naming the script's file and line; its
+-- traceback comes in debug mode only.
 function _M.run(args, first)
+  while args[first] == "--debug" do
+    trace.debug(true)
+    first = first + 1
+  end
   local script = args[first]
   if not script then
     return usage_error("run: missing SCRIPT.lua")
@@ -322,13 +343,11 @@ function _M.run(args, first)
     sargs[#sargs + 1] = args[i]
   end
   rawset(_G, "arg", sargs)
-  local res = table.pack(xpcall(chunk, traceback, unpack(sargs, 1, #sargs)))
+  local res = table.pack(xpcall(chunk, trace.handler, unpack(sargs, 1, #sargs)))
   if not res[1] then
     local e = res[2]
-    err_line(e.message)
-    if os.getenv("AIORCH_LOG") == "debug" then
-      io_stderr:write(e.trace, "\n")
-    end
+    trace.report(e)
+    err_line(type(e) == "table" and e.message or tostring(e))
     return 1
   end
   local r = res[2]
@@ -357,6 +376,9 @@ function _M.serve(args, first)
       ["--workers"] = "workers" })[name]
     if name == "--worker" and not inline then
       o.worker = true -- hidden: one worker under the master (gateway/master.lua)
+      field = false
+    elseif name == "--debug" and not inline then
+      trace.debug(true) -- the workers get it too: they run these arguments
       field = false
     end
     if field == nil then
@@ -444,6 +466,11 @@ end
 
 function _M.main(args)
   args = args or {}
+  -- aiorch --debug CMD ... is CMD --debug ...: each command takes it.
+  if args[1] == "--debug" and args[2] then
+    table.remove(args, 1)
+    table.insert(args, 2, "--debug")
+  end
   local cmd = args[1]
   if cmd == nil then
     io_stderr:write(_M.usage)

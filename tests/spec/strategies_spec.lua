@@ -7,6 +7,7 @@ local orchestrate = require "aiorch.orchestrate"
 local metrics = require "aiorch.metrics"
 local breaker = require "aiorch.breaker"
 local call = require "aiorch.call"
+local response = require "aiorch.response"
 
 local KEYS = { openai = "sk-test-strategies-openai-0001", anthropic = "sk-ant-test-strategies-0002" }
 local QUESTION = "What is two plus two?"
@@ -526,7 +527,9 @@ describe("user extensions", function()
     local r = assert(run("boom", nil, nil, nil, { path = { dir } }))
     assert.equal("error", r.status)
     assert.equal("strategy", r.metadata.error_kind)
+    assert.is_nil(r.ia_provider_name) -- the strategy failed, not a provider
     assert.matches("kaboom", r.error_message)
+    assert.equal(cjson.null, cjson.decode(response.encode(r)).ia_provider_name)
   end)
 
   it("turns a strategy that returns garbage into an error response", function()

@@ -221,7 +221,7 @@ local function attempts_of(r, out)
     end
     return out
   end
-  local one = attempt_text(r.ia_provider_name, m.error_kind or r.status)
+  local one = attempt_text(r.ia_provider_name or "none", m.error_kind or r.status) -- none: a strategy failed
   if not out then
     return one
   end
