@@ -19,7 +19,7 @@ local io_stderr = io.stderr
 local _M = {}
 
 _M.usage = [[
-usage: aiorch <command> [options]
+usage: aiorch [--debug] <command> [options]
 
 commands:
   ask [options] QUESTION     ask the providers and print the answer
@@ -27,18 +27,18 @@ commands:
                              run a Lua script inside the runtime (as the main task)
   demo                       run every strategy against built-in mock providers (no keys needed)
   serve [options]            run the gateway (OpenAI- and Anthropic-compatible HTTP API)
-  help, --help               show this help
+  help, --help               show this help (also: COMMAND --help)
   --version                  show the version
 
 ask options:
-  --strategy S        single | parallel | fallback (default) | fastest | a user strategy
+  --strategy S        single | parallel | fallback (default) | fastest | hedged | a user strategy
   --providers a,b     providers in priority order (default: every available one)
   --context TEXT      context for the question
   --system TEXT       system prompt (default: built from the context)
   --temperature T     sampling temperature, within every chosen provider's range
   --max-tokens N      at most N tokens in the answer
   --json              print the StandardAIResponse (a JSON array for parallel)
-  --stream            print the answer as it arrives (single, fallback, fastest)
+  --stream            print the answer as it arrives (single, fallback, fastest, hedged)
   --policy K=V,...    this request's retries, deadlines and streaming policy, e.g.
                       max_attempts=3,first_token_timeout_ms=5000,continue_on_cut=true
   --path DIR          a user directory searched first for strategies/, providers/ and
@@ -52,6 +52,7 @@ serve options:
   --path DIR          as for ask
   --workers N         worker processes sharing the port, under a master that restarts them
                       (default: the number of cores; 0: serve from this one process)
+  --debug             as for ask
   endpoints: POST /v1/chat/completions, POST /v1/messages, POST /v1/orchestrate,
              GET /v1/models, GET /healthz, GET /metrics
 
@@ -62,8 +63,11 @@ environment:
   AIORCH_PROVIDERS                      default priority order (default: openai,anthropic)
   AIORCH_TIMEOUT_MS                     per-call timeout (default 60000)
   AIORCH_POLICY, OPENAI_POLICY, ...     K=V,... policies for every provider, or for one
+  AIORCH_PATH                           user directories searched first, ':'-separated
   AIORCH_LOG                            debug | info | warn (default) | error
   AIORCH_DEBUG                          1: tracebacks, as --debug
+  AIORCH_INSTRUCTION_BUDGET             Lua instructions a task may run without yielding
+                                        (default 100000000)
 
 exit status: 0 success (parallel: at least one answer), 1 failure, 2 usage error
 ]]
@@ -108,8 +112,46 @@ local ASK_OPTIONS = {
   ["-h"] = { "help", false },
 }
 
--- Returns the options table, or nil, message.
-local function parse_ask(args, first)
+-- serve's options; the hidden --worker (one worker under the master,
+-- gateway/master.lua) is not among them.
+local SERVE_OPTIONS = {
+  ["--listen"] = { "listen", true },
+  ["--config"] = { "config", true },
+  ["--path"] = { "path", true },
+  ["--workers"] = { "workers", true },
+  ["--debug"] = { "debug", false },
+  ["--help"] = { "help", false },
+  ["-h"] = { "help", false },
+}
+
+-- run's options, before SCRIPT.lua (what follows it is the script's).
+local RUN_OPTIONS = {
+  ["--debug"] = { "debug", false },
+  ["--help"] = { "help", false },
+  ["-h"] = { "help", false },
+}
+
+-- demo's: it takes no others.
+local DEMO_OPTIONS = {
+  ["--debug"] = { "debug", false },
+  ["--help"] = { "help", false },
+  ["-h"] = { "help", false },
+}
+
+_M.options = { ask = ASK_OPTIONS, serve = SERVE_OPTIONS, run = RUN_OPTIONS, demo = DEMO_OPTIONS }
+
+-- Why dir is no directory, or nil when it is one.
+local function not_a_dir(dir)
+  if io.open(dir .. "/", "r") then
+    return nil
+  end
+  return io.open(dir, "r") and "not a directory" or "no such directory"
+end
+
+-- Parses the options of cmd from args[first]; the other words go to
+-- o.words. stop_at_word: the first word ends the options (run's script).
+-- Returns o, or nil, message.
+local function parse(cmd, spec, args, first, stop_at_word)
   local o = { path = {}, words = {} }
   local i = first
   local only_words = false
@@ -117,16 +159,17 @@ local function parse_ask(args, first)
     local a = args[i]
     if only_words or a:sub(1, 1) ~= "-" or a == "-" then
       o.words[#o.words + 1] = a
+      only_words = only_words or stop_at_word
     elseif a == "--" then
       only_words = true
     else
       local name, inline = a:match("^(%-%-[%w%-]+)=(.*)$")
       name = name or a
-      local spec = ASK_OPTIONS[name]
-      if not spec then
-        return nil, fmt("ask: unknown option '%s'", name)
+      local opt = spec[name]
+      if not opt then
+        return nil, fmt("%s: unknown option '%s'", cmd, name)
       end
-      local field, takes = spec[1], spec[2]
+      local field, takes = opt[1], opt[2]
       local value = true
       if takes then
         if inline then
@@ -135,19 +178,26 @@ local function parse_ask(args, first)
           i = i + 1
           value = args[i]
           if value == nil then
-            return nil, fmt("ask: option %s needs a value", name)
+            return nil, fmt("%s: option %s needs a value", cmd, name)
           end
         end
       elseif inline then
-        return nil, fmt("ask: option %s takes no value", name)
+        return nil, fmt("%s: option %s takes no value", cmd, name)
       end
       if field == "path" then
+        local why = not_a_dir(value)
+        if why then
+          return nil, fmt("%s: --path '%s': %s", cmd, value, why)
+        end
         o.path[#o.path + 1] = value
       else
         o[field] = value
       end
     end
     i = i + 1
+  end
+  if o.debug then
+    trace.debug(true)
   end
   return o
 end
@@ -270,7 +320,7 @@ local function run_orchestration(req, strategy, providers, opts)
 end
 
 function _M.ask(args, first)
-  local o, perr = parse_ask(args, first)
+  local o, perr = parse("ask", ASK_OPTIONS, args, first)
   if not o then
     return usage_error(perr)
   end
@@ -278,11 +328,12 @@ function _M.ask(args, first)
     io_stdout:write(_M.usage)
     return 0
   end
-  if o.debug then
-    trace.debug(true)
-  end
   if #o.words == 0 then
     return usage_error("ask: missing QUESTION")
+  end
+  -- An empty list would silently mean "the default ones".
+  if o.providers ~= nil and not o.providers:find("[^,%s]") then
+    return usage_error("ask: --providers needs at least one provider name")
   end
   local req, rerr = build_request(o)
   if not req then
@@ -325,11 +376,15 @@ end
 -- global arg. An error is one line naming the script's file and line; its
 -- traceback comes in debug mode only.
 function _M.run(args, first)
-  while args[first] == "--debug" do
-    trace.debug(true)
-    first = first + 1
+  local o, perr = parse("run", RUN_OPTIONS, args, first, true)
+  if not o then
+    return usage_error(perr)
   end
-  local script = args[first]
+  if o.help then
+    io_stdout:write(_M.usage)
+    return 0
+  end
+  local script = o.words[1]
   if not script then
     return usage_error("run: missing SCRIPT.lua")
   end
@@ -338,10 +393,7 @@ function _M.run(args, first)
     err_line("run: %s", lerr)
     return 1
   end
-  local sargs = { [0] = script }
-  for i = first + 1, #args do
-    sargs[#sargs + 1] = args[i]
-  end
+  local sargs = { [0] = script, unpack(o.words, 2) }
   rawset(_G, "arg", sargs)
   local res = table.pack(xpcall(chunk, trace.handler, unpack(sargs, 1, #sargs)))
   if not res[1] then
@@ -362,43 +414,21 @@ end
 -- serve [--listen HOST:PORT] [--config FILE] [--path DIR]: runs the gateway
 -- until the process is stopped (or the handle is drained by a signal hook).
 function _M.serve(args, first)
-  local o = { path = {} }
-  local i = first
-  while i <= #args do
-    local a = args[i]
-    local name, inline = a:match("^(%-%-[%w%-]+)=(.*)$")
-    name = name or a
-    if name == "--help" or name == "-h" then
-      io_stdout:write(_M.usage)
-      return 0
-    end
-    local field = ({ ["--listen"] = "listen", ["--config"] = "config", ["--path"] = "path",
-      ["--workers"] = "workers" })[name]
-    if name == "--worker" and not inline then
-      o.worker = true -- hidden: one worker under the master (gateway/master.lua)
-      field = false
-    elseif name == "--debug" and not inline then
-      trace.debug(true) -- the workers get it too: they run these arguments
-      field = false
-    end
-    if field == nil then
-      return usage_error("serve: unknown argument '%s'", a)
-    end
-    local value = inline
-    if value == nil and field then
-      i = i + 1
-      value = args[i]
-      if value == nil then
-        return usage_error("serve: option %s needs a value", name)
-      end
-    end
-    if field == "path" then
-      o.path[#o.path + 1] = value
-    elseif field then -- (a flag has none)
-      o[field] = value
-    end
-    i = i + 1
+  -- --worker: one worker under the master (gateway/master.lua), hidden.
+  local worker = args[first] == "--worker"
+  -- --debug reaches the workers too: they run these arguments.
+  local o, perr = parse("serve", SERVE_OPTIONS, args, worker and first + 1 or first)
+  if not o then
+    return usage_error(perr)
   end
+  if o.help then
+    io_stdout:write(_M.usage)
+    return 0
+  end
+  if #o.words > 0 then
+    return usage_error("serve: unknown argument '%s'", o.words[1])
+  end
+  o.worker = worker
   local master = require "aiorch.gateway.master"
   local workers
   if o.workers then
@@ -489,8 +519,16 @@ function _M.main(args)
   elseif cmd == "serve" then
     return _M.serve(args, 2)
   elseif cmd == "demo" then
-    local demo = require "aiorch.demo"
-    return demo.main({ unpack(args, 2) })
+    local o, perr = parse("demo", DEMO_OPTIONS, args, 2)
+    if not o then
+      return usage_error(perr)
+    elseif o.help then
+      io_stdout:write(_M.usage)
+      return 0
+    elseif #o.words > 0 then
+      return usage_error("demo: unknown argument '%s'", o.words[1])
+    end
+    return require("aiorch.demo").main()
   end
   return usage_error("unknown command '%s'", cmd)
 end

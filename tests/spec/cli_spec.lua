@@ -83,9 +83,41 @@ describe("aiorch command without network", function()
         assert.matches(word, out)
       end
     end
-    local code, out = sh(nil, "ask", "--help")
-    assert.equal(0, code)
-    assert.matches("usage: aiorch", out)
+    for _, cmd in ipairs { "ask", "run", "demo", "serve" } do
+      for _, flag in ipairs { "--help", "-h" } do
+        local code, out, err = sh(nil, cmd, flag)
+        assert.equal(0, code, cmd .. " " .. flag .. ": " .. err)
+        assert.matches("^usage: aiorch", out)
+        assert.equal("", err)
+      end
+    end
+  end)
+
+  it("help names every command's options, every built-in strategy and every variable of the README", function()
+    local _, help = sh(nil, "help")
+    local cli = require "aiorch.cli"
+    for cmd, options in pairs(cli.options) do
+      for name in pairs(options) do
+        assert.truthy(help:find(name, 1, true), cmd .. " option " .. name .. " is not in the help")
+      end
+    end
+    local p = assert(io.popen("ls " .. q(ROOT .. "/strategies")))
+    local n = 0
+    for f in p:lines() do
+      local name = f:match("^(.+)%.lua$")
+      if name then
+        n = n + 1
+        assert.truthy(help:find("%f[%w]" .. name .. "%f[^%w]"), "strategy " .. name .. " is not in the help")
+      end
+    end
+    p:close()
+    assert.is_true(n >= 5)
+    local readme = read_file(ROOT .. "/README.md")
+    local vars = readme:match("\n| variable | meaning |\n(.-)\n\n")
+    assert.truthy(vars, "the README's table of variables")
+    for var in vars:gmatch("`([A-Z][A-Z_]+)`") do
+      assert.truthy(help:find(var, 1, true), var .. " is not in the help")
+    end
   end)
 
   it("prints its version", function()
@@ -109,6 +141,16 @@ describe("aiorch command without network", function()
       { { "ask", "--providers", "gemini-x", "q" }, "unknown provider 'gemini%-x' %(valid: .*openai" },
       { { "ask", "   " }, "user_question" },
       { { "run" }, "missing SCRIPT" },
+      { { "run", "--bogus", "x.lua" }, "run: unknown option '%-%-bogus'" },
+      { { "demo", "bogus" }, "demo: unknown argument 'bogus'" },
+      { { "serve", "bogus" }, "serve: unknown argument 'bogus'" },
+      -- an empty list is no list: never silently the default one
+      { { "ask", "--providers", "", "q" }, "%-%-providers needs at least one provider name" },
+      { { "ask", "--providers=, ,", "q" }, "%-%-providers needs at least one provider name" },
+      -- a --path that is not there is named
+      { { "ask", "--path", "/nonexistent/aiorch-dir", "q" }, "%-%-path '/nonexistent/aiorch%-dir': no such directory" },
+      { { "ask", "--path", ROOT .. "/README.md", "q" }, "%-%-path '.*/README%.md': not a directory" },
+      { { "serve", "--path", "/nonexistent/aiorch-dir" }, "serve: %-%-path '/nonexistent/aiorch%-dir'" },
     }
     -- Keys set, but pointing at a closed port: a usage error must come first.
     local env = { OPENAI_API_KEY = KEYS.openai, ANTHROPIC_API_KEY = KEYS.anthropic,
