@@ -110,6 +110,7 @@ function _M.attempt(r)
     http_status = m.http_status,
     deadline = m.deadline,
     retry_after = m.retry_after,
+    provider_error = m.provider_error,
   }
 end
 
@@ -163,7 +164,7 @@ end
 local ORDER = {
   "ia_provider_name", "provider", "response_text", "status", "kind", "latency_ms", "error_message", "metadata",
   "model", "usage", "input_tokens", "output_tokens", "finish_reason", "http_status",
-  "error_kind", "retry_after", "attempts", "cost_usd", "deadline", "partial_text", "continued_from",
+  "error_kind", "provider_error", "retry_after", "attempts", "cost_usd", "deadline", "partial_text", "continued_from",
 }
 local RANK = {}
 for i, k in ipairs(ORDER) do

@@ -479,6 +479,42 @@ describe("aiorch ask against the mock providers", function()
     no_keys(out, err)
   end)
 
+  it("removes every form of a key a provider echoes, and carries the provider's error type and code", function()
+    local forms = {}
+    for _, key in pairs(KEYS) do
+      for _, text in pairs(require("aiorch.mock").echoed_forms(key)) do
+        forms[#forms + 1] = text
+      end
+      for i = 1, #key - 7 do
+        forms[#forms + 1] = key:sub(i, i + 7)
+      end
+    end
+    local function clean(...)
+      for _, text in ipairs { ... } do
+        for _, form in ipairs(forms) do
+          assert.falsy(text:find(form, 1, true), "a form of a key leaked: " .. form)
+        end
+      end
+    end
+    local e = env("fault=echo_key", "fault=echo_key")
+    for _, args in ipairs { { "ask", "--json", "q" }, { "ask", "--json", "--stream", "q" }, { "ask", "q" },
+      { "ask", "--json", "--strategy", "parallel", "q" } } do
+      local code, out, err = sh(e, table.unpack(args))
+      assert.equal(1, code, err)
+      assert.matches("Incorrect API key provided: %[redacted%]", out .. err) -- the echo came back, scrubbed
+      clean(out, err)
+    end
+    for api, pe in pairs { openai = { type = "invalid_request_error", code = "[redacted]" },
+      anthropic = { type = "[redacted]" } } do
+      local code, out, err = sh(e, "ask", "--json", "--strategy", "single", "--providers", api, "q")
+      assert.equal(1, code, err)
+      local r = assert(cjson.decode(out))
+      assert.equal("auth", r.metadata.error_kind)
+      assert.same(pe, r.metadata.provider_error)
+      clean(out, err)
+    end
+  end)
+
   it("streams the answer with --stream", function()
     local code, out, err = sh(env(nil, "chunks=5,chunk_delay_ms=5"), "ask", "--stream", "--providers", "anthropic",
       "Stream", "me")

@@ -298,7 +298,8 @@ describe("fallback", function()
     local a = r.metadata.attempts
     assert.equal(2, #a)
     assert.same({ provider = "openai", status = "error", kind = "rate_limited", http_status = 429,
-      retry_after = 3, latency_ms = a[1].latency_ms }, a[1])
+      retry_after = 3, latency_ms = a[1].latency_ms,
+      provider_error = { type = "requests", code = "rate_limit_exceeded" } }, a[1])
     assert.equal("anthropic", a[2].provider)
     assert.equal("success", a[2].status)
     assert.equal(200, a[2].http_status)
