@@ -28,6 +28,9 @@
 #include "internal.h"
 
 #define PROC_STATE_MT "aiorch.process.state"
+/* The messages of nil, "timeout", message */
+#define WAIT_TIMEOUT "the child is still running"
+#define SIG_TIMEOUT "no signal arrived in time"
 
 extern char **environ;
 
@@ -709,10 +712,11 @@ static void wait_on_timeout(struct ev_loop *loop, ev_timer *tw, int revents)
     (void)revents;
     waiter_free(w);
     chld_watch_update(st);
-    lua_checkstack(co, 2);
+    lua_checkstack(co, 3);
     luaL_pushfail(co);
     lua_pushliteral(co, "timeout");
-    aiorch_task_wake(t, 2);
+    lua_pushliteral(co, WAIT_TIMEOUT);
+    aiorch_task_wake(t, 3);
     aiorch_sched_drain(st->rt);
 }
 
@@ -725,7 +729,7 @@ static double timeout_arg(lua_State *L, int idx)
     return ms;
 }
 
-/* aiorch.process.wait(pid[, timeout_ms]) → code | nil, "signal", name | nil, "timeout" */
+/* aiorch.process.wait(pid[, timeout_ms]) → code | nil, "signal", name | nil, "timeout", message */
 static int l_wait(lua_State *L)
 {
     pid_t pid = pid_check(L, 1);
@@ -750,7 +754,8 @@ static int l_wait(lua_State *L)
     if (ms == 0) {
         luaL_pushfail(L);
         lua_pushliteral(L, "timeout");
-        return 2;
+        lua_pushliteral(L, WAIT_TIMEOUT);
+        return 3;
     }
     w = calloc(1, sizeof *w);
     if (!w) return luaL_error(L, "out of memory");
@@ -861,10 +866,11 @@ static void sig_on_timeout(struct ev_loop *loop, ev_timer *tw, int revents)
     (void)loop;
     (void)revents;
     sig_waiter_free(w);
-    lua_checkstack(co, 2);
+    lua_checkstack(co, 3);
     luaL_pushfail(co);
     lua_pushliteral(co, "timeout");
-    aiorch_task_wake(t, 2);
+    lua_pushliteral(co, SIG_TIMEOUT);
+    aiorch_task_wake(t, 3);
     aiorch_sched_drain(rt);
 }
 
@@ -912,7 +918,7 @@ static int sig_list(lua_State *L, int idx, int *sigs, int max)
     return n;
 }
 
-/* aiorch.signal.wait(name_or_list[, timeout_ms]) → name | nil, "timeout" */
+/* aiorch.signal.wait(name_or_list[, timeout_ms]) → name | nil, "timeout", message */
 static int l_sig_wait(lua_State *L)
 {
     int sigs[16], n, i;
@@ -935,7 +941,8 @@ static int l_sig_wait(lua_State *L)
     if (ms == 0) {
         luaL_pushfail(L);
         lua_pushliteral(L, "timeout");
-        return 2;
+        lua_pushliteral(L, SIG_TIMEOUT);
+        return 3;
     }
     w = calloc(1, sizeof *w + (size_t)n * sizeof(sig_node));
     if (!w) return luaL_error(L, "out of memory");

@@ -425,21 +425,22 @@ static void waiter_cancel(aiorch_op *op)
     free(w);
 }
 
-/* Resumes a task blocked in res:write with true or nil, "closed". */
+/* Resumes a task blocked in res:write with true or nil, "closed", message. */
 static void waiter_wake(srv_waiter *w, int ok)
 {
     aiorch_task *t = w->task;
     lua_State *co = aiorch_task_thread(t);
     waiter_unlink(w);
     free(w);
-    lua_checkstack(co, 2);
+    lua_checkstack(co, 3);
     if (ok) {
         lua_pushboolean(co, 1);
         aiorch_task_wake(t, 1);
     } else {
         luaL_pushfail(co);
         lua_pushliteral(co, "closed");
-        aiorch_task_wake(t, 2);
+        lua_pushliteral(co, "the client closed the connection");
+        aiorch_task_wake(t, 3);
     }
 }
 
@@ -820,7 +821,8 @@ static int res_closed(lua_State *L)
 {
     luaL_pushfail(L);
     lua_pushliteral(L, "closed");
-    return 2;
+    lua_pushliteral(L, "the client closed the connection");
+    return 3;
 }
 
 /* res:start(status[, headers]) */

@@ -147,6 +147,8 @@ void aiorch_task_wake(aiorch_task *t, int nargs)
 /* ---- the instruction budget ---- */
 
 static char budget_key;
+static char debug_key; /* a boolean: aiorch.debug() */
+static char stopped_key; /* weak table: thread -> the message it was stopped with */
 
 #define HOOK_COUNT 1000 /* instructions between two calls of the hook */
 
@@ -160,9 +162,23 @@ static void budget_hook(lua_State *L, lua_Debug *ar)
     if (!rt || !rt->current) return;
     rt->used += HOOK_COUNT;
     if (rt->used <= rt->budget) return;
+    /* Stopped already (a pcall caught it): the same message again, naming
+     * where the loop ran rather than where the pcall sits. */
+    lua_rawgetp(L, LUA_REGISTRYINDEX, &stopped_key);
+    if (lua_gethookcount(L) == 1) {
+        lua_pushthread(L);
+        if (lua_rawget(L, -2) == LUA_TSTRING) lua_error(L);
+        lua_pop(L, 1);
+    }
     /* Fire on every instruction from now on, so pcall cannot swallow it. */
     lua_sethook(L, budget_hook, LUA_MASKCOUNT, 1);
-    luaL_error(L, "instruction budget exceeded (%I instructions without yielding)", (lua_Integer)rt->budget);
+    luaL_where(L, 0); /* level 0 in a hook: the function that ran too long */
+    lua_pushfstring(L, "instruction budget exceeded (%I instructions without yielding)", (lua_Integer)rt->budget);
+    lua_concat(L, 2);
+    lua_pushthread(L);
+    lua_pushvalue(L, -2);
+    lua_rawset(L, -4);
+    lua_error(L);
 }
 
 /* A count hook makes Lua stop at every instruction (~15% of the gateway's
@@ -430,22 +446,56 @@ static void finish_ok(aiorch_task *t, int nres)
     finish(t, T_DONE);
 }
 
+static int tostring_call(lua_State *L)
+{
+    luaL_tolstring(L, 1, NULL);
+    return 1;
+}
+
+/* Replaces the error value on top of S with a message: await returns a
+ * string, always. A __tostring runs protected; it may itself fail. */
+static const char *error_message(lua_State *S)
+{
+    int t = lua_type(S, -1), printable = t == LUA_TNUMBER;
+    if (t == LUA_TSTRING) return lua_tostring(S, -1);
+    if (!printable && luaL_getmetafield(S, -1, "__tostring") != LUA_TNIL) {
+        lua_pop(S, 1);
+        printable = 1;
+    }
+    if (printable) {
+        lua_pushcfunction(S, tostring_call);
+        lua_pushvalue(S, -2);
+        if (lua_pcall(S, 1, 1, 0) == LUA_OK && lua_type(S, -1) == LUA_TSTRING) {
+            lua_remove(S, -2);
+            return lua_tostring(S, -1);
+        }
+        lua_pop(S, 1);
+    }
+    lua_pushfstring(S, "(error object is a %s value)", luaL_typename(S, -1));
+    lua_remove(S, -2);
+    return lua_tostring(S, -1);
+}
+
 static void finish_error(aiorch_task *t)
 {
     aiorch_runtime *rt = t->rt;
     lua_State *S = rt->S;
     lua_xmove(t->co, S, 1);
+    const char *msg = error_message(S);
     lua_createtable(S, 0, 2);
     lua_insert(S, -2);
-    const char *msg = lua_tostring(S, -1);
-    lua_setfield(S, -2, "error");
-    luaL_traceback(S, t->co, msg ? msg : "(error object is not a string)", 0);
     if (rt->main == t) {
         rt->main_status = 1;
-        snprintf(rt->error, sizeof rt->error, "%s", msg ? msg : "(error object is not a string)");
+        snprintf(rt->error, sizeof rt->error, "%s", msg);
         t->retrieved = 1;
     }
-    lua_setfield(S, -2, "traceback");
+    /* Only a report in debug mode shows it (t_gc). */
+    if (lua_rawgetp(S, LUA_REGISTRYINDEX, &debug_key) == LUA_TBOOLEAN && lua_toboolean(S, -1)) {
+        luaL_traceback(S, t->co, msg, 0);
+        lua_setfield(S, -4, "traceback");
+    }
+    lua_pop(S, 1);
+    lua_setfield(S, -2, "error");
     store_outcome(t, S);
     finish(t, T_FAILED);
 }
@@ -599,8 +649,8 @@ static int push_results(lua_State *L, int idx, aiorch_task *t)
     }
     lua_pushnil(L);
     if (t->state == T_FAILED) {
-        lua_getfield(L, -2, "error");
         lua_pushliteral(L, "error");
+        lua_getfield(L, -3, "error");
     } else {
         lua_pushliteral(L, "cancelled");
         lua_pushliteral(L, "cancelled");
@@ -762,7 +812,8 @@ static int t_tostring(lua_State *L)
     return 1;
 }
 
-/* __gc: reports an error that nobody looked at; cancels at lua_close. */
+/* __gc: reports an error that nobody looked at, on one line (with the
+ * traceback in debug mode); cancels at lua_close. */
 static int t_gc(lua_State *L)
 {
     aiorch_task *t = check_task(L, 1);
@@ -770,11 +821,26 @@ static int t_gc(lua_State *L)
         aiorch_task_cancel(t);
     } else if (t->state == T_FAILED && !t->retrieved) {
         lua_getiuservalue(L, 1, 1);
-        lua_getfield(L, -1, "traceback");
+        if (lua_getfield(L, -1, "traceback") != LUA_TSTRING) {
+            lua_pop(L, 1);
+            lua_getfield(L, -1, "error");
+        }
         aiorch_report(t->rt, "task failed and nobody awaited it: %s", lua_tostring(L, -1));
         lua_pop(L, 2);
     }
     return 0;
+}
+
+/* aiorch.debug([on]): debug mode, where the runtime's own reports carry
+ * tracebacks. Starts on when AIORCH_DEBUG is set (and not "0"). */
+static int l_debug(lua_State *L)
+{
+    if (!lua_isnoneornil(L, 1)) {
+        lua_pushboolean(L, lua_toboolean(L, 1));
+        lua_rawsetp(L, LUA_REGISTRYINDEX, &debug_key);
+    }
+    lua_rawgetp(L, LUA_REGISTRYINDEX, &debug_key);
+    return 1;
 }
 
 /* Checks the list of tasks at idx; pushes an array of them (a userdata). */
@@ -793,20 +859,25 @@ static aiorch_task **check_tasks(lua_State *L, int idx, int *n)
     return list;
 }
 
-/* Pushes values, errors for the tasks in table 1; unfinished ones get "timeout". */
+/* Pushes values, errors, messages for the tasks in table 1: for a task
+ * that did not succeed, errors[i] and messages[i] are the kind and message
+ * its await gives; unfinished ones are cancelled and get "timeout". */
 static int push_gathered(lua_State *L)
 {
     int n = (int)luaL_len(L, 1);
     lua_createtable(L, n, 1);
     lua_createtable(L, n, 1);
-    int values = lua_gettop(L) - 1, errors = values + 1;
+    lua_createtable(L, n, 1);
+    int values = lua_gettop(L) - 2, errors = values + 1, messages = values + 2;
     for (int i = 1; i <= n; i++) {
         lua_rawgeti(L, 1, i);
         aiorch_task *t = check_task(L, -1);
         if (!ended(t)) {
             aiorch_task_cancel(t);
             lua_pushliteral(L, "timeout");
+            lua_pushvalue(L, -1);
             lua_rawseti(L, errors, i);
+            lua_rawseti(L, messages, i);
         } else {
             int top = lua_gettop(L);
             int nr = push_results(L, top, t);
@@ -816,18 +887,18 @@ static int push_gathered(lua_State *L)
                     lua_rawseti(L, values, i);
                 }
             } else {
-                lua_pushvalue(L, top + 2);
+                lua_rawseti(L, messages, i);
                 lua_rawseti(L, errors, i);
             }
             lua_settop(L, top);
         }
         lua_pop(L, 1);
     }
-    lua_pushinteger(L, n);
-    lua_setfield(L, values, "n");
-    lua_pushinteger(L, n);
-    lua_setfield(L, errors, "n");
-    return 2;
+    for (int k = values; k <= messages; k++) {
+        lua_pushinteger(L, n);
+        lua_setfield(L, k, "n");
+    }
+    return 3;
 }
 
 static int gather_k(lua_State *L, int status, lua_KContext ctx)
@@ -888,8 +959,14 @@ static int first_scan(lua_State *L)
             if (unfinished == 0 || timed_out) {
                 lua_settop(L, 5);
                 lua_pushnil(L);
-                push_gathered(L);
-                return 3;
+                if (unfinished) {
+                    lua_pushliteral(L, "timeout");
+                    lua_pushliteral(L, "timeout");
+                } else {
+                    lua_pushliteral(L, "none");
+                    lua_pushfstring(L, "no task of %d gave a value that satisfies the predicate", n);
+                }
+                return 3 + push_gathered(L);
             }
             if (!self) self = aiorch_task_check(L, "aiorch.first");
             aiorch_task **list = lua_newuserdatauv(L, (size_t)unfinished * sizeof *list, 0);
@@ -1037,6 +1114,7 @@ static const luaL_Reg task_funcs[] = {
     {"current", l_current},
     {"now", l_now},
     {"run", l_run},
+    {"debug", l_debug},
     {NULL, NULL},
 };
 
@@ -1044,6 +1122,15 @@ void aiorch_task_open(aiorch_runtime *rt, lua_State *L)
 {
     lua_pushlightuserdata(L, rt);
     lua_rawsetp(L, LUA_REGISTRYINDEX, &budget_key);
+    lua_newtable(L);
+    lua_createtable(L, 0, 1);
+    lua_pushliteral(L, "k");
+    lua_setfield(L, -2, "__mode");
+    lua_setmetatable(L, -2);
+    lua_rawsetp(L, LUA_REGISTRYINDEX, &stopped_key);
+    const char *dbg = getenv("AIORCH_DEBUG");
+    lua_pushboolean(L, dbg && *dbg && strcmp(dbg, "0") != 0);
+    lua_rawsetp(L, LUA_REGISTRYINDEX, &debug_key);
     co_wrap_make(rt, L);
     if (luaL_newmetatable(L, TASK_MT)) {
         luaL_setfuncs(L, task_meta, 0);

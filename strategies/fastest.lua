@@ -19,7 +19,8 @@ return function(_, providers, ctx)
     end)
   end
   -- A stream's owner ends the race even when it fails: its tokens went out.
-  local winner, index, errors = ctx.first(tasks, function(r)
+  -- When none wins: nil, kind, message, values, errors, messages.
+  local winner, index, _, _, _, messages = ctx.first(tasks, function(r)
     return type(r) == "table" and (r.status == "success" or r.ia_provider_name == ctx.owner())
   end)
 
@@ -47,7 +48,7 @@ return function(_, providers, ctx)
   local failures = {}
   for i, p in ipairs(providers) do
     ctx.count(p, "races_lost")
-    failures[i] = results[i] or ctx.error_response(p, "internal", errors and errors[i] or "no response")
+    failures[i] = results[i] or ctx.error_response(p, "internal", messages and messages[i] or "no response")
   end
   local e = ctx.all_failed(failures)
   e.metadata.attempts = attempts

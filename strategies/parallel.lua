@@ -5,10 +5,10 @@ return function(_, providers, ctx)
   for i, p in ipairs(providers) do
     tasks[i] = ctx.spawn(ctx.call, p)
   end
-  local values, errors = ctx.gather(tasks)
+  local values, _, messages = ctx.gather(tasks)
   local out = {}
   for i, p in ipairs(providers) do
-    out[i] = values[i] or ctx.error_response(p, "internal", errors[i] or "no response")
+    out[i] = values[i] or ctx.error_response(p, "internal", messages[i] or "no response")
   end
   return out
 end

@@ -15,6 +15,9 @@ end, "parent")
 check(a == "parent" and b == "child", "run returns the task's values")
 check(aiorch.now() - t0 >= 29, "the loop really slept")
 check(not pcall(aiorch.sleep, 1), "sleep outside a task raises")
+local v, why, msg = aiorch.run(function() error("it broke") end)
+check(v == nil and why == "error" and tostring(msg):find("it broke", 1, true),
+  "a task that raised: nil, 'error', message")
 
 -- A request to a closed port fails with a kind, not a raise.
 local status, kind = aiorch.run(function()

@@ -782,10 +782,10 @@ return a
     for k = 1, CONCURRENCY do
       tasks[k] = aiorch.spawn(worker, last)
     end
-    local _, errors = aiorch.gather(tasks)
+    local _, errors, messages = aiorch.gather(tasks)
     for k = 1, CONCURRENCY do
       if errors[k] then
-        violation("a client task failed: " .. tostring(errors[k]))
+        violation("a client task failed: " .. tostring(messages[k]))
       end
     end
   end

@@ -5,6 +5,7 @@ local cjson = require "cjson.safe"
 local fmt = string.format
 local type = type
 local tonumber = tonumber
+local tostring = tostring
 
 local _M = {}
 
@@ -80,8 +81,24 @@ function _M.excerpt(s, n)
   return s
 end
 
+-- The provider's own error type and code, {type, code} (either may be
+-- nil), from an error object {type, message[, code]}; nil when it has none.
+function _M.provider_error(e)
+  if type(e) ~= "table" then
+    return nil
+  end
+  local t = _M.str(e.type)
+  local c = e.code
+  c = (type(c) == "string" or math.type(c) == "integer") and tostring(c) or nil
+  if not t and not c then
+    return nil
+  end
+  return { type = t, code = c }
+end
+
 -- The error for a non-2xx reply: kind from the status, the provider's own
--- message when its JSON error shape carries one.
+-- message when its JSON error shape carries one. extra: retry_after, and
+-- provider_error when the body has an error object (both APIs' shape).
 function _M.http_error(status, headers, body, message_of)
   local kind = _M.kind_for_status(status)
   local doc = cjson.decode(body or "")
@@ -90,7 +107,10 @@ function _M.http_error(status, headers, body, message_of)
     msg = _M.excerpt(body, 200)
   end
   local message = msg ~= "" and fmt("HTTP %d: %s", status, _M.excerpt(msg, 500)) or fmt("HTTP %d", status)
-  return nil, kind, message, { retry_after = _M.retry_after(headers) }
+  return nil, kind, message, {
+    retry_after = _M.retry_after(headers),
+    provider_error = type(doc) == "table" and _M.provider_error(doc.error) or nil,
+  }
 end
 
 -- Both APIs use a top-level "error" object: {type, message[, code]}.

@@ -7,6 +7,7 @@ local util = require "aiorch.adapter"
 local log = require "aiorch.log"
 local policy = require "aiorch.policy"
 local breaker = require "aiorch.breaker"
+local secrets = require "aiorch.secrets"
 
 local fmt = string.format
 local type = type
@@ -26,22 +27,29 @@ local legacy_sink -- below
 
 local _M = {}
 
--- Providers sometimes quote the key back (e.g. in a 401 message).
+-- Providers sometimes quote a key back (in a 401, say), whole or
+-- transformed: every secret the process knows is removed (aiorch.secrets,
+-- where this call's key is registered too), and the text is one line.
 local function scrub(msg, key)
-  msg = tostring(msg or "")
-  if type(key) == "string" and #key >= 4 then
-    local i, j = msg:find(key, 1, true)
-    while i do
-      msg = msg:sub(1, i - 1) .. "[redacted]" .. msg:sub(j + 1)
-      i, j = msg:find(key, i + 10, true)
-    end
+  secrets.add(key)
+  return (secrets.scrub(tostring(msg or "")):gsub("[\r\n]+", " "))
+end
+
+-- The provider's error type and code ({type, code}, strings), scrubbed.
+local function provider_error(pe, key)
+  if type(pe) ~= "table" then
+    return nil
   end
-  return (msg:gsub("[\r\n]+", " "))
+  local t, c = pe.type, pe.code
+  t = (type(t) == "string" or type(t) == "number") and scrub(t, key) or nil
+  c = (type(c) == "string" or type(c) == "number") and scrub(c, key) or nil
+  return (t or c) and { type = t, code = c } or nil
 end
 
 local function fail(name, config, kind, msg, t0, meta)
   meta = meta or {}
   meta.model = meta.model or config.model
+  meta.provider_error = provider_error(meta.provider_error, config.key)
   return response.error(name, kind, scrub(msg, config.key), now() - t0, meta)
 end
 
@@ -274,9 +282,9 @@ local function attempt(adapter, config, request, opts, pol, trial)
 
   local result, kind, msg, extra
   if parser and status >= 200 and status < 300 and util.is_event_stream(headers) then
-    local rok, r, k, m = pcall(parser.result, parser)
+    local rok, r, k, m, x = pcall(parser.result, parser)
     if rok then
-      result, kind, msg = r, k, m
+      result, kind, msg, extra = r, k, m, x
     else
       kind, msg = "adapter", "stream parser failed: " .. tostring(r)
     end
@@ -297,6 +305,7 @@ local function attempt(adapter, config, request, opts, pol, trial)
   return finish(name, fail(name, config, kind or "parse", msg or "no result", t0, {
     http_status = status,
     retry_after = type(extra) == "table" and extra.retry_after or nil,
+    provider_error = type(extra) == "table" and extra.provider_error or nil,
     usage = usage,
     partial_text = partial_text(parser, emitted),
   })), emitted

@@ -1,8 +1,10 @@
 -- The `aiorch` command: main(args) -> exit status.
 -- 0 success (parallel: at least one provider answered), 1 failure, 2 usage.
+local core = require "aiorch"
 local orchestrate = require "aiorch.orchestrate"
 local response = require "aiorch.response"
 local policy = require "aiorch.policy"
+local trace = require "aiorch.trace"
 
 local fmt = string.format
 local type = type
@@ -17,29 +19,32 @@ local io_stderr = io.stderr
 local _M = {}
 
 _M.usage = [[
-usage: aiorch <command> [options]
+usage: aiorch [--debug] <command> [options]
 
 commands:
   ask [options] QUESTION     ask the providers and print the answer
-  run SCRIPT.lua [ARGS...]   run a Lua script inside the runtime (as the main task)
+  run [--debug] SCRIPT.lua [ARGS...]
+                             run a Lua script inside the runtime (as the main task)
   demo                       run every strategy against built-in mock providers (no keys needed)
   serve [options]            run the gateway (OpenAI- and Anthropic-compatible HTTP API)
-  help, --help               show this help
+  help, --help               show this help (also: COMMAND --help)
   --version                  show the version
 
 ask options:
-  --strategy S        single | parallel | fallback (default) | fastest | a user strategy
+  --strategy S        single | parallel | fallback (default) | fastest | hedged | a user strategy
   --providers a,b     providers in priority order (default: every available one)
   --context TEXT      context for the question
   --system TEXT       system prompt (default: built from the context)
   --temperature T     sampling temperature, within every chosen provider's range
   --max-tokens N      at most N tokens in the answer
   --json              print the StandardAIResponse (a JSON array for parallel)
-  --stream            print the answer as it arrives (single, fallback, fastest)
+  --stream            print the answer as it arrives (single, fallback, fastest, hedged)
   --policy K=V,...    this request's retries, deadlines and streaming policy, e.g.
                       max_attempts=3,first_token_timeout_ms=5000,continue_on_cut=true
   --path DIR          a user directory searched first for strategies/, providers/ and
                       prompts/ (repeatable; AIORCH_PATH holds more, ':'-separated)
+  --debug             print the traceback of an error in a script or strategy (also for
+                      run and serve, or before the command; or AIORCH_DEBUG=1)
 
 serve options:
   --listen HOST:PORT  address to listen on (default 127.0.0.1:8080, or the config's)
@@ -47,6 +52,7 @@ serve options:
   --path DIR          as for ask
   --workers N         worker processes sharing the port, under a master that restarts them
                       (default: the number of cores; 0: serve from this one process)
+  --debug             as for ask
   endpoints: POST /v1/chat/completions, POST /v1/messages, POST /v1/orchestrate,
              GET /v1/models, GET /healthz, GET /metrics
 
@@ -57,7 +63,11 @@ environment:
   AIORCH_PROVIDERS                      default priority order (default: openai,anthropic)
   AIORCH_TIMEOUT_MS                     per-call timeout (default 60000)
   AIORCH_POLICY, OPENAI_POLICY, ...     K=V,... policies for every provider, or for one
+  AIORCH_PATH                           user directories searched first, ':'-separated
   AIORCH_LOG                            debug | info | warn (default) | error
+  AIORCH_DEBUG                          1: tracebacks, as --debug
+  AIORCH_INSTRUCTION_BUDGET             Lua instructions a task may run without yielding
+                                        (default 100000000)
 
 exit status: 0 success (parallel: at least one answer), 1 failure, 2 usage error
 ]]
@@ -82,8 +92,7 @@ local function usage_error(msg, ...)
 end
 
 local function version()
-  local ok, core = pcall(require, "aiorch")
-  return ok and type(core) == "table" and core.version or "0.1.0"
+  return core.version or "0.1.0"
 end
 
 -- ask's options: name -> field, and whether it takes a value.
@@ -98,12 +107,51 @@ local ASK_OPTIONS = {
   ["--json"] = { "json", false },
   ["--stream"] = { "stream", false },
   ["--policy"] = { "policy", true },
+  ["--debug"] = { "debug", false },
   ["--help"] = { "help", false },
   ["-h"] = { "help", false },
 }
 
--- Returns the options table, or nil, message.
-local function parse_ask(args, first)
+-- serve's options; the hidden --worker (one worker under the master,
+-- gateway/master.lua) is not among them.
+local SERVE_OPTIONS = {
+  ["--listen"] = { "listen", true },
+  ["--config"] = { "config", true },
+  ["--path"] = { "path", true },
+  ["--workers"] = { "workers", true },
+  ["--debug"] = { "debug", false },
+  ["--help"] = { "help", false },
+  ["-h"] = { "help", false },
+}
+
+-- run's options, before SCRIPT.lua (what follows it is the script's).
+local RUN_OPTIONS = {
+  ["--debug"] = { "debug", false },
+  ["--help"] = { "help", false },
+  ["-h"] = { "help", false },
+}
+
+-- demo's: it takes no others.
+local DEMO_OPTIONS = {
+  ["--debug"] = { "debug", false },
+  ["--help"] = { "help", false },
+  ["-h"] = { "help", false },
+}
+
+_M.options = { ask = ASK_OPTIONS, serve = SERVE_OPTIONS, run = RUN_OPTIONS, demo = DEMO_OPTIONS }
+
+-- Why dir is no directory, or nil when it is one.
+local function not_a_dir(dir)
+  if io.open(dir .. "/", "r") then
+    return nil
+  end
+  return io.open(dir, "r") and "not a directory" or "no such directory"
+end
+
+-- Parses the options of cmd from args[first]; the other words go to
+-- o.words. stop_at_word: the first word ends the options (run's script).
+-- Returns o, or nil, message.
+local function parse(cmd, spec, args, first, stop_at_word)
   local o = { path = {}, words = {} }
   local i = first
   local only_words = false
@@ -111,16 +159,17 @@ local function parse_ask(args, first)
     local a = args[i]
     if only_words or a:sub(1, 1) ~= "-" or a == "-" then
       o.words[#o.words + 1] = a
+      only_words = only_words or stop_at_word
     elseif a == "--" then
       only_words = true
     else
       local name, inline = a:match("^(%-%-[%w%-]+)=(.*)$")
       name = name or a
-      local spec = ASK_OPTIONS[name]
-      if not spec then
-        return nil, fmt("ask: unknown option '%s'", name)
+      local opt = spec[name]
+      if not opt then
+        return nil, fmt("%s: unknown option '%s'", cmd, name)
       end
-      local field, takes = spec[1], spec[2]
+      local field, takes = opt[1], opt[2]
       local value = true
       if takes then
         if inline then
@@ -129,19 +178,26 @@ local function parse_ask(args, first)
           i = i + 1
           value = args[i]
           if value == nil then
-            return nil, fmt("ask: option %s needs a value", name)
+            return nil, fmt("%s: option %s needs a value", cmd, name)
           end
         end
       elseif inline then
-        return nil, fmt("ask: option %s takes no value", name)
+        return nil, fmt("%s: option %s takes no value", cmd, name)
       end
       if field == "path" then
+        local why = not_a_dir(value)
+        if why then
+          return nil, fmt("%s: --path '%s': %s", cmd, value, why)
+        end
         o.path[#o.path + 1] = value
       else
         o[field] = value
       end
     end
     i = i + 1
+  end
+  if o.debug then
+    trace.debug(true)
   end
   return o
 end
@@ -188,7 +244,8 @@ end
 
 local function failure_line(r)
   local m = r.metadata or {}
-  if m.error_kind == "all_failed" then
+  -- Every provider's failure is in the message; a strategy's names no provider.
+  if m.error_kind == "all_failed" or r.ia_provider_name == nil then
     return r.error_message
   end
   return fmt("%s: %s (%s)", tostring(r.ia_provider_name), m.error_kind or r.status,
@@ -250,8 +307,20 @@ local function exit_code(result)
   return 1
 end
 
+-- orchestrate in a task of its own: a strategy that runs away is stopped
+-- by the instruction budget, past any pcall; that ends this task only, and
+-- the failure is reported as the strategy's.
+local function run_orchestration(req, strategy, providers, opts)
+  local t = core.spawn(orchestrate.orchestrate, req, strategy, providers, opts)
+  local r, kind, err = t:await()
+  if r == nil and kind == "error" then
+    return response.error(nil, "strategy", fmt("strategy '%s' failed: %s", strategy, err), 0, {})
+  end
+  return r, kind, err
+end
+
 function _M.ask(args, first)
-  local o, perr = parse_ask(args, first)
+  local o, perr = parse("ask", ASK_OPTIONS, args, first)
   if not o then
     return usage_error(perr)
   end
@@ -261,6 +330,10 @@ function _M.ask(args, first)
   end
   if #o.words == 0 then
     return usage_error("ask: missing QUESTION")
+  end
+  -- An empty list would silently mean "the default ones".
+  if o.providers ~= nil and not o.providers:find("[^,%s]") then
+    return usage_error("ask: --providers needs at least one provider name")
   end
   local req, rerr = build_request(o)
   if not req then
@@ -275,7 +348,7 @@ function _M.ask(args, first)
     stream = o.stream and true or nil,
     on_token = printer and printer.on_token or nil,
   }
-  local result, err, kind = orchestrate.orchestrate(req, strategy, o.providers, opts)
+  local result, kind, err = run_orchestration(req, strategy, o.providers, opts)
   if not result then
     if kind == "invalid" then
       return usage_error(err)
@@ -299,16 +372,19 @@ function _M.ask(args, first)
   return print_text(result, printer)
 end
 
-local function traceback(e)
-  if type(e) ~= "string" then
-    e = tostring(e)
-  end
-  return { message = e, trace = debug.traceback(e, 2) }
-end
-
--- run SCRIPT.lua [ARGS...]: the script runs in this task, with global arg.
+-- run [--debug] SCRIPT.lua [ARGS...]: the script runs in this task, with
+-- global arg. An error is one line naming the script's file and line; its
+-- traceback comes in debug mode only.
 function _M.run(args, first)
-  local script = args[first]
+  local o, perr = parse("run", RUN_OPTIONS, args, first, true)
+  if not o then
+    return usage_error(perr)
+  end
+  if o.help then
+    io_stdout:write(_M.usage)
+    return 0
+  end
+  local script = o.words[1]
   if not script then
     return usage_error("run: missing SCRIPT.lua")
   end
@@ -317,18 +393,13 @@ function _M.run(args, first)
     err_line("run: %s", lerr)
     return 1
   end
-  local sargs = { [0] = script }
-  for i = first + 1, #args do
-    sargs[#sargs + 1] = args[i]
-  end
+  local sargs = { [0] = script, unpack(o.words, 2) }
   rawset(_G, "arg", sargs)
-  local res = table.pack(xpcall(chunk, traceback, unpack(sargs, 1, #sargs)))
+  local res = table.pack(xpcall(chunk, trace.handler, unpack(sargs, 1, #sargs)))
   if not res[1] then
     local e = res[2]
-    err_line(e.message)
-    if os.getenv("AIORCH_LOG") == "debug" then
-      io_stderr:write(e.trace, "\n")
-    end
+    trace.report(e)
+    err_line(type(e) == "table" and e.message or tostring(e))
     return 1
   end
   local r = res[2]
@@ -343,40 +414,21 @@ end
 -- serve [--listen HOST:PORT] [--config FILE] [--path DIR]: runs the gateway
 -- until the process is stopped (or the handle is drained by a signal hook).
 function _M.serve(args, first)
-  local o = { path = {} }
-  local i = first
-  while i <= #args do
-    local a = args[i]
-    local name, inline = a:match("^(%-%-[%w%-]+)=(.*)$")
-    name = name or a
-    if name == "--help" or name == "-h" then
-      io_stdout:write(_M.usage)
-      return 0
-    end
-    local field = ({ ["--listen"] = "listen", ["--config"] = "config", ["--path"] = "path",
-      ["--workers"] = "workers" })[name]
-    if name == "--worker" and not inline then
-      o.worker = true -- hidden: one worker under the master (gateway/master.lua)
-      field = false
-    end
-    if field == nil then
-      return usage_error("serve: unknown argument '%s'", a)
-    end
-    local value = inline
-    if value == nil and field then
-      i = i + 1
-      value = args[i]
-      if value == nil then
-        return usage_error("serve: option %s needs a value", name)
-      end
-    end
-    if field == "path" then
-      o.path[#o.path + 1] = value
-    elseif field then -- (a flag has none)
-      o[field] = value
-    end
-    i = i + 1
+  -- --worker: one worker under the master (gateway/master.lua), hidden.
+  local worker = args[first] == "--worker"
+  -- --debug reaches the workers too: they run these arguments.
+  local o, perr = parse("serve", SERVE_OPTIONS, args, worker and first + 1 or first)
+  if not o then
+    return usage_error(perr)
   end
+  if o.help then
+    io_stdout:write(_M.usage)
+    return 0
+  end
+  if #o.words > 0 then
+    return usage_error("serve: unknown argument '%s'", o.words[1])
+  end
+  o.worker = worker
   local master = require "aiorch.gateway.master"
   local workers
   if o.workers then
@@ -444,6 +496,11 @@ end
 
 function _M.main(args)
   args = args or {}
+  -- aiorch --debug CMD ... is CMD --debug ...: each command takes it.
+  if args[1] == "--debug" and args[2] then
+    table.remove(args, 1)
+    table.insert(args, 2, "--debug")
+  end
   local cmd = args[1]
   if cmd == nil then
     io_stderr:write(_M.usage)
@@ -462,8 +519,16 @@ function _M.main(args)
   elseif cmd == "serve" then
     return _M.serve(args, 2)
   elseif cmd == "demo" then
-    local demo = require "aiorch.demo"
-    return demo.main({ unpack(args, 2) })
+    local o, perr = parse("demo", DEMO_OPTIONS, args, 2)
+    if not o then
+      return usage_error(perr)
+    elseif o.help then
+      io_stdout:write(_M.usage)
+      return 0
+    elseif #o.words > 0 then
+      return usage_error("demo: unknown argument '%s'", o.words[1])
+    end
+    return require("aiorch.demo").main()
   end
   return usage_error("unknown command '%s'", cmd)
 end

@@ -1,7 +1,10 @@
 -- Provider configuration from the environment. A provider is available
--- when its key is set. Keys stay in these tables: never log or return them.
+-- when its key is set. Keys stay in these tables: never log or return them;
+-- each key read is registered with aiorch.secrets, so that error text
+-- relayed from any provider is scrubbed of it.
 local log = require "aiorch.log"
 local policy = require "aiorch.policy"
+local secrets = require "aiorch.secrets"
 
 local fmt = string.format
 local type = type
@@ -82,6 +85,7 @@ function _M.provider(name, adapter, env)
     key_env = prefix .. "_API_KEY"
   end
   local key = key_env and nonempty(get(key_env)) or nil
+  secrets.add(key)
   local base_env = adapter.base_url_env or prefix .. "_BASE_URL"
   local model_env = adapter.model_env or prefix .. "_MODEL"
   local cfg = {

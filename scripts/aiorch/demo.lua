@@ -158,7 +158,7 @@ function _M.main()
     for k, v in pairs(run.request or {}) do
       req[k] = v
     end
-    local result, rerr = orchestrate.orchestrate(req, run.strategy, run.providers, { env = run.env(m) })
+    local result, _, rerr = orchestrate.orchestrate(req, run.strategy, run.providers, { env = run.env(m) })
     local wall = fmt("%d ms", math.floor(core.now() - t0 + 0.5))
     if not result then
       all_ok = false

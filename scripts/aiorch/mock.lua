@@ -17,13 +17,20 @@
 --                   content piece (in place of chunk_delay_ms); a response
 --                   that is not a stream waits it on top of latency_ms
 --   fault           429 | 500 | 529 | 401 | 400 | 403 | 503 | hang | malformed |
---                   cut | error200 | huge | html | reset | none
+--                   cut | error200 | huge | html | reset | echo_key | none
 --                     4xx/5xx: that status in the API's own error shape
 --                     huge:  a 200 JSON answer of `size` bytes (one huge text)
 --                     html:  a 200 text/html page instead of JSON
 --                     reset: the connection closes once the request is read,
 --                            with no response at all (a client reusing a
 --                            kept-alive connection may resend once: curl does)
+--                     echo_key: a 401 in the API's error shape whose message
+--                            quotes the key the request carried in six forms
+--                            (_M.echoed_forms): whole, percent-encoded, JSON-
+--                            escaped, masked (prefix...suffix, and OpenAI's
+--                            prefix*****suffix), cut short, and split across
+--                            two fields: its first half in the message, the
+--                            second in error.code (OpenAI) or error.type
 --   size            bytes of a fault=huge body (default 16 MiB; never less
 --                   than the JSON around the text)
 --   retry_after     Retry-After of a 429, in seconds (default 1)
@@ -71,7 +78,8 @@ local KNOWN_LIST = concat(ORDER, ", ")
 -- Directives whose value is a whole number: the least allowed.
 local INTEGERS = { chunks = 1, stall_after = 0, size = 0, fail_first = 0 }
 
-local FAULT_LIST = "429, 500, 529, 401, 400, 403, 503, hang, malformed, cut, error200, huge, html, reset, none"
+local FAULT_LIST = "429, 500, 529, 401, 400, 403, 503, hang, malformed, cut, error200, huge, html, reset, "
+  .. "echo_key, none"
 local FAULTS = {}
 for f in FAULT_LIST:gmatch("[^, ]+") do
   FAULTS[f] = true
@@ -82,7 +90,7 @@ local STATUS_FAULTS = {
   ["400"] = true, ["403"] = true, ["503"] = true,
 }
 -- Faults whose answer is never a stream, whatever was asked.
-local NO_STREAM = { hang = true, huge = true, html = true, reset = true }
+local NO_STREAM = { hang = true, huge = true, html = true, reset = true, echo_key = true }
 for f in pairs(STATUS_FAULTS) do
   NO_STREAM[f] = true
 end
@@ -385,6 +393,37 @@ local function respond_error(res, api, fault, d)
     headers = { ["content-type"] = "application/json", ["retry-after"] = fmt("%.14g", d.retry_after) }
   end
   res:respond(e[1], headers, e[2])
+end
+
+-- The forms in which fault=echo_key quotes a key, by name.
+function _M.echoed_forms(key)
+  local half = #key // 2
+  return {
+    whole = key,
+    percent_encoded = (key:gsub(".", function(c) return fmt("%%%02x", byte(c)) end)),
+    json_escaped = (key:gsub("[^%w]", function(c) return fmt("\\u%04x", byte(c)) end)),
+    masked = key:sub(1, 3) .. "..." .. key:sub(-4),
+    masked_openai = key:sub(1, 6) .. ("*"):rep(#key - 10) .. key:sub(-4),
+    cut = key:sub(1, #key * 2 // 3),
+    first_half = key:sub(1, half),
+    second_half = key:sub(half + 1),
+  }
+end
+
+-- fault=echo_key: a 401 quoting the request's key (see the top of this file).
+local function respond_echo_key(res, api, headers)
+  local key = headers["x-api-key"] or (headers["authorization"] or ""):match("^[Bb]earer (.*)$") or ""
+  local f = _M.echoed_forms(key)
+  local message = fmt("Incorrect API key provided: %s. Encoded: %s. Escaped: {\"key\": \"%s\"}. "
+    .. "Masked: %s and %s. Cut: %s. First half: %s", f.whole, f.percent_encoded, f.json_escaped, f.masked,
+    f.masked_openai, f.cut, f.first_half)
+  local body
+  if api == "anthropic" then
+    body = error_body(api, f.second_half, nil, message)
+  else
+    body = error_body(api, "invalid_request_error", f.second_half, message)
+  end
+  res:respond(401, JSON_HEADERS, body)
 end
 
 local function respond_invalid(res, api, status, message)
@@ -731,6 +770,8 @@ local function handle(self, req, res)
     res:abort()
   elseif STATUS_FAULTS[fault] then
     respond_error(res, api, fault, d)
+  elseif fault == "echo_key" then
+    respond_echo_key(res, api, headers)
   elseif fault == "html" then
     res:respond(200, HTML_HEADERS, HTML)
   elseif fn then

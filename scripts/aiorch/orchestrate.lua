@@ -1,6 +1,6 @@
 -- orchestrate(request, strategy, providers, opts): validate, build the
 -- system prompt, pick providers, run the strategy. Validation errors come
--- back as nil, message, "invalid" before any network call; everything after
+-- back as nil, "invalid", message before any network call; everything after
 -- that comes back as StandardAIResponse(s).
 local config = require "aiorch.config"
 local context = require "aiorch.context"
@@ -9,11 +9,12 @@ local request_mod = require "aiorch.request"
 local response = require "aiorch.response"
 local log = require "aiorch.log"
 local policy = require "aiorch.policy"
+local trace = require "aiorch.trace"
 
 local fmt = string.format
 local type = type
 local ipairs = ipairs
-local pcall = pcall
+local xpcall = xpcall
 local tostring = tostring
 local concat = table.concat
 
@@ -35,16 +36,27 @@ local function split_names(v)
   return out
 end
 
--- Adapters and configs for the given names. nil, message on an unknown name.
+-- A file that is there but does not load is broken ("load": the operator's
+-- to fix); a name that is not found is the caller's mistake ("invalid").
+local function load_kind(what, name, path)
+  return loader.find(what, name, path) and "load" or "invalid"
+end
+
+-- The message of a trace.handler result (or of an error in the handler).
+local function message_of(e)
+  return type(e) == "table" and e.message or tostring(e)
+end
+
+-- Adapters and configs for the given names, or nil, kind, message.
 local function providers_for(names, opts)
   local adapters, configs, list = {}, {}, {}
   for i, name in ipairs(names) do
     if adapters[name] then
-      return nil, fmt("provider '%s' is listed twice", tostring(name))
+      return nil, "invalid", fmt("provider '%s' is listed twice", tostring(name))
     end
     local a, err = loader.load("provider", name, opts.path)
     if not a then
-      return nil, err
+      return nil, load_kind("provider", name, opts.path), err
     end
     adapters[name], configs[name], list[i] = a, config.cached(name, a, opts.env), a
   end
@@ -58,9 +70,10 @@ local function build_prompt(opts, info)
     return nil, err
   end
   local fn = type(builder) == "function" and builder or builder.build_system_prompt
-  local ok, prompt = pcall(fn, info)
+  local ok, prompt = xpcall(fn, trace.handler, info)
   if not ok then
-    return nil, fmt("prompt builder '%s' failed: %s", name, tostring(prompt))
+    trace.report(prompt)
+    return nil, fmt("prompt builder '%s' failed: %s", name, message_of(prompt))
   end
   if type(prompt) ~= "string" then
     return nil, fmt("prompt builder '%s' returned %s, not a string", name, type(prompt))
@@ -70,16 +83,20 @@ end
 
 -- The chosen providers: as given, or every available one in priority
 -- order; when none is available, all of them, so the error says why.
+-- Returns names, adapters, configs, list[, order], or nil, kind, message.
 local function choose(names, opts)
   names = names ~= nil and split_names(names) or nil
   if names and #names > 0 then
     local adapters, configs, list = providers_for(names, opts)
+    if not adapters then
+      return nil, configs, list
+    end
     return names, adapters, configs, list
   end
   local order = config.priority(opts.env)
   local adapters, configs, list = providers_for(order, opts)
   if not adapters then
-    return order, nil, configs
+    return nil, configs, list
   end
   local out, out_list = {}, {}
   for i, n in ipairs(order) do
@@ -119,22 +136,22 @@ function _M.orchestrate(request, strategy_name, providers, opts)
 
   local strategy, serr = loader.load("strategy", strategy_name, opts.path)
   if not strategy then
-    return nil, serr, "invalid"
+    return nil, load_kind("strategy", strategy_name, opts.path), serr
   end
 
   local names, adapters, configs, list, order = choose(providers, opts)
-  if not adapters then
-    return nil, configs, "invalid"
+  if not names then
+    return nil, adapters, configs -- the kind, the message
   end
 
   local req, verr = request_mod.validate(request, list)
   if not req then
-    return nil, verr, "invalid"
+    return nil, "invalid", verr
   end
   if opts.policy ~= nil then
     local _, perr = policy.check(opts.policy, "opts.policy")
     if perr then
-      return nil, perr, "invalid"
+      return nil, "invalid", perr
     end
   end
 
@@ -151,7 +168,7 @@ function _M.orchestrate(request, strategy_name, providers, opts)
     end
     local prompt, perr = build_prompt(opts, info)
     if not prompt then
-      return nil, perr, "prompt"
+      return nil, "prompt", perr
     end
     req.system_prompt = prompt
     -- The context is sent once: when the prompt carries it, not again in the user turn.
@@ -166,14 +183,19 @@ function _M.orchestrate(request, strategy_name, providers, opts)
   if log.enabled("debug") then
     log.debug("strategy %s over %s", strategy_name, concat(names, ","))
   end
-  local ok, result = pcall(strategy, req, names, ctx)
+  -- A strategy's failure is its own: no provider is named (ia_provider_name
+  -- is null), and the message names the strategy's file and line.
+  local ok, result = xpcall(strategy, trace.handler, req, names, ctx)
   if not ok then
-    log.error("strategy '%s' failed: %s", strategy_name, tostring(result))
-    return response.error(names[1] or "none", "strategy", fmt("strategy '%s' failed: %s", strategy_name,
-      tostring(result)), 0, {})
+    trace.report(result)
+    local msg = fmt("strategy '%s' failed: %s", strategy_name, message_of(result))
+    if log.enabled("debug") then
+      log.debug("%s", msg)
+    end
+    return response.error(nil, "strategy", msg, 0, {})
   end
   if not valid_result(result) then
-    return response.error(names[1] or "none", "strategy",
+    return response.error(nil, "strategy",
       fmt("strategy '%s' returned %s, not a response or a list of responses", strategy_name, type(result)), 0, {})
   end
   return result

@@ -77,6 +77,7 @@ function _M.success(provider, result, latency_ms, http_status)
 end
 
 -- kind "timeout" gives status "timeout"; every other kind gives "error".
+-- provider is nil for a failure that is no provider's (a strategy's).
 function _M.error(provider, kind, message, latency_ms, meta)
   meta = meta or {}
   meta.error_kind = kind
@@ -91,7 +92,11 @@ function _M.error(provider, kind, message, latency_ms, meta)
 end
 
 function _M.is_response(v)
-  return type(v) == "table" and type(v.status) == "string" and v.ia_provider_name ~= nil
+  if type(v) ~= "table" or type(v.status) ~= "string" then
+    return false
+  end
+  local p = v.ia_provider_name
+  return type(p) == "string" or (p == nil and v.status ~= "success")
 end
 
 -- One entry of metadata.attempts.
@@ -105,6 +110,7 @@ function _M.attempt(r)
     http_status = m.http_status,
     deadline = m.deadline,
     retry_after = m.retry_after,
+    provider_error = m.provider_error,
   }
 end
 
@@ -153,12 +159,12 @@ function _M.all_failed(responses)
   return resp
 end
 
--- JSON encoding: fixed key order for readability, error_message as null,
--- and empty lists as [].
+-- JSON encoding: fixed key order for readability, error_message and
+-- ia_provider_name as null when absent, and empty lists as [].
 local ORDER = {
   "ia_provider_name", "provider", "response_text", "status", "kind", "latency_ms", "error_message", "metadata",
   "model", "usage", "input_tokens", "output_tokens", "finish_reason", "http_status",
-  "error_kind", "retry_after", "attempts", "cost_usd", "deadline", "partial_text", "continued_from",
+  "error_kind", "provider_error", "retry_after", "attempts", "cost_usd", "deadline", "partial_text", "continued_from",
 }
 local RANK = {}
 for i, k in ipairs(ORDER) do
@@ -230,13 +236,14 @@ function encode_value(v, as_array, depth)
   return "null"
 end
 
-local function with_null_error(r)
-  if type(r) == "table" and r.status and r.error_message == nil then
+local function with_nulls(r)
+  if type(r) == "table" and r.status and (r.error_message == nil or r.ia_provider_name == nil) then
     local copy = {}
     for k, v in pairs(r) do
       copy[k] = v
     end
-    copy.error_message = cjson.null
+    copy.error_message = r.error_message or cjson.null
+    copy.ia_provider_name = r.ia_provider_name or cjson.null
     return copy
   end
   return r
@@ -245,11 +252,11 @@ end
 -- encode(response) or encode({response, ...}) -> JSON text.
 function _M.encode(v)
   if _M.is_response(v) then
-    return encode_value(with_null_error(v), false, 0)
+    return encode_value(with_nulls(v), false, 0)
   end
   local out = {}
   for i, r in ipairs(v) do
-    out[i] = encode_value(with_null_error(r), false, 0)
+    out[i] = encode_value(with_nulls(r), false, 0)
   end
   return "[" .. concat(out, ",") .. "]"
 end

@@ -81,7 +81,8 @@ local ERROR_KINDS = {
 local function body_error(e)
   local t = type(e) == "table" and str(e.type) or nil
   local msg = type(e) == "table" and (str(e.message) or t) or str(e) or "unknown error"
-  return nil, ERROR_KINDS[t] or "server_error", "provider error: " .. util.excerpt(msg, 500)
+  return nil, ERROR_KINDS[t] or "server_error", "provider error: " .. util.excerpt(msg, 500),
+    { provider_error = util.provider_error(e) }
 end
 
 local function text_of(content)
@@ -157,15 +158,15 @@ function Parser:event(ev)
   elseif t == "message_stop" then
     self.done = true
   elseif t == "error" then
-    local _, kind, msg = body_error(doc.error)
-    self.err = { kind, msg }
+    local _, kind, msg, extra = body_error(doc.error)
+    self.err = { kind, msg, extra }
   end
   return nil
 end
 
 function Parser:result()
   if self.err then
-    return nil, self.err[1], self.err[2]
+    return nil, self.err[1], self.err[2], self.err[3]
   end
   if not self.done then
     return nil, "stream_cut", fmt("stream ended after %d events without message_stop", self.events)

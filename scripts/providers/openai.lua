@@ -82,7 +82,7 @@ local function body_error(e)
     kind = "bad_request"
   end
   local msg = type(e) == "table" and (str(e.message) or str(e.type)) or str(e) or "unknown error"
-  return nil, kind, "provider error: " .. util.excerpt(msg, 500)
+  return nil, kind, "provider error: " .. util.excerpt(msg, 500), { provider_error = util.provider_error(e) }
 end
 
 local function usage_of(u)
@@ -138,8 +138,8 @@ function Parser:event(ev)
     return nil
   end
   if present(doc.error) then
-    local _, kind, msg = body_error(doc.error)
-    self.err = { kind, msg }
+    local _, kind, msg, extra = body_error(doc.error)
+    self.err = { kind, msg, extra }
     return nil
   end
   self.model = str(doc.model) or self.model
@@ -163,7 +163,7 @@ end
 
 function Parser:result()
   if self.err then
-    return nil, self.err[1], self.err[2]
+    return nil, self.err[1], self.err[2], self.err[3]
   end
   -- Without [DONE] or a finish_reason the answer may be truncated.
   if not (self.done or self.finish_reason) then

@@ -45,6 +45,10 @@ local function check_result(case, result, kind, message, extra)
     if case.error.retry_after then
       assert.equal(case.error.retry_after, extra and extra.retry_after)
     end
+    -- The provider's own error type and code, for clients ({type, code}; null: none).
+    local want = case.error.provider_error
+    assert.is_not_nil(want, "the case says which provider_error to expect")
+    assert.same(want ~= cjson.null and want or nil, extra and extra.provider_error)
   end
 end
 

@@ -10,6 +10,7 @@ local KEYS = { openai = "sk-cli-secret-openai-7777", anthropic = "sk-ant-cli-sec
 -- Variables of the caller's environment that would change what aiorch does.
 local CLEAN = "env -u OPENAI_API_KEY -u ANTHROPIC_API_KEY -u OPENAI_BASE_URL -u ANTHROPIC_BASE_URL"
   .. " -u OPENAI_MODEL -u ANTHROPIC_MODEL -u AIORCH_PATH -u AIORCH_PROVIDERS -u AIORCH_LOG -u AIORCH_TIMEOUT_MS"
+  .. " -u AIORCH_DEBUG -u AIORCH_INSTRUCTION_BUDGET -u AIORCH_POLICY"
 
 local function q(s)
   return "'" .. tostring(s):gsub("'", "'\\''") .. "'"
@@ -82,9 +83,41 @@ describe("aiorch command without network", function()
         assert.matches(word, out)
       end
     end
-    local code, out = sh(nil, "ask", "--help")
-    assert.equal(0, code)
-    assert.matches("usage: aiorch", out)
+    for _, cmd in ipairs { "ask", "run", "demo", "serve" } do
+      for _, flag in ipairs { "--help", "-h" } do
+        local code, out, err = sh(nil, cmd, flag)
+        assert.equal(0, code, cmd .. " " .. flag .. ": " .. err)
+        assert.matches("^usage: aiorch", out)
+        assert.equal("", err)
+      end
+    end
+  end)
+
+  it("help names every command's options, every built-in strategy and every variable of the README", function()
+    local _, help = sh(nil, "help")
+    local cli = require "aiorch.cli"
+    for cmd, options in pairs(cli.options) do
+      for name in pairs(options) do
+        assert.truthy(help:find(name, 1, true), cmd .. " option " .. name .. " is not in the help")
+      end
+    end
+    local p = assert(io.popen("ls " .. q(ROOT .. "/strategies")))
+    local n = 0
+    for f in p:lines() do
+      local name = f:match("^(.+)%.lua$")
+      if name then
+        n = n + 1
+        assert.truthy(help:find("%f[%w]" .. name .. "%f[^%w]"), "strategy " .. name .. " is not in the help")
+      end
+    end
+    p:close()
+    assert.is_true(n >= 5)
+    local readme = read_file(ROOT .. "/README.md")
+    local vars = readme:match("\n| variable | meaning |\n(.-)\n\n")
+    assert.truthy(vars, "the README's table of variables")
+    for var in vars:gmatch("`([A-Z][A-Z_]+)`") do
+      assert.truthy(help:find(var, 1, true), var .. " is not in the help")
+    end
   end)
 
   it("prints its version", function()
@@ -108,6 +141,16 @@ describe("aiorch command without network", function()
       { { "ask", "--providers", "gemini-x", "q" }, "unknown provider 'gemini%-x' %(valid: .*openai" },
       { { "ask", "   " }, "user_question" },
       { { "run" }, "missing SCRIPT" },
+      { { "run", "--bogus", "x.lua" }, "run: unknown option '%-%-bogus'" },
+      { { "demo", "bogus" }, "demo: unknown argument 'bogus'" },
+      { { "serve", "bogus" }, "serve: unknown argument 'bogus'" },
+      -- an empty list is no list: never silently the default one
+      { { "ask", "--providers", "", "q" }, "%-%-providers needs at least one provider name" },
+      { { "ask", "--providers=, ,", "q" }, "%-%-providers needs at least one provider name" },
+      -- a --path that is not there is named
+      { { "ask", "--path", "/nonexistent/aiorch-dir", "q" }, "%-%-path '/nonexistent/aiorch%-dir': no such directory" },
+      { { "ask", "--path", ROOT .. "/README.md", "q" }, "%-%-path '.*/README%.md': not a directory" },
+      { { "serve", "--path", "/nonexistent/aiorch-dir" }, "serve: %-%-path '/nonexistent/aiorch%-dir'" },
     }
     -- Keys set, but pointing at a closed port: a usage error must come first.
     local env = { OPENAI_API_KEY = KEYS.openai, ANTHROPIC_API_KEY = KEYS.anthropic,
@@ -185,6 +228,140 @@ describe("aiorch command without network", function()
       assert.equal(1, code)
       assert.equal("", out)
       one_error_line(err, "missing%.lua")
+    end)
+  end)
+
+  describe("errors in user code", function()
+    local dir
+    -- Keys set, but pointing at a closed port: nothing here reaches a provider.
+    local env = { OPENAI_API_KEY = KEYS.openai, ANTHROPIC_API_KEY = KEYS.anthropic,
+      OPENAI_BASE_URL = "http://127.0.0.1:1/v1", ANTHROPIC_BASE_URL = "http://127.0.0.1:1" }
+
+    local function put(name, text)
+      local f = assert(io.open(dir .. "/" .. name, "w"))
+      f:write(text)
+      f:close()
+      return dir .. "/" .. name
+    end
+
+    local function with(extra)
+      local e = {}
+      for k, v in pairs(env) do
+        e[k] = v
+      end
+      for k, v in pairs(extra or {}) do
+        e[k] = v
+      end
+      return e
+    end
+
+    -- The one line, and no traceback; then with --debug (and AIORCH_DEBUG=1)
+    -- the same line, with the traceback.
+    local function check(pattern, code, debug_args, extra, ...)
+      local c, out, err = sh(with(extra), ...)
+      assert.equal(code, c, err)
+      one_error_line(err, pattern)
+      assert.falsy(err:find("traceback", 1, true))
+      no_keys(out, err)
+      local args = { ... }
+      table.insert(args, debug_args, "--debug")
+      for _, run in ipairs { { with(extra), args }, { with(extra), { ... } } } do
+        if run[2] ~= args then
+          run[1].AIORCH_DEBUG = "1"
+        end
+        c, _, err = sh(run[1], table.unpack(run[2]))
+        assert.equal(code, c, err)
+        assert.matches("stack traceback:", err)
+        local found = false
+        for _, l in ipairs(lines(err)) do
+          found = found or l:find(pattern) ~= nil
+        end
+        assert.is_true(found, err)
+        no_keys(err)
+      end
+      return out
+    end
+
+    before_each(function()
+      dir = os.tmpname()
+      os.remove(dir)
+      assert(os.execute("mkdir -p " .. q(dir .. "/strategies")))
+    end)
+
+    after_each(function()
+      os.execute("rm -rf " .. q(dir))
+    end)
+
+    it("a strategy that raises: one line naming its file and line, null provider in the JSON", function()
+      put("strategies/raiser.lua", "return function(request, providers, ctx)\n  local x\n  return x.field\nend\n")
+      local line = "^aiorch: strategy 'raiser' failed: " .. dir:gsub("%p", "%%%0")
+        .. "/strategies/raiser%.lua:3: attempt to index a nil value"
+      local out = check(line, 1, 2, nil, "ask", "--path", dir, "--strategy", "raiser", "q")
+      assert.equal("", out)
+      out = check(line, 1, 2, nil, "ask", "--json", "--path", dir, "--strategy", "raiser", "q")
+      local r = assert(cjson.decode(out))
+      assert.equal(cjson.null, r.ia_provider_name)
+      assert.equal("strategy", r.metadata.error_kind)
+      assert.matches("raiser%.lua:3:", r.error_message)
+    end)
+
+    it("a strategy that spins is stopped by the instruction budget, and named", function()
+      put("strategies/spinner.lua", "return function()\n  local n = 0\n  while true do n = n + 1 end\nend\n")
+      local budget = { AIORCH_INSTRUCTION_BUDGET = "1000000" }
+      local line = "^aiorch: strategy 'spinner' failed: " .. dir:gsub("%p", "%%%0")
+        .. "/strategies/spinner%.lua:3: instruction budget exceeded"
+      local c, out, err = sh(with(budget), "ask", "--json", "--path", dir, "--strategy", "spinner", "q")
+      assert.equal(1, c, err)
+      one_error_line(err, line)
+      local r = assert(cjson.decode(out))
+      assert.equal(cjson.null, r.ia_provider_name)
+      assert.equal("strategy", r.metadata.error_kind)
+      c, out, err = sh(with(budget), "ask", "--path", dir, "--strategy", "spinner", "q")
+      assert.equal(1, c, err)
+      assert.equal("", out)
+      one_error_line(err, line)
+    end)
+
+    it("a script that spins is stopped and named", function()
+      local path = put("spin.lua", "local n = 0\nwhile true do n = n + 1 end\n")
+      local c, _, err = sh({ AIORCH_INSTRUCTION_BUDGET = "1000000" }, "run", path)
+      assert.equal(1, c)
+      one_error_line(err, "spin%.lua:2: instruction budget exceeded")
+    end)
+
+    it("a spawned task that fails and nobody awaits: one line naming its file and line", function()
+      local path = put("spawned.lua", [[
+local aiorch = require "aiorch"
+aiorch.spawn(function()
+  error("inner failure")
+end)
+aiorch.sleep(5)
+]])
+      check("^aiorch: task failed and nobody awaited it: .*spawned%.lua:3: inner failure$", 0, 2, nil, "run", path)
+    end)
+
+    it("a script that raises, also from inside a library function: one line naming the script's line", function()
+      local path = put("raises.lua", "local function f() error('boom here') end\nf()\n")
+      check("^aiorch: .*raises%.lua:1: boom here$", 1, 2, nil, "run", path)
+      -- raised inside the library, with the library's position: the script's line comes first
+      path = put("misuse.lua", "local response = require 'aiorch.response'\n"
+        .. "response.cost('gpt-4o-mini', { input_tokens = 'many' })\n")
+      check("^aiorch: .*misuse%.lua:2: .*/scripts/aiorch/response%.lua:%d+: attempt to", 1, 2, nil,
+        "run", path)
+    end)
+
+    it("a syntax error in a script or a strategy: one line naming the file and line", function()
+      local path = put("syntax.lua", "local x = = 1\n")
+      local c, out, err = sh(nil, "run", path)
+      assert.equal(1, c)
+      assert.equal("", out)
+      one_error_line(err, "syntax%.lua:1: unexpected symbol")
+      put("strategies/broken.lua", "return function(\n")
+      c, out, err = sh(env, "ask", "--path", dir, "--strategy", "broken", "q")
+      assert.equal(1, c, err) -- a broken file is no usage error
+      assert.equal("", out)
+      one_error_line(err, "strategies/broken%.lua:2: ")
+      assert.falsy(err:find("try 'aiorch --help'", 1, true))
     end)
   end)
 
@@ -300,6 +477,42 @@ describe("aiorch ask against the mock providers", function()
     assert.matches("anthropic: server_error", r.error_message)
     one_error_line(err, "all providers failed")
     no_keys(out, err)
+  end)
+
+  it("removes every form of a key a provider echoes, and carries the provider's error type and code", function()
+    local forms = {}
+    for _, key in pairs(KEYS) do
+      for _, text in pairs(require("aiorch.mock").echoed_forms(key)) do
+        forms[#forms + 1] = text
+      end
+      for i = 1, #key - 7 do
+        forms[#forms + 1] = key:sub(i, i + 7)
+      end
+    end
+    local function clean(...)
+      for _, text in ipairs { ... } do
+        for _, form in ipairs(forms) do
+          assert.falsy(text:find(form, 1, true), "a form of a key leaked: " .. form)
+        end
+      end
+    end
+    local e = env("fault=echo_key", "fault=echo_key")
+    for _, args in ipairs { { "ask", "--json", "q" }, { "ask", "--json", "--stream", "q" }, { "ask", "q" },
+      { "ask", "--json", "--strategy", "parallel", "q" } } do
+      local code, out, err = sh(e, table.unpack(args))
+      assert.equal(1, code, err)
+      assert.matches("Incorrect API key provided: %[redacted%]", out .. err) -- the echo came back, scrubbed
+      clean(out, err)
+    end
+    for api, pe in pairs { openai = { type = "invalid_request_error", code = "[redacted]" },
+      anthropic = { type = "[redacted]" } } do
+      local code, out, err = sh(e, "ask", "--json", "--strategy", "single", "--providers", api, "q")
+      assert.equal(1, code, err)
+      local r = assert(cjson.decode(out))
+      assert.equal("auth", r.metadata.error_kind)
+      assert.same(pe, r.metadata.provider_error)
+      clean(out, err)
+    end
   end)
 
   it("streams the answer with --stream", function()

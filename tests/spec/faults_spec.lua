@@ -207,7 +207,7 @@ local function run_case(c, strategy, api, stream)
     local providers = strategy == "single" and { api } or { api, other }
     local by = {}
     local t0 = now()
-    local r, msg = orchestrate.orchestrate({ user_question = QUESTION }, strategy, providers, {
+    local r, _, msg = orchestrate.orchestrate({ user_question = QUESTION }, strategy, providers, {
       env = env, stream = stream,
       on_token = function(t, p) by[p] = by[p] or {}; by[p][#by[p] + 1] = t end,
     })
@@ -450,7 +450,7 @@ describe("interleaved failures", function()
       end
     end
     local t0 = now()
-    local values, errors = aiorch.gather(tasks)
+    local values, _, messages = aiorch.gather(tasks)
     assert.is_true(now() - t0 < stretch(2000), "took " .. (now() - t0))
 
     -- wire requests by question
@@ -464,7 +464,7 @@ describe("interleaved failures", function()
     for k, run in ipairs(runs) do
       local c, r = run.c, values[k]
       local what = ("%s #%d (%s)"):format(c.strategy, (k - 1) % #MIX + 1, run.q)
-      assert.is_nil(errors[k], what)
+      assert.is_nil(messages[k], what)
       assert.is_true(response.is_response(r), what .. ": not one response")
       local got = {}
       for i, a in ipairs(r.metadata.attempts) do
@@ -816,7 +816,7 @@ local function run_policy_case(c, api)
     -- the garbage of earlier cases (16 MiB bodies) is not collected on a deadline's clock
     collectgarbage("collect")
     local t0 = now()
-    local r, msg = orchestrate.orchestrate({ user_question = QUESTION }, strategy, providers, {
+    local r, _, msg = orchestrate.orchestrate({ user_question = QUESTION }, strategy, providers, {
       env = with(env_for(bases), c.env or {}), stream = c.stream, policy = c.pol,
       on_token = not c.silent and function(t, p)
         by[p] = by[p] or {}
@@ -1021,7 +1021,7 @@ local function run_mix(runs, common_env)
       })
     end)
   end
-  local values, errors = aiorch.gather(tasks)
+  local values, _, messages = aiorch.gather(tasks)
   local wire = {}
   for _, req in ipairs(m.requests) do
     local q = question_of(req)
@@ -1031,7 +1031,7 @@ local function run_mix(runs, common_env)
   for i, run in ipairs(runs) do
     local r = values[i]
     local what = run.q
-    assert.is_nil(errors[i], what)
+    assert.is_nil(messages[i], what)
     assert.is_true(response.is_response(r), what .. ": not one response")
     no_keys_in(r)
     run.r = r

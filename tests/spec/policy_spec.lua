@@ -36,7 +36,7 @@ local function run(strategy, providers, o, a, pol, opts)
   opts = opts or {}
   opts.env = opts.env or env_for(o, a, opts.env_extra)
   local t0 = aiorch.now()
-  local r, err = orchestrate.orchestrate({ user_question = QUESTION, policy = pol }, strategy, providers, opts)
+  local r, _, err = orchestrate.orchestrate({ user_question = QUESTION, policy = pol }, strategy, providers, opts)
   return r, aiorch.now() - t0, err
 end
 

@@ -92,8 +92,8 @@ describe("aiorch.process.wait", function()
 
   it("returns nil, 'timeout' and the child can be waited for again", function()
     local pid = assert(process.spawn { "sleep", "10" })
-    assert.are.same({ nil, "timeout" }, { process.wait(pid, 30) })
-    assert.are.same({ nil, "timeout" }, { process.wait(pid, 0) })
+    assert.are.same({ nil, "timeout", "the child is still running" }, { process.wait(pid, 30) })
+    assert.are.same({ nil, "timeout", "the child is still running" }, { process.wait(pid, 0) })
     process.kill(pid, "KILL")
     assert.are.same({ nil, "signal", "SIGKILL" }, { process.wait(pid, 5000) })
   end)
@@ -178,19 +178,20 @@ describe("aiorch.signal.wait", function()
   end)
 
   it("keeps a signal that arrived while nobody waited, once caught", function()
-    assert.are.same({ nil, "timeout" }, { signal.wait("USR2", 0) }) -- catches it from now on
+    -- catches it from now on
+    assert.are.same({ nil, "timeout", "no signal arrived in time" }, { signal.wait("USR2", 0) })
     process.kill(process.pid(), "USR2")
     process.kill(process.pid(), "USR2")
     aiorch.sleep(50) -- we are still alive: caught, not the default action
     assert.equal("SIGUSR2", signal.wait("USR2", 1000))
-    assert.are.same({ nil, "timeout" }, { signal.wait("USR2", 10) }) -- counted once
+    assert.are.same({ nil, "timeout", "no signal arrived in time" }, { signal.wait("USR2", 10) }) -- counted once
     assert.is_true(signal.reset("USR2"))
     assert.is_false(signal.reset("USR2"))
   end)
 
-  it("returns nil, 'timeout'", function()
+  it("returns nil, 'timeout', message", function()
     local t0 = aiorch.now()
-    assert.are.same({ nil, "timeout" }, { signal.wait("HUP", 30) })
+    assert.are.same({ nil, "timeout", "no signal arrived in time" }, { signal.wait("HUP", 30) })
     assert.is_true(aiorch.now() - t0 >= 25)
   end)
 
@@ -221,7 +222,7 @@ describe("aiorch.signal.wait", function()
     aiorch.sleep(10)
     process.kill(process.pid(), "USR1")
     assert.equal("SIGUSR1", a:await())
-    assert.are.same({ nil, "timeout" }, { b:await() })
+    assert.are.same({ nil, "timeout", "no signal arrived in time" }, { b:await() })
     signal.reset("USR1")
   end)
 end)

@@ -216,7 +216,7 @@ if has_core then
     before_each(function() metrics.reset() end)
 
     local function rejected(req, strategy, providers, pattern)
-      local r, err, kind = orchestrate.orchestrate(req, strategy, providers, { env = env })
+      local r, kind, err = orchestrate.orchestrate(req, strategy, providers, { env = env })
       assert.is_nil(r)
       assert.equal("invalid", kind)
       assert.matches(pattern, err)

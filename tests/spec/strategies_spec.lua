@@ -7,6 +7,7 @@ local orchestrate = require "aiorch.orchestrate"
 local metrics = require "aiorch.metrics"
 local breaker = require "aiorch.breaker"
 local call = require "aiorch.call"
+local response = require "aiorch.response"
 
 local KEYS = { openai = "sk-test-strategies-openai-0001", anthropic = "sk-ant-test-strategies-0002" }
 local QUESTION = "What is two plus two?"
@@ -297,7 +298,8 @@ describe("fallback", function()
     local a = r.metadata.attempts
     assert.equal(2, #a)
     assert.same({ provider = "openai", status = "error", kind = "rate_limited", http_status = 429,
-      retry_after = 3, latency_ms = a[1].latency_ms }, a[1])
+      retry_after = 3, latency_ms = a[1].latency_ms,
+      provider_error = { type = "requests", code = "rate_limit_exceeded" } }, a[1])
     assert.equal("anthropic", a[2].provider)
     assert.equal("success", a[2].status)
     assert.equal(200, a[2].http_status)
@@ -526,7 +528,9 @@ describe("user extensions", function()
     local r = assert(run("boom", nil, nil, nil, { path = { dir } }))
     assert.equal("error", r.status)
     assert.equal("strategy", r.metadata.error_kind)
+    assert.is_nil(r.ia_provider_name) -- the strategy failed, not a provider
     assert.matches("kaboom", r.error_message)
+    assert.equal(cjson.null, cjson.decode(response.encode(r)).ia_provider_name)
   end)
 
   it("turns a strategy that returns garbage into an error response", function()
@@ -560,10 +564,10 @@ describe("concurrency", function()
       end)
     end
     local t0 = aiorch.now()
-    local values, errors = aiorch.gather(tasks)
+    local values, _, messages = aiorch.gather(tasks)
     assert.is_true(aiorch.now() - t0 < 1000)
     for i = 1, 40 do
-      assert.is_nil(errors[i])
+      assert.is_nil(messages[i])
       local r = values[i]
       local first = r.status and r or r[1]
       assert.equal("success", first.status)

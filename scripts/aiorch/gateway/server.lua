@@ -222,7 +222,7 @@ local function attempts_of(r, out)
     end
     return out
   end
-  local one = attempt_text(r.ia_provider_name, m.error_kind or r.status)
+  local one = attempt_text(r.ia_provider_name or "none", m.error_kind or r.status) -- none: a strategy failed
   if not out then
     return one
   end
@@ -280,7 +280,7 @@ end
 -- Runs the orchestration unstreamed. Returns the result or nil after
 -- answering the client with the error.
 local function run_plain(x, request, rt)
-  local r, err, kind = orchestrate.orchestrate(request, rt.strategy, rt.providers,
+  local r, kind, err = orchestrate.orchestrate(request, rt.strategy, rt.providers,
     { env = rt.env, path = x.state.path, timeout_ms = x.state.timeout_ms })
   if not r then
     x:fail(kind == "invalid" and 400 or 500, err)
@@ -339,7 +339,7 @@ local function serve_streamed(x, shape, p, rt)
     return s:close(writer:finish(succ))
   end
 
-  local r, err, kind, owner = stream.run(p.request, mode, rt.providers, s,
+  local r, kind, err, owner = stream.run(p.request, mode, rt.providers, s,
     { env = rt.env, path = x.state.path, timeout_ms = x.state.timeout_ms })
   if not r then
     return x:fail(kind == "invalid" and 400 or 500, err)

@@ -298,9 +298,9 @@ function _M.run(request, mode, providers, s, opts)
   local task = current()
   jobs[task] = s
   local o = { env = opts.env, path = search_path(opts.path), stream = true, timeout_ms = opts.timeout_ms }
-  local r, err, kind = orchestrate.orchestrate(request, _M.strategy_name, providers, o)
+  local r, kind, err = orchestrate.orchestrate(request, _M.strategy_name, providers, o)
   jobs[task] = nil
-  return r, err, kind, s.owner
+  return r, kind, err, s.owner
 end
 
 return _M
