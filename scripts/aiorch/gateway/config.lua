@@ -5,6 +5,7 @@
 -- env for this request" (route()).
 local loader = require "aiorch.loader"
 local policy = require "aiorch.policy"
+local secrets = require "aiorch.secrets"
 
 local fmt = string.format
 local type = type
@@ -534,6 +535,9 @@ function _M.check(raw, getenv, path)
   end
   c.client_keys = #keys > 0 and keys or nil
   c.clients = #clients > 0 and clients or nil
+  for _, k in ipairs(keys) do -- never echoed, whoever quotes them
+    secrets.add(k)
+  end
 
   c.getenv = getenv
   c.env_cache = {}

@@ -873,7 +873,7 @@ function Exchange:abandon(status, code, message)
     s:close(s.shape:error(status, message, code))
   elseif not self.started and self.shape == native and status == 504 then
     -- The native endpoint's answer is a StandardAIResponse, a timed-out one here.
-    self:respond(status, {}, response.encode(response.error(common.null, "timeout", message,
+    self:respond(status, {}, response.encode(response.error(nil, "timeout", message,
       now() - self.t0, {})))
   elseif not self.started then
     self:fail(status, message, code)
