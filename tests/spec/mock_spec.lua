@@ -96,6 +96,28 @@ local function decode_events(events)
   return out
 end
 
+-- The usage of an answer, in each API's shape (opts: cached, reasoning,
+-- read, write_5m, write_1h).
+local function openai_usage(prompt, completion, opts)
+  opts = opts or {}
+  return {
+    prompt_tokens = prompt, completion_tokens = completion, total_tokens = prompt + completion,
+    prompt_tokens_details = { cached_tokens = opts.cached or 0, audio_tokens = 0 },
+    completion_tokens_details = { reasoning_tokens = opts.reasoning or 0, audio_tokens = 0,
+      accepted_prediction_tokens = 0, rejected_prediction_tokens = 0 },
+  }
+end
+
+local function anthropic_usage(input, output, opts)
+  opts = opts or {}
+  local w5, w1 = opts.write_5m or 0, opts.write_1h or 0
+  return {
+    input_tokens = input, output_tokens = output, service_tier = "standard",
+    cache_creation_input_tokens = w5 + w1, cache_read_input_tokens = opts.read or 0,
+    cache_creation = { ephemeral_5m_input_tokens = w5, ephemeral_1h_input_tokens = w1 },
+  }
+end
+
 -- Longer under valgrind (tests/busted.lua).
 local SLOWDOWN = (tonumber(os.getenv("AIORCH_TEST_SLOWDOWN") or "") or 1)
 
@@ -201,11 +223,13 @@ describe("aiorch.mock", function()
       local text = c.message.content
       assert.truthy(text:find("openai", 1, true))
       assert.truthy(text:find(QUESTION, 1, true))
-      assert.are.same({
-        prompt_tokens = words("You are terse.") + words(QUESTION),
-        completion_tokens = words(text),
-        total_tokens = words("You are terse.") + words(QUESTION) + words(text),
-      }, r.usage)
+      local input = words("You are terse.") + words(QUESTION)
+      assert.are.same(openai_usage(input, words(text)), r.usage)
+      assert.are.equal("default", r.service_tier)
+      assert.matches("^fp_%x+$", r.system_fingerprint)
+      assert.are.equal(null, c.message.refusal)
+      assert.are.same({}, c.message.annotations)
+      assert.is_nil(c.message.tool_calls)
     end)
 
     it("echoes the model and the question, so answers differ", function()
@@ -281,7 +305,7 @@ describe("aiorch.mock", function()
       end
       local out = words(table.concat(text))
       local input = words("You are terse.") + words(QUESTION)
-      assert.are.same({ prompt_tokens = input, completion_tokens = out, total_tokens = input + out }, u.usage)
+      assert.are.same(openai_usage(input, out), u.usage)
     end)
 
     it("lists models", function()
@@ -312,10 +336,7 @@ describe("aiorch.mock", function()
       assert.truthy(text:find(QUESTION, 1, true))
       assert.are.equal("end_turn", r.stop_reason)
       assert.are.equal(null, r.stop_sequence)
-      assert.are.same({
-        input_tokens = words("You are terse.") + words(QUESTION),
-        output_tokens = words(text),
-      }, r.usage)
+      assert.are.same(anthropic_usage(words("You are terse.") + words(QUESTION), words(text)), r.usage)
     end)
 
     it("streams the Messages events in order", function()
@@ -347,7 +368,7 @@ describe("aiorch.mock", function()
       assert.are.equal("claude-3-haiku-20240307", msg.model)
       assert.are.same({}, msg.content)
       assert.are.equal(null, msg.stop_reason)
-      assert.are.same({ input_tokens = words("You are terse.") + words(QUESTION), output_tokens = 1 }, msg.usage)
+      assert.are.same(anthropic_usage(words("You are terse.") + words(QUESTION), 1), msg.usage)
       assert.are.same({ type = "content_block_start", index = 0, content_block = { type = "text", text = "" } },
         data[2])
       local text = {}
