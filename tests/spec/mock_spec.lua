@@ -1,8 +1,10 @@
 -- The mock providers, driven over loopback with aiorch.http.
 local aiorch = require "aiorch"
 local cjson = require "cjson.safe"
+local json = require "aiorch.json"
 local mock = require "aiorch.mock"
 
+local fmt = string.format
 local null = cjson.null
 
 local QUESTION = "What is the capital of France?"
@@ -1025,6 +1027,465 @@ describe("aiorch.mock", function()
       m:reset()
       assert.are.equal(reqs, m.requests)
       assert.are.equal(0, #reqs)
+    end)
+  end)
+end)
+
+------------------------------------------------------------------------------
+-- What a request asks: tools, images, thinking, caching, JSON, stop
+-- sequences, n, logprobs, prefill; and what the real APIs refuse.
+
+-- A stream's events as the API's plain answer, assembled as the SDKs do.
+local function assemble(api, events)
+  if api == "openai" then
+    local doc = { choices = {} }
+    for _, ev in ipairs(events) do
+      if ev.data ~= "[DONE]" then
+        local c = assert(cjson.decode(ev.data), ev.data)
+        doc.id, doc.model, doc.object = c.id, c.model, "chat.completion"
+        doc.service_tier, doc.system_fingerprint = c.service_tier, c.system_fingerprint
+        if c.usage and c.usage ~= null then
+          doc.usage = c.usage
+        end
+        for _, ch in ipairs(c.choices) do
+          local x = doc.choices[ch.index + 1]
+          if not x then
+            x = { index = ch.index, message = {}, logprobs = null }
+            doc.choices[ch.index + 1] = x
+          end
+          local msg, dl = x.message, ch.delta
+          msg.role = dl.role or msg.role
+          if type(dl.content) == "string" then
+            msg.content = (msg.content ~= null and msg.content or "") .. dl.content
+          elseif dl.content == null and msg.content == nil then
+            msg.content = null
+          end
+          if dl.reasoning_content then
+            msg.reasoning_content = (msg.reasoning_content or "") .. dl.reasoning_content
+          end
+          for _, tc in ipairs(dl.tool_calls or {}) do
+            msg.tool_calls = msg.tool_calls or {}
+            local t = msg.tool_calls[tc.index + 1]
+            if not t then
+              t = { id = tc.id, type = tc.type, ["function"] = { name = tc["function"].name, arguments = "" } }
+              msg.tool_calls[tc.index + 1] = t
+            end
+            t["function"].arguments = t["function"].arguments .. (tc["function"].arguments or "")
+          end
+          if ch.logprobs ~= nil and ch.logprobs ~= null then
+            if x.logprobs == null then
+              x.logprobs = { content = {}, refusal = null }
+            end
+            for _, e in ipairs(ch.logprobs.content) do
+              table.insert(x.logprobs.content, e)
+            end
+          end
+          if ch.finish_reason ~= null then
+            x.finish_reason = ch.finish_reason
+          end
+        end
+      end
+    end
+    return doc
+  end
+  local doc
+  for _, ev in ipairs(events) do
+    local e = assert(cjson.decode(ev.data), ev.data)
+    if e.type == "message_start" then
+      doc = e.message
+    elseif e.type == "content_block_start" then
+      doc.content[e.index + 1] = e.content_block
+    elseif e.type == "content_block_delta" then
+      local b, dl = doc.content[e.index + 1], e.delta
+      if dl.type == "text_delta" then
+        b.text = b.text .. dl.text
+      elseif dl.type == "thinking_delta" then
+        b.thinking = b.thinking .. dl.thinking
+      elseif dl.type == "signature_delta" then
+        b.signature = dl.signature
+      elseif dl.type == "input_json_delta" then
+        b.partial = (b.partial or "") .. dl.partial_json
+      end
+    elseif e.type == "content_block_stop" then
+      local b = doc.content[e.index + 1]
+      if b.partial then
+        b.input = assert(cjson.decode(b.partial ~= "" and b.partial or "{}"))
+        b.partial = nil
+      end
+    elseif e.type == "message_delta" then
+      doc.stop_reason, doc.stop_sequence = e.delta.stop_reason, e.delta.stop_sequence
+      doc.usage.output_tokens = e.usage.output_tokens
+    end
+  end
+  return doc
+end
+
+local WEATHER = {
+  type = "object",
+  properties = {
+    city = { type = "string", description = "The city" },
+    unit = { type = "string", enum = { "celsius", "fahrenheit" } },
+    days = { type = "integer", minimum = 1, maximum = 7 },
+  },
+  required = { "city", "unit", "days" },
+  additionalProperties = false,
+}
+local TIME = { type = "object", properties = { zone = { type = "string" } }, required = { "zone" },
+  additionalProperties = false }
+-- What the mock makes of them.
+local ARGS = { get_weather = { city = "city", unit = "celsius", days = 7 }, get_time = { zone = "zone" } }
+
+local TOOLS = {
+  openai = {
+    { type = "function", ["function"] = { name = "get_weather", description = "Weather now", parameters = WEATHER,
+      strict = true } },
+    { type = "function", ["function"] = { name = "get_time", parameters = TIME } },
+  },
+  anthropic = {
+    { name = "get_weather", description = "Weather now", input_schema = WEATHER },
+    { name = "get_time", input_schema = TIME },
+  },
+}
+
+-- A canonical tool choice in the API's words.
+local function tool_choice(api, choice, parallel)
+  if api == "openai" then
+    if type(choice) == "table" then
+      return { type = "function", ["function"] = { name = choice.name } }
+    end
+    return choice
+  end
+  local tc
+  if choice == nil then
+    tc = parallel == false and { type = "auto" } or nil
+  elseif type(choice) == "table" then
+    tc = { type = "tool", name = choice.name }
+  else
+    tc = { type = choice == "required" and "any" or choice }
+  end
+  if tc and parallel == false then
+    tc.disable_parallel_tool_use = true
+  end
+  return tc
+end
+
+-- The tool calls of an answer (plain or assembled): {{id, name, args}}.
+local function calls_of(api, doc)
+  local out = {}
+  if api == "openai" then
+    for i, tc in ipairs(doc.choices[1].message.tool_calls or {}) do
+      assert.are.equal("function", tc.type)
+      out[i] = { id = tc.id, name = tc["function"].name, args = assert(cjson.decode(tc["function"].arguments)) }
+    end
+  else
+    for _, b in ipairs(doc.content) do
+      if b.type == "tool_use" then
+        out[#out + 1] = { id = b.id, name = b.name, args = b.input }
+      end
+    end
+  end
+  return out
+end
+
+local function text_of(api, doc)
+  if api == "openai" then
+    return doc.choices[1].message.content
+  end
+  local t = {}
+  for _, b in ipairs(doc.content) do
+    if b.type == "text" then
+      t[#t + 1] = b.text
+    end
+  end
+  return table.concat(t)
+end
+
+local function finish_of(api, doc)
+  if api == "openai" then
+    return doc.choices[1].finish_reason
+  end
+  return doc.stop_reason
+end
+
+local STREAMS = { false, true }
+
+describe("aiorch.mock conversations", function()
+  local m
+
+  setup(function()
+    m = assert(mock.start {})
+  end)
+
+  teardown(function()
+    m:close()
+  end)
+
+  before_each(function()
+    m:reset()
+  end)
+
+  -- POSTs body (all of it, encoded by its marks) to api's endpoint with the
+  -- directives; returns status, the answer (a stream assembled), the raw
+  -- body or events, and the request as the mock recorded it.
+  local function send(api, body, dirs, headers)
+    local status, _, raw, events = call(api, m:base_url(api, dirs), {
+      raw = json.encode(body), stream = body.stream, headers = headers })
+    local req = m.requests[#m.requests]
+    if status ~= 200 then
+      return status, assert(cjson.decode(raw), raw), raw, req
+    end
+    if body.stream then
+      return status, assemble(api, events), events, req
+    end
+    return status, assert(cjson.decode(raw), raw), raw, req
+  end
+
+  local function body_of(api, messages, extra)
+    local b = { model = api == "openai" and "gpt-4o" or "claude-sonnet-4-5", messages = messages }
+    if api == "anthropic" then
+      b.max_tokens = 4096
+    end
+    for k, v in pairs(extra or {}) do
+      b[k] = v
+    end
+    return b
+  end
+
+  local function user(text)
+    return { role = "user", content = text }
+  end
+
+  describe("tools", function()
+    local CASES = {
+      { name = "auto calls the tool the question names", q = "Weather in Paris? Use get_weather.",
+        want = { "get_weather" } },
+      { name = "auto answers text when no tool is named", q = "Hello there", want = nil },
+      { name = "none never calls", q = "get_weather now", choice = "none", want = nil },
+      { name = "required calls the first tool when none is named", q = "Hello", choice = "required",
+        want = { "get_weather" } },
+      { name = "required calls the ones named", q = "What does get_time say?", choice = "required",
+        want = { "get_time" } },
+      { name = "a named tool is called whatever is mentioned", q = "get_weather?", choice = { name = "get_time" },
+        want = { "get_time" } },
+      { name = "two tools named: two parallel calls, in the tools' order", q = "get_time and get_weather",
+        want = { "get_weather", "get_time" } },
+      { name = "tool_calls=3 makes three calls, cycling the tools", q = "Hello", dirs = { tool_calls = 3 },
+        want = { "get_weather", "get_time", "get_weather" } },
+      { name = "parallel tool use off: one call", q = "get_time and get_weather", parallel = false,
+        dirs = { tool_calls = 3 }, want = { "get_weather" } },
+      { name = "tool_calls=2 with a named tool calls it twice", q = "Hi", choice = { name = "get_time" },
+        dirs = { tool_calls = 2 }, want = { "get_time", "get_time" } },
+    }
+    for _, api in ipairs { "openai", "anthropic" } do
+      for _, c in ipairs(CASES) do
+        it(api .. ": " .. c.name, function()
+          for _, stream in ipairs(STREAMS) do
+            local extra = { tools = TOOLS[api], tool_choice = tool_choice(api, c.choice, c.parallel), stream = stream }
+            if api == "openai" and c.parallel ~= nil then
+              extra.parallel_tool_calls = c.parallel
+            end
+            local status, doc = send(api, body_of(api, { user(c.q) }, extra), c.dirs)
+            assert.are.equal(200, status)
+            local calls = calls_of(api, doc)
+            if not c.want then
+              assert.are.same({}, calls)
+              assert.are.equal(api == "openai" and "stop" or "end_turn", finish_of(api, doc))
+              assert.are.equal(fmt("Hello from the mock %s provider. You asked: %s", api, c.q), text_of(api, doc))
+            else
+              assert.are.equal(api == "openai" and "tool_calls" or "tool_use", finish_of(api, doc))
+              local names, ids = {}, {}
+              for i, tc in ipairs(calls) do
+                names[i] = tc.name
+                assert.matches(api == "openai" and "^call_%w+$" or "^toolu_%w+$", tc.id)
+                assert.is_nil(ids[tc.id], "ids are distinct")
+                ids[tc.id] = true
+                assert.are.same(ARGS[tc.name], tc.args)
+              end
+              assert.are.same(c.want, names)
+              if api == "openai" then
+                assert.are.equal(null, doc.choices[1].message.content)
+              else
+                assert.are.equal(#c.want, #doc.content)
+              end
+            end
+          end
+        end)
+      end
+    end
+
+    it("openai: allowed_tools limits the tools a required choice calls", function()
+      local status, doc = send("openai", body_of("openai", { user("Hello") }, { tools = TOOLS.openai,
+        tool_choice = { type = "allowed_tools", allowed_tools = { mode = "required",
+          tools = { { type = "function", ["function"] = { name = "get_time" } } } } } }))
+      assert.are.equal(200, status)
+      assert.are.same({ "get_time" }, { calls_of("openai", doc)[1].name })
+    end)
+
+    it("openai: the exact plain shape of a tool call", function()
+      local _, doc, raw = send("openai", body_of("openai", { user("get_time") }, { tools = TOOLS.openai }))
+      local msg = doc.choices[1].message
+      assert.truthy(raw:find('"message":{"role":"assistant","content":null,"refusal":null,"annotations":[],'
+        .. '"tool_calls":[{"id":"call_', 1, true), raw)
+      assert.are.same({ { id = msg.tool_calls[1].id, type = "function",
+        ["function"] = { name = "get_time", arguments = '{"zone":"zone"}' } } }, msg.tool_calls)
+      assert.are.equal(words("get_time") + words('{"zone":"zone"}'), doc.usage.completion_tokens)
+    end)
+
+    it("openai: streams each call's id and name first, then its arguments in pieces", function()
+      local status, _, events = send("openai", body_of("openai", { user("get_weather and get_time") },
+        { tools = TOOLS.openai, stream = true }), { chunks = 3 })
+      assert.are.equal(200, status)
+      assert.are.equal("[DONE]", events[#events].data)
+      table.remove(events)
+      local chunks = decode_events(events)
+      assert.are.same({ role = "assistant", content = null }, chunks[1].choices[1].delta)
+      local seq = {}
+      for i = 2, #chunks - 1 do
+        local tc = chunks[i].choices[1].delta.tool_calls
+        assert.are.equal(1, #tc)
+        tc = tc[1]
+        if tc.id then
+          assert.are.equal("function", tc.type)
+          assert.are.equal("", tc["function"].arguments)
+          seq[#seq + 1] = fmt("start %d %s", tc.index, tc["function"].name)
+        else
+          assert.is_nil(tc["function"].name)
+          assert.is_nil(tc.type)
+          seq[#seq + 1] = fmt("args %d", tc.index)
+        end
+        assert.are.equal(null, chunks[i].choices[1].finish_reason)
+      end
+      assert.are.same({ "start 0 get_weather", "args 0", "args 0", "args 0", "start 1 get_time", "args 1", "args 1",
+        "args 1" }, seq)
+      assert.are.same({}, chunks[#chunks].choices[1].delta)
+      assert.are.equal("tool_calls", chunks[#chunks].choices[1].finish_reason)
+    end)
+
+    it("anthropic: streams tool_use blocks: start with empty input, input_json_delta pieces, stop", function()
+      local status, doc, events = send("anthropic", body_of("anthropic", { user("get_weather and get_time") },
+        { tools = TOOLS.anthropic, stream = true }), { chunks = 2 })
+      assert.are.equal(200, status)
+      local data = decode_events(events)
+      local seq = {}
+      for _, e in ipairs(data) do
+        local s = e.type
+        if e.type == "content_block_start" then
+          assert.are.same({}, e.content_block.input)
+          s = fmt("%s %d %s %s", s, e.index, e.content_block.type, e.content_block.name)
+          assert.matches("^toolu_", e.content_block.id)
+        elseif e.type == "content_block_delta" then
+          assert.are.equal("input_json_delta", e.delta.type)
+          s = fmt("%s %d %s", s, e.index, e.delta.partial_json == "" and "empty" or "piece")
+        elseif e.type == "content_block_stop" then
+          s = fmt("%s %d", s, e.index)
+        end
+        seq[#seq + 1] = s
+      end
+      assert.are.same({ "message_start", "content_block_start 0 tool_use get_weather", "ping",
+        "content_block_delta 0 empty", "content_block_delta 0 piece", "content_block_delta 0 piece",
+        "content_block_stop 0", "content_block_start 1 tool_use get_time", "content_block_delta 1 empty",
+        "content_block_delta 1 piece", "content_block_delta 1 piece", "content_block_stop 1", "message_delta",
+        "message_stop" }, seq)
+      assert.are.equal("tool_use", doc.stop_reason)
+      assert.are.same({ ARGS.get_weather, ARGS.get_time }, { doc.content[1].input, doc.content[2].input })
+    end)
+
+    -- A conversation whose last turn carries two tool results.
+    local function with_results(api)
+      local q = "Weather and time please (get_weather, get_time)"
+      if api == "openai" then
+        return {
+          user(q),
+          { role = "assistant", content = null, tool_calls = {
+            { id = "call_a", type = "function", ["function"] = { name = "get_weather", arguments = "{}" } },
+            { id = "call_b", type = "function", ["function"] = { name = "get_time", arguments = "{}" } } } },
+          { role = "tool", tool_call_id = "call_a", content = "22 C" },
+          { role = "tool", tool_call_id = "call_b", content = { { type = "text", text = "12:00" } } },
+        }, q
+      end
+      return {
+        user(q),
+        { role = "assistant", content = {
+          { type = "tool_use", id = "toolu_a", name = "get_weather", input = {} },
+          { type = "tool_use", id = "toolu_b", name = "get_time", input = {} } } },
+        { role = "user", content = {
+          { type = "tool_result", tool_use_id = "toolu_a", content = "22 C" },
+          { type = "tool_result", tool_use_id = "toolu_b", is_error = true,
+            content = { { type = "text", text = "timeout" } } } } },
+      }, q
+    end
+
+    for _, api in ipairs { "openai", "anthropic" } do
+      it(api .. ": a last turn of tool results gets text quoting them in order", function()
+        local messages, q = with_results(api)
+        for _, stream in ipairs(STREAMS) do
+          local status, doc = send(api, body_of(api, messages, { tools = TOOLS[api], stream = stream }),
+            { tool_calls = 2 })
+          assert.are.equal(200, status)
+          assert.are.same({}, calls_of(api, doc))
+          local results = api == "openai" and "[call_a] 22 C; [call_b] 12:00"
+            or "[toolu_a] 22 C; [toolu_b error] timeout"
+          assert.are.equal(fmt("Hello from the mock %s provider. You asked: %s Tool results: %s", api, q,
+            results), text_of(api, doc))
+          assert.are.equal(api == "openai" and "stop" or "end_turn", finish_of(api, doc))
+        end
+      end)
+    end
+  end)
+
+  describe("JSON Schema instances", function()
+    local CASES = {
+      { { type = "string" }, '"value"' },
+      { { type = "string", minLength = 8 }, '"valuexxx"' },
+      { { type = "string", maxLength = 3 }, '"val"' },
+      { { type = "string", format = "date-time" }, '"2024-01-01T00:00:00Z"' },
+      { { type = "string", format = "email" }, '"mock@example.com"' },
+      { { type = "integer" }, "42" },
+      { { type = "integer", minimum = 100 }, "100" },
+      { { type = "integer", maximum = 10 }, "10" },
+      { { type = "integer", exclusiveMinimum = 50 }, "51" },
+      { { type = "integer", minimum = 43, multipleOf = 5 }, "45" },
+      { { type = "number" }, "42.5" },
+      { { type = "number", maximum = 1, exclusiveMaximum = 1 }, "0.5" },
+      { { type = "boolean" }, "true" },
+      { { type = "null" }, "null" },
+      { { enum = { "b", "a" } }, '"b"' },
+      { { const = 7 }, "7" },
+      { { type = { "null", "integer" } }, "42" },
+      { { type = "array", items = { type = "integer" }, minItems = 2 }, "[42,42]" },
+      { { type = "array", items = { type = "integer" }, maxItems = 0 }, "[]" },
+      { { type = "array", prefixItems = { { type = "string" }, { type = "boolean" } } }, '["value",true]' },
+      { { type = "object" }, "{}" },
+      { { type = "object", properties = { a = { type = "string" }, b = { type = "integer" } }, required = { "a" } },
+        '{"a":"a","b":42}' },
+      { { type = "object", required = { "x" } }, '{"x":"x"}' },
+      { { type = "object", properties = { o = { type = "object", properties = { n = { type = "number" } },
+        required = { "n" }, additionalProperties = false } }, required = { "o" }, additionalProperties = false },
+        '{"o":{"n":42.5}}' },
+      { { anyOf = { { type = "null" }, { type = "string" } } }, '"value"' },
+      { { oneOf = { { type = "integer" }, { type = "string" } } }, "42" },
+      { { allOf = { { type = "object", properties = { a = { type = "string" } } },
+        { properties = { b = { type = "boolean" } }, required = { "b" } } } }, '{"a":"a","b":true}' },
+      { { ["$defs"] = { P = { type = "object", properties = { id = { type = "integer" } }, required = { "id" } } },
+        type = "object", properties = { p = { ["$ref"] = "#/$defs/P" } }, required = { "p" } }, '{"p":{"id":42}}' },
+      -- recursive: a tree ends where optional parts are left out
+      { { type = "object", properties = { name = { type = "string" },
+        children = { type = "array", items = { ["$ref"] = "#" } } }, required = { "name" } },
+        '{"children":[{"children":[{"children":[],"name":"name"}],"name":"name"}],"name":"name"}' },
+    }
+    for i, c in ipairs(CASES) do
+      it("case " .. i .. ": " .. c[2], function()
+        assert.are.equal(c[2], json.encode(assert(mock.schema_instance(c[1]))))
+      end)
+    end
+
+    it("refuses what it cannot make", function()
+      local v, err = mock.schema_instance { ["$ref"] = "#/$defs/missing" }
+      assert.is_nil(v)
+      assert.matches("cannot resolve", err)
+      v, err = mock.schema_instance { type = "object", properties = { a = { ["$ref"] = "#" } }, required = { "a" } }
+      assert.is_nil(v)
+      assert.matches("deeper than", err)
     end)
   end)
 end)
