@@ -1488,4 +1488,390 @@ describe("aiorch.mock conversations", function()
       assert.matches("deeper than", err)
     end)
   end)
+
+  describe("validation", function()
+    local PNG, JPEG, PDF = "iVBORw0KGgo=", "/9j/4AAQSkZJRg==", "JVBERi0xLjQK"
+    local function asst_calls(...)
+      local tcs = {}
+      for i, id in ipairs { ... } do
+        tcs[i] = { id = id, type = "function", ["function"] = { name = "get_time", arguments = "{}" } }
+      end
+      return { role = "assistant", content = null, tool_calls = tcs }
+    end
+    local function image(url)
+      return { role = "user", content = { { type = "text", text = "see" }, { type = "image_url",
+        image_url = { url = url } } } }
+    end
+    -- {name, messages or body, message (plain text it contains), param, code}
+    local OPENAI = {
+      { "an unknown role", { { role = "robot", content = "hi" } },
+        "Invalid value: 'robot'. Supported values are: 'system', 'assistant', 'user', 'function', 'tool', and "
+        .. "'developer'.", "messages[0].role", "invalid_value" },
+      { "a tool message after no tool calls", { user("hi"), { role = "tool", tool_call_id = "call_a", content = "x" } },
+        "Invalid parameter: messages with role 'tool' must be a response to a preceeding message with 'tool_calls'.",
+        "messages.[1].role" },
+      { "a tool message answering another id", { user("hi"), asst_calls("call_a"),
+        { role = "tool", tool_call_id = "call_x", content = "x" } },
+        "Invalid parameter: 'tool_call_id' of 'call_x' not found in 'tool_calls' of previous message.",
+        "messages.[2].tool_call_id" },
+      { "tool calls left unanswered", { user("hi"), asst_calls("call_a", "call_b"),
+        { role = "tool", tool_call_id = "call_a", content = "x" }, user("and?") },
+        "The following tool_call_ids did not have response messages: call_b", "messages.[1].role" },
+      { "tool calls ending the conversation", { user("hi"), asst_calls("call_a") },
+        "did not have response messages: call_a", "messages.[1].role" },
+      { "an image in a system message", { { role = "system", content = { { type = "image_url",
+        image_url = { url = "https://example.com/a.png" } } } }, user("hi") },
+        "Invalid value: 'image_url'. Supported values are: 'text'.", "messages[0].content[0].type", "invalid_value" },
+      { "an image in a tool message", { user("hi"), asst_calls("call_a"), { role = "tool", tool_call_id = "call_a",
+        content = { { type = "image_url", image_url = { url = "https://example.com/a.png" } } } } },
+        "Invalid value: 'image_url'. Supported values are: 'text'.", "messages[2].content[0].type" },
+      { "an image of an unsupported type", { image("data:image/bmp;base64," .. PNG) },
+        "unsupported MIME type 'image/bmp'.", "messages[0].content[1].image_url.url", "invalid_value" },
+      { "an image data URL that is not base64", { image("data:image/png;base64,not base64!") },
+        "a value with invalid base64 data.", "messages[0].content[1].image_url.url" },
+      { "an image URL that is neither http nor data", { image("file:///etc/passwd") },
+        "Expected a valid URL", "messages[0].content[1].image_url.url" },
+      { "a file part without data or id", { { role = "user", content = { { type = "file", file = {} } } } },
+        "Missing required parameter", "messages[0].content[0].file" },
+      { "tool_choice without tools", { body = { tool_choice = "auto" } },
+        "'tool_choice' is only allowed when 'tools' are specified.", "tool_choice" },
+      { "parallel_tool_calls without tools", { body = { parallel_tool_calls = false } },
+        "'parallel_tool_calls' is only allowed when 'tools' are specified.", "parallel_tool_calls" },
+      { "a named tool that is not there", { body = { tools = TOOLS.openai,
+        tool_choice = { type = "function", ["function"] = { name = "get_moon" } } } }, "get_moon", "tool_choice" },
+      { "a strict tool whose objects are open", { body = { tools = { { type = "function", ["function"] = {
+        name = "f", strict = true, parameters = { type = "object", properties = { a = { type = "string" } },
+          required = { "a" } } } } } } },
+        "Invalid schema for function 'f': In context=(), 'additionalProperties' is required to be supplied and to "
+        .. "be false.", "tools[0].function.parameters" },
+      { "a strict tool not requiring every property", { body = { tools = { { type = "function", ["function"] = {
+        name = "f", strict = true, parameters = { type = "object", properties = { a = { type = "object",
+          properties = { b = { type = "string" } }, required = json.array(), additionalProperties = false } },
+          required = { "a" }, additionalProperties = false } } } } } },
+        "In context=('properties', 'a'), 'required' is required to be supplied and to be an array including every "
+        .. "key in properties. Missing 'b'.", "tools[0].function.parameters" },
+      { "json_object without the word json", { body = { response_format = { type = "json_object" } } },
+        "'messages' must contain the word 'json' in some form", "messages" },
+      { "json_schema without a name", { body = { response_format = { type = "json_schema",
+        json_schema = { schema = { type = "object" } } } } },
+        "Missing required parameter: 'response_format.json_schema.name'.", "response_format.json_schema.name" },
+      { "n of 0", { body = { n = 0 } }, "Invalid 'n': integer below minimum value.", "n" },
+      { "top_logprobs without logprobs", { body = { top_logprobs = 2 } }, "'logprobs' must be set to true",
+        "top_logprobs" },
+      { "an unknown reasoning_effort", { body = { reasoning_effort = "extreme" } }, "Invalid value: 'extreme'.",
+        "reasoning_effort" },
+      { "five stop sequences", { body = { stop = { "a", "b", "c", "d", "e" } } }, "array too long", "stop" },
+      { "no messages", { body = { messages = json.array() } }, "Invalid 'messages': empty array.", "messages" },
+    }
+
+    local function tool_use(id)
+      return { type = "tool_use", id = id, name = "get_time", input = {} }
+    end
+    local function result(id)
+      return { type = "tool_result", tool_use_id = id, content = "x" }
+    end
+    local function source(src)
+      return { { role = "user", content = { { type = "image", source = src } } } }
+    end
+    local ANTHROPIC = {
+      { "max_tokens missing", { body = { max_tokens = null } }, "max_tokens: Field required" },
+      { "a system role in messages", { { role = "system", content = "Be terse." }, user("hi") },
+        'messages.0.role: Unexpected role "system".' },
+      { "an unknown role", { { role = "tool", content = "x" } }, "messages.0.role: Input should be 'user' or "
+        .. "'assistant'" },
+      { "a tool_result without its tool_use", { user("hi"), { role = "assistant", content = "ok" },
+        { role = "user", content = { result("toolu_x") } } },
+        "messages.2.content.0: unexpected `tool_use_id` found in `tool_result` blocks: toolu_x. Each `tool_result` "
+        .. "block must have a corresponding `tool_use` block in the previous message." },
+      { "a tool_result answering an older turn", { user("hi"),
+        { role = "assistant", content = { tool_use("toolu_a") } },
+        { role = "user", content = { result("toolu_a") } }, { role = "assistant", content = "done" },
+        { role = "user", content = { result("toolu_a") } } }, "messages.4.content.0: unexpected `tool_use_id`" },
+      { "a tool_use without its tool_result", { user("hi"), { role = "assistant", content = { tool_use("toolu_a"),
+        tool_use("toolu_b") } }, { role = "user", content = { result("toolu_b"), { type = "text", text = "x" } } } },
+        "messages.2: `tool_use` ids were found without `tool_result` blocks immediately after: toolu_a." },
+      { "an image source of no known type", source { type = "path", path = "/a.png" },
+        "messages.0.content.0.image.source: Input tag 'path' found using 'type' does not match any of the "
+        .. "expected tags: 'base64', 'url', 'file'" },
+      { "an image without a source", { { role = "user", content = { { type = "image" } } } },
+        "messages.0.content.0.image.source: Field required" },
+      { "a base64 image still in its data URL", source { type = "base64", media_type = "image/png",
+        data = "data:image/png;base64," .. PNG }, "messages.0.content.0.image.source.base64.data: Input should be "
+        .. "valid base64 data" },
+      { "a PNG sent as a JPEG", source { type = "base64", media_type = "image/jpeg", data = PNG },
+        "The image was specified using the image/jpeg media type, but the image appears to be a image/png image" },
+      { "a bad media type", source { type = "base64", media_type = "image/bmp", data = JPEG },
+        "media_type: Input should be 'image/jpeg', 'image/png', 'image/gif' or 'image/webp'" },
+      { "a PDF document with another media type", { { role = "user", content = { { type = "document",
+        source = { type = "base64", media_type = "text/plain", data = PDF } } } } },
+        "messages.0.content.0.document.source.base64.media_type: Input should be 'application/pdf'" },
+      { "an OpenAI part", { { role = "user", content = { { type = "image_url",
+        image_url = { url = "https://example.com/a.png" } } } } },
+        "messages.0.content.0: Input tag 'image_url' found using 'type' does not match any of the expected tags" },
+      { "a thinking budget under 1024", { body = { thinking = { type = "enabled", budget_tokens = 512 } } },
+        "thinking.enabled.budget_tokens: Input should be greater than or equal to 1024" },
+      { "max_tokens not above the budget", { body = { max_tokens = 2048,
+        thinking = { type = "enabled", budget_tokens = 2048 } } },
+        "`max_tokens` must be greater than `thinking.budget_tokens`" },
+      { "thinking with a temperature", { body = { temperature = 0.5,
+        thinking = { type = "enabled", budget_tokens = 1024 } } }, "`temperature` may only be set to 1" },
+      { "thinking with top_k", { body = { top_k = 5, thinking = { type = "adaptive" } } }, "`top_k`" },
+      { "thinking with a forced tool", { body = { tools = TOOLS.anthropic, tool_choice = { type = "any" },
+        thinking = { type = "enabled", budget_tokens = 1024 } } },
+        "Thinking may not be enabled when tool_choice forces tool use." },
+      { "a prefill ending in whitespace", { user("hi"), { role = "assistant", content = "The answer is " } },
+        "messages: final assistant content cannot end with trailing whitespace" },
+      { "a temperature above 1", { body = { temperature = 1.5 } },
+        "temperature: Input should be less than or equal to 1" },
+      { "metadata it does not know", { body = { metadata = { user_id = "u", session = "s" } } },
+        "metadata.session: Extra inputs are not permitted" },
+      { "a tool name with spaces", { body = { tools = { { name = "get time", input_schema = TIME } } } },
+        "tools.0.custom.name: String should match pattern" },
+      { "a tool schema that is not an object", { body = { tools = { { name = "f",
+        input_schema = { type = "string" } } } } }, "tools.0.custom.input_schema.type: Input should be 'object'" },
+      { "two tools of one name", { body = { tools = { TOOLS.anthropic[2], TOOLS.anthropic[2] } } },
+        "tools: Tool names must be unique." },
+      { "an unknown tool_choice", { body = { tools = TOOLS.anthropic, tool_choice = { type = "required" } } },
+        "tool_choice: Input tag 'required'" },
+      { "no messages", { body = { messages = json.array() } }, "messages: at least one message is required" },
+    }
+
+    for _, api in ipairs { "openai", "anthropic" } do
+      for _, c in ipairs(api == "openai" and OPENAI or ANTHROPIC) do
+        it(api .. " refuses " .. c[1], function()
+          local spec = c[2]
+          local body = body_of(api, spec.body and { user("What is the capital of France?") } or spec)
+          for k, v in pairs(spec.body or {}) do
+            if v == null then
+              v = nil
+            end
+            body[k] = v
+          end
+          for _, stream in ipairs(STREAMS) do
+            body.stream = stream
+            local status, doc, _, req = send(api, body)
+            assert.are.equal(400, status)
+            if api == "openai" then
+              assert.are.equal("invalid_request_error", doc.error.type)
+              assert.truthy(doc.error.message:find(c[3], 1, true), doc.error.message)
+              assert.are.equal(c[4] or null, doc.error.param)
+              if c[5] then
+                assert.are.equal(c[5], doc.error.code)
+              end
+            else
+              assert.are.equal("error", doc.type)
+              assert.are.equal("invalid_request_error", doc.error.type)
+              assert.truthy(doc.error.message:find(c[3], 1, true), doc.error.message)
+            end
+            assert.are.equal(doc.error.message, req.rejected)
+          end
+        end)
+      end
+    end
+
+    it("anthropic merges turns of one role instead of refusing them", function()
+      local status, doc, _, req = send("anthropic", body_of("anthropic", { user("first"), user("second"),
+        { role = "assistant", content = "a" }, { role = "assistant", content = "b" }, user("third") }))
+      assert.are.equal(200, status)
+      assert.is_nil(req.rejected)
+      assert.are.equal("Hello from the mock anthropic provider. You asked: third", text_of("anthropic", doc))
+    end)
+
+    it("a fault comes before validation", function()
+      local status = send("anthropic", { model = "x", messages = {} }, { fault = "529" })
+      assert.are.equal(529, status)
+      assert.is_nil(m.requests[1].rejected)
+    end)
+  end)
+
+  describe("images and documents", function()
+    local PNG, PDF = "iVBORw0KGgo=", "JVBERi0xLjQK"
+    it("openai: image_url (data and http) and file parts are counted in the answer and the tokens", function()
+      local q = "What is in these?"
+      for _, stream in ipairs(STREAMS) do
+        local status, doc = send("openai", body_of("openai", { { role = "user", content = {
+          { type = "text", text = q },
+          { type = "image_url", image_url = { url = "data:image/png;base64," .. PNG, detail = "low" } },
+          { type = "image_url", image_url = { url = "https://example.com/cat.jpg" } },
+          { type = "file", file = { file_data = "data:application/pdf;base64," .. PDF, filename = "a.pdf" } },
+        } } }, { stream = stream, stream_options = stream and { include_usage = true } or nil }))
+        assert.are.equal(200, status)
+        local text = text_of("openai", doc)
+        assert.are.equal("Hello from the mock openai provider. You asked: " .. q .. " I see 2 images and 1 document.",
+          text)
+        assert.are.equal(words(q) + 2 * 85 + 100, doc.usage.prompt_tokens)
+      end
+    end)
+
+    it("anthropic: image and document blocks (base64, url, text), in tool results too", function()
+      local q = "Compare them"
+      local messages = {
+        { role = "user", content = {
+          { type = "image", source = { type = "base64", media_type = "image/png", data = PNG } },
+          { type = "image", source = { type = "url", url = "https://example.com/cat.jpg" } },
+          { type = "document", source = { type = "base64", media_type = "application/pdf", data = PDF },
+            title = "A" },
+          { type = "document", source = { type = "text", media_type = "text/plain", data = "three words here" } },
+          { type = "text", text = q },
+        } },
+      }
+      for _, stream in ipairs(STREAMS) do
+        local status, doc = send("anthropic", body_of("anthropic", messages, { stream = stream }))
+        assert.are.equal(200, status)
+        assert.are.equal("Hello from the mock anthropic provider. You asked: " .. q
+          .. " I see 2 images and 2 documents.", text_of("anthropic", doc))
+        assert.are.equal(2 * 85 + 100 + 3 + words(q), doc.usage.input_tokens)
+      end
+      -- an image a tool returned
+      local status, doc = send("anthropic", body_of("anthropic", {
+        user("screenshot"), { role = "assistant", content = { { type = "tool_use", id = "toolu_s", name = "shot",
+          input = {} } } },
+        { role = "user", content = { { type = "tool_result", tool_use_id = "toolu_s", content = {
+          { type = "text", text = "here" },
+          { type = "image", source = { type = "base64", media_type = "image/png", data = PNG } } } } } },
+      }))
+      assert.are.equal(200, status)
+      assert.are.equal("Hello from the mock anthropic provider. You asked: screenshot Tool results: [toolu_s] here"
+        .. " I see 1 image.", text_of("anthropic", doc))
+    end)
+  end)
+
+  describe("thinking", function()
+    local THINK = { type = "enabled", budget_tokens = 1024 }
+    local function thought(q)
+      return fmt('The user asks: "%s" Let me think it through step by step.', q)
+    end
+
+    it("anthropic: a signed thinking block comes first, plain and streamed", function()
+      local q = "Why is the sky blue?"
+      for _, stream in ipairs(STREAMS) do
+        local status, doc = send("anthropic", body_of("anthropic", { user(q) }, { thinking = THINK, stream = stream }))
+        assert.are.equal(200, status)
+        assert.are.equal(2, #doc.content)
+        assert.are.same({ type = "thinking", thinking = thought(q), signature = mock.sign(thought(q)) }, doc.content[1])
+        assert.matches("^[%w+/]+=*$", doc.content[1].signature)
+        assert.are.same({ type = "text", text = "Hello from the mock anthropic provider. You asked: " .. q },
+          doc.content[2])
+        assert.are.equal(words(thought(q)) + words(doc.content[2].text), doc.usage.output_tokens)
+      end
+    end)
+
+    it("anthropic: streams thinking_delta pieces, then the signature_delta just before the block stops", function()
+      local _, _, events = send("anthropic", body_of("anthropic", { user("hi") }, { thinking = THINK, stream = true }),
+        { chunks = 3 })
+      local seq = {}
+      for i, e in ipairs(decode_events(events)) do
+        seq[i] = e.type .. (e.type == "content_block_delta" and (" " .. e.delta.type) or "")
+          .. (e.content_block and (" " .. e.content_block.type) or "")
+        if e.content_block and e.content_block.type == "thinking" then
+          assert.are.same({ type = "thinking", thinking = "", signature = "" }, e.content_block)
+        end
+      end
+      assert.are.same({ "message_start", "content_block_start thinking", "ping",
+        "content_block_delta thinking_delta", "content_block_delta thinking_delta",
+        "content_block_delta thinking_delta",
+        "content_block_delta signature_delta", "content_block_stop", "content_block_start text",
+        "content_block_delta text_delta", "content_block_delta text_delta", "content_block_delta text_delta",
+        "content_block_stop", "message_delta", "message_stop" }, seq)
+    end)
+
+    it("anthropic: a thinking block sent back is verified; a tampered one gets a 400", function()
+      for _, stream in ipairs(STREAMS) do
+        local _, first = send("anthropic", body_of("anthropic", { user("first") },
+          { thinking = THINK, stream = stream }), { redacted_thinking = 1 })
+        assert.are.same({ "thinking", "redacted_thinking", "text" },
+          { first.content[1].type, first.content[2].type, first.content[3].type })
+        local turn = { user("first"), { role = "assistant", content = first.content }, user("second") }
+        local status, _, _, req = send("anthropic", body_of("anthropic", turn, { thinking = THINK }))
+        assert.are.equal(200, status)
+        assert.is_true(req.thinking_verified)
+        -- the text changed under its signature
+        local forged = { type = "thinking", thinking = first.content[1].thinking .. " And more.",
+          signature = first.content[1].signature }
+        turn[2] = { role = "assistant", content = { forged, first.content[3] } }
+        local doc
+        status, doc, _, req = send("anthropic", body_of("anthropic", turn, { thinking = THINK }))
+        assert.are.equal(400, status)
+        assert.are.equal("messages.1.content.0: Invalid `signature` in `thinking` block", doc.error.message)
+        assert.is_false(req.thinking_verified)
+        -- redacted data changed
+        local data = first.content[2].data
+        turn[2] = { role = "assistant", content = { first.content[1], { type = "redacted_thinking",
+          data = data:sub(1, 10) .. (data:sub(11, 11) == "A" and "B" or "A") .. data:sub(12) }, first.content[3] } }
+        status, doc, _, req = send("anthropic", body_of("anthropic", turn, { thinking = THINK }))
+        assert.are.equal(400, status)
+        assert.are.equal("messages.1.content.1: Invalid `data` in `redacted_thinking` block", doc.error.message)
+        assert.is_false(req.thinking_verified)
+      end
+    end)
+
+    it("anthropic: a request without thinking blocks leaves thinking_verified unset", function()
+      local _, _, _, req = send("anthropic", body_of("anthropic", { user("hi") }, { thinking = THINK }))
+      assert.is_nil(req.thinking_verified)
+    end)
+
+    it("anthropic: adaptive thinking, output_config.effort and display omitted", function()
+      local _, doc = send("anthropic", body_of("anthropic", { user("q") }, { thinking = { type = "adaptive" } }))
+      assert.are.equal("thinking", doc.content[1].type)
+      _, doc = send("anthropic", body_of("anthropic", { user("q") }, { output_config = { effort = "high" } }))
+      assert.are.equal("thinking", doc.content[1].type)
+      _, doc = send("anthropic", body_of("anthropic", { user("q") }, { output_config = { effort = "high" },
+        thinking = { type = "disabled" } }))
+      assert.are.equal("text", doc.content[1].type)
+      _, doc = send("anthropic", body_of("anthropic", { user("q") }, { thinking = { type = "enabled",
+        budget_tokens = 1024, display = "omitted" } }))
+      assert.are.same({ type = "thinking", thinking = "", signature = mock.sign("") }, doc.content[1])
+      assert.are.equal(words(thought("q")) + words(doc.content[2].text), doc.usage.output_tokens)
+    end)
+
+    it("anthropic: thinking with tools needs the thinking block back in the tool-use turn", function()
+      local _, first = send("anthropic", body_of("anthropic", { user("use get_time") },
+        { thinking = THINK, tools = TOOLS.anthropic }))
+      assert.are.same({ "thinking", "tool_use" }, { first.content[1].type, first.content[2].type })
+      assert.are.equal("tool_use", first.stop_reason)
+      local results = { role = "user", content = { { type = "tool_result", tool_use_id = first.content[2].id,
+        content = "09:30" } } }
+      local status, doc, _, req = send("anthropic", body_of("anthropic", { user("use get_time"),
+        { role = "assistant", content = first.content }, results }, { thinking = THINK, tools = TOOLS.anthropic }))
+      assert.are.equal(200, status)
+      assert.is_true(req.thinking_verified)
+      assert.are.equal("I have 1 tool result to go through. Let me read them in order.", doc.content[1].thinking)
+      assert.matches("Tool results: %[toolu_%w+%] 09:30$", doc.content[2].text)
+      -- the thinking block dropped
+      status, doc = send("anthropic", body_of("anthropic", { user("use get_time"),
+        { role = "assistant", content = { first.content[2] } }, results },
+        { thinking = THINK, tools = TOOLS.anthropic }))
+      assert.are.equal(400, status)
+      assert.are.equal("messages.1.content.0.type: Expected `thinking` or `redacted_thinking`, but found `tool_use`. "
+        .. "When `thinking` is enabled, a final `assistant` message must start with a thinking block.",
+        doc.error.message)
+    end)
+
+    it("openai: reasoning_effort reports reasoning tokens", function()
+      for effort, n in pairs { low = 16, high = 64, none = 0 } do
+        local _, doc = send("openai", body_of("openai", { user("q") }, { reasoning_effort = effort }))
+        local text = text_of("openai", doc)
+        assert.are.same(openai_usage(1, words(text) + n, { reasoning = n }), doc.usage)
+      end
+    end)
+
+    it("openai: reasoning_content=1 answers with it, streamed before the content", function()
+      local q = "Why?"
+      local _, doc = send("openai", body_of("openai", { user(q) }), { reasoning_content = 1 })
+      assert.are.equal(thought(q), doc.choices[1].message.reasoning_content)
+      assert.are.equal(words(thought(q)), doc.usage.completion_tokens_details.reasoning_tokens)
+      local status, sdoc, events = send("openai", body_of("openai", { user(q) }, { stream = true }),
+        { reasoning_content = 1, chunks = 2 })
+      assert.are.equal(200, status)
+      assert.are.equal(thought(q), sdoc.choices[1].message.reasoning_content)
+      assert.are.equal(doc.choices[1].message.content, sdoc.choices[1].message.content)
+      local kinds = {}
+      for i = 2, #events - 2 do
+        local dl = assert(cjson.decode(events[i].data)).choices[1].delta
+        kinds[#kinds + 1] = dl.reasoning_content and "reasoning" or "content"
+        assert.is_true((dl.reasoning_content == nil) ~= (dl.content == nil))
+      end
+      assert.are.same({ "reasoning", "reasoning", "content", "content" }, kinds)
+    end)
+  end)
 end)
