@@ -1821,7 +1821,7 @@ local function read_system(body, conv)
   if not present(system) then
     return true
   elseif type(system) == "string" then
-    add_unit(conv, system, words(system))
+    add_unit(conv, { type = "text", text = system }, words(system))
     return true
   elseif type(system) ~= "table" then
     return bad("system: Input should be a valid string or a valid list")
@@ -1870,8 +1870,9 @@ local function read_turns(body, conv, req)
     end
     local c = m.content
     if type(c) == "string" then
-      add_unit(conv, c, words(c))
-      turn.items[#turn.items + 1] = { b = { type = "text", text = c }, msg = i - 1, idx = 0 }
+      local b = { type = "text", text = c } -- the same to the cache as the string
+      add_unit(conv, b, words(c))
+      turn.items[#turn.items + 1] = { b = b, msg = i - 1, idx = 0 }
       turn.text[#turn.text + 1] = c
     elseif type(c) == "table" then
       for j, b in ipairs(c) do

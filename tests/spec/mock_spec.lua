@@ -1120,6 +1120,11 @@ local function assemble(api, events)
   return doc
 end
 
+-- The first k of the n pieces a stream splits an ASCII text into.
+local function split_like(text, n, k)
+  return text:sub(1, k * #text // n)
+end
+
 local WEATHER = {
   type = "object",
   properties = {
@@ -1872,6 +1877,378 @@ describe("aiorch.mock conversations", function()
         assert.is_true((dl.reasoning_content == nil) ~= (dl.content == nil))
       end
       assert.are.same({ "reasoning", "reasoning", "content", "content" }, kinds)
+    end)
+  end)
+
+  describe("prompt caching", function()
+    local LONG = ("lorem ipsum dolor sit amet "):rep(240) -- 1200 words
+    local function cached_system(ttl)
+      return { { type = "text", text = LONG, cache_control = { type = "ephemeral", ttl = ttl } } }
+    end
+
+    it("anthropic: a cache_control prefix is written once, then read; m:reset() forgets it", function()
+      local q = "Summarise it"
+      for _, stream in ipairs(STREAMS) do
+        m:reset()
+        local body = body_of("anthropic", { user(q) }, { system = cached_system(), stream = stream })
+        local _, doc = send("anthropic", body)
+        local out = doc.usage.output_tokens
+        assert.are.same(anthropic_usage(words(q), out, { write_5m = 1200 }), doc.usage)
+        _, doc = send("anthropic", body)
+        assert.are.same(anthropic_usage(words(q), out, { read = 1200 }), doc.usage)
+        -- another question after the same prefix
+        body.messages = { user("Another one") }
+        _, doc = send("anthropic", body)
+        assert.are.same(anthropic_usage(2, doc.usage.output_tokens, { read = 1200 }), doc.usage)
+      end
+      m:reset()
+      local _, doc = send("anthropic", body_of("anthropic", { user(q) }, { system = cached_system() }))
+      assert.are.equal(1200, doc.usage.cache_creation_input_tokens)
+    end)
+
+    it("anthropic: a 1h breakpoint writes ephemeral_1h tokens; the stream's message_start reports it", function()
+      local _, _, events = send("anthropic", body_of("anthropic", { user("q") }, { system = cached_system("1h"),
+        stream = true }))
+      local start = assert(cjson.decode(events[1].data))
+      assert.are.same(anthropic_usage(1, 1, { write_1h = 1200 }), start.message.usage)
+    end)
+
+    it("anthropic: the top-level cache_control marks the last block", function()
+      local body = body_of("anthropic", { user("one two three") }, { system = "four five",
+        cache_control = { type = "ephemeral" } })
+      local _, doc = send("anthropic", body)
+      assert.are.same(anthropic_usage(0, doc.usage.output_tokens, { write_5m = 5 }), doc.usage)
+      _, doc = send("anthropic", body)
+      assert.are.same(anthropic_usage(0, doc.usage.output_tokens, { read = 5 }), doc.usage)
+    end)
+
+    it("anthropic: a growing conversation reads what it wrote and writes the rest", function()
+      local cc = { type = "ephemeral" }
+      local tools = { { name = "get_time", input_schema = TIME, cache_control = cc } }
+      local first = body_of("anthropic", { { role = "user", content = { { type = "text", text = "one two",
+        cache_control = cc } } } }, { tools = tools })
+      local _, doc = send("anthropic", first)
+      local tool = doc.usage.cache_creation_input_tokens - 2 -- the tool's own tokens
+      assert.is_true(tool > 0)
+      assert.are.same(anthropic_usage(0, doc.usage.output_tokens, { write_5m = tool + 2 }), doc.usage)
+      -- the breakpoint moves to the new last turn
+      local second = body_of("anthropic", { user("one two"), { role = "assistant", content = "three" },
+        { role = "user", content = { { type = "text", text = "four five six", cache_control = cc } } } },
+        { tools = tools })
+      _, doc = send("anthropic", second)
+      assert.are.same(anthropic_usage(0, doc.usage.output_tokens, { read = tool + 2, write_5m = 4 }), doc.usage)
+      -- a change before the breakpoint: only the tools are read
+      second.messages[1] = user("one three")
+      _, doc = send("anthropic", second)
+      assert.are.same(anthropic_usage(0, doc.usage.output_tokens, { read = tool, write_5m = 6 }), doc.usage)
+    end)
+
+    it("anthropic: no cache_control, no cache fields above zero", function()
+      for _ = 1, 2 do
+        local _, doc = send("anthropic", body_of("anthropic", { user(LONG) }))
+        assert.are.same(anthropic_usage(1200, doc.usage.output_tokens), doc.usage)
+      end
+    end)
+
+    it("openai: a long prefix seen before is cached, in steps of 128 tokens", function()
+      for _, stream in ipairs(STREAMS) do
+        m:reset()
+        local extra = { stream = stream, stream_options = stream and { include_usage = true } or nil }
+        local body = body_of("openai", { { role = "system", content = LONG }, user("first question") }, extra)
+        local _, doc = send("openai", body)
+        assert.are.equal(0, doc.usage.prompt_tokens_details.cached_tokens)
+        _, doc = send("openai", body)
+        assert.are.equal(1202, doc.usage.prompt_tokens)
+        assert.are.equal(1152, doc.usage.prompt_tokens_details.cached_tokens)
+        -- the same system prompt, another question: the system message is the prefix
+        body.messages[2] = user("second question here")
+        _, doc = send("openai", body)
+        assert.are.equal(1152, doc.usage.prompt_tokens_details.cached_tokens)
+      end
+      -- short prompts are never cached
+      local body = body_of("openai", { user("short") })
+      send("openai", body)
+      local _, doc = send("openai", body)
+      assert.are.equal(0, doc.usage.prompt_tokens_details.cached_tokens)
+    end)
+  end)
+
+  describe("JSON output", function()
+    local SCHEMA = { type = "object", properties = { name = { type = "string" }, age = { type = "integer",
+      minimum = 0 }, tags = { type = "array", items = { type = "string" } } }, required = { "name", "age", "tags" },
+      additionalProperties = false }
+
+    it("openai: json_object answers a JSON object with the answer", function()
+      for _, stream in ipairs(STREAMS) do
+        local _, doc = send("openai", body_of("openai", { user("Reply in JSON: hi") },
+          { response_format = { type = "json_object" }, stream = stream }))
+        assert.are.same({ answer = "Hello from the mock openai provider. You asked: Reply in JSON: hi" },
+          cjson.decode(text_of("openai", doc)))
+      end
+    end)
+
+    it("openai: json_schema answers an instance of the schema; text= is sent as is", function()
+      for _, stream in ipairs(STREAMS) do
+        local _, doc = send("openai", body_of("openai", { user("Who?") }, { stream = stream, response_format = {
+          type = "json_schema", json_schema = { name = "person", strict = true, schema = SCHEMA } } }))
+        assert.are.equal('{"age":42,"name":"name","tags":["tags"]}', text_of("openai", doc))
+        assert.are.equal("stop", doc.choices[1].finish_reason)
+      end
+      local _, doc = send("openai", body_of("openai", { user("Who?") }, { response_format = {
+        type = "json_schema", json_schema = { name = "person", schema = SCHEMA } } }), { text = "{not json" })
+      assert.are.equal("{not json", text_of("openai", doc))
+    end)
+
+    it("anthropic: output_config.format (and the beta output_format) answer an instance in a text block", function()
+      for _, stream in ipairs(STREAMS) do
+        for _, extra in ipairs { { output_config = { format = { type = "json_schema", schema = SCHEMA } } },
+          { output_format = { type = "json_schema", schema = SCHEMA } } } do
+          extra.stream = stream
+          local _, doc = send("anthropic", body_of("anthropic", { user("Who?") }, extra))
+          assert.are.equal(1, #doc.content)
+          assert.are.equal('{"age":42,"name":"name","tags":["tags"]}', doc.content[1].text)
+          assert.are.equal("end_turn", doc.stop_reason)
+        end
+      end
+    end)
+
+    it("a schema the mock cannot instantiate is a 400 naming the mock", function()
+      local status, doc = send("anthropic", body_of("anthropic", { user("Who?") },
+        { output_config = { format = { type = "json_schema", schema = { type = "object",
+          properties = { a = { ["$ref"] = "#/$defs/none" } }, required = { "a" } } } } }))
+      assert.are.equal(400, status)
+      assert.matches("^mock: cannot make an instance of the output schema: cannot resolve", doc.error.message)
+    end)
+  end)
+
+  describe("stop sequences", function()
+    local TEXT = "one two three four"
+    for _, api in ipairs { "openai", "anthropic" } do
+      it(api .. ": the text stops before the first stop sequence it contains", function()
+        for _, stream in ipairs(STREAMS) do
+          local key = api == "openai" and "stop" or "stop_sequences"
+          local _, doc = send(api, body_of(api, { user("count") }, { [key] = { "four", "two" }, stream = stream }),
+            { text = TEXT })
+          assert.are.equal("one ", text_of(api, doc))
+          if api == "openai" then
+            assert.are.equal("stop", doc.choices[1].finish_reason)
+          else
+            assert.are.equal("stop_sequence", doc.stop_reason)
+            assert.are.equal("two", doc.stop_sequence)
+            assert.are.equal(1, doc.usage.output_tokens)
+          end
+          -- none found
+          _, doc = send(api, body_of(api, { user("count") }, { [key] = { "five" }, stream = stream }), { text = TEXT })
+          assert.are.equal(TEXT, text_of(api, doc))
+          assert.are.equal(api == "openai" and "stop" or "end_turn", finish_of(api, doc))
+          if api == "anthropic" then
+            assert.are.equal(null, doc.stop_sequence)
+          end
+        end
+        if api == "openai" then
+          local _, doc = send(api, body_of(api, { user("count") }, { stop = "three" }), { text = TEXT })
+          assert.are.equal("one two ", text_of(api, doc))
+        end
+      end)
+    end
+  end)
+
+  describe("n and logprobs", function()
+    it("openai: n choices, each after the first marked, streamed by index", function()
+      local q = "Pick"
+      local base = "Hello from the mock openai provider. You asked: " .. q
+      local _, plain = send("openai", body_of("openai", { user(q) }, { n = 3 }))
+      local texts = {}
+      for i, c in ipairs(plain.choices) do
+        assert.are.equal(i - 1, c.index)
+        assert.are.equal("stop", c.finish_reason)
+        texts[i] = c.message.content
+      end
+      assert.are.same({ base, base .. " (choice 1)", base .. " (choice 2)" }, texts)
+      assert.are.equal(words(base) * 3 + 4, plain.usage.completion_tokens)
+      local _, doc, events = send("openai", body_of("openai", { user(q) }, { n = 2, stream = true }), { chunks = 2 })
+      local order = {}
+      for i = 1, #events - 1 do
+        local ch = assert(cjson.decode(events[i].data)).choices[1]
+        order[i] = fmt("%d%s", ch.index, ch.delta.role and "r" or ch.finish_reason ~= null and "f" or "c")
+      end
+      assert.are.same({ "0r", "1r", "0c", "1c", "0c", "1c", "0f", "1f" }, order)
+      assert.are.same({ base, base .. " (choice 1)" }, { doc.choices[1].message.content,
+        doc.choices[2].message.content })
+    end)
+
+    it("openai: logprobs per token with top_logprobs, in the answer and in each chunk", function()
+      local _, doc = send("openai", body_of("openai", { user("hi") }, { logprobs = true, top_logprobs = 3 }))
+      local c = doc.choices[1]
+      local joined = {}
+      for i, e in ipairs(c.logprobs.content) do
+        joined[i] = e.token
+        assert.is_true(e.logprob < 0)
+        local b = {}
+        for k = 1, #e.token do
+          b[k] = e.token:byte(k)
+        end
+        assert.are.same(b, e.bytes)
+        assert.are.equal(3, #e.top_logprobs)
+        assert.are.same({ token = e.token, logprob = e.logprob, bytes = e.bytes }, e.top_logprobs[1])
+        assert.is_true(e.top_logprobs[2].logprob < e.logprob)
+      end
+      assert.are.equal(c.message.content, table.concat(joined))
+      assert.are.equal(words(c.message.content), #joined)
+      assert.are.equal(null, c.logprobs.refusal)
+      -- streamed: each content chunk carries the logprobs of its own tokens
+      local _, sdoc, events = send("openai", body_of("openai", { user("hi") }, { logprobs = true, stream = true }),
+        { chunks = 3 })
+      local contents = 0
+      for i = 2, #events - 2 do
+        local ch = assert(cjson.decode(events[i].data)).choices[1]
+        local toks = {}
+        for k, e in ipairs(ch.logprobs.content) do
+          toks[k] = e.token
+          assert.are.same({}, e.top_logprobs)
+        end
+        assert.are.equal(ch.delta.content, table.concat(toks))
+        contents = contents + 1
+      end
+      assert.are.equal(3, contents)
+      assert.are.equal(c.message.content, sdoc.choices[1].message.content)
+      -- without logprobs: null
+      _, doc = send("openai", body_of("openai", { user("hi") }))
+      assert.are.equal(null, doc.choices[1].logprobs)
+    end)
+  end)
+
+  describe("prefill", function()
+    it("anthropic: the answer goes on from a last assistant turn, plain and streamed", function()
+      for _, stream in ipairs(STREAMS) do
+        local messages = { user("Greek name for the Sun? (A) Sol (B) Helios"),
+          { role = "assistant", content = "The best answer is (" } }
+        local _, doc, _, req = send("anthropic", body_of("anthropic", messages, { stream = stream }),
+          { text = "The best answer is (B) Helios" })
+        assert.is_nil(req.rejected)
+        assert.are.equal("B) Helios", text_of("anthropic", doc))
+        -- the default answer, prefilled with its own beginning
+        messages[2] = { role = "assistant", content = { { type = "text", text = "Hello from the mock" } } }
+        _, doc = send("anthropic", body_of("anthropic", messages, { stream = stream }))
+        assert.are.equal(" anthropic provider. You asked: Greek name for the Sun? (A) Sol (B) Helios",
+          text_of("anthropic", doc))
+        -- a prefill it does not begin with: the whole answer
+        messages[2] = { role = "assistant", content = "Well," }
+        _, doc = send("anthropic", body_of("anthropic", messages, { stream = stream }))
+        assert.matches("^Hello from the mock anthropic provider", text_of("anthropic", doc))
+      end
+    end)
+
+    it("anthropic: max_tokens 0 answers no content", function()
+      for _, stream in ipairs(STREAMS) do
+        local status, doc = send("anthropic", body_of("anthropic", { user("warm the cache") }, { max_tokens = 0,
+          stream = stream }))
+        assert.are.equal(200, status)
+        assert.are.same({}, doc.content)
+        assert.are.equal("max_tokens", doc.stop_reason)
+        assert.are.equal(0, doc.usage.output_tokens)
+      end
+    end)
+  end)
+
+  describe("other parameters and headers", function()
+    it("openai: sampling and metadata are recorded; service_tier and the model come back", function()
+      local _, doc, _, req = send("openai", body_of("openai", { user("hi") }, { seed = 7, user = "u-1",
+        metadata = { k = "v" }, service_tier = "flex", temperature = 0.3, top_p = 0.9, presence_penalty = 0.5,
+        frequency_penalty = -0.5, model = "gpt-4.1-nano" }))
+      assert.are.equal("flex", doc.service_tier)
+      assert.are.equal("gpt-4.1-nano", doc.model)
+      assert.matches("^fp_%x+$", doc.system_fingerprint)
+      for k, v in pairs { seed = 7, user = "u-1", service_tier = "flex", temperature = 0.3, top_p = 0.9,
+        presence_penalty = 0.5, frequency_penalty = -0.5 } do
+        assert.are.equal(v, req.json[k])
+      end
+      assert.are.same({ k = "v" }, req.json.metadata)
+      _, doc = send("openai", body_of("openai", { user("hi") }, { service_tier = "auto" }))
+      assert.are.equal("default", doc.service_tier)
+    end)
+
+    it("anthropic: the request headers are recorded, anthropic-beta among them", function()
+      local _, _, _, req = send("anthropic", body_of("anthropic", { user("hi") }, { top_k = 5,
+        metadata = { user_id = "u-1" } }), nil, { ["anthropic-beta"] = "prompt-caching-2024-07-31,other-beta" })
+      assert.are.equal("2023-06-01", req.headers["anthropic-version"])
+      assert.are.equal("prompt-caching-2024-07-31,other-beta", req.headers["anthropic-beta"])
+      assert.are.equal(5, req.json.top_k)
+      assert.are.same({ user_id = "u-1" }, req.json.metadata)
+    end)
+  end)
+
+  describe("faults with the new content", function()
+    -- The events of a stream that may end in a reset: status, kind, events.
+    local function raw_stream(api, body, dirs)
+      local status, kind, _, events = call(api, m:base_url(api, dirs), { raw = json.encode(body), stream = true })
+      return status, kind, events
+    end
+
+    it("openai: fault=cut stops a stream inside a tool call's arguments", function()
+      local body = body_of("openai", { user("get_weather") }, { tools = TOOLS.openai, stream = true })
+      local status, kind, events = raw_stream("openai", body, { fault = "cut", chunks = 4 })
+      assert.is_nil(status)
+      assert.are.equal("reset", kind)
+      local doc = assemble("openai", events)
+      local args = doc.choices[1].message.tool_calls[1]["function"].arguments
+      local full = json.encode(ARGS.get_weather)
+      -- the call's start and two of its four argument pieces
+      assert.are.equal(split_like(full, 4, 2), args)
+      assert.is_nil(cjson.decode(args))
+      assert.is_nil(doc.choices[1].finish_reason)
+    end)
+
+    it("anthropic: fault=cut stops a stream inside a tool_use's input", function()
+      local body = body_of("anthropic", { user("get_weather") }, { tools = TOOLS.anthropic, stream = true })
+      local status, kind, events = raw_stream("anthropic", body, { fault = "cut", chunks = 4 })
+      assert.is_nil(status)
+      assert.are.equal("reset", kind)
+      local last = assert(cjson.decode(events[#events].data))
+      assert.are.equal("input_json_delta", last.delta.type)
+      local partial = {}
+      for _, ev in ipairs(events) do
+        local e = assert(cjson.decode(ev.data))
+        if e.type == "content_block_delta" then
+          partial[#partial + 1] = e.delta.partial_json
+        end
+      end
+      assert.are.equal(split_like(json.encode(ARGS.get_weather), 4, 2), table.concat(partial))
+    end)
+
+    it("anthropic: stall_after counts thinking pieces; error200 takes the first content's place", function()
+      local body = body_of("anthropic", { user("hi") }, { thinking = { type = "enabled", budget_tokens = 1024 },
+        stream = true })
+      local _, kind, _, events = call("anthropic", m:base_url("anthropic", { stall_after = 1, chunks = 2 }),
+        { raw = json.encode(body), stream = true, timeout_ms = 200 })
+      assert.are.equal("timeout", kind)
+      local last = assert(cjson.decode(events[#events].data))
+      assert.are.equal("thinking_delta", last.delta.type)
+      local status, _, _, evs = call("anthropic", m:base_url("anthropic", { fault = "error200" }),
+        { raw = json.encode(body), stream = true })
+      assert.are.equal(200, status)
+      assert.are.same({ "message_start", "content_block_start", "ping", "error" },
+        { evs[1].event, evs[2].event, evs[3].event, evs[4].event })
+      assert.are.equal(4, #evs)
+    end)
+
+    it("openai: fault=malformed puts one bad line after the first tool-call delta", function()
+      local body = body_of("openai", { user("get_time") }, { tools = TOOLS.openai, stream = true })
+      local status, _, events = raw_stream("openai", body, { fault = "malformed" })
+      assert.are.equal(200, status)
+      assert.is_table(cjson.decode(events[2].data).choices[1].delta.tool_calls)
+      assert.is_nil(cjson.decode(events[3].data))
+    end)
+
+    it("first_token_ms waits before a tool call's first delta", function()
+      local body = body_of("openai", { user("get_time") }, { tools = TOOLS.openai, stream = true })
+      local at, t0 = {}, aiorch.now()
+      local status = aiorch.http.request { method = "POST", url = m:base_url("openai", { first_token_ms = 120 })
+        .. "/chat/completions", headers = { ["content-type"] = "application/json" }, body = json.encode(body),
+        on_event = function() at[#at + 1] = aiorch.now() - t0 end }
+      assert.are.equal(200, status)
+      assert.is_true(at[1] < 100, "the role chunk at once")
+      assert.is_true(at[2] >= 115, "the tool call after first_token_ms")
     end)
   end)
 end)
