@@ -70,7 +70,8 @@
 --   images, files   the text says "I see 2 images and 1 document."
 --   thinking        Anthropic thinking enabled or adaptive, or
 --                   output_config.effort: a thinking block first, signed by
---                   sign(); one sent back is verified (req.thinking_verified)
+--                   sign(); one sent back is verified (req.thinking_verified,
+--                   and the answer's header x-mock-thinking-verified: true)
 --                   and a bad signature gets a 400. OpenAI reasoning_effort:
 --                   completion_tokens_details.reasoning_tokens > 0.
 --   prompt caching  Anthropic cache_control (on blocks, tools, system, or at
@@ -2248,32 +2249,49 @@ local function stall()
   end
 end
 
--- A 200 JSON body, subject to the body faults.
-local function respond_json(res, api, body, d)
+-- headers with extra ones added (a new table), or headers itself.
+local function with_headers(headers, extra)
+  if not extra then
+    return headers
+  end
+  local h = {}
+  for k, v in pairs(headers) do
+    h[k] = v
+  end
+  for k, v in pairs(extra) do
+    h[k] = v
+  end
+  return h
+end
+
+-- A 200 JSON body, subject to the body faults. extra: more headers.
+local function respond_json(res, api, body, d, extra)
   local fault = d.fault
+  local headers = with_headers(JSON_HEADERS, extra)
   if d.stall_after and fault ~= "cut" and fault ~= "error200" then
-    res:start(200, { ["content-type"] = "application/json", ["content-length"] = tostring(#body) })
+    res:start(200, with_headers(headers, { ["content-length"] = tostring(#body) }))
     res:write(body:sub(1, #body // 2))
     stall()
   elseif fault == "malformed" then
-    res:respond(200, JSON_HEADERS, body:sub(1, #body // 2))
+    res:respond(200, headers, body:sub(1, #body // 2))
   elseif fault == "cut" then
-    res:start(200, { ["content-type"] = "application/json", ["content-length"] = tostring(#body) })
+    res:start(200, with_headers(headers, { ["content-length"] = tostring(#body) }))
     res:write(body:sub(1, #body // 2))
     res:abort()
   elseif fault == "error200" then
-    res:respond(200, JSON_HEADERS, ERROR_BODY[api].error200[2])
+    res:respond(200, headers, ERROR_BODY[api].error200[2])
   else
-    res:respond(200, JSON_HEADERS, body)
+    res:respond(200, headers, body)
   end
 end
 
 -- Sends a stream. content[i] is true when events[i] is a content piece: the
 -- first waits first_token_ms (else chunk_delay_ms), the others
 -- chunk_delay_ms. `first` is the index where the content begins (or would).
--- Applies the stream faults and stall_after.
-local function send_stream(res, api, events, content, first, d)
+-- Applies the stream faults and stall_after. extra: more headers.
+local function send_stream(res, api, events, content, first, d, extra)
   local fault = d.fault
+  local headers = with_headers(SSE_HEADERS, extra)
   local last = #events
   if fault == "malformed" then
     local at = first
@@ -2312,10 +2330,10 @@ local function send_stream(res, api, events, content, first, d)
   local delay, first_wait = d.chunk_delay_ms, d.first_token_ms
   if delay <= 0 and not first_wait and not stall_after and fault ~= "cut" then
     -- nothing to pace: one write, with a content-length
-    res:respond(200, SSE_HEADERS, concat(events, "", 1, last))
+    res:respond(200, headers, concat(events, "", 1, last))
     return
   end
-  res:start(200, SSE_HEADERS)
+  res:start(200, headers)
   -- events[from .. i - 1] are due but not yet written
   local from = 1
   for k = 1, n do
@@ -2692,6 +2710,7 @@ local function anthropic_messages(self, req, res, d)
   end
   local input = conv.input_tokens - read - w5 - w1
   local stop_json = stop and encode(stop) or "null"
+  local extra = req.thinking_verified and { ["x-mock-thinking-verified"] = "true" } or nil
   if body.stream ~= true then
     local content = {}
     for i, b in ipairs(blocks) do
@@ -2701,7 +2720,7 @@ local function anthropic_messages(self, req, res, d)
       '{"id":"', id, '","type":"message","role":"assistant","model":', model, ',"content":[', concat(content, ","),
       '],"stop_reason":"', stop_reason, '","stop_sequence":', stop_json, ',"usage":',
       anthropic_usage(input, read, w5, w1, output), "}",
-    }, d)
+    }, d, extra)
   end
   local events = {
     concat { 'event: message_start\ndata: {"type":"message_start","message":{"id":"', id,
@@ -2758,7 +2777,7 @@ local function anthropic_messages(self, req, res, d)
   if not content[first] then
     first = blocks[1] and 4 or 3 -- after the first block's start and the ping
   end
-  return send_stream(res, "anthropic", events, content, first, d)
+  return send_stream(res, "anthropic", events, content, first, d, extra)
 end
 
 ------------------------------------------------------------------------------

@@ -1790,6 +1790,9 @@ describe("aiorch.mock conversations", function()
         local status, _, _, req = send("anthropic", body_of("anthropic", turn, { thinking = THINK }))
         assert.are.equal(200, status)
         assert.is_true(req.thinking_verified)
+        local _, headers = call("anthropic", m:base_url("anthropic"), { raw = json.encode(body_of("anthropic", turn,
+          { thinking = THINK, stream = stream })), stream = stream })
+        assert.are.equal("true", headers["x-mock-thinking-verified"])
         -- the text changed under its signature
         local forged = { type = "thinking", thinking = first.content[1].thinking .. " And more.",
           signature = first.content[1].signature }
@@ -1813,6 +1816,9 @@ describe("aiorch.mock conversations", function()
     it("anthropic: a request without thinking blocks leaves thinking_verified unset", function()
       local _, _, _, req = send("anthropic", body_of("anthropic", { user("hi") }, { thinking = THINK }))
       assert.is_nil(req.thinking_verified)
+      local _, headers = call("anthropic", m:base_url("anthropic"), { raw = json.encode(body_of("anthropic",
+        { user("hi") }, { thinking = THINK })) })
+      assert.is_nil(headers["x-mock-thinking-verified"])
     end)
 
     it("anthropic: adaptive thinking, output_config.effort and display omitted", function()
