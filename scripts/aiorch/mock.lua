@@ -110,8 +110,10 @@
 --   match, thinking with a small budget / temperature / top_k / a forced
 --   tool / a last tool-use turn that does not start with its thinking, a
 --   prefill ending in whitespace, temperature out of [0, 1], unknown
---   metadata, bad tools and tool_choice. Consecutive turns of one role are
---   merged, as the API does.
+--   metadata, bad tools and tool_choice, and `thread` (message threads are
+--   not kept: refused with error.details.error_code thread_unsupported_request,
+--   on which the SDKs send the whole conversation instead). Consecutive turns
+--   of one role are merged, as the API does.
 --
 -- Every request is recorded in m.requests as soon as it arrives: the
 -- server's request table itself (headers included), so req.aborted_at (set
@@ -314,9 +316,11 @@ local ERRORS = {
   },
 }
 
-local function error_body(api, etype, code, message, param)
+-- details: JSON text of Anthropic's error.details, or nil.
+local function error_body(api, etype, code, message, param, details)
   if api == "anthropic" then
-    return concat { '{"type":"error","error":{"type":', encode(etype), ',"message":', encode(message), "}}" }
+    return concat { '{"type":"error","error":{"type":', encode(etype), ',"message":', encode(message),
+      details and ',"details":' .. details or "", "}}" }
   end
   return concat { '{"error":{"message":', encode(message), ',"type":', encode(etype),
     ',"param":', param and encode(param) or "null", ',"code":', code and encode(code) or "null", "}}" }
@@ -1646,6 +1650,13 @@ local function read_number(body, name, lo, hi, integer)
 end
 
 local function read_anthropic_params(body, conv)
+  if present(body.thread) then
+    -- Message threads (the conversation kept by the server) are not kept
+    -- here: refused as the API refuses what threads cannot take.
+    local _, e = bad("mock: message threads are not supported; send the whole conversation without `thread`")
+    e.details = '{"error_code":"thread_unsupported_request","unsupported":[]}'
+    return nil, e
+  end
   local mt = body.max_tokens
   if not present(mt) then
     return bad("max_tokens: Field required")
@@ -2225,10 +2236,10 @@ local function respond_error(res, api, fault, d)
   res:respond(e[1], headers, e[2])
 end
 
-local function respond_invalid(res, api, status, message, param, code)
+local function respond_invalid(res, api, status, message, param, code, details)
   local body
   if api == "anthropic" then
-    body = error_body(api, status == 404 and "not_found_error" or "invalid_request_error", nil, message)
+    body = error_body(api, status == 404 and "not_found_error" or "invalid_request_error", nil, message, nil, details)
   else
     body = error_body(api, "invalid_request_error", code, message, param)
   end
@@ -2238,7 +2249,7 @@ end
 -- A 400 for what the real API refuses; recorded on the request.
 local function reject(req, res, api, e)
   req.rejected = e.message
-  respond_invalid(res, api, 400, e.message, e.param, e.code)
+  respond_invalid(res, api, 400, e.message, e.param, e.code, e.details)
 end
 
 -- Keeps the connection open, sending nothing, until the client goes away

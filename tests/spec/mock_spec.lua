@@ -1639,6 +1639,7 @@ describe("aiorch.mock conversations", function()
       { "an unknown tool_choice", { body = { tools = TOOLS.anthropic, tool_choice = { type = "required" } } },
         "tool_choice: Input tag 'required'" },
       { "no messages", { body = { messages = json.array() } }, "messages: at least one message is required" },
+      { "a message thread", { body = { thread = { type = "create" } } }, "mock: message threads are not supported" },
     }
 
     for _, api in ipairs { "openai", "anthropic" } do
@@ -1673,6 +1674,13 @@ describe("aiorch.mock conversations", function()
         end)
       end
     end
+
+    it("anthropic: a thread is refused with the details the SDKs recover from", function()
+      local status, doc = send("anthropic", body_of("anthropic", { user("hi") }, { thread = { type = "continue",
+        previous_message_id = "msg_1" } }))
+      assert.are.equal(400, status)
+      assert.are.same({ error_code = "thread_unsupported_request", unsupported = {} }, doc.error.details)
+    end)
 
     it("anthropic merges turns of one role instead of refusing them", function()
       local status, doc, _, req = send("anthropic", body_of("anthropic", { user("first"), user("second"),
