@@ -430,9 +430,21 @@ local function utf8_head(s, n)
   return s:sub(1, n)
 end
 
+local function one_line(s)
+  return (s:gsub("%s+", " "):match("^ ?(.-) ?$"))
+end
+
 -- The question on one line, cut at a word after MAX_ECHO bytes.
 local function echo(question)
-  local q = question:gsub("%s+", " "):match("^ ?(.-) ?$")
+  local q
+  if #question > 32 * MAX_ECHO then
+    -- the head decides, unless it is mostly space (prompts can be megabytes)
+    q = one_line(question:sub(1, 32 * MAX_ECHO))
+    if #q <= MAX_ECHO + 1 then
+      q = nil
+    end
+  end
+  q = q or one_line(question)
   if #q > MAX_ECHO then
     local head = utf8_head(q, MAX_ECHO)
     q = (head:match("^(.+) %S*$") or head) .. "..."
@@ -562,20 +574,25 @@ local function mix64(h)
   return h ~ (h >> 33)
 end
 
--- A 64-bit hash of s, chained from h.
+local FNV_PRIME = 0x100000001b3
+
+-- A 64-bit hash of s, chained from h: 32 bytes a step (prompts can be
+-- megabytes), mixed at the end.
 local function hash64(s, h)
   local n = #s
   local i = 1
-  while i + 7 <= n do
-    h = mix64(h ~ sunpack("<i8", s, i))
-    i = i + 8
+  while i + 31 <= n do
+    local a, b, c, d = sunpack("<i8i8i8i8", s, i)
+    h = (((h ~ a) * FNV_PRIME ~ b) * FNV_PRIME ~ c) * FNV_PRIME
+    h = (h ~ d) * FNV_PRIME
+    h = h ~ (h >> 29)
+    i = i + 32
   end
-  local tail = 0
   while i <= n do
-    tail = tail << 8 | byte(s, i)
+    h = (h ~ byte(s, i)) * FNV_PRIME
     i = i + 1
   end
-  return mix64(h ~ tail ~ n * 0x9e3779b97f4a7c15)
+  return mix64(h ~ n * 0x9e3779b97f4a7c15)
 end
 
 local SIGN_KEY = "aiorch mock signing key\0"
@@ -2140,10 +2157,18 @@ local function remember(self, key)
   self.cache_count = self.cache_count + 1
 end
 
--- What a unit of the prompt is, for the cache: its JSON without cache_control.
-local function unit_key(u)
+-- A unit of the prompt chained into the cache's hash h: a text block or a
+-- message of plain text by its text, anything else by its JSON without
+-- cache_control.
+local function unit_hash(u, h)
   local obj = u.obj
-  if type(obj) == "table" and obj.cache_control ~= nil then
+  if obj.type == "text" and type(obj.text) == "string" and obj.citations == nil then
+    return hash64(obj.text, hash64("text", h))
+  elseif type(obj.role) == "string" and type(obj.content) == "string" and obj.tool_calls == nil
+      and obj.name == nil and obj.tool_call_id == nil then
+    return hash64(obj.content, hash64(obj.role, h))
+  end
+  if obj.cache_control ~= nil then
     local copy = {}
     for k, v in pairs(obj) do
       if k ~= "cache_control" then
@@ -2152,7 +2177,7 @@ local function unit_key(u)
     end
     obj = copy
   end
-  return json.encode_safe(obj) or ""
+  return hash64(json.encode_safe(obj) or "", h)
 end
 
 -- Anthropic: the prefix up to each breakpoint is written unless a prefix
@@ -2177,7 +2202,7 @@ local function anthropic_cache(self, conv, model, top_cc)
   local keys, sums = {}, {}
   local h, sum, hit = hash64(model, 0x5eed), 0, 0
   for i = 1, last do
-    h = hash64(unit_key(units[i]), h)
+    h = unit_hash(units[i], h)
     sum = sum + units[i].tokens
     keys[i], sums[i] = h, sum
     if self.cache[h] then
@@ -2210,7 +2235,7 @@ local function openai_cached(self, conv, model)
   local h, sum, hit = hash64(model, 0x0a1), 0, 0
   local keys = {}
   for i, u in ipairs(conv.units) do
-    h = hash64(unit_key(u), h)
+    h = unit_hash(u, h)
     sum = sum + u.tokens
     keys[i] = h
     if self.cache[h] then

@@ -244,6 +244,20 @@ describe("aiorch.mock", function()
       assert.falsy(r.choices[1].message.content:find(QUESTION, 1, true))
     end)
 
+    it("echoes only the head of a long question, collapsing its space", function()
+      local function answer(q)
+        local _, _, body = call("openai", m:base_url("openai"),
+          { body = { messages = { { role = "user", content = q } } } })
+        return cjson.decode(body).choices[1].message.content
+      end
+      local long = ("lorem ipsum dolor sit amet "):rep(400)
+      local a = answer(long)
+      assert.are.equal(a, answer(long:sub(1, 200)))
+      assert.matches("%.%.%.$", a)
+      assert.are.equal("Hello from the mock openai provider. You asked: a b c",
+        answer("a" .. (" "):rep(5000) .. "b\n c"))
+    end)
+
     it("streams chunks ending in [DONE]", function()
       local _, _, plain = call("openai", m:base_url("openai"))
       local answer = cjson.decode(plain).choices[1].message.content
