@@ -121,6 +121,8 @@
 -- by the mock: api, raw_path, directives (those it was answered with), json,
 -- completed_at, attempt (its number among the fail_first requests of its
 -- key), rejected (the message of a validation 400) and thinking_verified.
+-- For tests: mock.sign(text) is the signature the mock gives a thinking
+-- text; mock.schema_instance(schema) the instance it makes of a JSON Schema.
 local aiorch = require "aiorch"
 local cjson = require "cjson.safe"
 local json = require "aiorch.json"
@@ -3067,7 +3069,6 @@ function Mock:close()
   end
 end
 
--- The signature the mock gives a thinking text (tests may forge or check one).
 _M.sign = sign
 
 return _M
