@@ -1,15 +1,16 @@
 -- The mock providers as a process of their own:
 --   build/aiorch run tests/mock_server.lua [--port N] [--latency-ms N] [--first-token-ms N]
 --     [--fault F] [--size N] [--retry-after N] [--fail-first N] [--key K] [--chunks N]
---     [--chunk-delay-ms N] [--stall-after N] [--text T] [--idle-timeout-ms N]
+--     [--chunk-delay-ms N] [--stall-after N] [--tool-calls N] [--redacted-thinking 0|1]
+--     [--reasoning-content 0|1] [--text T] [--idle-timeout-ms N]
 -- Prints "PORT <n>" as its first line, then serves on 127.0.0.1 until killed.
 -- The options set the directives of requests that carry none.
 local aiorch = require "aiorch"
 local mock = require "aiorch.mock"
 
 local USAGE = "usage: mock_server.lua [--port N] [--latency-ms N] [--first-token-ms N] [--fault F] [--size N]"
-  .. " [--retry-after N] [--fail-first N] [--key K] [--chunks N] [--chunk-delay-ms N] [--stall-after N] [--text T]"
-  .. " [--idle-timeout-ms N]"
+  .. " [--retry-after N] [--fail-first N] [--key K] [--chunks N] [--chunk-delay-ms N] [--stall-after N]"
+  .. " [--tool-calls N] [--redacted-thinking 0|1] [--reasoning-content 0|1] [--text T] [--idle-timeout-ms N]"
 
 -- option -> directive name
 local DIRECTIVES = {
@@ -23,6 +24,9 @@ local DIRECTIVES = {
   ["--chunks"] = "chunks",
   ["--chunk-delay-ms"] = "chunk_delay_ms",
   ["--stall-after"] = "stall_after",
+  ["--tool-calls"] = "tool_calls",
+  ["--redacted-thinking"] = "redacted_thinking",
+  ["--reasoning-content"] = "reasoning_content",
   ["--text"] = "text",
 }
 
