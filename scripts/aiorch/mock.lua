@@ -46,6 +46,16 @@
 -- the client goes away) is visible there. Its fields set by the mock: api,
 -- raw_path, directives (those it was answered with), json, completed_at,
 -- and attempt (its number among the fail_first requests of its key).
+--
+-- Backpressure. A stream (or fault=huge answer) of more than 64 KiB that
+-- nothing paces is written in pieces of about 16 KiB; res:write waits
+-- while more than 64 KiB of them are unsent, so a client that stops
+-- reading stalls the mock's sends. A stream's or huge answer's record
+-- then also has: sent (body bytes written so far), write_waits (writes
+-- that waited on backpressure: they took 1 ms or more, where one that does
+-- not wait takes microseconds) and writing_since (aiorch.now() when the
+-- write it is parked in began; nil when it is not parked in one).
+-- m:stats() gives the totals: {writes, write_waits, writing}.
 local aiorch = require "aiorch"
 local cjson = require "cjson.safe"
 
@@ -56,6 +66,7 @@ local math_type, tointeger, huge = math.type, math.tointeger, math.huge
 local ipairs, pairs, next = ipairs, pairs, next
 local setmetatable, tostring, tonumber, type, error = setmetatable, tostring, tonumber, type, error
 local os_time = os.time
+local now = aiorch.now
 local encode, decode = cjson.encode, cjson.decode
 
 local _M = {}
@@ -425,10 +436,75 @@ local function respond_json(res, api, body, d)
   end
 end
 
+-- A write that took this long waited on backpressure (one that does not
+-- wait returns in microseconds).
+local WAITED_MS = 1
+-- A stream longer than this is written in pieces of about WRITE_PIECE
+-- bytes, each waiting while the client does not read; a shorter one in one
+-- write (the server's own high-water mark: it never waits).
+local ONE_WRITE_MAX = 64 * 1024
+local WRITE_PIECE = 16 * 1024
+
+-- Closes a request's write accounting, however its handler ends (a
+-- cancelled handler never returns from the write it was parked in).
+local Writing = {
+  __close = function(w)
+    local self, req = w[1], w[2]
+    if req.writing_since then
+      req.writing_since = nil
+      self.writing = self.writing - 1
+    end
+  end,
+}
+
+local function writing(self, req)
+  req.sent, req.write_waits = 0, 0
+  return setmetatable({ self, req }, Writing)
+end
+
+-- res:write, counted on the request and the mock (see the top of the file).
+local function write(self, req, res, data)
+  local t0 = now()
+  req.writing_since = t0
+  self.writing = self.writing + 1
+  local ok = res:write(data)
+  req.writing_since = nil
+  self.writing = self.writing - 1
+  self.writes = self.writes + 1
+  if now() - t0 >= WAITED_MS then
+    req.write_waits = req.write_waits + 1
+    self.write_waits = self.write_waits + 1
+  end
+  if ok then
+    req.sent = req.sent + #data
+  end
+  return ok
+end
+
+-- Writes events[from .. last] in pieces of about WRITE_PIECE bytes, then
+-- finishes the response. False when the client went away.
+local function write_events(self, req, res, events, from, last)
+  local i, size = from, 0
+  for j = from, last do
+    size = size + #events[j]
+    if size >= WRITE_PIECE then
+      if not write(self, req, res, concat(events, "", i, j)) then
+        return false
+      end
+      i, size = j + 1, 0
+    end
+  end
+  if not res:finish(concat(events, "", i, last)) then
+    return false
+  end
+  req.sent = req.sent + size
+  return true
+end
+
 -- Sends a stream: events[first .. first + n - 1] are the n content deltas,
 -- the first preceded by first_token_ms (else chunk_delay_ms), the others by
 -- chunk_delay_ms. Applies the stream faults and stall_after.
-local function send_stream(res, api, events, first, n, d)
+local function send_stream(self, req, res, api, events, first, n, d)
   local fault = d.fault
   local last = #events
   local skip = nil -- an index inserted among the deltas
@@ -451,9 +527,20 @@ local function send_stream(res, api, events, first, n, d)
     n = stall_after
   end
   local delay, first_wait = d.chunk_delay_ms, d.first_token_ms
+  local _ <close> = writing(self, req)
   if delay <= 0 and not first_wait and not stall_after and fault ~= "cut" then
-    -- nothing to pace: one write, with a content-length
-    res:respond(200, SSE_HEADERS, concat(events, "", 1, last))
+    local size = 0
+    for j = 1, last do
+      size = size + #events[j]
+    end
+    if size <= ONE_WRITE_MAX then
+      -- nothing to pace: one write, with a content-length
+      res:respond(200, SSE_HEADERS, concat(events, "", 1, last))
+      req.sent = size
+      return
+    end
+    res:start(200, SSE_HEADERS)
+    write_events(self, req, res, events, 1, last)
     return
   end
   res:start(200, SSE_HEADERS)
@@ -465,7 +552,7 @@ local function send_stream(res, api, events, first, n, d)
     end
     local wait = k == 1 and first_wait or delay
     if wait > 0 then
-      if i > from and not res:write(concat(events, "", from, i - 1)) then
+      if i > from and not write(self, req, res, concat(events, "", from, i - 1)) then
         return
       end
       from = i
@@ -474,15 +561,15 @@ local function send_stream(res, api, events, first, n, d)
     i = i + 1
   end
   if stall_after then
-    if i > from and not res:write(concat(events, "", from, i - 1)) then
+    if i > from and not write(self, req, res, concat(events, "", from, i - 1)) then
       return
     end
     stall()
   elseif fault == "cut" then
-    res:write(concat(events, "", from, last))
+    write(self, req, res, concat(events, "", from, last))
     res:abort()
   else
-    res:finish(concat(events, "", from, last))
+    write_events(self, req, res, events, from, last)
   end
 end
 
@@ -499,7 +586,7 @@ end
 
 -- A 200 JSON answer of about `size` bytes (exactly, unless the JSON around
 -- the text is longer), written piece by piece as the client takes it.
-local function send_huge(self, res, api, json, size)
+local function send_huge(self, req, res, api, json, size)
   local _, input_tokens = read_messages(json)
   local model = encode(type(json.model) == "string" and json.model or DEFAULT_MODEL[api])
   self.seq = self.seq + 1
@@ -529,18 +616,21 @@ local function send_huge(self, res, api, json, size)
   end
   res:start(200, { ["content-type"] = "application/json",
     ["content-length"] = tostring(#head + room + #last) })
-  if not res:write(head) then
+  local _ <close> = writing(self, req)
+  if not write(self, req, res, head) then
     return
   end
   local piece = #PIECE
   while room > 0 do
     local n = room < piece and room or piece
-    if not res:write(n == piece and PIECE or PIECE:sub(1, n)) then
+    if not write(self, req, res, n == piece and PIECE or PIECE:sub(1, n)) then
       return
     end
     room = room - n
   end
-  res:finish(last)
+  if res:finish(last) then
+    req.sent = req.sent + #last
+  end
 end
 
 local HTML_HEADERS = { ["content-type"] = "text/html; charset=utf-8" }
@@ -581,7 +671,7 @@ local function openai_chat(self, req, res, d)
     events[#events + 1] = head .. '],"usage":' .. usage .. "}\n\n"
   end
   events[#events + 1] = O_DONE
-  return send_stream(res, "openai", events, 2, #pieces, d)
+  return send_stream(self, req, res, "openai", events, 2, #pieces, d)
 end
 
 local function anthropic_messages(self, req, res, d)
@@ -617,7 +707,7 @@ local function anthropic_messages(self, req, res, d)
     .. '"delta":{"stop_reason":"end_turn","stop_sequence":null},"usage":{"output_tokens":', output_tokens,
     "}}\n\n" }
   events[n + 3] = A_MESSAGE_STOP
-  return send_stream(res, "anthropic", events, 4, #pieces, d)
+  return send_stream(self, req, res, "anthropic", events, 4, #pieces, d)
 end
 
 local ROUTES = {
@@ -737,7 +827,7 @@ local function handle(self, req, res)
     if type(req.json) ~= "table" then
       respond_invalid(res, api, 400, "We could not parse the JSON body of your request.")
     elseif fault == "huge" then
-      send_huge(self, res, api, req.json, d.size or HUGE_SIZE)
+      send_huge(self, req, res, api, req.json, d.size or HUGE_SIZE)
     else
       fn(self, req, res, d)
     end
@@ -770,6 +860,9 @@ function _M.start(opts)
     requests = {},
     counters = {},
     seq = 0,
+    writes = 0,
+    write_waits = 0,
+    writing = 0,
     created = os_time(),
     defaults = resolve(opts.defaults, 2),
     record = opts.record ~= false,
@@ -829,12 +922,20 @@ function Mock:base_url(api, directives)
   error(fmt("mock: unknown api '%s' (openai or anthropic)", tostring(api)), 2)
 end
 
--- Forgets the recorded requests (the same table is kept).
+-- Forgets the recorded requests (the same table is kept) and the write counts.
 function Mock:reset()
   local r = self.requests
   for i = #r, 1, -1 do
     r[i] = nil
   end
+  self.writes, self.write_waits = 0, 0
+end
+
+-- The writes of stream and fault=huge bodies since the start (or reset):
+-- {writes = n, write_waits = n (those that waited on backpressure),
+-- writing = n (responses parked in a write right now)}.
+function Mock:stats()
+  return { writes = self.writes, write_waits = self.write_waits, writing = self.writing }
 end
 
 -- Forgets the fail_first counts (of one key, or of all).
