@@ -559,4 +559,124 @@ describe("aiorch.gateway.master", function()
     assert.is_true(#delays <= 5, "no backoff: " .. #delays .. " restarts")
     assert.truthy(lines[#lines]:find("SIGTERM: stopping") or lines[#lines]:find("stopped"))
   end)
+
+  -- A second SIGHUP while the first reload's drain runs. The first reload's
+  -- kill deadline (drain_timeout_ms + kill_grace_ms after it) must reach
+  -- only the generation it drained, not the third one. #timing: the stream
+  -- and the deadlines are a few seconds each.
+  it("survives two SIGHUPs during a drain: the stream completes, the newest generation lives and serves #timing",
+    function()
+      local master = require "aiorch.gateway.master"
+      local mock_mod = require "aiorch.mock"
+      local cjson = require "cjson.safe"
+      local DRAIN_MS, GRACE_MS = 5000, 500
+      local TEXT = string.rep("tick ", 60)
+      local m = assert(mock_mod.start { defaults = { chunks = 30, chunk_delay_ms = 100, text = TEXT } })
+      local cfg = tmpname() .. ".lua"
+      local f = assert(io.open(cfg, "w"))
+      f:write(fmt("return { drain_timeout_ms = %d, access_log = false }\n", DRAIN_MS))
+      f:close()
+      local port = free_port()
+      local lines = {}
+      local t = aiorch.spawn(master.run, {
+        argv = { "env", "OPENAI_API_KEY=sk-master-spec", "OPENAI_BASE_URL=" .. m:base_url("openai"),
+          EXE, "serve", "--worker", "--listen", fmt("%s:%d", HOST, port), "--config", cfg },
+        workers = 1, drain_timeout_ms = DRAIN_MS, kill_grace_ms = GRACE_MS,
+        log = function(line) lines[#lines + 1] = line end,
+      })
+      assert.truthy(wait_for(function() return (get(port, "/healthz", nil, 500)) == 200 end, 10000),
+        "the master's worker did not start")
+      local url = fmt("http://%s:%d/v1/chat/completions", HOST, port)
+      local headers = { ["content-type"] = "application/json", ["x-aiorch-providers"] = "openai" }
+
+      -- the stream, about 3 s long
+      local first = false
+      local stream = aiorch.spawn(function()
+        local deltas, done = {}, false
+        local status = aiorch.http.request {
+          method = "POST", url = url, headers = headers, timeout_ms = 30000,
+          body = '{"model":"gpt-4o-mini","stream":true,"messages":[{"role":"user","content":"count"}]}',
+          on_event = function(ev)
+            first = true
+            if ev.data == "[DONE]" then
+              done = true
+              return
+            end
+            local j = cjson.decode(ev.data)
+            local c = j and j.choices and j.choices[1]
+            if c and c.delta and type(c.delta.content) == "string" then
+              deltas[#deltas + 1] = c.delta.content
+            end
+          end,
+        }
+        return status, table.concat(deltas), done
+      end)
+      -- plain requests all along: none may fail
+      local failures, served, running = {}, 0, true
+      local load = aiorch.spawn(function()
+        while running do
+          local status, kind, msg = aiorch.http.request {
+            method = "POST", url = url, headers = headers, timeout_ms = 10000,
+            body = '{"model":"gpt-4o-mini","messages":[{"role":"user","content":"hi"}]}',
+          }
+          if status ~= 200 then
+            failures[#failures + 1] = tostring(status or kind) .. " " .. tostring(msg)
+          end
+          served = served + 1
+          aiorch.sleep(20)
+        end
+      end)
+
+      assert.truthy(wait_for(function() return first end, 5000), "the stream did not start")
+      local t0 = aiorch.now()
+      assert.is_true(process.kill(process.pid(), "SIGHUP"))
+      aiorch.sleep(1000)
+      assert.is_true(process.kill(process.pid(), "SIGHUP"))
+      local newest = wait_for(function()
+        local list = {}
+        for pid, w in pairs(master.current.workers) do
+          if w.gen == 3 then
+            list[#list + 1] = pid
+          end
+        end
+        return #list == 1 and list
+      end, 10000)
+      assert.truthy(newest, "no third generation")
+      -- past the first reload's kill deadline
+      aiorch.sleep(math.max(0, t0 + DRAIN_MS + GRACE_MS + 1000 - aiorch.now()))
+      running = false
+      load:await(15000)
+
+      local status, text, done = stream:await(30000)
+      assert.equal(200, status)
+      assert.equal(TEXT, text)
+      assert.is_true(done)
+      assert.are.same({}, failures)
+      assert.is_true(served > 20, "too few requests: " .. served)
+      -- the newest generation alone is left, and it serves
+      local left = {}
+      for pid, w in pairs(master.current.workers) do
+        left[#left + 1] = pid .. ":" .. w.gen
+      end
+      assert.are.same({ newest[1] .. ":3" }, left)
+      assert.is_true(process.kill(newest[1], "SIGCONT"), "the newest worker is gone")
+      assert.equal(200, (get(port, "/healthz", nil, 2000)))
+      for _, line in ipairs(lines) do
+        assert.falsy(line:find("SIGKILL", 1, true), line)
+      end
+
+      assert.is_true(process.kill(process.pid(), "SIGTERM"))
+      assert.equal(0, t:await(15000))
+      for _, sig in ipairs { "SIGTERM", "SIGINT", "SIGQUIT", "SIGHUP" } do
+        aiorch.signal.reset(sig)
+      end
+      local stopped = 0
+      for line in table.concat(lines, "\n"):gmatch("stopped: ([^\n]+)") do
+        assert.equal("exit status 0", line)
+        stopped = stopped + 1
+      end
+      assert.equal(3, stopped)
+      os.remove(cfg)
+      m:close()
+    end)
 end)
