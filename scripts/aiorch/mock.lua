@@ -47,10 +47,10 @@
 -- raw_path, directives (those it was answered with), json, completed_at,
 -- and attempt (its number among the fail_first requests of its key).
 --
--- Backpressure. A stream (or fault=huge answer) of more than 64 KiB that
--- nothing paces is written in pieces of about 16 KiB; res:write waits
--- while more than 64 KiB of them are unsent, so a client that stops
--- reading stalls the mock's sends. A stream's or huge answer's record
+-- Backpressure. A stream of more than 64 KiB that nothing paces is written
+-- in pieces of about 16 KiB (a fault=huge answer in pieces of 64 KiB);
+-- res:write waits while more than 64 KiB of them are unsent, so a client
+-- that stops reading stalls the mock's sends. A stream's or huge answer's record
 -- then also has: sent (body bytes written so far), write_waits (writes
 -- that waited on backpressure: they took 1 ms or more, where one that does
 -- not wait takes microseconds) and writing_since (aiorch.now() when the
