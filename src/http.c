@@ -21,6 +21,13 @@
  * aiorch_curl_easy_put), so either size can be set on it. */
 #define RECV_BUFFER_SIZE (4L * 1024)
 #define STREAM_BUFFER_SIZE 1024L
+/* Backpressure on a stream: once the events on_event has not taken yet
+ * hold this much, the transfer is paused (curl stops reading the socket,
+ * so the upstream's sends stall), and it resumes once they are down to the
+ * low-water mark. A consumer parked in a write to a slow client thus holds
+ * at most about STREAM_HIGH_WATER of the stream. */
+#define STREAM_HIGH_WATER (256 * 1024)
+#define STREAM_LOW_WATER (64 * 1024)
 
 /* The deadlines of a request, each on its own libev timer. */
 enum { DL_CONNECT, DL_HEADERS, DL_FIRST_EVENT, DL_GAP, DL_TOTAL, DL_COUNT };
@@ -49,6 +56,7 @@ typedef struct http_req {
     aiorch_sse parser;
     int finished;
     int waiting; /* the task is parked on op (not inside on_event) */
+    int paused;  /* the write callback paused the transfer (backpressure) */
     int code;
     int too_large;
     size_t streamed; /* bytes of event stream received */
@@ -56,6 +64,7 @@ typedef struct http_req {
     int got_content; /* on_event returned true once */
     deadline dl[DL_COUNT];
     struct http_handle *handle;
+    struct http_req *prev, *next; /* the runtime's requests, for stats */
     char errbuf[CURL_ERROR_SIZE];
 } http_req;
 
@@ -74,6 +83,11 @@ static void deadlines_stop(http_req *r)
 
 static void req_free(http_req *r)
 {
+    if (r->prev)
+        r->prev->next = r->next;
+    else
+        r->rt->http_reqs = r->next;
+    if (r->next) r->next->prev = r->prev;
     if (r->handle) r->handle->r = NULL;
     deadlines_stop(r);
     lua_State *S = r->rt->S;
@@ -184,6 +198,13 @@ static size_t write_cb(char *data, size_t size, size_t nmemb, void *ud)
     http_req *r = ud;
     size_t len = size * nmemb;
     if (is_stream(r)) {
+        if (r->parser.queued >= STREAM_HIGH_WATER) {
+            /* curl keeps this data and hands it over again on resume. The
+             * upstream's silence is ours now: no gap deadline meanwhile. */
+            r->paused = 1;
+            deadline_done(r, DL_GAP);
+            return CURL_WRITEFUNC_PAUSE;
+        }
         aiorch_sse_event *last = r->parser.tail;
         /* The cap holds for a whole stream too, not just what waits in it. */
         r->streamed += len;
@@ -357,6 +378,23 @@ static int push_outcome(lua_State *L, http_req *r)
 
 static int request_k(lua_State *L, int status, lua_KContext ctx);
 
+/* Resumes a paused stream once on_event has taken enough of its events.
+ * Called from the task, never inside curl: curl_easy_pause may hand the
+ * data it kept to write_cb before it returns (write_cb may pause again). */
+static void stream_resume(http_req *r)
+{
+    if (!r->paused || r->finished || r->parser.queued > STREAM_LOW_WATER) return;
+    r->paused = 0;
+    deadline_arm(r, DL_GAP);
+    CURLcode rc = curl_easy_pause(r->tr.easy, CURLPAUSE_CONT);
+    if (rc != CURLE_OK) { /* the kept data failed (too large, say): the transfer ends */
+        aiorch_curl_remove(r->rt->curl, &r->tr);
+        deadlines_stop(r);
+        r->finished = 1;
+        r->code = rc;
+    }
+}
+
 /* What on_event returned (or raised): 0 to go on, else the number of
  * results request returns (after the transfer was aborted). */
 static int callback_done(lua_State *L, http_req *r, int status)
@@ -395,6 +433,7 @@ static int request_k(lua_State *L, int status, lua_KContext ctx)
     aiorch_task *self = aiorch_task_require(r->rt, L, "aiorch.http.request");
     aiorch_sse_event *ev;
     while (r->cb_ref != LUA_NOREF && !r->fired && (ev = aiorch_sse_pop(&r->parser))) {
+        stream_resume(r);
         lua_rawgeti(L, LUA_REGISTRYINDEX, r->cb_ref);
         lua_createtable(L, 0, 3);
         lua_pushstring(L, ev->event);
@@ -529,6 +568,9 @@ static int l_request(lua_State *L)
         return luaL_error(L, "out of memory");
     }
     r->rt = rt;
+    r->next = rt->http_reqs;
+    if (r->next) r->next->prev = r;
+    rt->http_reqs = r;
     r->task = self;
     r->tr.easy = easy;
     r->tr.done = done_cb;
@@ -609,8 +651,30 @@ static int l_request(lua_State *L)
     return lua_yieldk(L, 0, (lua_KContext)r, request_k);
 }
 
+/* aiorch.http.stats(): the requests in flight, the streams paused by
+ * backpressure and the bytes their events not yet taken by on_event hold. */
+static int l_stats(lua_State *L)
+{
+    aiorch_runtime *rt = aiorch_rt_of(L);
+    lua_Integer n = 0, paused = 0, queued = 0;
+    for (const http_req *r = rt->http_reqs; r; r = r->next) {
+        n++;
+        paused += r->paused;
+        queued += (lua_Integer)r->parser.queued;
+    }
+    lua_createtable(L, 0, 3);
+    lua_pushinteger(L, n);
+    lua_setfield(L, -2, "requests");
+    lua_pushinteger(L, paused);
+    lua_setfield(L, -2, "paused");
+    lua_pushinteger(L, queued);
+    lua_setfield(L, -2, "queued_bytes");
+    return 1;
+}
+
 static const luaL_Reg http_funcs[] = {
     {"request", l_request},
+    {"stats", l_stats},
     {NULL, NULL},
 };
 

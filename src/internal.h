@@ -45,6 +45,7 @@ struct aiorch_runtime {
     char *root;
     char *user_path;
     void *servers;           /* server.c: open aiorch.server listeners */
+    struct http_req *http_reqs; /* http.c: the requests in flight */
     /* task.c: the watchdog thread, which arms the budget hook on a long resume */
     pthread_t wd_thread;
     pthread_mutex_t wd_mu;

@@ -37,6 +37,9 @@
 
 #define SRV_DEFAULT_MAX_BODY (1024 * 1024)
 #define SRV_HIGH_WATER (64 * 1024) /* unsent output beyond which res:write yields */
+/* Unsent bytes the kernel may queue per connection (TCP_NOTSENT_LOWAT): its
+ * send buffer grows to megabytes on loopback, past what a client reads. */
+#define SRV_KERNEL_UNSENT (64 * 1024)
 #define SRV_READ_SIZE (16 * 1024) /* on the stack: a connection keeps only what is left */
 #define SRV_IN_LIMIT (64 * 1024)  /* pipelined input buffered while a request runs */
 #define SRV_MAX_HEADERS 256
@@ -1540,12 +1543,13 @@ static int srv_accept_fd(int lfd)
 static srv_conn *conn_new(srv_server *s, int fd)
 {
     struct ev_loop *loop = s->rt->loop;
-    int one = 1;
+    int one = 1, unsent = SRV_KERNEL_UNSENT;
     srv_conn *c = calloc(1, sizeof *c);
 
     if (!c) return NULL;
     /* small responses must not wait for Nagle */
     setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
+    setsockopt(fd, IPPROTO_TCP, TCP_NOTSENT_LOWAT, &unsent, sizeof unsent);
     c->srv = s;
     c->fd = fd;
     c->req_ref = c->res_ref = c->task_ref = LUA_NOREF;

@@ -53,13 +53,19 @@ void aiorch_sse_free(aiorch_sse *p)
     memset(p, 0, sizeof *p);
 }
 
+/* The bytes an event holds: its record and its strings. */
+static size_t event_size(const aiorch_sse_event *ev)
+{
+    return sizeof *ev + ev->data_len + 1 + strlen(ev->event) + 1 + (ev->id ? strlen(ev->id) + 1 : 0);
+}
+
 aiorch_sse_event *aiorch_sse_pop(aiorch_sse *p)
 {
     aiorch_sse_event *ev = p->head;
     if (!ev) return NULL;
     p->head = ev->next;
     if (!p->head) p->tail = NULL;
-    p->queued -= ev->data_len;
+    p->queued -= event_size(ev);
     ev->next = NULL;
     return ev;
 }
@@ -95,7 +101,7 @@ static int dispatch(aiorch_sse *p)
             else
                 p->head = ev;
             p->tail = ev;
-            p->queued += n;
+            p->queued += event_size(ev);
         }
     }
     p->data.len = 0;

@@ -25,7 +25,7 @@ typedef struct aiorch_sse {
     int skip_lf;    /* the last chunk ended in CR: a leading LF belongs to it */
     int started;    /* past a possible byte-order mark */
     aiorch_sse_event *head, *tail;
-    size_t queued;  /* bytes of data in queued events */
+    size_t queued;  /* bytes held by queued events (records and strings) */
 } aiorch_sse;
 
 /* Appends n bytes (kept NUL-terminated); 0, or -1 when out of memory. */

@@ -130,6 +130,16 @@
 -- key), rejected (the message of a validation 400) and thinking_verified.
 -- For tests: mock.sign(text) is the signature the mock gives a thinking
 -- text; mock.schema_instance(schema) the instance it makes of a JSON Schema.
+--
+-- Backpressure. A stream of more than 64 KiB that nothing paces is written
+-- in pieces of about 16 KiB (a fault=huge answer in pieces of 64 KiB);
+-- res:write waits while more than 64 KiB of them are unsent, so a client
+-- that stops reading stalls the mock's sends. A stream's or huge answer's record
+-- then also has: sent (body bytes written so far), write_waits (writes
+-- that waited on backpressure: they took 1 ms or more, where one that does
+-- not wait takes microseconds) and writing_since (aiorch.now() when the
+-- write it is parked in began; nil when it is not parked in one).
+-- m:stats() gives the totals: {writes, write_waits, writing}.
 local aiorch = require "aiorch"
 local cjson = require "cjson.safe"
 local json = require "aiorch.json"
@@ -144,6 +154,7 @@ local setmetatable, tostring, tonumber, type, error = setmetatable, tostring, to
 local os_time = os.time
 local encode = cjson.encode
 local null = cjson.null
+local now = aiorch.now
 
 local _M = {}
 
@@ -2362,11 +2373,76 @@ local function respond_json(res, api, body, d, extra)
   end
 end
 
+-- A write that took this long waited on backpressure (one that does not
+-- wait returns in microseconds).
+local WAITED_MS = 1
+-- A stream longer than this is written in pieces of about WRITE_PIECE
+-- bytes, each waiting while the client does not read; a shorter one in one
+-- write (the server's own high-water mark: it never waits).
+local ONE_WRITE_MAX = 64 * 1024
+local WRITE_PIECE = 16 * 1024
+
+-- Closes a request's write accounting, however its handler ends (a
+-- cancelled handler never returns from the write it was parked in).
+local Writing = {
+  __close = function(w)
+    local self, req = w[1], w[2]
+    if req.writing_since then
+      req.writing_since = nil
+      self.writing = self.writing - 1
+    end
+  end,
+}
+
+local function writing(self, req)
+  req.sent, req.write_waits = 0, 0
+  return setmetatable({ self, req }, Writing)
+end
+
+-- res:write, counted on the request and the mock (see the top of the file).
+local function write(self, req, res, data)
+  local t0 = now()
+  req.writing_since = t0
+  self.writing = self.writing + 1
+  local ok = res:write(data)
+  req.writing_since = nil
+  self.writing = self.writing - 1
+  self.writes = self.writes + 1
+  if now() - t0 >= WAITED_MS then
+    req.write_waits = req.write_waits + 1
+    self.write_waits = self.write_waits + 1
+  end
+  if ok then
+    req.sent = req.sent + #data
+  end
+  return ok
+end
+
+-- Writes events[from .. last] in pieces of about WRITE_PIECE bytes, then
+-- finishes the response. False when the client went away.
+local function write_events(self, req, res, events, from, last)
+  local i, size = from, 0
+  for j = from, last do
+    size = size + #events[j]
+    if size >= WRITE_PIECE then
+      if not write(self, req, res, concat(events, "", i, j)) then
+        return false
+      end
+      i, size = j + 1, 0
+    end
+  end
+  if not res:finish(concat(events, "", i, last)) then
+    return false
+  end
+  req.sent = req.sent + size
+  return true
+end
+
 -- Sends a stream. content[i] is true when events[i] is a content piece: the
 -- first waits first_token_ms (else chunk_delay_ms), the others
 -- chunk_delay_ms. `first` is the index where the content begins (or would).
 -- Applies the stream faults and stall_after. extra: more headers.
-local function send_stream(res, api, events, content, first, d, extra)
+local function send_stream(self, req, res, api, events, content, first, d, extra)
   local fault = d.fault
   local headers = with_headers(SSE_HEADERS, extra)
   local last = #events
@@ -2405,9 +2481,20 @@ local function send_stream(res, api, events, content, first, d, extra)
     n = stall_after
   end
   local delay, first_wait = d.chunk_delay_ms, d.first_token_ms
+  local _ <close> = writing(self, req)
   if delay <= 0 and not first_wait and not stall_after and fault ~= "cut" then
-    -- nothing to pace: one write, with a content-length
-    res:respond(200, headers, concat(events, "", 1, last))
+    local size = 0
+    for j = 1, last do
+      size = size + #events[j]
+    end
+    if size <= ONE_WRITE_MAX then
+      -- nothing to pace: one write, with a content-length
+      res:respond(200, headers, concat(events, "", 1, last))
+      req.sent = size
+      return
+    end
+    res:start(200, headers)
+    write_events(self, req, res, events, 1, last)
     return
   end
   res:start(200, headers)
@@ -2417,7 +2504,7 @@ local function send_stream(res, api, events, content, first, d, extra)
     local i = pieces[k]
     local wait = k == 1 and first_wait or delay
     if wait > 0 then
-      if i > from and not res:write(concat(events, "", from, i - 1)) then
+      if i > from and not write(self, req, res, concat(events, "", from, i - 1)) then
         return
       end
       from = i
@@ -2426,15 +2513,15 @@ local function send_stream(res, api, events, content, first, d, extra)
   end
   if stall_after then
     local upto = n > 0 and pieces[n] or first - 1
-    if upto >= from and not res:write(concat(events, "", from, upto)) then
+    if upto >= from and not write(self, req, res, concat(events, "", from, upto)) then
       return
     end
     stall()
   elseif fault == "cut" then
-    res:write(concat(events, "", from, last))
+    write(self, req, res, concat(events, "", from, last))
     res:abort()
   else
-    res:finish(concat(events, "", from, last))
+    write_events(self, req, res, events, from, last)
   end
 end
 
@@ -2451,7 +2538,7 @@ end
 
 -- A 200 JSON answer of about `size` bytes (exactly, unless the JSON around
 -- the text is longer), written piece by piece as the client takes it.
-local function send_huge(self, res, api, body, size)
+local function send_huge(self, req, res, api, body, size)
   local _, input_tokens = read_messages(body)
   local model = encode(type(body.model) == "string" and body.model or DEFAULT_MODEL[api])
   self.seq = self.seq + 1
@@ -2481,18 +2568,21 @@ local function send_huge(self, res, api, body, size)
   end
   res:start(200, { ["content-type"] = "application/json",
     ["content-length"] = tostring(#head + room + #last) })
-  if not res:write(head) then
+  local _ <close> = writing(self, req)
+  if not write(self, req, res, head) then
     return
   end
   local piece = #PIECE
   while room > 0 do
     local n = room < piece and room or piece
-    if not res:write(n == piece and PIECE or PIECE:sub(1, n)) then
+    if not write(self, req, res, n == piece and PIECE or PIECE:sub(1, n)) then
       return
     end
     room = room - n
   end
-  res:finish(last)
+  if res:finish(last) then
+    req.sent = req.sent + #last
+  end
 end
 
 local HTML_HEADERS = { ["content-type"] = "text/html; charset=utf-8" }
@@ -2695,7 +2785,7 @@ local function openai_chat(self, req, res, d)
   end
   events[#events + 1] = O_DONE
   content[#events] = false
-  return send_stream(res, "openai", events, content, #choices + 1, d)
+  return send_stream(self, req, res, "openai", events, content, #choices + 1, d)
 end
 
 ------------------------------------------------------------------------------
@@ -2854,7 +2944,7 @@ local function anthropic_messages(self, req, res, d)
   if not content[first] then
     first = blocks[1] and 4 or 3 -- after the first block's start and the ping
   end
-  return send_stream(res, "anthropic", events, content, first, d, extra)
+  return send_stream(self, req, res, "anthropic", events, content, first, d, extra)
 end
 
 ------------------------------------------------------------------------------
@@ -2979,7 +3069,7 @@ local function handle(self, req, res)
     if type(req.json) ~= "table" then
       respond_invalid(res, api, 400, "We could not parse the JSON body of your request.")
     elseif fault == "huge" then
-      send_huge(self, res, api, req.json, d.size or HUGE_SIZE)
+      send_huge(self, req, res, api, req.json, d.size or HUGE_SIZE)
     else
       fn(self, req, res, d)
     end
@@ -3014,6 +3104,9 @@ function _M.start(opts)
     cache = {},
     cache_count = 0,
     seq = 0,
+    writes = 0,
+    write_waits = 0,
+    writing = 0,
     created = os_time(),
     defaults = resolve(opts.defaults, 2),
     record = opts.record ~= false,
@@ -3073,13 +3166,22 @@ function Mock:base_url(api, directives)
   error(fmt("mock: unknown api '%s' (openai or anthropic)", tostring(api)), 2)
 end
 
--- Forgets the recorded requests (the same table is kept) and the prompt cache.
+-- Forgets the recorded requests (the same table is kept), the prompt
+-- cache and the write counts.
 function Mock:reset()
   local r = self.requests
   for i = #r, 1, -1 do
     r[i] = nil
   end
   self.cache, self.cache_count = {}, 0
+  self.writes, self.write_waits = 0, 0
+end
+
+-- The writes of stream and fault=huge bodies since the start (or reset):
+-- {writes = n, write_waits = n (those that waited on backpressure),
+-- writing = n (responses parked in a write right now)}.
+function Mock:stats()
+  return { writes = self.writes, write_waits = self.write_waits, writing = self.writing }
 end
 
 -- Forgets the fail_first counts (of one key, or of all).

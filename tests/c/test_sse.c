@@ -51,9 +51,16 @@ static int run(const sse_case *c, size_t step, char *got, size_t cap)
         size_t k = len - off < n ? len - off : n;
         if (aiorch_sse_feed(&p, c->input + off, k) != 0) return -1;
     }
+    /* queued counts what the waiting events hold (the backpressure of
+     * aiorch.http): their records and strings, and nothing once popped. */
+    size_t held = 0;
+    for (const aiorch_sse_event *ev = p.head; ev; ev = ev->next)
+        held += sizeof *ev + ev->data_len + 1 + strlen(ev->event) + 1 + (ev->id ? strlen(ev->id) + 1 : 0);
+    int rc = p.queued == held ? 0 : -1;
     render(&p, got, cap);
+    if (p.queued != 0) rc = -1;
     aiorch_sse_free(&p);
-    return 0;
+    return rc;
 }
 
 int main(void)

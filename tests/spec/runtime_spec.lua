@@ -435,3 +435,168 @@ describe("aiorch.http.request", function()
     collectgarbage()
   end)
 end)
+
+-- A consumer slower than its upstream: the transfer pauses above 256 KiB
+-- of events not yet taken by on_event and resumes below 64 KiB.
+describe("aiorch.http.request backpressure", function()
+  local HIGH_WATER = 256 * 1024
+  local EVENTS = 20000
+  local PAD = string.rep("x", 120)
+  local seen -- the server's request table, with what its writes did
+
+  setup(start_server)
+  teardown(function() server:close() end)
+
+  -- A fast, long stream (about 2.8 MB): event i has id i and data "i PAD".
+  -- Counts on the request the bytes written and the writes that waited.
+  local function long_stream(req, res)
+    seen = req
+    req.sent, req.waits = 0, 0
+    res:start(200, { ["content-type"] = "text/event-stream" })
+    local batch = {}
+    for i = 1, EVENTS do
+      batch[#batch + 1] = "id: " .. i .. "\ndata: " .. i .. " " .. PAD .. "\n\n"
+      if #batch == 64 or i == EVENTS then
+        local chunk = table.concat(batch)
+        batch = {}
+        local t0 = now()
+        if not res:write(chunk) then
+          return
+        end
+        if now() - t0 >= 1 then
+          req.waits = req.waits + 1
+        end
+        req.sent = req.sent + #chunk
+      end
+    end
+    res:finish()
+  end
+
+  -- Samples aiorch.http.stats() every 2 ms until stop() is called.
+  local function sampler()
+    local s = { max_queued = 0, paused = 0, running = true }
+    local t = spawn(function()
+      while s.running do
+        local st = aiorch.http.stats()
+        if st.queued_bytes > s.max_queued then
+          s.max_queued = st.queued_bytes
+        end
+        s.paused = s.paused + st.paused
+        sleep(2)
+      end
+    end)
+    function s.stop()
+      s.running = false
+      t:await()
+    end
+    return s
+  end
+
+  local function wait_until(cond, ms)
+    local t0 = now()
+    while not cond() and now() - t0 < ms do
+      sleep(2)
+    end
+    return cond()
+  end
+
+  it("holds at most about the high-water mark, stalls the upstream, and delivers every event once, in order",
+    function()
+      handler = long_stream
+      local got, out_of_order = 0, nil
+      local s = sampler()
+      local status, _, body = aiorch.http.request {
+        url = base_url .. "/long", timeout_ms = 60000,
+        on_event = function(ev)
+          got = got + 1
+          if ev.id ~= tostring(got) or ev.data ~= got .. " " .. PAD then
+            out_of_order = out_of_order or (got .. ": id " .. tostring(ev.id) .. ", data " .. ev.data:sub(1, 20))
+          end
+          if got == 1 or got % 4000 == 0 then
+            sleep(300) -- parked, as in a write to a client that does not read
+          end
+        end,
+      }
+      s.stop()
+      assert.equal(200, status)
+      assert.equal("", body)
+      assert.equal(EVENTS, got)
+      assert.is_nil(out_of_order)
+      assert.is_true(s.paused > 0, "never paused")
+      assert.is_true(s.max_queued >= HIGH_WATER * 3 // 4, "queued at most " .. s.max_queued)
+      assert.is_true(s.max_queued <= HIGH_WATER + 32 * 1024, "queued " .. s.max_queued .. " bytes")
+      assert.is_true(seen.waits > 0, "the server's writes never waited")
+      assert.same({ requests = 0, paused = 0, queued_bytes = 0 }, aiorch.http.stats())
+    end)
+
+  it("a paused transfer is cancelled at once and freed; the next request goes through", function()
+    handler = long_stream
+    local t = spawn(function()
+      return aiorch.http.request { url = base_url .. "/paused", on_event = function() sleep(100000) end }
+    end)
+    local paused = wait_until(function() return aiorch.http.stats().paused == 1 end, 5000)
+    local t0 = now()
+    t:cancel()
+    assert.truthy(paused, "not paused")
+    assert.same({ requests = 0, paused = 0, queued_bytes = 0 }, aiorch.http.stats())
+    while not seen.aborted_at and now() - t0 < 1000 do sleep(1) end
+    assert.is_number(seen.aborted_at)
+    assert.is_true(seen.aborted_at - t0 < 50, "closed after " .. (seen.aborted_at - t0) .. " ms")
+    assert.is_true(seen.sent < EVENTS * #PAD, "the server sent it all")
+    -- the pooled handle that was paused serves a whole stream
+    local got = 0
+    local status = aiorch.http.request { url = base_url .. "/after", on_event = function() got = got + 1 end }
+    assert.equal(200, status)
+    assert.equal(EVENTS, got)
+  end)
+
+  it("the total deadline ends a paused transfer; the gap deadline counts the upstream's silence only", function()
+    handler = long_stream
+    local t0 = now()
+    local first = true
+    local s, kind, _, which = aiorch.http.request {
+      url = base_url .. "/total", timeout_ms = 400,
+      on_event = function()
+        if first then
+          first = false
+          sleep(1000)
+        end
+      end,
+    }
+    assert.is_nil(s)
+    assert.equal("timeout", kind)
+    assert.equal("total", which)
+    assert.is_number(seen.aborted_at)
+    assert.is_true(seen.aborted_at - t0 < 900, "closed after " .. (seen.aborted_at - t0) .. " ms")
+    assert.equal(0, aiorch.http.stats().requests)
+
+    -- paused longer than the gap: the upstream was not silent, we were
+    local got = 0
+    local status = aiorch.http.request {
+      url = base_url .. "/gap", gap_timeout_ms = 200,
+      on_event = function()
+        got = got + 1
+        if got == 1 then
+          sleep(600)
+        end
+      end,
+    }
+    assert.equal(200, status)
+    assert.equal(EVENTS, got)
+
+    -- an upstream that goes silent still meets the gap deadline
+    handler = function(_, res)
+      res:start(200, { ["content-type"] = "text/event-stream" })
+      res:write("data: 1\n\n")
+      sleep(5000)
+    end
+    t0 = now()
+    s, kind, _, which = aiorch.http.request {
+      url = base_url .. "/silent", gap_timeout_ms = 200, on_event = function() end,
+    }
+    assert.is_nil(s)
+    assert.equal("timeout", kind)
+    assert.equal("gap", which)
+    assert.is_true(now() - t0 < 1000)
+  end)
+end)

@@ -559,4 +559,244 @@ describe("aiorch.gateway.master", function()
     assert.is_true(#delays <= 5, "no backoff: " .. #delays .. " restarts")
     assert.truthy(lines[#lines]:find("SIGTERM: stopping") or lines[#lines]:find("stopped"))
   end)
+
+  -- A second SIGHUP while the first reload's drain runs. The first reload's
+  -- kill deadline (drain_timeout_ms + kill_grace_ms after it) must reach
+  -- only the generation it drained, not the third one. #timing: the stream
+  -- and the deadlines are a few seconds each.
+  it("survives two SIGHUPs during a drain: the stream completes, the newest generation lives and serves #timing",
+    function()
+      local master = require "aiorch.gateway.master"
+      local mock_mod = require "aiorch.mock"
+      local cjson = require "cjson.safe"
+      local DRAIN_MS, GRACE_MS = 5000, 500
+      local TEXT = string.rep("tick ", 60)
+      local m = assert(mock_mod.start { defaults = { chunks = 30, chunk_delay_ms = 100, text = TEXT } })
+      local cfg = tmpname() .. ".lua"
+      local f = assert(io.open(cfg, "w"))
+      f:write(fmt("return { drain_timeout_ms = %d, access_log = false }\n", DRAIN_MS))
+      f:close()
+      local port = free_port()
+      local lines = {}
+      local t = aiorch.spawn(master.run, {
+        argv = { "env", "OPENAI_API_KEY=sk-master-spec", "OPENAI_BASE_URL=" .. m:base_url("openai"),
+          EXE, "serve", "--worker", "--listen", fmt("%s:%d", HOST, port), "--config", cfg },
+        workers = 1, drain_timeout_ms = DRAIN_MS, kill_grace_ms = GRACE_MS,
+        log = function(line) lines[#lines + 1] = line end,
+      })
+      assert.truthy(wait_for(function() return (get(port, "/healthz", nil, 500)) == 200 end, 10000),
+        "the master's worker did not start")
+      local url = fmt("http://%s:%d/v1/chat/completions", HOST, port)
+      local headers = { ["content-type"] = "application/json", ["x-aiorch-providers"] = "openai" }
+
+      -- the stream, about 3 s long
+      local first = false
+      local stream = aiorch.spawn(function()
+        local deltas, done = {}, false
+        local status = aiorch.http.request {
+          method = "POST", url = url, headers = headers, timeout_ms = 30000,
+          body = '{"model":"gpt-4o-mini","stream":true,"messages":[{"role":"user","content":"count"}]}',
+          on_event = function(ev)
+            first = true
+            if ev.data == "[DONE]" then
+              done = true
+              return
+            end
+            local j = cjson.decode(ev.data)
+            local c = j and j.choices and j.choices[1]
+            if c and c.delta and type(c.delta.content) == "string" then
+              deltas[#deltas + 1] = c.delta.content
+            end
+          end,
+        }
+        return status, table.concat(deltas), done
+      end)
+      -- plain requests all along: none may fail
+      local failures, served, running = {}, 0, true
+      local load = aiorch.spawn(function()
+        while running do
+          local status, kind, msg = aiorch.http.request {
+            method = "POST", url = url, headers = headers, timeout_ms = 10000,
+            body = '{"model":"gpt-4o-mini","messages":[{"role":"user","content":"hi"}]}',
+          }
+          if status ~= 200 then
+            failures[#failures + 1] = tostring(status or kind) .. " " .. tostring(msg)
+          end
+          served = served + 1
+          aiorch.sleep(20)
+        end
+      end)
+
+      assert.truthy(wait_for(function() return first end, 5000), "the stream did not start")
+      local t0 = aiorch.now()
+      assert.is_true(process.kill(process.pid(), "SIGHUP"))
+      aiorch.sleep(1000)
+      assert.is_true(process.kill(process.pid(), "SIGHUP"))
+      local newest = wait_for(function()
+        local list = {}
+        for pid, w in pairs(master.current.workers) do
+          if w.gen == 3 then
+            list[#list + 1] = pid
+          end
+        end
+        return #list == 1 and list
+      end, 10000)
+      assert.truthy(newest, "no third generation")
+      -- past the first reload's kill deadline
+      aiorch.sleep(math.max(0, t0 + DRAIN_MS + GRACE_MS + 1000 - aiorch.now()))
+      running = false
+      load:await(15000)
+
+      local status, text, done = stream:await(30000)
+      assert.equal(200, status)
+      assert.equal(TEXT, text)
+      assert.is_true(done)
+      assert.are.same({}, failures)
+      assert.is_true(served > 20, "too few requests: " .. served)
+      -- the newest generation alone is left, and it serves
+      local left = {}
+      for pid, w in pairs(master.current.workers) do
+        left[#left + 1] = pid .. ":" .. w.gen
+      end
+      assert.are.same({ newest[1] .. ":3" }, left)
+      assert.is_true(process.kill(newest[1], "SIGCONT"), "the newest worker is gone")
+      assert.equal(200, (get(port, "/healthz", nil, 2000)))
+      for _, line in ipairs(lines) do
+        assert.falsy(line:find("SIGKILL", 1, true), line)
+      end
+
+      assert.is_true(process.kill(process.pid(), "SIGTERM"))
+      assert.equal(0, t:await(15000))
+      for _, sig in ipairs { "SIGTERM", "SIGINT", "SIGQUIT", "SIGHUP" } do
+        aiorch.signal.reset(sig)
+      end
+      local stopped = 0
+      for line in table.concat(lines, "\n"):gmatch("stopped: ([^\n]+)") do
+        assert.equal("exit status 0", line)
+        stopped = stopped + 1
+      end
+      assert.equal(3, stopped)
+      os.remove(cfg)
+      m:close()
+    end)
+end)
+
+-- Clients that ask for a stream and never read it: the gateway pauses the
+-- upstream transfer (bench/hostile.lua `streams` does it with 150 clients).
+describe("aiorch serve with clients that stop reading", function()
+  -- Under the sanitizers (shadow memory, quarantine) or valgrind RSS says
+  -- nothing about our own buffers: the memory bound is checked only in
+  -- the plain build.
+  local SANITIZED = (slurp("/proc/self/maps") or ""):find("libasan", 1, true) ~= nil or SLOWDOWN > 1
+  local CLIENTS = 8
+
+  -- Clients that each send a streamed request and never read: PORT N OUT.
+  local IDLE = [[
+import socket, sys, time
+port, n, out = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
+body = b'{"model":"gpt-4o-mini","stream":true,"messages":[{"role":"user","content":"Tell me all"}]}'
+req = (b"POST /v1/chat/completions HTTP/1.1\r\nhost: 127.0.0.1\r\ncontent-type: application/json\r\n"
+       b"x-aiorch-providers: openai\r\ncontent-length: %d\r\n\r\n" % len(body)) + body
+socks = []
+for i in range(n):
+    s = socket.create_connection(("127.0.0.1", port))
+    s.sendall(req)
+    socks.append(s)
+open(out, "w").write("SENT\n")
+time.sleep(3600)
+]]
+
+  local function rss_kib(pid)
+    local s = slurp("/proc/" .. pid .. "/status")
+    return s and tonumber(s:match("VmRSS:%s*(%d+)")) or 0
+  end
+
+  teardown(stop_all)
+
+  it("stall the upstream's sends, and the gateway's memory stays bounded", function()
+    local mock_mod = require "aiorch.mock"
+    -- a fast, long stream: 20,000 events, about 6 MB
+    local function text(n)
+      local words = {}
+      for i = 1, n do
+        words[i] = "w" .. i
+      end
+      return table.concat(words, " ")
+    end
+    local m = assert(mock_mod.start { defaults = { text = text(200000), chunks = 20000 } })
+    local port = free_port()
+    local glog = tmpname()
+    local gw = start({ EXE, "serve", "--workers", "0", "--listen", fmt("%s:%d", HOST, port) }, {
+      stderr = glog, env = { OPENAI_API_KEY = "sk-idle-spec", OPENAI_BASE_URL = m:base_url("openai") },
+    })
+    assert.truthy(wait_for(function() return (get(port, "/healthz", nil, 500)) == 200 end, 10000))
+    -- one stream read whole: the warm-up, and the stream's size
+    local status = aiorch.http.request {
+      method = "POST", url = fmt("http://%s:%d/v1/chat/completions", HOST, port), timeout_ms = 60000,
+      headers = { ["content-type"] = "application/json", ["x-aiorch-providers"] = "openai" },
+      body = '{"model":"gpt-4o-mini","stream":true,"messages":[{"role":"user","content":"Warm up"}]}',
+      on_event = function() end,
+    }
+    assert.equal(200, status)
+    local size = m.requests[#m.requests].sent
+    assert.is_true(size > 5 * 1024 * 1024, "a short stream: " .. size)
+    m:reset()
+    aiorch.sleep(700) -- the gateway gives memory back once idle
+    local rss0 = rss_kib(gw)
+
+    local script, out = tmpname() .. ".py", tmpname()
+    local f = assert(io.open(script, "w"))
+    f:write(IDLE)
+    f:close()
+    local clients = start { "python3", script, tostring(port), tostring(CLIENTS), out }
+    assert.truthy(wait_for(function() return (slurp(out) or ""):find("SENT") end, 10000))
+    -- every upstream stream ends up parked in a write
+    local stalled = wait_for(function() return #m.requests == CLIENTS and m:stats().writing == CLIENTS end, 15000)
+    local peak = rss_kib(gw)
+    for _ = 1, 10 do -- and stays there
+      aiorch.sleep(100)
+      peak = math.max(peak, rss_kib(gw))
+    end
+    local st = m:stats()
+    local sent, done = {}, 0
+    for i, r in ipairs(m.requests) do
+      sent[i] = r.sent or 0
+      if r.completed_at then
+        done = done + 1
+      end
+    end
+
+    process.kill(clients, "SIGKILL")
+    process.wait(clients, 5000)
+    -- the gateway cancels the transfers of the clients that left
+    local cancelled = wait_for(function()
+      for _, r in ipairs(m.requests) do
+        if not r.aborted_at then
+          return false
+        end
+      end
+      return true
+    end, 5000)
+    process.kill(gw, "SIGTERM")
+    assert.equal(0, process.wait(gw, 10000))
+    m:close()
+    os.remove(script)
+    os.remove(out)
+    os.remove(glog)
+
+    assert.truthy(stalled, fmt("%d of %d upstream streams stalled", st.writing, CLIENTS))
+    assert.equal(CLIENTS, st.writing)
+    assert.equal(0, done)
+    for i = 1, CLIENTS do
+      assert.is_true(sent[i] < size // 2, fmt("stream %d sent %d of %d bytes", i, sent[i], size))
+    end
+    assert.is_true(st.write_waits >= CLIENTS)
+    assert.truthy(cancelled, "an upstream transfer outlived its client")
+    if not SANITIZED then
+      -- about 0.7 MiB each (the paused events, the text so far, the output);
+      -- without backpressure, the whole 6 MB stream and more
+      local grown = (peak - rss0) / 1024
+      assert.is_true(grown < 2 * CLIENTS, fmt("the gateway grew by %.1f MiB for %d clients", grown, CLIENTS))
+    end
+  end)
 end)

@@ -206,12 +206,17 @@ local function reload(m)
     signal_workers(m, "SIGTERM", function(w) return w.gen == gen end)
     return false
   end
-  local function old(w) return w.gen ~= gen end
+  -- This reload drains the workers of older generations that still serve,
+  -- and only those: not the newer ones a later SIGHUP starts, nor the ones
+  -- an earlier reload drains (and kills at its own deadline).
+  local retiring = {}
   for _, w in pairs(m.workers) do
-    if old(w) then
+    if w.gen < gen and not w.retired then
       w.retired = true
+      retiring[w] = true
     end
   end
+  local function old(w) return retiring[w] end
   signal_workers(m, "SIGTERM", old)
   spawn(function()
     if not wait_gone(m, old, m.opts.drain_timeout_ms + m.opts.kill_grace_ms) then

@@ -12,8 +12,10 @@
 --
 -- Tokens come from the HTTP client's on_event. It may yield, so a token is
 -- written at once, and a slow client (res:write yields under backpressure)
--- holds the upstream transfer back instead of growing a buffer. Where the
--- caller cannot yield, a writer task drains the queue instead, in order.
+-- holds the upstream transfer back instead of growing a buffer: while
+-- on_event waits, aiorch.http pauses the transfer once 256 KiB of events
+-- are queued. Where the caller cannot yield, a writer task drains the queue
+-- instead, in order.
 local aiorch = require "aiorch"
 local loader = require "aiorch.loader"
 local orchestrate = require "aiorch.orchestrate"
