@@ -551,7 +551,7 @@ local function dispatch(x)
     return x:fail(404, fmt("Unknown request URL: %s %s", req.method, route))
   end
   local keys = state.config.client_keys
-  if keys and not OPEN[route] then
+  if keys and not OPEN[route] and not req.client_key_index then -- (on_headers checked it)
     local k = client_key(req.headers)
     local good = false
     if k then
@@ -714,13 +714,45 @@ end
 -- The HTTP server refused a request whose headers it had read, before any
 -- handler ran (a body over max_body, a body that stalled or was malformed):
 -- the answer in the caller's error shape, and its access line.
-local REFUSED = { [408] = "the request body stopped arriving", [400] = "the request body is malformed" }
+local REFUSED = { [408] = "the request body stopped arriving", [400] = "the request body is malformed",
+  [503] = "the gateway holds too many request bodies at once (server.max_buffered); retry shortly" }
 local function refusal(state, status, req)
   local route = route_of(req.path)
   account(state, { req = req, route = route, status = status, t0 = req.received_at or now(), id = new_id(state) })
   local msg = status == 413 and fmt("request body too large (at most %d bytes)", state.max_body)
     or REFUSED[status] or "the request was refused"
   return shape_of(route, req.headers).error_body(status, msg), "application/json"
+end
+
+-- The server's on_headers: the client key is checked as soon as a
+-- request's headers are in, before any of its body is read, so that
+-- clients without a key cannot make the gateway hold bodies. A refusal
+-- is answered (401, in the caller's shape) and logged as refusal's are;
+-- the matched key's index is left on req, where dispatch finds it. Every
+-- route but the open ones needs the key, unknown ones too.
+local function authorize(state, req)
+  local keys = state.config.client_keys
+  local route = route_of(req.path)
+  if not keys or OPEN[route] then
+    return nil
+  end
+  local k = client_key(req.headers)
+  local found
+  if k then
+    for i, want in ipairs(keys) do -- every key compared, as dispatch does
+      if same(k, want) and not found then
+        found = i
+      end
+    end
+  end
+  if found then
+    req.client_key_index = found
+    return nil
+  end
+  account(state, { req = req, route = route, status = 401, t0 = req.received_at or now(), id = new_id(state) })
+  local msg = k and "Incorrect API key provided." or "Missing API key (Authorization: Bearer or x-api-key)."
+  return 401, shape_of(route, req.headers).error_body(401, msg), "application/json",
+    { ["www-authenticate"] = "Bearer" }
 end
 
 local function handle(state, req, res)
@@ -848,7 +880,8 @@ function _M.start(opts)
   }
   local listen = { host = opts.host or cfg.host, port = opts.port or cfg.port, max_body = cfg.max_body,
     handler = function(req, res) return handle(state, req, res) end,
-    on_refuse = function(status, req) return refusal(state, status, req) end }
+    on_refuse = function(status, req) return refusal(state, status, req) end,
+    on_headers = function(req) return authorize(state, req) end }
   for k, v in pairs(cfg.server) do
     listen[k] = v
   end
