@@ -183,6 +183,12 @@ static void srv_shut_end(lua_State *L, srv_server *s);
 
 /* ---- buffers ---------------------------------------------------------- */
 
+/* Whether n more bytes would take the pool past its max. */
+static int pool_full(const srv_pool *pool, uint64_t n)
+{
+    return pool->max && (pool->used > pool->max || n > pool->max - pool->used);
+}
+
 /* Makes room for n more bytes, doubling. Returns 0, BUF_OOM, or BUF_OVER
  * when a capped buffer would take its pool past the pool's max. */
 static int buf_reserve(srv_buf *b, size_t n)
@@ -203,9 +209,7 @@ static int buf_reserve(srv_buf *b, size_t n)
         cap *= 2;
     }
     if (b->ceil && cap > b->ceil && b->ceil - b->len >= n) cap = b->ceil;
-    if (b->capped && b->pool->max &&
-        (b->pool->used > b->pool->max || cap - b->cap > b->pool->max - b->pool->used))
-        return BUF_OVER;
+    if (b->capped && pool_full(b->pool, cap - b->cap)) return BUF_OVER;
     p = realloc(b->p, cap);
     if (!p) return BUF_OOM;
     if (b->pool) b->pool->used += cap - b->cap;
@@ -721,6 +725,7 @@ static int conn_reject(lua_State *L, srv_conn *c, int status)
     }
     failed = answer_queue(L, c, status, type, body, len, 0) != NULL;
     lua_settop(L, top); /* body and type were copied */
+    buf_free(&c->body); /* no use any more: back to max_buffered at once */
     if (failed) {
         conn_free(L, c, SRV_PLAIN);
         return -1;
@@ -1475,7 +1480,7 @@ static int on_headers_complete(http_parser *p)
         c->reject = 413;
         return -1;
     }
-    if (sized && s->pool.max && p->content_length > s->pool.max - s->pool.used) {
+    if (sized && pool_full(&s->pool, p->content_length)) {
         c->reject = 503; /* max_buffered: it would not fit */
         return -1;
     }
@@ -1603,12 +1608,6 @@ static void conn_drain(lua_State *L, srv_conn *c)
     }
 }
 
-/* Whether n more bytes of input would take the server past max_buffered. */
-static int pool_full(const srv_server *s, size_t n)
-{
-    return s->pool.max && (s->pool.used > s->pool.max || n > s->pool.max - s->pool.used);
-}
-
 /* Reads what the client sent; parses it when no request is running. */
 static void conn_read(struct ev_loop *loop, lua_State *L, srv_conn *c)
 {
@@ -1620,7 +1619,7 @@ static void conn_read(struct ev_loop *loop, lua_State *L, srv_conn *c)
         ssize_t n;
 
         if ((c->res || out_pending(c) > SRV_HIGH_WATER) &&
-            (b->len - b->off >= SRV_IN_LIMIT || pool_full(c->srv, SRV_READ_SIZE))) {
+            (b->len - b->off >= SRV_IN_LIMIT || pool_full(&c->srv->pool, SRV_READ_SIZE))) {
             /* enough pipelined input: wait for the running request or output */
             ev_io_stop(loop, &c->rw);
             c->read_paused = 1;
