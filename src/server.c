@@ -530,6 +530,11 @@ static void conn_free(lua_State *L, srv_conn *c, int how)
     if (c->next) c->next->pprev = c->pprev;
     s->open--;
     if (c->refused) s->refusing--;
+    if (s->backoff > 0 && ev_is_active(&s->retry_w)) { /* a descriptor is free: accept now */
+        ev_timer_stop(loop, &s->retry_w);
+        ev_timer_set(&s->retry_w, 0., 0.);
+        ev_timer_start(loop, &s->retry_w);
+    }
     if (s->shut_task && !s->conns) { /* drained: end the shutdown from the loop */
         ev_timer_stop(loop, &s->shut_w);
         ev_timer_set(&s->shut_w, 0., 0.);
@@ -705,6 +710,7 @@ static int conn_reject(lua_State *L, srv_conn *c, int status)
     const char *type = "text/plain";
     size_t len = strlen(body), tlen;
     int top = lua_gettop(L), failed;
+    if (status == 503) buf_free(&c->body); /* max_buffered: on_refuse must not copy it either */
     if (c->srv->refuse_ref != LUA_NOREF && c->phase == PH_BODY && c->req_ref != LUA_NOREF) {
         lua_checkstack(L, 4);
         lua_pushcfunction(L, refuse_call);
@@ -1878,8 +1884,9 @@ static void srv_take(srv_server *s, int fd)
  * accepting stops and a timer resumes it, after 10 ms, doubling up to 1 s
  * while it keeps failing. The connections already open are served
  * meanwhile, and the clients waiting in the backlog are taken once
- * descriptors free up. One line is logged as it starts, then at most one
- * per second with the count of accepts refused. */
+ * descriptors free up (at once when one of its connections closes). One
+ * line is logged as it starts, then at most one per second with the count
+ * of accepts refused, and one as it ends. */
 static void srv_backoff(srv_server *s, int err)
 {
     struct ev_loop *loop = s->rt->loop;

@@ -113,100 +113,9 @@ local function serve(cfg, env, nofile)
   return pid, port, errfile
 end
 
--- python3 clients, one script for every load here:
---   hold PORT N SECS: a keep-alive client asks /healthz, then N
---     connections open and stay SECS; the first client asks again meanwhile;
---     after they close, fresh connections ask until one is answered.
---     Prints "first STATUS", "during STATUS", "after STATUS SECS".
---   bodies PORT N SIZE SLICE EVERY HEADERS: N connections each send a POST
---     with a SIZE-byte body, SLICE bytes per connection every EVERY
---     seconds; prints each one's status (0: none).
-local CLIENT = [==[
-import select, socket, sys, time
-def status_of(b):
-    return b[9:12].decode() if b.startswith(b"HTTP/1.1 ") else "0"
-def ask(s, path="/healthz"):
-    s.sendall(("GET %s HTTP/1.1\r\nHost: x\r\n\r\n" % path).encode())
-    got = b""
-    while b"\r\n\r\n" not in got:
-        b = s.recv(65536)
-        if not b:
-            break
-        got += b
-    return status_of(got)
-mode, port = sys.argv[1], int(sys.argv[2])
-if mode == "hold":
-    n, secs = int(sys.argv[3]), float(sys.argv[4])
-    first = socket.create_connection(("127.0.0.1", port)); first.settimeout(5)
-    print("first", ask(first)); sys.stdout.flush()
-    held = []
-    for i in range(n):
-        s = socket.socket(); s.setblocking(False)
-        try:
-            s.connect(("127.0.0.1", port))
-        except BlockingIOError:
-            pass
-        held.append(s)
-    time.sleep(secs / 2)
-    try:
-        print("during", ask(first))
-    except Exception as e:
-        print("during 0", e)
-    time.sleep(secs / 2)
-    for s in held:
-        s.close()
-    t0 = time.time(); st = "0"
-    while time.time() - t0 < 10 and st != "200":
-        try:
-            s = socket.create_connection(("127.0.0.1", port)); s.settimeout(2)
-            st = ask(s); s.close()
-        except Exception:
-            time.sleep(0.05)
-    print("after", st, "%.2f" % (time.time() - t0))
-elif mode == "bodies":
-    n, size, piece, every = int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5]), float(sys.argv[6])
-    headers = sys.argv[7].encode().decode("unicode_escape")
-    conns = []
-    for i in range(n):
-        s = socket.create_connection(("127.0.0.1", port)); s.settimeout(10)
-        s.sendall(("POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nConnection: close\r\n"
-                   "Content-Type: application/json\r\nContent-Length: %d\r\n%s\r\n" % (size, headers)).encode())
-        conns.append({"s": s, "sent": 0, "ok": True, "got": b""})
-    def take(c):  # what was answered so far, before a reset could drop it
-        try:
-            while select.select([c["s"]], [], [], 0)[0]:
-                b = c["s"].recv(65536)
-                if not b:
-                    return
-                c["got"] += b
-        except OSError:
-            pass
-    chunk = b"x" * piece
-    # a slice to each in turn: every body is in flight at once
-    while any(c["ok"] and c["sent"] < size for c in conns):
-        for c in conns:
-            if c["ok"] and c["sent"] < size:
-                k = min(piece, size - c["sent"])
-                try:
-                    c["s"].sendall(chunk[:k]); c["sent"] += k
-                except OSError:
-                    c["ok"] = False
-                take(c)
-        if every > 0:
-            time.sleep(every)
-    for c in conns:
-        try:
-            while True:
-                b = c["s"].recv(65536)
-                if not b:
-                    break
-                c["got"] += b
-        except OSError:
-            pass
-        print(status_of(c["got"]))
-]==]
-
-local client_script = write(tmpname() .. ".py", CLIENT)
+-- The clients (python3): tests/hostile_client.py, shared with the benchmark.
+local ROOT = debug.getinfo(1, "S").source:match("^@(.*)/tests/spec/[^/]+$") or "."
+local client_script = ROOT .. "/tests/hostile_client.py"
 
 -- Runs the client to its end; returns its output lines.
 local function client(args, ms)
@@ -241,7 +150,6 @@ describe("hostile clients", function()
     for _, pid in ipairs(started) do
       stop(pid)
     end
-    os.remove(client_script)
   end)
 
   it("out of descriptors: pauses accepting, logs a little, serves the open connections, resumes", function()
