@@ -101,7 +101,7 @@ struct srv_server {
     double backoff;   /* its current delay in seconds; 0: accepting */
     ev_tstamp backoff_since, backoff_logged;
     lua_Integer accept_failed, failed_at_log, failed_at_start; /* accept calls refused */
-    int fd;                                      /* -1 once closed, or once shutting down */
+    int fd; /* -1 once closed, or once shutting down */
     int port;
     int closed;
     size_t max_body, max_header;
@@ -630,7 +630,7 @@ static const char *answer_headers(lua_State *L, int hidx, srv_buf *b)
         if (!is_token(name, nl)) return "invalid header name";
         if (name_is(name, nl, "content-length") || name_is(name, nl, "transfer-encoding") ||
             name_is(name, nl, "connection") || name_is(name, nl, "content-type"))
-            return "content-length, transfer-encoding, connection and content-type are the server's";
+            return "the server sets content-length, transfer-encoding, connection, content-type";
         if (lua_type(L, -1) != LUA_TSTRING && lua_type(L, -1) != LUA_TNUMBER)
             return "header values must be strings or numbers";
         val = lua_tolstring(L, -1, &vl); /* converts the value slot only: lua_next is safe */
@@ -1440,8 +1440,10 @@ static int headers_hook(srv_conn *c)
                 err = "bad content type";
         }
     }
-    if (!err)
-        err = answer_queue(L, c, (int)status, type, body, len, lua_istable(L, top + 4) ? top + 4 : 0);
+    if (!err) {
+        int hidx = lua_istable(L, top + 4) ? top + 4 : 0;
+        err = answer_queue(L, c, (int)status, type, body, len, hidx);
+    }
     lua_settop(L, top);
     if (err) {
         aiorch_report(s->rt, "aiorch.server: on_headers: %s", err);
@@ -1731,6 +1733,13 @@ static void conn_on_linger(struct ev_loop *loop, ev_timer *w, int revents)
     conn_free(c->srv->rt->S, c, SRV_PLAIN);
 }
 
+/* The earlier of deadline due (0: none) and since + to (to 0: none). */
+static ev_tstamp sooner(ev_tstamp due, ev_tstamp since, double to)
+{
+    if (to <= 0) return due;
+    return due == 0 || since + to < due ? since + to : due;
+}
+
 /* When c times out where it is (0: never). Between requests, the idle
  * timeout from the accept or the end of the last response; in a request's
  * headers, the header timeout from its first byte; in its body, the body
@@ -1742,22 +1751,17 @@ static ev_tstamp conn_deadline(const srv_conn *c)
     const srv_server *s = c->srv;
     ev_tstamp due = 0;
 
-#define SOONER(t, to) \
-    do { \
-        if ((to) > 0 && (due == 0 || (t) + (to) < due)) due = (t) + (to); \
-    } while (0)
     if (c->lingering) return 0; /* the linger timer bounds it */
-    if (out_pending(c)) SOONER(c->sent_at, s->send_to);
+    if (out_pending(c)) due = sooner(due, c->sent_at, s->send_to);
     if (c->res || c->close_after) return due;
     if (c->phase == PH_HEAD) {
-        SOONER(c->phase_at, s->header_to);
+        due = sooner(due, c->phase_at, s->header_to);
     } else if (c->phase == PH_BODY) {
-        SOONER(c->phase_at, s->body_to);
-        SOONER(c->read_at, s->read_to);
+        due = sooner(due, c->phase_at, s->body_to);
+        due = sooner(due, c->read_at, s->read_to);
     } else if (!out_pending(c)) {
-        SOONER(c->phase_at, s->shutting ? SRV_SHUTDOWN_IDLE_S : s->idle_to);
+        due = sooner(due, c->phase_at, s->shutting ? SRV_SHUTDOWN_IDLE_S : s->idle_to);
     }
-#undef SOONER
     return due;
 }
 
@@ -1940,7 +1944,9 @@ static void srv_accept_all(srv_server *s)
         srv_take(s, fd);
     }
     if (s->backoff > 0) {
-        aiorch_report(s->rt, "aiorch.server: accept on %s:%d: accepting again after %.1f s (accepts refused: %lld)",
+        aiorch_report(s->rt,
+                      "aiorch.server: accept on %s:%d: accepting again after %.1f s "
+                      "(accepts refused: %lld)",
                       s->host, s->port, ev_now(s->rt->loop) - s->backoff_since,
                       (long long)(s->accept_failed - s->failed_at_start));
         s->backoff = 0;
@@ -2379,7 +2385,8 @@ static int srv_shutdown(lua_State *L)
 static int srv_close_m(lua_State *L)
 {
     srv_server *s = srv_check_open(L, 1);
-    if (s->in_hook) return luaL_error(L, "aiorch.server: close: not from inside on_refuse or on_headers");
+    if (s->in_hook)
+        return luaL_error(L, "aiorch.server: close: not from inside on_refuse or on_headers");
     srv_close(L, s);
     return 0;
 }
