@@ -231,7 +231,9 @@ describe("aiorch.server limits", function()
     srv:close()
   end)
 
-  it("closes 50 slowloris connections at the header timeout and serves a normal client meanwhile", function()
+  -- #timing: it bounds a normal request's latency.
+  it("closes 50 slowloris connections at the header timeout and serves a normal client meanwhile #timing",
+    function()
     local srv = listen { header_timeout_ms = 800 }
     -- a byte every 200 ms: each read is far inside any gap timeout
     local wait = trickle(srv.port, 50, 0.2, 6 * SLOWDOWN, "GET / HTTP/1.1\\r\\nhost: x\\r\\nx-slow: ", "abcdefgh")
