@@ -1,56 +1,36 @@
--- Hostile clients against `aiorch serve`: build/aiorch run bench/hostile.lua [PARTS] [ARGS]
--- PARTS is a comma-separated choice of the parts below (default: all), each
--- printing its figures:
---   streams [N]   N clients (default 150) ask for a fast, long stream and
---                 never read it: the gateway's RSS, before and while they
---                 hang there, and how far the mock's sends got.
---   reload        a 20 s stream in flight while the master gets SIGHUP
---                 twice, 1 s apart: the stream completes, the newest
---                 generation serves, no worker of it is killed.
--- Runs the mock providers inside this process and the gateway as a
--- subprocess; the clients that never read are a python3 script.
+-- Hostile clients against a real gateway: build/aiorch run bench/hostile.lua [PART,...]
+-- Each part starts its own `aiorch serve --workers 0` (from AIORCH_BUILD,
+-- default build/, so that another build can be measured with this same
+-- script), loads it with python3 clients (tests/hostile_client.py) and
+-- prints its figures:
+--   emfile    the server under `ulimit -n 64`, 200 clients holding a
+--             connection for 3 s: its stderr, its CPU time, whether it
+--             served an open connection meanwhile and new ones after;
+--   slowloris 1,000 connections sending a header byte every 5 s, with a
+--             normal client asking /healthz every 50 ms meanwhile: when and
+--             how they were closed, the normal client's latency;
+--   unauth    100 unauthenticated 4 MiB bodies at once (a client key is
+--             configured): the RSS they add;
+--   slow      1,500 authenticated 1 MiB bodies at once, 64 KiB each every
+--             100 ms: what they were answered, the RSS they add;
+--   streams   150 clients that never read a long stream (bench/hostile_streams.lua);
+--   reload    SIGHUP twice during a 20 s stream (bench/hostile_streams.lua).
+-- PART (default all) is a comma-separated choice. A part is an entry of
+-- PARTS below: a name, what it does, and a function that prints figures.
 local aiorch = require "aiorch"
-local mock = require "aiorch.mock"
-local cjson = require "cjson.safe"
 
 local process = aiorch.process
 local fmt = string.format
-local concat = table.concat
 
-local args = table.pack(...)
-local BUILD = os.getenv("AIORCH_BUILD") or "build"
+local ROOT = debug.getinfo(1, "S").source:match("^@(.*)/bench/[^/]+$") or "."
+local BUILD = os.getenv("AIORCH_BUILD") or (ROOT .. "/build")
 local EXE = BUILD .. "/aiorch"
-local HOST = "127.0.0.1"
+local CLIENT = ROOT .. "/tests/hostile_client.py"
+local MiB = 1024 * 1024
+local KEY = "hostile-bench-client-key"
 
 ------------------------------------------------------------------------------
--- Helpers
-
-local started = {} -- pids to stop at the end
-
-local function start(argv, opts)
-  local pid = assert(process.spawn(argv, opts))
-  started[#started + 1] = pid
-  return pid
-end
-
-local function stop(pid)
-  if process.kill(pid, "SIGKILL") then
-    process.wait(pid, 5000)
-  end
-end
-
-local function stop_all()
-  for _, pid in ipairs(started) do
-    stop(pid)
-  end
-  started = {}
-end
-
-local function tmpname()
-  local p = os.tmpname()
-  os.remove(p)
-  return p
-end
+-- Processes and /proc
 
 local function slurp(path)
   local f = io.open(path, "rb")
@@ -62,323 +42,285 @@ local function slurp(path)
   return s
 end
 
-local function wait_for(cond, ms)
-  local deadline = aiorch.now() + ms
-  repeat
-    local v = cond()
-    if v then
-      return v
+local function tmpname()
+  local p = os.tmpname()
+  os.remove(p)
+  return p
+end
+
+local function sh_quote(s)
+  return "'" .. tostring(s):gsub("'", "'\\''") .. "'"
+end
+
+local running = {}
+
+-- Starts argv (under `ulimit -n nofile` when given); returns its pid.
+local function start(argv, opts, nofile)
+  if nofile then
+    local words = {}
+    for i, a in ipairs(argv) do
+      words[i] = sh_quote(a)
     end
-    aiorch.sleep(10)
-  until aiorch.now() > deadline
-  return cond()
+    argv = { "sh", "-c", fmt("ulimit -n %d && exec %s", nofile, table.concat(words, " ")) }
+  end
+  local pid = assert(process.spawn(argv, opts))
+  running[pid] = true
+  return pid
 end
 
--- A field of /proc/PID/status in KiB (VmRSS, VmHWM).
+local function stop(pid)
+  if running[pid] then
+    running[pid] = nil
+    if process.kill(pid, "SIGKILL") then
+      process.wait(pid, 5000)
+    end
+  end
+end
+
 local function status_kib(pid, field)
-  local s = slurp(fmt("/proc/%d/status", pid))
-  return s and tonumber(s:match(field .. ":%s*(%d+)")) or 0
+  local s = slurp("/proc/" .. pid .. "/status") or ""
+  return tonumber(s:match(field .. ":%s*(%d+)")) or 0
 end
 
--- A free port (bound and released).
+-- utime + stime of a process, in seconds.
+local function cpu_s(pid)
+  local s = slurp("/proc/" .. pid .. "/stat") or ""
+  local rest = s:match("%) (.*)$") or ""
+  local f = {}
+  for w in rest:gmatch("%S+") do
+    f[#f + 1] = w
+  end
+  return ((tonumber(f[12]) or 0) + (tonumber(f[13]) or 0)) / 100 -- fields 14, 15; USER_HZ
+end
+
 local function free_port()
-  local s = assert(aiorch.server.listen { host = HOST, port = 0, handler = function() end })
+  local s = assert(aiorch.server.listen { host = "127.0.0.1", port = 0, handler = function() end })
   local port = s.port
   s:close()
   return port
 end
 
-local function get(url, timeout_ms)
-  return aiorch.http.request { url = url, timeout_ms = timeout_ms or 1000 }
-end
+local ENV = { OPENAI_API_KEY = false, ANTHROPIC_API_KEY = false, AIORCH_PATH = false, AIORCH_LOG = false,
+  HOSTILE_KEY = KEY }
 
--- Starts `aiorch serve` with the given argv tail and env; waits for /healthz.
-local function start_gateway(port, tail, env, log)
-  local argv = { EXE, "serve", "--listen", fmt("%s:%d", HOST, port) }
-  for _, a in ipairs(tail) do
-    argv[#argv + 1] = a
-  end
-  local pid = start(argv, { env = env, stderr = log })
-  assert(wait_for(function() return (get(fmt("http://%s:%d/healthz", HOST, port), 500)) == 200 end, 10000),
-    "the gateway did not start")
-  return pid
-end
-
--- Clients that send a request each and never read: python3 PORT N BODYFILE OUT.
-local IDLE_CLIENTS = [[
-import socket, sys, time
-port, n, body, out = int(sys.argv[1]), int(sys.argv[2]), open(sys.argv[3], "rb").read(), sys.argv[4]
-req = (b"POST /v1/chat/completions HTTP/1.1\r\nhost: 127.0.0.1\r\ncontent-type: application/json\r\n"
-       b"x-aiorch-providers: openai\r\ncontent-length: %d\r\n\r\n" % len(body)) + body
-socks = []
-for i in range(n):
-    s = socket.create_connection(("127.0.0.1", port))
-    s.sendall(req)
-    socks.append(s)
-open(out, "w").write("SENT\n")
-time.sleep(3600)
-]]
-
--- Starts n clients that ask the gateway at port for a stream and never
--- read; returns the pid once every request is sent.
-local function idle_clients(port, n)
-  local script, bodyfile, out = tmpname() .. ".py", tmpname(), tmpname()
-  local f = assert(io.open(script, "w"))
-  f:write(IDLE_CLIENTS)
+-- `aiorch serve --workers 0` with the configuration text cfg; returns its
+-- pid, port and stderr file once it listens.
+local function serve(cfg, nofile)
+  local port = free_port()
+  local errfile, cfgfile = tmpname(), tmpname() .. ".lua"
+  local f = assert(io.open(cfgfile, "w"))
+  f:write(cfg)
   f:close()
-  f = assert(io.open(bodyfile, "w"))
-  f:write('{"model":"gpt-4o-mini","stream":true,"messages":[{"role":"user","content":"Tell me everything"}]}')
-  f:close()
-  local pid = start { "python3", script, tostring(port), tostring(n), bodyfile, out }
-  assert(wait_for(function() return (slurp(out) or ""):find("SENT") end, 30000), "the clients did not start")
-  os.remove(script)
-  os.remove(bodyfile)
-  os.remove(out)
-  return pid
+  local pid = start({ EXE, "serve", "--workers", "0", "--listen", "127.0.0.1:" .. port, "--config", cfgfile },
+    { stderr = errfile, env = ENV }, nofile)
+  local t0 = aiorch.now()
+  while not (slurp(errfile) or ""):find("listening on", 1, true) do
+    assert(aiorch.now() - t0 < 5000, "the gateway did not start: " .. tostring(slurp(errfile)))
+    aiorch.sleep(20)
+  end
+  os.remove(cfgfile)
+  aiorch.sleep(200) -- settled: the RSS before
+  return pid, port, errfile
 end
 
--- A mock answer of about `bytes` bytes of text in `chunks` stream events.
-local function long_text(bytes)
-  local words, n = {}, 0
-  local i = 0
-  while n < bytes do
-    i = i + 1
-    local w = "w" .. i
-    words[i] = w
-    n = n + #w + 1
+-- Starts the python client; returns a function that waits for it and
+-- returns its output lines.
+local function client(args)
+  local out = tmpname()
+  local argv = { "python3", CLIENT }
+  for _, a in ipairs(args) do
+    argv[#argv + 1] = tostring(a)
   end
-  return concat(words, " ")
+  local pid = start(argv, { stdout = out })
+  return function()
+    local code = process.wait(pid, 120000)
+    running[pid] = nil
+    assert(code == 0, "the client failed")
+    local lines = {}
+    for line in (slurp(out) or ""):gmatch("[^\n]+") do
+      lines[#lines + 1] = line
+    end
+    os.remove(out)
+    return lines
+  end
+end
+
+local function count(lines)
+  local n, keys = {}, {}
+  for _, l in ipairs(lines) do
+    if not n[l] then
+      keys[#keys + 1] = l
+    end
+    n[l] = (n[l] or 0) + 1
+  end
+  table.sort(keys)
+  local parts = {}
+  for _, k in ipairs(keys) do
+    parts[#parts + 1] = fmt("%s x%d", k, n[k])
+  end
+  return table.concat(parts, ", ")
+end
+
+local function pct(sorted, p)
+  if #sorted == 0 then
+    return 0
+  end
+  return sorted[math.max(1, math.ceil(#sorted * p))]
+end
+
+local function figure(name, value, unit)
+  print(fmt("  %-44s %s%s", name, value, unit and " " .. unit or ""))
 end
 
 ------------------------------------------------------------------------------
--- Parts
+-- The parts
 
-local parts = {}
+local PARTS = {}
 
--- N clients that never read a fast, long stream (about 6 MiB, under the
--- 8 MiB max_response_bytes): without backpressure the gateway holds what
--- the upstream sends; with it the upstream's sends stall.
-function parts.streams(n)
-  n = math.tointeger(tonumber(n or "")) or 150
-  local CHUNKS, TEXT_BYTES = 20000, 2 * 1000 * 1000
-  local m = assert(mock.start { defaults = { text = long_text(TEXT_BYTES), chunks = CHUNKS } })
-  local port = free_port()
-  local log = tmpname()
-  local gw = start_gateway(port, { "--workers", "0" }, {
-    OPENAI_API_KEY = "sk-bench", OPENAI_BASE_URL = m:base_url("openai"),
-  }, log)
-  -- one stream read whole: the warm-up, and the stream's size
-  local bytes = 0
-  local status = aiorch.http.request {
-    method = "POST", url = fmt("http://%s:%d/v1/chat/completions", HOST, port),
-    headers = { ["content-type"] = "application/json", ["x-aiorch-providers"] = "openai" },
-    body = '{"model":"gpt-4o-mini","stream":true,"messages":[{"role":"user","content":"Warm up"}]}',
-    timeout_ms = 60000,
-    on_event = function(ev) bytes = bytes + #ev.data end,
+PARTS[#PARTS + 1] = {
+  name = "emfile",
+  about = "ulimit -n 64, 200 clients hold a connection for 3 s",
+  run = function()
+    local pid, port, errfile = serve("return {}", 64)
+    local cpu0 = cpu_s(pid)
+    local lines = client({ "hold", port, 200, 3 })()
+    local cpu = cpu_s(pid) - cpu0
+    local err = slurp(errfile) or ""
+    stop(pid)
+    os.remove(errfile)
+    local _, nlines = err:gsub("\n", "")
+    figure("stderr", fmt("%d bytes, %d lines", #err, nlines))
+    figure("server CPU during the run", fmt("%.2f", cpu), "s")
+    for _, l in ipairs(lines) do
+      local what, st, secs = l:match("^(%a+) (%d+) ?([%d.]*)")
+      figure("request on " .. (what == "first" and "a connection, before"
+        or what == "during" and "that connection, during"
+        or "a new connection, after"), st .. (secs ~= "" and fmt(" (after %s s)", secs) or ""))
+    end
+  end,
+}
+
+PARTS[#PARTS + 1] = {
+  name = "slowloris",
+  about = "1,000 connections send a header byte every 5 s; a normal client asks meanwhile",
+  run = function()
+    local pid, port, errfile = serve("return {}")
+    local wait = client({ "trickle", port, 1000, 5, 15, "GET /healthz HTTP/1.1\\r\\nhost: x\\r\\nx-slow: ",
+      "abcdefgh" })
+    local lat, failed = {}, 0
+    local t_end = aiorch.now() + 14000
+    aiorch.sleep(500)
+    while aiorch.now() < t_end do
+      local t0 = aiorch.now()
+      local st = aiorch.http.request { url = fmt("http://127.0.0.1:%d/healthz", port), timeout_ms = 5000 }
+      if st == 200 then
+        lat[#lat + 1] = aiorch.now() - t0
+      else
+        failed = failed + 1
+      end
+      aiorch.sleep(50)
+    end
+    local lines = wait()
+    local rss = status_kib(pid, "VmHWM")
+    stop(pid)
+    os.remove(errfile)
+    local closed, statuses, times = 0, {}, {}
+    for _, l in ipairs(lines) do
+      local secs, st = l:match("^(%S+) (%d+)$")
+      secs = tonumber(secs)
+      if secs >= 0 then
+        closed = closed + 1
+        times[#times + 1] = secs
+      end
+      statuses[#statuses + 1] = st
+    end
+    table.sort(times)
+    table.sort(lat)
+    figure("closed by the server within 15 s", fmt("%d of %d", closed, #lines))
+    figure("what they got", count(statuses))
+    if closed > 0 then
+      figure("closed after their first byte (p50 / max)", fmt("%.1f / %.1f", pct(times, 0.5), times[#times]), "s")
+    end
+    figure("normal client: answered / failed", fmt("%d / %d", #lat, failed))
+    figure("normal client latency (p50 / p99 / max)",
+      fmt("%.1f / %.1f / %.1f", pct(lat, 0.5), pct(lat, 0.99), lat[#lat] or 0), "ms")
+    figure("gateway peak RSS", fmt("%.1f", rss / 1024), "MiB")
+  end,
+}
+
+PARTS[#PARTS + 1] = {
+  name = "unauth",
+  about = "100 unauthenticated 4 MiB bodies at once",
+  run = function()
+    local pid, port, errfile = serve([[return { max_body = 8 * 1024 * 1024, client_keys_env = { "HOSTILE_KEY" } }]])
+    local rss0 = status_kib(pid, "VmRSS")
+    local t0 = aiorch.now()
+    local lines = client({ "bodies", port, 100, 4 * MiB, 256 * 1024, 0, "" })()
+    local took = aiorch.now() - t0
+    local hwm = status_kib(pid, "VmHWM")
+    stop(pid)
+    os.remove(errfile)
+    figure("answers", count(lines))
+    figure("time to answer them all", fmt("%.0f", took), "ms")
+    figure("RSS added (peak - idle)", fmt("%.1f", (hwm - rss0) / 1024), "MiB")
+  end,
+}
+
+PARTS[#PARTS + 1] = {
+  name = "slow",
+  about = "1,500 authenticated 1 MiB bodies at once, 64 KiB each every 100 ms",
+  run = function()
+    local pid, port, errfile = serve([[return { max_body = 2 * 1024 * 1024, client_keys_env = { "HOSTILE_KEY" } }]])
+    local rss0 = status_kib(pid, "VmRSS")
+    local t0 = aiorch.now()
+    local lines = client({ "bodies", port, 1500, MiB, 64 * 1024, 0.1, "Authorization: Bearer " .. KEY .. "\\r\\n" })()
+    local took = aiorch.now() - t0
+    local hwm = status_kib(pid, "VmHWM")
+    stop(pid)
+    os.remove(errfile)
+    figure("answers (400: read, malformed JSON)", count(lines))
+    figure("time to answer them all", fmt("%.0f", took), "ms")
+    figure("RSS added (peak - idle)", fmt("%.1f", (hwm - rss0) / 1024), "MiB")
+  end,
+}
+
+-- Streams held by clients that do not read, and reloads under a stream:
+-- bench/hostile_streams.lua (it runs the mock providers in this process).
+for _, name in ipairs { "streams", "reload" } do
+  PARTS[#PARTS + 1] = {
+    name = name,
+    about = "see bench/hostile_streams.lua",
+    run = function()
+      assert(loadfile(ROOT .. "/bench/hostile_streams.lua"))(name)
+    end,
   }
-  assert(status == 200, "the warm-up stream failed")
-  local upstream = m.requests[#m.requests].sent
-  m:reset()
-  aiorch.sleep(1000) -- the gateway gives memory back after a quiet spell
-  local rss0 = status_kib(gw, "VmRSS")
-  local t0 = aiorch.now()
-  local clients = idle_clients(port, n)
-  local peak = rss0
-  local function sample()
-    local r = status_kib(gw, "VmRSS")
-    if r > peak then
-      peak = r
-    end
-    return r
-  end
-  -- until every stream has stalled upstream and the RSS is flat for 2 s
-  local last, flat_since = 0, aiorch.now()
-  while aiorch.now() - t0 < 60000 do
-    local r = sample()
-    if math.abs(r - last) > 1024 then
-      last, flat_since = r, aiorch.now()
-    elseif aiorch.now() - flat_since > 2000 and #m.requests == n then
-      break
-    end
-    aiorch.sleep(100)
-  end
-  local sent, done = 0, 0
-  for _, r in ipairs(m.requests) do
-    sent = sent + (r.sent or 0)
-    if r.completed_at then
-      done = done + 1
-    end
-  end
-  local st = m:stats()
-  local rss = sample()
-  stop(clients)
-  -- the gateway cancels the upstream transfers of the clients that left
-  local gone = wait_for(function()
-    for _, r in ipairs(m.requests) do
-      if not (r.aborted_at or r.completed_at) then
-        return false
-      end
-    end
-    return true
-  end, 10000)
-  aiorch.sleep(1500)
-  local rss_after = status_kib(gw, "VmRSS")
-  local hwm = status_kib(gw, "VmHWM")
-  stop(gw)
-  os.remove(log)
-  m:close()
-  print(fmt("streams: %d clients ask for a %.1f MiB stream (%d events) and never read it", n,
-    upstream / 1048576, CHUNKS))
-  print(fmt("  gateway RSS: %.1f MiB before, %.1f MiB with them hanging (peak %.1f, VmHWM %.1f;"
-    .. " %.0f KiB per stream), %.1f MiB once they left", rss0 / 1024, rss / 1024, peak / 1024, hwm / 1024,
-    (peak - rss0) / n, rss_after / 1024))
-  print(fmt("  mock: %d of %d streams parked in a write, %d writes waited on backpressure, %d streams"
-    .. " sent whole; %.1f MiB sent of %.1f MiB (%.0f KiB per stream)", st.writing, n, st.write_waits, done,
-    sent / 1048576, upstream * n / 1048576, sent / n / 1024))
-  print(fmt("  upstream transfers ended once the clients left: %s", gone and "yes" or "NO"))
-  local ok = peak / 1024 < 150
-  print(fmt("  target: total RSS under 150 MiB with %d such clients: %s", n, ok and "met" or "NOT met"))
-  return ok
-end
-
-local function children(pid)
-  local p = io.popen("pgrep -P " .. pid)
-  local list = {}
-  for line in p:lines() do
-    list[#list + 1] = tonumber(line)
-  end
-  p:close()
-  return list
-end
-
-local function alive(pid)
-  local s = slurp(fmt("/proc/%d/stat", pid))
-  return s ~= nil and s:match("%) (%a)") ~= "Z"
-end
-
--- A 20 s stream through `aiorch serve --workers 2` (drain_timeout_ms 25 s,
--- the master's kill grace 5 s) while the master gets SIGHUP twice, 1 s
--- apart, and plain requests go on all along. Watched until 2 s past the
--- first reload's kill deadline (32 s).
-function parts.reload()
-  local DRAIN_MS, GRACE_MS = 25000, 5000
-  local TEXT = string.rep("tock ", 40)
-  local m = assert(mock.start { defaults = { chunks = 40, chunk_delay_ms = 500, text = TEXT } })
-  local cfg, log = tmpname() .. ".lua", tmpname()
-  local f = assert(io.open(cfg, "w"))
-  f:write(fmt("return { drain_timeout_ms = %d, access_log = false }\n", DRAIN_MS))
-  f:close()
-  local port = free_port()
-  local master = start({ EXE, "serve", "--workers", "2", "--listen", fmt("%s:%d", HOST, port), "--config", cfg }, {
-    env = { OPENAI_API_KEY = "sk-bench", OPENAI_BASE_URL = m:base_url("openai") }, stderr = log,
-  })
-  assert(wait_for(function() return (slurp(log) or ""):find("2 workers listening") end, 15000),
-    "the master did not start")
-  local url = fmt("http://%s:%d/v1/chat/completions", HOST, port)
-  local headers = { ["content-type"] = "application/json", ["x-aiorch-providers"] = "openai" }
-
-  local first, t_stream = false, aiorch.now()
-  local stream = aiorch.spawn(function()
-    local deltas, done = {}, false
-    local status, kind, msg = aiorch.http.request {
-      method = "POST", url = url, headers = headers, timeout_ms = 60000,
-      body = '{"model":"gpt-4o-mini","stream":true,"messages":[{"role":"user","content":"count"}]}',
-      on_event = function(ev)
-        first = true
-        if ev.data == "[DONE]" then
-          done = true
-          return
-        end
-        local j = cjson.decode(ev.data)
-        local c = j and j.choices and j.choices[1]
-        if c and c.delta and type(c.delta.content) == "string" then
-          deltas[#deltas + 1] = c.delta.content
-        end
-      end,
-    }
-    return status, kind, msg, concat(deltas), done, aiorch.now() - t_stream
-  end)
-  local served, failures, first_failure, running = 0, 0, nil, true
-  local load = aiorch.spawn(function()
-    while running do
-      local status, kind, msg = aiorch.http.request {
-        method = "POST", url = url, headers = headers, timeout_ms = 10000,
-        body = '{"model":"gpt-4o-mini","messages":[{"role":"user","content":"hi"}]}',
-      }
-      served = served + 1
-      if status ~= 200 then
-        failures = failures + 1
-        first_failure = first_failure or fmt("%s %s", tostring(status or kind), tostring(msg))
-      end
-      aiorch.sleep(20)
-    end
-  end)
-
-  assert(wait_for(function() return first end, 5000), "the stream did not start")
-  local before = {}
-  for _, pid in ipairs(children(master)) do
-    before[pid] = true
-  end
-  local t0 = aiorch.now()
-  process.kill(master, "SIGHUP")
-  aiorch.sleep(1000)
-  for _, pid in ipairs(children(master)) do
-    before[pid] = true
-  end
-  process.kill(master, "SIGHUP")
-  assert(wait_for(function() return (slurp(log) or ""):find("generation 3 listening") end, 15000),
-    "no third generation")
-  local newest = {}
-  for _, pid in ipairs(children(master)) do
-    if not before[pid] then
-      newest[#newest + 1] = pid
-    end
-  end
-  aiorch.sleep(math.max(0, t0 + DRAIN_MS + GRACE_MS + 2000 - aiorch.now()))
-  running = false
-  load:await(15000)
-  local status, kind, msg, text, done, secs = stream:await(60000)
-  local living = 0
-  for _, pid in ipairs(newest) do
-    if alive(pid) then
-      living = living + 1
-    end
-  end
-  local kills = select(2, (slurp(log) or ""):gsub("SIGKILL", ""))
-  process.kill(master, "SIGTERM")
-  process.wait(master, 40000)
-  m:close()
-  os.remove(cfg)
-  os.remove(log)
-
-  local whole = status == 200 and done and text == TEXT
-  print(fmt("reload: a %.1f s stream in flight, SIGHUP twice 1 s apart, watched for %.1f s after the first",
-    secs / 1000, (aiorch.now() - t0) / 1000))
-  print(fmt("  the stream: %s", whole and "complete" or fmt("NOT complete (%s %s %s, %d bytes, [DONE] %s)",
-    tostring(status), tostring(kind), tostring(msg), #(text or ""), tostring(done))))
-  print(fmt("  plain requests: %d, %d failed%s", served, failures, first_failure and (": " .. first_failure) or ""))
-  print(fmt("  newest generation: %d of %d workers alive; SIGKILL in the master's log: %d", living, #newest, kills))
-  local ok = whole and failures == 0 and living == #newest and #newest == 2 and kills == 0
-  print(fmt("  target: the stream completes, no request fails, the newest generation lives: %s",
-    ok and "met" or "NOT met"))
-  return ok
 end
 
 ------------------------------------------------------------------------------
 
-local ORDER = { "streams", "reload" }
 local chosen = {}
-for p in (args[1] or concat(ORDER, ",")):gmatch("[^,%s]+") do
-  assert(parts[p], "unknown part '" .. p .. "' (one of " .. concat(ORDER, ", ") .. ")")
-  chosen[#chosen + 1] = p
+for p in ((...) or ""):gmatch("[^,%s]+") do
+  chosen[p] = true
 end
-local all_ok = true
-for _, p in ipairs(chosen) do
-  local ok, res = pcall(parts[p], table.unpack(args, 2, args.n))
-  if not ok then
-    print(fmt("%s: failed: %s", p, tostring(res)))
+local any = false
+for _, part in ipairs(PARTS) do
+  if next(chosen) == nil or chosen[part.name] then
+    any = true
+    print(fmt("%s: %s (%s)", part.name, part.about, EXE))
+    local ok, err = pcall(part.run)
+    if not ok then
+      print("  FAILED: " .. tostring(err))
+    end
+    for pid in pairs(running) do
+      stop(pid)
+    end
   end
-  all_ok = all_ok and ok and res
-  stop_all()
 end
-return all_ok and 0 or 1
+if not any then
+  local names = {}
+  for _, part in ipairs(PARTS) do
+    names[#names + 1] = part.name
+  end
+  io.stderr:write("usage: aiorch run bench/hostile.lua [PART,...] (parts: ", table.concat(names, ", "), ")\n")
+  os.exit(2)
+end

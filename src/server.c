@@ -23,6 +23,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <strings.h>
+#include <sys/resource.h>
 #include <sys/socket.h>
 #include <sys/uio.h>
 #include <unistd.h>
@@ -35,7 +36,6 @@
 #define RES_MT "aiorch.server.response"
 #define GUARD_MT "aiorch.server.guard"
 
-#define SRV_DEFAULT_MAX_BODY (1024 * 1024)
 #define SRV_HIGH_WATER (64 * 1024) /* unsent output beyond which res:write yields */
 /* Unsent bytes the kernel may queue per connection (TCP_NOTSENT_LOWAT): its
  * send buffer grows to megabytes on loopback, past what a client reads. */
@@ -44,9 +44,23 @@
 #define SRV_IN_LIMIT (64 * 1024)  /* pipelined input buffered while a request runs */
 #define SRV_MAX_HEADERS 256
 #define SRV_LINGER_S 2.0
-#define SRV_ACCEPT_RETRY_S 0.1
-#define SRV_DEFAULT_MAX_HEADER (32 * 1024) /* request line + headers; 431 beyond */
 #define SRV_SHUTDOWN_IDLE_S 0.5 /* a fresh connection's chance to send during a shutdown */
+/* Out of descriptors: accepting pauses this long, doubling up to the max. */
+#define SRV_BACKOFF_MIN_S 0.01
+#define SRV_BACKOFF_MAX_S 1.0
+/* raise_nofile: descriptors kept for the process besides its connections */
+#define SRV_NOFILE_RESERVE 64
+
+/* The defaults of the limits (docs/limits.md lists them all). */
+#define SRV_DEFAULT_MAX_BODY (1024 * 1024)
+#define SRV_DEFAULT_MAX_HEADER (32 * 1024) /* request line + headers; 431 beyond */
+#define SRV_DEFAULT_MAX_CONNS 10000
+#define SRV_DEFAULT_MAX_BUFFERED (256 * 1024 * 1024)
+#define SRV_DEFAULT_HEADER_TIMEOUT_MS 10000
+#define SRV_DEFAULT_BODY_TIMEOUT_MS 60000
+#define SRV_DEFAULT_READ_TIMEOUT_MS 30000
+#define SRV_DEFAULT_IDLE_TIMEOUT_MS 75000
+#define SRV_DEFAULT_SEND_TIMEOUT_MS 60000
 
 /* Where a connection is in reading a request (for the client timeouts). */
 enum { PH_NONE, PH_HEAD, PH_BODY };
@@ -55,9 +69,18 @@ typedef struct srv_server srv_server;
 typedef struct srv_conn srv_conn;
 typedef struct srv_res srv_res;
 
+/* The bytes a server holds for its clients' input (request bodies and
+ * pipelined requests), against max_buffered (0: no cap). */
+typedef struct srv_pool {
+    size_t used, max;
+} srv_pool;
+
 typedef struct srv_buf {
     char *p;
     size_t off, len, cap; /* bytes [off, len) are live */
+    srv_pool *pool;       /* counts cap, or NULL */
+    size_t ceil;          /* growth stops here while that is enough (0: none) */
+    int capped;           /* growth that would pass pool->max fails */
 } srv_buf;
 
 /* One request header: offsets into conn->scratch, which may move. */
@@ -77,17 +100,22 @@ struct srv_server {
     srv_server *prev, *next; /* rt->servers */
     int linked;
     ev_io accept_w;
-    ev_timer retry_w; /* re-arms accept after EMFILE and the like */
-    int fd;           /* -1 once closed, or once shutting down */
+    ev_timer retry_w; /* resumes accepting after EMFILE and the like */
+    double backoff;   /* its current delay in seconds; 0: accepting */
+    ev_tstamp backoff_since, backoff_logged;
+    lua_Integer accept_failed, failed_at_log, failed_at_start; /* accept calls refused */
+    int fd; /* -1 once closed, or once shutting down */
     int port;
     int closed;
     size_t max_body, max_header;
     lua_Integer max_conns;              /* 0: no limit */
     lua_Integer refusing;               /* connections open only to be answered 503 */
-    double header_to, idle_to, read_to; /* seconds; 0: none */
+    double header_to, body_to, read_to, idle_to, send_to; /* seconds; 0: none */
+    srv_pool pool;
     int handler_ref, self_ref;
-    int refuse_ref; /* on_refuse, or LUA_NOREF */
-    int refusing_now; /* inside on_refuse: closing would free its connection */
+    int refuse_ref;  /* on_refuse, or LUA_NOREF */
+    int headers_ref; /* on_headers, or LUA_NOREF */
+    int in_hook;     /* inside on_refuse or on_headers: closing would free their connection */
     srv_conn *conns;
     lua_Integer next_id;
     lua_Integer accepted, open, requests, aborted, refused, timed_out;
@@ -105,16 +133,20 @@ struct srv_conn {
     int fd;
     ev_io rw, ww;
     ev_timer linger_w;
-    ev_timer to_w;      /* the header, read or idle timeout */
-    ev_tstamp phase_at; /* when the phase began (for PH_BODY: the last read) */
+    ev_timer to_w;      /* the client timeouts (conn_deadline) */
+    ev_tstamp phase_at; /* when the phase began */
+    ev_tstamp read_at;  /* PH_BODY: the last read */
+    ev_tstamp sent_at;  /* the last write progress, or when output became pending */
     int phase;
+    const char *parse_start, *parse_end; /* the bytes http_parser is given */
     lua_Integer served;
     http_parser parser;
     srv_buf in, out, scratch, body;
     srv_hdr *hdrs;
     size_t nhdrs, hdrs_cap, url_len;
-    int hstate; /* 0: none yet, 1: in a header name, 2: in a value */
-    int reject; /* status for a request refused while parsing */
+    int hstate;    /* 0: none yet, 1: in a header name, 2: in a value */
+    int line_done; /* the value's line ended: more of it is obsolete folding */
+    int reject;    /* status for a request refused while parsing, or SRV_ANSWERED */
     unsigned keep_alive : 1, failed : 1, close_after : 1, linger : 1, lingering : 1,
         read_paused : 1, refused : 1;
     /* the request whose response is not finished yet */
@@ -141,6 +173,12 @@ typedef struct srv_guard {
 
 enum { SRV_PLAIN, SRV_GONE, SRV_CANCEL };
 
+/* c->reject: on_headers answered; the answer is queued in c->out */
+#define SRV_ANSWERED 1
+
+/* buf_reserve's failures */
+enum { BUF_OOM = -1, BUF_OVER = -2 };
+
 static void conn_free(lua_State *L, srv_conn *c, int how);
 static void conn_timer_update(srv_conn *c);
 static void srv_on_shut_timer(struct ev_loop *loop, ev_timer *w, int revents);
@@ -148,6 +186,14 @@ static void srv_shut_end(lua_State *L, srv_server *s);
 
 /* ---- buffers ---------------------------------------------------------- */
 
+/* Whether n more bytes would take the pool past its max. */
+static int pool_full(const srv_pool *pool, uint64_t n)
+{
+    return pool->max && (pool->used > pool->max || n > pool->max - pool->used);
+}
+
+/* Makes room for n more bytes, doubling. Returns 0, BUF_OOM, or BUF_OVER
+ * when a capped buffer would take its pool past the pool's max. */
 static int buf_reserve(srv_buf *b, size_t n)
 {
     size_t cap;
@@ -162,11 +208,14 @@ static int buf_reserve(srv_buf *b, size_t n)
     }
     cap = b->cap ? b->cap : 1024;
     while (cap - b->len < n) {
-        if (cap > SIZE_MAX / 2) return -1;
+        if (cap > SIZE_MAX / 2) return BUF_OOM;
         cap *= 2;
     }
+    if (b->ceil && cap > b->ceil && b->ceil - b->len >= n) cap = b->ceil;
+    if (b->capped && pool_full(b->pool, cap - b->cap)) return BUF_OVER;
     p = realloc(b->p, cap);
-    if (!p) return -1;
+    if (!p) return BUF_OOM;
+    if (b->pool) b->pool->used += cap - b->cap;
     b->p = p;
     b->cap = cap;
     return 0;
@@ -174,8 +223,9 @@ static int buf_reserve(srv_buf *b, size_t n)
 
 static int buf_add(srv_buf *b, const void *s, size_t n)
 {
+    int rc;
     if (n == 0) return 0;
-    if (buf_reserve(b, n)) return -1;
+    if ((rc = buf_reserve(b, n)) != 0) return rc;
     memcpy(b->p + b->len, s, n);
     b->len += n;
     return 0;
@@ -202,10 +252,13 @@ static int buf_fmt(srv_buf *b, const char *fmt, ...)
     }
 }
 
+/* Frees the bytes; the pool, ceiling and cap stay. */
 static void buf_free(srv_buf *b)
 {
+    if (b->pool) b->pool->used -= b->cap;
     free(b->p);
-    memset(b, 0, sizeof *b);
+    b->p = NULL;
+    b->off = b->len = b->cap = 0;
 }
 
 /* ---- HTTP bits -------------------------------------------------------- */
@@ -382,6 +435,7 @@ static int conn_send(srv_conn *c, const struct iovec *iov, int n)
         if (errno != EAGAIN && errno != EWOULDBLOCK) return -1;
         w = 0;
     }
+    if (w > 0 || !queued) c->sent_at = ev_now(c->srv->rt->loop); /* progress, or a fresh start */
     done = (size_t)w;
     if (done >= queued) {
         done -= queued;
@@ -399,10 +453,12 @@ static int conn_send(srv_conn *c, const struct iovec *iov, int n)
         if (buf_add(&c->out, (const char *)iov[i].iov_base + done, len - done)) return -1;
         done = 0;
     }
-    if (out_pending(c))
+    if (out_pending(c)) {
         ev_io_start(c->srv->rt->loop, &c->ww);
-    else
+        if (!ev_is_active(&c->to_w)) conn_timer_update(c); /* the send timeout */
+    } else {
         buf_free(&c->out); /* thousands of idle streams must not each keep one */
+    }
     return 0;
 }
 
@@ -478,6 +534,11 @@ static void conn_free(lua_State *L, srv_conn *c, int how)
     if (c->next) c->next->pprev = c->pprev;
     s->open--;
     if (c->refused) s->refusing--;
+    if (s->backoff > 0 && ev_is_active(&s->retry_w)) { /* a descriptor is free: accept now */
+        ev_timer_stop(loop, &s->retry_w);
+        ev_timer_set(&s->retry_w, 0., 0.);
+        ev_timer_start(loop, &s->retry_w);
+    }
     if (s->shut_task && !s->conns) { /* drained: end the shutdown from the loop */
         ev_timer_stop(loop, &s->shut_w);
         ev_timer_set(&s->shut_w, 0., 0.);
@@ -518,6 +579,7 @@ static int conn_finish_close(lua_State *L, srv_conn *c)
     if (c->linger && !c->lingering) {
         c->lingering = 1;
         shutdown(c->fd, SHUT_WR);
+        ev_timer_stop(loop, &c->to_w); /* the linger timer bounds it now */
         ev_io_start(loop, &c->rw);
         ev_timer_start(loop, &c->linger_w);
         return 0;
@@ -558,15 +620,83 @@ static void conn_end_response(lua_State *L, srv_conn *c)
     if (c->in.off < c->in.len) ev_feed_event(loop, &c->rw, EV_CUSTOM);
 }
 
-static void req_push(lua_State *L, srv_conn *c);
+/* The headers table of an on_headers answer (name = string or number), on
+ * the output. Returns an error message or NULL. */
+static const char *answer_headers(lua_State *L, int hidx, srv_buf *b)
+{
+    lua_checkstack(L, 3);
+    lua_pushnil(L);
+    while (lua_next(L, hidx)) {
+        const char *name, *val;
+        size_t nl, vl;
+        if (lua_type(L, -2) != LUA_TSTRING) return "header names must be strings";
+        name = lua_tolstring(L, -2, &nl);
+        if (!is_token(name, nl)) return "invalid header name";
+        if (name_is(name, nl, "content-length") || name_is(name, nl, "transfer-encoding") ||
+            name_is(name, nl, "connection") || name_is(name, nl, "content-type"))
+            return "the server sets content-length, transfer-encoding, connection, content-type";
+        if (lua_type(L, -1) != LUA_TSTRING && lua_type(L, -1) != LUA_TNUMBER)
+            return "header values must be strings or numbers";
+        val = lua_tolstring(L, -1, &vl); /* converts the value slot only: lua_next is safe */
+        if (!is_field_value(val, vl)) return "invalid header value";
+        if (buf_add(b, name, nl) || buf_lit(b, ": ") || buf_add(b, val, vl) || buf_lit(b, "\r\n"))
+            return "out of memory";
+        lua_pop(L, 1);
+    }
+    return NULL;
+}
 
-/* Run protected: on_refuse(status, req) -> body[, content type]. */
+/* Queues the answer to a refused request (hidx: a headers table or 0) and
+ * makes c close after it: no more input is read, and the close lingers.
+ * Returns an error message, leaving the output as it was, or NULL. */
+static const char *answer_queue(lua_State *L, srv_conn *c, int status, const char *type,
+                                const char *body, size_t len, int hidx)
+{
+    srv_buf *b = &c->out;
+    size_t mark = b->len - b->off;
+    const char *err = "out of memory";
+
+    if (buf_fmt(b,
+                "HTTP/1.1 %d %s\r\ncontent-type: %s\r\ncontent-length: %zu\r\n"
+                "connection: close\r\n",
+                status, srv_reason(status), type, len))
+        goto fail;
+    if (hidx && (err = answer_headers(L, hidx, b)) != NULL) goto fail;
+    err = "out of memory";
+    if (buf_lit(b, "\r\n") || buf_add(b, body, len)) goto fail;
+    c->close_after = 1;
+    c->linger = 1;
+    c->in.off = c->in.len = 0;
+    ev_io_stop(c->srv->rt->loop, &c->rw);
+    return NULL;
+fail:
+    b->len = b->off + mark;
+    return err;
+}
+
+/* Sends a queued answer; c closes once it is out. Returns -1 when c was
+ * freed. */
+static int answer_send(lua_State *L, srv_conn *c)
+{
+    if (conn_send(c, NULL, 0) < 0) {
+        conn_free(L, c, SRV_PLAIN);
+        return -1;
+    }
+    if (!out_pending(c)) return conn_finish_close(L, c);
+    conn_timer_update(c); /* the send timeout: a client that does not read */
+    return 0;
+}
+
+/* Run protected: on_refuse(status, req) -> body[, content type], req
+ * holding the body read so far. */
 static int refuse_call(lua_State *L)
 {
     srv_conn *c = lua_touserdata(L, 1);
     lua_rawgeti(L, LUA_REGISTRYINDEX, c->srv->refuse_ref);
     lua_pushvalue(L, 2);
-    req_push(L, c);
+    lua_rawgeti(L, LUA_REGISTRYINDEX, c->req_ref);
+    lua_pushlstring(L, c->body.len ? c->body.p : "", c->body.len);
+    lua_setfield(L, -2, "body");
     lua_call(L, 2, 2);
     return 2;
 }
@@ -584,19 +714,15 @@ static int conn_reject(lua_State *L, srv_conn *c, int status)
     const char *type = "text/plain";
     size_t len = strlen(body), tlen;
     int top = lua_gettop(L), failed;
-    c->close_after = 1;
-    c->linger = 1;
-    c->in.off = c->in.len = 0;
-    ev_io_stop(c->srv->rt->loop, &c->rw);
-    ev_timer_stop(c->srv->rt->loop, &c->to_w);
-    if (c->srv->refuse_ref != LUA_NOREF && c->phase == PH_BODY) {
+    if (status == 503) buf_free(&c->body); /* max_buffered: on_refuse must not copy it either */
+    if (c->srv->refuse_ref != LUA_NOREF && c->phase == PH_BODY && c->req_ref != LUA_NOREF) {
         lua_checkstack(L, 4);
         lua_pushcfunction(L, refuse_call);
         lua_pushlightuserdata(L, c);
         lua_pushinteger(L, status);
-        c->srv->refusing_now = 1;
+        c->srv->in_hook = 1;
         int rc = lua_pcall(L, 2, 2, 0);
-        c->srv->refusing_now = 0;
+        c->srv->in_hook = 0;
         if (rc != LUA_OK) {
             aiorch_report(c->srv->rt, "aiorch.server: on_refuse: %s", lua_tostring(L, -1));
         } else if (lua_type(L, -2) == LUA_TSTRING) {
@@ -607,18 +733,14 @@ static int conn_reject(lua_State *L, srv_conn *c, int status)
             }
         }
     }
-    failed = buf_fmt(&c->out,
-                     "HTTP/1.1 %d %s\r\ncontent-type: %s\r\ncontent-length: %zu\r\n"
-                     "connection: close\r\n\r\n",
-                     status, srv_reason(status), type, len) ||
-             buf_add(&c->out, body, len);
+    failed = answer_queue(L, c, status, type, body, len, 0) != NULL;
     lua_settop(L, top); /* body and type were copied */
-    if (failed || conn_send(c, NULL, 0) < 0) {
+    buf_free(&c->body); /* no use any more: back to max_buffered at once */
+    if (failed) {
         conn_free(L, c, SRV_PLAIN);
         return -1;
     }
-    if (!out_pending(c)) return conn_finish_close(L, c);
-    return 0;
+    return answer_send(L, c);
 }
 
 /* ---- responses -------------------------------------------------------- */
@@ -1064,16 +1186,24 @@ static void req_push(lua_State *L, srv_conn *c)
         lua_rawset(L, -3);
     }
     lua_setfield(L, -2, "headers");
-    lua_pushlstring(L, c->body.len ? c->body.p : "", c->body.len);
-    lua_setfield(L, -2, "body");
     lua_pushinteger(L, ++s->next_id);
     lua_setfield(L, -2, "id");
     lua_pushnumber(L, aiorch_now_ms());
     lua_setfield(L, -2, "received_at");
 }
 
-/* Builds req and res for the parsed request and starts its handler task.
- * Run protected: everything here allocates. */
+/* Run protected: c's req table, made once its headers are in (for
+ * on_headers, on_refuse and the handler), kept as c->req_ref. */
+static int req_build(lua_State *L)
+{
+    srv_conn *c = lua_touserdata(L, 1);
+    req_push(L, c);
+    c->req_ref = luaL_ref(L, LUA_REGISTRYINDEX);
+    return 0;
+}
+
+/* Adds the body to req and makes res for the parsed request, then starts
+ * its handler task. Run protected: everything here allocates. */
 static int request_spawn(lua_State *L)
 {
     srv_conn *c = lua_touserdata(L, 1);
@@ -1083,9 +1213,9 @@ static int request_spawn(lua_State *L)
 
     lua_pushcfunction(L, handler_task);
     lua_rawgeti(L, LUA_REGISTRYINDEX, s->handler_ref);
-    req_push(L, c);
-    lua_pushvalue(L, -1);
-    c->req_ref = luaL_ref(L, LUA_REGISTRYINDEX);
+    lua_rawgeti(L, LUA_REGISTRYINDEX, c->req_ref);
+    lua_pushlstring(L, c->body.len ? c->body.p : "", c->body.len);
+    lua_setfield(L, -2, "body");
     r = lua_newuserdatauv(L, sizeof *r, 2); /* res:on_error's body and type */
     memset(r, 0, sizeof *r);
     r->rt = s->rt;
@@ -1158,6 +1288,7 @@ static int on_message_begin(http_parser *p)
     c->url_len = 0;
     c->nhdrs = 0;
     c->hstate = 0;
+    c->line_done = 0;
     c->reject = 0;
     return 0;
 }
@@ -1171,12 +1302,21 @@ static int on_url(http_parser *p, const char *at, size_t n)
     return head_check(c);
 }
 
-/* http_parser on_header_field */
+/* http_parser on_header_field. http_parser (built without strict mode)
+ * lets spaces into a name: "Foo : bar" would pass as the header "foo ",
+ * and "Content-Length : 5" would not frame the body. A field name is a
+ * token (RFC 9112 5.1): 400 otherwise. */
 static int on_header_field(http_parser *p, const char *at, size_t n)
 {
     srv_conn *c = p->data;
     srv_hdr *h;
+    size_t i;
 
+    for (i = 0; i < n; i++)
+        if (!is_tchar((unsigned char)at[i])) {
+            c->reject = 400;
+            return -1;
+        }
     if (c->hstate != 1) {
         if (c->nhdrs == SRV_MAX_HEADERS) {
             c->reject = 400;
@@ -1193,6 +1333,7 @@ static int on_header_field(http_parser *p, const char *at, size_t n)
         h->name = h->value = c->scratch.len;
         h->name_len = h->value_len = 0;
         c->hstate = 1;
+        c->line_done = 0;
     }
     h = &c->hdrs[c->nhdrs - 1];
     if (buf_add(&c->scratch, at, n)) return parse_oom(c);
@@ -1200,18 +1341,37 @@ static int on_header_field(http_parser *p, const char *at, size_t n)
     return head_check(c);
 }
 
-/* http_parser on_header_value */
+/* Whether a piece of a header value starts a folded line: only blanks
+ * between it and a line end before it (in the bytes http_parser was given). */
+static int value_folded(const srv_conn *c, const char *at)
+{
+    const char *q = at;
+    while (q > c->parse_start && (q[-1] == ' ' || q[-1] == '\t'))
+        q--;
+    return q > c->parse_start && q[-1] == '\n';
+}
+
+/* http_parser on_header_value. http_parser joins an obsolete line fold
+ * ("Foo: a\r\n b") to the value; a server must refuse it or replace it
+ * (RFC 9112 5.2): 400. A value's piece after its line ended, or right
+ * after a line end and blanks, is a fold. (An empty value comes as an
+ * empty piece at the start of the next line.) */
 static int on_header_value(http_parser *p, const char *at, size_t n)
 {
     srv_conn *c = p->data;
     srv_hdr *h;
 
     if (c->nhdrs == 0) return -1;
+    if (n > 0 && ((c->hstate == 2 && c->line_done) || value_folded(c, at))) {
+        c->reject = 400;
+        return -1;
+    }
     h = &c->hdrs[c->nhdrs - 1];
     if (c->hstate != 2) {
         h->value = c->scratch.len;
         c->hstate = 2;
     }
+    c->line_done = at + n < c->parse_end && (at[n] == '\r' || at[n] == '\n');
     if (buf_add(&c->scratch, at, n)) return parse_oom(c);
     h->value_len += n;
     return head_check(c);
@@ -1229,25 +1389,117 @@ static int conn_expects_continue(srv_conn *c)
     return 0;
 }
 
-/* http_parser on_headers_complete */
+/* Run protected: on_headers(req) -> nothing, or status, body[, content
+ * type[, headers]]. */
+static int headers_call(lua_State *L)
+{
+    srv_conn *c = lua_touserdata(L, 1);
+    lua_rawgeti(L, LUA_REGISTRYINDEX, c->srv->headers_ref);
+    lua_rawgeti(L, LUA_REGISTRYINDEX, c->req_ref);
+    lua_call(L, 1, 4);
+    return 4;
+}
+
+/* Calls on_headers, from inside http_parser: it must not yield, nor close
+ * the server. Returns 0 to go on, or -1 with c->reject set: SRV_ANSWERED
+ * (its answer is queued) or 500 (it raised or answered nonsense). */
+static int headers_hook(srv_conn *c)
+{
+    srv_server *s = c->srv;
+    lua_State *L = s->rt->S;
+    int top = lua_gettop(L), rc, isnum;
+    const char *err = NULL, *body = "", *type = "text/plain";
+    lua_Integer status;
+    size_t len = 0, tlen;
+
+    lua_checkstack(L, 8);
+    lua_pushcfunction(L, headers_call);
+    lua_pushlightuserdata(L, c);
+    s->in_hook = 1;
+    rc = lua_pcall(L, 1, 4, 0);
+    s->in_hook = 0;
+    if (rc != LUA_OK) {
+        aiorch_report(s->rt, "aiorch.server: on_headers: %s", lua_tostring(L, -1));
+        lua_settop(L, top);
+        c->reject = 500;
+        return -1;
+    }
+    if (lua_isnil(L, top + 1)) {
+        lua_settop(L, top);
+        return 0;
+    }
+    status = lua_tointegerx(L, top + 1, &isnum);
+    if (!isnum || status < 200 || status > 999)
+        err = "the status must be an integer in 200..999";
+    else if (!lua_isnil(L, top + 2) && lua_type(L, top + 2) != LUA_TSTRING)
+        err = "the body must be a string";
+    else if (!lua_isnil(L, top + 3) && lua_type(L, top + 3) != LUA_TSTRING)
+        err = "the content type must be a string";
+    else if (!lua_isnil(L, top + 4) && lua_type(L, top + 4) != LUA_TTABLE)
+        err = "the headers must be a table";
+    if (!err) {
+        if (!lua_isnil(L, top + 2)) body = lua_tolstring(L, top + 2, &len);
+        if (!lua_isnil(L, top + 3)) {
+            type = lua_tolstring(L, top + 3, &tlen);
+            if (tlen == 0 || !is_field_value(type, tlen) || strlen(type) != tlen)
+                err = "bad content type";
+        }
+    }
+    if (!err) {
+        int hidx = lua_istable(L, top + 4) ? top + 4 : 0;
+        err = answer_queue(L, c, (int)status, type, body, len, hidx);
+    }
+    lua_settop(L, top);
+    if (err) {
+        aiorch_report(s->rt, "aiorch.server: on_headers: %s", err);
+        c->reject = 500;
+        return -1;
+    }
+    c->reject = SRV_ANSWERED;
+    return -1;
+}
+
+/* http_parser on_headers_complete: req is made, on_headers may answer
+ * before any of the body is read, and the body's size is checked. */
 static int on_headers_complete(http_parser *p)
 {
     static const char cont[] = "HTTP/1.1 100 Continue\r\n\r\n";
     srv_conn *c = p->data;
+    srv_server *s = c->srv;
+    lua_State *L = s->rt->S;
     int sized = !(p->flags & F_CHUNKED) && p->content_length != ULLONG_MAX;
     int has_body = (p->flags & F_CHUNKED) || (sized && p->content_length > 0);
+    int expects = has_body && p->http_major == 1 && p->http_minor >= 1 && conn_expects_continue(c);
 
     c->keep_alive = http_should_keep_alive(p) != 0;
     c->phase = PH_BODY;
-    c->phase_at = ev_now(c->srv->rt->loop);
-    if (sized && p->content_length > c->srv->max_body) { /* refuse before reading it */
+    c->phase_at = c->read_at = ev_now(s->rt->loop);
+    luaL_unref(L, LUA_REGISTRYINDEX, c->req_ref);
+    c->req_ref = LUA_NOREF;
+    lua_checkstack(L, 4);
+    lua_pushcfunction(L, req_build);
+    lua_pushlightuserdata(L, c);
+    if (lua_pcall(L, 1, 0, 0) != LUA_OK) {
+        lua_pop(L, 1);
+        return parse_oom(c);
+    }
+    /* req has copies: a slow body must not hold these as well */
+    buf_free(&c->scratch);
+    free(c->hdrs);
+    c->hdrs = NULL;
+    c->nhdrs = c->hdrs_cap = 0;
+    if (s->headers_ref != LUA_NOREF && headers_hook(c) < 0) return -1;
+    if (sized && p->content_length > s->max_body) { /* refuse before reading it */
         c->reject = 413;
         return -1;
     }
-    if (sized && p->content_length > 0 && buf_reserve(&c->body, (size_t)p->content_length))
-        return parse_oom(c);
+    if (sized && pool_full(&s->pool, p->content_length)) {
+        c->reject = 503; /* max_buffered: it would not fit */
+        return -1;
+    }
+    c->body.ceil = sized ? (size_t)p->content_length : 0; /* grown as it arrives, up to that */
     /* A client waiting for "100 Continue" would otherwise stall. */
-    if (has_body && p->http_major == 1 && p->http_minor >= 1 && conn_expects_continue(c)) {
+    if (expects) {
         struct iovec v;
         v.iov_base = (void *)cont;
         v.iov_len = sizeof cont - 1;
@@ -1259,15 +1511,21 @@ static int on_headers_complete(http_parser *p)
     return 0;
 }
 
-/* http_parser on_body */
+/* http_parser on_body: max_body answers 413, max_buffered 503. */
 static int on_body(http_parser *p, const char *at, size_t n)
 {
     srv_conn *c = p->data;
+    int rc;
     if (n > c->srv->max_body - c->body.len) {
         c->reject = 413;
         return -1;
     }
-    if (buf_add(&c->body, at, n)) return parse_oom(c);
+    rc = buf_add(&c->body, at, n);
+    if (rc == BUF_OVER) {
+        c->reject = 503;
+        return -1;
+    }
+    if (rc) return parse_oom(c);
     return 0;
 }
 
@@ -1299,6 +1557,8 @@ static int conn_parse(lua_State *L, srv_conn *c, srv_buf *in)
         enum http_errno e;
 
         if (out_pending(c) > SRV_HIGH_WATER) break; /* resumed as the output drains */
+        c->parse_start = in->p + in->off;
+        c->parse_end = in->p + in->len;
         n = http_parser_execute(&c->parser, &srv_parser_settings, in->p + in->off, in->len - in->off);
         in->off += n;
         e = HTTP_PARSER_ERRNO(&c->parser);
@@ -1310,6 +1570,7 @@ static int conn_parse(lua_State *L, srv_conn *c, srv_buf *in)
             http_parser_pause(&c->parser, 0);
             if (conn_dispatch(L, c) < 0) return -1;
         } else if (e != HPE_OK) {
+            if (c->reject == SRV_ANSWERED) return answer_send(L, c);
             return conn_reject(L, c, c->reject ? c->reject : e == HPE_HEADER_OVERFLOW ? 431 : 400);
         }
     }
@@ -1370,7 +1631,8 @@ static void conn_read(struct ev_loop *loop, lua_State *L, srv_conn *c)
         srv_buf *b = &c->in;
         ssize_t n;
 
-        if ((c->res || out_pending(c) > SRV_HIGH_WATER) && b->len - b->off >= SRV_IN_LIMIT) {
+        if ((c->res || out_pending(c) > SRV_HIGH_WATER) &&
+            (b->len - b->off >= SRV_IN_LIMIT || pool_full(&c->srv->pool, SRV_READ_SIZE))) {
             /* enough pipelined input: wait for the running request or output */
             ev_io_stop(loop, &c->rw);
             c->read_paused = 1;
@@ -1378,10 +1640,10 @@ static void conn_read(struct ev_loop *loop, lua_State *L, srv_conn *c)
         }
         n = recv(c->fd, tmp, sizeof tmp, 0);
         if (n > 0) {
-            if (c->phase == PH_BODY) c->phase_at = ev_now(loop);
+            if (c->phase == PH_BODY) c->read_at = ev_now(loop);
             if (b->off == b->len && !c->res && out_pending(c) <= SRV_HIGH_WATER) {
                 /* parsed in place; only bytes past a complete request are kept */
-                srv_buf view = {tmp, 0, (size_t)n, sizeof tmp};
+                srv_buf view = {.p = tmp, .len = (size_t)n, .cap = sizeof tmp};
                 if (conn_parse(L, c, &view) < 0 || c->close_after) return;
                 if (view.off < view.len && buf_add(b, tmp + view.off, view.len - view.off)) {
                     conn_free(L, c, c->res ? SRV_CANCEL : SRV_PLAIN);
@@ -1433,6 +1695,7 @@ static void conn_flush(struct ev_loop *loop, lua_State *L, srv_conn *c)
             return;
         }
         c->out.off += (size_t)n;
+        c->sent_at = ev_now(loop);
     }
     if (!out_pending(c)) {
         ev_io_stop(loop, &c->ww);
@@ -1475,42 +1738,74 @@ static void conn_on_linger(struct ev_loop *loop, ev_timer *w, int revents)
     conn_free(c->srv->rt->S, c, SRV_PLAIN);
 }
 
-/* Arms c's timeout for where it is: the header timeout from a request's
- * first byte, the read timeout between body reads, the idle timeout between
- * requests; none while a handler runs or a response is being written. */
+/* The earlier of deadline due (0: none) and since + to (to 0: none). */
+static ev_tstamp sooner(ev_tstamp due, ev_tstamp since, double to)
+{
+    if (to <= 0) return due;
+    return due == 0 || since + to < due ? since + to : due;
+}
+
+/* When c times out where it is (0: never). Between requests, the idle
+ * timeout from the accept or the end of the last response; in a request's
+ * headers, the header timeout from its first byte; in its body, the body
+ * timeout from the end of the headers and the read timeout from the last
+ * read; none while a handler works. Whenever output waits for the client,
+ * the send timeout from the last write progress. */
+static ev_tstamp conn_deadline(const srv_conn *c)
+{
+    const srv_server *s = c->srv;
+    ev_tstamp due = 0;
+
+    if (c->lingering) return 0; /* the linger timer bounds it */
+    if (out_pending(c)) due = sooner(due, c->sent_at, s->send_to);
+    if (c->res || c->close_after) return due;
+    if (c->phase == PH_HEAD) {
+        due = sooner(due, c->phase_at, s->header_to);
+    } else if (c->phase == PH_BODY) {
+        due = sooner(due, c->phase_at, s->body_to);
+        due = sooner(due, c->read_at, s->read_to);
+    } else if (!out_pending(c)) {
+        due = sooner(due, c->phase_at, s->shutting ? SRV_SHUTDOWN_IDLE_S : s->idle_to);
+    }
+    return due;
+}
+
+/* Arms c's timer for its deadline. Between phases only: a write's progress
+ * moves the send deadline without touching the timer, which, once it
+ * fires early, waits for the rest (conn_on_timeout). */
 static void conn_timer_update(srv_conn *c)
 {
-    srv_server *s = c->srv;
-    struct ev_loop *loop = s->rt->loop;
-    double to = 0, after;
+    struct ev_loop *loop = c->srv->rt->loop;
+    ev_tstamp due = conn_deadline(c), after;
 
     ev_timer_stop(loop, &c->to_w);
-    if (c->res || c->close_after || c->lingering) return;
-    if (c->phase == PH_HEAD)
-        to = s->header_to;
-    else if (c->phase == PH_BODY)
-        to = s->read_to;
-    else if (out_pending(c))
-        return;
-    else if (s->shutting)
-        to = SRV_SHUTDOWN_IDLE_S;
-    else
-        to = s->idle_to;
-    if (to <= 0) return;
-    after = c->phase_at + to - ev_now(loop);
+    if (due == 0) return;
+    after = due - ev_now(loop);
     ev_timer_set(&c->to_w, after > 0 ? after : 0., 0.);
     ev_timer_start(loop, &c->to_w);
 }
 
-/* ev_timer: a client timeout; 408 when a request was partly read */
+/* ev_timer: a client timeout. A request partly read gets 408; a client
+ * that does not read its response is taken as gone (its handler is
+ * cancelled); an idle connection is closed. */
 static void conn_on_timeout(struct ev_loop *loop, ev_timer *w, int revents)
 {
     srv_conn *c = w->data;
-    aiorch_runtime *rt = c->srv->rt;
-    (void)loop;
+    srv_server *s = c->srv;
+    aiorch_runtime *rt = s->rt;
+    ev_tstamp now = ev_now(loop), due = conn_deadline(c);
+
     (void)revents;
-    c->srv->timed_out++;
-    if (c->phase != PH_NONE)
+    if (due == 0) return;
+    if (due > now + 1e-3) { /* it moved on meanwhile */
+        ev_timer_set(w, due - now, 0.);
+        ev_timer_start(loop, w);
+        return;
+    }
+    s->timed_out++;
+    if (out_pending(c) && s->send_to > 0 && c->sent_at + s->send_to <= now + 1e-3)
+        conn_free(rt->S, c, c->res ? SRV_GONE : SRV_PLAIN);
+    else if (c->phase != PH_NONE)
         conn_reject(rt->S, c, 408);
     else
         conn_free(rt->S, c, SRV_PLAIN);
@@ -1563,7 +1858,9 @@ static srv_conn *conn_new(srv_server *s, int fd)
     c->linger_w.data = c;
     ev_init(&c->to_w, conn_on_timeout);
     c->to_w.data = c;
-    c->phase_at = ev_now(loop);
+    c->in.pool = c->body.pool = &s->pool;
+    c->body.capped = 1; /* pipelined input pauses reading instead (conn_read) */
+    c->phase_at = c->sent_at = ev_now(loop);
     c->next = s->conns;
     if (c->next) c->next->pprev = &c->next;
     c->pprev = &s->conns;
@@ -1593,27 +1890,81 @@ static void srv_take(srv_server *s, int fd)
     }
 }
 
-/* ev_io accept watcher: takes every pending connection */
-static void srv_on_accept(struct ev_loop *loop, ev_io *w, int revents)
+/* Out of descriptors (or memory): the listening socket stays readable, so
+ * accepting stops and a timer resumes it, after 10 ms, doubling up to 1 s
+ * while it keeps failing. The connections already open are served
+ * meanwhile, and the clients waiting in the backlog are taken once
+ * descriptors free up (at once when one of its connections closes). One
+ * line is logged as it starts, then at most one per second with the count
+ * of accepts refused, and one as it ends. */
+static void srv_backoff(srv_server *s, int err)
 {
-    srv_server *s = w->data;
+    struct ev_loop *loop = s->rt->loop;
+    ev_tstamp now = ev_now(loop);
 
-    (void)revents;
+    s->accept_failed++;
+    ev_io_stop(loop, &s->accept_w);
+    if (s->backoff == 0) {
+        s->backoff = SRV_BACKOFF_MIN_S;
+        s->backoff_since = s->backoff_logged = now;
+        s->failed_at_start = s->failed_at_log = s->accept_failed - 1;
+        aiorch_report(s->rt,
+                      "aiorch.server: accept on %s:%d: %s: not accepting for a while "
+                      "(the open connections are still served)",
+                      s->host, s->port, strerror(err));
+    } else {
+        s->backoff = s->backoff * 2 < SRV_BACKOFF_MAX_S ? s->backoff * 2 : SRV_BACKOFF_MAX_S;
+        if (now - s->backoff_logged >= SRV_BACKOFF_MAX_S) {
+            aiorch_report(s->rt,
+                          "aiorch.server: accept on %s:%d: %s: accepts refused: %lld in %.1f s; "
+                          "trying every %.0f ms",
+                          s->host, s->port, strerror(err),
+                          (long long)(s->accept_failed - s->failed_at_log), now - s->backoff_logged,
+                          s->backoff * 1000);
+            s->backoff_logged = now;
+            s->failed_at_log = s->accept_failed;
+        }
+    }
+    /* An expired one-shot timer keeps what was left of its delay (nothing,
+     * or less): set the delay anew, or it would fire at once. */
+    ev_timer_set(&s->retry_w, s->backoff, 0.);
+    ev_timer_start(loop, &s->retry_w);
+}
+
+/* Takes every pending connection. */
+static void srv_accept_all(srv_server *s)
+{
     for (;;) {
         int fd = srv_accept_fd(s->fd);
         if (fd < 0) {
-            if (errno == EINTR || errno == ECONNABORTED) continue;
-            if (errno == EAGAIN || errno == EWOULDBLOCK) return;
-            /* Out of descriptors or the like: the socket stays readable,
-             * so pause rather than spin. */
-            aiorch_report(s->rt, "aiorch.server: accept on %s:%d: %s", s->host, s->port,
-                          strerror(errno));
-            ev_io_stop(loop, w);
-            ev_timer_start(loop, &s->retry_w);
+            int e = errno;
+            /* A connection that failed while queued: try the next one. */
+            if (e == EINTR || e == ECONNABORTED || e == EPROTO || e == EPERM || e == ENETDOWN ||
+                e == ENOPROTOOPT || e == EHOSTDOWN || e == EHOSTUNREACH || e == EOPNOTSUPP ||
+                e == ENETUNREACH)
+                continue;
+            if (e == EAGAIN || e == EWOULDBLOCK) break;
+            srv_backoff(s, e); /* EMFILE, ENFILE, ENOBUFS, ENOMEM and the unexpected */
             return;
         }
         srv_take(s, fd);
     }
+    if (s->backoff > 0) {
+        aiorch_report(s->rt,
+                      "aiorch.server: accept on %s:%d: accepting again after %.1f s "
+                      "(accepts refused: %lld)",
+                      s->host, s->port, ev_now(s->rt->loop) - s->backoff_since,
+                      (long long)(s->accept_failed - s->failed_at_start));
+        s->backoff = 0;
+    }
+}
+
+/* ev_io accept watcher */
+static void srv_on_accept(struct ev_loop *loop, ev_io *w, int revents)
+{
+    (void)loop;
+    (void)revents;
+    srv_accept_all(w->data);
 }
 
 /* ev_timer: accepts again after a failure */
@@ -1621,7 +1972,10 @@ static void srv_on_retry(struct ev_loop *loop, ev_timer *w, int revents)
 {
     srv_server *s = w->data;
     (void)revents;
-    if (s->fd >= 0 && !s->shutting) ev_io_start(loop, &s->accept_w);
+    if (s->fd < 0 || s->shutting) return;
+    ev_io_start(loop, &s->accept_w);
+    srv_accept_all(s);
+    aiorch_sched_drain(s->rt);
 }
 
 /* ---- servers ---------------------------------------------------------- */
@@ -1687,7 +2041,8 @@ static void srv_close(lua_State *L, srv_server *s)
         conn_free(L, s->conns, SRV_CANCEL);
     luaL_unref(L, LUA_REGISTRYINDEX, s->handler_ref);
     luaL_unref(L, LUA_REGISTRYINDEX, s->refuse_ref);
-    s->handler_ref = s->refuse_ref = LUA_NOREF;
+    luaL_unref(L, LUA_REGISTRYINDEX, s->headers_ref);
+    s->handler_ref = s->refuse_ref = s->headers_ref = LUA_NOREF;
     s->self_ref = LUA_NOREF;
     luaL_unref(L, LUA_REGISTRYINDEX, self_ref); /* last: s may be collected from here */
 }
@@ -1754,7 +2109,12 @@ static void srv_check_options(lua_State *L)
                                         "header_timeout_ms",
                                         "idle_timeout_ms",
                                         "read_timeout_ms",
+                                        "body_timeout_ms",
+                                        "send_timeout_ms",
+                                        "max_buffered",
+                                        "raise_nofile",
                                         "on_refuse",
+                                        "on_headers",
                                         NULL};
     lua_pushnil(L);
     while (lua_next(L, 1)) {
@@ -1785,13 +2145,13 @@ static lua_Integer opt_count(lua_State *L, const char *name, lua_Integer def)
     return v;
 }
 
-/* An optional timeout in ms, as seconds; 0 (none) when absent. */
-static double opt_timeout_s(lua_State *L, const char *name)
+/* An optional timeout in ms, as seconds; def_ms when absent (0: none). */
+static double opt_timeout_s(lua_State *L, const char *name, double def_ms)
 {
     double v;
     if (lua_getfield(L, 1, name) == LUA_TNIL) {
         lua_pop(L, 1);
-        return 0;
+        return def_ms / 1000.0;
     }
     v = lua_tonumber(L, -1);
     if (lua_type(L, -1) != LUA_TNUMBER || v < 0 || v != v)
@@ -1800,14 +2160,58 @@ static double opt_timeout_s(lua_State *L, const char *name)
     return v / 1000.0;
 }
 
+/* An optional boolean option. */
+static int opt_bool(lua_State *L, const char *name)
+{
+    int v = 0;
+    if (lua_getfield(L, 1, name) != LUA_TNIL) {
+        if (!lua_isboolean(L, -1))
+            luaL_argerror(L, 1, lua_pushfstring(L, "'%s' must be a boolean", name));
+        v = lua_toboolean(L, -1);
+    }
+    lua_pop(L, 1);
+    return v;
+}
+
+/* raise_nofile: a connection may need two descriptors (its socket and an
+ * upstream one), the process SRV_NOFILE_RESERVE more. The soft
+ * RLIMIT_NOFILE is raised toward that, as far as the hard one allows; if
+ * that is not enough, max_connections is lowered to what fits, and one
+ * line says so (as Redis does with maxclients). Returns the limit to use. */
+static lua_Integer srv_fit_nofile(aiorch_runtime *rt, lua_Integer max_conns)
+{
+    struct rlimit rl;
+    rlim_t need, reserve, fit;
+
+    if (max_conns <= 0 || getrlimit(RLIMIT_NOFILE, &rl) != 0 || rl.rlim_cur == RLIM_INFINITY)
+        return max_conns;
+    need = (rlim_t)max_conns * 2 + SRV_NOFILE_RESERVE;
+    if (rl.rlim_cur >= need) return max_conns;
+    {
+        struct rlimit want = rl;
+        want.rlim_cur = rl.rlim_max == RLIM_INFINITY || rl.rlim_max >= need ? need : rl.rlim_max;
+        if (setrlimit(RLIMIT_NOFILE, &want) == 0) rl.rlim_cur = want.rlim_cur;
+    }
+    if (rl.rlim_cur >= need) return max_conns;
+    reserve = rl.rlim_cur / 4 < SRV_NOFILE_RESERVE ? rl.rlim_cur / 4 : SRV_NOFILE_RESERVE;
+    fit = (rl.rlim_cur - reserve) / 2;
+    if (fit < 1) fit = 1;
+    aiorch_report(rt,
+                  "aiorch.server: max_connections %lld needs %llu descriptors, but RLIMIT_NOFILE "
+                  "is %llu: serving at most %llu connections",
+                  (long long)max_conns, (unsigned long long)need, (unsigned long long)rl.rlim_cur,
+                  (unsigned long long)fit);
+    return (lua_Integer)fit;
+}
+
 /* aiorch.server.listen{host, port, handler, ...limits} */
 static int srv_listen(lua_State *L)
 {
     aiorch_runtime *rt = aiorch_rt_of(L);
     const char *host = "127.0.0.1";
-    lua_Integer port = 0, max_body = SRV_DEFAULT_MAX_BODY, max_conns, max_header;
-    double header_to, idle_to, read_to;
-    int reuseport = 0;
+    lua_Integer port = 0, max_body = SRV_DEFAULT_MAX_BODY, max_conns, max_header, max_buffered;
+    double header_to, body_to, read_to, idle_to, send_to;
+    int reuseport, raise_nofile;
     srv_server *s;
     char err[512];
     int isnum;
@@ -1815,16 +2219,16 @@ static int srv_listen(lua_State *L)
     luaL_checktype(L, 1, LUA_TTABLE);
     lua_settop(L, 1);
     srv_check_options(L);
-    max_conns = opt_count(L, "max_connections", 0);
+    max_conns = opt_count(L, "max_connections", SRV_DEFAULT_MAX_CONNS);
     max_header = opt_count(L, "max_header", SRV_DEFAULT_MAX_HEADER);
-    header_to = opt_timeout_s(L, "header_timeout_ms");
-    idle_to = opt_timeout_s(L, "idle_timeout_ms");
-    read_to = opt_timeout_s(L, "read_timeout_ms");
-    if (lua_getfield(L, 1, "reuseport") != LUA_TNIL) {
-        luaL_argcheck(L, lua_isboolean(L, -1), 1, "'reuseport' must be a boolean");
-        reuseport = lua_toboolean(L, -1);
-    }
-    lua_pop(L, 1);
+    max_buffered = opt_count(L, "max_buffered", SRV_DEFAULT_MAX_BUFFERED);
+    header_to = opt_timeout_s(L, "header_timeout_ms", SRV_DEFAULT_HEADER_TIMEOUT_MS);
+    body_to = opt_timeout_s(L, "body_timeout_ms", SRV_DEFAULT_BODY_TIMEOUT_MS);
+    read_to = opt_timeout_s(L, "read_timeout_ms", SRV_DEFAULT_READ_TIMEOUT_MS);
+    idle_to = opt_timeout_s(L, "idle_timeout_ms", SRV_DEFAULT_IDLE_TIMEOUT_MS);
+    send_to = opt_timeout_s(L, "send_timeout_ms", SRV_DEFAULT_SEND_TIMEOUT_MS);
+    reuseport = opt_bool(L, "reuseport");
+    raise_nofile = opt_bool(L, "raise_nofile");
     lua_getfield(L, 1, "host"); /* 2 */
     if (!lua_isnil(L, 2)) {
         size_t n;
@@ -1848,19 +2252,25 @@ static int srv_listen(lua_State *L)
     luaL_argcheck(L, lua_type(L, 5) == LUA_TFUNCTION, 1, "'handler' must be a function");
     lua_getfield(L, 1, "on_refuse"); /* 6 */
     luaL_argcheck(L, lua_isnil(L, 6) || lua_type(L, 6) == LUA_TFUNCTION, 1, "'on_refuse' must be a function");
+    lua_getfield(L, 1, "on_headers"); /* 7 */
+    luaL_argcheck(L, lua_isnil(L, 7) || lua_type(L, 7) == LUA_TFUNCTION, 1,
+                  "'on_headers' must be a function");
 
-    s = lua_newuserdatauv(L, sizeof *s, 0); /* 7 */
+    s = lua_newuserdatauv(L, sizeof *s, 0); /* 8 */
     memset(s, 0, sizeof *s);
     s->rt = rt;
     s->fd = -1;
     s->closed = 1; /* until bound */
-    s->handler_ref = s->self_ref = s->refuse_ref = LUA_NOREF;
+    s->handler_ref = s->self_ref = s->refuse_ref = s->headers_ref = LUA_NOREF;
     s->max_body = (size_t)max_body;
     s->max_header = (size_t)max_header;
+    s->pool.max = (size_t)max_buffered;
     s->max_conns = max_conns;
     s->header_to = header_to;
-    s->idle_to = idle_to;
+    s->body_to = body_to;
     s->read_to = read_to;
+    s->idle_to = idle_to;
+    s->send_to = send_to;
     memcpy(s->host, host, strlen(host) + 1);
     luaL_setmetatable(L, SRV_MT);
     if (srv_bind(s, host, (int)port, reuseport, err, sizeof err) < 0) {
@@ -1869,14 +2279,19 @@ static int srv_listen(lua_State *L)
         lua_pushstring(L, err);
         return 3;
     }
+    if (raise_nofile) s->max_conns = srv_fit_nofile(rt, max_conns);
     lua_pushvalue(L, 5);
     s->handler_ref = luaL_ref(L, LUA_REGISTRYINDEX);
     if (!lua_isnil(L, 6)) {
         lua_pushvalue(L, 6);
         s->refuse_ref = luaL_ref(L, LUA_REGISTRYINDEX);
     }
+    if (!lua_isnil(L, 7)) {
+        lua_pushvalue(L, 7);
+        s->headers_ref = luaL_ref(L, LUA_REGISTRYINDEX);
+    }
     /* A listening server stays alive without a Lua reference, until closed. */
-    lua_pushvalue(L, 7);
+    lua_pushvalue(L, 8);
     s->self_ref = luaL_ref(L, LUA_REGISTRYINDEX);
     s->closed = 0;
     s->next = rt->servers;
@@ -1885,7 +2300,7 @@ static int srv_listen(lua_State *L)
     s->linked = 1;
     ev_io_init(&s->accept_w, srv_on_accept, s->fd, EV_READ);
     s->accept_w.data = s;
-    ev_timer_init(&s->retry_w, srv_on_retry, SRV_ACCEPT_RETRY_S, 0.);
+    ev_init(&s->retry_w, srv_on_retry);
     s->retry_w.data = s;
     ev_init(&s->shut_w, srv_on_shut_timer);
     s->shut_w.data = s;
@@ -1976,7 +2391,8 @@ static int srv_shutdown(lua_State *L)
 static int srv_close_m(lua_State *L)
 {
     srv_server *s = srv_check_open(L, 1);
-    if (s->refusing_now) return luaL_error(L, "aiorch.server: close: not from inside on_refuse");
+    if (s->in_hook)
+        return luaL_error(L, "aiorch.server: close: not from inside on_refuse or on_headers");
     srv_close(L, s);
     return 0;
 }
@@ -2005,6 +2421,37 @@ static int srv_stats(lua_State *L)
     lua_setfield(L, -2, "requests");
     lua_pushinteger(L, s->aborted);
     lua_setfield(L, -2, "aborted");
+    lua_pushinteger(L, (lua_Integer)s->pool.used);
+    lua_setfield(L, -2, "buffered");
+    lua_pushinteger(L, s->accept_failed);
+    lua_setfield(L, -2, "accept_failed");
+    return 1;
+}
+
+static void limit_ms(lua_State *L, const char *name, double secs)
+{
+    lua_pushinteger(L, (lua_Integer)(secs * 1000 + 0.5));
+    lua_setfield(L, -2, name);
+}
+
+/* server:limits(): the limits in force (0: none) */
+static int srv_limits(lua_State *L)
+{
+    srv_server *s = srv_check_open(L, 1);
+    lua_createtable(L, 0, 10);
+    lua_pushinteger(L, s->max_conns);
+    lua_setfield(L, -2, "max_connections");
+    lua_pushinteger(L, (lua_Integer)s->max_header);
+    lua_setfield(L, -2, "max_header");
+    lua_pushinteger(L, (lua_Integer)s->max_body);
+    lua_setfield(L, -2, "max_body");
+    lua_pushinteger(L, (lua_Integer)s->pool.max);
+    lua_setfield(L, -2, "max_buffered");
+    limit_ms(L, "header_timeout_ms", s->header_to);
+    limit_ms(L, "body_timeout_ms", s->body_to);
+    limit_ms(L, "read_timeout_ms", s->read_to);
+    limit_ms(L, "idle_timeout_ms", s->idle_to);
+    limit_ms(L, "send_timeout_ms", s->send_to);
     return 1;
 }
 
@@ -2042,6 +2489,7 @@ static const luaL_Reg srv_functions[] = {
 static const luaL_Reg srv_methods[] = {
     {"close", srv_close_m},
     {"stats", srv_stats},
+    {"limits", srv_limits},
     {"shutdown", srv_shutdown},
     {NULL, NULL},
 };

@@ -474,14 +474,14 @@ function _M.serve(args, first)
     end
     return master.run { argv = argv, workers = workers, drain_timeout_ms = cfg.drain_timeout_ms }
   end
-  if o.worker then -- the port is shared with the other workers
-    local server = {}
-    for k, v in pairs(cfg.server) do
-      server[k] = v
-    end
-    server.reuseport = true
-    cfg.server = server
+  -- The descriptors limit is raised to fit server.max_connections (or the
+  -- limit lowered to fit it); a worker shares the port with the others.
+  local server = { raise_nofile = true }
+  for k, v in pairs(cfg.server) do
+    server[k] = v
   end
+  server.reuseport = o.worker and true or server.reuseport
+  cfg.server = server
   local h, herr = gateway.start { config = cfg, host = host, port = port, path = path }
   if not h then
     err_line("serve: %s", herr)

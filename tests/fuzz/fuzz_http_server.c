@@ -3,8 +3,8 @@
  * serves every input: each input is written over a new loopback connection,
  * then the write side is shut, and the loop runs until the server has
  * answered and closed it. A handler failure, a server that never closes,
- * a connection or descriptor left over, or a response that is not HTTP/1.1
- * aborts.
+ * a connection or descriptor left over, bytes still counted against
+ * max_buffered, or a response that is not HTTP/1.1 aborts.
  *
  * Input: one byte k (low 3 bits), k 16-bit cut points, then the bytes sent.
  * Each piece between cuts is sent in its own loop iteration, after the
@@ -57,8 +57,8 @@ static void on_error(void *ud, const char *message)
     abort();
 }
 
-/* The server's open connections (server:stats().open). */
-static lua_Integer server_open(void)
+/* A counter of server:stats(): "open" connections, "buffered" bytes. */
+static lua_Integer server_stat(const char *name)
 {
     lua_State *L = aiorch_runtime_lua(rt);
     lua_Integer n;
@@ -66,7 +66,7 @@ static lua_Integer server_open(void)
     lua_getfield(L, -1, "stats");
     lua_insert(L, -2);
     lua_call(L, 1, 1);
-    lua_getfield(L, -1, "open");
+    lua_getfield(L, -1, name);
     n = lua_tointeger(L, -1);
     lua_pop(L, 2);
     return n;
@@ -214,8 +214,9 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
     ev_now_update(loop);
     ev_timer_init(&c.hang, on_hang, HANG_S, 0.);
     ev_timer_start(loop, &c.hang);
-    while (!c.done || server_open() > 0)
+    while (!c.done || server_stat("open") > 0)
         ev_run(loop, EVRUN_ONCE);
+    if (server_stat("buffered") != 0) fail("bytes stay counted against max_buffered");
     ev_io_stop(loop, &c.io);
     ev_timer_stop(loop, &c.hang);
     ev_timer_stop(loop, &c.pace);

@@ -119,6 +119,73 @@ local function get(port, path, headers, timeout_ms)
   }
 end
 
+-- Slow clients (python3): N connections, each sending `head` and then one
+-- byte of `trickle` every `every` seconds (cycling), until the server
+-- closes it or `secs` pass. Prints one line per connection: the seconds
+-- from its first byte to the close (or -1) and the status it got (or 0).
+local TRICKLE = [[
+import socket, sys, time, select
+port, n, every, secs = int(sys.argv[1]), int(sys.argv[2]), float(sys.argv[3]), float(sys.argv[4])
+head, trickle = sys.argv[5].encode().decode("unicode_escape").encode(), sys.argv[6].encode()
+conns = []
+for i in range(n):
+    s = socket.create_connection(("127.0.0.1", port))
+    s.sendall(head)
+    conns.append({"s": s, "t0": time.time(), "got": b"", "end": -1, "k": 0})
+t_end = time.time() + secs
+next_send = time.time() + every
+while time.time() < t_end and any(c["end"] < 0 for c in conns):
+    live = [c for c in conns if c["end"] < 0]
+    r, _, _ = select.select([c["s"] for c in live], [], [], max(0, min(next_send, t_end) - time.time()))
+    for c in live:
+        if c["s"] in r:
+            try:
+                b = c["s"].recv(65536)
+            except OSError:
+                b = b""
+            if b:
+                c["got"] += b
+            else:
+                c["end"] = time.time() - c["t0"]
+    if time.time() >= next_send:
+        for c in conns:
+            if c["end"] < 0:
+                try:
+                    c["s"].send(trickle[c["k"] % len(trickle):][:1])
+                    c["k"] += 1
+                except OSError:
+                    pass
+        next_send += every
+for c in conns:
+    st = c["got"][9:12].decode() if c["got"].startswith(b"HTTP/1.1 ") else "0"
+    print("%.3f %s" % (c["end"], st))
+]]
+
+local trickle_script = tmpname() .. ".py"
+do
+  local f = assert(io.open(trickle_script, "w"))
+  f:write(TRICKLE)
+  f:close()
+end
+
+-- Starts the slow clients; returns a function that waits for them and
+-- returns their {secs, status} records.
+local function trickle(port, n, every, secs, head, bytes)
+  local out = tmpname()
+  local pid = start({ "python3", trickle_script, tostring(port), tostring(n), tostring(every), tostring(secs),
+    head, bytes }, { stdout = out })
+  return function()
+    assert.equal(0, process.wait(pid, (secs + 20) * 1000))
+    local list = {}
+    for line in (slurp(out) or ""):gmatch("[^\n]+") do
+      local t, st = line:match("^(%S+) (%d+)$")
+      list[#list + 1] = { secs = tonumber(t), status = tonumber(st) }
+    end
+    os.remove(out)
+    return list
+  end
+end
+
 describe("aiorch.server limits", function()
   it("closes an idle connection after idle_timeout_ms, silently", function()
     local srv = listen { idle_timeout_ms = 200 }
@@ -150,6 +217,47 @@ describe("aiorch.server limits", function()
     local srv = listen { read_timeout_ms = 200 }
     local got = raw(srv.port, "POST / HTTP/1.1\r\nhost: x\r\ncontent-length: 10\r\n\r\nabc")
     assert.truthy(got:find("^HTTP/1.1 408"), got)
+    srv:close()
+  end)
+
+  it("answers 408 when the body takes longer than body_timeout_ms in all", function()
+    local srv = listen { body_timeout_ms = 400, read_timeout_ms = 5000 }
+    -- a byte every 50 ms keeps the gap short, not the total
+    local wait = trickle(srv.port, 1, 0.05, 5 * SLOWDOWN,
+      "POST / HTTP/1.1\\r\\nhost: x\\r\\ncontent-length: 1000\\r\\n\\r\\n", "b")
+    local list = wait()
+    assert.equal(408, list[1].status)
+    assert.is_true(list[1].secs >= 0.35 and list[1].secs < 2 * SLOWDOWN, "closed after " .. list[1].secs)
+    srv:close()
+  end)
+
+  -- #timing: it bounds a normal request's latency.
+  it("closes 50 slowloris connections at the header timeout and serves a normal client meanwhile #timing",
+    function()
+    local srv = listen { header_timeout_ms = 800 }
+    -- a byte every 200 ms: each read is far inside any gap timeout
+    local wait = trickle(srv.port, 50, 0.2, 6 * SLOWDOWN, "GET / HTTP/1.1\\r\\nhost: x\\r\\nx-slow: ", "abcdefgh")
+    aiorch.sleep(100)
+    local worst, served = 0, 0
+    local t_end = aiorch.now() + 1500
+    while aiorch.now() < t_end do
+      local t0 = aiorch.now()
+      local status = get(srv.port, "/")
+      worst = math.max(worst, aiorch.now() - t0)
+      if status == 200 then
+        served = served + 1
+      end
+      aiorch.sleep(20)
+    end
+    local list = wait()
+    assert.equal(50, #list)
+    for _, c in ipairs(list) do
+      assert.equal(408, c.status)
+      assert.is_true(c.secs >= 0.75 and c.secs < 1.6 * SLOWDOWN, "closed after " .. c.secs)
+    end
+    assert.is_true(served >= 20, "served " .. served)
+    assert.is_true(worst < 250 * SLOWDOWN, "a normal request took " .. worst .. " ms")
+    assert.equal(50, srv:stats().timed_out)
     srv:close()
   end)
 
@@ -222,6 +330,9 @@ describe("aiorch.server limits", function()
     assert.has_error(function() listen { idle_timeout_ms = "x" } end)
     assert.has_error(function() listen { reuseport = 1 } end)
     assert.has_error(function() listen { max_header = 1.5 } end)
+    assert.has_error(function() listen { body_timeout_ms = -1 } end)
+    assert.has_error(function() listen { send_timeout_ms = "1" } end)
+    assert.has_error(function() listen { raise_nofile = "yes" } end)
   end)
 
   it("lets several servers share a port with reuseport", function()
@@ -408,6 +519,7 @@ describe("aiorch serve --workers 2", function()
     stop_all()
     os.remove(log)
     os.remove(raw_script)
+    os.remove(trickle_script)
   end)
 
   -- #timing: the master gives its workers 10 s to listen, too short under valgrind.

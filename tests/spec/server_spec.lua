@@ -366,6 +366,224 @@ describe("aiorch.server", function()
     assert.is_true(wait_for(function() return srv:stats().open == 0 end))
   end)
 
+  -- Shapes that let a front proxy and this server frame a request
+  -- differently (RFC 9112 5.1, 5.2, 6.1): each is answered 400 and never
+  -- reaches the handler.
+  local SMUGGLING = {
+    { "content-length with transfer-encoding",
+      "POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\n" },
+    { "two content-lengths", "POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\nContent-Length: 4\r\n\r\nabcd" },
+    { "chunked not last", "POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked, gzip\r\n\r\n0\r\n\r\n" },
+    { "space before the colon", "GET / HTTP/1.1\r\nHost: x\r\nFoo : bar\r\n\r\n" },
+    { "content-length with a space before the colon",
+      "POST / HTTP/1.1\r\nHost: x\r\nContent-Length : 3\r\n\r\nabc" },
+    { "transfer-encoding with a space before the colon",
+      "POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding : chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\n" },
+    { "tab before the colon", "GET / HTTP/1.1\r\nHost: x\r\nFoo\t: bar\r\n\r\n" },
+    { "space inside a name", "GET / HTTP/1.1\r\nHost: x\r\nFo o: bar\r\n\r\n" },
+    { "empty name", "GET / HTTP/1.1\r\nHost: x\r\n: bar\r\n\r\n" },
+    { "whitespace before the first header", "GET / HTTP/1.1\r\n Host: x\r\n\r\n" },
+    { "obsolete line folding", "GET / HTTP/1.1\r\nHost: x\r\nFoo: bar\r\n baz\r\n\r\n" },
+    { "obsolete line folding with a tab", "GET / HTTP/1.1\r\nHost: x\r\nFoo: bar\r\n\tbaz\r\n\r\n" },
+    { "folded content-length", "POST / HTTP/1.1\r\nHost: x\r\nContent-Length:\r\n 3\r\n\r\nabc" },
+    { "a fold split across reads", "GET / HTTP/1.1\r\nHost: x\r\nFoo: bar\r\n<pause> baz\r\n\r\n" },
+    { "a name split across reads", "GET / HTTP/1.1\r\nHost: x\r\nFo<pause>o : bar\r\n\r\n" },
+    { "a NUL in a value", "GET / HTTP/1.1\r\nHost: x\r\nFoo: b\0r\r\n\r\n" },
+  }
+
+  it("refuses request-smuggling shapes with 400", function()
+    local seen = {}
+    srv = listen(function(req, res)
+      seen[#seen + 1] = req.path .. " " .. tostring(req.headers.foo)
+      res:respond(200, nil, "ok")
+    end)
+    local waits = {}
+    for i, case in ipairs(SMUGGLING) do
+      waits[i] = raw(srv, case[2])
+    end
+    for i, case in ipairs(SMUGGLING) do
+      local got = assert(waits[i](), case[1])
+      local list = parse_responses(got)
+      assert.equal(1, #list, case[1] .. ": " .. got)
+      assert.equal(400, list[1].status, case[1])
+      assert.equal("close", list[1].headers.connection, case[1])
+    end
+    assert.same({}, seen)
+    -- their well-formed neighbours pass
+    local got = assert(raw(srv, "GET /a HTTP/1.1\r\nHost: x\r\nFoo:bar\r\n\r\n"
+      .. "GET /b HTTP/1.1\r\nHost: x\r\nFoo: \tbar baz \r\nX-Empty:\r\nX-Next: 1\r\n\r\n"
+      .. "GET /c HTTP/1.1\nHost: x\nConnection: close\n\n")())
+    local list = parse_responses(got)
+    assert.equal(3, #list)
+    assert.same({ "/a bar", "/b bar baz ", "/c nil" }, seen)
+  end)
+
+  it("calls on_headers before reading the body, with the req the handler gets", function()
+    local hooked, handled = {}, {}
+    srv = listen(function(req, res)
+      handled[#handled + 1] = req
+      res:respond(200, nil, req.path .. ":" .. #req.body)
+    end, {
+      max_body = 8 * 1024 * 1024,
+      on_headers = function(req)
+        hooked[#hooked + 1] = req
+        assert(req.body == nil, "no body yet")
+        local p = req.path
+        if p == "/deny" then
+          return 401, '{"error":"no key"}', "application/json", { ["www-authenticate"] = "Bearer", ["x-n"] = 7 }
+        elseif p == "/plain" then
+          return 403
+        elseif p == "/raise" then
+          error("a broken hook")
+        elseif p == "/bad-status" then
+          return 99, "x"
+        elseif p == "/bad-header" then
+          return 401, "x", nil, { ["content-length"] = "5" }
+        elseif p == "/yield" then
+          aiorch.sleep(1)
+        elseif p == "/close" then
+          srv:close()
+        end
+        req.seen_by_hook = true
+      end,
+    })
+    -- a refused request's body is never read: 4 MiB go to a closed door
+    local big = string.rep("b", 4 * 1024 * 1024)
+    local got = assert(raw(srv, "POST /deny HTTP/1.1\r\nHost: x\r\nExpect: 100-continue\r\nContent-Length: "
+      .. #big .. "\r\n\r\n<pause>" .. big)())
+    local list = parse_responses(got)
+    assert.equal(1, #list, got:sub(1, 300))
+    assert.equal(401, list[1].status)
+    assert.equal('{"error":"no key"}', list[1].body)
+    assert.equal("application/json", list[1].headers["content-type"])
+    assert.equal("Bearer", list[1].headers["www-authenticate"])
+    assert.equal("7", list[1].headers["x-n"])
+    assert.equal("close", list[1].headers.connection)
+    assert.falsy(got:find("100 Continue", 1, true)) -- refused before the client sent its body
+    assert.equal(0, srv:stats().buffered)
+    list = parse_responses(assert(raw(srv, "GET /plain HTTP/1.1\r\nHost: x\r\n\r\n")()))
+    assert.equal(403, list[1].status)
+    assert.equal("", list[1].body)
+    assert.equal("text/plain", list[1].headers["content-type"])
+    -- raising, yielding, closing the server, nonsense: reported, answered 500
+    for _, path in ipairs { "/raise", "/bad-status", "/bad-header", "/yield", "/close" } do
+      list = parse_responses(assert(raw(srv, "GET " .. path .. " HTTP/1.1\r\nHost: x\r\n\r\n")()))
+      assert.equal(500, list[1].status, path)
+    end
+    assert.equal(0, #handled)
+    -- going on: the same table, now with the body
+    local status, _, body = aiorch.http.request { url = url(srv, "/ok"), body = "12345" }
+    assert.equal(200, status)
+    assert.equal("/ok:5", body)
+    assert.equal(1, #handled)
+    assert.equal(hooked[#hooked], handled[1])
+    assert.is_true(handled[1].seen_by_hook)
+    assert.equal("12345", handled[1].body)
+    assert.is_number(handled[1].id)
+    assert.is_number(handled[1].received_at)
+    assert.equal(8, #hooked)
+    assert.has_error(function() aiorch.server.listen { handler = function() end, on_headers = 1 } end)
+  end)
+
+  it("grows a body as it arrives and counts the bytes it holds", function()
+    local sizes = {}
+    srv = listen(function(req, res)
+      sizes[#sizes + 1] = #req.body
+      res:respond(200, nil, "ok")
+    end, { max_body = 4 * 1024 * 1024 })
+    -- 4 MiB declared, 64 KiB sent, then a pause: nothing like 4 MiB is held
+    local part = string.rep("p", 64 * 1024)
+    local done = raw(srv, "POST / HTTP/1.1\r\nHost: x\r\nConnection: close\r\nContent-Length: "
+      .. 4 * 1024 * 1024 .. "\r\n\r\n" .. part .. "<pause>" .. string.rep("<pause>", 20)
+      .. string.rep("q", 4 * 1024 * 1024 - #part))
+    assert.is_true(wait_for(function() return srv:stats().buffered >= #part end))
+    local held = srv:stats().buffered
+    assert.is_true(held <= 256 * 1024, "held " .. held)
+    local list = parse_responses(assert(done()))
+    assert.equal(200, list[1].status)
+    assert.same({ 4 * 1024 * 1024 }, sizes)
+    assert.is_true(wait_for(function() return srv:stats().buffered == 0 end))
+  end)
+
+  it("answers 503 to a body that would pass max_buffered, and releases every byte", function()
+    local got_bodies = 0
+    srv = listen(function(req, res)
+      got_bodies = got_bodies + 1
+      aiorch.sleep(50)
+      res:respond(200, nil, tostring(#req.body))
+    end, { max_body = 1024 * 1024, max_buffered = 1024 * 1024 })
+    -- declared beyond the cap: refused before the body is read
+    local list = parse_responses(assert(raw(srv, "POST / HTTP/1.1\r\nHost: x\r\nContent-Length: "
+      .. 1024 * 1024 + 1 .. "\r\n\r\n")()))
+    assert.equal(413, list[1].status) -- max_body comes first
+    -- six slow 300 KiB bodies at once: the 1 MiB cap lets some finish
+    local body = string.rep("s", 300 * 1024)
+    local waits = {}
+    for i = 1, 6 do
+      local slices = {}
+      for k = 1, #body, 20 * 1024 do
+        slices[#slices + 1] = body:sub(k, k + 20 * 1024 - 1)
+      end
+      waits[i] = raw(srv, "POST /" .. i .. " HTTP/1.1\r\nHost: x\r\nConnection: close\r\nContent-Length: "
+        .. #body .. "\r\n\r\n" .. table.concat(slices, "<pause>"))
+    end
+    local counts = {}
+    for i = 1, 6 do
+      local l = parse_responses(assert(waits[i](15000)))
+      local st = l[1] and l[1].status
+      counts[st] = (counts[st] or 0) + 1
+    end
+    assert.is_true((counts[503] or 0) >= 1, "none refused")
+    assert.is_true((counts[200] or 0) >= 1, "none served")
+    assert.equal(6, (counts[503] or 0) + (counts[200] or 0))
+    assert.equal(counts[200], got_bodies)
+    assert.is_true(wait_for(function() return srv:stats().buffered == 0 end))
+    assert.has_error(function() aiorch.server.listen { handler = function() end, max_buffered = -1 } end)
+  end)
+
+  it("closes a connection whose client does not read, and cancels its handler", function()
+    local result, task
+    srv = listen(function(_, res)
+      task = aiorch.current()
+      res:start(200, { ["content-type"] = "application/octet-stream" })
+      local chunk = string.rep("w", 64 * 1024)
+      for _ = 1, 2000 do -- 125 MiB: far more than the socket buffers hold
+        local ok, err = res:write(chunk)
+        if not ok then
+          result = err
+          return
+        end
+      end
+      result = "all written"
+    end, { send_timeout_ms = 300 })
+    -- the client sends its request, then reads nothing for 3 s
+    local t0 = aiorch.now()
+    local done = raw(srv, "GET / HTTP/1.1\r\nHost: x\r\n\r\n", 3)
+    assert.is_true(wait_for(function() return srv:stats().aborted == 1 end, 3000))
+    local took = aiorch.now() - t0
+    assert.is_true(took > 250 and took < 2500, "closed after " .. took .. " ms")
+    assert.equal("cancelled", task:status())
+    assert.is_nil(result)
+    assert.equal(1, srv:stats().timed_out)
+    assert.equal(0, srv:stats().open)
+    done()
+  end)
+
+  it("has a documented default for every limit", function()
+    srv = listen(function() end)
+    assert.same({
+      max_connections = 10000, max_header = 32 * 1024, max_body = 1024 * 1024, max_buffered = 256 * 1024 * 1024,
+      header_timeout_ms = 10000, body_timeout_ms = 60000, read_timeout_ms = 30000, idle_timeout_ms = 75000,
+      send_timeout_ms = 60000,
+    }, srv:limits())
+    local other = listen(function() end, { max_connections = 0, header_timeout_ms = 0, send_timeout_ms = 1500 })
+    local l = other:limits()
+    other:close()
+    assert.equal(0, l.max_connections)
+    assert.equal(0, l.header_timeout_ms)
+    assert.equal(1500, l.send_timeout_ms)
+  end)
+
   it("answers 500 when the handler raises before responding", function()
     local reports = 0
     srv = listen(function(req, res)

@@ -287,7 +287,7 @@ function _M.check(raw, getenv, path)
   if type(c.server) ~= "table" then
     return nil, "server: must be a table of aiorch.server.listen options"
   end
-  for _, k in ipairs({ "host", "port", "handler", "max_body", "on_refuse" }) do
+  for _, k in ipairs({ "host", "port", "handler", "max_body", "on_refuse", "on_headers" }) do
     if c.server[k] ~= nil then
       return nil, fmt("server.%s: set by the gateway (use listen or max_body)", k)
     end

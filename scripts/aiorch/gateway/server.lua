@@ -695,7 +695,10 @@ local function admit(x)
   if OPEN[route] then
     x.client = ANYONE
   else
-    local client, why = authenticate(state, req.headers)
+    local client, why = req.client, nil -- (on_headers found it)
+    if not client then
+      client, why = authenticate(state, req.headers)
+    end
     if not client then
       return x:fail(401, why, nil, { ["www-authenticate"] = "Bearer" })
     end
@@ -852,7 +855,8 @@ end
 -- The HTTP server refused a request whose headers it had read, before any
 -- handler ran (a body over max_body, a body that stalled or was malformed):
 -- the answer in the caller's error shape, and its access line.
-local REFUSED = { [408] = "the request body stopped arriving", [400] = "the request body is malformed" }
+local REFUSED = { [408] = "the request body stopped arriving", [400] = "the request body is malformed",
+  [503] = "the gateway holds too many request bodies at once (server.max_buffered); retry shortly" }
 local function refusal(state, status, req)
   local route = route_of(req.path)
   account(state, { req = req, route = route, status = status, t0 = req.received_at or now(), id = new_id(state) })
@@ -898,6 +902,27 @@ local function failed(x, err)
   local runaway = msg:find("instruction budget exceeded", 1, true)
   return x:abandon(500, "internal_error", runaway and "internal error: a script ran too long "
     .. "(instruction budget exceeded)" or "internal error in the gateway")
+end
+
+-- The server's on_headers: the client key is checked as soon as a
+-- request's headers are in, before any of its body is read, so that
+-- clients without a key cannot make the gateway hold bodies. A refusal
+-- is answered (401, in the caller's shape) and logged as refusal's are;
+-- the matched client is left on req (req.client), where admit finds it. Every
+-- route but the open ones needs the key, unknown ones too.
+local function authorize(state, req)
+  local route = route_of(req.path)
+  if not state.config.clients or OPEN[route] then
+    return nil
+  end
+  local client, msg = authenticate(state, req.headers)
+  if client then
+    req.client = client
+    return nil
+  end
+  account(state, { req = req, route = route, status = 401, t0 = req.received_at or now(), id = new_id(state) })
+  return 401, shape_of(route, req.headers).error_body(401, msg), "application/json",
+    { ["www-authenticate"] = "Bearer" }
 end
 
 local function handle(state, req, res)
@@ -1040,7 +1065,8 @@ function _M.start(opts)
   }
   local listen = { host = opts.host or cfg.host, port = opts.port or cfg.port, max_body = cfg.max_body,
     handler = function(req, res) return handle(state, req, res) end,
-    on_refuse = function(status, req) return refusal(state, status, req) end }
+    on_refuse = function(status, req) return refusal(state, status, req) end,
+    on_headers = function(req) return authorize(state, req) end }
   for k, v in pairs(cfg.server) do
     listen[k] = v
   end
