@@ -313,7 +313,7 @@ describe("retries", function()
 
   it("stop when the retry budget would be spent", function()
     local r, took = run("single", { "openai" }, { fault = "500" }, nil,
-      { max_attempts = 10, backoff_ms = 40, backoff_max_ms = 40, retry_budget_ms = 150 },
+      { max_attempts = 10, backoff_ms = 100, backoff_max_ms = 100, retry_budget_ms = 150 },
       { env_extra = { OPENAI_POLICY = "breaker_failures=0" } })
     assert.is_true(#r.metadata.attempts < 10)
     assert.is_true(took < 150 + stretch(50), took)
