@@ -157,6 +157,30 @@ function _M.encode(v)
   return concat(out, "", 1, n)
 end
 
+-- A string as JSON text (a value that is not a string is first made one).
+function _M.quote(s)
+  return encode_string(tostring(s or ""))
+end
+
+-- quote for the few values that repeat (models, finish reasons): quoted
+-- once. Bounded: emptied when full; long strings are not kept.
+local quoted, n_quoted = {}, 0
+function _M.word(s)
+  local hit = quoted[s]
+  if hit then
+    return hit
+  end
+  local out = _M.quote(s)
+  if type(s) == "string" and #s <= 128 then
+    if n_quoted >= 256 then
+      quoted, n_quoted = {}, 0
+    end
+    quoted[s] = out
+    n_quoted = n_quoted + 1
+  end
+  return out
+end
+
 -- Like encode, but returns nil, message instead of raising.
 function _M.encode_safe(v)
   local ok, s = pcall(_M.encode, v)
