@@ -26,8 +26,13 @@ local EMPTY = {} -- never written
 
 local _M = { api = "anthropic" }
 
-local function pass(how)
-  return { "pass", how = how }
+-- pass(how) or pass({range = ...}).
+local function pass(x)
+  if type(x) == "table" then
+    x[1] = "pass"
+    return x
+  end
+  return { "pass", how = x }
 end
 
 local function translate(how)
