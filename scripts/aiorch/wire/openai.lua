@@ -576,8 +576,8 @@ end
 -- Adds the fields of an OpenAI extra to a wire object; another API's
 -- extra cannot be written.
 local function merge_extra(obj, e, where)
-  if e == nil then
-    return obj
+  if e == nil or next(e.fields) == nil then
+    return obj -- (another API's headers only: nothing for this body)
   end
   if e.api ~= "openai" then
     cannot(fmt("%s: %s fields", where, tostring(e.api)))
@@ -706,6 +706,9 @@ local function encode_assistant(m, where)
 end
 
 local function encode_messages(list)
+  if list[#list].role == "assistant" then
+    cannot("prefill (a last assistant message)")
+  end
   local out = json.array()
   for i, m in ipairs(list) do
     local where = fmt("messages[%d]", i - 1)
@@ -721,6 +724,11 @@ local function encode_messages(list)
         if c == nil then
           c = ""
         elseif type(c) ~= "string" then
+          for k, q in ipairs(c) do
+            if q.type ~= "text" then
+              cannot(fmt("%s.content[%d]: a %s in a tool result", w, k - 1, tostring(q.type)))
+            end
+          end
           c = encode_parts(c, w)
         end
         out[#out + 1] = merge_extra({ role = "tool", tool_call_id = p.id, content = c }, p.extra, w)
@@ -1312,7 +1320,7 @@ end
 -- bytes to send. opts: include_usage (the usage chunk at the end).
 function _M.stream_encoder(id, model, opts)
   local include_usage = opts and opts.include_usage
-  local e = setmetatable({ id = id, created = os_time(), include_usage = include_usage, thinking = {},
+  local e = setmetatable({ id = id, created = os_time(), include_usage = include_usage, thinking = {}, bare = {},
     tail = include_usage and '],"usage":null}\n\n' or "]}\n\n" }, Encoder)
   e:set_model(model)
   return e
@@ -1334,6 +1342,10 @@ end
 local function chunk(self, index, delta)
   return concat { self.head, '{"index":', index or 0, ',"delta":', delta, ',"logprobs":null,"finish_reason":null}',
     self.tail }
+end
+
+local function arguments_chunk(self, index, ti, text)
+  return chunk(self, index, concat { '{"tool_calls":[{"index":', ti, ',"function":{"arguments":', js(text), "}}]}" })
 end
 
 function Encoder:text(text, index)
@@ -1361,14 +1373,28 @@ local EVENTS = {
     return chunk(self, index, '{"thinking_blocks":[{"type":"redacted_thinking","data":' .. js(ev.data) .. "}]}")
   end,
   tool_call = function(self, ev, index)
-    return chunk(self, index, concat { '{"tool_calls":[{"index":', ev.index or 0, ',"id":', js(ev.id),
+    local head = self:no_arguments(index)
+    self.bare[index or 0] = ev.index or 0
+    return head .. chunk(self, index, concat { '{"tool_calls":[{"index":', ev.index or 0, ',"id":', js(ev.id),
       ',"type":"function","function":{"name":', js(ev.name), ',"arguments":""}}]}' })
   end,
   tool_arguments = function(self, ev, index)
-    return chunk(self, index, concat { '{"tool_calls":[{"index":', ev.index or 0, ',"function":{"arguments":',
-      js(ev.text), "}}]}" })
+    if self.bare[index or 0] == (ev.index or 0) then
+      self.bare[index or 0] = nil
+    end
+    return arguments_chunk(self, index, ev.index or 0, ev.text)
   end,
 }
+
+-- A tool call that ended without arguments gets "{}": clients parse them.
+function Encoder:no_arguments(index)
+  local ti = self.bare[index or 0]
+  if not ti then
+    return ""
+  end
+  self.bare[index or 0] = nil
+  return arguments_chunk(self, index, ti, "{}")
+end
 
 -- event(ev, index) -> the bytes of one canonical event for choice index.
 function Encoder:event(ev, index)
@@ -1386,8 +1412,8 @@ end
 function Encoder:finish(results)
   local out = {}
   for i, c in ipairs(each_choice(results)) do
-    out[i] = concat { self.head, '{"index":', i - 1, ',"delta":{},"logprobs":null,"finish_reason":', js(c.finish),
-      "}", self.tail }
+    out[i] = concat { self:no_arguments(i - 1), self.head, '{"index":', i - 1,
+      ',"delta":{},"logprobs":null,"finish_reason":', js(c.finish), "}", self.tail }
   end
   if self.include_usage then
     out[#out + 1] = concat { self.head, '],"usage":', usage_json(results), "}\n\n" }
