@@ -117,6 +117,9 @@ local PART_ROLES = {
 }
 _M.PART_TYPES = { "text", "image", "document", "tool_call", "tool_result", "thinking", "redacted_thinking", "opaque" }
 
+-- The parts a tool result's content may hold.
+local RESULT_PARTS = { text = true, image = true, document = true, opaque = true }
+
 local SOURCES = {
   image = { base64 = { "media_type", "data" }, url = { "url" }, file = { "file_id" } },
   document = { base64 = { "media_type", "data" }, url = { "url" }, text = { "data" }, file = { "file_id" } },
@@ -287,8 +290,8 @@ local PART_CHECKS = {
     end
     for i, q in ipairs(c) do
       local w = fmt("%s.content[%d]", where, i - 1)
-      if type(q) ~= "table" or (q.type ~= "text" and q.type ~= "image" and q.type ~= "document") then
-        return w .. ".type: must be text, image or document"
+      if type(q) ~= "table" or not RESULT_PARTS[q.type] then
+        return w .. ".type: must be text, image, document or opaque"
       end
       local _, qerr = check_part(q, w)
       if qerr then

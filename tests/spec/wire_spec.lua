@@ -386,3 +386,24 @@ describe("fields tables", function()
     end)
   end
 end)
+
+describe("docs/fidelity.md", function()
+  it("is what scripts/aiorch/fidelity.lua writes (build/aiorch run scripts/aiorch/fidelity.lua > docs/fidelity.md)",
+    function()
+      local fidelity = require "aiorch.fidelity"
+      assert.equal(fidelity.markdown(), read(ROOT .. "/docs/fidelity.md"))
+    end)
+
+  it("has a column per built-in provider and a row per feature", function()
+    local fidelity = require "aiorch.fidelity"
+    local names = {}
+    for i, a in ipairs(fidelity.providers()) do
+      names[i] = a.name
+    end
+    assert.same({ "openai", "anthropic" }, names)
+    local text = fidelity.markdown()
+    for _, c in ipairs(canonical.CELLS) do
+      assert.truthy(text:find("| `" .. c.key .. "`", 1, true), c.key)
+    end
+  end)
+end)
