@@ -166,8 +166,10 @@ local NUMBERS = {
   n = { "integer", 1 },
   max_tokens = { "integer", 1 },
 }
-local BOOLEANS = { logprobs = true, parallel_tool_calls = true, context_in_system_prompt = true }
-local STRINGS = { user = true, continue_from = true }
+local NUMBER_NAMES = { "temperature", "top_p", "top_k", "seed", "presence_penalty", "frequency_penalty",
+  "top_logprobs", "n", "max_tokens" }
+local BOOLEANS = { "logprobs", "parallel_tool_calls", "context_in_system_prompt" }
+local STRINGS = { "user", "continue_from" }
 
 local function check_number(name, v, spec)
   local kind, lo, hi = spec[1], spec[2], spec[3]
@@ -529,6 +531,27 @@ local function check_stop(s)
   return s
 end
 
+-- The fields that are tables (or a choice of strings), each with its check.
+local TABLES = {
+  { "tool_choice", check_tool_choice },
+  { "response_format", check_response_format },
+  { "reasoning", check_reasoning },
+  { "metadata", check_metadata },
+  { "stop", check_stop },
+  { "stream_options", function(v)
+      if type(v) ~= "table" or not (absent(v.include_usage) or type(v.include_usage) == "boolean") then
+        return nil, "stream_options: must be {include_usage = boolean}"
+      end
+      return v
+    end },
+  { "extra", function(v) return check_extra("extra", v) end },
+  { "policy", function(v) return policy.check(v, "policy") end },
+}
+
+-- The metatable of validate's copies: normalize need not check them again
+-- (the plumbing only adds trusted fields, such as the system prompt).
+local VALID = { __name = "aiorch.canonical.request" }
+
 -- validate(req) -> a clean copy of the fields it knows (the simple form
 -- kept as it is), or nil, message naming the field.
 function _M.validate(req)
@@ -572,16 +595,16 @@ function _M.validate(req)
     end
   end
 
-  for name, spec in pairs(NUMBERS) do
+  for _, name in ipairs(NUMBER_NAMES) do
     local v = req[name]
     if not absent(v) then
-      out[name], err = check_number(name, v, spec)
+      out[name], err = check_number(name, v, NUMBERS[name])
       if err then
         return nil, err
       end
     end
   end
-  for name in pairs(BOOLEANS) do
+  for _, name in ipairs(BOOLEANS) do
     local v = req[name]
     if not absent(v) then
       if type(v) ~= "boolean" then
@@ -590,10 +613,13 @@ function _M.validate(req)
       out[name] = v
     end
   end
-  for name in pairs(STRINGS) do
-    out[name], err = check_string(name, req[name])
-    if err then
-      return nil, err
+  for _, name in ipairs(STRINGS) do
+    local v = req[name]
+    if v ~= nil then
+      out[name], err = check_string(name, v)
+      if err then
+        return nil, err
+      end
     end
   end
 
@@ -604,25 +630,10 @@ function _M.validate(req)
       return nil, names
     end
   end
-  local checks = {
-    { "tool_choice", function(v) return check_tool_choice(v, names) end },
-    { "response_format", check_response_format },
-    { "reasoning", check_reasoning },
-    { "metadata", check_metadata },
-    { "stop", check_stop },
-    { "stream_options", function(v)
-        if type(v) ~= "table" or not (absent(v.include_usage) or type(v.include_usage) == "boolean") then
-          return nil, "stream_options: must be {include_usage = boolean}"
-        end
-        return v
-      end },
-    { "extra", function(v) return check_extra("extra", v) end },
-    { "policy", function(v) return policy.check(v, "policy") end },
-  }
-  for _, c in ipairs(checks) do
+  for _, c in ipairs(TABLES) do
     local v = req[c[1]]
     if not absent(v) then
-      out[c[1]], err = c[2](v)
+      out[c[1]], err = c[2](v, names)
       if not out[c[1]] then
         return nil, err
       end
@@ -631,7 +642,7 @@ function _M.validate(req)
   if type(req.raw) == "table" then
     out.raw = req.raw
   end
-  return out
+  return setmetatable(out, VALID)
 end
 
 -- The user turn of the simple form: the question, preceded by the
@@ -647,9 +658,18 @@ end
 -- normalize(req) -> a validated copy with `messages` (built from the
 -- simple form when absent), or nil, message naming the field.
 function _M.normalize(req)
-  local out, err = _M.validate(req)
-  if not out then
-    return nil, err
+  local out, err
+  if getmetatable(req) == VALID then
+    out = {}
+    for k, v in pairs(req) do
+      out[k] = v
+    end
+    setmetatable(out, VALID)
+  else
+    out, err = _M.validate(req)
+    if not out then
+      return nil, err
+    end
   end
   if not out.messages then
     local msgs = {}

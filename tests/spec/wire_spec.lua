@@ -407,3 +407,116 @@ describe("docs/fidelity.md", function()
     end
   end)
 end)
+
+describe("decode_request", function()
+  local openai, anthropic = WIRES.openai, WIRES.anthropic
+
+  it("names the field at fault in the API's own way", function()
+    local bad = {
+      { openai, { messages = { { role = "user", content = "q" } } }, "^model: " },
+      { openai, { model = "m" }, "^messages: " },
+      { openai, { model = "m", messages = { { role = "user", content = "q" }, { role = "user", content = "q" },
+        { role = "user", content = { { type = "video" } } } } }, "^messages%[2%]%.content%[0%]%.type: Invalid value" },
+      { openai, { model = "m", messages = { { role = "robot", content = "q" } } }, "^messages%[0%]%.role: " },
+      { openai, { model = "m", messages = { { role = "tool", content = "q" } } }, "^messages%[0%]%.tool_call_id: " },
+      { openai, { model = "m", messages = { { role = "system", content = { { type = "image_url",
+        image_url = { url = "u" } } } } } }, "^messages%[0%]%.content%[0%]%.type: " },
+      { openai, { model = "m", messages = { { role = "user", content = "q" } }, tools = { { type = "function" } } },
+        "^tools%[0%]%.function%.name: " },
+      { anthropic, { model = "m", messages = { { role = "user", content = "q" } } }, "^max_tokens: Field required" },
+      { anthropic, { model = "m", max_tokens = 5, messages = { { role = "user", content = "q" },
+        { role = "assistant", content = { { text = "x" } } } } }, "^messages%.1%.content%.0%.type: Field required" },
+      { anthropic, { model = "m", max_tokens = 5, messages = { { role = "user", content = { { type = "image",
+        source = { type = "ftp" } } } } } }, "^messages%.0%.content%.0%.source%.type: " },
+      { anthropic, { model = "m", max_tokens = 5, messages = { { role = "user", content = "q" } },
+        tool_choice = { type = "maybe" } }, "^tool_choice%.type: " },
+    }
+    for _, c in ipairs(bad) do
+      local req, err = c[1].decode_request(c[2], {})
+      assert.is_nil(req)
+      assert.matches(c[3], err)
+    end
+  end)
+
+  it("keeps what the model does not know with the API it came from", function()
+    local req, info = assert(openai.decode_request({ model = "m", stream = true, logit_bias = { ["5"] = 1 },
+      stream_options = { include_usage = false, include_obfuscation = false }, service_tier = "flex",
+      messages = { { role = "user", content = { { type = "input_audio", input_audio = { data = "x", format = "wav" } },
+        { type = "text", text = "q", prompt_cache_breakpoint = { mode = "explicit" } } } } } }, {}))
+    assert.same({ model = "m", stream = true, include_usage = false }, info)
+    assert.same({ api = "openai", fields = { logit_bias = { ["5"] = 1 }, service_tier = "flex",
+      stream_options = { include_obfuscation = false } } }, req.extra)
+    assert.equal("opaque", req.messages[1].content[1].type)
+    assert.same({ api = "openai", fields = { prompt_cache_breakpoint = { mode = "explicit" } } },
+      req.messages[1].content[2].extra)
+
+    req = assert(anthropic.decode_request({ model = "m", max_tokens = 5, container = "c",
+      metadata = { user_id = "u", other = "x" }, messages = { { role = "user", content = "q" } },
+      tools = { { type = "web_search_20250305", name = "web_search" } } },
+      { ["anthropic-beta"] = "b1", ["anthropic-version"] = "2023-06-01", authorization = "no" }))
+    assert.equal("u", req.user)
+    assert.same({ api = "anthropic", fields = { container = "c", metadata = { other = "x" } },
+      headers = { ["anthropic-beta"] = "b1", ["anthropic-version"] = "2023-06-01" } }, req.extra)
+    assert.equal("opaque", req.tools[1].type)
+  end)
+
+  it("merges consecutive OpenAI tool messages and splits an Anthropic turn of results and text", function()
+    local req = assert(openai.decode_request({ model = "m", messages = {
+      { role = "assistant", tool_calls = {
+        { id = "a", type = "function", ["function"] = { name = "f", arguments = "{}" } },
+        { id = "b", type = "function", ["function"] = { name = "f", arguments = "{}" } } } },
+      { role = "tool", tool_call_id = "a", content = "1" },
+      { role = "tool", tool_call_id = "b", content = "2" } } }))
+    assert.equal(2, #req.messages)
+    assert.same({ "a", "b" }, { req.messages[2].content[1].id, req.messages[2].content[2].id })
+    req = assert(anthropic.decode_request({ model = "m", max_tokens = 5, messages = {
+      { role = "user", content = { { type = "tool_result", tool_use_id = "a", content = "1" },
+        { type = "text", text = "next" } } } } }))
+    assert.same({ "tool", "user" }, { req.messages[1].role, req.messages[2].role })
+    assert.same({ { type = "text", text = "next" } }, req.messages[2].content)
+  end)
+end)
+
+describe("streams with several choices", function()
+  it("keep each choice apart, both ways", function()
+    local dec = WIRES.openai.stream_decoder()
+    local function chunk(choices)
+      return { data = json.encode({ model = "m", choices = choices }) }
+    end
+    local seen = {}
+    for _, sse in ipairs({
+      chunk({ { index = 0, delta = { content = "A" } }, { index = 1, delta = { content = "B" } } }),
+      chunk({ { index = 1, delta = { tool_calls = { { index = 0, id = "t", ["function"] = { name = "f",
+        arguments = "{}" } } } }, finish_reason = "tool_calls" } }),
+      chunk({ { index = 0, delta = {}, finish_reason = "stop", logprobs = { content = { { token = "A" } } } } }),
+      { data = "[DONE]" } }) do
+      local out = dec:event(sse)
+      for _, ev in ipairs(out.type and { out } or out) do
+        seen[#seen + 1] = ev.type .. ":" .. tostring(ev.choice or 0)
+      end
+    end
+    assert.same({ "text:0", "text:1", "tool_call:1", "tool_arguments:1", "meta:0", "meta:0" }, seen)
+    local r = assert(dec:result())
+    assert.equal("A", r.text)
+    assert.equal(2, #r.choices)
+    assert.equal("tool_calls", r.choices[2].finish_reason)
+    assert.same({ content = { { token = "A" } } }, r.logprobs)
+    assert.equal('{}', r.choices[2].content[2].arguments)
+
+    -- Anthropic, two answers at once (a parallel strategy): a text block
+    -- each from the start, then a tool_use block of the second.
+    local enc = WIRES.anthropic.stream_encoder("x", "m")
+    local bytes = enc:start(nil, 2) .. enc:text("A", 0) .. enc:text("B", 1)
+      .. enc:event({ type = "tool_call", index = 0, id = "t", name = "f" }, 1)
+      .. enc:event({ type = "tool_arguments", index = 0, text = "{}" }, 1)
+      .. enc:finish({ { response_text = "A", metadata = {} } })
+    local evs = sse_list(bytes)
+    local order = {}
+    for _, e in ipairs(evs) do
+      order[#order + 1] = e.event .. (e.data.index and ("@" .. math.tointeger(e.data.index)) or "")
+    end
+    assert.same({ "message_start", "content_block_start@0", "content_block_start@1", "content_block_delta@0",
+      "content_block_delta@1", "content_block_stop@1", "content_block_start@2", "content_block_delta@2",
+      "content_block_stop@0", "content_block_stop@2", "message_delta", "message_stop" }, order)
+  end)
+end)
