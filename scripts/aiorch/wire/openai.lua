@@ -1045,11 +1045,7 @@ local function choice_json(i, c)
           ',"arguments":', js(p.arguments), "}}" }
       end
     end
-    if #texts > 0 then
-      content = js(concat(texts))
-    elseif #calls > 0 then
-      content = "null"
-    end
+    content = #texts > 0 and js(concat(texts)) or "null"
     extra = concat { #calls > 0 and ',"tool_calls":[' .. concat(calls, ",") .. "]" or "", thinking_json(parts) or "" }
   end
   local logprobs = type(c.logprobs) == "table" and json.encode_safe(c.logprobs) or "null"
