@@ -1097,10 +1097,11 @@ function _M.stream_decoder()
   return setmetatable({ parts = {}, blocks = {}, tools = 0, events = 0, done = false, u = {} }, Decoder)
 end
 
--- The block at index i (made when a delta comes without its start).
-function Decoder:block(i, kind)
+-- The block at index i (made when a delta comes without its start; a
+-- start always makes a new one).
+function Decoder:block(i, kind, new)
   local b = self.blocks[i]
-  if not b then
+  if new or not b then
     b = { type = kind, buf = {} }
     if kind == "tool_call" then
       b.index, b.id, b.name = self.tools, "", ""
@@ -1138,7 +1139,7 @@ function Decoder:block_start(doc, out, sse)
   local cb = type(doc.content_block) == "table" and doc.content_block or EMPTY
   local t = cb.type
   if t == "text" then
-    local b = self:block(i, "text")
+    local b = self:block(i, "text", true)
     local text = str(cb.text)
     if text and text ~= "" then
       b.buf[#b.buf + 1] = text
@@ -1146,7 +1147,7 @@ function Decoder:block_start(doc, out, sse)
       ev(out, { type = "text", text = text }, sse)
     end
   elseif t == "thinking" then
-    local b = self:block(i, "thinking")
+    local b = self:block(i, "thinking", true)
     local text = str(cb.thinking)
     if text and text ~= "" then
       b.buf[#b.buf + 1] = text
@@ -1157,11 +1158,11 @@ function Decoder:block_start(doc, out, sse)
       ev(out, { type = "thinking_signature", signature = cb.signature }, sse)
     end
   elseif t == "redacted_thinking" then
-    local b = self:block(i, "redacted_thinking")
+    local b = self:block(i, "redacted_thinking", true)
     b.data = str(cb.data) or ""
     ev(out, { type = "redacted_thinking", data = b.data }, sse)
   elseif t == "tool_use" then
-    local b = self:block(i, "tool_call")
+    local b = self:block(i, "tool_call", true)
     b.id, b.name = str(cb.id) or "", str(cb.name) or ""
     ev(out, { type = "tool_call", index = b.index, id = b.id, name = b.name }, sse)
     if type(cb.input) == "table" and next(cb.input) ~= nil then
