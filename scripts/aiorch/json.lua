@@ -15,7 +15,6 @@
 local cjson = require "cjson.safe"
 
 local type = type
-local ipairs = ipairs
 local tonumber = tonumber
 local pcall = pcall
 local pairs = pairs
@@ -27,6 +26,7 @@ local find = string.find
 local concat = table.concat
 local sort = table.sort
 local math_type = math.type
+local floor = math.floor
 local huge = math.huge
 local encode_string = cjson.encode
 
@@ -52,10 +52,41 @@ end
 
 local dkjson -- loaded on first need
 
--- What cjson would decode with a loss: an empty array, or an integer
--- longer than its 14 digits.
-local function lossy(s)
-  return find(s, "%[%s*%]") or find(s, "%d%d%d%d%d%d%d%d%d%d%d%d%d%d%d")
+-- Whether the text has an empty array: a "[" with only spaces before
+-- the next "]" (found with plain searches: most bodies have few "[").
+local function empty_array(s)
+  local i = find(s, "[", 1, true)
+  while i do
+    if find(s, "^%s*%]", i + 1) then
+      return true
+    end
+    i = find(s, "[", i + 1, true)
+  end
+  return false
+end
+
+local BIG = 2 ^ 53
+
+-- Whether a value cjson decoded holds a number it may have cut: beyond
+-- 2^53 a double no longer keeps every digit of an integer. (Looking at
+-- the decoded values is cheaper than scanning every byte of the text.)
+local function big_number(v, depth)
+  local tv = type(v)
+  if tv == "number" then
+    return v >= BIG or v <= -BIG
+  end
+  if tv ~= "table" then
+    return false
+  end
+  if depth > 64 then
+    return true -- let dkjson, which is exact, decode it
+  end
+  for _, x in pairs(v) do
+    if big_number(x, depth + 1) then
+      return true
+    end
+  end
+  return false
 end
 
 -- decode(text) -> value, or nil, message.
@@ -63,8 +94,11 @@ function _M.decode(s)
   if type(s) ~= "string" then
     return nil, "not a string"
   end
-  if not lossy(s) then
-    return cjson.decode(s)
+  if not empty_array(s) then
+    local v, err = cjson.decode(s)
+    if v == nil or not big_number(v, 0) then
+      return v, err
+    end
   end
   dkjson = dkjson or require "dkjson"
   local v, _, err = dkjson.decode(s, 1, cjson.null, object_mt, array_mt)
@@ -75,6 +109,25 @@ function _M.decode(s)
 end
 
 local encode_value
+
+-- "key": and ,"key": as JSON, for the few keys that repeat: quoted once.
+-- Bounded: emptied when full; long keys are not kept.
+local key_texts, next_key_texts, n_keys = {}, {}, 0
+local function key_text(k, first)
+  local hit = first and key_texts[k] or next_key_texts[k]
+  if hit then
+    return hit
+  end
+  local text = encode_string(k) .. ":"
+  if #k <= 64 then
+    if n_keys >= 512 then
+      key_texts, next_key_texts, n_keys = {}, {}, 0
+    end
+    key_texts[k], next_key_texts[k] = text, "," .. text
+    n_keys = n_keys + 1
+  end
+  return first and text or "," .. text
+end
 
 local function encode_table(t, out, n, depth)
   if depth > 64 then
@@ -96,24 +149,30 @@ local function encode_table(t, out, n, depth)
     out[n] = "]"
     return n
   end
-  local keys = {}
+  local keys, nk = {}, 0
   for k in pairs(t) do
     if type(k) ~= "string" then
       error(fmt("json.encode: an object key must be a string (got %s)", type(k)), 0)
     end
-    keys[#keys + 1] = k
+    nk = nk + 1
+    keys[nk] = k
   end
-  sort(keys) -- the same table gives the same text
+  if nk > 1 then
+    sort(keys) -- the same table gives the same text
+  end
   n = n + 1
   out[n] = "{"
-  for i, k in ipairs(keys) do
-    if i > 1 then
-      n = n + 1
-      out[n] = ","
-    end
+  for i = 1, nk do
+    local k = keys[i]
     n = n + 1
-    out[n] = encode_string(k) .. ":"
-    n = encode_value(t[k], out, n, depth + 1)
+    out[n] = key_text(k, i == 1)
+    local x = t[k]
+    if type(x) == "string" then -- most values: no call
+      n = n + 1
+      out[n] = encode_string(x)
+    else
+      n = encode_value(x, out, n, depth + 1)
+    end
   end
   n = n + 1
   out[n] = "}"
@@ -130,13 +189,11 @@ function encode_value(v, out, n, depth)
       out[n] = fmt("%d", v)
     elseif v ~= v or v == huge or v == -huge then
       error("json.encode: NaN and infinities have no JSON form", 0)
-    elseif v == math.floor(v) and v > -2 ^ 53 and v < 2 ^ 53 then
+    elseif v == floor(v) and v > -BIG and v < BIG then
       out[n] = fmt("%d", v)
     else
-      out[n] = fmt("%.17g", v)
-      if tonumber(fmt("%.15g", v)) == v then
-        out[n] = fmt("%.15g", v) -- 0.1, not 0.10000000000000001
-      end
+      local short = fmt("%.15g", v) -- 0.1, not 0.10000000000000001
+      out[n] = tonumber(short) == v and short or fmt("%.17g", v)
     end
   elseif tv == "boolean" then
     out[n] = v and "true" or "false"
@@ -155,6 +212,30 @@ function _M.encode(v)
   local out = {}
   local n = encode_value(v, out, 0, 0)
   return concat(out, "", 1, n)
+end
+
+-- A string as JSON text (a value that is not a string is first made one).
+function _M.quote(s)
+  return encode_string(tostring(s or ""))
+end
+
+-- quote for the few values that repeat (models, finish reasons): quoted
+-- once. Bounded: emptied when full; long strings are not kept.
+local quoted, n_quoted = {}, 0
+function _M.word(s)
+  local hit = quoted[s]
+  if hit then
+    return hit
+  end
+  local out = _M.quote(s)
+  if type(s) == "string" and #s <= 128 then
+    if n_quoted >= 256 then
+      quoted, n_quoted = {}, 0
+    end
+    quoted[s] = out
+    n_quoted = n_quoted + 1
+  end
+  return out
 end
 
 -- Like encode, but returns nil, message instead of raising.

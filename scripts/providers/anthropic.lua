@@ -1,24 +1,31 @@
--- Anthropic Messages adapter: POST {base_url}/v1/messages.
-local cjson = require "cjson.safe"
+-- Anthropic Messages adapter: POST {base_url}/v1/messages. The translation
+-- to and from the canonical model is wire.anthropic's.
+local json = require "aiorch.json"
 local util = require "aiorch.adapter"
+local canonical = require "aiorch.canonical"
+local wire = require "aiorch.wire.anthropic"
 
-local fmt = string.format
-local concat = table.concat
 local type = type
+local pairs = pairs
 local ipairs = ipairs
-local setmetatable = setmetatable
-local str, num, present = util.str, util.num, util.present
+local error = error
+local concat = table.concat
+local str, present = util.str, util.present
+
+local EMPTY = {} -- never written
 
 local _M = {
   name = "anthropic",
+  api = "anthropic",
   -- The models this provider serves by default (aiorch serve routes by them).
   model_prefixes = { "claude-" },
+  fields = wire.fields,
   default_model = "claude-3-haiku-20240307",
   key_env = "ANTHROPIC_API_KEY",
   base_url_env = "ANTHROPIC_BASE_URL",
   model_env = "ANTHROPIC_MODEL",
   default_base_url = "https://api.anthropic.com",
-  temperature_range = { 0, 1 },
+  temperature_range = wire.fields.temperature.range,
   api_version = "2023-06-01",
   -- The API requires max_tokens on every request.
   default_max_tokens = 1024,
@@ -27,29 +34,58 @@ local _M = {
 -- Per base URL: joined once, not on every request.
 local urls = {}
 
+-- A client's request in this API, sent as it came: its own bytes, or
+-- its document with only the model replaced when that must change.
+-- Returns the body and whether it asks for a stream.
+local function passthrough(raw, model)
+  local doc = type(raw.doc) == "table" and raw.doc or EMPTY
+  local body = raw.body
+  if model and doc.model ~= model then
+    local copy = {}
+    for k, v in pairs(doc) do
+      copy[k] = v
+    end
+    copy.model = model
+    body = json.encode(copy)
+  end
+  return body, doc.stream == true
+end
+
+-- opts: stream (ask for SSE), model (the model to send; default the
+-- config's). A request that came in through this API (request.raw) is
+-- sent as it came, with opts.model only when given, and with the
+-- client's anthropic-version and anthropic-beta headers.
 function _M.build_request(config, request, opts)
-  local body = {
-    model = config.model or _M.default_model,
-    max_tokens = request.max_tokens or config.max_tokens or _M.default_max_tokens,
-    messages = { { role = "user", content = util.user_content(request) } },
-    temperature = request.temperature,
-  }
-  if type(request.system_prompt) == "string" and request.system_prompt ~= "" then
-    body.system = request.system_prompt
-  end
-  -- Continuing an answer another provider began: a last assistant turn is
-  -- a prefill the model goes on from (it must not end in whitespace).
-  local partial = request.continue_from
-  if type(partial) == "string" and partial:find("%S") then
-    body.messages[2] = { role = "assistant", content = (partial:gsub("%s+$", "")) }
-  end
+  opts = opts or EMPTY
   local headers = {
     ["content-type"] = "application/json",
     ["x-api-key"] = config.key or "",
     ["anthropic-version"] = _M.api_version,
   }
-  if opts and opts.stream then
-    body.stream = true
+  local raw = request.raw
+  local body, stream
+  if type(raw) == "table" and raw.api == _M.api and type(raw.body) == "string" then
+    body, stream = passthrough(raw, opts.model)
+    local h = type(raw.headers) == "table" and raw.headers or EMPTY
+    headers["anthropic-version"] = str(h["anthropic-version"]) or _M.api_version
+    headers["anthropic-beta"] = str(h["anthropic-beta"])
+  else
+    local req, err = canonical.normalize(request)
+    if not req then
+      error("invalid request: " .. err, 0)
+    end
+    stream = opts.stream and true or false
+    body = json.encode(wire.encode_request(req, {
+      model = opts.model or config.model or _M.default_model,
+      stream = stream,
+      default_max_tokens = config.max_tokens or _M.default_max_tokens,
+    }))
+    local e = req.extra
+    if type(e) == "table" and e.api == _M.api and type(e.headers) == "table" then
+      headers["anthropic-beta"] = str(e.headers["anthropic-beta"])
+    end
+  end
+  if stream then
     headers["accept"] = "text/event-stream"
   end
   local base = config.base_url or _M.default_base_url
@@ -62,7 +98,7 @@ function _M.build_request(config, request, opts)
     method = "POST",
     url = url,
     headers = headers,
-    body = assert(cjson.encode(body)),
+    body = body,
   }
 end
 
@@ -85,102 +121,72 @@ local function body_error(e)
     { provider_error = util.provider_error(e) }
 end
 
-local function text_of(content)
-  local parts = {}
-  if type(content) == "table" then
-    for _, block in ipairs(content) do
-      if type(block) == "table" and block.type == "text" and type(block.text) == "string" then
-        parts[#parts + 1] = block.text
-      end
-    end
-  end
-  return concat(parts)
-end
-
+-- result: wire.anthropic.decode_response's, plus raw_body (the upstream bytes).
 function _M.parse_response(config, status, headers, body)
   if status < 200 or status > 299 then
     return util.http_error(status, headers, body, util.error_object_message)
   end
-  local doc, err = cjson.decode(body or "")
+  local doc, err = json.decode(body or "")
   if type(doc) ~= "table" then
     return nil, "parse", "malformed JSON body: " .. (err or "not an object")
   end
   if doc.type == "error" or present(doc.error) then
     return body_error(doc.error)
   end
-  if type(doc.content) ~= "table" then
-    return nil, "parse", "reply has no content array"
+  local result, kind, msg = wire.decode_response(doc)
+  if not result then
+    return nil, kind, msg
   end
-  local u = type(doc.usage) == "table" and doc.usage or {}
-  return {
-    text = text_of(doc.content),
-    model = str(doc.model) or config.model or _M.default_model,
-    usage = { input_tokens = num(u.input_tokens), output_tokens = num(u.output_tokens) },
-    finish_reason = str(doc.stop_reason),
-  }
+  result.model = result.model or config.model or _M.default_model
+  result.raw_body = body
+  return result
 end
 
--- Stream parser for the named events: message_start, content_block_start,
--- content_block_delta, content_block_stop, message_delta, message_stop,
--- ping and error. Without message_stop the answer may be truncated.
-local Parser = {}
-Parser.__index = Parser
+local function classify(e)
+  local _, kind, msg, extra = body_error(e)
+  return kind, msg, extra
+end
 
-function Parser:event(ev)
-  self.events = self.events + 1
-  if self.err then
-    return nil
+-- :event for a parser made without opts.events: the text the event adds,
+-- as adapters written before stream events return.
+local function text_event(self, ev)
+  local out = wire.Decoder.event(self, ev)
+  if out.type then
+    return out.type == "text" and out.text or nil
   end
-  local doc, err = cjson.decode(ev.data or "")
-  if type(doc) ~= "table" then
-    self.err = { "parse", "malformed stream event: " .. (err or "not an object") }
-    return nil
-  end
-  local t = str(doc.type) or ev.event
-  if t == "content_block_delta" then
-    local d = doc.delta
-    if type(d) == "table" and d.type == "text_delta" and type(d.text) == "string" and d.text ~= "" then
-      local parts = self.parts
-      parts[#parts + 1] = d.text
-      return d.text
+  local text = {}
+  for _, e in ipairs(out) do
+    if e.type == "text" then
+      text[#text + 1] = e.text
     end
-  elseif t == "message_start" then
-    local m = type(doc.message) == "table" and doc.message or {}
-    self.model = str(m.model) or self.model
-    local u = type(m.usage) == "table" and m.usage or {}
-    self.input_tokens = num(u.input_tokens) or self.input_tokens
-    self.output_tokens = num(u.output_tokens) or self.output_tokens
-  elseif t == "message_delta" then
-    local d = type(doc.delta) == "table" and doc.delta or {}
-    self.finish_reason = str(d.stop_reason) or self.finish_reason
-    local u = type(doc.usage) == "table" and doc.usage or {}
-    self.output_tokens = num(u.output_tokens) or self.output_tokens
-  elseif t == "message_stop" then
-    self.done = true
-  elseif t == "error" then
-    local _, kind, msg, extra = body_error(doc.error)
-    self.err = { kind, msg, extra }
   end
-  return nil
+  return #text > 0 and concat(text) or nil
 end
 
-function Parser:result()
-  if self.err then
-    return nil, self.err[1], self.err[2], self.err[3]
+local function parser_result(self)
+  local result, kind, msg, extra = wire.Decoder.result(self)
+  if not result then
+    return nil, kind, msg, extra
   end
-  if not self.done then
-    return nil, "stream_cut", fmt("stream ended after %d events without message_stop", self.events)
-  end
-  return {
-    text = concat(self.parts),
-    model = self.model or self.config.model or _M.default_model,
-    usage = { input_tokens = self.input_tokens, output_tokens = self.output_tokens },
-    finish_reason = self.finish_reason,
-  }
+  result.model = result.model or self.config.model or _M.default_model
+  return result
 end
 
-function _M.stream_parser(config)
-  return setmetatable({ config = config, parts = {}, events = 0, done = false }, Parser)
+-- stream_parser(config[, opts]) -> wire.anthropic's stream decoder (the
+-- named events message_start, content_block_*, message_delta,
+-- message_stop, ping, error): :event(ev) returns canonical events when
+-- opts.events, else the text delta (or nil); it keeps parts (the text
+-- deltas), usage, model, finish_reason. Without message_stop the answer
+-- may be truncated.
+function _M.stream_parser(config, opts)
+  local p = wire.stream_decoder()
+  p.config = config
+  p.classify = classify
+  p.result = parser_result
+  if not (opts and opts.events) then
+    p.event = text_event
+  end
+  return p
 end
 
 return _M

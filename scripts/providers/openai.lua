@@ -1,46 +1,71 @@
--- OpenAI Chat Completions adapter: POST {base_url}/chat/completions.
-local cjson = require "cjson.safe"
+-- OpenAI Chat Completions adapter: POST {base_url}/chat/completions. The
+-- translation to and from the canonical model is wire.openai's.
+local json = require "aiorch.json"
 local util = require "aiorch.adapter"
+local canonical = require "aiorch.canonical"
+local wire = require "aiorch.wire.openai"
 
-local fmt = string.format
-local concat = table.concat
 local type = type
-local setmetatable = setmetatable
-local str, num, present = util.str, util.num, util.present
+local pairs = pairs
+local ipairs = ipairs
+local error = error
+local concat = table.concat
+local str, present = util.str, util.present
+
+local EMPTY = {} -- never written
 
 local _M = {
   name = "openai",
+  api = "openai",
   -- The models this provider serves by default (aiorch serve routes by them).
   model_prefixes = { "gpt-", "o1", "o3", "o4", "chatgpt-" },
+  fields = wire.fields,
   default_model = "gpt-4o-mini",
   key_env = "OPENAI_API_KEY",
   base_url_env = "OPENAI_BASE_URL",
   model_env = "OPENAI_MODEL",
   default_base_url = "https://api.openai.com/v1",
-  temperature_range = { 0, 2 },
+  temperature_range = wire.fields.temperature.range,
 }
 
 -- Per base URL and per key: built once, not on every request.
 local urls, bearers = {}, {}
 
-function _M.build_request(config, request, opts)
-  local messages = {}
-  if type(request.system_prompt) == "string" and request.system_prompt ~= "" then
-    messages[1] = { role = "system", content = request.system_prompt }
+-- A client's request in this API, sent as it came: its own bytes, or
+-- its document with only the model replaced when that must change.
+-- Returns the body and whether it asks for a stream.
+local function passthrough(raw, model)
+  local doc = type(raw.doc) == "table" and raw.doc or EMPTY
+  local body = raw.body
+  if model and doc.model ~= model then
+    local copy = {}
+    for k, v in pairs(doc) do
+      copy[k] = v
+    end
+    copy.model = model
+    body = json.encode(copy)
   end
-  messages[#messages + 1] = { role = "user", content = util.user_content(request) }
-  -- Continuing an answer another provider began: it is ours so far.
-  if type(request.continue_from) == "string" and request.continue_from ~= "" then
-    messages[#messages + 1] = { role = "assistant", content = request.continue_from }
-    messages[#messages + 1] = { role = "user", content = util.CONTINUE }
-  end
+  return body, doc.stream == true
+end
 
-  local body = {
-    model = config.model or _M.default_model,
-    messages = messages,
-    max_tokens = request.max_tokens,
-    temperature = request.temperature,
-  }
+-- opts: stream (ask for SSE), model (the model to send; default the
+-- config's). A request that came in through this API (request.raw) is
+-- sent as it came, with opts.model only when given.
+function _M.build_request(config, request, opts)
+  opts = opts or EMPTY
+  local raw = request.raw
+  local body, stream
+  if type(raw) == "table" and raw.api == _M.api and type(raw.body) == "string" then
+    body, stream = passthrough(raw, opts.model)
+  else
+    local req, err = canonical.normalize(request)
+    if not req then
+      error("invalid request: " .. err, 0)
+    end
+    stream = opts.stream and true or false
+    body = json.encode(wire.encode_request(req, { model = opts.model or config.model or _M.default_model,
+      stream = stream }))
+  end
   local key = config.key or ""
   local auth = bearers[key]
   if not auth then
@@ -51,9 +76,7 @@ function _M.build_request(config, request, opts)
     ["content-type"] = "application/json",
     ["authorization"] = auth,
   }
-  if opts and opts.stream then
-    body.stream = true
-    body.stream_options = { include_usage = true }
+  if stream then
     headers["accept"] = "text/event-stream"
   end
   local base = config.base_url or _M.default_base_url
@@ -66,7 +89,7 @@ function _M.build_request(config, request, opts)
     method = "POST",
     url = url,
     headers = headers,
-    body = assert(cjson.encode(body)),
+    body = body,
   }
 end
 
@@ -85,100 +108,69 @@ local function body_error(e)
   return nil, kind, "provider error: " .. util.excerpt(msg, 500), { provider_error = util.provider_error(e) }
 end
 
-local function usage_of(u)
-  if type(u) ~= "table" then
-    return nil
-  end
-  return { input_tokens = num(u.prompt_tokens), output_tokens = num(u.completion_tokens) }
-end
-
+-- result: wire.openai.decode_response's, plus raw_body (the upstream bytes).
 function _M.parse_response(config, status, headers, body)
   if status < 200 or status > 299 then
     return util.http_error(status, headers, body, util.error_object_message)
   end
-  local doc, err = cjson.decode(body or "")
+  local doc, err = json.decode(body or "")
   if type(doc) ~= "table" then
     return nil, "parse", "malformed JSON body: " .. (err or "not an object")
   end
   if present(doc.error) then
     return body_error(doc.error)
   end
-  local choice = type(doc.choices) == "table" and doc.choices[1] or nil
-  if type(choice) ~= "table" or type(choice.message) ~= "table" then
-    return nil, "parse", "reply has no choices[1].message"
+  local result, kind, msg = wire.decode_response(doc)
+  if not result then
+    return nil, kind, msg
   end
-  local msg = choice.message
-  return {
-    -- A refusal comes instead of content; it is still the model's answer.
-    text = str(msg.content) or str(msg.refusal) or "",
-    model = str(doc.model) or config.model or _M.default_model,
-    usage = usage_of(doc.usage) or {},
-    finish_reason = str(choice.finish_reason),
-  }
+  result.model = result.model or config.model or _M.default_model
+  result.raw_body = body
+  return result
 end
 
--- Stream parser: data chunks carry choices[1].delta.content; with
--- include_usage a last chunk has usage and no choices; then "data: [DONE]".
-local Parser = {}
-Parser.__index = Parser
-
-function Parser:event(ev)
-  self.events = self.events + 1
-  local data = ev.data
-  if data == "[DONE]" then
-    self.done = true
-    return nil
-  end
-  if self.err then
-    return nil
-  end
-  local doc, err = cjson.decode(data or "")
-  if type(doc) ~= "table" then
-    self.err = { "parse", "malformed stream chunk: " .. (err or "not an object") }
-    return nil
-  end
-  if present(doc.error) then
-    local _, kind, msg, extra = body_error(doc.error)
-    self.err = { kind, msg, extra }
-    return nil
-  end
-  self.model = str(doc.model) or self.model
-  local u = usage_of(doc.usage)
-  if u then
-    self.usage = u
-  end
-  local choice = type(doc.choices) == "table" and doc.choices[1] or nil
-  if type(choice) ~= "table" then
-    return nil
-  end
-  self.finish_reason = str(choice.finish_reason) or self.finish_reason
-  local delta = type(choice.delta) == "table" and str(choice.delta.content) or nil
-  if delta and delta ~= "" then
-    local parts = self.parts
-    parts[#parts + 1] = delta
-    return delta
-  end
-  return nil
+local function classify(e)
+  local _, kind, msg, extra = body_error(e)
+  return kind, msg, extra
 end
 
-function Parser:result()
-  if self.err then
-    return nil, self.err[1], self.err[2], self.err[3]
+-- :event for a parser made without opts.events: the text the event adds
+-- (the first choice's), as adapters written before stream events return.
+local function text_event(self, ev)
+  local out = wire.Decoder.event(self, ev)
+  if out.type then
+    return out.type == "text" and not out.choice and out.text or nil
   end
-  -- Without [DONE] or a finish_reason the answer may be truncated.
-  if not (self.done or self.finish_reason) then
-    return nil, "stream_cut", fmt("stream ended after %d events without [DONE]", self.events)
+  local text = {}
+  for _, e in ipairs(out) do
+    if e.type == "text" and not e.choice then
+      text[#text + 1] = e.text
+    end
   end
-  return {
-    text = concat(self.parts),
-    model = self.model or self.config.model or _M.default_model,
-    usage = self.usage or {},
-    finish_reason = self.finish_reason,
-  }
+  return #text > 0 and concat(text) or nil
 end
 
-function _M.stream_parser(config)
-  return setmetatable({ config = config, parts = {}, events = 0, done = false }, Parser)
+local function parser_result(self)
+  local result, kind, msg, extra = wire.Decoder.result(self)
+  if not result then
+    return nil, kind, msg, extra
+  end
+  result.model = result.model or self.config.model or _M.default_model
+  return result
+end
+
+-- stream_parser(config[, opts]) -> wire.openai's stream decoder: :event(ev)
+-- returns canonical events when opts.events, else the text delta (or
+-- nil); it keeps parts (the text deltas), usage, model, finish_reason.
+function _M.stream_parser(config, opts)
+  local p = wire.stream_decoder()
+  p.config = config
+  p.classify = classify
+  p.result = parser_result
+  if not (opts and opts.events) then
+    p.event = text_event
+  end
+  return p
 end
 
 return _M

@@ -31,7 +31,8 @@ static aiorch_runtime *rt;
 static lua_State *L;
 static int response_ref, stream_ref;
 
-/* lua_Hook: only lines of scripts/providers and scripts/aiorch/adapter.lua */
+/* lua_Hook: only lines of scripts/providers, scripts/aiorch/wire and the
+ * modules they use (adapter.lua, canonical.lua, json.lua) */
 static void line_hook(lua_State *l, lua_Debug *ar)
 {
     static const char *src;
@@ -42,7 +43,9 @@ static void line_hook(lua_State *l, lua_Debug *ar)
     if (!lua_getinfo(l, "S", ar)) return;
     if (ar->source != src) {
         src = ar->source;
-        wanted = strstr(src, "/scripts/providers/") || strstr(src, "/scripts/aiorch/adapter.lua");
+        wanted = strstr(src, "/scripts/providers/") || strstr(src, "/scripts/aiorch/wire/") ||
+                 strstr(src, "/scripts/aiorch/adapter.lua") || strstr(src, "/scripts/aiorch/canonical.lua") ||
+                 strstr(src, "/scripts/aiorch/json.lua");
     }
     if (!wanted) return;
     at = (uintptr_t)src * 31 + (uintptr_t)ar->currentline;

@@ -1,11 +1,22 @@
 -- The checks of the fuzz_provider_* targets: on any reply, an adapter's
--- parsers return a result or nil, kind, message; they never raise.
+-- parsers return a result or nil, kind, message; they never raise. A
+-- result, and the canonical events of a stream, then go through both
+-- APIs' encoders, which must not raise either.
 local concat = table.concat
 
 local KINDS = {
   auth = true, rate_limited = true, server_error = true, bad_request = true,
   http = true, parse = true, stream_cut = true,
 }
+
+local EVENTS = {
+  text = "text", thinking = "text", thinking_signature = "signature", redacted_thinking = "data",
+  tool_call = "id", tool_arguments = "text", meta = false,
+}
+
+local PARTS = { text = true, tool_call = true, thinking = true, redacted_thinking = true, opaque = true }
+
+local encoders = { require "aiorch.wire.openai", (require "aiorch.wire.anthropic") }
 
 local function check(result, kind, message, deltas)
   if result == nil then
@@ -19,9 +30,39 @@ local function check(result, kind, message, deltas)
   assert(type(result.model) == "string", "result.model is not a string")
   assert(type(result.usage) == "table", "result.usage is not a table")
   assert(result.finish_reason == nil or type(result.finish_reason) == "string", "result.finish_reason")
+  assert(type(result.content) == "table", "result.content is not a list")
+  for _, p in ipairs(result.content) do
+    assert(PARTS[p.type], "unknown part type: " .. tostring(p.type))
+  end
   if deltas then
     assert(result.text == concat(deltas), "result.text is not the deltas joined")
   end
+  -- A StandardAIResponse of it, written in each API's shape.
+  local r = { response_text = result.text, content = result.content, choices = result.choices,
+    metadata = { model = result.model, finish_reason = result.finish_reason, usage = result.usage,
+      provider_finish_reason = result.provider_finish_reason, upstream = result.upstream } }
+  for _, w in ipairs(encoders) do
+    assert(type(w.encode_response({ r }, "fuzz", "m")) == "string", "encode_response")
+  end
+end
+
+-- Each canonical event well formed; returns them as a list.
+local function events_of(out)
+  assert(type(out) == "table", "a parser in events mode returned no event")
+  local list = out.type and { out } or out
+  assert(#list > 0, "an empty list of events")
+  for _, ev in ipairs(list) do
+    local field = EVENTS[ev.type]
+    assert(field ~= nil, "unknown event type: " .. tostring(ev.type))
+    assert(ev.raw ~= nil, "an event without its raw event")
+    if field then
+      assert(type(ev[field]) == "string", ev.type .. "." .. field .. " is not a string")
+    end
+    if ev.type == "tool_call" or ev.type == "tool_arguments" then
+      assert(math.type(ev.index) == "integer", ev.type .. ".index is not an integer")
+    end
+  end
+  return list
 end
 
 -- Returns the two entry points for the named adapter.
@@ -45,6 +86,34 @@ return function(name)
     end
     local result, kind, message = parser:result()
     check(result, kind, message, deltas)
+
+    -- The same stream as canonical events, written in both APIs' streams.
+    parser = adapter.stream_parser(config, { events = true })
+    local writers = {}
+    for i, w in ipairs(encoders) do
+      writers[i] = w.stream_encoder("fuzz", "m", { include_usage = true })
+      writers[i]:start(nil, 1)
+    end
+    local text = {}
+    for i = 1, #events do
+      for _, ev in ipairs(events_of(parser:event(events[i]))) do
+        if ev.type == "text" and not ev.choice then
+          text[#text + 1] = ev.text
+        end
+        for _, w in ipairs(writers) do
+          assert(type(w:event(ev, ev.choice or 0)) == "string", "stream encoder")
+        end
+      end
+    end
+    local r2, kind2 = parser:result()
+    assert((r2 == nil) == (result == nil) and kind2 == kind, "the two modes disagree")
+    if r2 then
+      assert(r2.text == concat(text), "result.text is not the text events joined")
+      for _, w in ipairs(writers) do
+        assert(type(w:finish({ { response_text = r2.text, content = r2.content,
+          metadata = { finish_reason = r2.finish_reason, usage = r2.usage } } })) == "string", "finish")
+      end
+    end
   end
 
   return response, stream

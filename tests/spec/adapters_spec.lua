@@ -134,3 +134,99 @@ for _, provider in ipairs(PROVIDERS) do
     end)
   end)
 end
+
+-- What the canonical model added: passthrough of a client's own request,
+-- canonical events from the stream parsers, refusals that are bugs.
+describe("adapters on the canonical model", function()
+  local json = require "aiorch.json"
+  local openai, anthropic = load_adapter("openai"), load_adapter("anthropic")
+
+  it("declare their API and fields table", function()
+    assert.equal("openai", openai.api)
+    assert.equal("anthropic", anthropic.api)
+    assert.same({ 0, 2 }, openai.fields.temperature.range)
+    assert.same({ 0, 1 }, anthropic.fields.temperature.range)
+  end)
+
+  it("send a same-API client's own bytes", function()
+    local body = '{ "model" : "gpt-4o",  "messages":[{"role":"user","content":"hi"}], "logit_bias":{"5":1},'
+      .. '"store":true, "tools":[] }'
+    local raw = { api = "openai", body = body, doc = json.decode(body) }
+    local wire = openai.build_request({ key = "k", model = "gpt-4o-mini" }, { raw = raw, messages = {} }, {})
+    assert.equal(body, wire.body)
+    assert.is_nil(wire.headers.accept)
+  end)
+
+  it("replace only the model when it must change, keeping [] an array", function()
+    local body = '{"model":"claude-x","max_tokens":5,"stream":true,"messages":[{"role":"user","content":"hi"}],'
+      .. '"tools":[{"name":"f","input_schema":{"type":"object","required":[]}}],"container":"c1"}'
+    local raw = { api = "anthropic", body = body, doc = json.decode(body),
+      headers = { ["anthropic-version"] = "2099-01-01", ["anthropic-beta"] = "b1,b2" } }
+    local wire = anthropic.build_request({ key = "k" }, { raw = raw }, { model = "claude-y" })
+    local sent = json.decode(wire.body)
+    assert.equal("claude-y", sent.model)
+    assert.equal("c1", sent.container)
+    assert.is_true(json.is_array(sent.tools[1].input_schema.required))
+    assert.matches('"required":%[%]', wire.body)
+    assert.equal("2099-01-01", wire.headers["anthropic-version"])
+    assert.equal("b1,b2", wire.headers["anthropic-beta"])
+    assert.equal("text/event-stream", wire.headers.accept)
+    -- The same model: the bytes as they came.
+    assert.equal(body, anthropic.build_request({ key = "k" }, { raw = raw }, { model = "claude-x" }).body)
+  end)
+
+  it("translate a request that came through the other API", function()
+    local raw = { api = "openai", body = "{}", doc = {} }
+    local req = { raw = raw, messages = { { role = "system", content = "s" }, { role = "user", content = "q" } },
+      stop = { "END" }, user = "u1" }
+    local wire = anthropic.build_request({ key = "k", model = "claude-z" }, req, {})
+    local sent = json.decode(wire.body)
+    assert.equal("claude-z", sent.model)
+    assert.equal("s", sent.system)
+    assert.same({ "END" }, sent.stop_sequences)
+    assert.equal("u1", sent.metadata.user_id)
+    assert.equal(1024, sent.max_tokens)
+  end)
+
+  it("raise on a field their API cannot take (canonical.unsupported refuses it first)", function()
+    local ok, err = pcall(openai.build_request, { key = "k" }, { user_question = "q", top_k = 3 }, {})
+    assert.is_false(ok)
+    assert.matches("top_k", err)
+    ok, err = pcall(anthropic.build_request, { key = "k" }, { user_question = "q", seed = 3 }, {})
+    assert.is_false(ok)
+    assert.matches("seed", err)
+  end)
+
+  it("keep the upstream bytes of an answer", function()
+    local body = '{"choices":[{"index":0,"message":{"role":"assistant","content":"hi"},"finish_reason":"stop"}]}'
+    local result = assert(openai.parse_response({}, 200, {}, body))
+    assert.equal(body, result.raw_body)
+    assert.same({ { type = "text", text = "hi" } }, result.content)
+  end)
+
+  for _, provider in ipairs(PROVIDERS) do
+    it(provider .. "'s stream parser gives canonical events with opts.events", function()
+      local adapter = load_adapter(provider)
+      local case = fixtures(provider, "streams")[1]
+      local p = adapter.stream_parser({}, { events = true })
+      local text = {}
+      for _, e in ipairs(case.events) do
+        local sse = { event = e.event, data = type(e.data) == "table" and assert(cjson.encode(e.data)) or e.data }
+        local out = p:event(sse)
+        local list = out.type and { out } or out
+        assert.is_true(#list > 0, "every event yields one at least")
+        for _, ev in ipairs(list) do
+          assert.equal(sse, ev.raw)
+          if ev.type == "text" then
+            text[#text + 1] = ev.text
+          else
+            assert.equal("meta", ev.type)
+          end
+        end
+      end
+      assert.equal(case.expected.text, table.concat(text))
+      assert.equal(case.expected.text, table.concat(p.parts))
+      assert.equal(case.expected.text, (p:result()).text)
+    end)
+  end
+end)

@@ -547,7 +547,7 @@ describe("POST /v1/orchestrate", function()
     assert.equal("anthropic", doc.ia_provider_name)
     assert.equal("success", doc.status)
     assert.equal(cjson.null, doc.error_message)
-    assert.equal("end_turn", doc.metadata.finish_reason)
+    assert.equal("stop", doc.metadata.finish_reason) -- end_turn, normalised (docs/canonical.md)
     -- The native endpoint keeps the prompt builder: the context is in the system prompt.
     assert.matches("Base ten.", requests_of("anthropic")[1].json.system, 1, true)
   end)

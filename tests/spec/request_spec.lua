@@ -22,7 +22,7 @@ end
 
 describe("request.validate", function()
   it("accepts a question alone and copies only known fields", function()
-    local out = assert(request.validate({ user_question = "hi", extra = 1 }, BOTH))
+    local out = assert(request.validate({ user_question = "hi", bogus = 1 }, BOTH))
     assert.same({ user_question = "hi" }, out)
   end)
 

@@ -124,7 +124,7 @@ describe("single", function()
     assert.equal("success", r.status)
     assert.equal("anthropic", r.ia_provider_name)
     assert.equal("claude-3-haiku-20240307", r.metadata.model)
-    assert.equal("end_turn", r.metadata.finish_reason)
+    assert.equal("stop", r.metadata.finish_reason) -- end_turn, normalised (docs/canonical.md)
     local w = requests_of("anthropic")[1]
     assert.equal("/v1/messages", w.path)
     assert.equal(KEYS.anthropic, w.headers["x-api-key"])

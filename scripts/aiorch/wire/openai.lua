@@ -1,0 +1,1427 @@
+-- OpenAI Chat Completions <-> the canonical model (docs/canonical.md):
+-- requests both ways, responses both ways, streams both ways. Pure
+-- functions and one small object per stream; no I/O.
+--
+-- Extensions beyond OpenAI's own API, as OpenAI-compatible servers use
+-- them: an assistant message's `reasoning_content` (thinking text) and
+-- `thinking_blocks` ({type = "thinking", thinking, signature} or
+-- {type = "redacted_thinking", data}), in requests, answers and stream
+-- deltas, so that thinking and its signature survive an OpenAI client.
+local json = require "aiorch.json"
+local canonical = require "aiorch.canonical"
+local util = require "aiorch.adapter"
+
+local fmt = string.format
+local type = type
+local pairs = pairs
+local ipairs = ipairs
+local next = next
+local error = error
+local tostring = tostring
+local setmetatable = setmetatable
+local concat = table.concat
+local unpack = table.unpack
+local max = math.max
+local os_time = os.time
+local tointeger = math.tointeger
+local str, num, present = util.str, util.num, util.present
+local js, jw = json.quote, json.word
+local null = json.null
+
+local EMPTY = {} -- never written
+
+local _M = { api = "openai" }
+
+local function pass(extra)
+  extra = extra or {}
+  extra[1] = "pass"
+  return extra
+end
+
+local function translate(how)
+  return { "translate", how = how }
+end
+
+local function refuse(why)
+  return { "refuse", why = why }
+end
+
+-- What Chat Completions can express of the canonical model: one cell per
+-- key of canonical.CELLS.
+_M.fields = {
+  messages = pass(),
+  ["role.system"] = pass(),
+  ["role.developer"] = pass(),
+  ["role.tool"] = translate("one `tool` message per tool result, with its `tool_call_id`"),
+  ["message.name"] = pass(),
+  prefill = refuse("Chat Completions answers a last assistant message instead of continuing it"),
+  text = pass(),
+  ["image.base64"] = translate("an `image_url` part with a `data:` URL"),
+  ["image.url"] = translate("an `image_url` part"),
+  ["image.file"] = refuse("`image_url` takes a URL, not a file id"),
+  ["image.detail"] = translate("`image_url.detail`"),
+  ["document.base64"] = translate("a `file` part, `file_data` as a `data:` URL"),
+  ["document.url"] = refuse("`file` parts take data or a file id, not a URL"),
+  ["document.text"] = refuse("`file` parts take base64 data, not plain text"),
+  ["document.file"] = translate("a `file` part with `file_id`"),
+  ["document.title"] = translate("`file.filename` when the part has no filename"),
+  ["document.filename"] = translate("`file.filename`"),
+  tool_call = translate("the assistant message's `tool_calls` (type function), ids unchanged"),
+  ["tool_call.arguments"] = translate("`function.arguments`, as they are"),
+  tool_result = translate("a `tool` message: the content as a string or text parts"),
+  ["tool_result.is_error"] = refuse("`tool` messages have no error flag"),
+  ["tool_result.image"] = refuse("`tool` messages take text only"),
+  ["tool_result.document"] = refuse("`tool` messages take text only"),
+  thinking = refuse("Chat Completions takes no reasoning back in a request"),
+  ["thinking.unsigned"] = refuse("Chat Completions takes no reasoning back in a request"),
+  redacted_thinking = refuse("Chat Completions takes no reasoning back in a request"),
+  cache_control = refuse("OpenAI caches prompt prefixes by itself: there is no per-block marker"),
+  tools = translate("`{type: function, function: {name, description, parameters, strict}}`"),
+  ["tool.strict"] = translate("`function.strict`"),
+  tool_choice = translate("`auto`, `none`, `required` as they are; `{name}` as `{type: function, function: {name}}`"),
+  parallel_tool_calls = pass(),
+  ["response_format.text"] = pass(),
+  ["response_format.json_object"] = pass(),
+  ["response_format.json_schema"] = translate("`{type: json_schema, json_schema: {name, description, schema, strict}}`"
+    .. ", named `response` when it has no name"),
+  max_tokens = translate("`max_tokens` (a client's `max_completion_tokens` is read as it)"),
+  temperature = pass({ range = { 0, 2 } }),
+  top_p = pass(),
+  top_k = refuse("Chat Completions has no top_k"),
+  stop = pass(),
+  seed = pass(),
+  presence_penalty = pass(),
+  frequency_penalty = pass(),
+  logprobs = pass(),
+  top_logprobs = pass(),
+  n = pass(),
+  user = pass(),
+  metadata = pass(),
+  ["reasoning.effort"] = translate("`reasoning_effort`"),
+  ["reasoning.budget_tokens"] = refuse("OpenAI takes an effort level, not a token budget"),
+  ["reasoning.mode"] = translate("`disabled` is `reasoning_effort: none` (when no effort is given); "
+    .. "`enabled` and `adaptive` leave it to the model"),
+  ["reasoning.display"] = refuse("Chat Completions does not show reasoning"),
+  stream_options = translate("upstream, `include_usage` is always asked when streaming; "
+    .. "the caller gets usage only if it asked"),
+  extra = translate("OpenAI fields sent as they came; another API's refused by name"),
+  opaque = translate("OpenAI parts and tools (`input_audio`, custom tools) sent as they came; another API's "
+    .. "refused by name"),
+  ["anthropic-beta"] = translate("not sent: it only changes Anthropic's behaviour (what a beta adds to a request "
+    .. "is refused on its own)"),
+  ["response.text"] = translate("`message.content`"),
+  ["response.tool_calls"] = translate("`message.tool_calls` (arguments as JSON text)"),
+  ["response.thinking"] = translate("`reasoning_content` and `thinking_blocks` (an extension of OpenAI-compatible "
+    .. "servers; OpenAI itself returns no reasoning text)"),
+  ["response.refusal"] = translate("`message.refusal` is the answer's text"),
+  ["response.finish_reason"] = translate("`stop`, `length`, `tool_calls` (and `function_call`), `content_filter`; "
+    .. "another API's `refusal` is written `content_filter`"),
+  ["response.usage"] = translate("`prompt_tokens` (every input token) and `completion_tokens`"),
+  ["response.usage.cached_input_tokens"] = translate("`prompt_tokens_details.cached_tokens`"),
+  ["response.usage.cache_write_tokens"] = translate("`prompt_tokens_details.cache_write_tokens`"),
+  ["response.usage.reasoning_tokens"] = translate("`completion_tokens_details.reasoning_tokens`"),
+  ["response.logprobs"] = pass(),
+  ["response.choices"] = pass(),
+  ["response.upstream"] = translate("`id`, `created`, `system_fingerprint`, `service_tier`"),
+  ["response.stream"] = translate("`delta.content`, `delta.tool_calls`, `delta.reasoning_content`; "
+    .. "a thinking signature as `delta.thinking_blocks`"),
+}
+
+-- Errors and models -------------------------------------------------------
+
+local ERROR_TYPES = {
+  [400] = "invalid_request_error", [401] = "invalid_request_error", [404] = "invalid_request_error",
+  [405] = "invalid_request_error", [413] = "invalid_request_error", [429] = "rate_limit_exceeded",
+  [500] = "server_error", [502] = "upstream_error", [503] = "server_error", [504] = "timeout",
+}
+local ERROR_CODES = { [401] = "invalid_api_key", [404] = "unknown_url", [405] = "method_not_allowed",
+  [413] = "request_too_large" }
+
+-- OpenAI's error object for an answer with this status.
+function _M.error_body(status, message, code)
+  code = code or ERROR_CODES[status]
+  return concat { '{"error":{"message":', js(message), ',"type":', js(ERROR_TYPES[status] or "server_error"),
+    ',"param":null,"code":', code and js(code) or "null", "}}" }
+end
+
+-- GET /v1/models in OpenAI's list shape; entries: {id, owner}.
+function _M.models(entries)
+  local data = {}
+  for i, e in ipairs(entries) do
+    data[i] = concat { '{"id":', js(e.id), ',"object":"model","created":0,"owned_by":', js(e.owner), "}" }
+  end
+  return '{"object":"list","data":[' .. concat(data, ",") .. "]}"
+end
+
+-- Requests: OpenAI -> canonical -------------------------------------------
+
+local function fail(path, msg)
+  return nil, path .. ": " .. msg
+end
+
+local function copy(t)
+  local c = {}
+  for k, v in pairs(t) do
+    c[k] = v
+  end
+  return c
+end
+
+-- The fields of obj not in known, as an extra {api, fields}, or nil.
+local function extra_of(obj, known)
+  local fields
+  for k, v in pairs(obj) do
+    if not known[k] and v ~= null then
+      fields = fields or {}
+      fields[k] = v
+    end
+  end
+  return fields and { api = "openai", fields = fields } or nil
+end
+
+local function set(list)
+  local s = {}
+  for _, k in ipairs(list) do
+    s[k] = true
+  end
+  return s
+end
+
+-- "data:image/png;base64,AAAA" -> "image/png", "AAAA"
+local function data_url(u)
+  return u:match("^data:([^;,]+);base64,(.*)$")
+end
+
+local PART_KEYS = {
+  text = set { "type", "text" },
+  image_url = set { "type", "image_url" },
+  file = set { "type", "file" },
+}
+
+local USER_PARTS = "'text', 'image_url', 'input_audio' and 'file'"
+
+-- A content part of a user, system or developer message.
+local function decode_part(p, path, text_only)
+  if type(p) ~= "table" then
+    return fail(path, "Invalid type: expected an object")
+  end
+  local t = p.type
+  local part
+  if t == "text" then
+    if type(p.text) ~= "string" then
+      return fail(path .. ".text", "Missing required parameter (a string)")
+    end
+    part = { type = "text", text = p.text }
+  elseif text_only then
+    return fail(path .. ".type", fmt("Invalid value: %s. Supported values are: 'text'", tostring(t)))
+  elseif t == "image_url" then
+    local iu = p.image_url
+    if type(iu) ~= "table" or type(iu.url) ~= "string" then
+      return fail(path .. ".image_url.url", "Missing required parameter (a string)")
+    end
+    local media, data = data_url(iu.url)
+    part = { type = "image", source = media and { type = "base64", media_type = media, data = data }
+      or { type = "url", url = iu.url } }
+    if present(iu.detail) then
+      part.detail = iu.detail
+    end
+  elseif t == "file" then
+    local f = p.file
+    if type(f) ~= "table" then
+      return fail(path .. ".file", "Missing required parameter (an object)")
+    end
+    local source
+    if type(f.file_data) == "string" then
+      local media, data = data_url(f.file_data)
+      -- Plain base64 (no data: URL) is a PDF, as OpenAI takes files.
+      source = { type = "base64", media_type = media or "application/pdf", data = data or f.file_data }
+    elseif type(f.file_id) == "string" then
+      source = { type = "file", file_id = f.file_id }
+    else
+      return fail(path .. ".file", "one of file_data or file_id is required")
+    end
+    part = { type = "document", source = source, filename = str(f.filename) }
+  elseif t == "input_audio" then
+    return { type = "opaque", api = "openai", value = p }
+  else
+    return fail(path .. ".type", fmt("Invalid value: %s. Supported values are: %s", tostring(t), USER_PARTS))
+  end
+  part.extra = extra_of(p, PART_KEYS[t])
+  return part
+end
+
+-- A message content: a string stays one; a list becomes parts.
+local function decode_content(c, path, text_only)
+  if type(c) == "string" then
+    return c
+  end
+  if type(c) ~= "table" then
+    return fail(path, "Invalid type: expected a string or an array of content parts")
+  end
+  local parts = {}
+  for i, p in ipairs(c) do
+    local part, err = decode_part(p, fmt("%s[%d]", path, i - 1), text_only)
+    if not part then
+      return nil, err
+    end
+    parts[i] = part
+  end
+  return parts
+end
+
+-- thinking_blocks (or reasoning_content) -> thinking parts, appended to parts.
+local function decode_thinking(m, path, parts)
+  local blocks = m.thinking_blocks
+  if type(blocks) == "table" and #blocks > 0 then
+    for i, b in ipairs(blocks) do
+      local where = fmt("%s.thinking_blocks[%d]", path, i - 1)
+      if type(b) ~= "table" then
+        return fail(where, "Invalid type: expected an object")
+      end
+      if b.type == "thinking" and type(b.thinking) == "string" then
+        parts[#parts + 1] = { type = "thinking", text = b.thinking, signature = str(b.signature) }
+      elseif b.type == "redacted_thinking" and type(b.data) == "string" then
+        parts[#parts + 1] = { type = "redacted_thinking", data = b.data }
+      else
+        return fail(where .. ".type", "Invalid value: expected 'thinking' (with thinking) or 'redacted_thinking' "
+          .. "(with data)")
+      end
+    end
+  elseif type(m.reasoning_content) == "string" and m.reasoning_content ~= "" then
+    parts[#parts + 1] = { type = "thinking", text = m.reasoning_content }
+  end
+  return parts
+end
+
+local ASSISTANT_KEYS = set { "role", "content", "name", "tool_calls", "refusal", "reasoning_content",
+  "thinking_blocks" }
+local MESSAGE_KEYS = set { "role", "content", "name" }
+local TOOL_KEYS = set { "role", "content", "tool_call_id" }
+
+local function decode_assistant(m, path)
+  local parts = {}
+  local _, err = decode_thinking(m, path, parts)
+  if err then
+    return nil, err
+  end
+  local c = m.content
+  local texts = 0
+  if type(c) == "string" then
+    if c ~= "" then
+      parts[#parts + 1] = { type = "text", text = c }
+      texts = 1
+    end
+  elseif type(c) == "table" then
+    for i, p in ipairs(c) do
+      local where = fmt("%s.content[%d]", path, i - 1)
+      if type(p) == "table" and p.type == "text" and type(p.text) == "string" then
+        parts[#parts + 1] = { type = "text", text = p.text }
+      elseif type(p) == "table" and p.type == "refusal" and type(p.refusal) == "string" then
+        parts[#parts + 1] = { type = "text", text = p.refusal }
+      else
+        return fail(where .. ".type", "Invalid value. Supported values are: 'text' and 'refusal'")
+      end
+      texts = texts + 1
+    end
+  elseif present(c) then
+    return fail(path .. ".content", "Invalid type: expected a string, an array of content parts or null")
+  end
+  local extra = extra_of(m, ASSISTANT_KEYS)
+  if type(m.refusal) == "string" and m.refusal ~= "" then
+    if texts == 0 then
+      parts[#parts + 1] = { type = "text", text = m.refusal }
+      texts = 1
+    else
+      extra = extra or { api = "openai", fields = {} }
+      extra.fields.refusal = m.refusal
+    end
+  end
+  local calls = m.tool_calls
+  if present(calls) then
+    if type(calls) ~= "table" then
+      return fail(path .. ".tool_calls", "Invalid type: expected an array")
+    end
+    for i, tc in ipairs(calls) do
+      local where = fmt("%s.tool_calls[%d]", path, i - 1)
+      if type(tc) ~= "table" or type(tc.id) ~= "string" then
+        return fail(where .. ".id", "Missing required parameter (a string)")
+      end
+      if tc.type == "custom" then
+        parts[#parts + 1] = { type = "opaque", api = "openai", value = tc }
+      else
+        local f = tc["function"]
+        if type(f) ~= "table" or type(f.name) ~= "string" then
+          return fail(where .. ".function.name", "Missing required parameter (a string)")
+        end
+        parts[#parts + 1] = { type = "tool_call", id = tc.id, name = f.name,
+          arguments = type(f.arguments) == "string" and f.arguments or "" }
+      end
+    end
+  end
+  local msg = { role = "assistant", name = str(m.name), extra = extra }
+  if type(c) == "string" and texts == 1 and #parts == 1 then
+    msg.content = c
+  else
+    msg.content = parts
+  end
+  return msg
+end
+
+local function decode_tool(m, path)
+  if type(m.tool_call_id) ~= "string" then
+    return fail(path .. ".tool_call_id", "Missing required parameter (a string)")
+  end
+  local c = m.content
+  local content
+  if type(c) == "string" then
+    content = c
+  elseif type(c) == "table" then
+    local err
+    content, err = decode_content(c, path .. ".content", true)
+    if not content then
+      return nil, err
+    end
+  elseif present(c) then
+    return fail(path .. ".content", "Invalid type: expected a string or an array of text parts")
+  end
+  return { type = "tool_result", id = m.tool_call_id, content = content, extra = extra_of(m, TOOL_KEYS) }
+end
+
+local ROLES = "'system', 'assistant', 'user', 'tool' and 'developer'"
+
+local function decode_messages(list)
+  if type(list) ~= "table" or #list == 0 then
+    return fail("messages", "Missing required parameter (a non-empty array)")
+  end
+  local out = {}
+  for i, m in ipairs(list) do
+    local path = fmt("messages[%d]", i - 1)
+    if type(m) ~= "table" then
+      return fail(path, "Invalid type: expected an object")
+    end
+    local role = m.role
+    if role == "tool" then
+      local part, err = decode_tool(m, path)
+      if not part then
+        return nil, err
+      end
+      -- Consecutive tool messages: one canonical tool message, in order.
+      local last = out[#out]
+      if last and last.role == "tool" then
+        last.content[#last.content + 1] = part
+      else
+        out[#out + 1] = { role = "tool", content = { part } }
+      end
+    elseif role == "assistant" then
+      local msg, err = decode_assistant(m, path)
+      if not msg then
+        return nil, err
+      end
+      out[#out + 1] = msg
+    elseif role == "system" or role == "developer" or role == "user" then
+      local content, err = decode_content(m.content, path .. ".content", role ~= "user")
+      if not content then
+        return nil, err
+      end
+      out[#out + 1] = { role = role, content = content, name = str(m.name), extra = extra_of(m, MESSAGE_KEYS) }
+    else
+      return fail(path .. ".role", fmt("Invalid value: %s. Supported values are: %s", tostring(role), ROLES))
+    end
+  end
+  return out
+end
+
+local function decode_tools(list)
+  if type(list) ~= "table" then
+    return fail("tools", "Invalid type: expected an array")
+  end
+  local out = {}
+  for i, t in ipairs(list) do
+    local path = fmt("tools[%d]", i - 1)
+    if type(t) ~= "table" then
+      return fail(path, "Invalid type: expected an object")
+    end
+    if t.type == "function" or t.type == nil then
+      local f = t["function"]
+      if type(f) ~= "table" or type(f.name) ~= "string" then
+        return fail(path .. ".function.name", "Missing required parameter (a string)")
+      end
+      out[i] = { name = f.name, description = str(f.description),
+        parameters = type(f.parameters) == "table" and f.parameters or nil,
+        strict = type(f.strict) == "boolean" and f.strict or nil }
+    else
+      out[i] = { type = "opaque", api = "openai", value = t,
+        name = type(t.custom) == "table" and str(t.custom.name) or nil }
+    end
+  end
+  return out
+end
+
+local function decode_tool_choice(tc, extra)
+  if type(tc) == "string" then
+    return tc
+  end
+  if type(tc) == "table" and tc.type == "function" and type(tc["function"]) == "table"
+    and type(tc["function"].name) == "string" then
+    return { name = tc["function"].name }
+  end
+  extra.tool_choice = tc -- allowed_tools, custom: OpenAI's own
+  return nil
+end
+
+local function decode_response_format(rf)
+  if type(rf) ~= "table" then
+    return fail("response_format", "Invalid type: expected an object")
+  end
+  if rf.type == "json_schema" then
+    local s = rf.json_schema
+    if type(s) ~= "table" then
+      return fail("response_format.json_schema", "Missing required parameter (an object)")
+    end
+    return { type = "json_schema", name = str(s.name), description = str(s.description),
+      schema = type(s.schema) == "table" and s.schema or json.object(), strict = type(s.strict) == "boolean"
+      and s.strict or nil }
+  end
+  return { type = rf.type }
+end
+
+-- Fields copied as they are (validated by canonical.normalize).
+local SCALARS = { "temperature", "top_p", "seed", "presence_penalty", "frequency_penalty", "logprobs",
+  "top_logprobs", "n", "user", "metadata", "parallel_tool_calls" }
+local KNOWN = set { "model", "messages", "stream", "stream_options", "max_tokens", "max_completion_tokens",
+  "stop", "tools", "tool_choice", "response_format", "reasoning_effort", unpack(SCALARS) }
+
+-- decode_request(doc, headers) -> req, info ({model, stream, include_usage}),
+-- or nil, message naming the field.
+function _M.decode_request(doc)
+  if type(doc) ~= "table" then
+    return nil, "the request body must be a JSON object"
+  end
+  if type(doc.model) ~= "string" or doc.model == "" then
+    return fail("model", "Missing required parameter (a string)")
+  end
+  local messages, err = decode_messages(doc.messages)
+  if not messages then
+    return nil, err
+  end
+  local req = { messages = messages }
+  for _, f in ipairs(SCALARS) do
+    if present(doc[f]) then
+      req[f] = doc[f]
+    end
+  end
+  local m = doc.max_completion_tokens
+  if not present(m) then
+    m = doc.max_tokens
+  end
+  if present(m) then
+    req.max_tokens = m
+  end
+  local stop = doc.stop
+  if type(stop) == "string" then
+    req.stop = { stop }
+  elseif present(stop) then
+    req.stop = stop
+  end
+  local extra = {}
+  for k, v in pairs(doc) do
+    if not KNOWN[k] and v ~= null then
+      extra[k] = v
+    end
+  end
+  if present(doc.tools) then
+    req.tools, err = decode_tools(doc.tools)
+    if not req.tools then
+      return nil, err
+    end
+  end
+  if present(doc.tool_choice) then
+    req.tool_choice = decode_tool_choice(doc.tool_choice, extra)
+  end
+  if present(doc.response_format) then
+    req.response_format, err = decode_response_format(doc.response_format)
+    if not req.response_format then
+      return nil, err
+    end
+  end
+  if present(doc.reasoning_effort) then
+    req.reasoning = { effort = doc.reasoning_effort }
+  end
+  local so = doc.stream_options
+  local include_usage = false
+  if type(so) == "table" then
+    include_usage = so.include_usage == true
+    if present(so.include_usage) then
+      req.stream_options = { include_usage = so.include_usage }
+    end
+    local rest = extra_of(so, { include_usage = true })
+    if rest then
+      extra.stream_options = rest.fields
+    end
+  end
+  if next(extra) then
+    req.extra = { api = "openai", fields = extra }
+  end
+  return req, { model = doc.model, stream = doc.stream == true, include_usage = include_usage }
+end
+
+-- Requests: canonical -> OpenAI -------------------------------------------
+
+-- Raised when the encoder meets what it cannot write: canonical.unsupported
+-- refuses it, so getting it here is a bug of the caller.
+local function cannot(what)
+  error(fmt("wire.openai: cannot encode %s (canonical.unsupported refuses it)", what), 2)
+end
+
+-- Adds the fields of an OpenAI extra to a wire object; another API's
+-- extra cannot be written.
+local function merge_extra(obj, e, where)
+  if e == nil or next(e.fields) == nil then
+    return obj -- (another API's headers only: nothing for this body)
+  end
+  if e.api ~= "openai" then
+    cannot(fmt("%s: %s fields", where, tostring(e.api)))
+  end
+  for k, v in pairs(e.fields) do
+    local have = obj[k]
+    if type(have) == "table" and type(v) == "table" then
+      for k2, v2 in pairs(v) do
+        have[k2] = v2
+      end
+    else
+      obj[k] = v
+    end
+  end
+  return obj
+end
+
+-- Each part type's attributes the encoder writes.
+local ENCODED = {
+  text = set { "type", "text", "extra" },
+  image = set { "type", "source", "detail", "extra" },
+  document = set { "type", "source", "title", "filename", "extra" },
+  tool_call = set { "type", "id", "name", "arguments", "extra" },
+  tool_result = set { "type", "id", "content", "extra" },
+  opaque = set { "type", "api", "value", "name" },
+}
+
+local function check_keys(p, where)
+  local known = ENCODED[p.type]
+  if not known then
+    cannot(fmt("%s: a %s part", where, tostring(p.type)))
+  end
+  for k, v in pairs(p) do
+    if not known[k] and not (k == "is_error" and v == false) then
+      cannot(where .. "." .. k)
+    end
+  end
+end
+
+local function opaque_value(p, where)
+  if p.api ~= "openai" then
+    cannot(fmt("%s: a %s part", where, tostring(p.api)))
+  end
+  return p.value
+end
+
+local function encode_part(p, where)
+  check_keys(p, where)
+  local t = p.type
+  local out
+  if t == "text" then
+    out = { type = "text", text = p.text }
+  elseif t == "image" then
+    local s = p.source
+    local url
+    if s.type == "base64" then
+      url = "data:" .. s.media_type .. ";base64," .. s.data
+    elseif s.type == "url" then
+      url = s.url
+    else
+      cannot(where .. ": an image by " .. tostring(s.type))
+    end
+    out = { type = "image_url", image_url = { url = url, detail = p.detail } }
+  elseif t == "document" then
+    local s = p.source
+    local file = { filename = p.filename or p.title }
+    if s.type == "base64" then
+      file.file_data = "data:" .. s.media_type .. ";base64," .. s.data
+    elseif s.type == "file" then
+      file.file_id = s.file_id
+    else
+      cannot(where .. ": a document by " .. tostring(s.type))
+    end
+    out = { type = "file", file = file }
+  elseif t == "opaque" then
+    return opaque_value(p, where)
+  else
+    cannot(fmt("%s: a %s part here", where, t))
+  end
+  return merge_extra(out, p.extra, where)
+end
+
+local function encode_parts(content, where)
+  if type(content) == "string" then
+    return content
+  end
+  local out = json.array()
+  for i, p in ipairs(content) do
+    out[i] = encode_part(p, fmt("%s.content[%d]", where, i - 1))
+  end
+  return out
+end
+
+local function encode_assistant(m, where)
+  local msg = { role = "assistant" }
+  if type(m.content) == "string" then
+    msg.content = m.content
+    return msg
+  end
+  local texts, calls = {}, nil
+  for i, p in ipairs(m.content) do
+    local w = fmt("%s.content[%d]", where, i - 1)
+    check_keys(p, w)
+    if p.type == "text" then
+      texts[#texts + 1] = merge_extra({ type = "text", text = p.text }, p.extra, w)
+    elseif p.type == "tool_call" then
+      calls = calls or json.array()
+      calls[#calls + 1] = merge_extra({ id = p.id, type = "function",
+        ["function"] = { name = p.name, arguments = p.arguments } }, p.extra, w)
+    elseif p.type == "opaque" then
+      calls = calls or json.array()
+      calls[#calls + 1] = opaque_value(p, w) -- a custom tool call
+    else
+      cannot(fmt("%s: a %s part", w, p.type))
+    end
+  end
+  if #texts == 0 then
+    msg.content = calls and null or ""
+  elseif #texts == 1 and not texts[1].extra then
+    msg.content = texts[1].text
+  else
+    msg.content = json.array(texts)
+  end
+  msg.tool_calls = calls
+  return msg
+end
+
+local function encode_messages(list)
+  if list[#list].role == "assistant" then
+    cannot("prefill (a last assistant message)")
+  end
+  local out = json.array()
+  for i, m in ipairs(list) do
+    local where = fmt("messages[%d]", i - 1)
+    local role = m.role
+    if role == "tool" then
+      for j, p in ipairs(m.content) do
+        local w = fmt("%s.content[%d]", where, j - 1)
+        if p.type ~= "tool_result" then
+          cannot(w .. ": a " .. tostring(p.type) .. " part in a tool message")
+        end
+        check_keys(p, w)
+        local c = p.content
+        if c == nil then
+          c = ""
+        elseif type(c) ~= "string" then
+          for k, q in ipairs(c) do
+            if q.type ~= "text" then
+              cannot(fmt("%s.content[%d]: a %s in a tool result", w, k - 1, tostring(q.type)))
+            end
+          end
+          c = encode_parts(c, w)
+        end
+        out[#out + 1] = merge_extra({ role = "tool", tool_call_id = p.id, content = c }, p.extra, w)
+      end
+    else
+      local msg
+      if role == "assistant" then
+        msg = encode_assistant(m, where)
+      else
+        msg = { role = role, content = encode_parts(m.content, where) }
+      end
+      msg.name = m.name
+      for k in pairs(m) do
+        if k ~= "role" and k ~= "content" and k ~= "name" and k ~= "extra" then
+          cannot(where .. "." .. k)
+        end
+      end
+      out[#out + 1] = merge_extra(msg, m.extra, where)
+    end
+  end
+  return out
+end
+
+local function encode_tools(body, tools)
+  local out = json.array()
+  for i, t in ipairs(tools) do
+    local where = fmt("tools[%d]", i - 1)
+    if t.type == "opaque" then
+      out[i] = opaque_value(t, where)
+    else
+      for k in pairs(t) do
+        if k ~= "name" and k ~= "description" and k ~= "parameters" and k ~= "strict" and k ~= "extra" then
+          cannot(where .. "." .. k)
+        end
+      end
+      local params = t.parameters
+      if params and next(params) == nil then
+        params = json.object()
+      end
+      out[i] = merge_extra({ type = "function", ["function"] = { name = t.name, description = t.description,
+        parameters = params, strict = t.strict } }, t.extra, where)
+    end
+  end
+  body.tools = out
+end
+
+local function copy_to(name)
+  return function(body, v)
+    body[name] = v
+  end
+end
+
+local function ignore() end
+
+-- Each canonical field -> how it is written. A field without an entry
+-- cannot be written (encode_request raises).
+local REQUEST = {
+  messages = function(body, v)
+    body.messages = encode_messages(v)
+  end,
+  max_tokens = copy_to("max_tokens"),
+  temperature = copy_to("temperature"),
+  top_p = copy_to("top_p"),
+  seed = copy_to("seed"),
+  presence_penalty = copy_to("presence_penalty"),
+  frequency_penalty = copy_to("frequency_penalty"),
+  logprobs = copy_to("logprobs"),
+  top_logprobs = copy_to("top_logprobs"),
+  n = copy_to("n"),
+  user = copy_to("user"),
+  parallel_tool_calls = copy_to("parallel_tool_calls"),
+  stop = function(body, v)
+    body.stop = json.array(copy(v))
+  end,
+  metadata = function(body, v)
+    body.metadata = json.object(copy(v))
+  end,
+  tools = encode_tools,
+  tool_choice = function(body, v)
+    body.tool_choice = type(v) == "table" and { type = "function", ["function"] = { name = v.name } } or v
+  end,
+  response_format = function(body, v)
+    if v.type == "json_schema" then
+      body.response_format = { type = "json_schema", json_schema = { name = v.name or "response",
+        description = v.description, schema = v.schema, strict = v.strict } }
+    else
+      body.response_format = { type = v.type }
+    end
+  end,
+  reasoning = function(body, v)
+    if v.budget_tokens ~= nil or v.display ~= nil then
+      cannot(v.budget_tokens ~= nil and "reasoning.budget_tokens" or "reasoning.display")
+    end
+    body.reasoning_effort = v.effort or (v.mode == "disabled" and "none" or nil)
+  end,
+  stream_options = ignore, -- written with opts.stream
+  extra = ignore, -- merged last
+  continue_from = ignore, -- after the messages
+  policy = ignore,
+  raw = ignore,
+}
+
+-- encode_request(req, opts) -> the wire body (a table for aiorch.json.encode).
+-- req: canonical.normalize's; opts: {model, stream, default_max_tokens}.
+-- Raises on a field it cannot write (canonical.unsupported refuses those).
+function _M.encode_request(req, opts)
+  opts = opts or EMPTY
+  local body = { model = opts.model }
+  for k, v in pairs(req) do
+    local f = REQUEST[k]
+    if not f then
+      cannot(k)
+    end
+    f(body, v, req)
+  end
+  -- Continuing an answer another provider began: it is ours so far.
+  local partial = req.continue_from
+  if type(partial) == "string" and partial ~= "" then
+    local msgs = body.messages
+    msgs[#msgs + 1] = { role = "assistant", content = partial }
+    msgs[#msgs + 1] = { role = "user", content = util.CONTINUE }
+  end
+  merge_extra(body, req.extra, "extra")
+  if opts.stream then
+    body.stream = true
+    body.stream_options = body.stream_options or {}
+    body.stream_options.include_usage = true
+  end
+  return body
+end
+
+-- Responses: OpenAI -> canonical ------------------------------------------
+
+local function usage_of(u)
+  if type(u) ~= "table" then
+    return nil
+  end
+  local p = type(u.prompt_tokens_details) == "table" and u.prompt_tokens_details or EMPTY
+  local c = type(u.completion_tokens_details) == "table" and u.completion_tokens_details or EMPTY
+  return {
+    input_tokens = num(u.prompt_tokens),
+    output_tokens = num(u.completion_tokens),
+    cached_input_tokens = num(p.cached_tokens),
+    cache_write_tokens = num(p.cache_write_tokens),
+    reasoning_tokens = num(c.reasoning_tokens),
+  }
+end
+
+local function text_of(parts)
+  local out = {}
+  for _, p in ipairs(parts) do
+    if p.type == "text" then
+      out[#out + 1] = p.text
+    end
+  end
+  return concat(out)
+end
+
+local function message_parts(msg)
+  local parts = {}
+  decode_thinking(msg, "message", parts)
+  -- A refusal comes instead of content; it is still the model's answer.
+  local text = str(msg.content) or str(msg.refusal)
+  if text and text ~= "" then
+    parts[#parts + 1] = { type = "text", text = text }
+  end
+  if type(msg.tool_calls) == "table" then
+    for _, tc in ipairs(msg.tool_calls) do
+      local f = type(tc) == "table" and tc["function"]
+      if type(f) == "table" and type(f.name) == "string" then
+        parts[#parts + 1] = { type = "tool_call", id = str(tc.id) or "", name = f.name,
+          arguments = str(f.arguments) or "" }
+      end
+    end
+  end
+  return parts
+end
+
+local function upstream_of(doc)
+  return { id = str(doc.id), created = num(doc.created), system_fingerprint = str(doc.system_fingerprint),
+    service_tier = str(doc.service_tier) }
+end
+
+-- decode_response(doc) -> result, or nil, kind, message. doc: a decoded
+-- 2xx body (aiorch.json.decode).
+function _M.decode_response(doc)
+  local choices = type(doc) == "table" and doc.choices
+  local first = type(choices) == "table" and choices[1]
+  if type(first) ~= "table" or type(first.message) ~= "table" then
+    return nil, "parse", "reply has no choices[1].message"
+  end
+  local list = {}
+  for i, c in ipairs(choices) do
+    if type(c) == "table" and type(c.message) == "table" then
+      local parts = message_parts(c.message)
+      local provider = str(c.finish_reason)
+      list[#list + 1] = {
+        index = num(c.index) or i - 1,
+        content = parts,
+        response_text = str(c.message.content) or str(c.message.refusal) or "",
+        finish_reason = canonical.finish_reason(provider),
+        provider_finish_reason = provider,
+        logprobs = type(c.logprobs) == "table" and c.logprobs or nil,
+      }
+    end
+  end
+  local one = list[1]
+  return {
+    content = one.content,
+    text = one.response_text,
+    choices = #list > 1 and list or nil,
+    model = str(doc.model),
+    finish_reason = one.finish_reason,
+    provider_finish_reason = one.provider_finish_reason,
+    usage = usage_of(doc.usage) or {},
+    logprobs = one.logprobs,
+    upstream = upstream_of(doc),
+  }
+end
+
+-- Responses: canonical -> OpenAI ------------------------------------------
+
+local FINISH_OUT = { stop = "stop", length = "length", tool_calls = "tool_calls",
+  content_filter = "content_filter", refusal = "content_filter", other = "stop" }
+
+-- The finish reason of a response (or a choice of one) in OpenAI's words.
+local function finish_of(f, m)
+  if m.api == "openai" and type(m.provider_finish_reason) == "string" then
+    return m.provider_finish_reason
+  end
+  if type(f) ~= "string" then
+    return "stop"
+  end
+  return FINISH_OUT[canonical.finish_reason(f)]
+end
+
+local function tokens(v)
+  return type(v) == "number" and tointeger(v) or 0
+end
+
+-- Every choice of the results, in order: {content, text, finish, logprobs}.
+local function each_choice(results)
+  local out = {}
+  for _, r in ipairs(results) do
+    local m = r.metadata or EMPTY
+    if type(r.choices) == "table" and #r.choices > 1 then
+      for _, c in ipairs(r.choices) do
+        out[#out + 1] = { content = c.content, text = c.response_text or "", finish = finish_of(c.finish_reason, m),
+          logprobs = c.logprobs }
+      end
+    else
+      out[#out + 1] = { content = r.content, text = r.response_text or "", finish = finish_of(m.finish_reason, m),
+        logprobs = m.logprobs }
+    end
+  end
+  return out
+end
+
+local function usage_json(results)
+  local i, o, cached, written, reasoning = 0, 0, nil, nil, nil
+  for _, r in ipairs(results) do
+    local u = r.metadata and r.metadata.usage or EMPTY
+    i, o = i + tokens(u.input_tokens), o + tokens(u.output_tokens)
+    if type(u.cached_input_tokens) == "number" or type(u.cache_write_tokens) == "number" then
+      cached = (cached or 0) + tokens(u.cached_input_tokens)
+      if type(u.cache_write_tokens) == "number" then
+        written = (written or 0) + tokens(u.cache_write_tokens)
+      end
+    end
+    if type(u.reasoning_tokens) == "number" then
+      reasoning = (reasoning or 0) + tokens(u.reasoning_tokens)
+    end
+  end
+  local out = { fmt('{"prompt_tokens":%d,"completion_tokens":%d,"total_tokens":%d', i, o, i + o) }
+  if cached then
+    out[2] = fmt(',"prompt_tokens_details":{"cached_tokens":%d%s}', cached,
+      written and fmt(',"cache_write_tokens":%d', written) or "")
+  end
+  if reasoning then
+    out[#out + 1] = fmt(',"completion_tokens_details":{"reasoning_tokens":%d}', reasoning)
+  end
+  out[#out + 1] = "}"
+  return concat(out)
+end
+
+-- The thinking of parts as reasoning_content and thinking_blocks, or nil.
+local function thinking_json(parts)
+  local text, blocks = {}, {}
+  for _, p in ipairs(parts) do
+    if p.type == "thinking" then
+      text[#text + 1] = p.text
+      blocks[#blocks + 1] = concat { '{"type":"thinking","thinking":', js(p.text),
+        p.signature and ',"signature":' .. js(p.signature) or "", "}" }
+    elseif p.type == "redacted_thinking" then
+      blocks[#blocks + 1] = '{"type":"redacted_thinking","data":' .. js(p.data) .. "}"
+    end
+  end
+  if #blocks == 0 then
+    return nil
+  end
+  return concat { ',"reasoning_content":', js(concat(text)), ',"thinking_blocks":[', concat(blocks, ","), "]" }
+end
+
+local function choice_json(i, c)
+  local content, extra = js(c.text), ""
+  local parts = c.content
+  if type(parts) == "table" then
+    local texts, calls = {}, {}
+    for _, p in ipairs(parts) do
+      if p.type == "text" then
+        texts[#texts + 1] = p.text
+      elseif p.type == "tool_call" then
+        calls[#calls + 1] = concat { '{"id":', js(p.id), ',"type":"function","function":{"name":', js(p.name),
+          ',"arguments":', js(p.arguments), "}}" }
+      end
+    end
+    content = #texts > 0 and js(concat(texts)) or "null"
+    extra = concat { #calls > 0 and ',"tool_calls":[' .. concat(calls, ",") .. "]" or "", thinking_json(parts) or "" }
+  end
+  local logprobs = type(c.logprobs) == "table" and json.encode_safe(c.logprobs) or "null"
+  return concat { '{"index":', i - 1, ',"message":{"role":"assistant","content":', content, ',"refusal":null', extra,
+    '},"logprobs":', logprobs, ',"finish_reason":', jw(c.finish), "}" }
+end
+
+-- encode_response(results, id, model) -> a chat.completion's JSON text:
+-- one choice per result (per choice of a result that has several).
+-- results: StandardAIResponses; id: letters and digits.
+function _M.encode_response(results, id, model)
+  local first = results[1]
+  local list = {}
+  for i, c in ipairs(each_choice(results)) do
+    list[i] = choice_json(i, c)
+  end
+  return concat { '{"id":"chatcmpl-', id, '","object":"chat.completion","created":', os_time(), ',"model":',
+    jw(first and first.metadata and first.metadata.model or model), ',"choices":[', concat(list, ","),
+    '],"usage":', usage_json(results), ',"system_fingerprint":null}' }
+end
+
+-- Streams: OpenAI -> canonical events -------------------------------------
+
+local Decoder = {}
+Decoder.__index = Decoder
+_M.Decoder = Decoder
+
+-- The assembly of one choice: its parts in order, tool calls by index.
+local function new_choice()
+  return { parts = {}, tools = {}, last = nil, thinking = nil }
+end
+
+local function append(st, kind, text)
+  local last = st.last
+  if not (last and last.type == kind and not last.signature) then
+    last = { type = kind, buf = {} }
+    st.parts[#st.parts + 1] = last
+    st.last = last
+  end
+  last.buf[#last.buf + 1] = text
+  return last
+end
+
+local function emit(out, ev, sse, idx)
+  ev.raw = sse
+  if idx ~= 0 then
+    ev.choice = idx
+  end
+  out[#out + 1] = ev
+end
+
+-- thinking_blocks in a delta: the text not yet streamed, the signature.
+local function delta_blocks(st, blocks, out, sse, idx)
+  for _, b in ipairs(blocks) do
+    if type(b) == "table" and b.type == "thinking" then
+      local cur = st.last and st.last.type == "thinking" and not st.last.signature and st.last or nil
+      local seen = cur and concat(cur.buf) or ""
+      local full = str(b.thinking) or ""
+      if #full > #seen and full:sub(1, #seen) == seen then
+        local rest = full:sub(#seen + 1)
+        cur = append(st, "thinking", rest)
+        emit(out, { type = "thinking", text = rest }, sse, idx)
+      end
+      if type(b.signature) == "string" then
+        cur = cur or append(st, "thinking", "")
+        cur.signature = b.signature
+        emit(out, { type = "thinking_signature", signature = b.signature }, sse, idx)
+      end
+    elseif type(b) == "table" and b.type == "redacted_thinking" and type(b.data) == "string" then
+      local p = { type = "redacted_thinking", data = b.data }
+      st.parts[#st.parts + 1] = p
+      st.last = p
+      emit(out, { type = "redacted_thinking", data = b.data }, sse, idx)
+    end
+  end
+end
+
+function Decoder:choice_state(idx)
+  local st = self.choices[idx]
+  if not st then
+    st = new_choice()
+    self.choices[idx] = st
+  end
+  return st
+end
+
+-- One choice of a chunk: its events appended to out.
+function Decoder:decode_choice(c, out, sse)
+  local idx = tointeger(c.index) or 0
+  local st = self:choice_state(idx)
+  local f = str(c.finish_reason)
+  if f then
+    st.finish = f
+    if idx == 0 then
+      self.finish_reason = f
+    end
+  end
+  if type(c.logprobs) == "table" and type(c.logprobs.content) == "table" then
+    st.logprobs = st.logprobs or json.array()
+    for _, lp in ipairs(c.logprobs.content) do
+      st.logprobs[#st.logprobs + 1] = lp
+    end
+  end
+  local d = c.delta
+  if type(d) ~= "table" then
+    return
+  end
+  local r = str(d.reasoning_content)
+  if r and r ~= "" then
+    append(st, "thinking", r)
+    emit(out, { type = "thinking", text = r }, sse, idx)
+  end
+  if type(d.thinking_blocks) == "table" then
+    delta_blocks(st, d.thinking_blocks, out, sse, idx)
+  end
+  local text = str(d.content)
+  if not text or text == "" then
+    text = str(d.refusal)
+  end
+  if text and text ~= "" then
+    append(st, "text", text)
+    if idx == 0 then
+      local parts = self.parts
+      parts[#parts + 1] = text
+    end
+    emit(out, { type = "text", text = text }, sse, idx)
+  end
+  if type(d.tool_calls) == "table" then
+    for i, tc in ipairs(d.tool_calls) do
+      if type(tc) == "table" then
+        local ti = tointeger(tc.index) or i - 1
+        local f2 = type(tc["function"]) == "table" and tc["function"] or EMPTY
+        local call = st.tools[ti]
+        if not call then
+          call = { type = "tool_call", id = str(tc.id) or "", name = str(f2.name) or "", buf = {} }
+          st.tools[ti] = call
+          st.parts[#st.parts + 1] = call
+          st.last = call
+          emit(out, { type = "tool_call", index = ti, id = call.id, name = call.name }, sse, idx)
+        end
+        local args = str(f2.arguments)
+        if args and args ~= "" then
+          call.buf[#call.buf + 1] = args
+          emit(out, { type = "tool_arguments", index = ti, text = args }, sse, idx)
+        end
+      end
+    end
+  end
+end
+
+-- event(sse) -> one canonical event or a list of them; {type = "meta"}
+-- for an event without content. sse: {event, data}.
+function Decoder:event(sse)
+  self.events = self.events + 1
+  local data = sse.data
+  if data == "[DONE]" then
+    self.done = true
+    return { type = "meta", raw = sse }
+  end
+  if self.err then
+    return { type = "meta", raw = sse }
+  end
+  local doc, err = json.decode(data or "")
+  if type(doc) ~= "table" then
+    self.err = { "parse", "malformed stream chunk: " .. (err or "not an object") }
+    return { type = "meta", raw = sse }
+  end
+  if present(doc.error) then
+    self.err = { self.classify(doc.error) }
+    return { type = "meta", raw = sse }
+  end
+  self.model = str(doc.model) or self.model
+  if not self.upstream then
+    self.upstream = upstream_of(doc)
+  end
+  local u = usage_of(doc.usage)
+  if u then
+    self.usage = u
+  end
+  local out = {}
+  if type(doc.choices) == "table" then
+    for _, c in ipairs(doc.choices) do
+      if type(c) == "table" then
+        self:decode_choice(c, out, sse)
+      end
+    end
+  end
+  if #out == 0 then
+    return { type = "meta", raw = sse }
+  end
+  return #out == 1 and out[1] or out
+end
+
+-- The parts of an assembled choice, their pieces joined.
+local function finished_parts(st)
+  local out = {}
+  for i, p in ipairs(st.parts) do
+    if p.type == "tool_call" then
+      out[i] = { type = "tool_call", id = p.id, name = p.name, arguments = concat(p.buf) }
+    elseif p.type == "redacted_thinking" then
+      out[i] = p
+    else
+      out[i] = { type = p.type, text = concat(p.buf), signature = p.signature }
+    end
+  end
+  return out
+end
+
+-- result() -> the result as decode_response gives it, or nil, kind, message.
+function Decoder:result()
+  if self.err then
+    return nil, self.err[1], self.err[2], self.err[3]
+  end
+  -- Without [DONE] or a finish_reason the answer may be truncated.
+  if not (self.done or self.finish_reason) then
+    return nil, "stream_cut", fmt("stream ended after %d events without [DONE]", self.events)
+  end
+  local list = {}
+  local n = 0
+  for idx in pairs(self.choices) do
+    n = max(n, idx + 1)
+  end
+  for idx = 0, max(n, 1) - 1 do
+    local st = self.choices[idx] or new_choice()
+    local parts = finished_parts(st)
+    list[idx + 1] = { index = idx, content = parts, response_text = text_of(parts),
+      finish_reason = canonical.finish_reason(st.finish), provider_finish_reason = st.finish,
+      logprobs = st.logprobs and { content = st.logprobs } or nil }
+  end
+  local one = list[1]
+  return {
+    content = one.content,
+    text = concat(self.parts),
+    choices = #list > 1 and list or nil,
+    model = self.model,
+    finish_reason = one.finish_reason,
+    provider_finish_reason = one.provider_finish_reason,
+    usage = self.usage or {},
+    logprobs = one.logprobs,
+    upstream = self.upstream or {},
+  }
+end
+
+-- An error object in a stream chunk -> kind, message (the adapter sets
+-- its own classification; this is the default).
+function Decoder.classify(e)
+  local msg = type(e) == "table" and (str(e.message) or str(e.type)) or str(e) or "unknown error"
+  return "server_error", "provider error: " .. util.excerpt(msg, 500)
+end
+
+function _M.stream_decoder()
+  return setmetatable({ parts = {}, choices = {}, events = 0, done = false }, Decoder)
+end
+
+-- Streams: canonical events -> OpenAI -------------------------------------
+
+local Encoder = {}
+Encoder.__index = Encoder
+_M.Stream = Encoder
+
+function Encoder:set_model(model)
+  self.model = model
+  self.head = concat { 'data: {"id":', js("chatcmpl-" .. self.id), ',"object":"chat.completion.chunk","created":',
+    self.created, ',"model":', js(model), ',"system_fingerprint":null,"choices":[' }
+end
+
+-- stream_encoder(id, model, opts) -> an encoder whose methods return the
+-- bytes to send. opts: include_usage (the usage chunk at the end).
+function _M.stream_encoder(id, model, opts)
+  local include_usage = opts and opts.include_usage
+  local e = setmetatable({ id = id, created = os_time(), include_usage = include_usage, thinking = {}, bare = {},
+    tail = include_usage and '],"usage":null}\n\n' or "]}\n\n" }, Encoder)
+  e:set_model(model)
+  return e
+end
+
+-- The first bytes: the role chunk of each of n choices.
+function Encoder:start(model, n)
+  if model and model ~= self.model then
+    self:set_model(model)
+  end
+  local out = {}
+  for i = 1, n or 1 do
+    out[i] = concat { self.head, '{"index":', i - 1, ',"delta":{"role":"assistant","content":""},',
+      '"logprobs":null,"finish_reason":null}', self.tail }
+  end
+  return concat(out)
+end
+
+local function chunk(self, index, delta)
+  return concat { self.head, '{"index":', index or 0, ',"delta":', delta, ',"logprobs":null,"finish_reason":null}',
+    self.tail }
+end
+
+local function arguments_chunk(self, index, ti, text)
+  return chunk(self, index, concat { '{"tool_calls":[{"index":', ti, ',"function":{"arguments":', js(text), "}}]}" })
+end
+
+function Encoder:text(text, index)
+  return chunk(self, index, '{"content":' .. js(text) .. "}")
+end
+
+local EVENTS = {
+  text = Encoder.text,
+  thinking = function(self, ev, index)
+    local acc = self.thinking[index or 0]
+    if not acc then
+      acc = {}
+      self.thinking[index or 0] = acc
+    end
+    acc[#acc + 1] = ev.text
+    return chunk(self, index, '{"reasoning_content":' .. js(ev.text) .. "}")
+  end,
+  thinking_signature = function(self, ev, index)
+    local acc = self.thinking[index or 0]
+    self.thinking[index or 0] = nil
+    return chunk(self, index, concat { '{"thinking_blocks":[{"type":"thinking","thinking":',
+      js(acc and concat(acc) or ""), ',"signature":', js(ev.signature), "}]}" })
+  end,
+  redacted_thinking = function(self, ev, index)
+    return chunk(self, index, '{"thinking_blocks":[{"type":"redacted_thinking","data":' .. js(ev.data) .. "}]}")
+  end,
+  tool_call = function(self, ev, index)
+    local head = self:no_arguments(index)
+    self.bare[index or 0] = ev.index or 0
+    return head .. chunk(self, index, concat { '{"tool_calls":[{"index":', ev.index or 0, ',"id":', js(ev.id),
+      ',"type":"function","function":{"name":', js(ev.name), ',"arguments":""}}]}' })
+  end,
+  tool_arguments = function(self, ev, index)
+    if self.bare[index or 0] == (ev.index or 0) then
+      self.bare[index or 0] = nil
+    end
+    return arguments_chunk(self, index, ev.index or 0, ev.text)
+  end,
+}
+
+-- A tool call that ended without arguments gets "{}": clients parse them.
+function Encoder:no_arguments(index)
+  local ti = self.bare[index or 0]
+  if not ti then
+    return ""
+  end
+  self.bare[index or 0] = nil
+  return arguments_chunk(self, index, ti, "{}")
+end
+
+-- event(ev, index) -> the bytes of one canonical event for choice index.
+function Encoder:event(ev, index)
+  local f = EVENTS[ev.type]
+  if not f then
+    return "" -- meta: nothing of its own to say
+  end
+  if ev.type == "text" then
+    return f(self, ev.text, index)
+  end
+  return f(self, ev, index)
+end
+
+-- The end of a successful stream: finish_reason per choice, usage, [DONE].
+function Encoder:finish(results)
+  local out = {}
+  for i, c in ipairs(each_choice(results)) do
+    out[i] = concat { self:no_arguments(i - 1), self.head, '{"index":', i - 1,
+      ',"delta":{},"logprobs":null,"finish_reason":', js(c.finish), "}", self.tail }
+  end
+  if self.include_usage then
+    out[#out + 1] = concat { self.head, '],"usage":', usage_json(results), "}\n\n" }
+  end
+  out[#out + 1] = "data: [DONE]\n\n"
+  return concat(out)
+end
+
+-- A stream that broke after it began: OpenAI's error object as a data
+-- event; no [DONE], so a client cannot take the answer for complete.
+function Encoder.error(_, status, message, code)
+  return "data: " .. _M.error_body(status, message, code) .. "\n\n"
+end
+
+return _M
