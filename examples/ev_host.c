@@ -63,7 +63,8 @@ int main(int argc, char **argv)
     h.ticker.data = &h;
     ev_timer_start(h.loop, &h.ticker);
 
-    aiorch_job_callbacks cb = {.on_result = on_result, .on_error = on_error, .on_event = on_event, .ud = &h};
+    aiorch_job_callbacks cb = {
+        .on_result = on_result, .on_error = on_error, .on_event = on_event, .ud = &h};
     if (!aiorch_job_submit_orchestration(rt, request, "fallback", NULL, &cb)) return 1;
     ev_run(h.loop, 0); /* the host's loop drives everything */
 

@@ -67,7 +67,8 @@ int main(int argc, char **argv)
 
     for (int i = 0; i < n; i++) {
         char request[256];
-        snprintf(request, sizeof request, "{\"user_question\": \"question %d\", \"max_tokens\": 50}", i);
+        snprintf(request, sizeof request,
+                 "{\"user_question\": \"question %d\", \"max_tokens\": 50}", i);
         qs[i] = (question){.index = i, .host = &h};
         aiorch_job_callbacks cb = {.on_result = on_result, .on_error = on_error, .ud = &qs[i]};
         aiorch_job_submit_orchestration(h.rt, request, "fastest", "openai,anthropic", &cb);

@@ -139,7 +139,8 @@ static int l_emit(lua_State *L)
     aiorch_job *job = *(aiorch_job **)lua_touserdata(L, lua_upvalueindex(1));
     size_t len;
     const char *json = luaL_checklstring(L, 1, &len);
-    if (job && job->state == JOB_PENDING && job->cb.on_event) job->cb.on_event(job->cb.ud, json, len);
+    if (job && job->state == JOB_PENDING && job->cb.on_event)
+        job->cb.on_event(job->cb.ud, json, len);
     return 0;
 }
 
@@ -217,7 +218,8 @@ static void job_start(aiorch_runtime *rt, aiorch_job *job, int status, int nargs
 static void push_args(lua_State *S, int argc, const char *const *argv)
 {
     luaL_checkstack(S, argc + 8, "too many arguments");
-    for (int i = 0; i < argc; i++) lua_pushstring(S, argv[i]);
+    for (int i = 0; i < argc; i++)
+        lua_pushstring(S, argv[i]);
 }
 
 aiorch_job *aiorch_job_submit_file(aiorch_runtime *rt, const char *path, int argc,
@@ -289,7 +291,8 @@ void aiorch_job_cancel(aiorch_job *job)
     } else if (job->state == JOB_ENDED) {
         aiorch_job **p = &rt->done_head;
         aiorch_job *prev = NULL;
-        while (*p && *p != job) prev = *p, p = &(*p)->done_next;
+        while (*p && *p != job)
+            prev = *p, p = &(*p)->done_next;
         if (*p) *p = job->done_next;
         if (rt->done_tail == job) rt->done_tail = prev;
     }

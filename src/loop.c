@@ -63,7 +63,8 @@ static void *loop_main(void *arg)
 {
     aiorch_poll *p = arg;
     pthread_mutex_lock(&p->mu);
-    while (!p->stop) ev_run(p->loop, EVRUN_ONCE);
+    while (!p->stop)
+        ev_run(p->loop, EVRUN_ONCE);
     pthread_mutex_unlock(&p->mu);
     return NULL;
 }

@@ -16,7 +16,8 @@ char *aiorch_root_find(void);
 static int has_scripts(const char *root)
 {
     char path[PATH_MAX];
-    if (snprintf(path, sizeof path, "%s/scripts/aiorch/main.lua", root) >= (int)sizeof path) return 0;
+    if (snprintf(path, sizeof path, "%s/scripts/aiorch/main.lua", root) >= (int)sizeof path)
+        return 0;
     return access(path, R_OK) == 0;
 }
 
@@ -39,7 +40,8 @@ static int self_dir(char *out)
 
 char *aiorch_root_find(void)
 {
-    static const char *const relative[] = {AIORCH_LIB_TO_ROOT, AIORCH_CMOD_TO_ROOT, AIORCH_BIN_TO_ROOT};
+    static const char *const relative[] = {AIORCH_LIB_TO_ROOT, AIORCH_CMOD_TO_ROOT,
+                                           AIORCH_BIN_TO_ROOT};
     const char *env = getenv("AIORCH_ROOT");
     char dir[PATH_MAX], path[PATH_MAX * 2], real[PATH_MAX];
 

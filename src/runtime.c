@@ -118,7 +118,8 @@ static void warn_cb(void *ud, const char *msg, int tocont)
         if (strcmp(msg, "@off") == 0) rt->warn_on = 0;
         return;
     }
-    if (rt->warn_on) fprintf(stderr, "%s%s%s", rt->warn_cont ? "" : "Lua warning: ", msg, tocont ? "" : "\n");
+    if (rt->warn_on)
+        fprintf(stderr, "%s%s%s", rt->warn_cont ? "" : "Lua warning: ", msg, tocont ? "" : "\n");
     rt->warn_cont = tocont;
 }
 
@@ -148,7 +149,8 @@ static void set_package_path(aiorch_runtime *rt, lua_State *L)
         return;
     }
     lua_getfield(L, -1, "path");
-    lua_pushfstring(L, "%s/scripts/?.lua;%s", rt->root, lua_tostring(L, -1) ? lua_tostring(L, -1) : "");
+    lua_pushfstring(L, "%s/scripts/?.lua;%s", rt->root,
+                    lua_tostring(L, -1) ? lua_tostring(L, -1) : "");
     lua_setfield(L, -3, "path");
     lua_pop(L, 2);
 }
@@ -281,7 +283,8 @@ static int start(aiorch_runtime *rt, const char *path, int argc, char **argv)
         return -1;
     }
     luaL_checkstack(S, argc + 2, "too many arguments");
-    for (int i = 0; i < argc; i++) lua_pushstring(S, argv[i]);
+    for (int i = 0; i < argc; i++)
+        lua_pushstring(S, argv[i]);
     rt->main = aiorch_task_spawn(rt, S, argc);
     rt->main_ended = 0;
     rt->main_status = 0;
@@ -309,13 +312,15 @@ int aiorch_runtime_busy(aiorch_runtime *rt)
 int aiorch_runtime_run(aiorch_runtime *rt, const char *path, int argc, char **argv)
 {
     if (rt->poll) {
-        snprintf(rt->error, sizeof rt->error, "aiorch_runtime_run: the runtime is pollable: drive it with aiorch_runtime_step");
+        snprintf(rt->error, sizeof rt->error,
+                 "aiorch_runtime_run: the runtime is pollable: drive it with aiorch_runtime_step");
         return 1;
     }
     if (start(rt, path, argc, argv) != 0) return 1;
     while (!rt->main_ended) {
         if (!ev_run(rt->loop, EVRUN_ONCE) && !rt->ready_head && !rt->main_ended) {
-            snprintf(rt->error, sizeof rt->error, "%s waits for something that can never happen", path);
+            snprintf(rt->error, sizeof rt->error, "%s waits for something that can never happen",
+                     path);
             aiorch_task_cancel_all(rt);
             return 1;
         }
@@ -336,7 +341,8 @@ int aiorch_runtime_wait(aiorch_runtime *rt)
     }
     while (rt->njobs > 0) {
         if (!ev_run(rt->loop, EVRUN_ONCE) && !ev_pending_count(rt->loop) && rt->njobs > 0) {
-            snprintf(rt->error, sizeof rt->error, "%zu jobs wait for something that can never happen", rt->njobs);
+            snprintf(rt->error, sizeof rt->error,
+                     "%zu jobs wait for something that can never happen", rt->njobs);
             aiorch_job_close_all(rt, rt->error);
             rt->closing = 0;
             return -1;
