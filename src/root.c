@@ -51,6 +51,11 @@ char *aiorch_root_find(void)
             snprintf(path, sizeof path, "%s/%s", dir, relative[i]);
             if (has_scripts(path) && realpath(path, real)) return strdup(real);
         }
+        /* A file of the build tree uses its sources, even with an older install around. */
+        if (realpath(AIORCH_BUILD_DIR, real) && strncmp(dir, real, strlen(real)) == 0 &&
+            (dir[strlen(real)] == '/' || dir[strlen(real)] == '\0') &&
+            has_scripts(AIORCH_SOURCE_ROOT))
+            return strdup(AIORCH_SOURCE_ROOT);
     }
     /* A static library linked into a program installed elsewhere, then a build tree. */
     if (has_scripts(AIORCH_INSTALL_ROOT)) return strdup(AIORCH_INSTALL_ROOT);
