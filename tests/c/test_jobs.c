@@ -136,6 +136,23 @@ static void test_results_and_failures(const char *dir)
     aiorch_runtime_free(rt);
 }
 
+/* A job that runs away is stopped by the instruction budget; the runtime
+ * and the other jobs go on. */
+static void test_budget(void)
+{
+    aiorch_options opts = {.instruction_budget = 2000000};
+    aiorch_runtime *rt = aiorch_runtime_new(&opts);
+    outcome spin = {0}, other = {0};
+    chunk(rt, "while true do end", &spin);
+    chunk(rt, "require('aiorch').sleep(20) return 'other'", &other);
+    CHECK(aiorch_runtime_wait(rt) == 0, "wait");
+    CHECK(spin.errors == 1 && strcmp(spin.kind, "error") == 0 &&
+              strstr(spin.message, "instruction budget"),
+          "runaway job: %s: %s", spin.kind, spin.message);
+    CHECK(other.results == 1, "the other job ended well");
+    aiorch_runtime_free(rt);
+}
+
 /* Cancelled jobs call nothing; freeing the runtime ends the others with
  * "cancelled" (ASan and valgrind see that nothing leaks). */
 static void test_cancel_and_free(void)
@@ -317,6 +334,7 @@ int main(int argc, char **argv)
         return 1;
     }
     test_results_and_failures(dir);
+    test_budget();
     test_cancel_and_free();
     test_orchestration();
     test_pollable();
