@@ -65,9 +65,19 @@ aiorch_runtime *aiorch_runtime_new(const aiorch_options *opts);
  * it, the loop. May be called at any time, except from a callback. */
 void aiorch_runtime_free(aiorch_runtime *rt);
 
+/* The runtime's Lua state, for hosts that add functions of their own. In a
+ * pollable runtime use it only from inside a callback: a step holds the
+ * lock that keeps the loop thread off the loop's data meanwhile. */
 struct lua_State *aiorch_runtime_lua(aiorch_runtime *rt);
+
+/* The runtime's libev loop (the host's, or its own). A pollable runtime's
+ * loop belongs to its loop thread: do not run or change it. */
 struct ev_loop *aiorch_runtime_loop(aiorch_runtime *rt);
-const char *aiorch_runtime_root(aiorch_runtime *rt); /* holds scripts/ and strategies/ */
+
+/* The directory holding scripts/ and strategies/: opts.root, else
+ * $AIORCH_ROOT, else PREFIX/share/aiorch found from the installed library,
+ * program or Lua module, else (a build tree) the source tree. */
+const char *aiorch_runtime_root(aiorch_runtime *rt);
 
 /* Runs the runtime until every job has ended and been delivered: on its own
  * loop, on the host's libev loop (running it, other watchers included), or
