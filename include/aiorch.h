@@ -1,8 +1,25 @@
 /* aiorch: embeddable orchestrator for calls to AI providers.
  *
- * One runtime = one lua_State + one libev loop. The host may pass its own
- * loop (and drive it with ev_run) or let the runtime create one. Nothing
- * here is process-global, so several runtimes can live in one process. */
+ * One runtime = one lua_State + one libev loop. Nothing here is
+ * process-global: several runtimes can live in one process, and each thread
+ * may have its own (a runtime, and everything it hands out, belongs to one
+ * thread at a time). A host drives a runtime in one of three ways:
+ *
+ *   - its own loop: aiorch_runtime_wait() runs it until every job ended;
+ *   - the host's libev loop (opts.loop): the host's ev_run drives it;
+ *   - any other loop (libuv, epoll, kqueue, nginx; opts.pollable = 1): the
+ *     host watches aiorch_runtime_fd() for reading and calls
+ *     aiorch_runtime_step() when it is readable. Nothing else is needed: no
+ *     timer, no socket list (see aiorch_runtime_fd).
+ *
+ * Work is submitted as jobs (aiorch_job_submit_*): a Lua file, a Lua chunk,
+ * or an orchestration of an AIRequest given as JSON. Each job ends with
+ * exactly one call of on_result or on_error, unless the host cancels it.
+ *
+ * Callbacks run on the thread that drives the runtime, from inside
+ * aiorch_runtime_step / aiorch_runtime_wait / the host's ev_run, never from
+ * inside a submit call. They may submit and cancel jobs; they may not free
+ * the runtime. */
 #ifndef AIORCH_H
 #define AIORCH_H
 
@@ -18,45 +35,155 @@ extern "C" {
 #define AIORCH_VERSION "0.1.0"
 
 typedef struct aiorch_runtime aiorch_runtime;
+typedef struct aiorch_job aiorch_job;
 
-/* Called with each error that no Lua code caught (a failed task that
- * nobody awaited, a failing handler). The default prints to stderr. */
+/* Called with each error that no Lua code caught and that belongs to no job
+ * (a failed task that nobody awaited, a failing handler). The default
+ * prints to stderr. */
 typedef void (*aiorch_error_fn)(void *ud, const char *message);
 
 typedef struct aiorch_options {
-    struct ev_loop *loop;     /* NULL: the runtime makes and owns one */
-    const char *root;         /* holds scripts/ and strategies/; NULL: built-in */
-    const char *user_path;    /* ':'-separated user dirs searched first; NULL: $AIORCH_PATH */
-    long instruction_budget;  /* Lua instructions a task may run without yielding; 0: default */
+    struct ev_loop *loop;    /* the host's libev loop; NULL: the runtime makes and owns one */
+    int pollable;            /* 1: driven through aiorch_runtime_fd/step (needs loop == NULL) */
+    const char *root;        /* holds scripts/ and strategies/; NULL: $AIORCH_ROOT, else found
+                                from where the library (or program) is installed */
+    const char *user_path;   /* ':'-separated user dirs searched first; NULL: $AIORCH_PATH */
+    long instruction_budget; /* Lua instructions a task may run without yielding; 0: default
+                                ($AIORCH_INSTRUCTION_BUDGET, else 100 million) */
     aiorch_error_fn on_error;
     void *error_ud;
 } aiorch_options;
 
+/* ---- the runtime ---- */
+
 /* Returns NULL on failure (and prints why to stderr). opts may be NULL. */
 aiorch_runtime *aiorch_runtime_new(const aiorch_options *opts);
 
-/* Cancels every task, aborts every transfer, closes every socket, and frees
- * the Lua state and, when the runtime made it, the loop. */
+/* Cancels every job (each one not yet ended gets on_error "cancelled"; one
+ * that ended gets its outcome) and every task, aborts every transfer,
+ * closes every socket, and frees the Lua state and, when the runtime made
+ * it, the loop. May be called at any time, except from a callback. */
 void aiorch_runtime_free(aiorch_runtime *rt);
 
+/* The runtime's Lua state, for hosts that add functions of their own. In a
+ * pollable runtime use it only from inside a callback: a step holds the
+ * lock that keeps the loop thread off the loop's data meanwhile. */
 struct lua_State *aiorch_runtime_lua(aiorch_runtime *rt);
-struct ev_loop *aiorch_runtime_loop(aiorch_runtime *rt);
-const char *aiorch_runtime_root(aiorch_runtime *rt); /* holds scripts/ and strategies/ */
 
-/* Loads a Lua file and starts it as a task with the given arguments. It
- * runs until its first yield; the host's loop does the rest. Returns 0, or
- * -1 with the reason in aiorch_runtime_error(). */
+/* The runtime's libev loop (the host's, or its own). A pollable runtime's
+ * loop belongs to its loop thread: do not run or change it. */
+struct ev_loop *aiorch_runtime_loop(aiorch_runtime *rt);
+
+/* The directory holding scripts/ and strategies/: opts.root, else
+ * $AIORCH_ROOT, else PREFIX/share/aiorch found from the installed library,
+ * program or Lua module, else (a build tree) the source tree. */
+const char *aiorch_runtime_root(aiorch_runtime *rt);
+
+/* Runs the runtime until every job has ended and been delivered: on its own
+ * loop, on the host's libev loop (running it, other watchers included), or
+ * by polling its fd. Returns 0, or -1 when jobs are left that wait for
+ * something that can never happen (they are cancelled, with on_error). */
+int aiorch_runtime_wait(aiorch_runtime *rt);
+
+/* Jobs submitted and not yet ended (or ended and not yet delivered). */
+size_t aiorch_runtime_jobs(aiorch_runtime *rt);
+
+/* ---- foreign loops (opts.pollable = 1) ----
+ *
+ * libev publishes neither its backend's fd nor its next timer, so the
+ * runtime cannot hand out "watch these sockets, wake me at T" without
+ * re-implementing libev. Instead its libev loop waits in a thread of its
+ * own (libev's documented "thread locking" pattern): when anything is ready
+ * (a socket, a timer, a submitted job) that thread makes the fd readable
+ * and waits; every callback then runs on the host's thread, inside
+ * aiorch_runtime_step. The host needs one fd and no timer: a uv_poll_t, an
+ * epoll or kqueue entry, or nginx's ngx_get_connection + ngx_add_event. */
+
+/* The fd to watch for reading (level- or edge-triggered both work), or -1
+ * when the runtime is not pollable. Do not read or close it. */
+int aiorch_runtime_fd(aiorch_runtime *rt);
+
+/* Runs everything that is ready, then returns; never blocks. Call it when
+ * the fd is readable (a call at any other time is harmless). Without
+ * opts.pollable it runs one non-blocking pass of the runtime's loop. */
+void aiorch_runtime_step(aiorch_runtime *rt);
+
+/* ---- jobs ---- */
+
+/* How a job reports. Each pointer may be NULL. The strings are valid only
+ * during the call; json is NUL-terminated and len is its length. */
+typedef struct aiorch_job_callbacks {
+    /* Once, on success: the job's result as JSON. */
+    void (*on_result)(void *ud, const char *json, size_t len);
+    /* Once, on failure. kind is a stable word: "error" (the Lua code
+     * raised; message is the error), "load" (the code or the scripts could
+     * not be loaded), "invalid" (a bad request, naming the field), "encode"
+     * (the result has no JSON form), "cancelled" (the runtime was freed, or
+     * Lua code cancelled the task), or the kind the job returned. */
+    void (*on_error)(void *ud, const char *kind, const char *message);
+    /* Zero or more times before on_result, while the job runs: a stream
+     * event as JSON (orchestrations only, see aiorch_job_submit_orchestration). */
+    void (*on_event)(void *ud, const char *json, size_t len);
+    void *ud;
+} aiorch_job_callbacks;
+
+/* Runs a Lua file as a task with argv[0..argc-1] as its arguments (`...`).
+ * The result is the file's first return value encoded as JSON (nil is
+ * "null"); a return of nil, kind, message is a failure (on_error(kind,
+ * message)). Returns the job, or NULL when the runtime refuses any job
+ * (it is being freed, out of memory; see aiorch_runtime_error). Nothing of
+ * the job runs inside this call: a file that cannot be loaded, or that
+ * raises at once, reports through on_error like any other failure.
+ *
+ * The job handle stays valid until its on_result or on_error returns, or
+ * until aiorch_job_cancel; the runtime frees it. cb is copied. */
+aiorch_job *aiorch_job_submit_file(aiorch_runtime *rt, const char *path, int argc,
+                                   const char *const *argv, const aiorch_job_callbacks *cb);
+
+/* The same for a chunk of Lua source (len bytes; name names it in errors,
+ * NULL: "=job"). */
+aiorch_job *aiorch_job_submit_chunk(aiorch_runtime *rt, const char *code, size_t len,
+                                    const char *name, int argc, const char *const *argv,
+                                    const aiorch_job_callbacks *cb);
+
+/* Orchestrates an AIRequest given as a JSON object (user_question, context,
+ * messages, temperature, max_tokens, ...) with a strategy (NULL: "fallback")
+ * over providers ("openai,anthropic"; NULL: every available one, in
+ * priority order), as `aiorch ask` does. on_result gets the
+ * StandardAIResponse (a JSON array of them for "parallel"); a request
+ * refused before any call is on_error("invalid", message naming the field).
+ * With on_event, the answer streams: each event of the provider that owns
+ * the stream, e.g. {"type":"text","text":"Hel","provider":"openai"} (see
+ * docs/canonical.md, "Stream events"). Providers, keys and base URLs come
+ * from the environment (OPENAI_API_KEY, OPENAI_BASE_URL, ...). */
+aiorch_job *aiorch_job_submit_orchestration(aiorch_runtime *rt, const char *request_json,
+                                            const char *strategy, const char *providers,
+                                            const aiorch_job_callbacks *cb);
+
+/* Ends a job now: its task and transfers are cancelled and no callback of
+ * it is called any more; the handle is freed. A no-op from inside the
+ * job's own on_result or on_error. May be called from any callback. */
+void aiorch_job_cancel(aiorch_job *job);
+
+/* ---- a main task (the aiorch command's way) ---- */
+
+/* Loads a Lua file and starts it as the main task with the given
+ * arguments; it runs until its first yield, and the loop does the rest.
+ * Returns 0, or -1 with the reason in aiorch_runtime_error() (a file that
+ * cannot be loaded, or a task that failed before its first yield). */
 int aiorch_runtime_start(aiorch_runtime *rt, const char *path, int argc, char **argv);
 
-/* 1 while the task started last is still running. */
+/* 1 while the main task is still running. When it ended in failure,
+ * aiorch_runtime_error() says why. */
 int aiorch_runtime_busy(aiorch_runtime *rt);
 
-/* Starts the file as the main task and runs the loop until it ends.
- * Returns the process exit status the script asks for: its first return
- * value when it is an integer, 0 when it returns nothing, 1 when it failed. */
+/* Starts the file as the main task and runs the runtime's loop until it
+ * ends (not for a pollable runtime). Returns the process exit status the
+ * script asks for: its first return value when it is an integer, 0 when it
+ * returns nothing, 1 when it failed. */
 int aiorch_runtime_run(aiorch_runtime *rt, const char *path, int argc, char **argv);
 
-/* The last error message of start/run, or "" */
+/* The last error message of start/run/submit, or "" */
 const char *aiorch_runtime_error(aiorch_runtime *rt);
 
 #ifdef __cplusplus

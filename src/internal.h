@@ -59,6 +59,13 @@ struct aiorch_runtime {
     void *blocks[17];
     unsigned nblocks[17];
     int warn_on, warn_cont; /* runtime.c: Lua warnings (warn_cb) */
+    /* job.c: the jobs of the C API */
+    struct aiorch_job *jobs;                  /* every job not yet freed */
+    struct aiorch_job *done_head, *done_tail; /* ended, their callbacks not yet called */
+    size_t njobs;
+    ev_check job_w;                           /* fed: runs new jobs, delivers ended ones */
+    int closing;                              /* being freed: no new jobs */
+    struct aiorch_poll *poll;                 /* loop.c: the loop thread of a pollable runtime */
 };
 
 /* The runtime of a Lua-visible function: upvalue 1 of every module function. */
@@ -118,6 +125,22 @@ void aiorch_server_close_all(aiorch_runtime *rt);
 
 /* process.c */
 void aiorch_process_open(aiorch_runtime *rt, lua_State *L); /* adds module.process, module.signal */
+
+/* root.c: $AIORCH_ROOT, else where this file is installed, else the source tree. */
+char *aiorch_root_find(void);
+
+/* job.c */
+void aiorch_job_init(aiorch_runtime *rt);
+void aiorch_job_close_all(aiorch_runtime *rt, const char *why); /* each gets its outcome or "cancelled" */
+
+/* loop.c — a pollable runtime: its loop waits in a thread of its own, every
+ * callback runs on the host's thread in aiorch_runtime_step. The lock
+ * guards the loop's data; without opts.pollable these are no-ops. */
+int aiorch_loop_poll_start(aiorch_runtime *rt);
+void aiorch_loop_poll_stop(aiorch_runtime *rt);
+void aiorch_loop_lock(aiorch_runtime *rt);
+void aiorch_loop_unlock(aiorch_runtime *rt);
+void aiorch_loop_wake(aiorch_runtime *rt); /* after watchers changed outside a step */
 
 /* module.c — builds the `aiorch` module table for this runtime. */
 int aiorch_push_module(aiorch_runtime *rt, lua_State *L);

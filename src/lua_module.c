@@ -38,6 +38,7 @@ int luaopen_aiorch(lua_State *L)
     }
     lua_setmetatable(L, -2);
     luaL_ref(L, LUA_REGISTRYINDEX); /* lives until lua_close */
-    if (aiorch_runtime_init(rt, L, NULL) != 0) return luaL_error(L, "aiorch: cannot start the runtime");
+    if (aiorch_runtime_init(rt, L, NULL) != 0)
+        return luaL_error(L, "aiorch: cannot start the runtime");
     return aiorch_push_module(rt, L);
 }

@@ -20,7 +20,8 @@ int main(int argc, char **argv)
     char entry[PATH_MAX];
     snprintf(entry, sizeof entry, "%s/scripts/aiorch/main.lua", aiorch_runtime_root(rt));
     int status = aiorch_runtime_run(rt, entry, argc - 1, argv + 1);
-    if (status != 0 && *aiorch_runtime_error(rt)) fprintf(stderr, "aiorch: %s\n", aiorch_runtime_error(rt));
+    if (status != 0 && *aiorch_runtime_error(rt))
+        fprintf(stderr, "aiorch: %s\n", aiorch_runtime_error(rt));
     aiorch_runtime_free(rt);
     return status;
 }

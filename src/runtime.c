@@ -1,4 +1,6 @@
 /* One runtime instance: a lua_State, a libev loop and what hangs off them. */
+#include <errno.h>
+#include <poll.h>
 #include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -9,9 +11,6 @@
 
 #include "internal.h"
 
-#ifndef AIORCH_DEFAULT_ROOT
-#define AIORCH_DEFAULT_ROOT "."
-#endif
 #define DEFAULT_BUDGET 100000000L
 
 static void default_report(void *ud, const char *message)
@@ -119,7 +118,8 @@ static void warn_cb(void *ud, const char *msg, int tocont)
         if (strcmp(msg, "@off") == 0) rt->warn_on = 0;
         return;
     }
-    if (rt->warn_on) fprintf(stderr, "%s%s%s", rt->warn_cont ? "" : "Lua warning: ", msg, tocont ? "" : "\n");
+    if (rt->warn_on)
+        fprintf(stderr, "%s%s%s", rt->warn_cont ? "" : "Lua warning: ", msg, tocont ? "" : "\n");
     rt->warn_cont = tocont;
 }
 
@@ -149,7 +149,8 @@ static void set_package_path(aiorch_runtime *rt, lua_State *L)
         return;
     }
     lua_getfield(L, -1, "path");
-    lua_pushfstring(L, "%s/scripts/?.lua;%s", rt->root, lua_tostring(L, -1) ? lua_tostring(L, -1) : "");
+    lua_pushfstring(L, "%s/scripts/?.lua;%s", rt->root,
+                    lua_tostring(L, -1) ? lua_tostring(L, -1) : "");
     lua_setfield(L, -3, "path");
     lua_pop(L, 2);
 }
@@ -166,13 +167,13 @@ int aiorch_runtime_init(aiorch_runtime *rt, lua_State *L, const aiorch_options *
     if (rt->budget <= 0 && (env = getenv("AIORCH_INSTRUCTION_BUDGET")) && *env)
         rt->budget = strtol(env, NULL, 10);
     if (rt->budget <= 0) rt->budget = DEFAULT_BUDGET;
-    rt->root = strdup(opts->root ? opts->root
-                                 : (env = getenv("AIORCH_ROOT")) && *env ? env : AIORCH_DEFAULT_ROOT);
+    rt->root = opts->root ? strdup(opts->root) : aiorch_root_find();
     rt->user_path = dup_or_null(opts->user_path ? opts->user_path : getenv("AIORCH_PATH"));
     /* curl (and the TLS library under it) starts with the first request:
      * a process that never calls out (the gateway's master) never pays. */
     rt->curl = NULL;
     if (!rt->root) return -1;
+    aiorch_job_init(rt);
     rt->S = lua_newthread(L);
     rt->S_ref = luaL_ref(L, LUA_REGISTRYINDEX);
     set_package_path(rt, L);
@@ -184,6 +185,7 @@ int aiorch_runtime_init(aiorch_runtime *rt, lua_State *L, const aiorch_options *
 void aiorch_runtime_teardown(aiorch_runtime *rt)
 {
     if (rt->L) {
+        aiorch_job_close_all(rt, "the runtime was freed");
         aiorch_task_cancel_all(rt);
         aiorch_server_close_all(rt);
     }
@@ -197,6 +199,10 @@ void aiorch_runtime_teardown(aiorch_runtime *rt)
 
 aiorch_runtime *aiorch_runtime_new(const aiorch_options *opts)
 {
+    if (opts && opts->pollable && opts->loop) {
+        fprintf(stderr, "aiorch: a pollable runtime makes its own loop: opts.loop must be NULL\n");
+        return NULL;
+    }
     aiorch_runtime *rt = calloc(1, sizeof *rt);
     if (!rt) return NULL;
     rt->loop = opts && opts->loop ? opts->loop : NULL;
@@ -224,12 +230,18 @@ aiorch_runtime *aiorch_runtime_new(const aiorch_options *opts)
         aiorch_runtime_free(rt);
         return NULL;
     }
+    if (opts && opts->pollable && aiorch_loop_poll_start(rt) != 0) {
+        fprintf(stderr, "aiorch: cannot start the runtime's loop thread\n");
+        aiorch_runtime_free(rt);
+        return NULL;
+    }
     return rt;
 }
 
 void aiorch_runtime_free(aiorch_runtime *rt)
 {
     if (!rt) return;
+    aiorch_loop_poll_stop(rt); /* this thread alone owns the loop from here on */
     aiorch_runtime_teardown(rt);
     if (rt->own_L && rt->L) lua_close(rt->L);
     aiorch_alloc_trim(rt);
@@ -257,7 +269,7 @@ const char *aiorch_runtime_error(aiorch_runtime *rt)
     return rt->error;
 }
 
-int aiorch_runtime_start(aiorch_runtime *rt, const char *path, int argc, char **argv)
+static int start(aiorch_runtime *rt, const char *path, int argc, char **argv)
 {
     lua_State *S = rt->S;
     rt->error[0] = '\0';
@@ -271,13 +283,25 @@ int aiorch_runtime_start(aiorch_runtime *rt, const char *path, int argc, char **
         return -1;
     }
     luaL_checkstack(S, argc + 2, "too many arguments");
-    for (int i = 0; i < argc; i++) lua_pushstring(S, argv[i]);
+    for (int i = 0; i < argc; i++)
+        lua_pushstring(S, argv[i]);
     rt->main = aiorch_task_spawn(rt, S, argc);
     rt->main_ended = 0;
     rt->main_status = 0;
     lua_pop(S, 1);
     aiorch_sched_drain(rt);
-    return 0;
+    /* Failed before its first yield: the caller hears it now (finish_error
+     * put the message in rt->error). */
+    return rt->main_ended && rt->main_status != 0 && rt->error[0] ? -1 : 0;
+}
+
+int aiorch_runtime_start(aiorch_runtime *rt, const char *path, int argc, char **argv)
+{
+    aiorch_loop_lock(rt);
+    int r = start(rt, path, argc, argv);
+    aiorch_loop_wake(rt);
+    aiorch_loop_unlock(rt);
+    return r;
 }
 
 int aiorch_runtime_busy(aiorch_runtime *rt)
@@ -287,14 +311,42 @@ int aiorch_runtime_busy(aiorch_runtime *rt)
 
 int aiorch_runtime_run(aiorch_runtime *rt, const char *path, int argc, char **argv)
 {
-    if (aiorch_runtime_start(rt, path, argc, argv) != 0) return 1;
+    if (rt->poll) {
+        snprintf(rt->error, sizeof rt->error,
+                 "aiorch_runtime_run: the runtime is pollable: drive it with aiorch_runtime_step");
+        return 1;
+    }
+    if (start(rt, path, argc, argv) != 0) return 1;
     while (!rt->main_ended) {
         if (!ev_run(rt->loop, EVRUN_ONCE) && !rt->ready_head && !rt->main_ended) {
-            snprintf(rt->error, sizeof rt->error, "%s waits for something that can never happen", path);
+            snprintf(rt->error, sizeof rt->error, "%s waits for something that can never happen",
+                     path);
             aiorch_task_cancel_all(rt);
             return 1;
         }
         aiorch_sched_drain(rt);
     }
     return rt->main_status;
+}
+
+int aiorch_runtime_wait(aiorch_runtime *rt)
+{
+    if (rt->poll) {
+        struct pollfd pfd = {.fd = aiorch_runtime_fd(rt), .events = POLLIN};
+        while (rt->njobs > 0) {
+            if (poll(&pfd, 1, -1) < 0 && errno != EINTR) return -1;
+            aiorch_runtime_step(rt);
+        }
+        return 0;
+    }
+    while (rt->njobs > 0) {
+        if (!ev_run(rt->loop, EVRUN_ONCE) && !ev_pending_count(rt->loop) && rt->njobs > 0) {
+            snprintf(rt->error, sizeof rt->error,
+                     "%zu jobs wait for something that can never happen", rt->njobs);
+            aiorch_job_close_all(rt, rt->error);
+            rt->closing = 0;
+            return -1;
+        }
+    }
+    return 0;
 }

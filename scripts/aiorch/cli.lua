@@ -68,6 +68,9 @@ environment:
   AIORCH_DEBUG                          1: tracebacks, as --debug
   AIORCH_INSTRUCTION_BUDGET             Lua instructions a task may run without yielding
                                         (default 100000000)
+  AIORCH_ROOT                           the directory holding aiorch's scripts/ and strategies/
+                                        (default: found beside the installed program, e.g.
+                                        PREFIX/bin/aiorch -> PREFIX/share/aiorch)
 
 exit status: 0 success (parallel: at least one answer), 1 failure, 2 usage error
 ]]

@@ -190,9 +190,16 @@ local function run_plain_lua(text)
   if p then
     p:close()
   end
-  local code, out, err = sh(text, { LD_PRELOAD = asan or false }, ROOT)
+  if text:find("LUA_CPATH", 1, true) then -- the build's module
+    local code, out, err = sh(text, { LD_PRELOAD = asan or false }, ROOT)
+    assert.equal(0, code, err)
+    assert.equal("done\n", out)
+    return
+  end
+  -- The installed module ("Use it from Lua"): this build's stands for it.
+  local code, out, err = sh(text, { LD_PRELOAD = asan or false, LUA_CPATH = BUILD .. "/lua/?.so;;" }, dir)
   assert.equal(0, code, err)
-  assert.equal("done\n", out)
+  assert.equal("success\tHello from the mock openai provider. You asked: What is a monad?\n", out)
 end
 
 describe("README.md's Lua examples", function()
