@@ -141,6 +141,10 @@ end
 -- The refusal of req by one adapter: nil, or {fields, why (the first),
 -- message}. allow: the fields the caller lets be dropped (a set).
 local function refusal(req, name, adapter, allow)
+  local raw = req.raw
+  if raw and raw.api == adapter.api and adapter.api then
+    return nil -- the client's own request in the provider's own API: sent as it came, for it to judge
+  end
   local bad = canonical.unsupported(req, adapter)
   if #bad == 0 then
     return nil

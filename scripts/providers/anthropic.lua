@@ -6,6 +6,7 @@ local canonical = require "aiorch.canonical"
 local wire = require "aiorch.wire.anthropic"
 
 local type = type
+local find = string.find
 local ipairs = ipairs
 local error = error
 local concat = table.concat
@@ -109,7 +110,10 @@ function _M.parse_response(config, status, headers, body)
   if status < 200 or status > 299 then
     return util.http_error(status, headers, body, util.error_object_message)
   end
-  local doc, err = json.decode(body or "")
+  -- A tool call's input is an object: it becomes JSON text again, so its
+  -- empty arrays must stay arrays (aiorch.json); otherwise cjson alone.
+  local decode = find(body or "", '"tool_use"', 1, true) and json.decode or json.decode_plain
+  local doc, err = decode(body or "")
   if type(doc) ~= "table" then
     return nil, "parse", "malformed JSON body: " .. (err or "not an object")
   end

@@ -96,7 +96,9 @@ function _M.parse_response(config, status, headers, body)
   if status < 200 or status > 299 then
     return util.http_error(status, headers, body, util.error_object_message)
   end
-  local doc, err = json.decode(body or "")
+  -- Tool calls' arguments are JSON text already: nothing here is
+  -- written back as JSON, so cjson alone reads it.
+  local doc, err = json.decode_plain(body or "")
   if type(doc) ~= "table" then
     return nil, "parse", "malformed JSON body: " .. (err or "not an object")
   end

@@ -1216,7 +1216,7 @@ function Decoder:event(sse)
   if self.err then
     return nil -- what follows an error is not relayed: the caller ends the stream its own way
   end
-  local doc, err = json.decode(sse.data or "")
+  local doc, err = json.decode_plain(sse.data or "") -- partial input is text: nothing here goes back as JSON
   if type(doc) ~= "table" then
     self.err = { "parse", "malformed stream event: " .. (err or "not an object") }
     return nil

@@ -1208,7 +1208,7 @@ function Decoder:event(sse)
   if self.err then
     return nil -- what follows an error is not relayed: the caller ends the stream its own way
   end
-  local doc, err = json.decode(data or "")
+  local doc, err = json.decode_plain(data or "") -- partial arguments are text: nothing here goes back as JSON
   if type(doc) ~= "table" then
     self.err = { "parse", "malformed stream chunk: " .. (err or "not an object") }
     return nil
