@@ -1,13 +1,17 @@
 -- Helpers shared by the provider adapters (scripts/providers/*.lua).
 -- User adapters may use them too; nothing here does I/O.
 local cjson = require "cjson.safe"
+local json = require "aiorch.json"
 
 local fmt = string.format
 local type = type
+local pairs = pairs
 local tonumber = tonumber
 local tostring = tostring
 
 local _M = {}
+
+local EMPTY = {} -- never written
 
 local null = cjson.null
 
@@ -28,6 +32,28 @@ end
 
 function _M.present(v)
   return v ~= nil and v ~= null
+end
+
+-- A client's request in the provider's own API, sent as it came: its own
+-- bytes; or its document re-encoded (aiorch.json: nothing else changes)
+-- when the model must change, or when the caller takes the answer whole
+-- from a client that asked for a stream. Returns the body and whether it
+-- asks for a stream.
+function _M.passthrough(raw, model, stream)
+  local doc = type(raw.doc) == "table" and raw.doc or EMPTY
+  local asked = doc.stream == true
+  if (model and doc.model ~= model) or (asked and not stream) then
+    local copy = {}
+    for k, v in pairs(doc) do
+      copy[k] = v
+    end
+    copy.model = model or doc.model
+    if not stream then
+      copy.stream, copy.stream_options = nil, nil
+    end
+    return json.encode(copy), stream
+  end
+  return raw.body, asked
 end
 
 function _M.join_url(base, path)

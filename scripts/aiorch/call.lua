@@ -130,6 +130,10 @@ local CONTENT = { text = true, thinking = true, thinking_signature = true, redac
   tool_call = true, tool_arguments = true }
 _M.CONTENT = CONTENT
 
+-- Asks a stream parser for canonical events (an adapter of the first kind
+-- ignores it and returns text deltas: events_of takes both).
+local STREAM_EVENTS = { events = true }
+
 -- What a stream parser's event() returned, as a list of canonical events:
 -- nil, one event, a list, or (an adapter of the first kind) a text delta.
 local function events_of(out, ev)
@@ -188,7 +192,7 @@ local function attempt(adapter, config, request, opts, pol, trial)
   local parser, events, stream_err, emitted
   local on_event
   if stream then
-    local pok, p = pcall(adapter.stream_parser, config)
+    local pok, p = pcall(adapter.stream_parser, config, STREAM_EVENTS)
     if not pok or type(p) ~= "table" then
       guard.finished = true
       return finish(name, fail(name, config, "adapter", "stream_parser failed: " .. tostring(p), t0)), false
@@ -298,7 +302,7 @@ local function attempt(adapter, config, request, opts, pol, trial)
   end
 
   if type(result) == "table" then
-    return finish(name, response.success(name, result, now() - t0, status)), emitted
+    return finish(name, response.success(name, result, now() - t0, status, adapter.api)), emitted
   end
   local usage = parser_usage(parser)
   count_wasted(name, usage)

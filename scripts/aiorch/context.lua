@@ -8,6 +8,7 @@ local response = require "aiorch.response"
 local log = require "aiorch.log"
 local policy = require "aiorch.policy"
 local breaker = require "aiorch.breaker"
+local canonical = require "aiorch.canonical"
 
 local type = type
 local pairs = pairs
@@ -66,7 +67,9 @@ local function resolve(adapters, configs, opts, provider)
 end
 
 -- state: {request, adapters = {name = adapter}, configs = {name = config},
---         opts = {stream, on_event, on_token, timeout_ms, policy, env, path}, strategy = name}
+--         opts = {stream, on_event, on_token, timeout_ms, policy, env, path}, strategy = name,
+--         variants = {name = the request as that provider takes it}, dropped = {name = {fields}},
+--         fits = {name = true}: the providers the orchestration checked}
 function _M.new(state)
   local opts = state.opts or EMPTY
   local adapters, configs = state.adapters, state.configs
@@ -80,6 +83,7 @@ function _M.new(state)
   -- on_event(event, provider, info) gets the owner's canonical events
   -- (info, with the first content of each attempt: {prelude = the events
   -- before it, model, api}); on_token(text, provider) its text only.
+  local variants, dropped, fits = state.variants, state.dropped, state.fits
   local owner, on_commit
   local on_event, on_token = opts.on_event, opts.on_token
   local event_sink
@@ -96,6 +100,9 @@ function _M.new(state)
       end
       if provider ~= owner then
         return
+      end
+      if info and dropped and dropped[provider] then
+        info.dropped = dropped[provider]
       end
       if on_event then
         on_event(ev, provider, info)
@@ -130,13 +137,39 @@ function _M.new(state)
       metrics.finished(tostring(provider), r)
       return r
     end
+    if req == request then
+      local v = variants and variants[provider]
+      if v then
+        req = v
+      elseif fits and not fits[provider] then
+        -- A provider the orchestration did not check (a strategy may call
+        -- any): what it cannot take is refused here, by name.
+        local bad = canonical.unsupported(request, a)
+        if #bad == 0 and type(a.fields) ~= "table" then
+          req = canonical.to_simple(request)
+        end
+        if #bad > 0 or not req then
+          local field = bad[1] and bad[1].field or "messages"
+          local why = bad[1] and bad[1].why
+          local r = response.error(tostring(provider), "unsupported", canonical.message(field, provider)
+            .. (why and " (" .. why .. ")" or ""), 0, { note = "unsupported: " .. field })
+          r.metadata.attempts = { response.attempt(r) }
+          return r
+        end
+      end
+    end
     local o = { stream = opts.stream, on_event = event_sink, timeout_ms = opts.timeout_ms, policy = opts.policy }
     if type(copts) == "table" then
       for k, v in pairs(copts) do
         o[k] = v
       end
     end
-    return call.call(a, c, req, o)
+    local r = call.call(a, c, req, o)
+    local d = dropped and dropped[provider]
+    if d then
+      r.metadata.dropped = d
+    end
+    return r
   end
 
   -- call(provider[, opts]) -> StandardAIResponse. opts: policy (overrides), timeout_ms.

@@ -108,6 +108,16 @@ function _M.decode(s)
   return v
 end
 
+-- decode_plain(text) -> value, or nil, message: cjson alone, for a
+-- document whose empty arrays nobody writes back (an answer whose parts
+-- are read, not relayed as JSON): [] comes back as an empty table.
+function _M.decode_plain(s)
+  if type(s) ~= "string" then
+    return nil, "not a string"
+  end
+  return cjson.decode(s)
+end
+
 local encode_value
 
 -- "key": and ,"key": as JSON, for the few keys that repeat: quoted once.

@@ -6,6 +6,7 @@ local config = require "aiorch.config"
 local context = require "aiorch.context"
 local loader = require "aiorch.loader"
 local request_mod = require "aiorch.request"
+local canonical = require "aiorch.canonical"
 local response = require "aiorch.response"
 local log = require "aiorch.log"
 local policy = require "aiorch.policy"
@@ -19,6 +20,7 @@ local tostring = tostring
 local concat = table.concat
 
 local _M = {}
+local fit_providers, note_skipped -- below
 
 _M.default_strategy = "fallback"
 _M.default_prompt = "default"
@@ -126,6 +128,106 @@ local function valid_result(v)
   return true
 end
 
+-- "top_k is not supported by provider openai: why" (a temperature out of
+-- range says so itself).
+local function refusal_text(b, name)
+  if b.field == "temperature" and b.why then
+    return b.why
+  end
+  local text = canonical.message(b.field, name)
+  return b.why and text .. " (" .. b.why .. ")" or text
+end
+
+-- The refusal of req by one adapter: nil, or {fields, why (the first),
+-- message}. allow: the fields the caller lets be dropped (a set).
+local function refusal(req, name, adapter, allow)
+  local raw = req.raw
+  if raw and raw.api == adapter.api and adapter.api then
+    return nil -- the client's own request in the provider's own API: sent as it came, for it to judge
+  end
+  local bad = canonical.unsupported(req, adapter)
+  if #bad == 0 then
+    return nil
+  end
+  local keep = {}
+  for _, b in ipairs(bad) do
+    if not (allow and allow[b.field]) then
+      keep[#keep + 1] = b
+    end
+  end
+  return bad, keep, keep[1] and refusal_text(keep[1], name) or nil
+end
+
+-- fit_providers(req, names, adapters, opts) -> {names, variants, dropped},
+-- skipped (attempt entries, or nil), the first refusal's message.
+-- opts.allow_drop: the fields that may be dropped (a list or a set).
+fit_providers = function(req, names, adapters, opts)
+  local allow = opts.allow_drop
+  if allow and allow[1] then
+    local set = {}
+    for _, f in ipairs(allow) do
+      set[f] = true
+    end
+    allow = set
+  end
+  local fit = { names = {}, set = {}, variants = nil, dropped = nil }
+  local skipped, first
+  for _, name in ipairs(names) do
+    local a = adapters[name]
+    local bad, keep, why = refusal(req, name, a, allow)
+    local variant = req
+    if bad and #keep == 0 then
+      local drop = {}
+      for i, b in ipairs(bad) do
+        drop[i] = b.field
+      end
+      local dropped
+      variant, dropped = canonical.drop(req, drop)
+      fit.dropped = fit.dropped or {}
+      fit.dropped[name] = dropped
+    end
+    if variant and not (bad and #keep > 0) and type(a.fields) ~= "table" then
+      -- An adapter of the simple form gets the simple form.
+      local simple, field, swhy = canonical.to_simple(variant)
+      if not simple then
+        keep, why = { { field = field } }, refusal_text({ field = field, why = swhy }, name)
+      end
+      variant = simple
+    end
+    if bad and #keep > 0 or not variant then
+      first = first or why
+      skipped = skipped or {}
+      skipped[#skipped + 1] = { provider = name, status = "skipped", kind = "unsupported",
+        note = "unsupported: " .. keep[1].field }
+    else
+      fit.names[#fit.names + 1] = name
+      fit.set[name] = true
+      if variant ~= req then
+        fit.variants = fit.variants or {}
+        fit.variants[name] = variant
+      end
+    end
+  end
+  return fit, skipped, first
+end
+
+-- Providers skipped as unable to take the request come first in the
+-- answer's attempts (of each answer, for a list).
+note_skipped = function(result, skipped)
+  local list = result.status and { result } or result
+  for _, r in ipairs(list) do
+    local m = r.metadata
+    local attempts = {}
+    for i, a in ipairs(skipped) do
+      attempts[i] = a
+    end
+    for _, a in ipairs(m.attempts or { response.attempt(r) }) do
+      attempts[#attempts + 1] = a
+    end
+    m.attempts = attempts
+  end
+end
+
 -- opts: env (table|function, default the process env), path (user dirs),
 -- stream, on_token(text, provider), timeout_ms, policy (overrides of the
 -- providers' policies, see aiorch.policy), prompt (builder name),
@@ -139,12 +241,12 @@ function _M.orchestrate(request, strategy_name, providers, opts)
     return nil, load_kind("strategy", strategy_name, opts.path), serr
   end
 
-  local names, adapters, configs, list, order = choose(providers, opts)
+  local names, adapters, configs, _, order = choose(providers, opts)
   if not names then
     return nil, adapters, configs -- the kind, the message
   end
 
-  local req, verr = request_mod.validate(request, list)
+  local req, verr = request_mod.validate(request)
   if not req then
     return nil, "invalid", verr
   end
@@ -160,7 +262,7 @@ function _M.orchestrate(request, strategy_name, providers, opts)
     config.announce(configs, order)
   end
 
-  if req.system_prompt == nil then
+  if req.system_prompt == nil and req.messages == nil then
     -- The builder gets opts.context_info, or else the request's context.
     local info = opts.context_info
     if info == nil then
@@ -176,9 +278,24 @@ function _M.orchestrate(request, strategy_name, providers, opts)
       req.context_in_system_prompt = true
     end
   end
+  local nerr
+  req, nerr = canonical.normalize(req)
+  if not req then
+    return nil, "invalid", nerr
+  end
+
+  -- Each provider gets the request as it can take it: refused (a field it
+  -- cannot take, unless the caller allows dropping it), or with the
+  -- allowed fields dropped, or folded for an adapter of the simple form.
+  local fit, skipped, first_refusal = fit_providers(req, names, adapters, opts)
+  if #fit.names == 0 then
+    return nil, "invalid", first_refusal
+  end
+  names = fit.names
 
   local ctx = context.new {
     request = req, adapters = adapters, configs = configs, opts = opts, strategy = strategy_name,
+    variants = fit.variants, dropped = fit.dropped, fits = fit.set,
   }
   if log.enabled("debug") then
     log.debug("strategy %s over %s", strategy_name, concat(names, ","))
@@ -197,6 +314,9 @@ function _M.orchestrate(request, strategy_name, providers, opts)
   if not valid_result(result) then
     return response.error(nil, "strategy",
       fmt("strategy '%s' returned %s, not a response or a list of responses", strategy_name, type(result)), 0, {})
+  end
+  if skipped then
+    note_skipped(result, skipped)
   end
   return result
 end

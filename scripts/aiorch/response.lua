@@ -58,22 +58,48 @@ local function ms(v)
 end
 
 -- result: an adapter result {text, model, usage, finish_reason}.
-function _M.success(provider, result, latency_ms, http_status)
+-- result: an adapter's result (docs/lua-api.md); api: the wire API of the
+-- provider that gave it. raw_body (the upstream's bytes, which a caller
+-- of the same API gets as they are) is kept beside the response, never
+-- encoded.
+function _M.success(provider, result, latency_ms, http_status, api)
   local usage = result.usage or {}
+  local text = result.text
+  if text == nil and type(result.content) == "table" then
+    text = _M.text_of(result.content)
+  end
   return {
     ia_provider_name = provider,
-    response_text = result.text or "",
+    response_text = text or "",
     status = "success",
     latency_ms = ms(latency_ms),
     error_message = nil,
+    content = result.content,
+    choices = result.choices,
+    raw_body = result.raw_body,
     metadata = {
       model = result.model,
       usage = usage,
       finish_reason = result.finish_reason,
+      provider_finish_reason = result.provider_finish_reason,
+      logprobs = result.logprobs,
+      upstream = result.upstream,
+      api = api,
       http_status = http_status,
       cost_usd = _M.cost(result.model, usage),
     },
   }
+end
+
+-- The text parts of a content list, joined.
+function _M.text_of(content)
+  local out = {}
+  for _, part in ipairs(content) do
+    if type(part) == "table" and part.type == "text" and type(part.text) == "string" then
+      out[#out + 1] = part.text
+    end
+  end
+  return concat(out)
 end
 
 -- kind "timeout" gives status "timeout"; every other kind gives "error".
@@ -170,7 +196,9 @@ local RANK = {}
 for i, k in ipairs(ORDER) do
   RANK[k] = i
 end
-local ARRAY_FIELDS = { attempts = true }
+local ARRAY_FIELDS = { attempts = true, content = true }
+-- Kept beside a response, not part of it.
+local PRIVATE = { raw_body = true }
 
 local function key_less(a, b)
   local ra, rb = RANK[a] or 1000, RANK[b] or 1000
@@ -207,7 +235,7 @@ local function encode_table(t, as_array, depth)
   end
   local keys = {}
   for k, v in pairs(t) do
-    if (type(k) == "string" or type(k) == "number") and type(v) ~= "function" then
+    if (type(k) == "string" or type(k) == "number") and type(v) ~= "function" and not PRIVATE[k] then
       keys[#keys + 1] = k
     end
   end

@@ -6,7 +6,7 @@ local canonical = require "aiorch.canonical"
 local wire = require "aiorch.wire.anthropic"
 
 local type = type
-local pairs = pairs
+local find = string.find
 local ipairs = ipairs
 local error = error
 local concat = table.concat
@@ -34,22 +34,6 @@ local _M = {
 -- Per base URL: joined once, not on every request.
 local urls = {}
 
--- A client's request in this API, sent as it came: its own bytes, or
--- its document with only the model replaced when that must change.
--- Returns the body and whether it asks for a stream.
-local function passthrough(raw, model)
-  local doc = type(raw.doc) == "table" and raw.doc or EMPTY
-  local body = raw.body
-  if model and doc.model ~= model then
-    local copy = {}
-    for k, v in pairs(doc) do
-      copy[k] = v
-    end
-    copy.model = model
-    body = json.encode(copy)
-  end
-  return body, doc.stream == true
-end
 
 -- opts: stream (ask for SSE), model (the model to send; default the
 -- config's). A request that came in through this API (request.raw) is
@@ -65,7 +49,7 @@ function _M.build_request(config, request, opts)
   local raw = request.raw
   local body, stream
   if type(raw) == "table" and raw.api == _M.api and type(raw.body) == "string" then
-    body, stream = passthrough(raw, opts.model)
+    body, stream = util.passthrough(raw, opts.model, opts.stream == true)
     local h = type(raw.headers) == "table" and raw.headers or EMPTY
     headers["anthropic-version"] = str(h["anthropic-version"]) or _M.api_version
     headers["anthropic-beta"] = str(h["anthropic-beta"])
@@ -126,7 +110,10 @@ function _M.parse_response(config, status, headers, body)
   if status < 200 or status > 299 then
     return util.http_error(status, headers, body, util.error_object_message)
   end
-  local doc, err = json.decode(body or "")
+  -- A tool call's input is an object: it becomes JSON text again, so its
+  -- empty arrays must stay arrays (aiorch.json); otherwise cjson alone.
+  local decode = find(body or "", '"tool_use"', 1, true) and json.decode or json.decode_plain
+  local doc, err = decode(body or "")
   if type(doc) ~= "table" then
     return nil, "parse", "malformed JSON body: " .. (err or "not an object")
   end
@@ -151,7 +138,9 @@ end
 -- as adapters written before stream events return.
 local function text_event(self, ev)
   local out = wire.Decoder.event(self, ev)
-  if out.type then
+  if not out then
+    return nil
+  elseif out.type then
     return out.type == "text" and out.text or nil
   end
   local text = {}

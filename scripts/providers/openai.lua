@@ -6,7 +6,6 @@ local canonical = require "aiorch.canonical"
 local wire = require "aiorch.wire.openai"
 
 local type = type
-local pairs = pairs
 local ipairs = ipairs
 local error = error
 local concat = table.concat
@@ -31,22 +30,6 @@ local _M = {
 -- Per base URL and per key: built once, not on every request.
 local urls, bearers = {}, {}
 
--- A client's request in this API, sent as it came: its own bytes, or
--- its document with only the model replaced when that must change.
--- Returns the body and whether it asks for a stream.
-local function passthrough(raw, model)
-  local doc = type(raw.doc) == "table" and raw.doc or EMPTY
-  local body = raw.body
-  if model and doc.model ~= model then
-    local copy = {}
-    for k, v in pairs(doc) do
-      copy[k] = v
-    end
-    copy.model = model
-    body = json.encode(copy)
-  end
-  return body, doc.stream == true
-end
 
 -- opts: stream (ask for SSE), model (the model to send; default the
 -- config's). A request that came in through this API (request.raw) is
@@ -56,7 +39,7 @@ function _M.build_request(config, request, opts)
   local raw = request.raw
   local body, stream
   if type(raw) == "table" and raw.api == _M.api and type(raw.body) == "string" then
-    body, stream = passthrough(raw, opts.model)
+    body, stream = util.passthrough(raw, opts.model, opts.stream == true)
   else
     local req, err = canonical.normalize(request)
     if not req then
@@ -113,7 +96,9 @@ function _M.parse_response(config, status, headers, body)
   if status < 200 or status > 299 then
     return util.http_error(status, headers, body, util.error_object_message)
   end
-  local doc, err = json.decode(body or "")
+  -- Tool calls' arguments are JSON text already: nothing here is
+  -- written back as JSON, so cjson alone reads it.
+  local doc, err = json.decode_plain(body or "")
   if type(doc) ~= "table" then
     return nil, "parse", "malformed JSON body: " .. (err or "not an object")
   end
@@ -138,7 +123,9 @@ end
 -- (the first choice's), as adapters written before stream events return.
 local function text_event(self, ev)
   local out = wire.Decoder.event(self, ev)
-  if out.type then
+  if not out then
+    return nil
+  elseif out.type then
     return out.type == "text" and not out.choice and out.text or nil
   end
   local text = {}

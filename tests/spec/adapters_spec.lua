@@ -162,7 +162,7 @@ describe("adapters on the canonical model", function()
       .. '"tools":[{"name":"f","input_schema":{"type":"object","required":[]}}],"container":"c1"}'
     local raw = { api = "anthropic", body = body, doc = json.decode(body),
       headers = { ["anthropic-version"] = "2099-01-01", ["anthropic-beta"] = "b1,b2" } }
-    local wire = anthropic.build_request({ key = "k" }, { raw = raw }, { model = "claude-y" })
+    local wire = anthropic.build_request({ key = "k" }, { raw = raw }, { model = "claude-y", stream = true })
     local sent = json.decode(wire.body)
     assert.equal("claude-y", sent.model)
     assert.equal("c1", sent.container)
@@ -172,7 +172,12 @@ describe("adapters on the canonical model", function()
     assert.equal("b1,b2", wire.headers["anthropic-beta"])
     assert.equal("text/event-stream", wire.headers.accept)
     -- The same model: the bytes as they came.
-    assert.equal(body, anthropic.build_request({ key = "k" }, { raw = raw }, { model = "claude-x" }).body)
+    local same = anthropic.build_request({ key = "k" }, { raw = raw }, { model = "claude-x", stream = true })
+    assert.equal(body, same.body)
+    -- A caller that takes the answer whole (parallel) asks for no stream.
+    local whole = anthropic.build_request({ key = "k" }, { raw = raw }, { model = "claude-x" })
+    assert.is_nil(json.decode(whole.body).stream)
+    assert.is_nil(whole.headers.accept)
   end)
 
   it("translate a request that came through the other API", function()

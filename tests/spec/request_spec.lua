@@ -226,7 +226,12 @@ if has_core then
 
     it("rejects a bad request before calling anyone", function()
       rejected({ user_question = "" }, "fallback", nil, "^user_question")
-      rejected({ user_question = "q", temperature = 1.5 }, "parallel", nil, "^temperature: 1.5 is outside anthropic")
+      -- a temperature only refuses the providers it does not fit: the request
+      -- is refused when none is left
+      rejected({ user_question = "q", temperature = 1.5 }, "parallel", { "anthropic" },
+        "^temperature 1.5 is outside anthropic's range 0..1")
+      rejected({ user_question = "q", temperature = 2.5 }, "parallel", nil,
+        "^temperature 2.5 is outside openai's range")
       rejected({ user_question = "q", max_tokens = -1 }, "single", { "openai" }, "^max_tokens")
     end)
 

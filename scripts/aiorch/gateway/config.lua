@@ -40,7 +40,7 @@ local TOP = {
   listen = true, max_body = true, default_strategy = true, default_providers = true, providers = true,
   aliases = true, client_keys_env = true, drain_timeout_ms = true, access_log = true, server = true,
   policy = true, max_inflight = true, log_bodies = true, request_timeout_ms = true, client_policy = true,
-  strategies = true, clients = true,
+  strategies = true, clients = true, drop_unsupported = true,
 }
 local PROVIDER = {
   api_key_env = true, base_url = true, model = true, models = true, model_prefixes = true, timeout_ms = true,
@@ -246,6 +246,15 @@ function _M.check(raw, getenv, path)
     strategy_names = nil,
     clients = nil, -- the list of client entries, one per key, in key order
   }
+  if raw.drop_unsupported ~= nil then
+    -- The fields a provider that cannot take them may go without (the
+    -- answer then says so: X-Aiorch-Dropped, metadata.dropped).
+    local list, lerr = string_list(raw.drop_unsupported, "drop_unsupported")
+    if not list then
+      return nil, lerr
+    end
+    c.drop_unsupported = list
+  end
   if raw.request_timeout_ms ~= nil then
     local n, terr = request_timeout(raw.request_timeout_ms, "request_timeout_ms")
     if not n then

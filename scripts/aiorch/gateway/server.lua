@@ -11,8 +11,8 @@ local response = require "aiorch.response"
 local provider_config = require "aiorch.config"
 local gconfig = require "aiorch.gateway.config"
 local common = require "aiorch.gateway.common"
-local openai = require "aiorch.gateway.openai"
-local anthropic = require "aiorch.gateway.anthropic"
+local openai = require "aiorch.wire.openai"
+local anthropic = require "aiorch.wire.anthropic"
 local native = require "aiorch.gateway.native"
 local prometheus = require "aiorch.gateway.prometheus"
 local stream = require "aiorch.gateway.stream"
@@ -279,9 +279,36 @@ end
 
 -- Runs the orchestration unstreamed. Returns the result or nil after
 -- answering the client with the error.
+-- The fields a request lets be dropped for a provider that cannot take
+-- them (X-Aiorch-Allow-Drop: a,b), beside the configuration's
+-- drop_unsupported; nil for none.
+local function allow_drop(x)
+  local cfg = x.state.config.drop_unsupported
+  local v = header_list(x.req.headers["x-aiorch-allow-drop"])
+  if not v then
+    return cfg
+  end
+  for _, n in ipairs(cfg or EMPTY) do
+    v[#v + 1] = n
+  end
+  return v
+end
+
+-- What X-Aiorch-Dropped says of an answer: the fields dropped for it.
+local function dropped_of(r)
+  local list = r.status and { r } or r
+  local out = {}
+  for _, one in ipairs(list) do
+    for _, f in ipairs(one.metadata and one.metadata.dropped or EMPTY) do
+      out[#out + 1] = f
+    end
+  end
+  return #out > 0 and concat(out, ",") or nil
+end
+
 local function run_plain(x, request, rt)
   local r, kind, err = orchestrate.orchestrate(request, rt.strategy, rt.providers,
-    { env = rt.env, path = x.state.path, timeout_ms = x.state.timeout_ms })
+    { env = rt.env, path = x.state.path, timeout_ms = x.state.timeout_ms, allow_drop = allow_drop(x) })
   if not r then
     x:fail(kind == "invalid" and 400 or 500, err)
     return nil
@@ -312,59 +339,55 @@ local function answered(x, request, rt)
   return r, ok
 end
 
-local function serve_streamed(x, shape, p, rt)
-  local id = x.id
+-- The answers of a stream's result, the stream's owner first; nil when
+-- the owner's own answer failed (its stream then ends with an error).
+local function stream_answers(s, r)
+  local succ = common.successes(r)
+  local owner = s.committed and s.provider
+  if not owner then
+    return #succ > 0 and succ or nil
+  end
+  for i, one in ipairs(succ) do
+    if one.ia_provider_name == owner or (one.metadata and one.metadata.continued_from == owner) then
+      table.remove(succ, i)
+      table.insert(succ, 1, one)
+      return succ
+    end
+  end
+  return nil
+end
+
+-- A streamed request: every strategy streams through the orchestration's
+-- sink, the session (aiorch.gateway.stream).
+local function serve_streamed(x, api, request, info, rt)
   local headers = base_headers(x, rt.strategy)
   headers["content-type"] = "text/event-stream"
   headers["cache-control"] = "no-cache"
-  local writer = shape.stream(id, p.model, p.include_usage)
-  local s = stream.session(x.res, writer, headers)
+  local s = stream.session(x.res, api.stream_encoder(x.id, info.model, { include_usage = info.include_usage }),
+    headers, api.api)
   x.stream, x.session = true, s
-  local mode = stream.mode(rt.strategy, x.state.path)
-
-  if not mode then
-    -- Unstreamed strategies (parallel, user ones): send the answer as a stream.
-    local r, ok = answered(x, p.request, rt)
-    if not r then
-      return
-    end
-    local succ = common.successes(r)
-    s:commit(ok, #succ)
-    for i, one in ipairs(succ) do
-      if one.response_text ~= "" then
-        s:push(writer:delta(one.response_text, i - 1))
-      end
-    end
-    x.status, x.started = 200, true
-    return s:close(writer:finish(succ))
-  end
-
-  local r, kind, err, owner = stream.run(p.request, mode, rt.providers, s,
-    { env = rt.env, path = x.state.path, timeout_ms = x.state.timeout_ms })
+  local r, kind, err = orchestrate.orchestrate(request, rt.strategy, rt.providers, {
+    env = rt.env, path = x.state.path, timeout_ms = x.state.timeout_ms, allow_drop = allow_drop(x),
+    stream = true, on_event = function(ev, provider, i) return s:event(ev, provider, i) end,
+  })
   if not r then
     return x:fail(kind == "invalid" and 400 or 500, err)
   end
   x:note(r)
   if x.state.log_bodies then -- the answer's text, not each event
-    body_line(x, "stream", r.response_text)
+    body_line(x, "stream", r.status and r.response_text or "")
   end
-  if r.status == "success" and (owner == nil or owner == r.ia_provider_name) then
-    if not s.committed then
-      -- No token came (an empty answer, or an adapter that cannot stream).
-      s:commit(r.ia_provider_name)
-      if r.response_text ~= "" then
-        s:push(writer:delta(r.response_text))
-      end
-    end
+  local answers = stream_answers(s, r)
+  if answers then
     x.status, x.started = 200, true
-    return s:close(writer:finish({ r }))
+    return s:finish(answers)
   end
   local status, code, msg, wait = common.failure(r)
   if s.committed then
     -- Tokens went out with a 200: the error travels as the stream's last event.
     x.status, x.started = 200, true
     x.broken = true
-    return s:close(writer:error(status, "the upstream stream broke: " .. msg, code))
+    return s:fail(status, "the upstream stream broke: " .. msg, code)
   end
   return x:fail(status, msg, code, failure_headers({}, x, wait))
 end
@@ -471,21 +494,24 @@ local function client_providers(x, rt)
   rt.providers = #out > 0 and out or x.client.provider_names
 end
 
-local function serve_api(x, shape)
+-- /v1/chat/completions and /v1/messages: api is the client's wire module.
+local function serve_api(x, api)
   local doc, derr = common.decode_object(x.req.body)
   if not doc then
     return x:fail(400, derr)
   end
-  local p, perr = shape.parse(doc)
-  if not p then
-    return x:fail(400, perr)
+  local request, info = api.decode_request(doc, x.req.headers)
+  if not request then
+    return x:fail(400, info)
   end
-  if not client_policy(x, p.request) then
+  -- The client's own request: a provider of its API gets it as it came.
+  request.raw = { api = api.api, body = x.req.body, doc = doc, headers = x.req.headers }
+  if not client_policy(x, request) then
     return
   end
   local h = x.req.headers
   local state = x.state
-  local rt, rerr = gconfig.route(state.config, p.model, header_word(h["x-aiorch-strategy"]),
+  local rt, rerr = gconfig.route(state.config, info.model, header_word(h["x-aiorch-strategy"]),
     header_list(h["x-aiorch-providers"]))
   if not rt then
     return x:fail(404, rerr, "model_not_found")
@@ -499,19 +525,22 @@ local function serve_api(x, shape)
   if not s then
     return x:fail(400, serr)
   end
-  if p.stream then
-    return serve_streamed(x, shape, p, rt)
+  if info.stream then
+    return serve_streamed(x, api, request, info, rt)
   end
-  local r, ok = answered(x, p.request, rt)
+  local r, ok = answered(x, request, rt)
   if not r then
     return
   end
+  -- One answer from a provider of the client's API goes back as it came.
+  local body = r.status and r.raw_body and r.metadata.api == api.api and r.raw_body
+    or api.encode_response(common.successes(r), x.id, info.model)
   -- All of the headers in one constructor (respond adds nothing here).
   x:respond(200, {
     ["x-aiorch-strategy"] = rt.strategy, ["x-request-id"] = x.id, ["x-aiorch-provider"] = ok,
-    ["x-aiorch-model"] = x.model,
+    ["x-aiorch-model"] = x.model, ["x-aiorch-dropped"] = dropped_of(r),
     ["x-aiorch-attempts"] = x.attempts, ["content-type"] = "application/json",
-  }, shape.render(common.successes(r), x.id, p.model))
+  }, body)
 end
 
 local function serve_native(x)
@@ -874,7 +903,7 @@ function Exchange:abandon(status, code, message)
     return -- the stream was complete
   elseif s and s.sent and not s.gone then
     self.status, self.broken = 200, true
-    s:close(s.shape:error(status, message, code))
+    s:fail(status, message, code)
   elseif not self.started and self.shape == native and status == 504 then
     -- The native endpoint's answer is a StandardAIResponse, a timed-out one here.
     self:respond(status, {}, response.encode(response.error(nil, "timeout", message,

@@ -1,84 +1,47 @@
--- Streaming through a strategy.
+-- A gateway client's stream: one session per streamed request. The
+-- orchestration hands it the canonical events of the provider that owns
+-- the stream (aiorch.context's commit point: the first provider to send
+-- content); the session writes them in the client's API.
 --
--- The first provider to send a content token owns the client's stream; any
--- other provider's tokens are dropped. Two gateway strategies, written
--- against ctx only, make that useful:
---   fallback (and single): a provider that fails before its first token
---     hands over to the next; one that fails after it ends the stream.
---   fastest: every provider streams at once; the first token wins and the
---     others are cancelled (their transfers aborted) right then.
--- Other strategies (parallel, user ones) run unstreamed; the gateway then
--- sends their answer as a stream.
+-- Two ways to write: a provider that speaks the client's API (and a
+-- request that came in through it) is relayed event by event, as it sent
+-- them (same-API passthrough); any other is translated, each canonical
+-- event through the client API's stream encoder (aiorch.wire.*).
 --
--- Tokens come from the HTTP client's on_event. It may yield, so a token is
--- written at once, and a slow client (res:write yields under backpressure)
--- holds the upstream transfer back instead of growing a buffer: while
--- on_event waits, aiorch.http pauses the transfer once 256 KiB of events
--- are queued. Where the caller cannot yield, a writer task drains the queue
--- instead, in order.
+-- Events come from the HTTP client's on_event, which may yield: a write
+-- goes out at once, and a slow client (res:write yields under
+-- backpressure) holds the upstream transfer back instead of growing a
+-- buffer. Where the caller cannot yield, a writer task drains a queue, in
+-- order.
 local aiorch = require "aiorch"
-local loader = require "aiorch.loader"
-local orchestrate = require "aiorch.orchestrate"
-local response = require "aiorch.response"
 
 local type = type
 local ipairs = ipairs
+local tostring = tostring
 local setmetatable = setmetatable
 local concat = table.concat
-local floor = math.floor
+local gsub = string.gsub
+local find = string.find
 local spawn = aiorch.spawn
-local current = aiorch.current
 local isyieldable = coroutine.isyieldable
-local add_response_attempts = response.add_attempts
 
 local _M = {}
-
--- The gateway's strategy files live in gateway/strategies/, found through
--- the loader's path (searched before user directories).
-local HERE = debug.getinfo(1, "S").source:match("^@(.*)/[^/]*$") or "."
-_M.dir = HERE
-_M.strategy_name = "gateway_stream"
-
--- Which built-in strategies stream, and how.
-local MODES = { single = "single", fallback = "fallback", fastest = "fastest" }
-
--- jobs[task] = the session (the streaming job) of the orchestration
--- running in that task.
-local jobs = setmetatable({}, { __mode = "k" })
-
-function _M.job_of(task)
-  return jobs[task]
-end
-
--- The mode a strategy name streams with, or nil when it runs unstreamed
--- (a user file that replaces a built-in keeps its own behaviour).
-function _M.mode(name, path)
-  local mode = MODES[name]
-  if not mode then
-    return nil
-  end
-  local file = loader.find("strategy", name, path)
-  if file ~= loader.root() .. "/strategies/" .. name .. ".lua" then
-    return nil
-  end
-  return mode
-end
-
-------------------------------------------------------------------------------
--- The writer
 
 local Session = {}
 Session.__index = Session
 
--- res: the server response; shape: a Stream of gateway/openai or anthropic;
--- headers: the response headers (X-Aiorch-Provider is added on commit).
--- The session is also the streaming job of its orchestration (mode,
--- owner, on_token, on_owner): one table per stream, thousands at once.
-function _M.session(res, shape, headers)
-  return setmetatable({ res = res, shape = shape, headers = headers, queue = nil, qn = 0,
-                        committed = false, sent = false, gone = false, closed = false, draining = false, writer = nil,
-                        mode = nil, owner = nil, on_token = nil, on_owner = nil }, Session)
+-- res: the server response; encoder: the client API's stream encoder;
+-- headers: the response headers (the provider and model are added at the
+-- commit); api: the client's API ("openai", "anthropic"), whose providers
+-- are relayed as they are.
+function _M.session(res, encoder, headers, api)
+  return setmetatable({ res = res, encoder = encoder, headers = headers, api = api, queue = nil, qn = 0,
+    committed = false, sent = false, gone = false, closed = false, draining = false, writer = nil,
+    provider = nil, model = nil, passthrough = false, held = nil, blocks = 0, open_block = false }, Session)
 end
+
+------------------------------------------------------------------------------
+-- Writing
 
 -- Writes first (when given), then what was queued meanwhile, in order.
 local function drain(s, first)
@@ -108,6 +71,9 @@ local function drain(s, first)
 end
 
 function Session:push(bytes)
+  if bytes == nil or bytes == "" then
+    return
+  end
   if self.qn == 0 and not (self.draining or self.writer) and isyieldable() then
     return drain(self, bytes) -- nothing waits before it: no queue
   end
@@ -122,13 +88,6 @@ function Session:push(bytes)
   if not (self.draining or self.writer) then
     self.writer = spawn(drain, self)
   end
-end
-
--- The stream is now provider's: the headers name it and the start events go out.
-function Session:commit(provider, n)
-  self.committed = true
-  self.headers["x-aiorch-provider"] = provider
-  self:push(self.shape:start(n))
 end
 
 -- Waits until every queued byte is written (or the client is gone).
@@ -157,152 +116,173 @@ function Session:close(bytes)
 end
 
 ------------------------------------------------------------------------------
--- The strategies (run by gateway/strategies/gateway_stream.lua)
+-- Events
 
-local function add_attempts(attempts, p, r)
-  if r then
-    return add_response_attempts(attempts, r)
+-- An upstream event as it came: its name (unless the default), its data.
+local function sse_bytes(ev)
+  local data = ev.data or ""
+  if find(data, "\n", 1, true) then
+    data = gsub(data, "\n", "\ndata: ")
   end
-  attempts[#attempts + 1] = { provider = p, status = "cancelled" }
-  return attempts
+  local name = ev.event
+  if name and name ~= "message" then
+    return "event: " .. name .. "\ndata: " .. data .. "\n\n"
+  end
+  return "data: " .. data .. "\n\n"
+end
+_M.sse_bytes = sse_bytes
+
+-- The events that end an upstream stream: held back in passthrough until
+-- the orchestration has its answer (it may add other answers before them).
+local function terminal(raw)
+  local name = raw.event
+  return raw.data == "[DONE]" or name == "message_delta" or name == "message_stop"
 end
 
-local function failed_all(ctx, failures, attempts, t0)
-  local e = ctx.all_failed(failures)
-  e.metadata.attempts = attempts
-  e.latency_ms = floor(ctx.now() - t0 + 0.5)
-  return e
-end
-
-local function fallback(providers, ctx, job)
-  local t0 = ctx.now()
-  local attempts, failures = {}, nil
-  local last = job.mode == "single" and 1 or #providers
-  for i = 1, last do
-    local p = providers[i]
-    if i > 1 then
-      ctx.count(p, "fallback_activations")
-      ctx.log("info", "falling back to %s", p)
+-- The stream is now provider's (info: see aiorch.context): the headers
+-- name it, and its start goes out.
+function Session:commit(provider, info, n)
+  self.committed = true
+  self.provider, self.model = provider, info.model
+  if n and n > 1 then -- several answers at once: the body names the first's model
+    self.model = info.first_model
+  end
+  local h = self.headers
+  h["x-aiorch-provider"] = provider
+  h["x-aiorch-model"] = info.model
+  if info.dropped then
+    h["x-aiorch-dropped"] = concat(info.dropped, ",")
+  end
+  self.passthrough = info.api == self.api and info.prelude ~= nil
+  if self.passthrough then
+    for _, ev in ipairs(info.prelude) do
+      self:relay(ev.raw)
     end
-    local r = ctx.call(p, { stream = true, on_token = job.on_token })
-    add_attempts(attempts, p, r)
-    if r.status == "success" then
-      r.metadata.attempts = attempts
-      return r
-    end
-    if job.owner == p then
-      -- A failure after the first token ends the stream, unless the policy
-      -- lets the next provider continue the answer from where it stopped.
-      local partial, nextp = r.metadata.partial_text, i < last and providers[i + 1] or nil
-      if partial and nextp and ctx.policy(p).continue_on_cut then
-        ctx.count(nextp, "continuations")
-        ctx.log("info", "%s was cut; %s continues the answer", p, nextp)
-        job.owner = nextp
-        r = ctx.continue_with(nextp, partial, p, { stream = true, on_token = job.on_token })
-        add_attempts(attempts, nextp, r)
-      end
-      r.metadata.attempts = attempts
-      return r
-    end
-    failures = failures or {}
-    failures[#failures + 1] = r
-  end
-  return failed_all(ctx, failures, attempts, t0)
-end
-
-local function fastest(providers, ctx, job)
-  local t0 = ctx.now()
-  local tasks, results = {}, {}
-  job.on_owner = function(owner)
-    for i, t in ipairs(tasks) do
-      if providers[i] ~= owner then
-        ctx.cancel(t)
-      end
-    end
-  end
-  for i, p in ipairs(providers) do
-    tasks[i] = ctx.spawn(function()
-      local r = ctx.call(p, { stream = true, on_token = job.on_token })
-      results[i] = r
-      return r
-    end)
-  end
-  local winner, index = ctx.first(tasks, function(r)
-    return type(r) == "table" and (r.status == "success" or r.ia_provider_name == job.owner)
-  end)
-  local attempts = {}
-  for i, p in ipairs(providers) do
-    add_attempts(attempts, p, results[i])
-  end
-  if winner then
-    for i, p in ipairs(providers) do
-      ctx.count(p, i == index and "races_won" or "races_lost")
-    end
-    winner.metadata.attempts = attempts
-    return winner
-  end
-  local failures = {}
-  for i, p in ipairs(providers) do
-    ctx.count(p, "races_lost")
-    failures[i] = results[i] or ctx.error_response(p, "internal", "no response")
-  end
-  return failed_all(ctx, failures, attempts, t0)
-end
-
-_M.strategies = { single = fallback, fallback = fallback, fastest = fastest }
-
-------------------------------------------------------------------------------
--- Running one streamed orchestration
-
--- The gateway's directory, then the user's: one table per user path, so
--- that the loader's per-path memo hits.
-local paths = setmetatable({}, { __mode = "k" })
-local no_user_path = { HERE }
-
-local function search_path(user)
-  if user == nil then
-    return no_user_path
-  end
-  local p = type(user) == "table" and paths[user]
-  if p then
-    return p
-  end
-  p = { HERE }
-  if type(user) == "table" then
-    for _, d in ipairs(user) do
-      p[#p + 1] = d
-    end
-    paths[user] = p
   else
-    p[2] = user
+    self:push(self.encoder:start(self.model, n or 1))
   end
-  return p
 end
 
--- Runs request through strategy `mode` with tokens going to session s.
--- opts: as for orchestrate (env, path, timeout_ms). Returns what
--- orchestrate returns; s.committed says whether tokens went out.
-function _M.run(request, mode, providers, s, opts)
-  s.mode = mode
-  s.on_token = function(text, provider)
-    if s.owner == nil then
-      s.owner = provider
-      -- The losers go before anything is written (a write may yield).
-      if s.on_owner then
-        s.on_owner(provider)
+-- One upstream event in passthrough. Anthropic's content blocks are
+-- counted, should a translated provider take over the stream.
+function Session:relay(raw)
+  if not raw then
+    return
+  end
+  if terminal(raw) then
+    local held = self.held or {}
+    held[#held + 1] = raw
+    self.held = held
+    return
+  end
+  local name = raw.event
+  if name == "content_block_start" then
+    self.blocks = self.blocks + 1
+    self.open_block = true
+  elseif name == "content_block_stop" then
+    self.open_block = false
+  end
+  self:push(sse_bytes(raw))
+end
+
+-- on_event of the orchestration: the owner's canonical events; info comes
+-- with the first content of each attempt.
+function Session:event(ev, provider, info)
+  if info then
+    if not self.committed then
+      self:commit(provider, info)
+    elseif provider ~= self.provider then
+      -- Another provider continues a cut answer. The same API goes on as it
+      -- comes (its start skipped); another one is translated from here on.
+      self.provider = provider
+      if self.passthrough and info.api ~= self.api then
+        self.passthrough = false
+        self:push(self.encoder:resume(self.blocks, self.open_block))
       end
-      s:commit(provider)
-    end
-    if provider == s.owner then
-      s:push(s.shape:delta(text))
     end
   end
-  local task = current()
-  jobs[task] = s
-  local o = { env = opts.env, path = search_path(opts.path), stream = true, timeout_ms = opts.timeout_ms }
-  local r, kind, err = orchestrate.orchestrate(request, _M.strategy_name, providers, o)
-  jobs[task] = nil
-  return r, kind, err, s.owner
+  if self.passthrough then
+    return self:relay(ev.raw)
+  end
+  return self:push(self.encoder:event(ev, 0))
+end
+
+-- The canonical events of a whole answer (for answers that were not streamed).
+local function events_of(r)
+  local out = {}
+  local content = r.content
+  if type(content) ~= "table" then
+    if r.response_text and r.response_text ~= "" then
+      out[1] = { type = "text", text = r.response_text }
+    end
+    return out
+  end
+  local calls = 0
+  for _, part in ipairs(content) do
+    local t = part.type
+    if t == "text" then
+      if part.text ~= "" then
+        out[#out + 1] = { type = "text", text = part.text }
+      end
+    elseif t == "tool_call" then
+      out[#out + 1] = { type = "tool_call", index = calls, id = part.id, name = part.name }
+      out[#out + 1] = { type = "tool_arguments", index = calls, text = part.arguments or "" }
+      calls = calls + 1
+    elseif t == "thinking" then
+      out[#out + 1] = { type = "thinking", text = part.text or "" }
+      if part.signature then
+        out[#out + 1] = { type = "thinking_signature", signature = part.signature }
+      end
+    elseif t == "redacted_thinking" then
+      out[#out + 1] = { type = "redacted_thinking", data = part.data }
+    end
+  end
+  return out
+end
+_M.events_of = events_of
+
+-- Ends a successful stream. successes: the answers, the streamed one (if
+-- any) first; the others were not streamed and are written whole.
+function Session:finish(successes)
+  local enc = self.encoder
+  local first = 1
+  if not self.committed then
+    -- Nothing was streamed (an empty answer, an adapter that cannot
+    -- stream, a strategy that answered otherwise): all of it goes now.
+    -- The headers name every one that answered.
+    local names, models = {}, {}
+    for i, one in ipairs(successes) do
+      names[i] = one.ia_provider_name
+      models[i] = tostring(one.metadata and one.metadata.model or "-")
+    end
+    self:commit(concat(names, ","), { model = concat(models, ","), first_model = models[1] }, #successes)
+    first = 0
+  end
+  if self.passthrough then
+    if #successes == 1 then
+      for _, raw in ipairs(self.held or {}) do
+        self:push(sse_bytes(raw))
+      end
+      return self:close()
+    end
+    -- More answers than the one relayed: translated after it.
+    self.passthrough = false
+    self:push(enc:resume(self.blocks, self.open_block))
+  end
+  for i = first == 0 and 1 or 2, #successes do
+    if first ~= 0 then
+      self:push(enc:open_choice(i - 1))
+    end
+    for _, ev in ipairs(events_of(successes[i])) do
+      self:push(enc:event(ev, i - 1))
+    end
+  end
+  return self:close(enc:finish(successes))
+end
+
+-- Ends a stream that broke after it began: the API's error event.
+function Session:fail(status, message, code)
+  return self:close(self.encoder:error(status, message, code))
 end
 
 return _M

@@ -1214,12 +1214,12 @@ local DELTA_KIND = { text_delta = "text", thinking_delta = "thinking", signature
 function Decoder:event(sse)
   self.events = self.events + 1
   if self.err then
-    return { type = "meta", raw = sse }
+    return nil -- what follows an error is not relayed: the caller ends the stream its own way
   end
-  local doc, err = json.decode(sse.data or "")
+  local doc, err = json.decode_plain(sse.data or "") -- partial input is text: nothing here goes back as JSON
   if type(doc) ~= "table" then
     self.err = { "parse", "malformed stream event: " .. (err or "not an object") }
-    return { type = "meta", raw = sse }
+    return nil
   end
   local t = str(doc.type) or sse.event
   local out = {}
@@ -1248,6 +1248,7 @@ function Decoder:event(sse)
     self.done = true
   elseif t == "error" then
     self.err = { self.classify(doc.error) }
+    return nil
   end
   if #out == 0 then
     return { type = "meta", raw = sse }
@@ -1414,6 +1415,22 @@ local EVENTS = {
     return head .. delta(i, '{"type":"input_json_delta","partial_json":' .. js(e.text) .. "}")
   end,
 }
+
+-- An answer that begins after the others: its blocks follow theirs.
+function Encoder.open_choice()
+  return ""
+end
+
+-- Takes over a stream that was relayed as an upstream sent it: blocks
+-- content blocks had been started there, the last still open when
+-- open_block. It is closed; the next block takes the next index.
+function Encoder:resume(blocks, open_block)
+  self.next_index = blocks
+  if open_block and blocks > 0 then
+    return event("content_block_stop", fmt('{"type":"content_block_stop","index":%d}', blocks - 1))
+  end
+  return ""
+end
 
 -- event(ev, r) -> the bytes of one canonical event of answer r.
 function Encoder:event(e, r)

@@ -1206,16 +1206,16 @@ function Decoder:event(sse)
     return { type = "meta", raw = sse }
   end
   if self.err then
-    return { type = "meta", raw = sse }
+    return nil -- what follows an error is not relayed: the caller ends the stream its own way
   end
-  local doc, err = json.decode(data or "")
+  local doc, err = json.decode_plain(data or "") -- partial arguments are text: nothing here goes back as JSON
   if type(doc) ~= "table" then
     self.err = { "parse", "malformed stream chunk: " .. (err or "not an object") }
-    return { type = "meta", raw = sse }
+    return nil
   end
   if present(doc.error) then
     self.err = { self.classify(doc.error) }
-    return { type = "meta", raw = sse }
+    return nil
   end
   self.model = str(doc.model) or self.model
   if not self.upstream then
@@ -1333,6 +1333,18 @@ function Encoder:start(model, n)
       '"logprobs":null,"finish_reason":null}', self.tail }
   end
   return concat(out)
+end
+
+-- The role chunk of a choice that begins after the others started.
+function Encoder:open_choice(index)
+  return concat { self.head, '{"index":', index, ',"delta":{"role":"assistant","content":""},',
+    '"logprobs":null,"finish_reason":null}', self.tail }
+end
+
+-- Takes over a stream that was relayed as an upstream sent it: nothing
+-- of OpenAI's chunks depends on what came before.
+function Encoder.resume()
+  return ""
 end
 
 local function chunk(self, index, delta)
