@@ -40,6 +40,7 @@ static void on_result(void *ud, const char *json, size_t len)
 {
     question *q = ud;
     printf("%d %.*s\n", q->index, (int)len, json);
+    fflush(stdout); /* a whole line each, whatever else writes meanwhile */
     if (!strstr(json, "\"status\":\"success\"")) q->host->failed++;
     answered(q->host);
 }

@@ -98,7 +98,7 @@ same "$(sed -n 's/^root //p' "$tmp/out")" "$p/share/aiorch" && has 'result "load
 check "aiorch::aiorch_static links completely and runs" "$tmp/proj/build/root_static"
 has 'result "loaded"' || check "static host's job" false
 check "uv_host (CMake) answers 20 questions at once" "$tmp/proj/build/uv_host" 20
-[ "$(grep -c 'You asked: question' "$tmp/out")" -eq 20 ] || check "uv_host's answers" false
+[ "$(grep -o 'You asked: question [0-9]*' "$tmp/out" | sort -u | wc -l)" -eq 20 ] || check "uv_host's answers" false
 
 # A plain lua5.4 with only the installed module and scripts (and Debian's own modules).
 cat >"$tmp/plain.lua" <<'EOF'

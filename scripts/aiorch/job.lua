@@ -7,6 +7,7 @@
 local core = require "aiorch"
 local json = require "aiorch.json"
 local orchestrate = require "aiorch.orchestrate"
+local response = require "aiorch.response"
 
 local type = type
 local pairs = pairs
@@ -27,7 +28,11 @@ function _M.run(finish, fn, ...)
   if value == nil then
     return finish(true, "null")
   end
-  local ok, text = pcall(json.encode, value)
+  -- StandardAIResponses as aiorch writes them everywhere (what is kept
+  -- beside a response, such as the upstream's raw bytes, stays out).
+  local encode = (response.is_response(value) or (type(value) == "table" and response.is_response(value[1])))
+    and response.encode or json.encode
+  local ok, text = pcall(encode, value)
   if not ok then
     return finish(false, "encode", "the job's result has no JSON form: " .. tostring(text))
   end

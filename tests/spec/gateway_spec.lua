@@ -686,8 +686,10 @@ describe("client errors", function()
       { "/v1/chat/completions", "", "empty" },
       { "/v1/chat/completions", { model = "gpt-4o-mini" }, "messages" },
       { "/v1/chat/completions", { messages = { { role = "user", content = "q" } } }, "model" },
-      { "/v1/chat/completions", chat("gpt-4o-mini", { messages = { { role = "assistant", content = "x" } } }),
-        "prefill is not supported by provider openai" },
+      -- a prefill, from an Anthropic client, cannot go to OpenAI's API (its
+      -- own clients' requests go there as they came: for OpenAI to judge)
+      { "/v1/messages", msgs("gpt-4o-mini", { messages = { { role = "user", content = "q" },
+        { role = "assistant", content = "x" } } }), "prefill is not supported by provider openai" },
       { "/v1/chat/completions", chat(nil, { temperature = "hot" }), "temperature" },
       { "/v1/chat/completions", chat(nil, { messages = { { role = "user",
         content = { { type = "image_url", image_url = {} } } } } }), "image_url" },
