@@ -117,34 +117,16 @@ local function name_ok(s)
 end
 _M.name_ok = name_ok
 
--- A list of strategy names that exist -> a set and the sorted list, or nil, message.
-local function strategy_set(list, where, path)
+-- A list of names of strategies (kind "strategy") or providers that
+-- exist -> a set and the sorted list, or nil, message.
+local function name_set(kind, list, where, path)
   local set, names = {}, {}
   for i, n in ipairs(list) do
     if not name_ok(n) then
-      return nil, fmt("%s[%d]: '%s' is not a strategy name (letters, digits, '_' and '-')", where, i, tostring(n))
+      return nil, fmt("%s[%d]: '%s' is not a %s name (letters, digits, '_' and '-')", where, i, tostring(n), kind)
     end
-    local s, err = loader.load("strategy", n, path)
-    if not s then
-      return nil, fmt("%s[%d]: %s", where, i, err)
-    end
-    if not set[n] then
-      set[n] = true
-      names[#names + 1] = n
-    end
-  end
-  sort(names)
-  return set, names
-end
-
-local function provider_set(list, where, path)
-  local set, names = {}, {}
-  for i, n in ipairs(list) do
-    if not name_ok(n) then
-      return nil, fmt("%s[%d]: '%s' is not a provider name", where, i, tostring(n))
-    end
-    local a, err = loader.load("provider", n, path)
-    if not a then
+    local v, err = loader.load(kind, n, path)
+    if not v then
       return nil, fmt("%s[%d]: %s", where, i, err)
     end
     if not set[n] then
@@ -452,7 +434,7 @@ function _M.check(raw, getenv, path)
     end
     allowed = list
   end
-  local sset, snames = strategy_set(allowed, "strategies", path)
+  local sset, snames = name_set("strategy", allowed, "strategies", path)
   if not sset then
     return nil, snames
   end
@@ -507,7 +489,7 @@ function _M.check(raw, getenv, path)
         if not list then
           return nil, lerr
         end
-        local set, names = strategy_set(list, where .. ".strategies", path)
+        local set, names = name_set("strategy", list, where .. ".strategies", path)
         if not set then
           return nil, names
         end
@@ -518,7 +500,7 @@ function _M.check(raw, getenv, path)
         if not list then
           return nil, lerr
         end
-        local set, names = provider_set(list, where .. ".providers", path)
+        local set, names = name_set("provider", list, where .. ".providers", path)
         if not set then
           return nil, names
         end
