@@ -1,4 +1,5 @@
--- Mock OpenAI and Anthropic providers on aiorch.server.
+-- Mock OpenAI and Anthropic providers on aiorch.server, and Cohere's Chat v2
+-- (POST /v2/chat: scripts/aiorch/mock/cohere.lua, under the same directives).
 --
 -- Speaks the real wire formats of Chat Completions and Messages, plain and
 -- SSE streaming, and answers what a request asks (see "Behaviour" below):
@@ -155,6 +156,7 @@ local os_time = os.time
 local encode = cjson.encode
 local null = cjson.null
 local now = aiorch.now
+local cohere = require "aiorch.mock.cohere"
 
 local _M = {}
 
@@ -188,7 +190,8 @@ for f in pairs(STATUS_FAULTS) do
   NO_STREAM[f] = true
 end
 
-local DEFAULT_MODEL = { openai = "gpt-4o-mini", anthropic = "claude-3-haiku-20240307" }
+local DEFAULT_MODEL = { openai = "gpt-4o-mini", anthropic = "claude-3-haiku-20240307",
+  cohere = cohere.DEFAULT_MODEL }
 local HANG_SLICE_MS = 3600 * 1000
 local MAX_ECHO = 60
 local MAX_RESULT_ECHO = 500
@@ -335,11 +338,14 @@ local ERRORS = {
     ["503"] = { 503, "api_error", nil, "Service Unavailable" },
     error200 = { 200, "overloaded_error", nil, "Overloaded" },
   },
+  cohere = cohere.ERRORS,
 }
 
 -- details: JSON text of Anthropic's error.details, or nil.
 local function error_body(api, etype, code, message, param, details)
-  if api == "anthropic" then
+  if api == "cohere" then
+    return cohere.error_body_of(etype, code, message)
+  elseif api == "anthropic" then
     return concat { '{"type":"error","error":{"type":', encode(etype), ',"message":', encode(message),
       details and ',"details":' .. details or "", "}}" }
   end
@@ -360,6 +366,7 @@ end
 local STREAM_ERROR = {
   openai = "data: " .. ERROR_BODY.openai.error200[2] .. "\n\n",
   anthropic = "event: error\ndata: " .. ERROR_BODY.anthropic.error200[2] .. "\n\n",
+  cohere = cohere.STREAM_ERROR,
 }
 
 local MODELS = {
@@ -384,6 +391,7 @@ local O_DONE = "data: [DONE]\n\n"
 local MALFORMED = {
   openai = 'data: {"object":"chat.completion.chunk","choices":[{"index":0,"delta":{"content":"trunc\n\n',
   anthropic = A_DELTA .. '"trunc\n\n',
+  cohere = cohere.MALFORMED,
 }
 
 ------------------------------------------------------------------------------
@@ -2543,7 +2551,9 @@ local function send_huge(self, req, res, api, body, size)
   local model = encode(type(body.model) == "string" and body.model or DEFAULT_MODEL[api])
   self.seq = self.seq + 1
   local head, tail
-  if api == "anthropic" then
+  if api == "cohere" then
+    head, tail = cohere.huge(self.seq, input_tokens)
+  elseif api == "anthropic" then
     head = concat { '{"id":"', fmt("msg_mock%08d", self.seq), '","type":"message","role":"assistant","model":',
       model, ',"content":[{"type":"text","text":"' }
     tail = function(out)
@@ -2950,13 +2960,24 @@ end
 ------------------------------------------------------------------------------
 -- Serving
 
+-- Cohere v2 answers with these shared parts.
+local cohere_chat = cohere.handler {
+  new_conv = new_conv, words = words, split = split, tokens_of = tokens_of, utf8_head = utf8_head,
+  content_text = content_text, cut_at_stop = cut_at_stop, tool_calls = tool_calls, arguments_of = arguments_of,
+  answer_text = answer_text, json_text = json_text, thinking_text = thinking_text, reject = reject,
+  respond_json = respond_json, send_stream = send_stream,
+}
+
 local ROUTES = {
   ["POST /v1/chat/completions"] = openai_chat,
   ["POST /v1/messages"] = anthropic_messages,
+  ["POST /v2/chat"] = cohere_chat,
 }
 
 local function api_of(route, headers)
-  if route == "/v1/chat/completions" then
+  if route == "/v2/chat" then
+    return "cohere"
+  elseif route == "/v1/chat/completions" then
     return "openai"
   elseif route == "/v1/messages" then
     return "anthropic"
@@ -3130,6 +3151,7 @@ end
 
 -- The base URL an adapter of `api` should use to reach this mock with the
 -- given directives ("http://host:port[/_mock/dirs]" + "/v1" for openai).
+-- api: openai, anthropic or cohere.
 function Mock:base_url(api, directives)
   local prefix = ""
   if directives ~= nil then
@@ -3160,10 +3182,10 @@ function Mock:base_url(api, directives)
   end
   if api == "openai" then
     return self.url .. prefix .. "/v1"
-  elseif api == "anthropic" then
+  elseif api == "anthropic" or api == "cohere" then
     return self.url .. prefix
   end
-  error(fmt("mock: unknown api '%s' (openai or anthropic)", tostring(api)), 2)
+  error(fmt("mock: unknown api '%s' (openai, anthropic or cohere)", tostring(api)), 2)
 end
 
 -- Forgets the recorded requests (the same table is kept), the prompt

@@ -1,5 +1,7 @@
 -- The translation layer: every golden pair of tests/fixtures/translation
--- (KIND/FROM-TO/NAME.in.json -> NAME.out.json, compared as JSON), and the
+-- (KIND/FROM-TO/NAME.in.json -> NAME.out.json, compared as JSON; FROM or TO
+-- "canonical" is the model itself: a canonical request {model, stream,
+-- request} in, a decoded result or stream {events, result} out), and the
 -- wire modules' fields tables against what canonical.unsupported refuses
 -- and what encode_request writes.
 --
@@ -11,7 +13,9 @@ package.path = ROOT .. "/scripts/?.lua;" .. package.path
 local json = require "aiorch.json"
 local canonical = require "aiorch.canonical"
 
-local WIRES = { openai = require "aiorch.wire.openai", anthropic = require "aiorch.wire.anthropic" }
+local WIRES = { openai = require "aiorch.wire.openai", anthropic = require "aiorch.wire.anthropic",
+  cohere = require "aiorch.wire.cohere" }
+local CANONICAL = { api = "canonical" } -- the model itself, as a fixture's FROM or TO
 local DIR = ROOT .. "/tests/fixtures/translation"
 local WRITE = os.getenv("AIORCH_FIXTURES") == "write"
 
@@ -108,7 +112,12 @@ end
 local TRANSLATE = {}
 
 function TRANSLATE.request(from, to, input, case)
-  local req, info = assert(from.decode_request(input, {}))
+  local req, info
+  if from == CANONICAL then
+    req, info = input.request, { model = input.model, stream = input.stream }
+  else
+    req, info = assert(from.decode_request(input, {}))
+  end
   req = assert(canonical.normalize(req))
   local refused = canonical.unsupported(req, to)
   local expected_drop = read_json(case .. ".dropped.json")
@@ -130,11 +139,32 @@ end
 
 function TRANSLATE.response(from, to, input)
   local result = assert(from.decode_response(input))
+  if to == CANONICAL then
+    return result
+  end
   return json.decode(to.encode_response({ response_of(result, from.api) }, "fixture", "requested-model"))
+end
+
+-- A stream's canonical events (without their raw events) and its result.
+local function canonical_stream(dec, input)
+  local events = {}
+  for _, e in ipairs(input) do
+    local sse = { event = e.event, data = type(e.data) == "table" and json.encode(e.data) or e.data }
+    local evs = dec:event(sse)
+    for _, ev in ipairs(evs.type and { evs } or evs) do
+      assert.equal(sse, ev.raw)
+      ev.raw = nil
+      events[#events + 1] = ev
+    end
+  end
+  return { events = events, result = assert(dec:result()) }
 end
 
 function TRANSLATE.stream(from, to, input)
   local dec = from.stream_decoder()
+  if to == CANONICAL then
+    return canonical_stream(dec, input)
+  end
   local enc = to.stream_encoder("fixture", "requested-model", { include_usage = true })
   local out = { enc:start(nil, 1) }
   for _, e in ipairs(input) do
@@ -167,13 +197,16 @@ end
 describe("translation fixtures", function()
   local total = 0
   for _, kind in ipairs({ "request", "response", "stream" }) do
-    for _, pair in ipairs({ "openai-anthropic", "anthropic-openai", "anthropic-anthropic", "openai-openai" }) do
+    for _, pair in ipairs({ "openai-anthropic", "anthropic-openai", "anthropic-anthropic", "openai-openai",
+      "canonical-cohere", "openai-cohere", "anthropic-cohere", "cohere-canonical", "cohere-openai",
+      "cohere-anthropic" }) do
       local from_name, to_name = pair:match("^(%w+)-(%w+)$")
       for _, name in ipairs(cases(kind, pair)) do
         total = total + 1
         it(kind .. " " .. pair .. ": " .. name, function()
           local base = DIR .. "/" .. kind .. "/" .. pair .. "/" .. name
-          local got = canon(TRANSLATE[kind](WIRES[from_name], WIRES[to_name], read_json(base .. ".in.json"), base))
+          local from, to = WIRES[from_name] or CANONICAL, WIRES[to_name] or CANONICAL
+          local got = canon(TRANSLATE[kind](from, to, read_json(base .. ".in.json"), base))
           if WRITE then
             local f = assert(io.open(base .. ".out.json", "w"))
             f:write(got, "\n")
@@ -193,6 +226,9 @@ describe("translation fixtures", function()
         assert.is_true(#cases(kind, pair) >= 3, kind .. " " .. pair)
       end
     end
+    assert.is_true(#cases("request", "canonical-cohere") >= 3)
+    assert.is_true(#cases("response", "cohere-canonical") >= 3)
+    assert.is_true(#cases("stream", "cohere-canonical") >= 3)
     assert.is_true(total >= 30)
   end)
 end)
@@ -223,6 +259,10 @@ local function result(content, is_error)
 end
 
 local IMAGE = { type = "base64", media_type = "image/png", data = "AAAA" }
+-- A document source the API takes (Cohere takes text documents only).
+local function doc_source(api)
+  return api == "cohere" and { type = "text", data = "notes" } or { type = "file", file_id = "f1" }
+end
 local TOOLS = { { name = "f", parameters = { type = "object" } } }
 
 -- For each request-side key of canonical.CELLS: a canonical request that
@@ -246,17 +286,17 @@ local function sample(key, api)
     ["document.url"] = user_parts({ { type = "document", source = { type = "url", url = "https://x/a.pdf" } } }),
     ["document.text"] = user_parts({ { type = "document", source = { type = "text", data = "notes" } } }),
     ["document.file"] = user_parts({ { type = "document", source = { type = "file", file_id = "f1" } } }),
-    ["document.title"] = user_parts({ { type = "document", source = { type = "file", file_id = "f1" },
+    ["document.title"] = user_parts({ { type = "text", text = "q" }, { type = "document", source = doc_source(api),
       title = "T" } }),
-    ["document.filename"] = user_parts({ { type = "document", source = { type = "file", file_id = "f1" },
-      filename = "a.pdf" } }),
+    ["document.filename"] = user_parts({ { type = "text", text = "q" }, { type = "document",
+      source = doc_source(api), filename = "a.pdf" } }),
     tool_call = { messages = with_messages({ call(), result("r") }) },
     ["tool_call.arguments"] = { messages = with_messages({ call("[1]"), result("r") }) },
     tool_result = { messages = with_messages({ call(), result("r") }) },
     ["tool_result.is_error"] = { messages = with_messages({ call(), result("r", true) }) },
     ["tool_result.image"] = { messages = with_messages({ call(), result({ { type = "image", source = IMAGE } }) }) },
     ["tool_result.document"] = { messages = with_messages({ call(), result({ { type = "document",
-      source = { type = "file", file_id = "f1" } } }) }) },
+      source = doc_source(api) } }) }) },
     thinking = { messages = with_messages({ { role = "assistant", content = {
       { type = "thinking", text = "hm", signature = "sig" }, { type = "text", text = "a" } } } }) },
     ["thinking.unsigned"] = { messages = with_messages({ { role = "assistant", content = {
@@ -400,7 +440,12 @@ describe("docs/fidelity.md", function()
     for i, a in ipairs(fidelity.providers()) do
       names[i] = a.name
     end
-    assert.same({ "openai", "anthropic" }, names)
+    assert.same({ "openai", "anthropic" }, { names[1], names[2] })
+    local has_cohere = false
+    for _, n in ipairs(names) do
+      has_cohere = has_cohere or n == "cohere"
+    end
+    assert.is_true(has_cohere, "the cohere column")
     local text = fidelity.markdown()
     for _, c in ipairs(canonical.CELLS) do
       assert.truthy(text:find("| `" .. c.key .. "`", 1, true), c.key)
