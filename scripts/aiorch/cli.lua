@@ -60,6 +60,7 @@ environment:
   OPENAI_API_KEY, ANTHROPIC_API_KEY     a provider is available when its key is set
   OPENAI_BASE_URL, ANTHROPIC_BASE_URL   point a provider at a compatible server
   OPENAI_MODEL, ANTHROPIC_MODEL         use another model
+  CO_API_KEY, CO_API_URL, COHERE_MODEL  the cohere provider (not in the default order)
   AIORCH_PROVIDERS                      default priority order (default: openai,anthropic)
   AIORCH_TIMEOUT_MS                     per-call timeout (default 60000)
   AIORCH_POLICY, OPENAI_POLICY, ...     K=V,... policies for every provider, or for one

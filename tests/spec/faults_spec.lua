@@ -13,11 +13,12 @@ local response = require "aiorch.response"
 local metrics = require "aiorch.metrics"
 local breaker = require "aiorch.breaker"
 
-local KEYS = { openai = "sk-test-faults-openai-0001", anthropic = "sk-ant-test-faults-0002" }
+local KEYS = { openai = "sk-test-faults-openai-0001", anthropic = "sk-ant-test-faults-0002",
+  cohere = "co-test-faults-cohere-0003" }
 local QUESTION = "What is the boiling point of water?"
-local OTHER = { openai = "anthropic", anthropic = "openai" }
-local BASE_ENV = { openai = "OPENAI_BASE_URL", anthropic = "ANTHROPIC_BASE_URL" }
-local TIMEOUT_ENV = { openai = "OPENAI_TIMEOUT_MS", anthropic = "ANTHROPIC_TIMEOUT_MS" }
+local OTHER = { openai = "anthropic", anthropic = "openai", cohere = "openai" }
+local BASE_ENV = { openai = "OPENAI_BASE_URL", anthropic = "ANTHROPIC_BASE_URL", cohere = "CO_API_URL" }
+local TIMEOUT_ENV = { openai = "OPENAI_TIMEOUT_MS", anthropic = "ANTHROPIC_TIMEOUT_MS", cohere = "COHERE_TIMEOUT_MS" }
 
 -- AIORCH_TEST_SLOWDOWN (.ci/valgrind): a bound or a margin that only guards
 -- against a slow runtime stretches by it; the tests of precision are #timing.
@@ -74,7 +75,7 @@ local function all_settled(mk)
 end
 
 local function env_for(bases, timeouts)
-  local env = { OPENAI_API_KEY = KEYS.openai, ANTHROPIC_API_KEY = KEYS.anthropic }
+  local env = { OPENAI_API_KEY = KEYS.openai, ANTHROPIC_API_KEY = KEYS.anthropic, CO_API_KEY = KEYS.cohere }
   for api, url in pairs(bases) do
     env[BASE_ENV[api]] = url
   end
@@ -318,7 +319,7 @@ end)
 for _, strategy in ipairs { "single", "fallback" } do
   describe(strategy, function()
     for _, c in ipairs(CASES) do
-      for _, api in ipairs { "openai", "anthropic" } do
+      for _, api in ipairs { "openai", "anthropic", "cohere" } do
         for _, stream in ipairs { false, true } do
           if not c.only or c.only == (stream and "stream" or "plain") then
             local e = expect(c, stream)

@@ -239,9 +239,8 @@ end
 local function read_tools(H, body, conv)
   local tools = body.tools
   if not present(tools) then
-    return true
-  end
-  if not is_list(tools) then
+    tools = {}
+  elseif not is_list(tools) then
     return bad("tools must be a list")
   end
   for i, t in ipairs(tools) do
