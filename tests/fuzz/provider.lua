@@ -46,9 +46,13 @@ local function check(result, kind, message, deltas)
   end
 end
 
--- Each canonical event well formed; returns them as a list.
+-- Each canonical event well formed; returns them as a list. nil is an
+-- error's event, or one after it: nothing to relay (the stream then fails).
 local function events_of(out)
-  assert(type(out) == "table", "a parser in events mode returned no event")
+  if out == nil then
+    return {}
+  end
+  assert(type(out) == "table", "a parser in events mode returned no table")
   local list = out.type and { out } or out
   assert(#list > 0, "an empty list of events")
   for _, ev in ipairs(list) do
@@ -95,8 +99,11 @@ return function(name)
       writers[i]:start(nil, 1)
     end
     local text = {}
+    local silent = false -- an event gave nothing
     for i = 1, #events do
-      for _, ev in ipairs(events_of(parser:event(events[i]))) do
+      local out = parser:event(events[i])
+      silent = silent or out == nil
+      for _, ev in ipairs(events_of(out)) do
         if ev.type == "text" and not ev.choice then
           text[#text + 1] = ev.text
         end
@@ -107,6 +114,7 @@ return function(name)
     end
     local r2, kind2 = parser:result()
     assert((r2 == nil) == (result == nil) and kind2 == kind, "the two modes disagree")
+    assert(not (silent and r2), "an event gave nothing, yet the stream succeeded")
     if r2 then
       assert(r2.text == concat(text), "result.text is not the text events joined")
       for _, w in ipairs(writers) do
