@@ -193,12 +193,13 @@ const body = (messages, extra = {}) => ({ model: MODEL, messages, ...extra });
 
 // A stream's events by type, its text, tool plan, calls and end.
 async function collect(stream) {
-  const out = { types: [], text: '', thinking: '', plan: '', calls: [], end: null };
+  const out = { types: [], text: '', thinking: '', plan: '', calls: [], end: null, logprobs: [] };
   for await (const ev of stream) {
     out.types.push(ev.type);
     if (ev.type === 'content-delta') {
       out.text += ev.delta.message.content.text ?? '';
       out.thinking += ev.delta.message.content.thinking ?? '';
+      if (ev.logprobs) out.logprobs.push([ev.delta.message.content.text, ev.logprobs]);
     } else if (ev.type === 'tool-plan-delta') {
       out.plan += ev.delta.message.toolPlan;
     } else if (ev.type === 'tool-call-start') {
@@ -317,6 +318,12 @@ test('cohere: stop sequences, max_tokens, thinking, images, logprobs', { skip: S
   const lp = await cohere().chat(body([user('hi')], { logprobs: true }));
   assert.equal(lp.logprobs.map((x) => x.text).join(''), lp.message.content[0].text);
   for (const x of lp.logprobs) assert.ok(x.logprobs[0] < 0 && x.tokenIds.length === 1);
+  const lps = await collect(await cohere('chunks=3').chatStream(body([user('hi')], { logprobs: true })));
+  assert.equal(lps.logprobs.length, 3);
+  for (const [text, item] of lps.logprobs) {
+    assert.equal(item.text, text);
+    assert.equal(item.tokenIds.length, item.logprobs.length);
+  }
 });
 
 test('cohere: errors are the SDK\'s error classes, with Cohere\'s {id, message} body', { skip: SKIP }, async () => {

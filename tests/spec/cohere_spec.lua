@@ -265,6 +265,22 @@ describe("orchestrate over cohere", function()
       ["function"] = { name = "get_weather", arguments = '{"city":"Oslo"}' } } } }, sent)
   end)
 
+  it("gives Cohere's logprobs in the canonical shape, streamed or not", function()
+    local req = { messages = { { role = "user", content = "hi there" } }, logprobs = true }
+    for _, stream in ipairs { false, true } do
+      local r = orchestrate.orchestrate(req, "single", { "cohere" }, { env = env({ chunks = 3 }), stream = stream })
+      assert.equal("success", r.status, r.error_message)
+      local tokens = {}
+      for i, t in ipairs(r.metadata.logprobs.content) do
+        assert.is_true(t.logprob < 0)
+        tokens[i] = t.token
+      end
+      assert.equal(stream and 3 or select(2, r.response_text:gsub("%S+", "")), #tokens)
+      assert.equal(r.response_text, table.concat(tokens))
+    end
+    assert.is_true(m.requests[#m.requests].json.logprobs)
+  end)
+
   it("refuses by name what Cohere cannot take, or drops it when allowed", function()
     local req = { messages = { { role = "user", content = "hi" } }, n = 2, user = "u-1" }
     local r, kind, msg = orchestrate.orchestrate(req, "single", { "cohere" }, { env = env() })

@@ -22,7 +22,7 @@
 --   max_tokens      an answer longer (in words) than max_tokens is cut to
 --                   it (finish_reason MAX_TOKENS).
 --   logprobs        logprobs: true adds {text, token_ids, logprobs} per
---                   word (in a stream, on each content-delta).
+--                   word (in a stream, one on each content-delta: its words).
 --   usage           billed_units counts the words of the request and the
 --                   answer; tokens adds PREAMBLE_TOKENS to the input (the
 --                   prompt Cohere wraps around it); cached_tokens 0.
@@ -472,13 +472,26 @@ local function first_words(text, n)
   return text
 end
 
+local function logprob(i)
+  return fmt("%.6g", -((i - 1) % 7 + 1) / 64)
+end
+
 -- logprobs items of text: one per word, a plausible value each.
 local function logprobs_items(H, text)
   local out = {}
   for i, tok in ipairs(H.tokens_of(text)) do
-    out[i] = fmt('{"text":%s,"token_ids":[%d],"logprobs":[%.6g]}', encode(tok), 1000 + i, -((i - 1) % 7 + 1) / 64)
+    out[i] = fmt('{"text":%s,"token_ids":[%d],"logprobs":[%s]}', encode(tok), 1000 + i, logprob(i))
   end
   return out
+end
+
+-- The logprobs item of a stream's piece: its words, one token each.
+local function piece_logprobs(H, piece)
+  local ids, lps = {}, {}
+  for i in ipairs(H.tokens_of(piece)) do
+    ids[i], lps[i] = 1000 + i, logprob(i)
+  end
+  return fmt('{"text":%s,"token_ids":[%s],"logprobs":[%s]}', encode(piece), concat(ids, ","), concat(lps, ","))
 end
 
 -- What the answer holds: {thinking, plan, calls, text, finish, output}, or
@@ -572,7 +585,7 @@ local function stream_events(H, a, conv, d, id, usage)
     for _, piece in ipairs(H.split(text, d.chunks)) do
       local lp = ""
       if kind == "text" and conv.logprobs then
-        lp = ',"logprobs":' .. logprobs_items(H, piece)[1]
+        lp = ',"logprobs":' .. piece_logprobs(H, piece)
       end
       add("content-delta", concat { '{"type":"content-delta","index":', index, ',"delta":{"message":{"content":{"',
         kind, '":', encode(piece), "}}}", lp, "}" }, true)

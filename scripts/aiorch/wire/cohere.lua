@@ -379,7 +379,7 @@ local function encode_tools(body, tools, req)
   for i, t in ipairs(tools) do
     local where = fmt("tools[%d]", i - 1)
     if t.type == "opaque" then
-      if not only then
+      if not only or t.name == only then
         out[#out + 1] = opaque_value(t, where)
       end
     else
@@ -495,9 +495,6 @@ function _M.encode_request(req, opts)
       cannot(k)
     end
     f(body, v, req)
-  end
-  if type(req.tool_choice) == "table" and not req.tools then
-    cannot("tool_choice without tools")
   end
   -- Continuing an answer another provider began: it is ours so far.
   local partial = req.continue_from
