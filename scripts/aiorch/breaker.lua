@@ -18,7 +18,7 @@ local states = {}
 -- aiorch.state.breaker while the state is shared, else nil.
 local shared_breaker
 local function shared()
-  if state_mod.shared() then
+  if state_mod.is_shared then
     shared_breaker = shared_breaker or require "aiorch.state.breaker"
     return shared_breaker
   end
@@ -59,7 +59,7 @@ end
 -- when the provider itself asked for the pause, the ms left of it.
 -- A half-open breaker lets one caller through; it must report back.
 function _M.allow(name)
-  local sh = shared()
+  local sh = state_mod.is_shared and shared()
   if sh then
     return sh.allow(name)
   end
@@ -85,7 +85,7 @@ end
 -- open, the outcome of a call let through before it opened is stale: only
 -- the trial decides (a later Retry-After may still lengthen the pause).
 function _M.record(name, pol, ok, kind, retry_after, trial)
-  local sh = shared()
+  local sh = state_mod.is_shared and shared()
   if sh then
     return sh.record(name, pol, ok, kind, retry_after, trial)
   end
@@ -138,7 +138,7 @@ end
 -- The trial call ended without an outcome (cancelled): the next caller
 -- may try instead.
 function _M.release(name, trial)
-  local sh = shared()
+  local sh = state_mod.is_shared and shared()
   if sh then
     return sh.release(name, trial)
   end
@@ -150,7 +150,7 @@ end
 
 -- health(name) -> {healthy, state, failures, cooldown_ms}
 function _M.health(name)
-  local sh = shared()
+  local sh = state_mod.is_shared and shared()
   if sh then
     return sh.health(name)
   end

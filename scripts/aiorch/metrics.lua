@@ -23,6 +23,20 @@ local UNHEALTHY_AFTER = 3 -- consecutive failures
 local providers = {}
 local changed = false -- since the last flush
 
+-- The fields of a snapshot's entry that are plain counters; what is pushed
+-- to the shared state: those, the latency's sum and count, and the other
+-- counters count() was given (extra).
+local COUNTERS = { "requests", "successes", "errors", "timeouts", "cancelled", "tokens_in", "tokens_out", "cost_usd",
+  "fallback_activations", "races_won", "races_lost", "retries", "skipped", "hedges", "continuations",
+  "tokens_wasted_in", "tokens_wasted_out" }
+local PUSHED = { "latency_sum_ms", "latency_count" }
+local KNOWN = { window_next = true, consecutive_failures = true, latency_sum_ms = true, latency_count = true }
+for _, k in ipairs(COUNTERS) do
+  PUSHED[#PUSHED + 1] = k
+  KNOWN[k] = true
+end
+local extra = {}
+
 local function new_entry()
   local hist = {}
   for i = 1, #_M.buckets + 1 do
@@ -117,6 +131,9 @@ function _M.count(name, counter, n)
   if v ~= nil and type(v) ~= "number" then
     return nil, "not a counter: " .. counter
   end
+  if v == nil and not KNOWN[counter] then
+    extra[counter] = true
+  end
   e[counter] = (v or 0) + (n or 1)
   return e[counter]
 end
@@ -154,17 +171,23 @@ end
 -- entry), ...<US>e<US>kind (errors_by_kind), ...<US>h<US>i (latency bucket i,
 -- not cumulative). <US> is the byte 31, which names do not hold.
 
-local LOCAL_ONLY = { window_next = true, consecutive_failures = true }
 local flushed = {} -- name -> {field = value, kinds = {}, hist = {}}: what was pushed
-local prefixes = {}
+local key_cache = {} -- name -> kind -> field -> key
 
-local function prefix_of(name)
-  local p = prefixes[name]
-  if not p then
-    p = "m\31" .. name .. "\31"
-    prefixes[name] = p
+-- "m<US>name<US>kind<US>field", made once.
+local function key_of(name, kind, field)
+  local by_name = key_cache[name]
+  if not by_name then
+    by_name = { c = {}, e = {}, h = {} }
+    key_cache[name] = by_name
   end
-  return p
+  local t = by_name[kind]
+  local k = t[field]
+  if not k then
+    k = "m\31" .. name .. "\31" .. kind .. "\31" .. field
+    t[field] = k
+  end
+  return k
 end
 
 -- The state's flush: what changed since the last one, as deltas.
@@ -180,23 +203,32 @@ local function collect(add)
         f = { kinds = {}, hist = {} }
         flushed[name] = f
       end
-      local pre = prefix_of(name)
-      for k, v in pairs(e) do
-        if type(v) == "number" and not LOCAL_ONLY[k] and v ~= (f[k] or 0) and #k <= 128 then
-          add(pre .. "c\31" .. k, v - (f[k] or 0))
+      for _, k in ipairs(PUSHED) do
+        local v = e[k]
+        if v ~= (f[k] or 0) then
+          add(key_of(name, "c", k), v - (f[k] or 0))
           f[k] = v
         end
       end
-      for kind, v in pairs(e.errors_by_kind) do
-        if v ~= (f.kinds[kind] or 0) and #kind <= 128 then
-          add(pre .. "e\31" .. kind, v - (f.kinds[kind] or 0))
-          f.kinds[kind] = v
+      for k in pairs(extra) do
+        local v = e[k]
+        if type(v) == "number" and v ~= (f[k] or 0) and #k <= 128 then
+          add(key_of(name, "c", k), v - (f[k] or 0))
+          f[k] = v
         end
       end
+      local kinds = f.kinds
+      for kind, v in pairs(e.errors_by_kind) do
+        if v ~= (kinds[kind] or 0) and #kind <= 128 then
+          add(key_of(name, "e", kind), v - (kinds[kind] or 0))
+          kinds[kind] = v
+        end
+      end
+      local hist = f.hist
       for i, v in ipairs(e.latency_hist) do
-        if v ~= (f.hist[i] or 0) then
-          add(pre .. "h\31" .. i, v - (f.hist[i] or 0))
-          f.hist[i] = v
+        if v ~= (hist[i] or 0) then
+          add(key_of(name, "h", i), v - (hist[i] or 0))
+          hist[i] = v
         end
       end
     end
@@ -212,10 +244,6 @@ end
 
 state.source(collect, baseline)
 
--- The fields of a snapshot's entry that are plain counters.
-local COUNTERS = { "requests", "successes", "errors", "timeouts", "cancelled", "tokens_in", "tokens_out", "cost_usd",
-  "fallback_activations", "races_won", "races_lost", "retries", "skipped", "hedges", "continuations",
-  "tokens_wasted_in", "tokens_wasted_out" }
 
 -- The totals of every process sharing the state, in snapshot's shape.
 -- Latency percentiles are this process's (its last WINDOW calls).

@@ -61,17 +61,20 @@ function _M.backend()
   return backend()
 end
 
--- Whether other processes share the state.
+-- Whether other processes share the state (also the field is_shared, for
+-- the hot paths).
+_M.is_shared = false
 function _M.shared()
-  return backend().shared == true
+  return _M.is_shared
 end
 
 -- Uses b from now on. What sources counted before is not pushed to it.
 function _M.use(b)
   current = b
+  _M.is_shared = b.shared == true
   pending, npending, own_keys = {}, 0, {}
   for _, g in pairs(gauges) do
-    g.last = nil
+    g.last, g.key = nil, nil
   end
   for _, s in ipairs(sources) do
     if s.baseline then
@@ -115,49 +118,36 @@ function _M.ungauge(key, fn)
   end
 end
 
+-- The deltas of one flush, as incr_many takes them: {k1, n1, k2, n2, ...}.
+local batch, nbatch = {}, 0
+
 local function add(key, n)
   if n ~= 0 then
-    local p = pending[key]
-    if p == nil then
-      npending = npending + 1
-    end
-    pending[key] = (p or 0) + n
+    batch[nbatch + 1], batch[nbatch + 2] = key, n
+    nbatch = nbatch + 2
   end
 end
 
--- One incr_many per MANY_MAX pairs; a batch refused as full goes key by
--- key, and what finds no room stays pending for the next flush.
-local function push(b)
-  local list, n = {}, 0
-  local function send()
-    if n == 0 then
-      return
-    end
-    local ok, kind, msg = b:incr_many(list)
-    if ok == nil then
-      warn("counters", msg or kind)
-      for i = 1, #list, 2 do
-        if b:incr(list[i], list[i + 1], 0) then
-          pending[list[i]] = nil
-          npending = npending - 1
+-- Sends batch[from .. to] (pairs), at most MANY_MAX pairs at a time; what
+-- a full backend refuses is tried key by key, and what finds no room is
+-- kept for the next flush.
+local function push(b, from, to)
+  local list = batch
+  if from ~= 1 or to ~= #batch then
+    list = { table.unpack(batch, from, to) }
+  end
+  local ok, kind, msg = b:incr_many(list)
+  if ok == nil then
+    warn("counters", msg or kind)
+    for i = 1, #list, 2 do
+      if not b:incr(list[i], list[i + 1], 0) then
+        if pending[list[i]] == nil then
+          npending = npending + 1
         end
-      end
-    else
-      for i = 1, #list, 2 do
-        pending[list[i]] = nil
-        npending = npending - 1
+        pending[list[i]] = (pending[list[i]] or 0) + list[i + 1]
       end
     end
-    list, n = {}, 0
   end
-  for k, d in pairs(pending) do
-    list[n * 2 + 1], list[n * 2 + 2] = k, d
-    n = n + 1
-    if n == MANY_MAX then
-      send()
-    end
-  end
-  send()
 end
 
 -- Pushes what this process counted since the last flush, and its gauges
@@ -167,19 +157,32 @@ function _M.flush(counters_only)
   if not b.shared then
     return
   end
+  local last = #batch
+  nbatch = 0
+  if npending > 0 then
+    local kept = pending
+    pending, npending = {}, 0
+    for k, d in pairs(kept) do
+      add(k, d)
+    end
+  end
   for _, s in ipairs(sources) do
     s.collect(add)
+  end
+  for i = nbatch + 1, last do
+    batch[i] = nil
   end
   for key, g in pairs(counters_only and EMPTY or gauges) do
     local v = g.fn()
     if v ~= g.last then
-      if b:set("v\31" .. key .. "\31" .. b.id, v) then
+      g.key = g.key or "v\31" .. key .. "\31" .. b.id
+      if b:set(g.key, v) then
         g.last = v
       end
     end
   end
-  if npending > 0 then
-    push(b)
+  for i = 1, nbatch, 2 * MANY_MAX do
+    push(b, i, math.min(i + 2 * MANY_MAX - 1, nbatch))
   end
 end
 

@@ -58,9 +58,12 @@ end
 function _M.admit(x)
   local gw = x.state
   local client = x.client
+  local rl = client.rate_limit
+  if not rl and not gw.config.rate_limit and gw.max_inflight <= 0 then
+    return true -- no limit: nothing to count
+  end
   local ks, ckey = keys(gw, client)
   local own, slot_c, slot_g
-  local rl = client.rate_limit
   if rl then
     own, slot_c = take(x, ckey, rl, "this client may make")
     if not own then

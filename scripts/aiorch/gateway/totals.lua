@@ -21,12 +21,17 @@ end
 -- Starts counting gw (a gateway's state) into the server's totals, and,
 -- when the state is shared, the task that flushes. Returns what stop takes.
 function _M.start(gw)
-  local flushed = {}
+  local flushed, keys = {}, {}
   local function collect(add)
     for k, v in pairs(gw.counts) do
       local d = v - (flushed[k] or 0)
       if d ~= 0 then
-        add(PREFIX .. k, d)
+        local key = keys[k]
+        if not key then
+          key = PREFIX .. k
+          keys[k] = key
+        end
+        add(key, d)
         flushed[k] = v
       end
     end
