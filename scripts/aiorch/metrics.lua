@@ -197,37 +197,43 @@ local function collect(add)
   end
   changed = false
   for name, e in pairs(providers) do
-    if not name:find("\31", 1, true) then
-      local f = flushed[name]
-      if not f then
-        f = { kinds = {}, hist = {} }
-        flushed[name] = f
-      end
-      for _, k in ipairs(PUSHED) do
-        local v = e[k]
-        if v ~= (f[k] or 0) then
-          add(key_of(name, "c", k), v - (f[k] or 0))
+    local f = flushed[name]
+    if not f then
+      key_of(name, "c", "requests")
+      -- a name with the separator in it would make keys that read back wrong
+      f = { kinds = {}, hist = {}, keys = key_cache[name], skip = name:find("\31", 1, true) ~= nil }
+      flushed[name] = f
+    end
+    if not f.skip then
+      local kc = f.keys.c
+      for i = 1, #PUSHED do
+        local k = PUSHED[i]
+        local v, was = e[k], f[k] or 0
+        if v ~= was then
+          add(kc[k] or key_of(name, "c", k), v - was)
           f[k] = v
         end
       end
       for k in pairs(extra) do
-        local v = e[k]
-        if type(v) == "number" and v ~= (f[k] or 0) and #k <= 128 then
-          add(key_of(name, "c", k), v - (f[k] or 0))
+        local v, was = e[k], f[k] or 0
+        if type(v) == "number" and v ~= was and #k <= 128 then
+          add(kc[k] or key_of(name, "c", k), v - was)
           f[k] = v
         end
       end
       local kinds = f.kinds
       for kind, v in pairs(e.errors_by_kind) do
-        if v ~= (kinds[kind] or 0) and #kind <= 128 then
-          add(key_of(name, "e", kind), v - (kinds[kind] or 0))
+        local was = kinds[kind] or 0
+        if v ~= was and #kind <= 128 then
+          add(key_of(name, "e", kind), v - was)
           kinds[kind] = v
         end
       end
-      local hist = f.hist
-      for i, v in ipairs(e.latency_hist) do
-        if v ~= (hist[i] or 0) then
-          add(key_of(name, "h", i), v - (hist[i] or 0))
+      local hist, hk, lh = f.hist, f.keys.h, e.latency_hist
+      for i = 1, #lh do
+        local v, was = lh[i], hist[i] or 0
+        if v ~= was then
+          add(hk[i] or key_of(name, "h", i), v - was)
           hist[i] = v
         end
       end
