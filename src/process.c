@@ -369,14 +369,15 @@ static void close_from(int lo, const int *keep, int n)
 {
     int i;
 #ifdef __linux__
-    for (i = 0; i < n && lo >= 0; i++) {
-        if (keep[i] < lo) continue;
-        if (keep[i] > lo) close_range((unsigned)lo, (unsigned)keep[i] - 1, 0);
-        lo = keep[i] + 1;
+    int from = lo, ok = 1;
+    for (i = 0; i < n; i++) {
+        if (keep[i] < from) continue;
+        if (keep[i] > from && close_range((unsigned)from, (unsigned)keep[i] - 1, 0) < 0) ok = 0;
+        from = keep[i] + 1;
     }
-    if (close_range((unsigned)lo, ~0U, 0) == 0) return;
+    if (ok && close_range((unsigned)from, ~0U, 0) == 0) return;
 #endif
-    {
+    { /* one by one (no close_range) */
         long max = sysconf(_SC_OPEN_MAX), fd;
         if (max < 0 || max > 65536) max = 65536;
         for (fd = lo; fd < max; fd++) {
