@@ -1,12 +1,14 @@
 -- Instructions per gateway request, counted by callgrind: repeatable for
 -- the same binary and inputs whatever else the machine is doing, so two
 -- builds can be compared on a busy machine.
---   build/aiorch run bench/instructions.lua [REQUESTS] [KIND] [EXE]
+--   build/aiorch run bench/instructions.lua [REQUESTS] [KIND] [EXE] [WORKERS]
 -- KIND: plain (default: an OpenAI client, `single`, answered by openai),
 -- cross (the same request answered by anthropic), stream (plain, streamed).
--- EXE: the aiorch binary to measure (default: this build's). The mock
--- runs in this process, not under callgrind. Prints user-space
--- instructions per request: (a run of REQUESTS) - (a run of 1), / (REQUESTS - 1).
+-- EXE: the aiorch binary to measure (default: this build's). WORKERS: 0
+-- (default: one process, the local state), or N: a master and N workers on
+-- the shared state, every process counted. The mock runs in this process,
+-- not under callgrind. Prints user-space instructions per request: (a run
+-- of REQUESTS) - (a run of 1), / (REQUESTS - 1).
 local aiorch = require "aiorch"
 local mock = require "aiorch.mock"
 
@@ -17,6 +19,7 @@ local args = table.pack(...)
 local N = math.tointeger(tonumber(args[1] or "")) or 2000
 local KIND = args[2] or "plain"
 local EXE = args[3] or process.exe()
+local WORKERS = math.tointeger(tonumber(args[4] or "")) or 0
 local CONCURRENCY = 8
 
 local BODY = '{"model":"gpt-4o-mini","max_tokens":64,"messages":[{"role":"user","content":"What is a monad?"}]}'
@@ -43,8 +46,9 @@ end
 local function run(m, n)
   local port = free_port()
   local out = fmt("%s/callgrind.%d", TMP, n)
-  local pid = assert(process.spawn({ "valgrind", "--tool=callgrind", "--callgrind-out-file=" .. out,
-    EXE, "serve", "--workers", "0", "--listen", "127.0.0.1:" .. port }, {
+  local pid = assert(process.spawn({ "valgrind", "--tool=callgrind", "--trace-children=yes",
+    "--callgrind-out-file=" .. out .. ".%p", EXE, "serve", "--workers", tostring(WORKERS),
+    "--listen", "127.0.0.1:" .. port }, {
     stderr = TMP .. "/serve.err",
     env = { OPENAI_API_KEY = "sk-bench", ANTHROPIC_API_KEY = "sk-bench", OPENAI_BASE_URL = m:base_url("openai"),
       ANTHROPIC_BASE_URL = m:base_url("anthropic"), AIORCH_LOG = "error" },
@@ -70,9 +74,12 @@ local function run(m, n)
   aiorch.gather(workers)
   process.kill(pid, "TERM")
   process.wait(pid, 60000)
-  local text = capture("callgrind_annotate " .. out .. " 2>/dev/null | grep -m1 'PROGRAM TOTALS'")
-  local total = tonumber((text:match("([%d,]+)%s") or ""):gsub(",", ""), 10)
-  return assert(total, "no totals in " .. out)
+  local total = 0
+  for file in capture("ls " .. out .. ".*"):gmatch("%S+") do -- a file per process
+    local text = capture("callgrind_annotate " .. file .. " 2>/dev/null | grep -m1 'PROGRAM TOTALS'")
+    total = total + assert(tonumber((text:match("([%d,]+)%s") or ""):gsub(",", ""), 10), "no totals in " .. file)
+  end
+  return total
 end
 
 local m = assert(mock.start { host = "127.0.0.1", port = 0 })
@@ -84,4 +91,5 @@ if os.getenv("KEEP") then
 else
   os.execute("rm -rf '" .. TMP .. "'")
 end
-print(fmt("%s: %s requests: %.0f instructions per request (%s)", KIND, N, (many - one) / (N - 1), EXE))
+print(fmt("%s: %s requests, %d workers: %.0f instructions per request (%s)", KIND, N, WORKERS, (many - one) / (N - 1),
+  EXE))

@@ -126,6 +126,9 @@ void aiorch_server_close_all(aiorch_runtime *rt);
 /* process.c */
 void aiorch_process_open(aiorch_runtime *rt, lua_State *L); /* adds module.process, module.signal */
 
+/* shm_lua.c */
+void aiorch_shm_open(aiorch_runtime *rt, lua_State *L); /* adds module.shm */
+
 /* root.c: $AIORCH_ROOT, else where this file is installed, else the source tree. */
 char *aiorch_root_find(void);
 

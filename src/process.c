@@ -364,21 +364,27 @@ static char *find_program(const char *file)
     return strdup(file); /* execve reports ENOENT */
 }
 
-/* Closes every descriptor from lo up, except keep. */
-static void close_from(int lo, int keep)
+/* Closes every descriptor from lo up, except the n in keep (ascending). */
+static void close_from(int lo, const int *keep, int n)
 {
+    int i;
 #ifdef __linux__
-    if (keep >= lo) {
-        if (keep > lo) close_range((unsigned)lo, (unsigned)keep - 1, 0);
-        lo = keep + 1;
+    int from = lo, ok = 1;
+    for (i = 0; i < n; i++) {
+        if (keep[i] < from) continue;
+        if (keep[i] > from && close_range((unsigned)from, (unsigned)keep[i] - 1, 0) < 0) ok = 0;
+        from = keep[i] + 1;
     }
-    if (close_range((unsigned)lo, ~0U, 0) == 0) return;
+    if (ok && close_range((unsigned)from, ~0U, 0) == 0) return;
 #endif
-    {
+    { /* one by one (no close_range) */
         long max = sysconf(_SC_OPEN_MAX), fd;
         if (max < 0 || max > 65536) max = 65536;
-        for (fd = lo; fd < max; fd++)
-            if (fd != keep) close((int)fd);
+        for (fd = lo; fd < max; fd++) {
+            for (i = 0; i < n && keep[i] != fd; i++) {
+            }
+            if (i == n) close((int)fd);
+        }
     }
 }
 
@@ -388,6 +394,8 @@ static int open_out(const char *path)
     return open(path, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
 }
 
+#define SPAWN_PASS_MAX 16
+
 /* Everything spawn needs, built before the fork. Freed by spawn_free. */
 typedef struct spawn_args {
     char *prog;
@@ -396,6 +404,8 @@ typedef struct spawn_args {
     int out_fd, err_fd;
     int death_sig; /* sent to the child when we die (0: none) */
     pid_t parent;
+    int pass[SPAWN_PASS_MAX]; /* descriptors the child keeps (opts.pass_fds) */
+    int npass;
 } spawn_args;
 
 static int spawn_free_ud(lua_State *L)
@@ -493,7 +503,7 @@ static void child_exec(const spawn_args *a, int errfd)
 {
     sigset_t none;
     struct sigaction dfl;
-    int e, i;
+    int e, i, keep[SPAWN_PASS_MAX + 1], nkeep = 0;
     /* libev may block signals (signalfd), and ignored ones stay ignored
      * across exec: the program starts with the defaults. */
     sigemptyset(&none);
@@ -510,7 +520,19 @@ static void child_exec(const spawn_args *a, int errfd)
 #endif
     if (a->out_fd >= 0 && dup2(a->out_fd, 1) < 0) goto fail;
     if (a->err_fd >= 0 && dup2(a->err_fd, 2) < 0) goto fail;
-    close_from(3, errfd); /* no descriptor of ours leaks into the program */
+    /* No descriptor of ours leaks into the program but those it is passed. */
+    for (i = 0; i < a->npass; i++) {
+        if (fcntl(a->pass[i], F_SETFD, 0) < 0) goto fail;
+        keep[nkeep++] = a->pass[i];
+    }
+    keep[nkeep++] = errfd;
+    for (i = 1; i < nkeep; i++) { /* ascending (insertion sort: no allocation here) */
+        int v = keep[i], j = i;
+        for (; j > 0 && keep[j - 1] > v; j--)
+            keep[j] = keep[j - 1];
+        keep[j] = v;
+    }
+    close_from(3, keep, nkeep);
     execve(a->prog, a->argv, a->envp);
 fail:
     e = errno;
@@ -561,7 +583,8 @@ static int l_spawn(lua_State *L)
     a->prog = find_program(a->argv[0]);
     if (!a->prog) return luaL_error(L, "out of memory");
     if (lua_istable(L, 2)) {
-        static const char *const known[] = {"env", "stdout", "stderr", "death_signal", NULL};
+        static const char *const known[] = {"env",          "stdout",   "stderr",
+                                            "death_signal", "pass_fds", NULL};
         lua_pushnil(L);
         while (lua_next(L, 2)) {
             const char *k = lua_type(L, -2) == LUA_TSTRING ? lua_tostring(L, -2) : NULL;
@@ -575,6 +598,23 @@ static int l_spawn(lua_State *L)
         if (lua_getfield(L, 2, "death_signal") != LUA_TNIL) {
             a->death_sig = sig_check(L, lua_gettop(L));
             a->parent = getpid();
+        }
+        lua_pop(L, 1);
+        if (lua_getfield(L, 2, "pass_fds") != LUA_TNIL) {
+            lua_Integer n, j;
+            luaL_argcheck(L, lua_istable(L, -1), 2, "'pass_fds' must be a list of descriptors");
+            n = luaL_len(L, -1);
+            luaL_argcheck(L, n <= SPAWN_PASS_MAX, 2, "'pass_fds' lists at most 16 descriptors");
+            for (j = 1; j <= n; j++) {
+                int isnum;
+                lua_Integer fd = (lua_rawgeti(L, -1, j), lua_tointegerx(L, -1, &isnum));
+                lua_pop(L, 1);
+                if (!isnum || fd < 3 || fd > INT32_MAX || fcntl((int)fd, F_GETFD) < 0)
+                    return luaL_argerror(
+                        L, 2,
+                        lua_pushfstring(L, "pass_fds[%d]: not an open descriptor >= 3", (int)j));
+                a->pass[a->npass++] = (int)fd;
+            }
         }
         lua_pop(L, 1);
         if (lua_getfield(L, 2, "env") != LUA_TNIL) {

@@ -85,7 +85,8 @@ end
 
 -- Starts `aiorch serve --workers 0` with a config (a Lua source text) and
 -- env (a table; false unsets). opts: path (a --path dir), args (more
--- arguments). Returns {base, pid, err (stderr's file), dir, stop()}.
+-- arguments), workers (N: a master and N workers, waited for until all
+-- listen). Returns {base, pid, err (stderr's file), dir, stop()}.
 local serving = {}
 function _M.serve(config_text, env, opts)
   opts = opts or {}
@@ -93,7 +94,9 @@ function _M.serve(config_text, env, opts)
   local conf = dir .. "/gateway.lua"
   _M.write(conf, config_text)
   local port = _M.free_port()
-  local argv = { process.exe(), "serve", "--workers", "0", "--config", conf, "--listen", "127.0.0.1:" .. port }
+  local workers = opts.workers or 0
+  local argv = { process.exe(), "serve", "--workers", tostring(workers), "--config", conf, "--listen",
+    "127.0.0.1:" .. port }
   if opts.path then
     argv[#argv + 1] = "--path"
     argv[#argv + 1] = opts.path
@@ -115,6 +118,13 @@ function _M.serve(config_text, env, opts)
   end
   serving[#serving + 1] = s
   assert(_M.wait_up(s.base .. "/healthz"), "the gateway did not start: " .. _M.slurp(err))
+  if workers > 0 then
+    local deadline = aiorch.now() + _M.stretch(10000)
+    while not _M.slurp(err):find(workers .. " workers listening", 1, true) do
+      assert(aiorch.now() < deadline, "the workers did not start: " .. _M.slurp(err))
+      aiorch.sleep(20)
+    end
+  end
   return s
 end
 

@@ -1,9 +1,11 @@
--- Circuit breakers, one per provider, per runtime (module state lives in
--- this Lua state). closed: calls go through, failures are counted; open:
--- calls are refused until the cooldown ends; half_open: one trial call
--- decides between closed and open again.
+-- Circuit breakers, one per provider. closed: calls go through, failures
+-- are counted; open: calls are refused until the cooldown ends; half_open:
+-- one trial call decides between closed and open again. Kept in this Lua
+-- state, or, when the state is shared (aiorch.state: the workers of one
+-- server), in the shared state through aiorch.state.breaker.
 local policy = require "aiorch.policy"
 local core = require "aiorch"
+local state_mod = require "aiorch.state"
 
 local fmt = string.format
 local ceil = math.ceil
@@ -12,6 +14,16 @@ local now = core.now
 local _M = {}
 
 local states = {}
+
+-- aiorch.state.breaker while the state is shared, else nil.
+local shared_breaker
+local function shared()
+  if state_mod.is_shared then
+    shared_breaker = shared_breaker or require "aiorch.state.breaker"
+    return shared_breaker
+  end
+  return nil
+end
 
 local function state(name)
   local s = states[name]
@@ -47,6 +59,10 @@ end
 -- when the provider itself asked for the pause, the ms left of it.
 -- A half-open breaker lets one caller through; it must report back.
 function _M.allow(name)
+  local sh = state_mod.is_shared and shared()
+  if sh then
+    return sh.allow(name)
+  end
   local s = states[name]
   if not s or s.state == "closed" then
     return true
@@ -69,6 +85,10 @@ end
 -- open, the outcome of a call let through before it opened is stale: only
 -- the trial decides (a later Retry-After may still lengthen the pause).
 function _M.record(name, pol, ok, kind, retry_after, trial)
+  local sh = state_mod.is_shared and shared()
+  if sh then
+    return sh.record(name, pol, ok, kind, retry_after, trial)
+  end
   local s = states[name]
   local t = now()
   -- A provider that says when to come back is believed, breaker or not.
@@ -118,6 +138,10 @@ end
 -- The trial call ended without an outcome (cancelled): the next caller
 -- may try instead.
 function _M.release(name, trial)
+  local sh = state_mod.is_shared and shared()
+  if sh then
+    return sh.release(name, trial)
+  end
   local s = states[name]
   if trial and s and s.state == "half_open" then
     s.trial = false
@@ -126,6 +150,10 @@ end
 
 -- health(name) -> {healthy, state, failures, cooldown_ms}
 function _M.health(name)
+  local sh = state_mod.is_shared and shared()
+  if sh then
+    return sh.health(name)
+  end
   local s = states[name]
   if not s then
     return { healthy = true, state = "closed", failures = 0 }
@@ -143,6 +171,10 @@ end
 
 function _M.reset()
   states = {}
+  local sh = shared()
+  if sh then
+    sh.reset()
+  end
 end
 
 return _M

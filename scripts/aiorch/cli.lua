@@ -476,7 +476,26 @@ function _M.serve(args, first)
       end
       j = j + 1
     end
-    return master.run { argv = argv, workers = workers, drain_timeout_ms = cfg.drain_timeout_ms }
+    -- The workers' shared state (limits, breakers, counters) is made here,
+    -- before any of them, and lives as long as they do.
+    local dict, derr = require("aiorch.state.shm").create(cfg.shared_memory)
+    if not dict then
+      err_line("serve: %s", derr)
+      return 1
+    end
+    return master.run { argv = argv, workers = workers, drain_timeout_ms = cfg.drain_timeout_ms, shm = dict }
+  end
+  if o.worker then
+    -- A worker of a master: its state is the master's segment (none when
+    -- started by hand).
+    local backend, berr = require("aiorch.state.shm").from_env()
+    if berr then
+      err_line("serve: %s", berr)
+      return 1
+    end
+    if backend then
+      require("aiorch.state").use(backend)
+    end
   end
   -- The descriptors limit is raised to fit server.max_connections (or the
   -- limit lowered to fit it); a worker shares the port with the others.

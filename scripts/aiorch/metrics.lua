@@ -1,12 +1,17 @@
 -- Per-provider metrics for this runtime (one Lua state = one runtime, so
--- module-level state is per runtime).
+-- module-level state is per runtime). When the state is shared (aiorch.state:
+-- the workers of one server), what is counted here is pushed as deltas at
+-- each flush, and snapshot() gives the server's totals.
 local breaker = require "aiorch.breaker"
+local state = require "aiorch.state"
 
 local type = type
 local pairs = pairs
 local ipairs = ipairs
 local sort = table.sort
 local floor = math.floor
+local tonumber = tonumber
+local match = string.match
 
 local _M = {}
 
@@ -16,6 +21,21 @@ local WINDOW = 256 -- latencies kept for p50/p95
 local UNHEALTHY_AFTER = 3 -- consecutive failures
 
 local providers = {}
+local changed = false -- since the last flush
+
+-- The fields of a snapshot's entry that are plain counters; what is pushed
+-- to the shared state: those, the latency's sum and count, and the other
+-- counters count() was given (extra).
+local COUNTERS = { "requests", "successes", "errors", "timeouts", "cancelled", "tokens_in", "tokens_out", "cost_usd",
+  "fallback_activations", "races_won", "races_lost", "retries", "skipped", "hedges", "continuations",
+  "tokens_wasted_in", "tokens_wasted_out" }
+local PUSHED = { "latency_sum_ms", "latency_count" }
+local KNOWN = { window_next = true, consecutive_failures = true, latency_sum_ms = true, latency_count = true }
+for _, k in ipairs(COUNTERS) do
+  PUSHED[#PUSHED + 1] = k
+  KNOWN[k] = true
+end
+local extra = {}
 
 local function new_entry()
   local hist = {}
@@ -64,12 +84,14 @@ end
 -- A call has started.
 function _M.started(name)
   local e = entry(name)
+  changed = true
   e.requests = e.requests + 1
 end
 
 -- A call ended before completing (its task was cancelled).
 function _M.cancelled(name)
   local e = entry(name)
+  changed = true
   e.cancelled = e.cancelled + 1
 end
 
@@ -78,6 +100,7 @@ local EMPTY = {} -- never written
 
 function _M.finished(name, resp)
   local e = entry(name)
+  changed = true
   local meta = resp.metadata or EMPTY
   if resp.status == "success" then
     e.successes = e.successes + 1
@@ -103,9 +126,13 @@ end
 
 function _M.count(name, counter, n)
   local e = entry(name)
+  changed = true
   local v = e[counter]
   if v ~= nil and type(v) ~= "number" then
     return nil, "not a counter: " .. counter
+  end
+  if v == nil and not KNOWN[counter] then
+    extra[counter] = true
   end
   e[counter] = (v or 0) + (n or 1)
   return e[counter]
@@ -139,8 +166,138 @@ function _M.latency(name)
   return { count = e.latency_count, p50 = percentile(s, 0.5), p95 = percentile(s, 0.95) }
 end
 
--- A plain copy of everything, for callers that print or export it.
+------------------------------------------------------------------------------
+-- Shared totals. Keys: m<US>provider<US>c<US>counter (a number field of an
+-- entry), ...<US>e<US>kind (errors_by_kind), ...<US>h<US>i (latency bucket i,
+-- not cumulative). <US> is the byte 31, which names do not hold.
+
+local flushed = {} -- name -> {field = value, kinds = {}, hist = {}}: what was pushed
+local key_cache = {} -- name -> kind -> field -> key
+
+-- "m<US>name<US>kind<US>field", made once.
+local function key_of(name, kind, field)
+  local by_name = key_cache[name]
+  if not by_name then
+    by_name = { c = {}, e = {}, h = {} }
+    key_cache[name] = by_name
+  end
+  local t = by_name[kind]
+  local k = t[field]
+  if not k then
+    k = "m\31" .. name .. "\31" .. kind .. "\31" .. field
+    t[field] = k
+  end
+  return k
+end
+
+-- The state's flush: what changed since the last one, as deltas.
+local function collect(add)
+  if not changed then
+    return
+  end
+  changed = false
+  for name, e in pairs(providers) do
+    local f = flushed[name]
+    if not f then
+      key_of(name, "c", "requests")
+      -- a name with the separator in it would make keys that read back wrong
+      f = { kinds = {}, hist = {}, keys = key_cache[name], skip = name:find("\31", 1, true) ~= nil }
+      flushed[name] = f
+    end
+    if not f.skip then
+      local kc = f.keys.c
+      for i = 1, #PUSHED do
+        local k = PUSHED[i]
+        local v, was = e[k], f[k] or 0
+        if v ~= was then
+          add(kc[k] or key_of(name, "c", k), v - was)
+          f[k] = v
+        end
+      end
+      for k in pairs(extra) do
+        local v, was = e[k], f[k] or 0
+        if type(v) == "number" and v ~= was and #k <= 128 then
+          add(kc[k] or key_of(name, "c", k), v - was)
+          f[k] = v
+        end
+      end
+      local kinds = f.kinds
+      for kind, v in pairs(e.errors_by_kind) do
+        local was = kinds[kind] or 0
+        if v ~= was and #kind <= 128 then
+          add(key_of(name, "e", kind), v - was)
+          kinds[kind] = v
+        end
+      end
+      local hist, hk, lh = f.hist, f.keys.h, e.latency_hist
+      for i = 1, #lh do
+        local v, was = lh[i], hist[i] or 0
+        if v ~= was then
+          add(hk[i] or key_of(name, "h", i), v - was)
+          hist[i] = v
+        end
+      end
+    end
+  end
+end
+
+-- What was counted so far stays out of a new backend.
+local function baseline()
+  changed = true
+  flushed = {}
+  collect(function() end)
+end
+
+state.source(collect, baseline)
+
+
+-- The totals of every process sharing the state, in snapshot's shape.
+-- Latency percentiles are this process's (its last WINDOW calls).
+local function shared_snapshot()
+  local found = {} -- name -> {c = {}, e = {}, h = {}}
+  for key, v in pairs(state.read("m\31")) do
+    local name, kind, field = match(key, "^m\31([^\31]*)\31(%a)\31(.*)$")
+    if name then
+      local f = found[name]
+      if not f then
+        f = { c = {}, e = {}, h = {} }
+        found[name] = f
+      end
+      if kind == "h" then
+        field = tonumber(field)
+      end
+      if field and f[kind] then
+        f[kind][field] = v
+      end
+    end
+  end
+  local out = {}
+  for name, f in pairs(found) do
+    local p = { errors_by_kind = f.e }
+    for _, k in ipairs(COUNTERS) do
+      p[k] = f.c[k] or 0
+    end
+    local buckets, cumulative = {}, 0
+    for i = 1, #_M.buckets + 1 do
+      cumulative = cumulative + (f.h[i] or 0)
+      buckets[i] = { le = _M.buckets[i] or "+Inf", count = cumulative }
+    end
+    local lat = _M.latency(name)
+    local health = breaker.health(name)
+    p.latency = { count = f.c.latency_count or 0, sum_ms = f.c.latency_sum_ms or 0, buckets = buckets,
+                  p50 = lat.p50, p95 = lat.p95 }
+    p.healthy, p.breaker = health.healthy, health.state
+    out[name] = p
+  end
+  return out
+end
+
+-- A plain copy of everything, for callers that print or export it: the
+-- server's totals when the state is shared.
 function _M.snapshot()
+  if state.shared() then
+    return shared_snapshot()
+  end
   local out = {}
   for name, e in pairs(providers) do
     local kinds = {}
@@ -173,6 +330,7 @@ end
 
 function _M.reset()
   providers = {}
+  flushed = {}
 end
 
 return _M

@@ -6,6 +6,7 @@
 local loader = require "aiorch.loader"
 local policy = require "aiorch.policy"
 local secrets = require "aiorch.secrets"
+local state_shm = require "aiorch.state.shm"
 
 local fmt = string.format
 local type = type
@@ -40,14 +41,15 @@ local TOP = {
   listen = true, max_body = true, default_strategy = true, default_providers = true, providers = true,
   aliases = true, client_keys_env = true, drain_timeout_ms = true, access_log = true, server = true,
   policy = true, max_inflight = true, log_bodies = true, request_timeout_ms = true, client_policy = true,
-  strategies = true, clients = true, drop_unsupported = true,
+  strategies = true, clients = true, drop_unsupported = true, rate_limit = true, shared_memory = true,
 }
 local PROVIDER = {
   api_key_env = true, base_url = true, model = true, models = true, model_prefixes = true, timeout_ms = true,
   priority = true, api_key = true, key = true, policy = true,
 }
 local ALIAS = { strategy = true, providers = true }
-local CLIENT = { key_env = true, strategies = true, providers = true, client_policy = true, request_timeout_ms = true }
+local CLIENT = { key_env = true, strategies = true, providers = true, client_policy = true, request_timeout_ms = true,
+  rate_limit = true }
 
 local function env_name_ok(s)
   return type(s) == "string" and s:match("^[%a_][%w_]*$") ~= nil
@@ -187,6 +189,28 @@ local function request_timeout(v, where)
   return n
 end
 
+-- rate_limit = {requests = N, per = "second" | "minute" | "hour"} ->
+-- {requests, per, window_ms}, or nil, message.
+local WINDOWS = { second = 1000, minute = 60000, hour = 3600000 }
+_M.rate_windows = WINDOWS
+local function check_rate_limit(v, where)
+  if type(v) ~= "table" then
+    return nil, where .. ': must be a table {requests = N, per = "second" | "minute" | "hour"}'
+  end
+  local ok, err = check_keys(v, { requests = true, per = true }, where)
+  if not ok then
+    return nil, err
+  end
+  local n = positive_int(v.requests)
+  if not n or n > 1000000000 then
+    return nil, where .. ".requests: must be an integer from 1 to 1000000000"
+  end
+  if not WINDOWS[v.per] then
+    return nil, where .. '.per: must be "second", "minute" or "hour"'
+  end
+  return { requests = n, per = v.per, window_ms = WINDOWS[v.per] }
+end
+
 -- "provider" or "provider:model" -> name, model|nil
 local function split_pair(s)
   local name, model = s:match("^([%w_%-]+):(.+)$")
@@ -213,6 +237,7 @@ function _M.check(raw, getenv, path)
     default_strategy = raw.default_strategy or "fallback",
     drain_timeout_ms = raw.drain_timeout_ms or _M.default_drain_timeout_ms,
     max_inflight = raw.max_inflight or 0,
+    shared_memory = state_shm.default_size, -- bytes the master shares with its workers
     access_log = raw.access_log ~= false,
     log_bodies = raw.log_bodies,
     server = raw.server or {},
@@ -273,7 +298,21 @@ function _M.check(raw, getenv, path)
     return nil, "log_bodies: must be true or false"
   end
   if c.max_inflight ~= 0 and not positive_int(c.max_inflight) then
-    return nil, "max_inflight: must be a positive integer (requests per worker), or 0 for no limit"
+    return nil, "max_inflight: must be a positive integer (requests at once, all workers together), or 0 for no limit"
+  end
+  if raw.rate_limit ~= nil then
+    local rl, rerr = check_rate_limit(raw.rate_limit, "rate_limit")
+    if not rl then
+      return nil, rerr
+    end
+    c.rate_limit = rl
+  end
+  if raw.shared_memory ~= nil then
+    local size, serr2 = state_shm.parse_size(raw.shared_memory, "shared_memory")
+    if not size then
+      return nil, serr2
+    end
+    c.shared_memory = size
   end
   if type(c.server) ~= "table" then
     return nil, "server: must be a table of aiorch.server.listen options"
@@ -519,6 +558,16 @@ function _M.check(raw, getenv, path)
           return nil, terr
         end
         entry.request_timeout_ms = n
+      end
+      if e.rate_limit ~= nil then
+        if #name > 100 then
+          return nil, where .. ": a client with a rate_limit has a name of at most 100 characters"
+        end
+        local rl, rerr = check_rate_limit(e.rate_limit, where .. ".rate_limit")
+        if not rl then
+          return nil, rerr
+        end
+        entry.rate_limit = rl
       end
       keys[#keys + 1] = v
       clients[#clients + 1] = entry

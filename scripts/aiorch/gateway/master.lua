@@ -6,7 +6,11 @@
 --
 -- A worker tells the master it is listening by writing its pid to the file
 -- named by AIORCH_WORKER_READY. Workers get SIGTERM if the master dies.
+-- The shared state's segment (opts.shm), made before the first worker, is
+-- passed to every worker of every generation; what a dead one held in it
+-- is given back.
 local aiorch = require "aiorch"
+local state_shm = require "aiorch.state.shm"
 
 local process = aiorch.process
 local signal = aiorch.signal
@@ -85,6 +89,9 @@ local start_worker
 -- Watches one worker until it exits; restarts it when it was not asked to go.
 local function monitor(m, w)
   local code, kind, detail = process.wait(w.pid)
+  if m.opts.shm then
+    state_shm.forget(m.opts.shm, w.pid)
+  end
   m.workers[w.pid] = nil
   m.count = m.count - 1
   os_remove(w.ready)
@@ -116,10 +123,11 @@ end
 function start_worker(m, slot, gen)
   local ready = os_tmpname()
   os_remove(ready)
-  local pid, _, msg = process.spawn(m.argv, {
-    env = { [_M.READY_ENV] = ready },
-    death_signal = "SIGTERM",
-  })
+  local spawn_opts = { env = { [_M.READY_ENV] = ready }, death_signal = "SIGTERM" }
+  if m.opts.shm then
+    state_shm.spawn_opts(m.opts.shm, spawn_opts)
+  end
+  local pid, _, msg = process.spawn(m.argv, spawn_opts)
   if not pid then
     log(m, "cannot start worker %d: %s", slot, tostring(msg))
     return nil
@@ -242,7 +250,8 @@ end
 
 -- Runs the master until SIGTERM / SIGINT / SIGQUIT. opts: argv (the
 -- command of one worker, a list), workers (default: the number of cores),
--- log (function(line), default stderr) and the timings of DEFAULTS.
+-- shm (an aiorch.shm dictionary for the workers' shared state), log
+-- (function(line), default stderr) and the timings of DEFAULTS.
 -- Returns the exit status (0).
 function _M.run(opts)
   local o = {}

@@ -18,6 +18,8 @@ local prometheus = require "aiorch.gateway.prometheus"
 local stream = require "aiorch.gateway.stream"
 local policy = require "aiorch.policy"
 local breaker = require "aiorch.breaker"
+local limits = require "aiorch.gateway.limits" -- rate limits, max_inflight: for the whole server
+local totals = require "aiorch.gateway.totals" -- /metrics and /healthz: for the whole server
 
 local fmt = string.format
 local type = type
@@ -641,13 +643,13 @@ local function serve_health(x)
   end
   local status = state.draining and "draining" or (any and "ok" or "degraded")
   x:respond(state.draining and 503 or 200, { ["cache-control"] = "no-cache" },
-    fmt('{"status":"%s","in_flight":%d,"providers":{%s}}', status, state.in_flight - 1, concat(parts, ",")))
+    fmt('{"status":"%s","in_flight":%d,"providers":{%s}}', status, totals.in_flight(state), concat(parts, ",")))
 end
 
 local function serve_metrics(x)
   local state = x.state
   x:respond(200, { ["content-type"] = prometheus.content_type },
-    prometheus.render({ requests = state.counts, in_flight = state.in_flight - 1 })) -- not this scrape
+    prometheus.render({ requests = totals.requests(state), in_flight = totals.in_flight(state) })) -- not this scrape
 end
 
 local ROUTES = {
@@ -742,10 +744,8 @@ local function admit(x)
     return x:fail(503, "the gateway is shutting down")
   end
   if ORCHESTRATING[route] then
-    local cap = state.max_inflight
-    if cap > 0 and state.orchestrating >= cap then
-      return x:fail(429, fmt("too many requests in flight (at most %d per worker); retry shortly", cap),
-        nil, { ["retry-after"] = "1" })
+    if not limits.admit(x) then -- answered 429
+      return nil
     end
     state.orchestrating = state.orchestrating + 1
     x.counted = true
@@ -857,6 +857,7 @@ local function done(x)
   state.in_flight = state.in_flight - 1
   if x.counted then
     state.orchestrating = state.orchestrating - 1
+    limits.release(x)
   end
   if not x.status then
     x.aborted = true
@@ -962,7 +963,7 @@ local function handle(state, req, res)
     state = state, req = req, res = res, route = route, t0 = req.received_at or now(),
     shape = shape_of(route, req.headers), id = new_id(state),
     status = nil, started = nil, strategy = nil, provider = nil, attempts = nil, tokens_in = nil, tokens_out = nil,
-    counted = nil, client = nil, session = nil, model = nil,
+    counted = nil, client = nil, session = nil, model = nil, holds = nil,
   }, exchange_mt)
   -- If this handler itself fails, the server answers with this, in the
   -- caller's error shape.
@@ -1035,6 +1036,7 @@ function Handle:close()
   self.closed = true
   self.server:close()
   self.park:cancel()
+  totals.stop(self.totals)
   log_flush(self.state)
 end
 
@@ -1107,8 +1109,9 @@ function _M.start(opts)
     return nil, fmt("cannot listen on %s:%s: %s", tostring(listen.host), tostring(listen.port),
       tostring(msg or kind))
   end
+  state.ns = srv.port .. "\31" -- the limits' keys: the same in every worker
   return setmetatable({ server = srv, config = cfg, state = state, closed = false, park = spawn(park),
-    host = listen.host, port = srv.port }, Handle)
+    host = listen.host, port = srv.port, totals = totals.start(state) }, Handle)
 end
 
 return _M
