@@ -124,6 +124,31 @@ describe("every way a request ends is accounted for once", function()
   end)
 end)
 
+describe("the access log", function()
+  it("keeps flushing after the request whose task started the flush went away", function()
+    -- log_bodies: the request's own body line starts the flush task, as a
+    -- child of that request's task; its client then goes away.
+    local dir = strategies { sleeper = SLEEPER }
+    local gw = support.serve('return { log_bodies = true, strategies = { "sleeper", "fallback" } }', env(),
+      { path = dir })
+    aiorch.sleep(200) -- the start-up's health checks are flushed
+    local st = aiorch.http.request { method = "POST", url = gw.base .. "/v1/chat/completions",
+      body = cjson.encode(chat()), timeout_ms = 20,
+      headers = { ["content-type"] = "application/json", ["x-aiorch-strategy"] = "sleeper" } }
+    assert.is_nil(st)
+    aiorch.sleep(stretch(100))
+    assert.equal(200, (post(gw.base .. "/v1/chat/completions", chat())))
+    aiorch.sleep(stretch(150)) -- a flush is at most 50 ms late
+    local lines = {}
+    for line in support.slurp(gw.err):gmatch("[^\n]+") do
+      if line:find("^aiorch: access ") and line:find("status=200", 1, true) and line:find("/v1/chat", 1, true) then
+        lines[#lines + 1] = line
+      end
+    end
+    assert.equal(1, #lines, support.slurp(gw.err))
+  end)
+end)
+
 describe("a whole request has a deadline", function()
   it("a strategy that sleeps forever or awaits a task that never ends gets 504 at request_timeout_ms", function()
     local dir = strategies { sleeper = SLEEPER, waiter = WAITER }

@@ -778,10 +778,20 @@ local function log_flush(state)
   end
 end
 
+-- The flush task is a child of whichever request's task logged first: if
+-- that task is cancelled (its client went away), the flush happens at once
+-- and the next line starts another, instead of waiting for a full buffer.
+local flush_guard = {
+  __close = function(g)
+    local state = g[1]
+    state.log_timer = false
+    log_flush(state)
+  end,
+}
+
 local function log_later(state)
+  local _ <close> = setmetatable({ state }, flush_guard)
   sleep(LOG_FLUSH_MS)
-  state.log_timer = false
-  log_flush(state)
 end
 
 -- line has no "\n": the buffer holds it next, joined at the flush.
