@@ -11,7 +11,10 @@ package.path = ROOT .. "/scripts/?.lua;" .. package.path
 local json = require "aiorch.json"
 local canonical = require "aiorch.canonical"
 
-local WIRES = { openai = require "aiorch.wire.openai", anthropic = require "aiorch.wire.anthropic" }
+local WIRES = { openai = require "aiorch.wire.openai", anthropic = require "aiorch.wire.anthropic",
+  gemini = require "aiorch.wire.gemini" }
+-- The path of a Gemini request (its model and method are in the URL).
+local GEMINI_PATH = "/v1beta/models/gemini-2.5-flash:generateContent"
 local DIR = ROOT .. "/tests/fixtures/translation"
 local WRITE = os.getenv("AIORCH_FIXTURES") == "write"
 
@@ -108,7 +111,7 @@ end
 local TRANSLATE = {}
 
 function TRANSLATE.request(from, to, input, case)
-  local req, info = assert(from.decode_request(input, {}))
+  local req, info = assert(from.decode_request(input, {}, GEMINI_PATH))
   req = assert(canonical.normalize(req))
   local refused = canonical.unsupported(req, to)
   local expected_drop = read_json(case .. ".dropped.json")
@@ -167,7 +170,8 @@ end
 describe("translation fixtures", function()
   local total = 0
   for _, kind in ipairs({ "request", "response", "stream" }) do
-    for _, pair in ipairs({ "openai-anthropic", "anthropic-openai", "anthropic-anthropic", "openai-openai" }) do
+    for _, pair in ipairs({ "openai-anthropic", "anthropic-openai", "anthropic-anthropic", "openai-openai",
+      "gemini-openai", "gemini-anthropic", "openai-gemini", "anthropic-gemini", "gemini-gemini" }) do
       local from_name, to_name = pair:match("^(%w+)-(%w+)$")
       for _, name in ipairs(cases(kind, pair)) do
         total = total + 1
@@ -189,11 +193,12 @@ describe("translation fixtures", function()
 
   it("has a fixture for every kind and direction", function()
     for _, kind in ipairs({ "request", "response", "stream" }) do
-      for _, pair in ipairs({ "openai-anthropic", "anthropic-openai" }) do
-        assert.is_true(#cases(kind, pair) >= 3, kind .. " " .. pair)
+      for _, pair in ipairs({ "openai-anthropic", "anthropic-openai", "gemini-openai", "openai-gemini",
+        "gemini-anthropic", "anthropic-gemini" }) do
+        assert.is_true(#cases(kind, pair) >= (pair:find("gemini", 1, true) and 2 or 3), kind .. " " .. pair)
       end
     end
-    assert.is_true(total >= 30)
+    assert.is_true(total >= 60)
   end)
 end)
 
@@ -229,6 +234,8 @@ local TOOLS = { { name = "f", parameters = { type = "object" } } }
 -- has that feature and nothing else beyond a plain user turn. api: the
 -- target's, for the fields of its own API.
 local function sample(key, api)
+  -- Gemini takes documents by URL or data, not by another API's file id.
+  local DOC = api == "gemini" and { type = "url", url = "https://x/a.pdf" } or { type = "file", file_id = "f1" }
   local S = {
     messages = { messages = BASE },
     ["role.system"] = { messages = { { role = "system", content = "s" }, BASE[1] } },
@@ -246,17 +253,15 @@ local function sample(key, api)
     ["document.url"] = user_parts({ { type = "document", source = { type = "url", url = "https://x/a.pdf" } } }),
     ["document.text"] = user_parts({ { type = "document", source = { type = "text", data = "notes" } } }),
     ["document.file"] = user_parts({ { type = "document", source = { type = "file", file_id = "f1" } } }),
-    ["document.title"] = user_parts({ { type = "document", source = { type = "file", file_id = "f1" },
-      title = "T" } }),
-    ["document.filename"] = user_parts({ { type = "document", source = { type = "file", file_id = "f1" },
-      filename = "a.pdf" } }),
+    ["document.title"] = user_parts({ { type = "document", source = DOC, title = "T" } }),
+    ["document.filename"] = user_parts({ { type = "document", source = DOC, filename = "a.pdf" } }),
     tool_call = { messages = with_messages({ call(), result("r") }) },
     ["tool_call.arguments"] = { messages = with_messages({ call("[1]"), result("r") }) },
     tool_result = { messages = with_messages({ call(), result("r") }) },
     ["tool_result.is_error"] = { messages = with_messages({ call(), result("r", true) }) },
     ["tool_result.image"] = { messages = with_messages({ call(), result({ { type = "image", source = IMAGE } }) }) },
     ["tool_result.document"] = { messages = with_messages({ call(), result({ { type = "document",
-      source = { type = "file", file_id = "f1" } } }) }) },
+      source = DOC } }) }) },
     thinking = { messages = with_messages({ { role = "assistant", content = {
       { type = "thinking", text = "hm", signature = "sig" }, { type = "text", text = "a" } } } }) },
     ["thinking.unsigned"] = { messages = with_messages({ { role = "assistant", content = {
@@ -294,6 +299,8 @@ local function sample(key, api)
     opaque = user_parts({ { type = "opaque", api = api, value = { type = "some_block", x = 1 } } }),
     ["anthropic-beta"] = { messages = BASE, extra = { api = "anthropic", fields = {},
       headers = { ["anthropic-beta"] = "b1" } } },
+    signature = { messages = with_messages({ { role = "assistant", content = {
+      { type = "tool_call", id = "c1", name = "f", arguments = "{}", signature = "sig" } } }, result("r") }) },
   }
   return assert(S[key], "no sample for " .. key)
 end
@@ -304,7 +311,8 @@ local SILENT = {
   text = true,
   stream_options = true,
   ["anthropic-beta"] = true,
-  ["response_format.text"] = { anthropic = true },
+  ["response_format.text"] = { anthropic = true, gemini = true },
+  signature = { openai = true, anthropic = true },
 }
 
 describe("fields tables", function()
@@ -400,7 +408,7 @@ describe("docs/fidelity.md", function()
     for i, a in ipairs(fidelity.providers()) do
       names[i] = a.name
     end
-    assert.same({ "openai", "anthropic" }, names)
+    assert.same({ "openai", "anthropic", "gemini" }, names)
     local text = fidelity.markdown()
     for _, c in ipairs(canonical.CELLS) do
       assert.truthy(text:find("| `" .. c.key .. "`", 1, true), c.key)
