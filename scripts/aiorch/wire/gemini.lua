@@ -3,7 +3,8 @@
 -- functions and one small object per stream; no I/O.
 --
 -- The model and whether to stream are in Gemini's URL, not its body
--- (POST /v1beta/models/{model}:generateContent, :streamGenerateContent);
+-- (POST /v1beta/models/{model}:generateContent, :streamGenerateContent;
+-- /v1/ the same, as Google's own clients call it by default);
 -- decode_request reads them from the request's path.
 --
 -- Tool-call ids: a functionCall has an `id` only in some models. A call
@@ -218,9 +219,24 @@ function _M.parse_path(path)
   local route, query = path:match("^([^?]*)%??(.*)$")
   local model, method = route:match("^/v1beta/models/([^/]+):(%a+)$")
   if not model then
+    model, method = route:match("^/v1/models/([^/]+):(%a+)$")
+  end
+  if not model then
     return nil
   end
   return unescape(model), method, query
+end
+
+-- The gateway's names of the two routes, whatever the version and the
+-- model in the path.
+_M.ROUTE = "/{version}/models/{model}:generateContent"
+_M.STREAM_ROUTE = "/{version}/models/{model}:streamGenerateContent"
+local ROUTES = { generateContent = _M.ROUTE, streamGenerateContent = _M.STREAM_ROUTE }
+
+-- A path without its query -> the route's name, or nil.
+function _M.route_of(route)
+  local method = route:match("^/v1beta/models/[^/]+:(%a+)$") or route:match("^/v1/models/[^/]+:(%a+)$")
+  return ROUTES[method]
 end
 
 -- A query parameter's value (percent-decoded), or nil.
@@ -375,13 +391,14 @@ end
 
 local function answer_id(st, fr, path)
   local calls = st.calls
-  if type(fr.id) == "string" then
+  local id = str(fr.id)
+  if id and id ~= "" then
     for _, c in ipairs(calls) do
-      if c.id == fr.id then
+      if c.id == id then
         c.answered = true
       end
     end
-    return fr.id
+    return id
   end
   for _, c in ipairs(calls) do
     if not c.answered and c.name == fr.name then
@@ -428,7 +445,10 @@ local function decode_part(p, path, role, st, ci, pi)
     if present(args) and (type(args) ~= "table" or json.is_array(args)) then
       return fail(path .. ".functionCall.args", "must be an object")
     end
-    local id = str(fc.id) or fmt("gcall_%d_%d", ci - 1, pi - 1)
+    local id = str(fc.id)
+    if not id or id == "" then
+      id = fmt("gcall_%d_%d", ci - 1, pi - 1)
+    end
     local part = { type = "tool_call", id = call_id(st, fc.name, id), name = fc.name,
       arguments = json.encode(type(args) == "table" and next(args) ~= nil and args or json.object()),
       signature = sig }
@@ -742,12 +762,15 @@ function _M.decode_request(doc, _, path)
   if type(doc) ~= "table" then
     return nil, "the request body must be a JSON object"
   end
-  local model, method = _M.parse_path(path)
+  local model, method, query = _M.parse_path(path)
   if path ~= nil and not model then
-    return fail("path", "must be /v1beta/models/{model}:generateContent or :streamGenerateContent")
+    return fail("path", "must be /v1beta/models/{model}:generateContent or :streamGenerateContent (or /v1/...)")
   end
   if method and method ~= "generateContent" and method ~= "streamGenerateContent" then
     return fail("path", fmt("unknown method '%s' (generateContent or streamGenerateContent)", method))
+  end
+  if method == "streamGenerateContent" and _M.query_param(query, "alt") ~= "sse" then
+    return fail("alt", "streamGenerateContent is served as server-sent events only: add ?alt=sse")
   end
   local messages, err = decode_contents(doc.contents)
   if not messages then
