@@ -472,6 +472,17 @@ describe("the gateway's Gemini API", function()
     local events = sse(body)
     assert.is_true(#events >= 3)
     assert.equal("STOP", cjson.decode(events[#events].data).candidates[1].finishReason)
+    -- Every upstream event once, also one that makes several canonical
+    -- events (a thought piece with its signature, a call and its arguments).
+    local thinking = cjson.encode({ contents = { { parts = { { text = "Why? use get_weather" } } } },
+      tools = { { functionDeclarations = { { name = "get_weather", parametersJsonSchema = WEATHER } } } },
+      generationConfig = { thinkingConfig = { includeThoughts = true, thinkingBudget = 1024 } } })
+    local _, _, direct = post(m:base_url("gemini") .. STREAM_PATH, thinking, { ["x-goog-api-key"] = "k" })
+    local _, _, relayed = post(base .. STREAM_PATH, thinking)
+    local function strip(text)
+      return (text:gsub('"responseId":"[^"]*"', ""))
+    end
+    assert.equal(strip(direct), strip(relayed))
   end)
 
   it("translates for the openai and anthropic providers, plain and streamed", function()
