@@ -191,6 +191,13 @@ describe("wire.gemini answers", function()
       cachedContentTokenCount = 64, totalTokenCount = 147 }, out.usageMetadata)
     assert.equal("STOP", out.candidates[1].finishReason)
   end)
+
+  it("leaves out a part that JSON cannot hold again, instead of failing the answer", function()
+    local odd = json.object({ "x" }) -- what a lenient decoder may make of malformed JSON
+    local out = cjson.decode(wire.encode_response({ { response_text = "t", content = { { type = "text", text = "t" },
+      { type = "opaque", api = "gemini", value = odd } }, metadata = {} } }, "id1", "m"))
+    assert.same({ { text = "t" } }, out.candidates[1].content.parts)
+  end)
 end)
 
 describe("wire.gemini streams", function()
@@ -579,5 +586,55 @@ describe("the gateway's Gemini API", function()
       assert.falsy(l:find("4545", 1, true), "a client key in the log: " .. l)
       assert.falsy(l:find("gemini-2.5-flash:", 1, true), "a model path in the log: " .. l)
     end
+  end)
+end)
+
+describe("aiorch ask --providers gemini", function()
+  local ROOT = debug.getinfo(1, "S").source:match("^@(.*)/tests/spec/[^/]+$") or "."
+  local BIN = (os.getenv("AIORCH_BUILD") or (ROOT .. "/build")) .. "/aiorch"
+
+  local function slurp(path)
+    local f = io.open(path, "rb")
+    local s = f and f:read("a") or ""
+    if f then
+      f:close()
+    end
+    os.remove(path)
+    return s
+  end
+
+  -- Runs the command (the mock serves meanwhile); exit code, stdout, stderr.
+  local function ask(d, ...)
+    local out, err = os.tmpname(), os.tmpname()
+    local pid = assert(aiorch.process.spawn({ BIN, "ask", "--providers", "gemini", ... }, {
+      stdout = out, stderr = err,
+      env = { GEMINI_API_KEY = KEYS.gemini, GOOGLE_API_KEY = false, GEMINI_BASE_URL = m:base_url("gemini", d),
+        GEMINI_MODEL = false, AIORCH_POLICY = false, GEMINI_POLICY = false, AIORCH_PATH = false },
+    }))
+    local code = aiorch.process.wait(pid, 20000)
+    return code, slurp(out), slurp(err)
+  end
+
+  it("answers, streams and prints the StandardAIResponse", function()
+    local code, out, err = ask(nil, "What is Lua?")
+    assert.equal(0, code, err)
+    assert.equal("Hello from the mock gemini provider. You asked: What is Lua?\n", out)
+    code, out, err = ask({ chunk_delay_ms = 2 }, "--stream", "What is Lua?")
+    assert.equal(0, code, err)
+    assert.equal("Hello from the mock gemini provider. You asked: What is Lua?\n", out)
+    assert.matches("streamGenerateContent%?alt=sse$", m.requests[#m.requests].path)
+    code, out = ask(nil, "--json", "What is Lua?")
+    assert.equal(0, code)
+    local r = cjson.decode(out)
+    assert.same({ "gemini", "success", "gemini", "stop", "gemini-2.5-flash" }, { r.ia_provider_name, r.status,
+      r.metadata.api, r.metadata.finish_reason, r.metadata.model })
+  end)
+
+  it("fails with one line naming the kind, and no key", function()
+    local code, out, err = ask({ fault = "429" }, "What is Lua?")
+    assert.equal(1, code)
+    assert.equal("", out)
+    assert.matches("^aiorch: [^\n]*rate_limited[^\n]*\n$", err)
+    assert.falsy(err:find(KEYS.gemini, 1, true))
   end)
 end)

@@ -1407,8 +1407,8 @@ local function answer_part(p)
       end
     end
     return { functionCall = { id = p.id, name = p.name, args = args }, thoughtSignature = p.signature }
-  elseif t == "opaque" and p.api == "gemini" then
-    return p.value
+  elseif t == "opaque" and p.api == "gemini" and json.encode_safe(p.value) then
+    return p.value -- (a value JSON cannot hold is left out)
   end
   return nil
 end
