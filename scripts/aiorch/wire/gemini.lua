@@ -338,7 +338,7 @@ local CALL_KEYS = set { "functionCall", "thoughtSignature" }
 local CALL_FIELDS = set { "name", "args", "id" }
 
 -- A functionResponse's response (and parts) -> a tool result's content
--- and error flag.
+-- and error flag, or nil, nil, message.
 local function result_content(fr, path)
   local r = fr.response
   local content, is_error
@@ -352,7 +352,7 @@ local function result_content(fr, path)
       content = json.encode(next(r) == nil and json.object() or r)
     end
   elseif present(r) then
-    return fail(path .. ".response", "must be an object")
+    return nil, nil, path .. ".response: must be an object"
   end
   if type(fr.parts) == "table" and #fr.parts > 0 then
     local list = { { type = "text", text = content or "" } }
@@ -360,17 +360,17 @@ local function result_content(fr, path)
       local where = fmt("%s.parts[%d]", path, i - 1)
       local b = type(q) == "table" and (q.inlineData or q.fileData)
       if type(b) ~= "table" or type(b.mimeType) ~= "string" then
-        return fail(where, "inlineData or fileData with a mimeType is required")
+        return nil, nil, where .. ": inlineData or fileData with a mimeType is required"
       end
       local source
       if q.inlineData then
         if type(b.data) ~= "string" then
-          return fail(where .. ".inlineData.data", "required")
+          return nil, nil, where .. ".inlineData.data: required"
         end
         source = { type = "base64", media_type = b.mimeType, data = b.data }
       else
         if type(b.fileUri) ~= "string" then
-          return fail(where .. ".fileData.fileUri", "required")
+          return nil, nil, where .. ".fileData.fileUri: required"
         end
         source = { type = "url", url = b.fileUri }
       end
@@ -472,9 +472,9 @@ local function decode_part(p, path, role, st, ci, pi)
     if not id then
       return nil, err
     end
-    local content, is_error = result_content(fr, path .. ".functionResponse")
-    if content == nil and is_error ~= nil then
-      return nil, is_error
+    local content, is_error, rerr = result_content(fr, path .. ".functionResponse")
+    if rerr then
+      return nil, rerr
     end
     return { type = "tool_result", id = id, content = content, is_error = is_error }
   end
