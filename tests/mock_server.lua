@@ -2,7 +2,7 @@
 --   build/aiorch run tests/mock_server.lua [--port N] [--latency-ms N] [--first-token-ms N]
 --     [--fault F] [--size N] [--retry-after N] [--fail-first N] [--key K] [--chunks N]
 --     [--chunk-delay-ms N] [--stall-after N] [--tool-calls N] [--redacted-thinking 0|1]
---     [--reasoning-content 0|1] [--text T] [--idle-timeout-ms N]
+--     [--reasoning-content 0|1] [--text T] [--finish-reason R] [--idle-timeout-ms N]
 -- Prints "PORT <n>" as its first line, then serves on 127.0.0.1 until killed.
 -- The options set the directives of requests that carry none.
 local aiorch = require "aiorch"
@@ -10,7 +10,8 @@ local mock = require "aiorch.mock"
 
 local USAGE = "usage: mock_server.lua [--port N] [--latency-ms N] [--first-token-ms N] [--fault F] [--size N]"
   .. " [--retry-after N] [--fail-first N] [--key K] [--chunks N] [--chunk-delay-ms N] [--stall-after N]"
-  .. " [--tool-calls N] [--redacted-thinking 0|1] [--reasoning-content 0|1] [--text T] [--idle-timeout-ms N]"
+  .. " [--tool-calls N] [--redacted-thinking 0|1] [--reasoning-content 0|1] [--text T] [--finish-reason R]"
+  .. " [--idle-timeout-ms N]"
 
 -- option -> directive name
 local DIRECTIVES = {
@@ -28,6 +29,7 @@ local DIRECTIVES = {
   ["--redacted-thinking"] = "redacted_thinking",
   ["--reasoning-content"] = "reasoning_content",
   ["--text"] = "text",
+  ["--finish-reason"] = "finish_reason",
 }
 
 local function fail(msg)

@@ -86,6 +86,7 @@ _M.CELLS = {
   { key = "extra", label = "fields of the caller's API that the model does not know" },
   { key = "opaque", label = "parts and tools of the caller's API that the model does not know" },
   { key = "anthropic-beta", label = "the `anthropic-beta` header" },
+  { key = "signature", label = "a thought signature on a text or tool-call part (Gemini's `thoughtSignature`)" },
   -- The answer: what the provider's reply can report.
   { key = "response.text", side = "response" },
   { key = "response.tool_calls", side = "response" },
@@ -246,6 +247,9 @@ end
 local PART_CHECKS = {
   text = function(p, where)
     local _, err = check_string(where .. ".text", p.text, true)
+    if not err then
+      _, err = check_string(where .. ".signature", p.signature)
+    end
     return err
   end,
   image = function(p, where)
@@ -274,6 +278,8 @@ local PART_CHECKS = {
         return err
       end
     end
+    local _, err = check_string(where .. ".signature", p.signature)
+    return err
   end,
   tool_result = function(p, where)
     local _, err = check_string(where .. ".id", p.id, true)
@@ -724,6 +730,9 @@ local function part_features(p, fn, inside)
   if not absent(p.cache_control) then
     fn("cache_control")
   end
+  if (t == "text" or t == "tool_call") and not absent(p.signature) then
+    fn("signature")
+  end
   if t == "image" then
     if not absent(p.detail) and p.detail ~= "auto" then
       fn("image.detail")
@@ -986,6 +995,9 @@ local function drop_parts(parts, names, hit, inside)
         end
       end
       attr("cache_control", "cache_control")
+      if p.type == "text" or p.type == "tool_call" then
+        attr("signature", "signature")
+      end
       if p.type == "image" and p.detail ~= "auto" then
         attr("image.detail", "detail")
       elseif p.type == "document" then

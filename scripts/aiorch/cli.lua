@@ -54,13 +54,17 @@ serve options:
                       (default: the number of cores; 0: serve from this one process)
   --debug             as for ask
   endpoints: POST /v1/chat/completions, POST /v1/messages, POST /v1/orchestrate,
-             GET /v1/models, GET /healthz, GET /metrics
+             POST /v1beta/models/MODEL:generateContent (and :streamGenerateContent),
+             GET /v1/models, GET /v1beta/models, GET /healthz, GET /metrics
 
 environment:
   OPENAI_API_KEY, ANTHROPIC_API_KEY     a provider is available when its key is set
+  GEMINI_API_KEY (or GOOGLE_API_KEY)    (gemini's)
   OPENAI_BASE_URL, ANTHROPIC_BASE_URL   point a provider at a compatible server
+  GEMINI_BASE_URL                       (gemini's)
   OPENAI_MODEL, ANTHROPIC_MODEL         use another model
   CO_API_KEY, CO_API_URL, COHERE_MODEL  the cohere provider (not in the default order)
+  GEMINI_MODEL                          (gemini's)
   AIORCH_PROVIDERS                      default priority order (default: openai,anthropic)
   AIORCH_TIMEOUT_MS                     per-call timeout (default 60000)
   AIORCH_POLICY, OPENAI_POLICY, ...     K=V,... policies for every provider, or for one

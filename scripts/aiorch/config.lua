@@ -70,7 +70,9 @@ end
 
 -- Why a provider is unavailable, in words fit for an error message.
 function _M.unavailable_reason(cfg)
-  if cfg.key_env then
+  if cfg.key_env_fallback then
+    return fmt("%s is not set (nor %s)", cfg.key_env, cfg.key_env_fallback)
+  elseif cfg.key_env then
     return fmt("%s is not set", cfg.key_env)
   end
   return fmt("%s is not available", cfg.name)
@@ -85,6 +87,11 @@ function _M.provider(name, adapter, env)
     key_env = prefix .. "_API_KEY"
   end
   local key = key_env and nonempty(get(key_env)) or nil
+  -- A second variable the key may be in (gemini: GOOGLE_API_KEY).
+  local fallback = key_env and adapter.key_env_fallback
+  if not key and fallback then
+    key = nonempty(get(fallback))
+  end
   secrets.add(key)
   local base_env = adapter.base_url_env or prefix .. "_BASE_URL"
   local model_env = adapter.model_env or prefix .. "_MODEL"
@@ -92,6 +99,7 @@ function _M.provider(name, adapter, env)
     name = name,
     key = key,
     key_env = key_env,
+    key_env_fallback = fallback or nil,
     -- An adapter with key_env = false needs no key (a local server).
     available = key_env == false or key ~= nil,
     base_url = nonempty(get(base_env)) or adapter.default_base_url,

@@ -15,7 +15,7 @@ local _M = {}
 
 -- The first columns, in this order; other built-in adapters with a fields
 -- table follow by name.
-local FIRST = { openai = 1, anthropic = 2 }
+local FIRST = { openai = 1, anthropic = 2, gemini = 3 }
 
 -- The built-in adapters that declare a fields table, in column order.
 function _M.providers()
@@ -103,11 +103,11 @@ function _M.markdown(providers)
     "## Same-API passthrough",
     "",
     "None of this applies to a request that came in through the API its provider speaks (an",
-    "OpenAI client answered by an OpenAI-API provider, an Anthropic client by Anthropic): it is",
-    "sent upstream as the client sent it, byte for byte, unknown fields included; only `model`",
-    "is replaced when the configuration maps it to another. Anthropic's `anthropic-version` and",
-    "`anthropic-beta` headers go with it, and the answer (a stream event by event) comes back as",
-    "the provider sent it.",
+    "OpenAI client answered by an OpenAI-API provider, an Anthropic client by Anthropic, a Gemini",
+    "client by Gemini): it is sent upstream as the client sent it, byte for byte, unknown fields",
+    "included; only `model` is replaced when the configuration maps it to another (Gemini's is in",
+    "the URL). Anthropic's `anthropic-version` and `anthropic-beta` headers go with it, and the",
+    "answer (a stream event by event) comes back as the provider sent it.",
     "",
     "## Requests",
     "",

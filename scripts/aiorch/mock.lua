@@ -1,8 +1,9 @@
--- Mock OpenAI and Anthropic providers on aiorch.server, and Cohere's Chat v2
--- (POST /v2/chat: scripts/aiorch/mock/cohere.lua, under the same directives).
+-- Mock OpenAI, Anthropic and Gemini providers on aiorch.server, and Cohere's
+-- Chat v2 (POST /v2/chat: scripts/aiorch/mock/cohere.lua, under the same directives).
 --
--- Speaks the real wire formats of Chat Completions and Messages, plain and
--- SSE streaming, and answers what a request asks (see "Behaviour" below):
+-- Speaks the real wire formats of Chat Completions, Messages and Gemini's
+-- generateContent (scripts/aiorch/mock/gemini.lua, which says how each
+-- behaviour below looks there), plain and SSE streaming, and answers what a request asks (see "Behaviour" below):
 -- conversations, tools, images and documents, JSON output, thinking, prompt
 -- caching, stop sequences, n, logprobs, prefill. Refuses with a 400 in the
 -- API's own shape what the real API refuses (see "Validation"). Injects
@@ -64,6 +65,8 @@
 --   text            the answer text (default: names the provider, echoes the
 --                   question, quotes the tool results, counts the images and
 --                   documents); in JSON output modes, the JSON text as is
+--   finish_reason   Gemini: the finishReason the answer ends with (SAFETY and
+--                   the other blocks keep the first half of the text)
 --
 -- Behaviour, driven by the request (deterministic):
 --   tools           tool_choice none: text. auto: calls the tools the last
@@ -160,10 +163,14 @@ local cohere = require "aiorch.mock.cohere"
 
 local _M = {}
 
+-- Gemini (scripts/aiorch/mock/gemini.lua), bound to the helpers of this
+-- file before "Serving" below.
+local gemini
+
 -- Directives, in the order base_url writes them.
 local ORDER = { "latency_ms", "tail_pct", "tail_ms", "first_token_ms", "fault", "size", "retry_after",
   "fail_first", "key", "chunks", "chunk_delay_ms", "stall_after", "tool_calls", "redacted_thinking",
-  "reasoning_content", "text" }
+  "reasoning_content", "text", "finish_reason" }
 local KNOWN = {}
 for i, k in ipairs(ORDER) do
   KNOWN[k] = i
@@ -211,7 +218,7 @@ local function check_directive(k, v)
   if not KNOWN[k] then
     return false, fmt("unknown directive '%s' (known: %s)", tostring(k), KNOWN_LIST)
   end
-  if k == "text" or k == "key" then
+  if k == "text" or k == "key" or k == "finish_reason" then
     if type(v) ~= "string" or (k == "key" and v == "") then
       return false, fmt("directive %s must be a%s string", k, k == "key" and " non-empty" or "")
     end
@@ -2306,14 +2313,17 @@ function _M.echoed_forms(key)
 end
 
 -- fault=echo_key: a 401 quoting the request's key (see the top of this file).
-local function respond_echo_key(res, api, headers)
-  local key = headers["x-api-key"] or (headers["authorization"] or ""):match("^[Bb]earer (.*)$") or ""
+local function respond_echo_key(res, api, headers, req)
+  local key = headers["x-api-key"] or (headers["authorization"] or ""):match("^[Bb]earer (.*)$")
+    or (api == "gemini" and gemini.key_of(req)) or ""
   local f = _M.echoed_forms(key)
   local message = fmt("Incorrect API key provided: %s. Encoded: %s. Escaped: {\"key\": \"%s\"}. "
     .. "Masked: %s and %s. Cut: %s. First half: %s", f.whole, f.percent_encoded, f.json_escaped, f.masked,
     f.masked_openai, f.cut, f.first_half)
   local body
-  if api == "anthropic" then
+  if api == "gemini" then
+    body = gemini.error_body(401, message, f.second_half)
+  elseif api == "anthropic" then
     body = error_body(api, f.second_half, nil, message)
   else
     body = error_body(api, "invalid_request_error", f.second_half, message)
@@ -2323,7 +2333,9 @@ end
 
 local function respond_invalid(res, api, status, message, param, code, details)
   local body
-  if api == "anthropic" then
+  if api == "gemini" then
+    body = gemini.error_body(status, message)
+  elseif api == "anthropic" then
     body = error_body(api, status == 404 and "not_found_error" or "invalid_request_error", nil, message, nil, details)
   else
     body = error_body(api, "invalid_request_error", code, message, param)
@@ -2553,6 +2565,8 @@ local function send_huge(self, req, res, api, body, size)
   local head, tail
   if api == "cohere" then
     head, tail = cohere.huge(self.seq, input_tokens)
+  elseif api == "gemini" then
+    head, tail = gemini.huge(self, body, req)
   elseif api == "anthropic" then
     head = concat { '{"id":"', fmt("msg_mock%08d", self.seq), '","type":"message","role":"assistant","model":',
       model, ',"content":[{"type":"text","text":"' }
@@ -2958,6 +2972,20 @@ local function anthropic_messages(self, req, res, d)
 end
 
 ------------------------------------------------------------------------------
+-- Gemini's generateContent (scripts/aiorch/mock/gemini.lua), on the helpers above.
+
+gemini = require("aiorch.mock.gemini").bind {
+  present = present, new_conv = new_conv, add_unit = add_unit, tool_tokens = tool_tokens, words = words,
+  is_base64 = is_base64, sniff = sniff, utf8_head = utf8_head, sign = sign, split = split, cut_at_stop = cut_at_stop,
+  IMAGE_TOKENS = IMAGE_TOKENS, DOCUMENT_TOKENS = DOCUMENT_TOKENS, MAX_RESULT_ECHO = MAX_RESULT_ECHO,
+  answer_text = answer_text, json_text = json_text, thinking_text = thinking_text, tool_calls = tool_calls,
+  arguments_of = arguments_of, openai_cached = openai_cached, reject = reject, respond_json = respond_json,
+  send_stream = send_stream,
+}
+ERROR_BODY.gemini, STREAM_ERROR.gemini, MALFORMED.gemini = gemini.ERROR_BODY, gemini.STREAM_ERROR, gemini.MALFORMED
+MODELS.gemini, DEFAULT_MODEL.gemini = gemini.MODELS, "gemini-2.5-flash"
+
+------------------------------------------------------------------------------
 -- Serving
 
 -- Cohere v2 answers with these shared parts.
@@ -2977,6 +3005,8 @@ local ROUTES = {
 local function api_of(route, headers)
   if route == "/v2/chat" then
     return "cohere"
+  elseif gemini.owns(route) or headers["x-goog-api-key"] then
+    return "gemini"
   elseif route == "/v1/chat/completions" then
     return "openai"
   elseif route == "/v1/messages" then
@@ -3058,7 +3088,10 @@ local function handle(self, req, res)
   end
 
   local key = req.method .. " " .. route
-  local fn = ROUTES[key]
+  local fn, gemini_stream = ROUTES[key], nil
+  if not fn and api == "gemini" then
+    fn, gemini_stream = gemini.route(req.method, route)
+  end
   local fault = d.fault
   local wait = d.latency_ms
   if d.tail_pct and math.random() * 100 < d.tail_pct then
@@ -3066,7 +3099,7 @@ local function handle(self, req, res)
   end
   if d.first_token_ms then
     local doc = req.json
-    local streams = fn and type(doc) == "table" and doc.stream == true and not NO_STREAM[fault]
+    local streams = fn and type(doc) == "table" and (doc.stream == true or gemini_stream) and not NO_STREAM[fault]
     if not streams then
       wait = wait + d.first_token_ms
     end
@@ -3083,7 +3116,7 @@ local function handle(self, req, res)
   elseif STATUS_FAULTS[fault] then
     respond_error(res, api, fault, d)
   elseif fault == "echo_key" then
-    respond_echo_key(res, api, headers)
+    respond_echo_key(res, api, headers, req)
   elseif fault == "html" then
     res:respond(200, HTML_HEADERS, HTML)
   elseif fn then
@@ -3094,7 +3127,7 @@ local function handle(self, req, res)
     else
       fn(self, req, res, d)
     end
-  elseif key == "GET /v1/models" then
+  elseif key == "GET /v1/models" or key == "GET /v1beta/models" then
     respond_json(res, api, MODELS[api], d)
   else
     respond_invalid(res, api, 404, fmt("Invalid URL (%s %s)", req.method, route))
@@ -3182,10 +3215,10 @@ function Mock:base_url(api, directives)
   end
   if api == "openai" then
     return self.url .. prefix .. "/v1"
-  elseif api == "anthropic" or api == "cohere" then
+  elseif api == "anthropic" or api == "cohere" or api == "gemini" then
     return self.url .. prefix
   end
-  error(fmt("mock: unknown api '%s' (openai, anthropic or cohere)", tostring(api)), 2)
+  error(fmt("mock: unknown api '%s' (openai, anthropic, cohere or gemini)", tostring(api)), 2)
 end
 
 -- Forgets the recorded requests (the same table is kept), the prompt

@@ -1,12 +1,12 @@
 -- The checks of the fuzz_provider_* targets: on any reply, an adapter's
 -- parsers return a result or nil, kind, message; they never raise. A
--- result, and the canonical events of a stream, then go through both
--- APIs' encoders, which must not raise either.
+-- result, and the canonical events of a stream, then go through every
+-- API's encoders, which must not raise either.
 local concat = table.concat
 
 local KINDS = {
   auth = true, rate_limited = true, server_error = true, bad_request = true,
-  http = true, parse = true, stream_cut = true,
+  http = true, parse = true, stream_cut = true, content_filter = true,
 }
 
 local EVENTS = {
@@ -16,7 +16,7 @@ local EVENTS = {
 
 local PARTS = { text = true, tool_call = true, thinking = true, redacted_thinking = true, opaque = true }
 
-local encoders = { require "aiorch.wire.openai", (require "aiorch.wire.anthropic") }
+local encoders = { require "aiorch.wire.openai", require "aiorch.wire.anthropic", (require "aiorch.wire.gemini") }
 
 local function check(result, kind, message, deltas)
   if result == nil then
@@ -46,13 +46,13 @@ local function check(result, kind, message, deltas)
   end
 end
 
--- Each canonical event well formed; returns them as a list. nil is an
--- error's event, or one after it: nothing to relay (the stream then fails).
+-- Each canonical event well formed; returns them as a list. nil (an
+-- error event, and what follows it) is no event: the stream then fails.
 local function events_of(out)
   if out == nil then
-    return {}
+    return {}, true
   end
-  assert(type(out) == "table", "a parser in events mode returned no table")
+  assert(type(out) == "table", "a parser in events mode returned neither events nor nil")
   local list = out.type and { out } or out
   assert(#list > 0, "an empty list of events")
   for _, ev in ipairs(list) do
@@ -99,11 +99,11 @@ return function(name)
       writers[i]:start(nil, 1)
     end
     local text = {}
-    local silent = false -- an event gave nothing
+    local dropped = false
     for i = 1, #events do
-      local out = parser:event(events[i])
-      silent = silent or out == nil
-      for _, ev in ipairs(events_of(out)) do
+      local list, none = events_of(parser:event(events[i]))
+      dropped = dropped or none
+      for _, ev in ipairs(list) do
         if ev.type == "text" and not ev.choice then
           text[#text + 1] = ev.text
         end
@@ -114,7 +114,7 @@ return function(name)
     end
     local r2, kind2 = parser:result()
     assert((r2 == nil) == (result == nil) and kind2 == kind, "the two modes disagree")
-    assert(not (silent and r2), "an event gave nothing, yet the stream succeeded")
+    assert(not (dropped and r2), "an event gave nothing in a stream that succeeded")
     if r2 then
       assert(r2.text == concat(text), "result.text is not the text events joined")
       for _, w in ipairs(writers) do

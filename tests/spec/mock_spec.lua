@@ -186,7 +186,7 @@ describe("aiorch.mock", function()
     end)
 
     it("raises on misuse", function()
-      assert.has_error(function() m:base_url("gemini") end)
+      assert.has_error(function() m:base_url("nonesuch") end)
       assert.has_error(function() m:base_url("openai", { bogus = 1 }) end)
       assert.has_error(function() m:base_url("openai", { fault = "418" }) end)
       assert.has_error(function() m:base_url("openai", { chunks = 0 }) end)

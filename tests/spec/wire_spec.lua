@@ -14,8 +14,10 @@ local json = require "aiorch.json"
 local canonical = require "aiorch.canonical"
 
 local WIRES = { openai = require "aiorch.wire.openai", anthropic = require "aiorch.wire.anthropic",
-  cohere = require "aiorch.wire.cohere" }
+  cohere = require "aiorch.wire.cohere", gemini = require "aiorch.wire.gemini" }
 local CANONICAL = { api = "canonical" } -- the model itself, as a fixture's FROM or TO
+-- The path of a Gemini request (its model and method are in the URL).
+local GEMINI_PATH = "/v1beta/models/gemini-2.5-flash:generateContent"
 local DIR = ROOT .. "/tests/fixtures/translation"
 local WRITE = os.getenv("AIORCH_FIXTURES") == "write"
 
@@ -116,7 +118,7 @@ function TRANSLATE.request(from, to, input, case)
   if from == CANONICAL then
     req, info = input.request, { model = input.model, stream = input.stream }
   else
-    req, info = assert(from.decode_request(input, {}))
+    req, info = assert(from.decode_request(input, {}, GEMINI_PATH))
   end
   req = assert(canonical.normalize(req))
   local refused = canonical.unsupported(req, to)
@@ -199,7 +201,8 @@ describe("translation fixtures", function()
   for _, kind in ipairs({ "request", "response", "stream" }) do
     for _, pair in ipairs({ "openai-anthropic", "anthropic-openai", "anthropic-anthropic", "openai-openai",
       "canonical-cohere", "openai-cohere", "anthropic-cohere", "cohere-canonical", "cohere-openai",
-      "cohere-anthropic" }) do
+      "cohere-anthropic", "gemini-openai", "gemini-anthropic", "openai-gemini", "anthropic-gemini",
+      "gemini-gemini" }) do
       local from_name, to_name = pair:match("^(%w+)-(%w+)$")
       for _, name in ipairs(cases(kind, pair)) do
         total = total + 1
@@ -222,14 +225,15 @@ describe("translation fixtures", function()
 
   it("has a fixture for every kind and direction", function()
     for _, kind in ipairs({ "request", "response", "stream" }) do
-      for _, pair in ipairs({ "openai-anthropic", "anthropic-openai" }) do
-        assert.is_true(#cases(kind, pair) >= 3, kind .. " " .. pair)
+      for _, pair in ipairs({ "openai-anthropic", "anthropic-openai", "gemini-openai", "openai-gemini",
+        "gemini-anthropic", "anthropic-gemini" }) do
+        assert.is_true(#cases(kind, pair) >= (pair:find("gemini", 1, true) and 2 or 3), kind .. " " .. pair)
       end
     end
     assert.is_true(#cases("request", "canonical-cohere") >= 3)
     assert.is_true(#cases("response", "cohere-canonical") >= 3)
     assert.is_true(#cases("stream", "cohere-canonical") >= 3)
-    assert.is_true(total >= 30)
+    assert.is_true(total >= 90)
   end)
 end)
 
@@ -261,7 +265,12 @@ end
 local IMAGE = { type = "base64", media_type = "image/png", data = "AAAA" }
 -- A document source the API takes (Cohere takes text documents only).
 local function doc_source(api)
-  return api == "cohere" and { type = "text", data = "notes" } or { type = "file", file_id = "f1" }
+  if api == "cohere" then -- Cohere takes text documents only
+    return { type = "text", data = "notes" }
+  elseif api == "gemini" then -- Gemini takes documents by URL or data, not by another API's file id
+    return { type = "url", url = "https://x/a.pdf" }
+  end
+  return { type = "file", file_id = "f1" }
 end
 local TOOLS = { { name = "f", parameters = { type = "object" } } }
 
@@ -334,6 +343,8 @@ local function sample(key, api)
     opaque = user_parts({ { type = "opaque", api = api, value = { type = "some_block", x = 1 } } }),
     ["anthropic-beta"] = { messages = BASE, extra = { api = "anthropic", fields = {},
       headers = { ["anthropic-beta"] = "b1" } } },
+    signature = { messages = with_messages({ { role = "assistant", content = {
+      { type = "tool_call", id = "c1", name = "f", arguments = "{}", signature = "sig" } } }, result("r") }) },
   }
   return assert(S[key], "no sample for " .. key)
 end
@@ -344,7 +355,8 @@ local SILENT = {
   text = true,
   stream_options = true,
   ["anthropic-beta"] = true,
-  ["response_format.text"] = { anthropic = true },
+  ["response_format.text"] = { anthropic = true, gemini = true },
+  signature = { openai = true, anthropic = true },
 }
 
 describe("fields tables", function()
@@ -441,11 +453,12 @@ describe("docs/fidelity.md", function()
       names[i] = a.name
     end
     assert.same({ "openai", "anthropic" }, { names[1], names[2] })
-    local has_cohere = false
+    local has = {}
     for _, n in ipairs(names) do
-      has_cohere = has_cohere or n == "cohere"
+      has[n] = true
     end
-    assert.is_true(has_cohere, "the cohere column")
+    assert.is_true(has.cohere, "the cohere column")
+    assert.is_true(has.gemini, "the gemini column")
     local text = fidelity.markdown()
     for _, c in ipairs(canonical.CELLS) do
       assert.truthy(text:find("| `" .. c.key .. "`", 1, true), c.key)

@@ -640,7 +640,7 @@ function _M.env_for(c, models)
     env[v] = getenv(v)
   end
   -- Every provider the gateway may call: the built-ins, plus configured ones.
-  local names = { "openai", "anthropic" }
+  local names = { "openai", "anthropic", "gemini" }
   for n in pairs(c.providers) do
     names[#names + 1] = n
   end
@@ -656,6 +656,9 @@ function _M.env_for(c, models)
       local model_env = a.model_env or pre .. "_MODEL"
       if key_env then
         env[key_env] = getenv(key_env)
+        if a.key_env_fallback then -- (gemini: GOOGLE_API_KEY)
+          env[a.key_env_fallback] = getenv(a.key_env_fallback)
+        end
       end
       env[base_env] = getenv(base_env)
       env[model_env] = getenv(model_env)
@@ -665,6 +668,9 @@ function _M.env_for(c, models)
       if p then
         if p.key_env and key_env then
           env[key_env] = getenv(p.key_env)
+          if a.key_env_fallback then -- the configured variable only
+            env[a.key_env_fallback] = nil
+          end
         end
         env[base_env] = p.base_url or env[base_env]
         env[model_env] = p.model or env[model_env]

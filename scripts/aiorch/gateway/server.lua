@@ -13,6 +13,7 @@ local gconfig = require "aiorch.gateway.config"
 local common = require "aiorch.gateway.common"
 local openai = require "aiorch.wire.openai"
 local anthropic = require "aiorch.wire.anthropic"
+local gemini = require "aiorch.wire.gemini"
 local native = require "aiorch.gateway.native"
 local prometheus = require "aiorch.gateway.prometheus"
 local stream = require "aiorch.gateway.stream"
@@ -61,7 +62,7 @@ local function same(a, b)
   return diff == 0
 end
 
-local function client_key(headers)
+local function client_key(headers, path)
   local auth = headers["authorization"]
   if type(auth) == "string" then
     local k = auth:match("^[Bb]earer%s+(.-)%s*$")
@@ -69,8 +70,14 @@ local function client_key(headers)
       return k
     end
   end
-  local k = headers["x-api-key"]
+  local k = headers["x-api-key"] or headers["x-goog-api-key"]
   if type(k) == "string" and k ~= "" then
+    return k
+  end
+  -- Gemini's clients may put the key in the URL (?key=); the access log
+  -- never shows a query.
+  k = type(path) == "string" and find(path, "?", 1, true) and gemini.query_param(path:match("%?(.*)$"), "key")
+  if k and k ~= "" then
     return k
   end
   return nil
@@ -84,6 +91,9 @@ local function shape_of(route, headers)
     return native
   elseif route == "/v1/chat/completions" then
     return openai
+  elseif route == gemini.ROUTE or route == gemini.STREAM_ROUTE or find(route, "/v1beta/", 1, true) == 1
+      or headers["x-goog-api-key"] then
+    return gemini
   elseif headers["anthropic-version"] or (headers["x-api-key"] and not headers["authorization"]) then
     return anthropic
   end
@@ -502,7 +512,7 @@ local function serve_api(x, api)
   if not doc then
     return x:fail(400, derr)
   end
-  local request, info = api.decode_request(doc, x.req.headers)
+  local request, info = api.decode_request(doc, x.req.headers, x.req.path)
   if not request then
     return x:fail(400, info)
   end
@@ -623,7 +633,7 @@ local function model_entries(state)
 end
 
 local function serve_models(x)
-  local shape = x.shape == anthropic and anthropic or openai
+  local shape = (x.shape == anthropic or x.shape == gemini) and x.shape or openai
   x:respond(200, {}, shape.models(model_entries(x.state)))
 end
 
@@ -655,6 +665,10 @@ end
 local ROUTES = {
   ["/v1/chat/completions"] = { POST = function(x) return serve_api(x, openai) end },
   ["/v1/messages"] = { POST = function(x) return serve_api(x, anthropic) end },
+  -- Gemini: route_of names these routes whatever the version and model in the path.
+  [gemini.ROUTE] = { POST = function(x) return serve_api(x, gemini) end },
+  [gemini.STREAM_ROUTE] = { POST = function(x) return serve_api(x, gemini) end },
+  ["/v1beta/models"] = { GET = serve_models },
   ["/v1/orchestrate"] = { POST = serve_native },
   ["/v1/models"] = { GET = serve_models },
   ["/healthz"] = { GET = serve_health },
@@ -662,7 +676,8 @@ local ROUTES = {
 }
 local OPEN = { ["/healthz"] = true, ["/metrics"] = true } -- no client key needed
 -- The routes that call providers: max_inflight counts their requests.
-local ORCHESTRATING = { ["/v1/chat/completions"] = true, ["/v1/messages"] = true, ["/v1/orchestrate"] = true }
+local ORCHESTRATING = { ["/v1/chat/completions"] = true, ["/v1/messages"] = true, ["/v1/orchestrate"] = true,
+  [gemini.ROUTE] = true, [gemini.STREAM_ROUTE] = true }
 
 local function allow_of(methods)
   local out = {}
@@ -676,14 +691,14 @@ end
 -- The client a request's key names: its entry of the configuration, or
 -- ANYONE when the gateway has no keys. nil, message for a wrong key.
 local ANYONE = {}
-local function authenticate(state, headers)
+local function authenticate(state, headers, path)
   local clients = state.config.clients
   if not clients then
     return ANYONE
   end
-  local k = client_key(headers)
+  local k = client_key(headers, path)
   if not k then
-    return nil, "Missing API key (Authorization: Bearer or x-api-key)."
+    return nil, "Missing API key (Authorization: Bearer, x-api-key or x-goog-api-key)."
   end
   local found
   for _, c in ipairs(clients) do -- every key compared: the time does not say which came close
@@ -728,7 +743,7 @@ local function admit(x)
   else
     local client, why = req.client, nil -- (on_headers found it)
     if not client then
-      client, why = authenticate(state, req.headers)
+      client, why = authenticate(state, req.headers, req.path)
     end
     if not client then
       return x:fail(401, why, nil, { ["www-authenticate"] = "Bearer" })
@@ -889,7 +904,11 @@ end
 
 local function route_of(path)
   local q = find(path, "?", 1, true)
-  return q and sub(path, 1, q - 1) or path
+  local route = q and sub(path, 1, q - 1) or path
+  if find(route, "/models/", 3, true) then -- Gemini's /v1beta/models/{model}:method (or /v1/)
+    return gemini.route_of(route) or route
+  end
+  return route
 end
 
 -- The HTTP server refused a request whose headers it had read, before any
@@ -955,7 +974,7 @@ local function authorize(state, req)
   if not state.config.clients or OPEN[route] then
     return nil
   end
-  local client, msg = authenticate(state, req.headers)
+  local client, msg = authenticate(state, req.headers, req.path)
   if client then
     req.client = client
     return nil

@@ -37,7 +37,8 @@ Session.__index = Session
 function _M.session(res, encoder, headers, api)
   return setmetatable({ res = res, encoder = encoder, headers = headers, api = api, queue = nil, qn = 0,
     committed = false, sent = false, gone = false, closed = false, draining = false, writer = nil,
-    provider = nil, model = nil, passthrough = false, held = nil, blocks = 0, open_block = false }, Session)
+    provider = nil, model = nil, passthrough = false, held = nil, blocks = 0, open_block = false, relayed = nil },
+    Session)
 end
 
 ------------------------------------------------------------------------------
@@ -166,9 +167,10 @@ end
 -- One upstream event in passthrough. Anthropic's content blocks are
 -- counted, should a translated provider take over the stream.
 function Session:relay(raw)
-  if not raw then
-    return
+  if not raw or raw == self.relayed then
+    return -- (an upstream event with several canonical events goes once)
   end
+  self.relayed = raw
   if terminal(raw) then
     local held = self.held or {}
     held[#held + 1] = raw

@@ -105,6 +105,7 @@ _M.fields = {
   opaque = translate("Anthropic blocks and tools (server tools, search results, ...) sent as they came; "
     .. "another API's refused by name"),
   ["anthropic-beta"] = pass("forwarded as the header"),
+  signature = translate("not sent: a thought signature only means something to the API that made it (Gemini)"),
   ["response.text"] = translate("`text` blocks"),
   ["response.tool_calls"] = translate("`tool_use` blocks (`input` as JSON text)"),
   ["response.thinking"] = pass("`thinking` blocks with their signature, `redacted_thinking`"),
@@ -573,10 +574,10 @@ local function merge_extra(obj, e, where)
 end
 
 local ENCODED = {
-  text = set { "type", "text", "cache_control", "extra" },
+  text = set { "type", "text", "signature", "cache_control", "extra" },
   image = set { "type", "source", "detail", "cache_control", "extra" },
   document = set { "type", "source", "title", "filename", "cache_control", "extra" },
-  tool_call = set { "type", "id", "name", "arguments", "cache_control", "extra" },
+  tool_call = set { "type", "id", "name", "arguments", "signature", "cache_control", "extra" },
   tool_result = set { "type", "id", "content", "is_error", "cache_control", "extra" },
   thinking = set { "type", "text", "signature", "extra" },
   redacted_thinking = set { "type", "data", "extra" },

@@ -53,6 +53,7 @@ _M.fields = {
   messages = pass(),
   ["role.system"] = pass("`system` messages, where they stand"),
   ["role.developer"] = translate("a `system` message"),
+  signature = translate("not sent: a thought signature only means something to the API that made it (Gemini)"),
   ["role.tool"] = translate("one `tool` message per tool result, with its `tool_call_id`"),
   ["message.name"] = refuse("Cohere messages have no participant name"),
   prefill = refuse("Cohere answers a last assistant message instead of continuing it"),
@@ -185,10 +186,10 @@ end
 
 -- Each part type's attributes the encoder writes.
 local ENCODED = {
-  text = set { "type", "text", "extra" },
+  text = set { "type", "text", "signature", "extra" },
   image = set { "type", "source", "detail", "extra" },
   document = set { "type", "source", "title", "filename", "extra" },
-  tool_call = set { "type", "id", "name", "arguments", "extra" },
+  tool_call = set { "type", "id", "name", "arguments", "signature", "extra" },
   tool_result = set { "type", "id", "content", "extra" },
   thinking = set { "type", "text", "signature", "extra" },
   opaque = set { "type", "api", "value", "name" },

@@ -109,6 +109,7 @@ _M.fields = {
     .. "refused by name"),
   ["anthropic-beta"] = translate("not sent: it only changes Anthropic's behaviour (what a beta adds to a request "
     .. "is refused on its own)"),
+  signature = translate("not sent: a thought signature only means something to the API that made it (Gemini)"),
   ["response.text"] = translate("`message.content`"),
   ["response.tool_calls"] = translate("`message.tool_calls` (arguments as JSON text)"),
   ["response.thinking"] = translate("`reasoning_content` and `thinking_blocks` (an extension of OpenAI-compatible "
@@ -597,10 +598,10 @@ end
 
 -- Each part type's attributes the encoder writes.
 local ENCODED = {
-  text = set { "type", "text", "extra" },
+  text = set { "type", "text", "signature", "extra" },
   image = set { "type", "source", "detail", "extra" },
   document = set { "type", "source", "title", "filename", "extra" },
-  tool_call = set { "type", "id", "name", "arguments", "extra" },
+  tool_call = set { "type", "id", "name", "arguments", "signature", "extra" },
   tool_result = set { "type", "id", "content", "extra" },
   opaque = set { "type", "api", "value", "name" },
 }
