@@ -1,5 +1,7 @@
 -- Mock OpenAI and Anthropic providers on aiorch.server, and Cohere's Chat v2
--- (POST /v2/chat: scripts/aiorch/mock/cohere.lua, under the same directives).
+-- (POST /v2/chat: scripts/aiorch/mock/cohere.lua, under the same directives),
+-- and OpenAI-compatible servers (Azure, Groq, Mistral, ...) under their own
+-- paths (scripts/aiorch/mock/compat.lua; base_url("groq") and the like).
 --
 -- Speaks the real wire formats of Chat Completions and Messages, plain and
 -- SSE streaming, and answers what a request asks (see "Behaviour" below):
@@ -157,6 +159,7 @@ local encode = cjson.encode
 local null = cjson.null
 local now = aiorch.now
 local cohere = require "aiorch.mock.cohere"
+local compat = require "aiorch.mock.compat"
 
 local _M = {}
 
@@ -2713,6 +2716,7 @@ local function openai_chat(self, req, res, d)
     return reject(req, res, "openai", e)
   end
   local model = type(body.model) == "string" and body.model or DEFAULT_MODEL.openai
+  local shape = req.shape or {} -- an OpenAI-compatible server's differences (mock/compat.lua)
   self.seq = self.seq + 1
   local seq = self.seq
   local calls = tool_calls(conv, d)
@@ -2733,7 +2737,8 @@ local function openai_chat(self, req, res, d)
     if calls then
       c.calls, c.finish = {}, "tool_calls"
       for i, t in ipairs(calls) do
-        c.calls[i] = { id = fmt("call_mock%08d%02d%02d", seq, k, i), name = t.name, args = args[t.name] }
+        local cid = shape.call_id and shape.call_id(seq, k, i) or fmt("call_mock%08d%02d%02d", seq, k, i)
+        c.calls[i] = { id = cid, name = t.name, args = args[t.name] }
         completion = completion + words(t.name) + words(args[t.name])
       end
     else
@@ -2765,7 +2770,7 @@ local function openai_chat(self, req, res, d)
     }, d)
   end
   local so = body.stream_options
-  local with_usage = type(so) == "table" and so.include_usage == true
+  local with_usage = type(so) == "table" and so.include_usage == true or shape.usage == "always"
   local head = concat { 'data: {"id":"', id, '","object":"chat.completion.chunk","created":', self.created,
     ',"model":', encode(model), ',"service_tier":"', tier, '","system_fingerprint":"', fingerprint,
     '","choices":[' }
@@ -2791,6 +2796,9 @@ local function openai_chat(self, req, res, d)
   end
   if with_usage then
     events[#events + 1] = head .. '],"usage":' .. usage .. "}\n\n"
+    content[#events] = false
+  elseif shape.usage == "x_groq" then
+    events[#events + 1] = concat { head, '],"x_groq":{"id":"req_mock', seq, '","usage":', usage, "}}\n\n" }
     content[#events] = false
   end
   events[#events + 1] = O_DONE
@@ -2974,6 +2982,9 @@ local ROUTES = {
   ["POST /v2/chat"] = cohere_chat,
 }
 
+-- OpenAI-compatible servers' Chat Completions (mock/compat.lua).
+local compat_chat = compat.handler { openai_chat = openai_chat }
+
 local function api_of(route, headers)
   if route == "/v2/chat" then
     return "cohere"
@@ -3022,6 +3033,12 @@ local function handle(self, req, res)
   req.raw_path = target
   req.path = path
   local route = path:match("^[^?]*")
+  -- An OpenAI-compatible server's path: its flavour, answered as OpenAI's route.
+  local flavour, as_route, deployment, api_version = compat.route(path)
+  if flavour then
+    req.flavour, req.deployment, req.api_version = flavour, deployment, api_version
+    route = as_route
+  end
   local headers = req.headers
   local api = api_of(route, headers)
   req.api = api
@@ -3059,6 +3076,9 @@ local function handle(self, req, res)
 
   local key = req.method .. " " .. route
   local fn = ROUTES[key]
+  if flavour and fn == openai_chat then
+    fn = compat_chat
+  end
   local fault = d.fault
   local wait = d.latency_ms
   if d.tail_pct and math.random() * 100 < d.tail_pct then
@@ -3184,6 +3204,8 @@ function Mock:base_url(api, directives)
     return self.url .. prefix .. "/v1"
   elseif api == "anthropic" or api == "cohere" then
     return self.url .. prefix
+  elseif compat.BASES[api] then
+    return self.url .. prefix .. compat.BASES[api]
   end
   error(fmt("mock: unknown api '%s' (openai, anthropic or cohere)", tostring(api)), 2)
 end
