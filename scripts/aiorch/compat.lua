@@ -530,7 +530,7 @@ function _M.new(name, spec)
       if mine and apply(quirks, mine, name) then
         stream = doc.stream == true and opts.stream == true
         mine.model = opts.model or mine.model
-        if not stream then
+        if doc.stream == true and not stream then
           mine.stream, mine.stream_options = nil, nil
         end
         body = json.encode(mine)

@@ -41,8 +41,8 @@ local _M = {}
 local PREFIXES = {
   { "^/groq/openai(/v1/.*)$", "groq" },
   { "^/mistral(/v1/.*)$", "mistral" },
-  { "^/deepseek/v1(/.*)$", "deepseek" },
-  { "^/deepseek(/.*)$", "deepseek" },
+  { "^/deepseek(/v1/.*)$", "deepseek" },
+  { "^/deepseek(/.*)$", "deepseek", "/v1" },
   { "^/ollama(/v1/.*)$", "ollama" },
   { "^/vllm(/v1/.*)$", "vllm" },
   { "^/lmstudio(/v1/.*)$", "lmstudio" },
@@ -88,7 +88,7 @@ function _M.route(path)
   for _, p in ipairs(PREFIXES) do
     local rest = route:match(p[1])
     if rest then
-      return p[2], rest
+      return p[2], (p[3] or "") .. rest
     end
   end
   return nil
@@ -225,9 +225,6 @@ function CHECK.mistral(_, body)
   end
   if body.tool_choice == "any" then
     body.tool_choice = "required"
-  end
-  if present(body.random_seed) then
-    body.random_seed = nil -- read, as seed would be (the mock is deterministic anyway)
   end
   return nil
 end
