@@ -2668,7 +2668,7 @@ local function openai_logprobs(c, conv)
 end
 
 -- The stream chunks of one choice: {delta, logprobs, finish_reason, content}.
-local function openai_deltas(c, conv, d)
+local function openai_deltas(c, conv, d, shape)
   local out = {}
   local function add(delta, lp, content)
     out[#out + 1] = { delta, lp or "null", "null", content }
@@ -2679,7 +2679,12 @@ local function openai_deltas(c, conv, d)
       add('{"reasoning_content":' .. encode(piece) .. "}", nil, true)
     end
   end
-  if c.calls then
+  if c.calls and shape.whole_calls then
+    for i, call in ipairs(c.calls) do -- Mistral: each call whole, in one chunk
+      add(concat { '{"tool_calls":[{"index":', i - 1, ',"id":"', call.id, '","type":"function","function":{"name":',
+        encode(call.name), ',"arguments":', encode(call.args), "}}]}" }, nil, true)
+    end
+  elseif c.calls then
     for i, call in ipairs(c.calls) do
       add(concat { '{"tool_calls":[{"index":', i - 1, ',"id":"', call.id, '","type":"function","function":{"name":',
         encode(call.name), ',"arguments":""}}]}' }, nil, true)
@@ -2770,15 +2775,16 @@ local function openai_chat(self, req, res, d)
     }, d)
   end
   local so = body.stream_options
-  local with_usage = type(so) == "table" and so.include_usage == true or shape.usage == "always"
+  local asked_usage = type(so) == "table" and so.include_usage == true
+  local with_usage = asked_usage or shape.usage == "always"
   local head = concat { 'data: {"id":"', id, '","object":"chat.completion.chunk","created":', self.created,
     ',"model":', encode(model), ',"service_tier":"', tier, '","system_fingerprint":"', fingerprint,
     '","choices":[' }
-  local tail = with_usage and '],"usage":null}\n\n' or "]}\n\n"
+  local tail = asked_usage and '],"usage":null}\n\n' or "]}\n\n"
   -- the choices' chunks, interleaved: all role chunks, then turn by turn
   local lists, longest = {}, 0
   for i, c in ipairs(choices) do
-    lists[i] = openai_deltas(c, conv, d)
+    lists[i] = openai_deltas(c, conv, d, shape)
     if #lists[i] > longest then
       longest = #lists[i]
     end

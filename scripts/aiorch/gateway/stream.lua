@@ -166,9 +166,10 @@ end
 -- One upstream event in passthrough. Anthropic's content blocks are
 -- counted, should a translated provider take over the stream.
 function Session:relay(raw)
-  if not raw then
-    return
+  if not raw or raw == self.last_raw then
+    return -- one upstream event of several canonical ones (a whole tool call) goes out once
   end
+  self.last_raw = raw
   if terminal(raw) then
     local held = self.held or {}
     held[#held + 1] = raw

@@ -19,7 +19,8 @@
 --           name), max_completion_tokens, user, logprobs and top_logprobs
 --           (422, {"detail": [...]}), tool-call ids that are not 9 letters
 --           and digits (400); tool_choice "any" is "required"; its ids are
---           9 letters and digits; a stream ends with usage.
+--           9 letters and digits; a stream sends each tool call whole, in
+--           one chunk, and ends with usage.
 --   /deepseek[/v1]/chat/completions
 --           DeepSeek (thinking on): answers carry reasoning_content; an
 --           assistant turn with tool calls sent back without its
@@ -244,7 +245,7 @@ end
 -- What each flavour changes in openai_chat's answer.
 local SHAPE = {
   groq = { usage = "x_groq" },
-  mistral = { usage = "always", call_id = function(seq, k, i) return fmt("M%04d%02d%02d", seq % 10000, k, i) end },
+  mistral = { usage = "always", whole_calls = true, call_id = function(seq, k, i) return fmt("M%04d%02d%02d", seq % 10000, k, i) end },
   deepseek = { reasoning = true },
 }
 
