@@ -65,9 +65,9 @@ environment:
   CO_API_KEY, CO_API_URL, COHERE_MODEL  the cohere provider (not in the default order)
   AZURE_OPENAI_API_KEY, AZURE_OPENAI_ENDPOINT, OPENAI_API_VERSION, AZURE_OPENAI_DEPLOYMENT
                                         the azure provider (not in the default order)
-  GROQ_API_KEY, MISTRAL_API_KEY, ...    the presets of OpenAI-compatible servers (groq, mistral,
-                                        deepseek, openrouter, together, xai; ollama, vllm and
-                                        lmstudio need no key), NAME_BASE_URL to move one
+  GROQ_API_KEY, MISTRAL_API_KEY, DEEPSEEK_API_KEY, OPENROUTER_API_KEY, TOGETHER_API_KEY, XAI_API_KEY
+                                        the presets of OpenAI-compatible servers (ollama, vllm and
+                                        lmstudio need no key); NAME_BASE_URL, NAME_MODEL move one
   AIORCH_PROVIDERS                      default priority order (default: openai,anthropic)
   AIORCH_TIMEOUT_MS                     per-call timeout (default 60000)
   AIORCH_POLICY, OPENAI_POLICY, ...     K=V,... policies for every provider, or for one
