@@ -172,6 +172,9 @@ _M.PRESET_ORDER = { "azure", "ollama", "vllm", "lmstudio", "groq", "mistral", "d
 
 _M.default_azure_api_version = "2024-10-21"
 
+-- The URLs an adapter keeps built (Azure's: per deployment and version).
+local URLS_MAX = 1024
+
 -- Tool-call ids ------------------------------------------------------------
 
 local B62 = "0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
@@ -489,7 +492,7 @@ function _M.new(name, spec)
   local deployments = spec.deployments or EMPTY
   local fixed_version = spec.api_version
   local has_quirks = next(quirks) ~= nil
-  local urls, auths = {}, {}
+  local urls, auths, cached = {}, {}, 0
 
   local function url_of(config, model)
     local base = config.base_url or a.default_base_url
@@ -510,9 +513,13 @@ function _M.new(name, spec)
     local key = base .. "\0" .. dep .. "\0" .. version
     local u = urls[key]
     if not u then
+      -- Clients choose the models: the cache starts over when full.
+      if cached >= URLS_MAX then
+        urls, cached = {}, 0
+      end
       u = util.join_url(base, "/openai/deployments/" .. percent(dep) .. "/chat/completions?api-version="
         .. percent(version))
-      urls[key] = u
+      urls[key], cached = u, cached + 1
     end
     return u
   end

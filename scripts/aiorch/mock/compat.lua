@@ -245,7 +245,8 @@ end
 -- What each flavour changes in openai_chat's answer.
 local SHAPE = {
   groq = { usage = "x_groq" },
-  mistral = { usage = "always", whole_calls = true, call_id = function(seq, k, i) return fmt("M%04d%02d%02d", seq % 10000, k, i) end },
+  mistral = { usage = "always", whole_calls = true,
+    call_id = function(seq, k, i) return fmt("M%04d%02d%02d", seq % 10000, k, i) end },
   deepseek = { reasoning = true },
 }
 
