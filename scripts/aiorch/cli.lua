@@ -43,6 +43,8 @@ ask options:
                       max_attempts=3,first_token_timeout_ms=5000,continue_on_cut=true
   --path DIR          a user directory searched first for strategies/, providers/ and
                       prompts/ (repeatable; AIORCH_PATH holds more, ':'-separated)
+  --config FILE       the providers of a gateway configuration (serve's --config), those
+                      it declares included
   --debug             print the traceback of an error in a script or strategy (also for
                       run and serve, or before the command; or AIORCH_DEBUG=1)
 
@@ -65,6 +67,11 @@ environment:
   OPENAI_MODEL, ANTHROPIC_MODEL         use another model
   CO_API_KEY, CO_API_URL, COHERE_MODEL  the cohere provider (not in the default order)
   GEMINI_MODEL                          (gemini's)
+  AZURE_OPENAI_API_KEY, AZURE_OPENAI_ENDPOINT, OPENAI_API_VERSION, AZURE_OPENAI_DEPLOYMENT
+                                        the azure provider (not in the default order)
+  GROQ_API_KEY, MISTRAL_API_KEY, DEEPSEEK_API_KEY, OPENROUTER_API_KEY, TOGETHER_API_KEY, XAI_API_KEY
+                                        the presets of OpenAI-compatible servers (ollama, vllm and
+                                        lmstudio need no key); NAME_BASE_URL, NAME_MODEL move one
   AIORCH_PROVIDERS                      default priority order (default: openai,anthropic)
   AIORCH_TIMEOUT_MS                     per-call timeout (default 60000)
   AIORCH_POLICY, OPENAI_POLICY, ...     K=V,... policies for every provider, or for one
@@ -112,6 +119,7 @@ local ASK_OPTIONS = {
   ["--temperature"] = { "temperature", true },
   ["--max-tokens"] = { "max_tokens", true },
   ["--path"] = { "path", true },
+  ["--config"] = { "config", true },
   ["--json"] = { "json", false },
   ["--stream"] = { "stream", false },
   ["--policy"] = { "policy", true },
@@ -356,6 +364,15 @@ function _M.ask(args, first)
     stream = o.stream and true or nil,
     on_token = printer and printer.on_token or nil,
   }
+  if o.config then
+    -- The configuration's providers, keys and models, as serve has them.
+    local cfg, cerr = require("aiorch.gateway.config").load(o.config, nil, #o.path > 0 and o.path or nil)
+    if not cfg then
+      err_line("ask: %s", cerr)
+      return 1
+    end
+    opts.env = require("aiorch.gateway.config").env_for(cfg, nil)
+  end
   local result, kind, err = run_orchestration(req, strategy, o.providers, opts)
   if not result then
     if kind == "invalid" then

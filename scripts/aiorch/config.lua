@@ -108,6 +108,10 @@ function _M.provider(name, adapter, env)
       or _M.default_timeout_ms,
     connect_timeout_ms = positive(get("AIORCH_CONNECT_TIMEOUT_MS")) or _M.default_connect_timeout_ms,
   }
+  -- An adapter's own settings (env_fields = {field = VAR}: Azure's api_version).
+  for field, var in pairs(adapter.env_fields or {}) do
+    cfg[field] = nonempty(get(var))
+  end
   -- The policy: AIORCH_POLICY for every provider, then <NAME>_POLICY; each a
   -- table (from a gateway configuration) or "name=value,..." (from the shell).
   local merged = { timeout_ms = cfg.timeout_ms, connect_timeout_ms = cfg.connect_timeout_ms }

@@ -120,6 +120,7 @@ function _M.markdown(providers)
     "",
     table_of("response", providers),
     "",
+    require("aiorch.compat").markdown(),
   }, "\n")
 end
 

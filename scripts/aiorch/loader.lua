@@ -223,9 +223,31 @@ local SHAPES = {
 
 local loaded = {} -- path -> value
 
+-- Providers without a file of their own (aiorch.compat): those a gateway
+-- configuration declares, by name, ahead of files; then, when no file has
+-- the name, the presets (groq, mistral, ...).
+local defined = {}
+
+-- define(kind, name, value): value answers load(kind, name) from now on
+-- (nil: forgets it).
+function _M.define(kind, name, value)
+  defined[kind .. "\0" .. name] = value
+  memo = setmetatable({}, { __mode = "k" })
+end
+
 -- load(kind, name[, extra]) -> the value the file returns, or nil, message.
 local function load_uncached(kind, name, extra)
+  local d = type(name) == "string" and defined[kind .. "\0" .. name]
+  if d then
+    return d, "(configuration)"
+  end
   local path, err = _M.find(kind, name, extra)
+  if not path and kind == "provider" and type(name) == "string" then
+    local preset = require("aiorch.compat").preset(name)
+    if preset then
+      return preset, "(preset)"
+    end
+  end
   if not path then
     return nil, err
   end

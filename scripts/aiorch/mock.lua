@@ -1,5 +1,8 @@
--- Mock OpenAI, Anthropic and Gemini providers on aiorch.server, and Cohere's
--- Chat v2 (POST /v2/chat: scripts/aiorch/mock/cohere.lua, under the same directives).
+-- Mock OpenAI, Anthropic and Gemini providers on aiorch.server, Cohere's
+-- Chat v2 (POST /v2/chat: scripts/aiorch/mock/cohere.lua, under the same
+-- directives), and OpenAI-compatible servers (Azure, Groq, Mistral, ...)
+-- under their own paths (scripts/aiorch/mock/compat.lua; base_url("groq")
+-- and the like).
 --
 -- Speaks the real wire formats of Chat Completions, Messages and Gemini's
 -- generateContent (scripts/aiorch/mock/gemini.lua, which says how each
@@ -160,6 +163,7 @@ local encode = cjson.encode
 local null = cjson.null
 local now = aiorch.now
 local cohere = require "aiorch.mock.cohere"
+local compat = require "aiorch.mock.compat"
 
 local _M = {}
 
@@ -2679,7 +2683,7 @@ local function openai_logprobs(c, conv)
 end
 
 -- The stream chunks of one choice: {delta, logprobs, finish_reason, content}.
-local function openai_deltas(c, conv, d)
+local function openai_deltas(c, conv, d, shape)
   local out = {}
   local function add(delta, lp, content)
     out[#out + 1] = { delta, lp or "null", "null", content }
@@ -2690,7 +2694,12 @@ local function openai_deltas(c, conv, d)
       add('{"reasoning_content":' .. encode(piece) .. "}", nil, true)
     end
   end
-  if c.calls then
+  if c.calls and shape.whole_calls then
+    for i, call in ipairs(c.calls) do -- Mistral: each call whole, in one chunk
+      add(concat { '{"tool_calls":[{"index":', i - 1, ',"id":"', call.id, '","type":"function","function":{"name":',
+        encode(call.name), ',"arguments":', encode(call.args), "}}]}" }, nil, true)
+    end
+  elseif c.calls then
     for i, call in ipairs(c.calls) do
       add(concat { '{"tool_calls":[{"index":', i - 1, ',"id":"', call.id, '","type":"function","function":{"name":',
         encode(call.name), ',"arguments":""}}]}' }, nil, true)
@@ -2727,6 +2736,7 @@ local function openai_chat(self, req, res, d)
     return reject(req, res, "openai", e)
   end
   local model = type(body.model) == "string" and body.model or DEFAULT_MODEL.openai
+  local shape = req.shape or {} -- an OpenAI-compatible server's differences (mock/compat.lua)
   self.seq = self.seq + 1
   local seq = self.seq
   local calls = tool_calls(conv, d)
@@ -2747,7 +2757,8 @@ local function openai_chat(self, req, res, d)
     if calls then
       c.calls, c.finish = {}, "tool_calls"
       for i, t in ipairs(calls) do
-        c.calls[i] = { id = fmt("call_mock%08d%02d%02d", seq, k, i), name = t.name, args = args[t.name] }
+        local cid = shape.call_id and shape.call_id(seq, k, i) or fmt("call_mock%08d%02d%02d", seq, k, i)
+        c.calls[i] = { id = cid, name = t.name, args = args[t.name] }
         completion = completion + words(t.name) + words(args[t.name])
       end
     else
@@ -2779,15 +2790,16 @@ local function openai_chat(self, req, res, d)
     }, d)
   end
   local so = body.stream_options
-  local with_usage = type(so) == "table" and so.include_usage == true
+  local asked_usage = type(so) == "table" and so.include_usage == true
+  local with_usage = asked_usage or shape.usage == "always"
   local head = concat { 'data: {"id":"', id, '","object":"chat.completion.chunk","created":', self.created,
     ',"model":', encode(model), ',"service_tier":"', tier, '","system_fingerprint":"', fingerprint,
     '","choices":[' }
-  local tail = with_usage and '],"usage":null}\n\n' or "]}\n\n"
+  local tail = asked_usage and '],"usage":null}\n\n' or "]}\n\n"
   -- the choices' chunks, interleaved: all role chunks, then turn by turn
   local lists, longest = {}, 0
   for i, c in ipairs(choices) do
-    lists[i] = openai_deltas(c, conv, d)
+    lists[i] = openai_deltas(c, conv, d, shape)
     if #lists[i] > longest then
       longest = #lists[i]
     end
@@ -2805,6 +2817,9 @@ local function openai_chat(self, req, res, d)
   end
   if with_usage then
     events[#events + 1] = head .. '],"usage":' .. usage .. "}\n\n"
+    content[#events] = false
+  elseif shape.usage == "x_groq" then
+    events[#events + 1] = concat { head, '],"x_groq":{"id":"req_mock', seq, '","usage":', usage, "}}\n\n" }
     content[#events] = false
   end
   events[#events + 1] = O_DONE
@@ -3002,6 +3017,9 @@ local ROUTES = {
   ["POST /v2/chat"] = cohere_chat,
 }
 
+-- OpenAI-compatible servers' Chat Completions (mock/compat.lua).
+local compat_chat = compat.handler { openai_chat = openai_chat }
+
 local function api_of(route, headers)
   if route == "/v2/chat" then
     return "cohere"
@@ -3052,6 +3070,12 @@ local function handle(self, req, res)
   req.raw_path = target
   req.path = path
   local route = path:match("^[^?]*")
+  -- An OpenAI-compatible server's path: its flavour, answered as OpenAI's route.
+  local flavour, as_route, deployment, api_version = compat.route(path)
+  if flavour then
+    req.flavour, req.deployment, req.api_version = flavour, deployment, api_version
+    route = as_route
+  end
   local headers = req.headers
   local api = api_of(route, headers)
   req.api = api
@@ -3091,6 +3115,8 @@ local function handle(self, req, res)
   local fn, gemini_stream = ROUTES[key], nil
   if not fn and api == "gemini" then
     fn, gemini_stream = gemini.route(req.method, route)
+  elseif flavour and fn == openai_chat then
+    fn = compat_chat
   end
   local fault = d.fault
   local wait = d.latency_ms
@@ -3217,6 +3243,8 @@ function Mock:base_url(api, directives)
     return self.url .. prefix .. "/v1"
   elseif api == "anthropic" or api == "cohere" or api == "gemini" then
     return self.url .. prefix
+  elseif compat.BASES[api] then
+    return self.url .. prefix .. compat.BASES[api]
   end
   error(fmt("mock: unknown api '%s' (openai, anthropic, cohere or gemini)", tostring(api)), 2)
 end

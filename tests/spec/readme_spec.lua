@@ -150,6 +150,17 @@ RUNNERS["ask.lua"] = function(cmd)
   assert.matches("^ask%.lua: invalid: user_question", err)
 end
 
+-- Providers declared by configuration: the file loads, and its local
+-- provider answers `aiorch ask --config` from the mock's Ollama.
+RUNNERS["providers.lua"] = function(_, _, path)
+  local text = slurp(path):gsub('"http://127%.0%.0%.1:11434/v1"', ('%q'):format(m:base_url("ollama")))
+  put(path, text)
+  local code, out, err = sh(("build/aiorch ask --config '%s' --providers mylocal Hi"):format(path),
+    { GROQ_API_KEY = "gsk-readme-key", AZURE_OPENAI_API_KEY = "az-readme-key" })
+  assert.equal(0, code, err)
+  assert.matches("^Hello from the mock openai provider%. You asked: Hi\n$", out)
+end
+
 -- The gateway's configuration: a real `aiorch serve` runs with it.
 RUNNERS["gateway.lua"] = function(_, _, path)
   local probe = assert(aiorch.server.listen { host = "127.0.0.1", port = 0, handler = function() end })

@@ -4,6 +4,7 @@
 -- committed file. The result also answers "which strategy, providers and
 -- env for this request" (route()).
 local loader = require "aiorch.loader"
+local compat = require "aiorch.compat"
 local policy = require "aiorch.policy"
 local secrets = require "aiorch.secrets"
 local state_shm = require "aiorch.state.shm"
@@ -46,6 +47,8 @@ local TOP = {
 local PROVIDER = {
   api_key_env = true, base_url = true, model = true, models = true, model_prefixes = true, timeout_ms = true,
   priority = true, api_key = true, key = true, policy = true,
+  -- aiorch.compat's: an OpenAI-compatible provider declared here.
+  api = true, preset = true, quirks = true, deployments = true, api_version = true,
 }
 local ALIAS = { strategy = true, providers = true }
 local CLIENT = { key_env = true, strategies = true, providers = true, client_policy = true, request_timeout_ms = true,
@@ -348,11 +351,21 @@ function _M.check(raw, getenv, path)
     if p.api_key ~= nil or p.key ~= nil then
       return nil, where .. ": literal keys are refused; name the environment variable with api_key_env"
     end
-    local adapter, aerr = loader.load("provider", name, path)
-    if not adapter then
-      return nil, where .. ": " .. aerr
+    local adapter, aerr
+    if compat.declares(p) then
+      -- No adapter file: aiorch.compat's, found by the entry's name from now on.
+      adapter, aerr = compat.entry_adapter(name, p, where)
+      if not adapter then
+        return nil, aerr
+      end
+      loader.define("provider", name, adapter)
+    else
+      adapter, aerr = loader.load("provider", name, path)
+      if not adapter then
+        return nil, where .. ": " .. aerr
+      end
     end
-    if p.api_key_env ~= nil and not env_name_ok(p.api_key_env) then
+    if p.api_key_env ~= nil and p.api_key_env ~= false and not env_name_ok(p.api_key_env) then
       return nil, where .. ".api_key_env: must be an environment variable name (a literal key is refused)"
     end
     if p.base_url ~= nil and (type(p.base_url) ~= "string" or not p.base_url:match("^https?://")) then
@@ -371,7 +384,7 @@ function _M.check(raw, getenv, path)
     if p.priority ~= nil and type(p.priority) ~= "number" then
       return nil, where .. ".priority: must be a number"
     end
-    local models = {}
+    local models = adapter.models or {} -- Azure's: its deployments' models
     if p.models ~= nil then
       local list, lerr = string_list(p.models, where .. ".models")
       if not list then
@@ -390,7 +403,7 @@ function _M.check(raw, getenv, path)
     local model = p.model or adapter.default_model
     c.providers[name] = {
       name = name, adapter = adapter, model = model, models = models, model_prefixes = prefixes, base_url = p.base_url,
-      timeout_ms = p.timeout_ms, key_env = p.api_key_env, policy = p.policy and pol or nil,
+      timeout_ms = p.timeout_ms, key_env = p.api_key_env or nil, policy = p.policy and pol or nil,
     }
     prio[#prio + 1] = { name = name, priority = p.priority or 1000 }
   end
@@ -662,6 +675,9 @@ function _M.env_for(c, models)
       end
       env[base_env] = getenv(base_env)
       env[model_env] = getenv(model_env)
+      for _, var in pairs(a.env_fields or {}) do
+        env[var] = getenv(var)
+      end
       env[pre .. "_TIMEOUT_MS"] = getenv(pre .. "_TIMEOUT_MS")
       env[pre .. "_POLICY"] = getenv(pre .. "_POLICY")
       local p = c.providers[n]
