@@ -102,7 +102,7 @@ end
 
 -- The upstream's refusal of the request itself: a 4xx other than auth
 -- (the gateway's key), a timeout or a rate limit. Kept as the API wrote it
--- ({api, status, body = the decoded body, scrubbed}), so that a caller of
+-- ({api, provider, status, body = the decoded body, scrubbed}), so that a caller of
 -- the same API gets it as the provider sent it (an SDK reads its details
 -- to recover). Bodies over REJECTION_MAX are not kept.
 local REJECTION_MAX = 16 * 1024
@@ -115,7 +115,7 @@ local function rejection(adapter, config, status, body)
   if type(doc) ~= "table" or type(doc.error) ~= "table" then
     return nil
   end
-  return { api = adapter.api, status = status, body = scrub_value(doc, config.key, 0) }
+  return { api = adapter.api, provider = config.name, status = status, body = scrub_value(doc, config.key, 0) }
 end
 
 -- What a stream parser saw of the usage before the stream ended.

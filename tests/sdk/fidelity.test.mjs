@@ -822,3 +822,412 @@ test('reasoning: an OpenAI client\'s reasoning_effort reaches OpenAI as it came'
   const rec = await one();
   assert.equal(rec.json.reasoning_effort, 'high');
 });
+
+// --- Prompt caching, prefill -------------------------------------------------------
+
+// A conversation with cache_control on a system block, a tool and a message block.
+const cachedBody = (extra = {}) => msgs([user([
+  { type: 'text', text: `Summarise ${randomUUID()}`, cache_control: { type: 'ephemeral' } },
+])], {
+  system: [{ type: 'text', text: 'You summarise. '.repeat(50), cache_control: { type: 'ephemeral', ttl: '1h' } }],
+  tools: [{ ...ANTHROPIC_TOOLS[0], cache_control: { type: 'ephemeral' } }],
+  ...extra,
+});
+
+test('cache_control: passed to Anthropic as it came; to OpenAI refused by name, or dropped and said',
+  { skip: SKIP }, async () => {
+    // same-API: every marker reaches the upstream, which caches
+    const body = cachedBody();
+    const first = await an('anthropic').messages.create(body);
+    const second = await an('anthropic').messages.stream(body).finalMessage();
+    assert.ok(first.usage.cache_creation_input_tokens > 0, JSON.stringify(first.usage));
+    assert.equal(second.usage.cache_read_input_tokens, first.usage.cache_creation_input_tokens);
+    const recs = await take();
+    assert.equal(recs.length, 2);
+    for (const rec of recs) {
+      assert.deepEqual(rec.json.system, body.system);
+      assert.deepEqual(rec.json.tools, body.tools);
+      assert.deepEqual(rec.json.messages, body.messages);
+    }
+    // cross-API: refused by name, plain and streamed
+    const message = 'cache_control is not supported by provider openai (OpenAI caches prompt prefixes by itself: '
+      + 'there is no per-block marker)';
+    await assertRefused('anthropic', an('openai').messages.create(body), message);
+    await assertRefused('anthropic', an('openai').messages.stream(body).finalMessage(), message);
+    // dropped when the request allows it: the answer says so
+    for (const stream of [false, true]) {
+      const client = an('openai', { 'X-Aiorch-Allow-Drop': 'cache_control' });
+      const { data, response } = stream
+        ? await client.messages.create({ ...body, stream: true }).withResponse()
+        : await client.messages.create(body).withResponse();
+      assert.equal(response.headers.get('x-aiorch-dropped'), 'cache_control');
+      if (stream) for await (const ev of data) assert.ok(ev.type);
+      else assert.match(textOf('anthropic', data), /^Hello from the mock openai provider/);
+      const rec = await one();
+      assert.equal(providerOf(rec), 'openai');
+      assert.equal(rec.body.includes('cache_control'), false, rec.body);
+      assert.deepEqual(rec.json.messages[0], { role: 'system', content: [{ type: 'text', text: body.system[0].text }] });
+      assert.equal(rec.json.messages[1].role, 'user');
+      assert.equal(rec.json.tools[0].function.name, 'get_weather');
+    }
+  });
+
+test('prefill: Anthropic continues a last assistant turn; to OpenAI it is refused by name', { skip: SKIP },
+  async () => {
+    const body = msgs([user('Greek name for the Sun? (A) Sol (B) Helios'), assistant('The best answer is (')]);
+    const r = await an('anthropic').messages.create(body);
+    assert.equal(r.stop_reason, 'end_turn');
+    const rec = await one();
+    assert.deepEqual(rec.json.messages, body.messages);
+    await assertRefused('anthropic', an('openai').messages.create(body),
+      'prefill is not supported by provider openai (Chat Completions answers a last assistant message instead of '
+      + 'continuing it)');
+    await assertRefused('anthropic', an('openai').messages.stream(body).finalMessage(),
+      'prefill is not supported by provider openai (Chat Completions answers a last assistant message instead of '
+      + 'continuing it)');
+    const { response } = await an('openai', { 'X-Aiorch-Allow-Drop': 'prefill' }).messages.create(body).withResponse();
+    assert.equal(response.headers.get('x-aiorch-dropped'), 'prefill');
+    assert.deepEqual((await one()).json.messages, [{ role: 'user', content: body.messages[0].content }]);
+  });
+
+// --- OpenAI's sampling fields ------------------------------------------------------
+
+test('n, logprobs, metadata, user, seed, penalties: passed to OpenAI; refused by Anthropic by name, or dropped',
+  { skip: SKIP }, async () => {
+    const fields = {
+      n: 2, logprobs: true, top_logprobs: 2, metadata: { team: 'fid' }, user: 'user-42', seed: 7,
+      presence_penalty: 0.5, frequency_penalty: 0.25, store: true,
+    };
+    const r = await oa('openai').chat.completions.create(chat([user('Pick')], fields));
+    assert.deepEqual(r.choices.map((c) => c.index), [0, 1]);
+    assert.equal(r.choices[1].message.content, `${r.choices[0].message.content} (choice 1)`);
+    assert.equal(r.choices[0].logprobs.content.map((t) => t.token).join(''), r.choices[0].message.content);
+    assert.equal(r.choices[0].logprobs.content[0].top_logprobs.length, 2);
+    const streamed = await oa('openai').chat.completions.stream(chat([user('Pick')], fields)).finalChatCompletion();
+    assert.deepEqual(streamed.choices.map((c) => c.message.content), r.choices.map((c) => c.message.content));
+    assert.equal(streamed.choices[1].logprobs.content.map((t) => t.token).join(''), r.choices[1].message.content);
+    for (const rec of await take()) {
+      for (const [k, v] of Object.entries(fields)) assert.deepEqual(rec.json[k], v, k);
+    }
+    // Anthropic: each refused by its own name
+    const refusals = [
+      ['n', 2, 'Anthropic answers with one message per request'],
+      ['logprobs', true, 'Anthropic returns no log-probabilities'],
+      ['top_logprobs', 2, 'Anthropic returns no log-probabilities'],
+      ['metadata', { team: 'fid' }, 'Anthropic\'s metadata holds only user_id'],
+      ['seed', 7, 'Anthropic has no seed'],
+      ['presence_penalty', 0.5, 'Anthropic has no repetition penalties'],
+      ['frequency_penalty', 0.25, 'Anthropic has no repetition penalties'],
+    ];
+    for (const [field, value, why] of refusals) {
+      await assertRefused('openai', oa('anthropic').chat.completions.create(chat([user('Pick')], { [field]: value })),
+        `${field} is not supported by provider anthropic (${why})`);
+    }
+    // user is Anthropic's metadata.user_id
+    await oa('anthropic').chat.completions.create(chat([user('Pick')], { user: 'user-42' }));
+    assert.deepEqual((await one()).json.metadata, { user_id: 'user-42' });
+    // dropped when allowed, and said; store is OpenAI's own: refused until dropped too
+    const drop = 'n,logprobs,top_logprobs,metadata,seed,presence_penalty,frequency_penalty,store';
+    for (const stream of [false, true]) {
+      const client = oa('anthropic', { 'X-Aiorch-Allow-Drop': drop });
+      const { data, response } = stream
+        ? await client.chat.completions.create(chat([user('Pick')], { ...fields, stream: true })).withResponse()
+        : await client.chat.completions.create(chat([user('Pick')], fields)).withResponse();
+      assert.deepEqual(response.headers.get('x-aiorch-dropped').split(',').sort(),
+        ['frequency_penalty', 'logprobs', 'metadata', 'n', 'presence_penalty', 'seed', 'store', 'top_logprobs']);
+      let text = '';
+      if (stream) for await (const c of data) text += c.choices[0]?.delta?.content || '';
+      else text = data.choices[0].message.content;
+      assert.match(text, /^Hello from the mock anthropic provider/);
+      assert.equal(stream ? 1 : data.choices.length, 1);
+      const rec = await one();
+      assert.deepEqual(rec.json.metadata, { user_id: 'user-42' });
+      for (const k of drop.split(',')) if (k !== 'metadata') assert.equal(rec.json[k], undefined, k);
+    }
+  });
+
+// --- Fields the model does not know ------------------------------------------------
+
+test('unknown fields: same-API they reach the upstream unchanged; cross-API they are refused by name',
+  { skip: SKIP }, async () => {
+    const oaBody = chat([{ role: 'user', content: [{ type: 'text', text: 'hi', fid_part_note: 'p' }],
+      fid_message_note: 'm' }], { fid_top_level: { deep: [1, {}, []], flag: null } });
+    await oa('openai').chat.completions.create(oaBody);
+    const oaRec = await one();
+    assert.deepEqual(oaRec.json, oaBody);
+    const anBody = msgs([{ role: 'user', content: [{ type: 'text', text: 'hi', fid_part_note: 'p' }] }],
+      { fid_top_level: { deep: [1, {}, []] } });
+    await an('anthropic').messages.create(anBody);
+    const anRec = await one();
+    assert.deepEqual(anRec.json, anBody);
+    // cross-API: each by its own name, where it was
+    await assertRefused('openai', oa('anthropic').chat.completions.create(chat([user('hi')],
+      { fid_top_level: { deep: [1, {}, []], flag: null } })),
+    'fid_top_level is not supported by provider anthropic (a field of the openai API; provider anthropic speaks '
+      + 'anthropic)');
+    await assertRefused('openai', oa('anthropic').chat.completions.create(
+      chat([{ role: 'user', content: 'hi', fid_message_note: 'm' }])),
+    'fid_message_note is not supported by provider anthropic (a field of the openai API; provider anthropic speaks '
+      + 'anthropic)');
+    await assertRefused('openai', oa('anthropic').chat.completions.create(
+      chat([{ role: 'user', content: [{ type: 'text', text: 'hi', fid_part_note: 'p' }] }])),
+    'fid_part_note is not supported by provider anthropic (a field of the openai API; provider anthropic speaks '
+      + 'anthropic)');
+    await assertRefused('anthropic', an('openai').messages.create(msgs([user('hi')], { fid_top_level: 1 })),
+      'fid_top_level is not supported by provider openai (a field of the anthropic API; provider openai speaks openai)');
+    await assertRefused('anthropic', an('openai').messages.create(
+      msgs([{ role: 'user', content: [{ type: 'text', text: 'hi', fid_part_note: 'p' }] }])),
+    'fid_part_note is not supported by provider openai (a field of the anthropic API; provider openai speaks openai)');
+    const { response } = await an('openai', { 'X-Aiorch-Allow-Drop': 'fid_top_level,fid_part_note' })
+      .messages.create(anBody).withResponse();
+    assert.deepEqual(response.headers.get('x-aiorch-dropped').split(',').sort(), ['fid_part_note', 'fid_top_level']);
+    assert.deepEqual((await one()).json.messages, [{ role: 'user', content: [{ type: 'text', text: 'hi' }] }]);
+  });
+
+// --- Same-API passthrough ----------------------------------------------------------
+
+// The same answer whatever its id (each upstream answer has its own).
+const sansId = (v) => JSON.parse(JSON.stringify(v).replace(/"(chatcmpl-mock|msg_mock|call_mock|toolu_)\w+"/g, '"<id>"'));
+
+test('same-API passthrough: the upstream gets the bytes the SDK sends it directly, and the answer comes back as the '
+  + 'upstream sent it', { skip: SKIP }, async () => {
+  const oaBodies = [
+    chat([{ role: 'developer', content: 'Be terse.' }, user([{ type: 'text', text: 'Weather in Oslo? get_weather' },
+      { type: 'image_url', image_url: { url: IMAGE_URL, detail: 'high' } }])], {
+      tools: OPENAI_TOOLS, tool_choice: 'auto', parallel_tool_calls: false, temperature: 1.7, top_p: 0.9,
+      max_completion_tokens: 300, service_tier: 'flex', prediction: { type: 'content', content: 'x' },
+      stream_options: undefined,
+    }),
+    chat([user('hi')], { n: 2, logprobs: true, top_logprobs: 1, seed: 3, service_tier: 'flex' }),
+  ];
+  for (const body of oaBodies) {
+    for (const stream of [false, true]) {
+      const b = stream ? { ...body, stream: true, stream_options: { include_usage: true } } : body;
+      const run = async (client) => {
+        if (!stream) return client.chat.completions.create(b).withResponse();
+        const { data, response } = await client.chat.completions.create(b).withResponse();
+        const chunks = [];
+        for await (const c of data) chunks.push(c);
+        return { data: chunks, response };
+      };
+      const direct = await run(oaDirect());
+      const [d] = await take();
+      const through = await run(oa());
+      const [g] = await take();
+      assert.equal(g.body, d.body, 'the same bytes');
+      assert.equal(g.headers.authorization, `Bearer ${OPENAI_KEY}`);
+      assert.deepEqual(sansId(through.data), sansId(direct.data));
+      const answers = stream ? through.data : [through.data];
+      for (const a of answers) {
+        assert.match(a.id, /^chatcmpl-mock\d+$/, 'the upstream\'s id');
+        assert.match(a.system_fingerprint, /^fp_/);
+        assert.equal(a.service_tier, 'flex');
+      }
+      assert.equal(through.response.headers.get('x-aiorch-provider'), 'openai');
+    }
+  }
+  const anBodies = [
+    msgs([user([{ type: 'text', text: 'Weather in Oslo? get_weather' },
+      { type: 'image', source: { type: 'url', url: IMAGE_URL } }])], {
+      system: [{ type: 'text', text: 'Be terse.' }], tools: ANTHROPIC_TOOLS,
+      tool_choice: { type: 'auto', disable_parallel_tool_use: true }, temperature: 0.3, top_k: 5,
+      metadata: { user_id: 'u-1' }, service_tier: 'auto',
+    }),
+    msgs([user('Why?')], { thinking: { type: 'enabled', budget_tokens: 2048 }, stop_sequences: ['zzz'] }),
+  ];
+  const betas = 'fid-beta-2026-01-01,other-beta-2025-05-05';
+  for (const body of anBodies) {
+    for (const stream of [false, true]) {
+      const b = stream ? { ...body, stream: true } : body;
+      const run = async (client) => {
+        if (!stream) return client.messages.create(b).withResponse();
+        const { data, response } = await client.messages.create(b).withResponse();
+        const events = [];
+        for await (const ev of data) events.push(ev);
+        return { data: events, response };
+      };
+      const direct = await run(anDirect({ defaultHeaders: { 'anthropic-beta': betas } }));
+      const [d] = await take();
+      const through = await run(an(null, { 'anthropic-beta': betas }));
+      const [g] = await take();
+      assert.equal(g.body, d.body, 'the same bytes');
+      assert.equal(g.headers['anthropic-version'], d.headers['anthropic-version']);
+      assert.equal(g.headers['anthropic-beta'], betas);
+      assert.equal(g.headers['x-api-key'], ANTHROPIC_KEY);
+      assert.deepEqual(sansId(through.data), sansId(direct.data));
+      const first = stream ? through.data[0].message : through.data;
+      assert.match(first.id, /^msg_mock\d+$/, 'the upstream\'s id');
+      assert.equal(through.response.headers.get('x-aiorch-provider'), 'anthropic');
+    }
+  }
+  // the headers of the client's own (the SDK's x-stainless-*, the gateway's x-aiorch-*) stay with the gateway
+  await an('anthropic', { 'anthropic-beta': betas }).messages.create(msgs([user('hi')]));
+  const rec = await one();
+  assert.deepEqual(Object.keys(rec.headers).filter((h) => /^x-(stainless|aiorch)/.test(h)), []);
+  // cross-API, the beta header goes nowhere: OpenAI has no betas
+  await an('openai', { 'anthropic-beta': betas }).messages.create(msgs([user('hi')]));
+  assert.equal((await one()).headers['anthropic-beta'], undefined);
+});
+
+// --- Upstream refusals ------------------------------------------------------------
+
+test('an upstream\'s 400 reaches the client as a 400: as the upstream wrote it same-API, in the client\'s shape '
+  + 'cross-API; the SDK does not retry it', { skip: SKIP }, async () => {
+  // a tool result that answers no tool call: both APIs refuse it
+  const oaBody = chat([user('hi'), { role: 'tool', tool_call_id: 'call_x', content: '1' }]);
+  const anBody = msgs([user('hi'), user([{ type: 'tool_result', tool_use_id: 'toolu_x', content: '1' }])]);
+  for (const [client, provider] of PATHS) {
+    const what = label(client, provider);
+    for (const stream of [false, true]) {
+      const call = client === 'openai'
+        ? oa(provider, {}, { maxRetries: 2 }).chat.completions.create({ ...oaBody, stream })
+        : an(provider, {}, { maxRetries: 2 }).messages.create({ ...anBody, stream });
+      await assert.rejects(call, (err) => {
+        assert.equal(err.status, 400, `${what}: ${err.message}`);
+        if (client === 'openai') {
+          assert.ok(err instanceof OpenAI.BadRequestError, what);
+          assert.equal(err.type, 'invalid_request_error', what);
+          if (provider === 'openai') {
+            assert.equal(err.param, 'messages.[1].role', what);
+            assert.match(err.error.message, /must be a response to a preceeding message with 'tool_calls'/);
+          } else {
+            assert.match(err.error.message, /^provider anthropic refused the request \(HTTP 400\): messages\.1\.content\.0: .*tool_use/, what);
+          }
+        } else {
+          assert.ok(err instanceof Anthropic.BadRequestError, what);
+          assert.equal(err.error.type, 'error', what);
+          assert.equal(err.error.error.type, 'invalid_request_error', what);
+          assert.match(err.error.error.message, provider === 'anthropic' ? /^messages\.1\.content\.0: .*tool_use/
+            : /^provider openai refused the request \(HTTP 400\): .*preceeding message with 'tool_calls'/, what);
+        }
+        return true;
+      });
+      const recs = await take();
+      assert.equal(recs.length, 1, `${what}: one upstream request, no retry`);
+      assert.ok(recs[0].rejected, what);
+    }
+  }
+});
+
+// --- Strategies --------------------------------------------------------------------
+
+test('strategies skip a provider that cannot take the request, with the reason; temperature 1.5 goes to OpenAI',
+  { skip: SKIP }, async () => {
+    for (const strategy of ['fallback', 'fastest', 'hedged', 'parallel']) {
+      const headers = { 'X-Aiorch-Strategy': strategy };
+      const client = oa('anthropic,openai', headers);
+      const body = chat([user('Warm?')], { temperature: 1.5 });
+      const { data, response } = await client.chat.completions.create(body).withResponse();
+      assert.equal(response.headers.get('x-aiorch-provider'), 'openai', strategy);
+      assert.equal(response.headers.get('x-aiorch-attempts'), 'anthropic:unsupported,openai:success', strategy);
+      assert.equal(data.choices.length, 1, strategy);
+      assert.match(data.choices[0].message.content, /^Hello from the mock openai provider/, strategy);
+      const streamed = await client.chat.completions.stream(body).finalChatCompletion();
+      assert.match(streamed.choices[0].message.content, /^Hello from the mock openai provider/, strategy);
+      const recs = await take();
+      assert.deepEqual(recs.map(providerOf), ['openai', 'openai'], strategy);
+      assert.ok(recs.every((x) => x.json.temperature === 1.5), strategy);
+      // the native endpoint shows why
+      const r = await fetch(gw.url + '/v1/orchestrate', {
+        method: 'POST', headers: { 'content-type': 'application/json' },
+        body: JSON.stringify({ messages: [user('Warm?')], temperature: 1.5, strategy,
+          providers: ['anthropic', 'openai'] }),
+      });
+      assert.equal(r.status, 200, strategy);
+      assert.equal(r.headers.get('x-aiorch-attempts'), 'anthropic:unsupported,openai:success', strategy);
+      const out = await r.json();
+      const answer = Array.isArray(out) ? out[0] : out;
+      assert.equal(answer.ia_provider_name, 'openai', strategy);
+      assert.deepEqual(answer.metadata.attempts[0], { provider: 'anthropic', status: 'skipped', kind: 'unsupported',
+        note: 'unsupported: temperature' }, strategy);
+      assert.deepEqual((await take()).map(providerOf), ['openai'], strategy);
+    }
+    // none can take it: the first refusal, by name
+    await assertRefused('openai', oa('anthropic').chat.completions.create(chat([user('Warm?')], { temperature: 1.5 })),
+      "temperature 1.5 is outside anthropic's range 0..1");
+  });
+
+// --- A user strategy ---------------------------------------------------------------
+
+// Tries each provider in turn until one answers, caring nothing for streams:
+// the commit point is the gateway's to keep, not the strategy's.
+const NAIVE = `return function(_, providers, ctx)
+  local last
+  for _, p in ipairs(providers) do
+    last = ctx.call(p)
+    if last.status == "success" then
+      return last
+    end
+  end
+  return last
+end
+`;
+
+test('a user strategy from --path streams through the gateway with the commit point kept', { skip: SKIP },
+  async () => {
+    const dir = join(tmp, 'user');
+    mkdirSync(join(dir, 'strategies'), { recursive: true });
+    writeFileSync(join(dir, 'strategies', 'fid_naive.lua'), NAIVE);
+    const extra = 'default_strategy = "fid_naive", strategies = { "fid_naive" },';
+    // openai fails before its first token; then it cuts its stream after some
+    const down = await startGateway(gatewayConfig(up, { openaiDirectives: 'fault=500', extra }), ['--path', dir]);
+    const cut = await startGateway(gatewayConfig(up, { openaiDirectives: 'fault=cut,chunks=6', extra }),
+      ['--path', dir]);
+    const both = { 'X-Aiorch-Providers': 'openai,anthropic' };
+    const oaOf = (g) => new OpenAI({ baseURL: g.url + '/v1', apiKey: CLIENT_KEY, maxRetries: 0, defaultHeaders: both });
+    const anOf = (g) => new Anthropic({ baseURL: g.url, apiKey: CLIENT_KEY, maxRetries: 0, defaultHeaders: both });
+
+    // Before the first token: the next provider takes the stream, unseen.
+    {
+      const { data, response } = await oaOf(down).chat.completions.create(chat([user('Tell me')], { stream: true }))
+        .withResponse();
+      let text = '';
+      let first;
+      for await (const c of data) {
+        first = first || c;
+        text += c.choices[0]?.delta?.content || '';
+      }
+      assert.match(text, /^Hello from the mock anthropic provider\. You asked: Tell me$/);
+      // the model that answered, not the one that failed
+      assert.equal(first.model, ANTHROPIC_DEFAULT);
+      assert.equal(response.headers.get('x-aiorch-model'), ANTHROPIC_DEFAULT);
+      assert.equal(response.headers.get('x-aiorch-provider'), 'anthropic');
+      assert.equal(response.headers.get('x-aiorch-strategy'), 'fid_naive');
+      const msg = await anOf(down).messages.stream(msgs([user('Tell me')])).finalMessage();
+      assert.match(textOf('anthropic', msg), /^Hello from the mock anthropic provider\. You asked: Tell me$/);
+      assert.deepEqual((await take()).map(providerOf), ['openai', 'anthropic', 'openai', 'anthropic']);
+    }
+    // After it: the stream ends with the API's error, never another provider's text.
+    {
+      let text = '';
+      const stream = await oaOf(cut).chat.completions.create(chat([user('Tell me')], { stream: true }));
+      await assert.rejects((async () => {
+        for await (const c of stream) text += c.choices[0]?.delta?.content || '';
+      })(), (err) => {
+        assert.ok(err instanceof OpenAI.APIError, String(err));
+        assert.match(err.message, /the upstream stream broke/);
+        return true;
+      });
+      assert.ok(text.length > 0 && 'Hello from the mock openai provider'.startsWith(text), text);
+      const s = anOf(cut).messages.stream(msgs([user('Tell me')]));
+      let atext = '';
+      s.on('text', (t) => { atext += t; });
+      await assert.rejects(s.finalMessage(), (err) => {
+        assert.ok(err instanceof Anthropic.APIError, String(err));
+        assert.match(err.message, /the upstream stream broke/);
+        return true;
+      });
+      assert.ok(atext.length > 0 && 'Hello from the mock openai provider'.startsWith(atext), atext);
+      // (the strategy did call anthropic after the cut; none of it reached the client)
+      assert.deepEqual((await take()).map(providerOf), ['openai', 'anthropic', 'openai', 'anthropic']);
+      // unstreamed, nothing was committed: the strategy's fallback stands
+      const whole = await oaOf(cut).chat.completions.create(chat([user('Tell me')]));
+      assert.match(whole.choices[0].message.content, /^Hello from the mock anthropic provider/);
+      await take();
+    }
+    // the configuration's list is what clients may choose
+    await assertRefused('openai', oaOf(down).chat.completions.create(chat([user('hi')]), {
+      headers: { 'X-Aiorch-Strategy': 'fallback' } }), "strategy 'fallback' is not allowed (allowed: fid_naive)");
+    await stop(down.child);
+    await stop(cut.child);
+  });

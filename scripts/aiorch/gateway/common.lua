@@ -5,6 +5,7 @@ local cjson = require "cjson.safe"
 local json = require "aiorch.json"
 local policy = require "aiorch.policy"
 
+local fmt = string.format
 local type = type
 local ipairs = ipairs
 local tostring = tostring
@@ -156,7 +157,10 @@ function _M.failure(result)
     return 503, "cooldown", concat(msgs, "; ")
   end
   if refused then
-    return refusal.status, nil, concat(msgs, "; "), nil, refusal
+    local e = refusal.body.error
+    local said = type(e) == "table" and type(e.message) == "string" and e.message or concat(msgs, "; ")
+    return refusal.status, nil, fmt("provider %s refused the request (HTTP %d): %s", tostring(refusal.provider),
+      refusal.status, said), nil, refusal
   end
   return 502, kind, concat(msgs, "; ")
 end
