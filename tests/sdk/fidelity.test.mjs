@@ -1231,3 +1231,70 @@ test('a user strategy from --path streams through the gateway with the commit po
     await stop(down.child);
     await stop(cut.child);
   });
+
+// --- Every other refusal -----------------------------------------------------------
+
+// What one API has and the other cannot take (docs/fidelity.md): each a
+// named 400 in the client's shape, and with X-Aiorch-Allow-Drop a 200 that
+// says what it dropped.
+const OA_REFUSED = [ // an OpenAI client's, that Anthropic cannot take
+  ['message.name', 'Anthropic messages have no participant name',
+    chat([{ role: 'user', content: 'hi', name: 'ada' }])],
+  ['image.detail', 'Anthropic images have no detail level',
+    chat([user([{ type: 'text', text: 'hi' }, { type: 'image_url', image_url: { url: IMAGE_URL, detail: 'low' } }])])],
+  ['response_format.json_object', 'Anthropic has no JSON mode without a schema',
+    chat([user('Answer in JSON')], { response_format: { type: 'json_object' } })],
+  ['tool_call.arguments', 'a `tool_use` input must be a JSON object',
+    chat([user('hi'), { role: 'assistant', content: null, tool_calls: [
+      { id: 'call_1', type: 'function', function: { name: 'get_time', arguments: '[1]' } }] },
+    { role: 'tool', tool_call_id: 'call_1', content: '12:00' }], { tools: OPENAI_TOOLS })],
+  ['input_audio', 'a field of the openai API; provider anthropic speaks anthropic',
+    chat([user([{ type: 'text', text: 'hi' }, { type: 'input_audio', input_audio: { data: PNG, format: 'wav' } }])])],
+];
+const AN_REFUSED = [ // an Anthropic client's, that OpenAI cannot take
+  ['top_k', 'Chat Completions has no top_k', msgs([user('hi')], { top_k: 5 })],
+  ['image.file', '`image_url` takes a URL, not a file id',
+    msgs([user([{ type: 'image', source: { type: 'file', file_id: 'file_1' } }, { type: 'text', text: 'hi' }])])],
+  ['document.url', '`file` parts take data or a file id, not a URL',
+    msgs([user([{ type: 'document', source: { type: 'url', url: 'https://example.com/a.pdf' } },
+      { type: 'text', text: 'hi' }])])],
+  ['document.text', '`file` parts take base64 data, not plain text',
+    msgs([user([{ type: 'document', source: { type: 'text', media_type: 'text/plain', data: 'words' } },
+      { type: 'text', text: 'hi' }])])],
+  ['tool_result.is_error', '`tool` messages have no error flag',
+    msgs([user('get_time'), assistant([{ type: 'tool_use', id: 'toolu_1', name: 'get_time', input: { zone: 'UTC' } }]),
+      user([{ type: 'tool_result', tool_use_id: 'toolu_1', content: 'failed', is_error: true }])],
+    { tools: ANTHROPIC_TOOLS })],
+  ['tool_result.image', '`tool` messages take text only',
+    msgs([user('get_time'), assistant([{ type: 'tool_use', id: 'toolu_1', name: 'get_time', input: { zone: 'UTC' } }]),
+      user([{ type: 'tool_result', tool_use_id: 'toolu_1',
+        content: [{ type: 'image', source: { type: 'base64', media_type: 'image/png', data: PNG } }] }])],
+    { tools: ANTHROPIC_TOOLS })],
+  ['redacted_thinking', 'Chat Completions takes no reasoning back in a request',
+    msgs([user('Why?'), assistant([{ type: 'redacted_thinking', data: 'abc' }, { type: 'text', text: 'Because.' }]),
+      user('And?')])],
+  ['reasoning.display', 'Chat Completions does not show reasoning',
+    msgs([user('Why?')], { thinking: { type: 'adaptive', display: 'summarized' } })],
+  ['web_search_20250305', 'a field of the anthropic API; provider openai speaks openai',
+    msgs([user('hi')], { tools: [{ type: 'web_search_20250305', name: 'web_search', max_uses: 1 }] })],
+];
+
+test('every other field one API cannot take from the other: a named 400, or dropped and said', { skip: SKIP },
+  async () => {
+    for (const [client, provider, table] of [['openai', 'anthropic', OA_REFUSED], ['anthropic', 'openai', AN_REFUSED]]) {
+      for (const [field, why, body] of table) {
+        const what = `${label(client, provider)}: ${field}`;
+        const send = (c) => (client === 'openai' ? c.chat.completions.create(body) : c.messages.create(body));
+        await assertRefused(client, send(client === 'openai' ? oa(provider) : an(provider)),
+          `${field} is not supported by provider ${provider} (${why})`);
+        const c = client === 'openai' ? oa(provider, { 'X-Aiorch-Allow-Drop': field })
+          : an(provider, { 'X-Aiorch-Allow-Drop': field });
+        const { response } = await send(c).withResponse();
+        assert.equal(response.headers.get('x-aiorch-dropped'), field, what);
+        assert.equal(response.headers.get('x-aiorch-provider'), provider, what);
+        const rec = await one();
+        assert.equal(providerOf(rec), provider, what);
+        assert.equal(rec.rejected, undefined, what);
+      }
+    }
+  });
