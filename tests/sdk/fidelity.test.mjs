@@ -380,6 +380,7 @@ test('routing: a stream names the model that answered in its first event and its
       }
       assert.equal(headers.get('x-aiorch-provider'), provider, what);
       assert.equal(headers.get('x-aiorch-model'), expected, what);
+      assert.equal(headers.get('x-aiorch-attempts'), null, `${what}: a stream's headers leave before the end`);
       const rec = await one();
       assert.equal(providerOf(rec), provider, what);
       assert.equal(rec.json.model, expected, what);
@@ -631,6 +632,7 @@ test('images: a data URL is base64 data and an http URL a url source, both ways'
         { type: 'image_url', image_url: { url: IMAGE_URL } },
       ], what);
     } else {
+      assert.equal(rec.json.system, undefined, `${what}: no system prompt of the gateway's`);
       assert.deepEqual(parts, [
         { type: 'text', text: 'What is in these?' },
         { type: 'image', source: { type: 'base64', media_type: 'image/png', data: PNG } },
@@ -923,9 +925,13 @@ test('n, logprobs, metadata, user, seed, penalties: passed to OpenAI; refused by
       await assertRefused('openai', oa('anthropic').chat.completions.create(chat([user('Pick')], { [field]: value })),
         `${field} is not supported by provider anthropic (${why})`);
     }
-    // user is Anthropic's metadata.user_id
+    // user is Anthropic's metadata.user_id, both ways
     await oa('anthropic').chat.completions.create(chat([user('Pick')], { user: 'user-42' }));
     assert.deepEqual((await one()).json.metadata, { user_id: 'user-42' });
+    await an('openai').messages.create(msgs([user('Pick')], { metadata: { user_id: 'user-43' } }));
+    const back = await one();
+    assert.equal(back.json.user, 'user-43');
+    assert.equal(back.json.metadata, undefined);
     // dropped when allowed, and said; store is OpenAI's own: refused until dropped too
     const drop = 'n,logprobs,top_logprobs,metadata,seed,presence_penalty,frequency_penalty,store';
     for (const stream of [false, true]) {
@@ -1297,4 +1303,36 @@ test('every other field one API cannot take from the other: a named 400, or drop
         assert.equal(rec.rejected, undefined, what);
       }
     }
+  });
+
+// --- The configuration's say -------------------------------------------------------
+
+test('configuration: drop_unsupported drops without the header; models and model_prefixes route',
+  { skip: SKIP }, async () => {
+    const g = await startGateway(gatewayConfig(up, { extra: 'drop_unsupported = { "cache_control" },' })
+      .replace('priority = 1 }', 'priority = 1, model_prefixes = { "fid-", "gpt-" } }')
+      .replace('priority = 2 }', 'priority = 2, models = { "house-model-1" } }'));
+    const client = new Anthropic({ baseURL: g.url, apiKey: CLIENT_KEY, maxRetries: 0,
+      defaultHeaders: { 'X-Aiorch-Providers': 'openai' } });
+    const { response } = await client.messages.create(cachedBody()).withResponse();
+    assert.equal(response.headers.get('x-aiorch-dropped'), 'cache_control');
+    assert.equal((await one()).body.includes('cache_control'), false);
+    // what the configuration does not allow is still refused by name
+    await assertRefused('anthropic', client.messages.create(msgs([user('hi')], { top_k: 3 })),
+      'top_k is not supported by provider openai (Chat Completions has no top_k)');
+    // openai serves fid-* and gpt-* here, and no longer o1*, o3*...
+    const o = new OpenAI({ baseURL: g.url + '/v1', apiKey: CLIENT_KEY, maxRetries: 0 });
+    for (const model of ['fid-model-1', 'gpt-4o']) {
+      const { data, response: r } = await o.chat.completions.create(chat([user('hi')], { model })).withResponse();
+      assert.equal(r.headers.get('x-aiorch-provider'), 'openai');
+      assert.equal(data.model, model);
+      assert.equal((await one()).json.model, model);
+    }
+    await assert.rejects(o.chat.completions.create(chat([user('hi')], { model: 'o3-mini' })), OpenAI.NotFoundError);
+    // a model anthropic lists goes to it, whatever its name
+    const { response: listed } = await o.chat.completions.create(chat([user('hi')], { model: 'house-model-1' }))
+      .withResponse();
+    assert.equal(listed.headers.get('x-aiorch-provider'), 'anthropic');
+    assert.equal((await one()).json.model, 'house-model-1');
+    await stop(g.child);
   });

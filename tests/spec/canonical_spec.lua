@@ -201,8 +201,8 @@ describe("canonical.drop", function()
     assert.same({ "user", "assistant", "tool", "user" }, { out.messages[1].role, out.messages[2].role,
       out.messages[3].role, out.messages[4].role })
     assert.equal(4, #out.messages)
-    assert.same({ { type = "text", text = "calling" }, { type = "tool_call", id = "ok", name = "f", arguments = "{}" } },
-      out.messages[2].content)
+    assert.same({ { type = "text", text = "calling" },
+      { type = "tool_call", id = "ok", name = "f", arguments = "{}" } }, out.messages[2].content)
     assert.same({ { type = "tool_result", id = "ok", content = "2" } }, out.messages[3].content)
     assert.same({}, canonical.unsupported(out, anthropic))
   end)
