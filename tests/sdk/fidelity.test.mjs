@@ -414,7 +414,7 @@ test('multi-turn: every turn goes upstream as a turn of its own, never flattened
       r = await oa(provider).chat.completions.create(chat([
         { role: 'system', content: `Be terse. ${nonce}` },
         user('My name is Ada.'), assistant('Hello Ada.'), user('What is my name?'),
-      ]));
+      ], { max_completion_tokens: 77 }));
     } else {
       r = await an(provider).messages.create(msgs([
         user('My name is Ada.'), assistant('Hello Ada.'), user('What is my name?'),
@@ -424,6 +424,10 @@ test('multi-turn: every turn goes upstream as a turn of its own, never flattened
     const rec = await one();
     assert.equal(providerOf(rec), provider, what);
     const body = rec.json;
+    // the most tokens the answer may have, in each API's own field
+    if (provider === 'anthropic') assert.equal(body.max_tokens, client === 'anthropic' ? 4096 : 77, what);
+    else assert.equal(client === 'openai' ? body.max_completion_tokens : body.max_tokens, client === 'openai' ? 77
+      : 4096, what);
     if (provider === 'openai') {
       assert.deepEqual(body.messages, [
         { role: 'system', content: `Be terse. ${nonce}` },
@@ -531,6 +535,16 @@ test('tools: parallel calls, streamed and assembled by the SDK stream helpers, w
       assert.equal(recs.length, 3, what);
       assert.ok(recs.every((x) => providerOf(x) === provider), what);
       assert.deepEqual(recs.map((x) => x.json.stream === true), [false, true, true], what);
+      // one call at most: parallel_tool_calls false is disable_parallel_tool_use
+      const single = client === 'openai'
+        ? await oa(provider).chat.completions.create(chat([user(question)],
+          { tools: OPENAI_TOOLS, parallel_tool_calls: false }))
+        : await an(provider).messages.create(msgs([user(question)],
+          { tools: ANTHROPIC_TOOLS, tool_choice: { type: 'auto', disable_parallel_tool_use: true } }));
+      assert.deepEqual(callsOf(client, single).map((c) => c.name), ['get_weather'], what);
+      const rec = await one();
+      if (provider === 'openai') assert.equal(rec.json.parallel_tool_calls, false, what);
+      else assert.deepEqual(rec.json.tool_choice, { type: 'auto', disable_parallel_tool_use: true }, what);
     }
   });
 
