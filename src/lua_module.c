@@ -1,5 +1,7 @@
 /* luaopen_aiorch: `require "aiorch"` from a plain lua5.4. The runtime then
  * shares the host's lua_State, makes its own loop, and aiorch.run drives it. */
+#define _GNU_SOURCE /* dladdr, RTLD_NODELETE */
+#include <dlfcn.h>
 #include <stdlib.h>
 
 #include "internal.h"
@@ -19,9 +21,23 @@ static int guard_gc(lua_State *L)
     return 0;
 }
 
+/* Once loaded, the module stays: closing the Lua state does not unload it,
+ * nor libcurl and the libraries with thread-local storage it brings (gnutls,
+ * libstdc++...). Unloading them gains nothing at exit, and LeakSanitizer's
+ * scan after it reads their freed thread-local storage and crashes. */
+int luaopen_aiorch(lua_State *L);
+
+static void stay_loaded(void)
+{
+    Dl_info info;
+    if (dladdr((void *)luaopen_aiorch, &info) && info.dli_fname)
+        dlopen(info.dli_fname, RTLD_NOW | RTLD_NOLOAD | RTLD_NODELETE);
+}
+
 int luaopen_aiorch(lua_State *L)
 {
     if (aiorch_push_module_cached(L)) return 1;
+    stay_loaded();
     aiorch_runtime *rt = calloc(1, sizeof *rt);
     if (!rt) return luaL_error(L, "aiorch: out of memory");
     rt->loop = ev_loop_new(EVFLAG_AUTO);

@@ -8,6 +8,7 @@ local log = require "aiorch.log"
 local policy = require "aiorch.policy"
 local breaker = require "aiorch.breaker"
 local secrets = require "aiorch.secrets"
+local json = require "aiorch.json"
 
 local fmt = string.format
 local type = type
@@ -15,6 +16,7 @@ local pairs = pairs
 local pcall = pcall
 local tostring = tostring
 local setmetatable = setmetatable
+local getmetatable = getmetatable
 local http = core.http
 local now = core.now
 local sleep = core.sleep
@@ -81,6 +83,39 @@ local function header_ok(v)
     n_checked = n_checked + 1
   end
   return true
+end
+
+-- A copy of a decoded JSON value with every string scrubbed (keys too).
+local function scrub_value(v, key, depth)
+  local tv = type(v)
+  if tv == "string" then
+    return scrub(v, key)
+  elseif tv ~= "table" or depth > 16 then
+    return tv == "table" and nil or v
+  end
+  local out = setmetatable({}, getmetatable(v)) -- (aiorch.json's array and object marks)
+  for k, x in pairs(v) do
+    out[type(k) == "string" and scrub(k, key) or k] = scrub_value(x, key, depth + 1)
+  end
+  return out
+end
+
+-- The upstream's refusal of the request itself: a 4xx other than auth
+-- (the gateway's key), a timeout or a rate limit. Kept as the API wrote it
+-- ({api, provider, status, body = the decoded body, scrubbed}), so that a caller of
+-- the same API gets it as the provider sent it (an SDK reads its details
+-- to recover). Bodies over REJECTION_MAX are not kept.
+local REJECTION_MAX = 16 * 1024
+local NOT_REJECTIONS = { [401] = true, [403] = true, [408] = true, [429] = true }
+local function rejection(adapter, config, status, body)
+  if status < 400 or status > 499 or NOT_REJECTIONS[status] or type(body) ~= "string" or #body > REJECTION_MAX then
+    return nil
+  end
+  local doc = json.decode(body)
+  if type(doc) ~= "table" or type(doc.error) ~= "table" then
+    return nil
+  end
+  return { api = adapter.api, provider = config.name, status = status, body = scrub_value(doc, config.key, 0) }
 end
 
 -- What a stream parser saw of the usage before the stream ended.
@@ -310,6 +345,7 @@ local function attempt(adapter, config, request, opts, pol, trial)
     http_status = status,
     retry_after = type(extra) == "table" and extra.retry_after or nil,
     provider_error = type(extra) == "table" and extra.provider_error or nil,
+    upstream_error = rejection(adapter, config, status, body),
     usage = usage,
     partial_text = partial_text(parser, emitted),
   })), emitted

@@ -979,13 +979,19 @@ local function removing_key(p, names, inside)
 end
 
 -- The parts of a list left after the dropped ones, attributes dropped
--- from copies; nil when none is left.
-local function drop_parts(parts, names, hit, inside)
+-- from copies; nil when none is left. calls: the ids of the tool calls
+-- dropped so far, whose results go with them.
+local function drop_parts(parts, names, hit, inside, calls)
   local out = json.array()
   for _, p in ipairs(parts) do
     local gone = removing_key(p, names, inside)
     if gone then
       hit(gone)
+      if p.type == "tool_call" and calls then
+        calls[p.id] = true
+      end
+    elseif p.type == "tool_result" and calls and calls[p.id] then -- luacheck: ignore 542
+      -- the result of a dropped call: gone with it
     else
       local c = copy(p)
       local function attr(key, field)
@@ -1050,6 +1056,7 @@ function _M.drop(req, names)
   end
   if type(out.messages) == "table" then
     local msgs = json.array()
+    local calls = {}
     local n = #out.messages
     for i, m in ipairs(out.messages) do
       local role = m.role
@@ -1064,7 +1071,7 @@ function _M.drop(req, names)
           hit("message.name")
         end
         if type(m.content) == "table" then
-          c.content = drop_parts(m.content, set, hit)
+          c.content = drop_parts(m.content, set, hit, nil, calls)
         end
         c.extra = without_extra(m.extra, set, hit)
         if c.content then

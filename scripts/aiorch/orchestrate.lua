@@ -1,7 +1,8 @@
 -- orchestrate(request, strategy, providers, opts): validate, build the
 -- system prompt, pick providers, run the strategy. Validation errors come
--- back as nil, "invalid", message before any network call; everything after
--- that comes back as StandardAIResponse(s).
+-- back as nil, "invalid", message before any network call (a request no
+-- chosen provider can take: nil, "invalid", message, the field refused);
+-- everything after that comes back as StandardAIResponse(s).
 local config = require "aiorch.config"
 local context = require "aiorch.context"
 local loader = require "aiorch.loader"
@@ -159,7 +160,7 @@ local function refusal(req, name, adapter, allow)
 end
 
 -- fit_providers(req, names, adapters, opts) -> {names, variants, dropped},
--- skipped (attempt entries, or nil), the first refusal's message.
+-- skipped (attempt entries, or nil), the first refusal's message and field.
 -- opts.allow_drop: the fields that may be dropped (a list or a set).
 fit_providers = function(req, names, adapters, opts)
   local allow = opts.allow_drop
@@ -171,7 +172,7 @@ fit_providers = function(req, names, adapters, opts)
     allow = set
   end
   local fit = { names = {}, set = {}, variants = nil, dropped = nil }
-  local skipped, first
+  local skipped, first, first_field
   for _, name in ipairs(names) do
     local a = adapters[name]
     local bad, keep, why = refusal(req, name, a, allow)
@@ -195,6 +196,7 @@ fit_providers = function(req, names, adapters, opts)
       variant = simple
     end
     if bad and #keep > 0 or not variant then
+      first_field = first and first_field or keep[1].field
       first = first or why
       skipped = skipped or {}
       skipped[#skipped + 1] = { provider = name, status = "skipped", kind = "unsupported",
@@ -208,7 +210,7 @@ fit_providers = function(req, names, adapters, opts)
       end
     end
   end
-  return fit, skipped, first
+  return fit, skipped, first, first_field
 end
 
 -- Providers skipped as unable to take the request come first in the
@@ -287,9 +289,9 @@ function _M.orchestrate(request, strategy_name, providers, opts)
   -- Each provider gets the request as it can take it: refused (a field it
   -- cannot take, unless the caller allows dropping it), or with the
   -- allowed fields dropped, or folded for an adapter of the simple form.
-  local fit, skipped, first_refusal = fit_providers(req, names, adapters, opts)
+  local fit, skipped, first_refusal, refused_field = fit_providers(req, names, adapters, opts)
   if #fit.names == 0 then
-    return nil, "invalid", first_refusal
+    return nil, "invalid", first_refusal, refused_field
   end
   names = fit.names
 

@@ -137,6 +137,7 @@ function _M.attempt(r)
     deadline = m.deadline,
     retry_after = m.retry_after,
     provider_error = m.provider_error,
+    upstream_error = m.upstream_error,
   }
 end
 

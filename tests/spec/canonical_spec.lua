@@ -181,6 +181,31 @@ describe("canonical.drop", function()
     assert.same({}, canonical.unsupported(out, openai))
     assert.is_table(openai.encode_request(out, { model = "m" }))
   end)
+
+  it("drops the results of a tool call it drops, so that no result answers nothing", function()
+    local r = assert(canonical.normalize({
+      messages = {
+        user("q"),
+        { role = "assistant", content = { { type = "text", text = "calling" },
+          { type = "tool_call", id = "bad", name = "f", arguments = "[1]" },
+          { type = "tool_call", id = "ok", name = "f", arguments = "{}" } } },
+        { role = "tool", content = { { type = "tool_result", id = "bad", content = "1" },
+          { type = "tool_result", id = "ok", content = "2" } } },
+        { role = "assistant", content = { { type = "tool_call", id = "bad2", name = "f", arguments = "2" } } },
+        { role = "tool", content = { { type = "tool_result", id = "bad2", content = "3" } } },
+        user("next"),
+      },
+    }))
+    local out, dropped = canonical.drop(r, { "tool_call.arguments" })
+    assert.same({ "tool_call.arguments" }, dropped)
+    assert.same({ "user", "assistant", "tool", "user" }, { out.messages[1].role, out.messages[2].role,
+      out.messages[3].role, out.messages[4].role })
+    assert.equal(4, #out.messages)
+    assert.same({ { type = "text", text = "calling" },
+      { type = "tool_call", id = "ok", name = "f", arguments = "{}" } }, out.messages[2].content)
+    assert.same({ { type = "tool_result", id = "ok", content = "2" } }, out.messages[3].content)
+    assert.same({}, canonical.unsupported(out, anthropic))
+  end)
 end)
 
 describe("canonical.finish_reason", function()

@@ -235,6 +235,10 @@ describe("what a client may not choose", function()
     local base = start_gw()
     local s, _, _, doc = post(base, "/v1/orchestrate", { user_question = QUESTION, providers = { "openai" },
       base_url = "http://127.0.0.1:1/", strategy = "single" })
+    assert.equal(400, s) -- refused by name, not quietly ignored
+    assert.matches("^base_url: not a field of an AIRequest", doc.error.message)
+    s, _, _, doc = post(base, "/v1/orchestrate", { user_question = QUESTION, providers = { "openai" },
+      strategy = "single" })
     assert.equal(200, s)
     assert.equal("success", doc.status)
     assert.equal(1, count("openai")) -- it went where the configuration says

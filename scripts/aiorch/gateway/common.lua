@@ -5,6 +5,7 @@ local cjson = require "cjson.safe"
 local json = require "aiorch.json"
 local policy = require "aiorch.policy"
 
+local fmt = string.format
 local type = type
 local ipairs = ipairs
 local tostring = tostring
@@ -103,20 +104,44 @@ local function rate_limited(r, wait)
   return #list > 0, wait
 end
 
+-- Whether every attempt behind r that was sent was refused by its
+-- upstream as a bad request (aiorch.call's upstream_error; providers
+-- skipped as unable to take the request do not count). Returns that, and
+-- the first refusal (found: the first so far).
+local function rejected(r, found)
+  local m = r.metadata or EMPTY
+  local list = type(m.attempts) == "table" and #m.attempts > 0 and m.attempts or { m }
+  for _, a in ipairs(list) do
+    if (a.kind or a.error_kind) ~= "unsupported" and a.status ~= "success" then
+      local u = a.upstream_error
+      if not u then
+        return false
+      end
+      found = found or u
+    end
+  end
+  return found ~= nil, found
+end
+
 -- The failure a result stands for: status 504 when every provider timed
 -- out, 429 when every one rate-limited the request, 503 when every one is
--- cooling down (nothing was sent), else 502. Returns status, kind, message
--- and for a 429 the Retry-After to pass on (whole seconds, as a string) if
--- a provider asked for one.
+-- cooling down (nothing was sent), the upstream's own 4xx when every one
+-- refused the request itself, else 502. Returns status, kind, message,
+-- for a 429 the Retry-After to pass on (whole seconds, as a string) if a
+-- provider asked for one, and for a refusal the first upstream's
+-- ({api, status, body}: a client of that API gets its body as it is).
 function _M.failure(result)
   local list = result.status and { result } or result
-  local timeout, cooling, limited, msgs = #list > 0, #list > 0, #list > 0, {}
-  local wait
+  local timeout, cooling, limited, refused, msgs = #list > 0, #list > 0, #list > 0, #list > 0, {}
+  local wait, refusal
   for _, r in ipairs(list) do
     timeout = timeout and r.status == "timeout"
     cooling = cooling and all_cooling(r)
     if limited then
       limited, wait = rate_limited(r, wait)
+    end
+    if refused then
+      refused, refusal = rejected(r, refusal)
     end
     msgs[#msgs + 1] = r.error_message or r.status
   end
@@ -130,6 +155,12 @@ function _M.failure(result)
   end
   if cooling then
     return 503, "cooldown", concat(msgs, "; ")
+  end
+  if refused then
+    local e = refusal.body.error
+    local said = type(e) == "table" and type(e.message) == "string" and e.message or concat(msgs, "; ")
+    return refusal.status, nil, fmt("provider %s refused the request (HTTP %d): %s", tostring(refusal.provider),
+      refusal.status, said), nil, refusal
   end
   return 502, kind, concat(msgs, "; ")
 end

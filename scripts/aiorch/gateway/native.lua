@@ -7,7 +7,10 @@
 local common = require "aiorch.gateway.common"
 
 local type = type
+local pairs = pairs
 local ipairs = ipairs
+local tostring = tostring
+local sort = table.sort
 local concat = table.concat
 local js = common.json_string
 
@@ -22,9 +25,18 @@ function _M.error_body(status, message)
   return concat { '{"error":{"type":', js(ERROR_TYPES[status] or "error"), ',"message":', js(message), "}}" }
 end
 
-local FIELDS = { "user_question", "context", "temperature", "max_tokens", "system_prompt", "policy" }
+-- The AIRequest's fields (docs/canonical.md): the simple form and the
+-- conversation; aiorch.request checks their values.
+local FIELDS = { "user_question", "context", "temperature", "max_tokens", "system_prompt", "policy",
+  "messages", "tools", "tool_choice", "parallel_tool_calls", "response_format", "stop", "top_p", "top_k", "seed",
+  "presence_penalty", "frequency_penalty", "logprobs", "top_logprobs", "n", "user", "metadata", "reasoning",
+  "stream_options", "extra" }
+local KNOWN = { strategy = true, providers = true, model = true, stream = true }
+for _, f in ipairs(FIELDS) do
+  KNOWN[f] = true
+end
 
--- Returns {request, strategy, providers} or nil, message.
+-- Returns {request, strategy, providers, model} or nil, message.
 function _M.parse(doc)
   local req = {}
   for _, f in ipairs(FIELDS) do
@@ -32,8 +44,18 @@ function _M.parse(doc)
       req[f] = doc[f]
     end
   end
-  if req.user_question == nil then
-    return nil, "user_question: required"
+  local unknown = {}
+  for k in pairs(doc) do
+    if not KNOWN[k] then
+      unknown[#unknown + 1] = tostring(k)
+    end
+  end
+  if #unknown > 0 then
+    sort(unknown)
+    return nil, unknown[1] .. ": not a field of an AIRequest (docs/canonical.md), nor strategy, providers or model"
+  end
+  if doc.stream == true then
+    return nil, "stream: this endpoint answers whole; /v1/chat/completions and /v1/messages stream"
   end
   local strategy = doc.strategy
   if common.absent(strategy) then

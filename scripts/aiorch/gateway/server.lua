@@ -21,6 +21,7 @@ local policy = require "aiorch.policy"
 local breaker = require "aiorch.breaker"
 local limits = require "aiorch.gateway.limits" -- rate limits, max_inflight: for the whole server
 local totals = require "aiorch.gateway.totals" -- /metrics and /healthz: for the whole server
+local json = require "aiorch.json"
 
 local fmt = string.format
 local type = type
@@ -318,11 +319,27 @@ local function dropped_of(r)
   return #out > 0 and concat(out, ",") or nil
 end
 
+-- A request the orchestration would not run: 400 (500 for a broken
+-- strategy or adapter file). An Anthropic client's message thread that no
+-- provider can keep is refused as the API refuses what it cannot thread,
+-- so that its SDK sends the whole conversation instead.
+function Exchange:refuse(kind, err, field)
+  if kind ~= "invalid" then
+    return self:fail(500, err)
+  end
+  if field == "thread" and self.shape == anthropic then
+    self.status = 400
+    return self:respond(400, {}, json.encode { type = "error", error = { type = "invalid_request_error",
+      message = err, details = { error_code = "thread_unsupported_request", unsupported = json.array() } } })
+  end
+  return self:fail(400, err)
+end
+
 local function run_plain(x, request, rt)
-  local r, kind, err = orchestrate.orchestrate(request, rt.strategy, rt.providers,
+  local r, kind, err, field = orchestrate.orchestrate(request, rt.strategy, rt.providers,
     { env = rt.env, path = x.state.path, timeout_ms = x.state.timeout_ms, allow_drop = allow_drop(x) })
   if not r then
-    x:fail(kind == "invalid" and 400 or 500, err)
+    x:refuse(kind, err, field)
     return nil
   end
   return r
@@ -336,6 +353,19 @@ local function failure_headers(h, x, retry_after)
   return h
 end
 
+-- Answers a result in which nobody answered. An upstream's refusal of the
+-- request itself reaches a client of its API as the upstream wrote it
+-- (its SDK reads the details), any other client in its own error shape.
+function Exchange:fail_result(r)
+  local status, code, msg, wait, refusal = common.failure(r)
+  local headers = failure_headers({}, self, wait)
+  if refusal and refusal.api == self.shape.api then
+    self.status = status
+    return self:respond(status, headers, json.encode(refusal.body))
+  end
+  return self:fail(status, msg, code, headers)
+end
+
 -- The orchestration's answer and who gave it; nil once the client got the error.
 local function answered(x, request, rt)
   local r = run_plain(x, request, rt)
@@ -344,8 +374,7 @@ local function answered(x, request, rt)
   end
   local ok = x:note(r)
   if not ok then
-    local status, code, msg, wait = common.failure(r)
-    x:fail(status, msg, code, failure_headers({}, x, wait))
+    x:fail_result(r)
     return nil
   end
   return r, ok
@@ -378,12 +407,12 @@ local function serve_streamed(x, api, request, info, rt)
   local s = stream.session(x.res, api.stream_encoder(x.id, info.model, { include_usage = info.include_usage }),
     headers, api.api)
   x.stream, x.session = true, s
-  local r, kind, err = orchestrate.orchestrate(request, rt.strategy, rt.providers, {
+  local r, kind, err, field = orchestrate.orchestrate(request, rt.strategy, rt.providers, {
     env = rt.env, path = x.state.path, timeout_ms = x.state.timeout_ms, allow_drop = allow_drop(x),
     stream = true, on_event = function(ev, provider, i) return s:event(ev, provider, i) end,
   })
   if not r then
-    return x:fail(kind == "invalid" and 400 or 500, err)
+    return x:refuse(kind, err, field)
   end
   x:note(r)
   if x.state.log_bodies then -- the answer's text, not each event
@@ -394,14 +423,14 @@ local function serve_streamed(x, api, request, info, rt)
     x.status, x.started = 200, true
     return s:finish(answers)
   end
-  local status, code, msg, wait = common.failure(r)
   if s.committed then
     -- Tokens went out with a 200: the error travels as the stream's last event.
+    local status, code, msg = common.failure(r)
     x.status, x.started = 200, true
     x.broken = true
     return s:fail(status, "the upstream stream broke: " .. msg, code)
   end
-  return x:fail(status, msg, code, failure_headers({}, x, wait))
+  return x:fail_result(r)
 end
 
 -- What a client may ask of the policy: X-Aiorch-Policy ("name=value,...")
