@@ -165,6 +165,109 @@ aiorch_job *aiorch_job_submit_orchestration(aiorch_runtime *rt, const char *requ
  * job's own on_result or on_error. May be called from any callback. */
 void aiorch_job_cancel(aiorch_job *job);
 
+/* ---- serving HTTP: a request object and a response writer ----
+ *
+ * A handler is Lua code that answers HTTP requests: handler(req, res), with
+ * req a table (method, path, headers in lower case, body, id, received_at)
+ * and res a response writer (res:start, res:write with backpressure,
+ * res:finish, res:respond, res:abort; docs/lua-api.md). It does not know
+ * who serves the connection: the runtime's own HTTP/1.1 server
+ * (aiorch.server, `aiorch serve`), or a host's, such as the nginx module,
+ * which hands each request over with these calls and writes what the
+ * handler answers through its sink. */
+
+typedef struct aiorch_handler aiorch_handler;
+typedef struct aiorch_exchange aiorch_exchange;
+
+typedef struct aiorch_header {
+    const char *name;
+    size_t name_len;
+    const char *value;
+    size_t value_len;
+} aiorch_header;
+
+/* A request as the host read it (the body comes later). */
+typedef struct aiorch_http_request {
+    const char *method; /* "GET", "POST", ... (NUL-terminated) */
+    const char *target; /* the path and query, as sent */
+    size_t target_len;
+    const aiorch_header *headers; /* as sent: the handler sees the names in lower
+                                     case, and a repeated one's values joined by ", " */
+    size_t nheaders;
+} aiorch_http_request;
+
+/* The head of a response, as the handler made it. */
+typedef struct aiorch_http_response {
+    int status;                   /* 100..999 */
+    const aiorch_header *headers; /* checked: names are tokens, values hold no CR, LF or
+                                     NUL; never content-length, transfer-encoding, connection */
+    size_t nheaders;
+    long long length; /* the body's length, or -1: not known, the body streams */
+    int close;        /* the handler asked for the connection to close after it */
+} aiorch_http_response;
+
+/* Where the handler's answer goes: the host's. A response is head(), then
+ * body() calls, the last one with last = 1, or abort() at any point. After
+ * body(last) or abort() the runtime never calls the sink for that exchange
+ * again, and the exchange handle is no longer the host's to use. Strings
+ * live for the call only. */
+typedef struct aiorch_http_sink {
+    /* The status and headers. Returns 0, or -1 when the client is gone. */
+    int (*head)(void *ud, const aiorch_http_response *res);
+    /* Body bytes (len may be 0); last: the body ends with them. Returns the
+     * bytes the host still holds unsent for this client, or -1 when it is
+     * gone. Above AIORCH_HTTP_BACKLOG the handler's writes wait until the
+     * host calls aiorch_exchange_writable. For a HEAD request, and a status
+     * without a body, the runtime sends no body bytes. */
+    long (*body)(void *ud, const char *data, size_t len, int last);
+    /* Cuts the response short: the client must not take it as complete. */
+    void (*abort)(void *ud);
+} aiorch_http_sink;
+
+/* Unsent bytes per client beyond which a handler's res:write waits. */
+#define AIORCH_HTTP_BACKLOG (64 * 1024)
+
+/* Loads a Lua file that returns a handler: a function(req, res), or a
+ * table {handler = function(req, res), on_headers = function(req),
+ * on_refuse = function(status, req), max_body = bytes} (the hooks as
+ * aiorch.server.listen takes them). It runs at once (not as a task: it must
+ * not yield) with argv as `...`. Returns NULL with the reason in
+ * aiorch_runtime_error. The runtime frees its handlers with it. */
+aiorch_handler *aiorch_handler_load(aiorch_runtime *rt, const char *path, int argc,
+                                    const char *const *argv);
+
+/* The handler's max_body (0: none given): the host refuses a larger body
+ * with aiorch_exchange_refuse(x, 413). */
+size_t aiorch_handler_max_body(const aiorch_handler *h);
+
+/* A request whose headers are in. Runs the handler's on_headers, which may
+ * answer at once (authentication, before any of the body is read): then
+ * the whole answer has gone through the sink, inside this call, and NULL
+ * is returned; the host reads no body. NULL is also returned, after a 500
+ * through the sink, when the runtime is out of memory. Otherwise returns
+ * the exchange: read the body, then call aiorch_exchange_start. */
+aiorch_exchange *aiorch_exchange_open(aiorch_handler *h, const aiorch_http_request *req,
+                                      const aiorch_http_sink *sink, void *ud);
+
+/* The body is in (len bytes, copied): the handler runs, from the loop (not
+ * inside this call), and answers through the sink. */
+void aiorch_exchange_start(aiorch_exchange *x, const char *body, size_t len);
+
+/* The host refuses the request before its handler runs (413 beyond
+ * max_body, 408 too slow, 400 malformed, 503): on_refuse words the answer,
+ * which goes through the sink inside this call; x ends. */
+void aiorch_exchange_refuse(aiorch_exchange *x, int status);
+
+/* The host's unsent bytes for x are down to AIORCH_HTTP_BACKLOG or less:
+ * writes that wait go on (from the loop). */
+void aiorch_exchange_writable(aiorch_exchange *x);
+
+/* The client went away (or the host drops the request): the handler's task
+ * is cancelled, which aborts its upstream transfers, and x ends; the sink
+ * is not called again. Also the answer to a sink call that returned -1,
+ * from inside that call or later. */
+void aiorch_exchange_gone(aiorch_exchange *x);
+
 /* ---- a main task (the aiorch command's way) ---- */
 
 /* Loads a Lua file and starts it as the main task with the given

@@ -13,7 +13,7 @@
 
 #define POOL_MAX 64
 #define QUIET_S 0.5 /* no transfer for this long: give memory back */
-#define FEED_MAX 16  /* zero timeouts run without polling, per loop iteration */
+#define FEED_MAX 16 /* zero timeouts run without polling, per loop iteration */
 
 typedef struct sockinfo {
     ev_io io;
@@ -23,30 +23,31 @@ typedef struct sockinfo {
 } sockinfo;
 
 struct aiorch_curl {
-    aiorch_runtime *rt;
+    struct ev_loop *loop;
+    aiorch_curl_hooks hooks;
     CURLM *multi;
     ev_timer timer;
     sockinfo *socks;
     CURL *pool[POOL_MAX];
     int npool;
-    int active;     /* transfers added and not yet removed */
+    int active;             /* transfers added and not yet removed */
     unsigned fed_iter, fed; /* zero timeouts fed in loop iteration fed_iter */
-    ev_timer quiet; /* armed while active is 0; does not keep the loop alive */
+    ev_timer quiet;         /* armed while active is 0; does not keep the loop alive */
 };
 
 static void quiet_stop(aiorch_curl *c)
 {
     if (!ev_is_active(&c->quiet)) return;
-    ev_ref(c->rt->loop);
-    ev_timer_stop(c->rt->loop, &c->quiet);
+    ev_ref(c->loop);
+    ev_timer_stop(c->loop, &c->quiet);
 }
 
 static void quiet_start(aiorch_curl *c)
 {
     quiet_stop(c);
     ev_timer_set(&c->quiet, QUIET_S, 0.);
-    ev_timer_start(c->rt->loop, &c->quiet);
-    ev_unref(c->rt->loop);
+    ev_timer_start(c->loop, &c->quiet);
+    ev_unref(c->loop);
 }
 
 static void transfer_gone(aiorch_curl *c)
@@ -54,21 +55,19 @@ static void transfer_gone(aiorch_curl *c)
     if (--c->active == 0) quiet_start(c);
 }
 
-/* ev_timer: no transfer for QUIET_S after a burst. The garbage of the
- * burst's coroutines and the free pages of the heap go back to the system,
- * so that an idle process is small again. */
+/* ev_timer: no transfer for QUIET_S after a burst. The pooled handles go,
+ * the owner gives back what the burst left (quiet hook), and the free pages
+ * of the heap go back to the system, so that an idle process is small again. */
 static void quiet_cb(struct ev_loop *loop, ev_timer *w, int revents)
 {
     (void)revents;
     aiorch_curl *c = w->data;
     ev_ref(loop); /* the expired one-shot timer was stopped by libev */
     if (c->active) return;
-    lua_State *L = c->rt->L;
-    /* Not in a host's state, nor when a script stopped the collector. */
-    if (c->rt->own_L && !c->rt->current && lua_gc(L, LUA_GCISRUNNING)) lua_gc(L, LUA_GCCOLLECT);
-    for (int i = 0; i < c->npool; i++) curl_easy_cleanup(c->pool[i]);
+    if (c->hooks.quiet) c->hooks.quiet(c->hooks.ud);
+    for (int i = 0; i < c->npool; i++)
+        curl_easy_cleanup(c->pool[i]);
     c->npool = 0;
-    if (c->rt->own_L) aiorch_alloc_trim(c->rt);
 #ifdef __GLIBC__
     malloc_trim(0);
 #endif
@@ -96,7 +95,7 @@ static void socket_action(aiorch_curl *c, curl_socket_t fd, int flags)
     int running;
     curl_multi_socket_action(c->multi, fd, flags, &running);
     check_done(c);
-    aiorch_sched_drain(c->rt);
+    if (c->hooks.after) c->hooks.after(c->hooks.ud);
 }
 
 /* ev_io: a curl socket is ready */
@@ -104,7 +103,8 @@ static void io_cb(struct ev_loop *loop, ev_io *w, int revents)
 {
     (void)loop;
     sockinfo *si = w->data;
-    int flags = (revents & EV_READ ? CURL_CSELECT_IN : 0) | (revents & EV_WRITE ? CURL_CSELECT_OUT : 0);
+    int flags =
+        (revents & EV_READ ? CURL_CSELECT_IN : 0) | (revents & EV_WRITE ? CURL_CSELECT_OUT : 0);
     socket_action(si->c, si->fd, flags);
 }
 
@@ -118,7 +118,7 @@ static void timer_cb(struct ev_loop *loop, ev_timer *w, int revents)
 
 static void sock_free(aiorch_curl *c, sockinfo *si)
 {
-    ev_io_stop(c->rt->loop, &si->io);
+    ev_io_stop(c->loop, &si->io);
     if (si->prev)
         si->prev->next = si->next;
     else
@@ -152,10 +152,10 @@ static int curl_socket_cb(CURL *easy, curl_socket_t fd, int what, void *userp, v
     } else if (ev_is_active(&si->io) && (si->io.events & (EV_READ | EV_WRITE)) == events) {
         return 0; /* unchanged: touching it would cost an epoll_ctl */
     } else {
-        ev_io_stop(c->rt->loop, &si->io);
+        ev_io_stop(c->loop, &si->io);
     }
     ev_io_set(&si->io, fd, events);
-    ev_io_start(c->rt->loop, &si->io);
+    ev_io_start(c->loop, &si->io);
     return 0;
 }
 
@@ -164,27 +164,27 @@ static int curl_timer_cb(CURLM *multi, long timeout_ms, void *userp)
 {
     (void)multi;
     aiorch_curl *c = userp;
-    ev_timer_stop(c->rt->loop, &c->timer); /* also drops a fed event not yet run */
-    if (timeout_ms == 0 && c->fed_iter == ev_iteration(c->rt->loop) && c->fed >= FEED_MAX) {
+    ev_timer_stop(c->loop, &c->timer); /* also drops a fed event not yet run */
+    if (timeout_ms == 0 && c->fed_iter == ev_iteration(c->loop) && c->fed >= FEED_MAX) {
         ev_timer_set(&c->timer, 0., 0.); /* enough for this pass: poll first */
-        ev_timer_start(c->rt->loop, &c->timer);
+        ev_timer_start(c->loop, &c->timer);
     } else if (timeout_ms == 0) {
         /* Run it from the loop in this same pass, once the current callback
          * returns, rather than after another poll (one per request). */
-        if (c->fed_iter != ev_iteration(c->rt->loop)) {
-            c->fed_iter = ev_iteration(c->rt->loop);
+        if (c->fed_iter != ev_iteration(c->loop)) {
+            c->fed_iter = ev_iteration(c->loop);
             c->fed = 0;
         }
         c->fed++;
-        ev_feed_event(c->rt->loop, &c->timer, EV_TIMER);
+        ev_feed_event(c->loop, &c->timer, EV_TIMER);
     } else if (timeout_ms > 0) { /* -1 means no timeout */
         ev_timer_set(&c->timer, (double)timeout_ms / 1000.0, 0.);
-        ev_timer_start(c->rt->loop, &c->timer);
+        ev_timer_start(c->loop, &c->timer);
     }
     return 0;
 }
 
-aiorch_curl *aiorch_curl_new(aiorch_runtime *rt)
+aiorch_curl *aiorch_curl_new(struct ev_loop *loop, const aiorch_curl_hooks *hooks)
 {
     /* Reference-counted by libcurl: paired with curl_global_cleanup in free. */
     if (curl_global_init(CURL_GLOBAL_DEFAULT) != CURLE_OK) return NULL;
@@ -193,7 +193,8 @@ aiorch_curl *aiorch_curl_new(aiorch_runtime *rt)
         curl_global_cleanup();
         return NULL;
     }
-    c->rt = rt;
+    c->loop = loop;
+    c->hooks = *hooks;
     c->multi = curl_multi_init();
     if (!c->multi) {
         free(c);
@@ -213,10 +214,12 @@ aiorch_curl *aiorch_curl_new(aiorch_runtime *rt)
 
 void aiorch_curl_free(aiorch_curl *c)
 {
-    for (int i = 0; i < c->npool; i++) curl_easy_cleanup(c->pool[i]);
+    for (int i = 0; i < c->npool; i++)
+        curl_easy_cleanup(c->pool[i]);
     curl_multi_cleanup(c->multi);
-    while (c->socks) sock_free(c, c->socks);
-    ev_timer_stop(c->rt->loop, &c->timer);
+    while (c->socks)
+        sock_free(c, c->socks);
+    ev_timer_stop(c->loop, &c->timer);
     quiet_stop(c);
     free(c);
     curl_global_cleanup();

@@ -31,9 +31,11 @@
 
 /* The deadlines of a request, each on its own libev timer. */
 enum { DL_CONNECT, DL_HEADERS, DL_FIRST_EVENT, DL_GAP, DL_TOTAL, DL_COUNT };
-static const char *const deadline_names[DL_COUNT] = {"connect", "headers", "first_token", "gap", "total"};
+static const char *const deadline_names[DL_COUNT] = {"connect", "headers", "first_token", "gap",
+                                                     "total"};
 static const char *const deadline_fields[DL_COUNT] = {"connect_timeout_ms", "headers_timeout_ms",
-                                                      "first_event_timeout_ms", "gap_timeout_ms", "timeout_ms"};
+                                                      "first_event_timeout_ms", "gap_timeout_ms",
+                                                      "timeout_ms"};
 
 typedef struct deadline {
     ev_timer timer;
@@ -47,8 +49,8 @@ typedef struct http_req {
     aiorch_runtime *rt;
     aiorch_task *task;
     struct curl_slist *headers;
-    int body_ref;  /* the request body string, kept alive for curl */
-    int cb_ref;    /* on_event */
+    int body_ref; /* the request body string, kept alive for curl */
+    int cb_ref;   /* on_event */
     size_t max_body;
     aiorch_sse_text body;
     aiorch_sse_text head; /* header lines of the last response */
@@ -60,7 +62,7 @@ typedef struct http_req {
     int code;
     int too_large;
     size_t streamed; /* bytes of event stream received */
-    int fired;      /* 1 + the deadline that ended the transfer, or 0 */
+    int fired;       /* 1 + the deadline that ended the transfer, or 0 */
     int got_content; /* on_event returned true once */
     deadline dl[DL_COUNT];
     struct http_handle *handle;
@@ -78,7 +80,8 @@ typedef struct http_handle {
 
 static void deadlines_stop(http_req *r)
 {
-    for (int i = 0; i < DL_COUNT; i++) ev_timer_stop(r->rt->loop, &r->dl[i].timer);
+    for (int i = 0; i < DL_COUNT; i++)
+        ev_timer_stop(r->rt->loop, &r->dl[i].timer);
 }
 
 static void req_free(http_req *r)
@@ -318,7 +321,8 @@ static void push_headers(lua_State *L, const http_req *r)
 {
     const char *p = r->head.p, *end = p + r->head.len;
     int lines = 0;
-    for (const char *q = p; q && (q = memchr(q, '\n', (size_t)(end - q))); q++) lines++;
+    for (const char *q = p; q && (q = memchr(q, '\n', (size_t)(end - q))); q++)
+        lines++;
     lua_createtable(L, 0, lines); /* sized once: a line a header, but the status line */
     if (!p) return;
     while (p < end) {
@@ -329,11 +333,14 @@ static void push_headers(lua_State *L, const http_req *r)
             char name[128];
             size_t nlen = (size_t)(colon - p);
             if (nlen > sizeof name) nlen = sizeof name; /* no real header name is longer */
-            for (size_t i = 0; i < nlen; i++) name[i] = (char)tolower((unsigned char)p[i]);
+            for (size_t i = 0; i < nlen; i++)
+                name[i] = (char)tolower((unsigned char)p[i]);
             lua_pushlstring(L, name, nlen);
             const char *v = colon + 1, *ve = eol;
-            while (v < ve && (*v == ' ' || *v == '\t')) v++;
-            while (ve > v && (ve[-1] == '\r' || ve[-1] == ' ' || ve[-1] == '\t')) ve--;
+            while (v < ve && (*v == ' ' || *v == '\t'))
+                v++;
+            while (ve > v && (ve[-1] == '\r' || ve[-1] == ' ' || ve[-1] == '\t'))
+                ve--;
             lua_pushvalue(L, -1);
             if (lua_rawget(L, -3) == LUA_TSTRING) { /* a repeated header: join */
                 lua_pushliteral(L, ", ");
@@ -355,7 +362,8 @@ static int push_outcome(lua_State *L, http_req *r)
         const deadline *d = &r->dl[r->fired - 1];
         lua_pushnil(L);
         lua_pushliteral(L, "timeout");
-        lua_pushfstring(L, "%s deadline of %I ms passed", deadline_names[r->fired - 1], (lua_Integer)d->ms);
+        lua_pushfstring(L, "%s deadline of %I ms passed", deadline_names[r->fired - 1],
+                        (lua_Integer)d->ms);
         lua_pushstring(L, deadline_names[r->fired - 1]);
         return 4;
     }
@@ -491,8 +499,8 @@ static struct curl_slist *check_headers(lua_State *L, int idx)
         size_t nl, vl;
         const char *name = lua_tolstring(L, -2, &nl);
         const char *value = lua_tolstring(L, -1, &vl);
-        if (strpbrk(name, "\r\n:") || nl == 0 || memchr(value, '\r', vl) || memchr(value, '\n', vl) ||
-            strlen(value) != vl) {
+        if (strpbrk(name, "\r\n:") || nl == 0 || memchr(value, '\r', vl) ||
+            memchr(value, '\n', vl) || strlen(value) != vl) {
             curl_slist_free_all(list);
             luaL_error(L, "aiorch.http.request: header '%s' has a forbidden character", name);
         }
@@ -517,6 +525,29 @@ static struct curl_slist *check_headers(lua_State *L, int idx)
     return list;
 }
 
+/* curl's after hook: the tasks its transfers woke run now, from the loop. */
+static void curl_after(void *ud)
+{
+    aiorch_sched_drain(ud);
+}
+
+/* curl's quiet hook: no transfer for a while. The garbage of the burst's
+ * coroutines goes, and the blocks Lua freed go back to malloc (not in a
+ * host's state, nor while a task runs or a script stopped the collector). */
+static void curl_quiet(void *ud)
+{
+    aiorch_runtime *rt = ud;
+    if (!rt->own_L) return;
+    if (!rt->current && lua_gc(rt->L, LUA_GCISRUNNING)) lua_gc(rt->L, LUA_GCCOLLECT);
+    aiorch_alloc_trim(rt);
+}
+
+static aiorch_curl *curl_start(aiorch_runtime *rt)
+{
+    aiorch_curl_hooks hooks = {.after = curl_after, .quiet = curl_quiet, .ud = rt};
+    return aiorch_curl_new(rt->loop, &hooks);
+}
+
 static int l_request(lua_State *L)
 {
     aiorch_runtime *rt = aiorch_rt_of(L);
@@ -525,12 +556,13 @@ static int l_request(lua_State *L)
     ev_tstamp started = ev_now(rt->loop);
     luaL_checktype(L, 1, LUA_TTABLE);
     lua_settop(L, 1);
-    lua_getfield(L, 1, "url");     /* 2 */
-    lua_getfield(L, 1, "method");  /* 3 */
-    lua_getfield(L, 1, "body");    /* 4 */
+    lua_getfield(L, 1, "url");      /* 2 */
+    lua_getfield(L, 1, "method");   /* 3 */
+    lua_getfield(L, 1, "body");     /* 4 */
     lua_getfield(L, 1, "on_event"); /* 5 */
-    lua_getfield(L, 1, "headers"); /* 6 */
-    if (lua_type(L, 2) != LUA_TSTRING) return luaL_error(L, "aiorch.http.request: 'url' must be a string");
+    lua_getfield(L, 1, "headers");  /* 6 */
+    if (lua_type(L, 2) != LUA_TSTRING)
+        return luaL_error(L, "aiorch.http.request: 'url' must be a string");
     if (!lua_isnil(L, 3) && lua_type(L, 3) != LUA_TSTRING)
         return luaL_error(L, "aiorch.http.request: 'method' must be a string");
     if (!lua_isnil(L, 4) && lua_type(L, 4) != LUA_TSTRING)
@@ -538,13 +570,15 @@ static int l_request(lua_State *L)
     if (!lua_isnil(L, 5) && !lua_isfunction(L, 5))
         return luaL_error(L, "aiorch.http.request: 'on_event' must be a function");
     long limits[DL_COUNT];
-    for (int i = 0; i < DL_COUNT; i++) limits[i] = opt_ms(L, deadline_fields[i], 0);
+    for (int i = 0; i < DL_COUNT; i++)
+        limits[i] = opt_ms(L, deadline_fields[i], 0);
     if (!limits[DL_TOTAL]) limits[DL_TOTAL] = DEFAULT_TIMEOUT_MS;
     if (!limits[DL_CONNECT]) limits[DL_CONNECT] = DEFAULT_CONNECT_TIMEOUT_MS;
     long max_body = opt_ms(L, "max_body", DEFAULT_MAX_BODY);
     const char *method = lua_isnil(L, 3) ? (lua_isnil(L, 4) ? "GET" : "POST") : lua_tostring(L, 3);
     for (const char *m = method; *m; m++)
-        if (!isupper((unsigned char)*m)) return luaL_error(L, "aiorch.http.request: bad method '%s'", method);
+        if (!isupper((unsigned char)*m))
+            return luaL_error(L, "aiorch.http.request: bad method '%s'", method);
     aiorch_task *self = aiorch_task_check(L, "aiorch.http.request");
     /* Slot 7, to-be-closed: if the task dies anywhere past this point, closing
      * it aborts the transfer (cancel inside on_event, reset thread, errors). */
@@ -554,7 +588,7 @@ static int l_request(lua_State *L)
     lua_toclose(L, 7);
     struct curl_slist *headers = check_headers(L, 6);
 
-    if (!rt->curl && !(rt->curl = aiorch_curl_new(rt))) {
+    if (!rt->curl && !(rt->curl = curl_start(rt))) {
         curl_slist_free_all(headers);
         return luaL_error(L, "aiorch.http.request: cannot start libcurl");
     }
@@ -612,7 +646,8 @@ static int l_request(lua_State *L)
     curl_easy_setopt(easy, CURLOPT_PREREQFUNCTION, prereq_cb);
     curl_easy_setopt(easy, CURLOPT_PREREQDATA, r);
     curl_easy_setopt(easy, CURLOPT_TCP_KEEPALIVE, 1L);
-    curl_easy_setopt(easy, CURLOPT_BUFFERSIZE, r->cb_ref != LUA_NOREF ? STREAM_BUFFER_SIZE : RECV_BUFFER_SIZE);
+    curl_easy_setopt(easy, CURLOPT_BUFFERSIZE,
+                     r->cb_ref != LUA_NOREF ? STREAM_BUFFER_SIZE : RECV_BUFFER_SIZE);
     if (!lua_isnil(L, 4)) {
         size_t len;
         const char *body = lua_tolstring(L, 4, &len);

@@ -10,9 +10,9 @@
 #define TASK_MT "aiorch.task"
 
 enum {
-    T_READY,     /* queued to run */
-    T_RUNNING,   /* its coroutine is on the C stack */
-    T_WAITING,   /* yielded on t->op */
+    T_READY,   /* queued to run */
+    T_RUNNING, /* its coroutine is on the C stack */
+    T_WAITING, /* yielded on t->op */
     T_DONE,
     T_FAILED,
     T_CANCELLED,
@@ -30,12 +30,12 @@ struct aiorch_task {
     int co_ref;   /* anchors the thread while the task lives */
     int self_ref; /* anchors the userdata while the task lives */
     int state;
-    int nargs;    /* values on co's stack to resume with */
+    int nargs; /* values on co's stack to resume with */
     int started;
     int queued;
     int cancel_requested;
-    int timed_out;  /* the last wait ended by its deadline */
-    int retrieved;  /* someone looked at the outcome */
+    int timed_out;   /* the last wait ended by its deadline */
+    int retrieved;   /* someone looked at the outcome */
     int timer_sleep; /* the timer is a sleep, not a wait deadline */
     uint64_t done_seq;
     aiorch_op *op;
@@ -125,7 +125,9 @@ aiorch_task *aiorch_task_check(lua_State *L, const char *api)
 aiorch_task *aiorch_task_require(aiorch_runtime *rt, lua_State *L, const char *api)
 {
     aiorch_task *t = aiorch_task_current(rt, L);
-    if (!t) luaL_error(L, "%s: must be called from an aiorch task (see aiorch.run / aiorch.spawn)", api);
+    if (!t)
+        luaL_error(L, "%s: must be called from an aiorch task (see aiorch.run / aiorch.spawn)",
+                   api);
     return t;
 }
 
@@ -147,7 +149,7 @@ void aiorch_task_wake(aiorch_task *t, int nargs)
 /* ---- the instruction budget ---- */
 
 static char budget_key;
-static char debug_key; /* a boolean: aiorch.debug() */
+static char debug_key;   /* a boolean: aiorch.debug() */
 static char stopped_key; /* weak table: thread -> the message it was stopped with */
 
 #define HOOK_COUNT 1000 /* instructions between two calls of the hook */
@@ -173,7 +175,8 @@ static void budget_hook(lua_State *L, lua_Debug *ar)
     /* Fire on every instruction from now on, so pcall cannot swallow it. */
     lua_sethook(L, budget_hook, LUA_MASKCOUNT, 1);
     luaL_where(L, 0); /* level 0 in a hook: the function that ran too long */
-    lua_pushfstring(L, "instruction budget exceeded (%I instructions without yielding)", (lua_Integer)rt->budget);
+    lua_pushfstring(L, "instruction budget exceeded (%I instructions without yielding)",
+                    (lua_Integer)rt->budget);
     lua_concat(L, 2);
     lua_pushthread(L);
     lua_pushvalue(L, -2);
@@ -233,7 +236,8 @@ static int watchdog_start(aiorch_runtime *rt)
     if (rt->wd_state) return rt->wd_state > 0;
     rt->wd_state = -1;
     if (pthread_condattr_init(&ca)) return 0;
-    ok = pthread_condattr_setclock(&ca, CLOCK_MONOTONIC) == 0 && pthread_cond_init(&rt->wd_cv, &ca) == 0;
+    ok = pthread_condattr_setclock(&ca, CLOCK_MONOTONIC) == 0 &&
+         pthread_cond_init(&rt->wd_cv, &ca) == 0;
     pthread_condattr_destroy(&ca);
     if (!ok) return 0;
     if (pthread_mutex_init(&rt->wd_mu, NULL)) {
@@ -394,7 +398,8 @@ static void finish(aiorch_task *t, int state)
     ready_remove(t);
     if (ev_is_active(&t->timer)) ev_timer_stop(rt->loop, &t->timer);
     unlink_child(t);
-    while (t->children) unlink_child(t->children);
+    while (t->children)
+        unlink_child(t->children);
     if (t->live_prev)
         t->live_prev->live_next = t->live_next;
     else
@@ -432,7 +437,8 @@ static void finish_ok(aiorch_task *t, int nres)
     lua_xmove(t->co, S, nres);
     lua_createtable(S, nres, 1);
     lua_insert(S, -(nres + 1));
-    for (int i = nres; i >= 1; i--) lua_rawseti(S, -1 - i, i);
+    for (int i = nres; i >= 1; i--)
+        lua_rawseti(S, -1 - i, i);
     lua_pushinteger(S, nres);
     lua_setfield(S, -2, "n");
     if (t->rt->main == t) {
@@ -538,8 +544,30 @@ void aiorch_sched_drain(aiorch_runtime *rt)
 {
     if (rt->draining) return;
     rt->draining = 1;
-    while (rt->ready_head) resume(rt->ready_head);
+    while (rt->ready_head)
+        resume(rt->ready_head);
     rt->draining = 0;
+}
+
+/* ev_check, only ever fed: runs the tasks queued outside the loop's own
+ * callbacks (by a host's call). */
+static void soon_cb(struct ev_loop *loop, ev_check *w, int revents)
+{
+    (void)loop;
+    (void)revents;
+    aiorch_sched_drain(w->data);
+}
+
+void aiorch_sched_init(aiorch_runtime *rt)
+{
+    ev_init(&rt->soon_w, soon_cb);
+    rt->soon_w.data = rt;
+}
+
+void aiorch_sched_soon(aiorch_runtime *rt)
+{
+    if (!ev_is_pending(&rt->soon_w)) ev_feed_event(rt->loop, &rt->soon_w, EV_CUSTOM);
+    aiorch_loop_wake(rt);
 }
 
 static aiorch_task *check_task(lua_State *L, int idx)
@@ -555,11 +583,11 @@ aiorch_task *aiorch_task_spawn(aiorch_runtime *rt, lua_State *L, int nargs)
     t->rt = rt;
     t->co_ref = t->self_ref = LUA_NOREF;
     luaL_setmetatable(L, TASK_MT);
-    lua_insert(L, -(nargs + 2));     /* task fn args... */
+    lua_insert(L, -(nargs + 2)); /* task fn args... */
     t->co = lua_newthread(L);
     if (!watchdog_start(rt)) arm(t->co); /* no thread: hooked all along */
-    lua_insert(L, -(nargs + 2));     /* task thread fn args... */
-    lua_xmove(L, t->co, nargs + 1);  /* task thread */
+    lua_insert(L, -(nargs + 2));         /* task thread fn args... */
+    lua_xmove(L, t->co, nargs + 1);      /* task thread */
     t->co_ref = luaL_ref(L, LUA_REGISTRYINDEX);
     lua_pushvalue(L, -1);
     t->self_ref = luaL_ref(L, LUA_REGISTRYINDEX);
@@ -643,7 +671,8 @@ static int push_results(lua_State *L, int idx, aiorch_task *t)
         int n = (int)(lua_getfield(L, -1, "n"), lua_tointeger(L, -1));
         lua_pop(L, 1);
         luaL_checkstack(L, n, "too many results");
-        for (int i = 1; i <= n; i++) lua_rawgeti(L, -i, i);
+        for (int i = 1; i <= n; i++)
+            lua_rawgeti(L, -i, i);
         lua_remove(L, -(n + 1));
         return n;
     }
@@ -852,7 +881,8 @@ static aiorch_task **check_tasks(lua_State *L, int idx, int *n)
     for (int i = 1; i <= *n; i++) {
         lua_rawgeti(L, idx, i);
         aiorch_task *t = luaL_testudata(L, -1, TASK_MT);
-        if (!t) luaL_error(L, "bad task list: item %d is a %s, not a task", i, luaL_typename(L, -1));
+        if (!t)
+            luaL_error(L, "bad task list: item %d is a %s, not a task", i, luaL_typename(L, -1));
         list[i - 1] = t;
         lua_pop(L, 1);
     }
@@ -964,7 +994,8 @@ static int first_scan(lua_State *L)
                     lua_pushliteral(L, "timeout");
                 } else {
                     lua_pushliteral(L, "none");
-                    lua_pushfstring(L, "no task of %d gave a value that satisfies the predicate", n);
+                    lua_pushfstring(L, "no task of %d gave a value that satisfies the predicate",
+                                    n);
                 }
                 return 3 + push_gathered(L);
             }
@@ -1107,15 +1138,9 @@ static const luaL_Reg task_meta[] = {
 };
 
 static const luaL_Reg task_funcs[] = {
-    {"spawn", l_spawn},
-    {"gather", l_gather},
-    {"first", l_first},
-    {"sleep", l_sleep},
-    {"current", l_current},
-    {"now", l_now},
-    {"run", l_run},
-    {"debug", l_debug},
-    {NULL, NULL},
+    {"spawn", l_spawn}, {"gather", l_gather},   {"first", l_first},
+    {"sleep", l_sleep}, {"current", l_current}, {"now", l_now},
+    {"run", l_run},     {"debug", l_debug},     {NULL, NULL},
 };
 
 void aiorch_task_open(aiorch_runtime *rt, lua_State *L)
