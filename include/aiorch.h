@@ -3,14 +3,19 @@
  * One runtime = one lua_State + one libev loop. Nothing here is
  * process-global: several runtimes can live in one process, and each thread
  * may have its own (a runtime, and everything it hands out, belongs to one
- * thread at a time). A host drives a runtime in one of three ways:
+ * thread at a time). A host drives a runtime in one of four ways:
  *
  *   - its own loop: aiorch_runtime_wait() runs it until every job ended;
  *   - the host's libev loop (opts.loop): the host's ev_run drives it;
- *   - any other loop (libuv, epoll, kqueue, nginx; opts.pollable = 1): the
- *     host watches aiorch_runtime_fd() for reading and calls
+ *   - any other loop (libuv, epoll, kqueue; opts.pollable = 1): the host
+ *     watches aiorch_runtime_fd() for reading and calls
  *     aiorch_runtime_step() when it is readable. Nothing else is needed: no
- *     timer, no socket list (see aiorch_runtime_fd).
+ *     timer, no socket list (see aiorch_runtime_fd); the runtime's libev
+ *     loop waits in a thread of its own;
+ *   - the host's own loop, with no thread and no loop of the runtime's
+ *     (opts.host): the runtime hands the host each socket to watch and
+ *     each timer to arm, and the host calls aiorch_runtime_ready (see
+ *     aiorch_host). The nginx module runs this way.
  *
  * Work is submitted as jobs (aiorch_job_submit_*): a Lua file, a Lua chunk,
  * or an orchestration of an AIRequest given as JSON. Each job ends with
@@ -37,6 +42,40 @@ extern "C" {
 typedef struct aiorch_runtime aiorch_runtime;
 typedef struct aiorch_job aiorch_job;
 
+/* ---- a host's own event loop (opts.host) ----
+ *
+ * In the shape of libcurl's multi_socket interface, one call per watcher:
+ * the runtime asks the host to watch a socket, or to arm a timer, naming
+ * its watcher; when the socket is ready or the timer is due, the host
+ * calls aiorch_runtime_ready(rt, w, events) from its loop. Everything the
+ * runtime does (Lua, libcurl, every callback) then runs inside those
+ * calls, on the host's thread. Not available to such a runtime: its own
+ * HTTP server (aiorch.server; the host serves HTTP, see aiorch_exchange),
+ * aiorch.process and aiorch.signal, aiorch_runtime_run/wait/step. */
+typedef struct aiorch_watch aiorch_watch;
+
+#define AIORCH_READ 1
+#define AIORCH_WRITE 2
+#define AIORCH_TIMER 4
+#define AIORCH_WEAK 1 /* timer flag: background work; it must not keep the host running */
+#define AIORCH_SOON 2 /* timer flag: run it right after the current callback returns */
+
+typedef struct aiorch_host {
+    /* Watch fd for events (AIORCH_READ, AIORCH_WRITE or both, reported
+     * level-triggered: as long as the socket stays ready), or stop
+     * watching it (events 0: the runtime may close the fd next, or keep it
+     * for later). *slot is the host's per-watcher data: NULL at first,
+     * kept by the runtime. Returns 0, or -1 when the host cannot watch it. */
+    int (*io)(void *ud, aiorch_watch *w, int fd, int events, void **slot);
+    /* Arm w once, ms milliseconds from now (ms 0: after the host polls
+     * again; with AIORCH_SOON: as soon as the current callback returns,
+     * before it polls), or disarm it (ms < 0). A timer armed again moves. */
+    void (*timer)(void *ud, aiorch_watch *w, long ms, int flags, void **slot);
+    /* The runtime is done with a watcher, which is stopped: free *slot. */
+    void (*release)(void *ud, void *slot);
+    void *ud;
+} aiorch_host;
+
 /* Called with each error that no Lua code caught and that belongs to no job
  * (a failed task that nobody awaited, a failing handler). The default
  * prints to stderr. */
@@ -52,6 +91,8 @@ typedef struct aiorch_options {
                                 ($AIORCH_INSTRUCTION_BUDGET, else 100 million) */
     aiorch_error_fn on_error;
     void *error_ud;
+    const aiorch_host *host; /* the host's loop drives the runtime (copied; needs loop == NULL,
+                                pollable == 0) */
 } aiorch_options;
 
 /* ---- the runtime ---- */
@@ -97,7 +138,8 @@ size_t aiorch_runtime_jobs(aiorch_runtime *rt);
  * (a socket, a timer, a submitted job) that thread makes the fd readable
  * and waits; every callback then runs on the host's thread, inside
  * aiorch_runtime_step. The host needs one fd and no timer: a uv_poll_t, an
- * epoll or kqueue entry, or nginx's ngx_get_connection + ngx_add_event. */
+ * epoll or kqueue entry. A host that wants no thread at all hands out its
+ * own sockets and timers instead (opts.host). */
 
 /* The fd to watch for reading (level- or edge-triggered both work), or -1
  * when the runtime is not pollable. Do not read or close it. */
@@ -107,6 +149,11 @@ int aiorch_runtime_fd(aiorch_runtime *rt);
  * the fd is readable (a call at any other time is harmless). Without
  * opts.pollable it runs one non-blocking pass of the runtime's loop. */
 void aiorch_runtime_step(aiorch_runtime *rt);
+
+/* A host's socket or timer of watcher w is ready (events: AIORCH_READ,
+ * AIORCH_WRITE, AIORCH_TIMER): the runtime runs what it was waiting for.
+ * Only for a watcher the runtime has not stopped since. */
+void aiorch_runtime_ready(aiorch_runtime *rt, aiorch_watch *w, int events);
 
 /* ---- jobs ---- */
 

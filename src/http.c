@@ -38,7 +38,7 @@ static const char *const deadline_fields[DL_COUNT] = {"connect_timeout_ms", "hea
                                                       "timeout_ms"};
 
 typedef struct deadline {
-    ev_timer timer;
+    aiorch_watch timer; /* first: the callback gets its address */
     struct http_req *r;
     long ms; /* 0: not set */
 } deadline;
@@ -81,7 +81,7 @@ typedef struct http_handle {
 static void deadlines_stop(http_req *r)
 {
     for (int i = 0; i < DL_COUNT; i++)
-        ev_timer_stop(r->rt->loop, &r->dl[i].timer);
+        aiorch_watch_stop(&r->dl[i].timer);
 }
 
 static void req_free(http_req *r)
@@ -92,7 +92,8 @@ static void req_free(http_req *r)
         r->rt->http_reqs = r->next;
     if (r->next) r->next->prev = r->prev;
     if (r->handle) r->handle->r = NULL;
-    deadlines_stop(r);
+    for (int i = 0; i < DL_COUNT; i++)
+        aiorch_watch_close(&r->dl[i].timer);
     lua_State *S = r->rt->S;
     aiorch_curl_easy_put(r->rt->curl, r->tr.easy);
     curl_slist_free_all(r->headers);
@@ -121,10 +122,9 @@ static void req_abort(http_req *r)
 }
 
 /* A deadline passed: the transfer ends now, as a timeout naming it. */
-static void deadline_cb(struct ev_loop *loop, ev_timer *w, int revents)
+static void deadline_cb(aiorch_watch *w, int events)
 {
-    (void)loop;
-    (void)revents;
+    (void)events;
     deadline *d = (deadline *)w;
     http_req *r = d->r;
     if (r->finished) return;
@@ -138,15 +138,13 @@ static void deadline_cb(struct ev_loop *loop, ev_timer *w, int revents)
 }
 
 /* Arms a deadline `ms` after `since` (a loop time; 0: now). */
-static void deadline_arm_since(http_req *r, int which, ev_tstamp since)
+static void deadline_arm_since(http_req *r, int which, double since)
 {
     deadline *d = &r->dl[which];
     if (d->ms <= 0 || r->finished) return;
     double after = (double)d->ms / 1000.0;
-    if (since > 0) after -= ev_now(r->rt->loop) - since;
-    ev_timer_stop(r->rt->loop, &d->timer);
-    ev_timer_set(&d->timer, after > 0 ? after : 0, 0.0);
-    ev_timer_start(r->rt->loop, &d->timer);
+    if (since > 0) after -= aiorch_loop_now(&r->rt->lp) - since;
+    aiorch_watch_start(&d->timer, after > 0 ? after : 0);
 }
 
 static void deadline_arm(http_req *r, int which)
@@ -156,7 +154,7 @@ static void deadline_arm(http_req *r, int which)
 
 static void deadline_done(http_req *r, int which)
 {
-    ev_timer_stop(r->rt->loop, &r->dl[which].timer);
+    aiorch_watch_stop(&r->dl[which].timer);
 }
 
 /* CURLOPT_PREREQFUNCTION: connected (TCP and TLS), or a connection reused. */
@@ -545,15 +543,14 @@ static void curl_quiet(void *ud)
 static aiorch_curl *curl_start(aiorch_runtime *rt)
 {
     aiorch_curl_hooks hooks = {.after = curl_after, .quiet = curl_quiet, .ud = rt};
-    return aiorch_curl_new(rt->loop, &hooks);
+    return aiorch_curl_new(&rt->lp, &hooks);
 }
 
 static int l_request(lua_State *L)
 {
     aiorch_runtime *rt = aiorch_rt_of(L);
     /* The deadlines count from here: setting up (libcurl's first start) included. */
-    ev_now_update(rt->loop);
-    ev_tstamp started = ev_now(rt->loop);
+    double started = aiorch_loop_now(&rt->lp);
     luaL_checktype(L, 1, LUA_TTABLE);
     lua_settop(L, 1);
     lua_getfield(L, 1, "url");      /* 2 */
@@ -616,7 +613,7 @@ static int l_request(lua_State *L)
     for (int i = 0; i < DL_COUNT; i++) {
         r->dl[i].r = r;
         r->dl[i].ms = limits[i];
-        ev_init(&r->dl[i].timer, deadline_cb);
+        aiorch_watch_timer_init(&r->dl[i].timer, &rt->lp, deadline_cb, &r->dl[i], 0);
     }
 
     lua_pushvalue(L, 4);
@@ -679,7 +676,6 @@ static int l_request(lua_State *L)
     }
     /* The connect, headers, first event and total deadlines start now; the gap
      * one when the stream's headers are in. */
-    ev_now_update(rt->loop);
     for (int i = 0; i < DL_COUNT; i++)
         if (i != DL_GAP) deadline_arm_since(r, i, started);
     aiorch_task_wait(self, &r->op);

@@ -12,10 +12,11 @@
  *              server.c (aiorch.server; the request object and response
  *              writer every host shares)
  *   scheduler  task.c (coroutine tasks, sleep, deadlines)
- *   glue       curl_glue.c (curl multi on libev), server_conn.c (the
+ *   glue       curl_glue.c (curl multi on the loop), server_conn.c (the
  *              HTTP/1.1 server's connections, limits, backpressure)
- *   mechanics  http1.c (HTTP/1.1 on http-parser), sse.c, loop.c (a
- *              pollable runtime's loop thread), root.c
+ *   mechanics  watch.c (the runtime's sockets and timers, on libev or a
+ *              host's loop), http1.c (HTTP/1.1 on http-parser), sse.c,
+ *              loop.c (a pollable runtime's loop thread), root.c
  *   base       base.c: reports, the clock, Lua's allocator
  *
  * A lower layer that must reach a higher one takes a hook (curl_glue's
@@ -31,6 +32,7 @@
 #include <stdint.h>
 
 #include "aiorch.h"
+#include "watch.h"
 
 typedef struct aiorch_task aiorch_task;
 typedef struct aiorch_curl aiorch_curl;
@@ -41,8 +43,9 @@ typedef struct aiorch_op {
 } aiorch_op;
 
 struct aiorch_runtime {
-    struct ev_loop *loop;
+    struct ev_loop *loop; /* NULL when a host's loop drives the runtime (opts.host) */
     int own_loop;
+    aiorch_loop lp; /* watch.c: where the runtime's own sockets and timers wait */
     lua_State *L;
     lua_State *S; /* a scratch thread, never resumed */
     int S_ref;
@@ -55,8 +58,8 @@ struct aiorch_runtime {
     long nlive;        /* how many */
     int gc_pause;      /* task.c: the GC pause to restore after a busy spell, or 0 */
     int draining;
-    ev_check soon_w; /* task.c: fed to run the ready tasks from the loop */
-    long budget;     /* instructions per resume */
+    aiorch_watch soon_w; /* task.c: posted to run the ready tasks from the loop */
+    long budget;         /* instructions per resume */
     long used;
     uint64_t seq;      /* orders task completions */
     aiorch_task *main; /* started by aiorch_runtime_start */
@@ -88,7 +91,7 @@ struct aiorch_runtime {
     struct aiorch_job *jobs;                  /* every job not yet freed */
     struct aiorch_job *done_head, *done_tail; /* ended, their callbacks not yet called */
     size_t njobs;
-    ev_check job_w;           /* fed: runs new jobs, delivers ended ones */
+    aiorch_watch job_w;       /* posted: runs new jobs, delivers ended ones */
     int closing;              /* being freed: no new jobs */
     struct aiorch_poll *poll; /* loop.c: the loop thread of a pollable runtime */
 };
@@ -116,7 +119,7 @@ void aiorch_loop_lock(aiorch_runtime *rt);
 void aiorch_loop_unlock(aiorch_runtime *rt);
 void aiorch_loop_wake(aiorch_runtime *rt); /* after watchers changed outside a step */
 
-/* http1.c (http1.h) and sse.c (sse.h) have headers of their own. */
+/* watch.c (watch.h), http1.c (http1.h) and sse.c (sse.h) have headers of their own. */
 
 /* ---- glue ---- */
 
@@ -131,7 +134,7 @@ typedef struct aiorch_curl_hooks {
     void (*quiet)(void *ud); /* no transfer for a while: give memory back */
     void *ud;
 } aiorch_curl_hooks;
-aiorch_curl *aiorch_curl_new(struct ev_loop *loop, const aiorch_curl_hooks *hooks);
+aiorch_curl *aiorch_curl_new(aiorch_loop *lp, const aiorch_curl_hooks *hooks);
 void aiorch_curl_free(aiorch_curl *c);
 int aiorch_curl_add(aiorch_curl *c, aiorch_transfer *tr); /* CURLOPT_PRIVATE = tr */
 void aiorch_curl_remove(aiorch_curl *c, aiorch_transfer *tr);
@@ -163,6 +166,7 @@ void aiorch_sched_drain(aiorch_runtime *rt);
 /* Drains from the loop, soon: for work queued outside the loop's callbacks. */
 void aiorch_sched_soon(aiorch_runtime *rt);
 void aiorch_sched_init(aiorch_runtime *rt);
+void aiorch_sched_close(aiorch_runtime *rt);
 void aiorch_task_cancel_all(aiorch_runtime *rt);
 void aiorch_task_watchdog_stop(aiorch_runtime *rt); /* before the lua_State closes */
 /* Each *_open adds its functions to the module table on top of L, with rt as

@@ -152,7 +152,7 @@ void aiorch_runtime_step(aiorch_runtime *rt)
     aiorch_poll *p = rt->poll;
     uint64_t n;
     if (!p) {
-        ev_run(rt->loop, EVRUN_NOWAIT);
+        if (rt->loop) ev_run(rt->loop, EVRUN_NOWAIT);
         return;
     }
     pthread_mutex_lock(&p->mu);

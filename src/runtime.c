@@ -64,6 +64,10 @@ int aiorch_runtime_init(aiorch_runtime *rt, lua_State *L, const aiorch_options *
     if (!opts) opts = &none;
     const char *env;
     rt->L = L;
+    if (opts->host)
+        rt->lp.host = *opts->host;
+    else
+        rt->lp.ev = rt->loop;
     rt->on_error = opts->on_error ? opts->on_error : default_report;
     rt->error_ud = opts->error_ud;
     rt->budget = opts->instruction_budget;
@@ -92,7 +96,8 @@ void aiorch_runtime_teardown(aiorch_runtime *rt)
         aiorch_job_close_all(rt, "the runtime was freed");
         aiorch_task_cancel_all(rt);
         aiorch_server_close_all(rt);
-        if (rt->loop) ev_clear_pending(rt->loop, &rt->soon_w); /* a host's loop goes on */
+        aiorch_sched_close(rt); /* a host's loop goes on: nothing of ours may stay on it */
+        aiorch_watch_close(&rt->job_w);
     }
     aiorch_task_watchdog_stop(rt);
     if (rt->curl) aiorch_curl_free(rt->curl);
@@ -104,19 +109,25 @@ void aiorch_runtime_teardown(aiorch_runtime *rt)
 
 aiorch_runtime *aiorch_runtime_new(const aiorch_options *opts)
 {
+    const aiorch_host *host = opts ? opts->host : NULL;
     if (opts && opts->pollable && opts->loop) {
         fprintf(stderr, "aiorch: a pollable runtime makes its own loop: opts.loop must be NULL\n");
+        return NULL;
+    }
+    if (host && (opts->loop || opts->pollable || !host->io || !host->timer || !host->release)) {
+        fprintf(stderr, "aiorch: opts.host needs io, timer and release, and neither opts.loop "
+                        "nor opts.pollable\n");
         return NULL;
     }
     aiorch_runtime *rt = calloc(1, sizeof *rt);
     if (!rt) return NULL;
     rt->loop = opts && opts->loop ? opts->loop : NULL;
-    if (!rt->loop) {
+    if (!rt->loop && !host) {
         rt->loop = ev_loop_new(EVFLAG_AUTO);
         rt->own_loop = 1;
     }
     lua_State *L = lua_newstate(aiorch_lua_alloc, rt);
-    if (!rt->loop || !L) {
+    if ((!rt->loop && !host) || !L) {
         fprintf(stderr, "aiorch: cannot create the runtime: out of memory\n");
         if (L) lua_close(L);
         aiorch_alloc_trim(rt);
@@ -152,6 +163,12 @@ void aiorch_runtime_free(aiorch_runtime *rt)
     aiorch_alloc_trim(rt);
     if (rt->own_loop && rt->loop) ev_loop_destroy(rt->loop);
     free(rt);
+}
+
+void aiorch_runtime_ready(aiorch_runtime *rt, aiorch_watch *w, int events)
+{
+    (void)rt;
+    aiorch_watch_ready(w, events);
 }
 
 struct lua_State *aiorch_runtime_lua(aiorch_runtime *rt)
@@ -216,9 +233,11 @@ int aiorch_runtime_busy(aiorch_runtime *rt)
 
 int aiorch_runtime_run(aiorch_runtime *rt, const char *path, int argc, char **argv)
 {
-    if (rt->poll) {
+    if (rt->poll || !rt->loop) {
         snprintf(rt->error, sizeof rt->error,
-                 "aiorch_runtime_run: the runtime is pollable: drive it with aiorch_runtime_step");
+                 rt->poll ? "aiorch_runtime_run: the runtime is pollable: drive it with "
+                            "aiorch_runtime_step"
+                          : "aiorch_runtime_run: a host's loop drives this runtime");
         return 1;
     }
     if (start(rt, path, argc, argv) != 0) return 1;
@@ -236,6 +255,11 @@ int aiorch_runtime_run(aiorch_runtime *rt, const char *path, int argc, char **ar
 
 int aiorch_runtime_wait(aiorch_runtime *rt)
 {
+    if (!rt->loop && !rt->poll) {
+        snprintf(rt->error, sizeof rt->error,
+                 "aiorch_runtime_wait: a host's loop drives this runtime");
+        return -1;
+    }
     if (rt->poll) {
         struct pollfd pfd = {.fd = aiorch_runtime_fd(rt), .events = POLLIN};
         while (rt->njobs > 0) {

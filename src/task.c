@@ -42,9 +42,9 @@ struct aiorch_task {
     aiorch_task *ready_prev, *ready_next;
     aiorch_task *live_prev, *live_next;
     aiorch_task *parent, *children, *sib_prev, *sib_next;
-    waitnode *waiters; /* waitsets watching this task */
-    waitset *ws;       /* the waitset this task waits on */
-    ev_timer timer;    /* sleep, or the deadline of a wait */
+    waitnode *waiters;  /* waitsets watching this task */
+    waitset *ws;        /* the waitset this task waits on */
+    aiorch_watch timer; /* sleep, or the deadline of a wait */
     aiorch_op sleep_op;
 };
 
@@ -363,6 +363,7 @@ static void gc_load(aiorch_runtime *rt)
 
 static void waitset_free(waitset *ws);
 static void waitset_fire(waitset *ws);
+static void task_timer_cb(aiorch_watch *w, int events);
 
 static void push_self(aiorch_task *t, lua_State *S)
 {
@@ -396,7 +397,7 @@ static void finish(aiorch_task *t, int state)
     t->done_seq = ++rt->seq;
     t->op = NULL;
     ready_remove(t);
-    if (ev_is_active(&t->timer)) ev_timer_stop(rt->loop, &t->timer);
+    aiorch_watch_close(&t->timer);
     unlink_child(t);
     while (t->children)
         unlink_child(t->children);
@@ -549,25 +550,28 @@ void aiorch_sched_drain(aiorch_runtime *rt)
     rt->draining = 0;
 }
 
-/* ev_check, only ever fed: runs the tasks queued outside the loop's own
- * callbacks (by a host's call). */
-static void soon_cb(struct ev_loop *loop, ev_check *w, int revents)
+/* posted: runs the tasks queued outside the loop's own callbacks (by a
+ * host's call). */
+static void soon_cb(aiorch_watch *w, int events)
 {
-    (void)loop;
-    (void)revents;
+    (void)events;
     aiorch_sched_drain(w->data);
 }
 
 void aiorch_sched_init(aiorch_runtime *rt)
 {
-    ev_init(&rt->soon_w, soon_cb);
-    rt->soon_w.data = rt;
+    aiorch_watch_timer_init(&rt->soon_w, &rt->lp, soon_cb, rt, 0);
 }
 
 void aiorch_sched_soon(aiorch_runtime *rt)
 {
-    if (!ev_is_pending(&rt->soon_w)) ev_feed_event(rt->loop, &rt->soon_w, EV_CUSTOM);
+    if (!aiorch_watch_active(&rt->soon_w)) aiorch_watch_post(&rt->soon_w);
     aiorch_loop_wake(rt);
+}
+
+void aiorch_sched_close(aiorch_runtime *rt)
+{
+    aiorch_watch_close(&rt->soon_w);
 }
 
 static aiorch_task *check_task(lua_State *L, int idx)
@@ -593,8 +597,7 @@ aiorch_task *aiorch_task_spawn(aiorch_runtime *rt, lua_State *L, int nargs)
     t->self_ref = luaL_ref(L, LUA_REGISTRYINDEX);
     t->nargs = nargs;
     t->state = T_READY;
-    ev_init(&t->timer, NULL);
-    t->timer.data = t;
+    aiorch_watch_timer_init(&t->timer, &rt->lp, task_timer_cb, t, 0);
 
     t->live_next = rt->live;
     if (rt->live) rt->live->live_prev = t;
@@ -708,7 +711,7 @@ static void waitset_free(waitset *ws)
 {
     aiorch_task *owner = ws->owner;
     waitset_detach(ws);
-    if (ev_is_active(&owner->timer)) ev_timer_stop(owner->rt->loop, &owner->timer);
+    aiorch_watch_stop(&owner->timer);
     owner->ws = NULL;
     free(ws);
 }
@@ -725,11 +728,10 @@ static void waitset_cancel(aiorch_op *op)
     waitset_free((waitset *)op);
 }
 
-/* ev_timer: the deadline of a wait, or the end of a sleep */
-static void task_timer_cb(struct ev_loop *loop, ev_timer *w, int revents)
+/* timer: the deadline of a wait, or the end of a sleep */
+static void task_timer_cb(aiorch_watch *w, int events)
 {
-    (void)loop;
-    (void)revents;
+    (void)events;
     aiorch_task *t = w->data;
     aiorch_runtime *rt = t->rt;
     if (t->timer_sleep) {
@@ -744,10 +746,7 @@ static void task_timer_cb(struct ev_loop *loop, ev_timer *w, int revents)
 static void arm_timer(aiorch_task *t, double ms, int sleep)
 {
     t->timer_sleep = sleep;
-    ev_now_update(t->rt->loop); /* the cached time may be stale: never fire early */
-    ev_timer_init(&t->timer, task_timer_cb, ms < 0 ? 0 : ms / 1000.0, 0.);
-    t->timer.data = t;
-    ev_timer_start(t->rt->loop, &t->timer);
+    aiorch_watch_start(&t->timer, ms < 0 ? 0 : ms / 1000.0);
 }
 
 /* Makes self wait for any or all of the listed tasks, with an optional deadline. */
@@ -1074,7 +1073,7 @@ static int l_first(lua_State *L)
 static void sleep_cancel(aiorch_op *op)
 {
     aiorch_task *t = (aiorch_task *)((char *)op - offsetof(aiorch_task, sleep_op));
-    if (ev_is_active(&t->timer)) ev_timer_stop(t->rt->loop, &t->timer);
+    aiorch_watch_stop(&t->timer);
 }
 
 static int l_sleep(lua_State *L)
@@ -1111,6 +1110,7 @@ static int l_run(lua_State *L)
     aiorch_runtime *rt = aiorch_rt_of(L);
     luaL_checktype(L, 1, LUA_TFUNCTION);
     if (rt->current) return luaL_error(L, "aiorch.run: already inside a task; use aiorch.spawn");
+    if (!rt->loop) return luaL_error(L, "aiorch.run: this runtime runs on a host's loop");
     aiorch_task *t = aiorch_task_spawn(rt, L, lua_gettop(L) - 1);
     int idx = lua_gettop(L);
     aiorch_sched_drain(rt);

@@ -10,7 +10,7 @@ set -eu
 rank() {
   case "$1" in
     base) echo 0 ;;
-    http1 | sse | loop | root) echo 1 ;;
+    watch | http1 | sse | loop | root) echo 1 ;;
     curl_glue | server_conn) echo 2 ;;
     task) echo 3 ;;
     http | process | server) echo 4 ;;
