@@ -74,6 +74,14 @@ typedef struct aiorch_host {
     /* The runtime is done with a watcher, which is stopped: free *slot. */
     void (*release)(void *ud, void *slot);
     void *ud;
+    /* Optional (may be NULL): the runtime closes fd now, a socket it
+     * watched before (its watcher is stopped by then). A host that keeps a
+     * stopped socket registered, to spare a system call when the socket
+     * is watched again (libcurl stops watching a connection it keeps
+     * alive, and watches it again for the next request), drops it here;
+     * a socket it reports ready meanwhile without a watcher, it drops at
+     * once. */
+    void (*closing)(void *ud, int fd);
 } aiorch_host;
 
 /* Called with each error that no Lua code caught and that belongs to no job

@@ -1,5 +1,6 @@
 /* The bottom layer: what every other file of the runtime may use, and
  * which uses none of them. Reports, the clock, and Lua's allocator. */
+#include <signal.h>
 #include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -101,4 +102,18 @@ void aiorch_alloc_trim(aiorch_runtime *rt)
         }
         rt->nblocks[k] = 0;
     }
+}
+
+/* A helper thread takes no signal: they stay the host's main thread's,
+ * whose loop they must interrupt (nginx's worker sets its flags from its
+ * handlers, then returns from epoll_wait to act on them). */
+int aiorch_thread_start(pthread_t *t, void *(*fn)(void *), void *arg)
+{
+    sigset_t all, old;
+    int rc;
+    sigfillset(&all);
+    pthread_sigmask(SIG_SETMASK, &all, &old);
+    rc = pthread_create(t, NULL, fn, arg);
+    pthread_sigmask(SIG_SETMASK, &old, NULL);
+    return rc;
 }

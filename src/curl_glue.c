@@ -4,6 +4,7 @@
  * curl_multi_socket_action from both. Finished transfers are reported only
  * after curl_multi_socket_action has returned. */
 #include <stdlib.h>
+#include <unistd.h>
 #ifdef __GLIBC__
 #include <malloc.h>
 #endif
@@ -201,9 +202,22 @@ void aiorch_curl_free(aiorch_curl *c)
     curl_global_cleanup();
 }
 
+/* CURLOPT_CLOSESOCKETFUNCTION: a host that keeps a stopped socket
+ * registered hears first that it goes. */
+static int close_cb(void *clientp, curl_socket_t fd)
+{
+    aiorch_curl *c = clientp;
+    aiorch_loop_closing(c->lp, fd);
+    return close(fd);
+}
+
 int aiorch_curl_add(aiorch_curl *c, aiorch_transfer *tr)
 {
     curl_easy_setopt(tr->easy, CURLOPT_PRIVATE, tr);
+    if (!c->lp->ev) {
+        curl_easy_setopt(tr->easy, CURLOPT_CLOSESOCKETFUNCTION, close_cb);
+        curl_easy_setopt(tr->easy, CURLOPT_CLOSESOCKETDATA, c);
+    }
     if (curl_multi_add_handle(c->multi, tr->easy) != CURLM_OK) return -1;
     c->active++;
     aiorch_watch_stop(&c->quiet);

@@ -104,6 +104,7 @@ void aiorch_report(aiorch_runtime *rt, const char *fmt, ...);
 double aiorch_now_ms(void);
 void *aiorch_lua_alloc(void *ud, void *ptr, size_t osize, size_t nsize); /* ud: the runtime */
 void aiorch_alloc_trim(aiorch_runtime *rt); /* gives the kept blocks back to malloc */
+int aiorch_thread_start(pthread_t *t, void *(*fn)(void *), void *arg); /* signals blocked */
 
 /* ---- mechanics ---- */
 

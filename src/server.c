@@ -802,6 +802,7 @@ static void exchange_refuse(aiorch_exchange *x, int status, const char *rbody, s
     }
     if (x->ud) answer(L, x, status, type, body, len, 0);
     lua_settop(L, top);
+    exchange_drop(x, 0); /* the answer could not go out: x ends all the same */
 }
 
 /* Run protected: on_headers(req) -> nothing, or status, body[, content
@@ -866,6 +867,7 @@ static int headers_hook(aiorch_exchange *x)
         aiorch_report(x->rt, "aiorch.server: on_headers: %s", err);
         exchange_refuse(x, 500, NULL, 0);
     }
+    exchange_drop(x, 0); /* the answer could not go out: x ends all the same */
     return 1;
 }
 

@@ -245,7 +245,7 @@ static int watchdog_start(aiorch_runtime *rt)
         return 0;
     }
     rt->wd_stop = 0;
-    if (pthread_create(&rt->wd_thread, NULL, watchdog, rt)) {
+    if (aiorch_thread_start(&rt->wd_thread, watchdog, rt)) {
         pthread_mutex_destroy(&rt->wd_mu);
         pthread_cond_destroy(&rt->wd_cv);
         return 0;

@@ -133,6 +133,11 @@ double aiorch_loop_now(aiorch_loop *lp)
     return (double)ts.tv_sec + (double)ts.tv_nsec / 1e9;
 }
 
+void aiorch_loop_closing(aiorch_loop *lp, int fd)
+{
+    if (!lp->ev && lp->host.closing) lp->host.closing(lp->host.ud, fd);
+}
+
 unsigned aiorch_loop_iteration(const aiorch_loop *lp)
 {
     return lp->ev ? ev_iteration(lp->ev) : lp->iter;

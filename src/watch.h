@@ -59,6 +59,9 @@ double aiorch_loop_now(aiorch_loop *lp);
 /* Counts the loop's turns (libev's iterations; a host's callbacks). */
 unsigned aiorch_loop_iteration(const aiorch_loop *lp);
 
+/* fd, which was watched, is about to be closed (aiorch_host.closing). */
+void aiorch_loop_closing(aiorch_loop *lp, int fd);
+
 /* A host's callback for w (aiorch_runtime_ready). */
 void aiorch_watch_ready(aiorch_watch *w, int events);
 

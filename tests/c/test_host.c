@@ -48,9 +48,10 @@ typedef struct hwatch {
 typedef struct host {
     aiorch_runtime *rt;
     hwatch *list;
-    int slots;  /* allocated and not yet released */
-    int ios;    /* io calls */
-    int timers; /* timer calls */
+    int slots;    /* allocated and not yet released */
+    int ios;      /* io calls */
+    int timers;   /* timer calls */
+    int closings; /* closing calls */
 } host;
 
 static int host_io(void *ud, aiorch_watch *w, int fd, int events, void **slot)
@@ -100,6 +101,13 @@ static void host_release(void *ud, void *slot)
     if (*p) *p = ((hwatch *)slot)->next;
     free(slot);
     h->slots--;
+}
+
+static void host_closing(void *ud, int fd)
+{
+    host *h = ud;
+    (void)fd;
+    h->closings++;
 }
 
 static int alive(host *h, hwatch *hw)
@@ -286,7 +294,7 @@ int main(int argc, char **argv)
     const char *dir = argc > 1 ? argv[1] : "tests";
     char handler_path[1024];
     host h = {0};
-    aiorch_host ops = {host_io, host_timer, host_release, &h};
+    aiorch_host ops = {host_io, host_timer, host_release, &h, host_closing};
     aiorch_options opts = {.host = &ops};
     outcome o;
     client c, c2;
@@ -415,6 +423,7 @@ int main(int argc, char **argv)
     aiorch_runtime_free(h.rt);
     CHECK(c.aborted && c2.aborted, "freed: aborted %d %d", c.aborted, c2.aborted);
     CHECK(h.slots == 0 && h.list == NULL, "%d host watchers were not released", h.slots);
+    CHECK(h.closings > 0, "the host was not told of libcurl's sockets closing");
 
     printf("%d checks, %d failed\n", passes + failures, failures);
     return failures ? 1 : 0;
