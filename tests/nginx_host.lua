@@ -57,6 +57,7 @@ end
 
 -- opts: servers = { {name, config = Lua text of an aiorch_config | nil (none:
 -- the environment), handler = a Lua file (aiorch_handler), http2 = true,
+-- tls = {cert = file, key = file} (HTTPS; readiness is not probed),
 -- directives = more lines in the server block, location = more lines in the
 -- location} }; env = variables nginx gets (and passes on to its workers);
 -- workers (default 2); http = more lines in the http block; main = more
@@ -86,15 +87,21 @@ function _M.start(opts)
         handler = fmt("aiorch_config %s;\n      aiorch_gateway;", file)
       end
     end
+    local tls = ""
+    if s.tls then
+      tls = fmt("ssl_certificate %s;\n    ssl_certificate_key %s;", s.tls.cert, s.tls.key)
+    end
     servers[#servers + 1] = fmt([[
   server {
-    listen 127.0.0.1:%d%s;
+    listen 127.0.0.1:%d%s%s;
+    %s
     %s
     location / {
       %s
       %s
     }
-  }]], port, s.http2 and " http2" or "", s.directives or "", handler, s.location or "")
+  }]], port, s.tls and " ssl" or "", s.http2 and " http2" or "", tls, s.directives or "", handler,
+      s.location or "")
   end
   local conf = fmt([[
 daemon off;
@@ -169,7 +176,7 @@ http {
   -- (h2c, prior knowledge) shares the workers of the others.
   local h2 = {}
   for _, s in ipairs(opts.servers) do
-    h2[s.name] = s.http2
+    h2[s.name] = s.http2 or s.tls
   end
   for name in pairs(ports) do
     if not h2[name] and not support.wait_up(n.base(name) .. "/healthz", support.stretch(opts.start_ms or 15000)) then

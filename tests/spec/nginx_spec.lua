@@ -3,7 +3,7 @@
 -- loopback sockets. The same answers as `aiorch serve` (gateway_spec,
 -- hardening_spec), the strategies through nginx's event loop, a client
 -- that goes away, backpressure through nginx's output chain, nginx's own
--- limits, HTTP/2 and a reload in front of it, and a custom aiorch_handler.
+-- limits, TLS, HTTP/2 and a reload in front of it, and a custom aiorch_handler.
 local aiorch = require "aiorch"
 local cjson = require "cjson.safe"
 local mock_mod = require "aiorch.mock"
@@ -142,10 +142,23 @@ for i = 1, 200000 do
 end
 TEXT = table.concat(TEXT, " ")
 
+-- A self-signed certificate for 127.0.0.1 (nginx's TLS in front), or nil
+-- without openssl.
+local function certificate()
+  local dir = support.tmpdir()
+  local cert, key = dir .. "/cert.pem", dir .. "/key.pem"
+  local ok = os.execute(fmt("openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -days 1 "
+    .. "-subj /CN=127.0.0.1 -addext subjectAltName=IP:127.0.0.1 -keyout %s -out %s >/dev/null 2>&1", key, cert))
+  return ok and { cert = cert, key = key } or nil
+end
+
+local TLS
+
 setup(function()
   if MISSING then
     return
   end
+  TLS = certificate()
   m = assert(mock_mod.start { host = "127.0.0.1", port = 0 })
   big = assert(mock_mod.start { host = "127.0.0.1", port = 0, defaults = { text = TEXT, chunks = 20000 } })
   local handler_file = support.tmpdir() .. "/handler.lua"
@@ -166,6 +179,7 @@ setup(function()
         'client_keys_env = { "NGX_CLIENT_KEY" }, max_body = 2048, max_inflight = 1,') },
       { name = "small", config = config(), directives = "client_max_body_size 1k;" },
       { name = "h2", config = config(), http2 = true },
+      { name = "tls", config = config(), http2 = true, tls = TLS },
       { name = "custom", handler = handler_file },
     },
   }
@@ -477,6 +491,20 @@ describe("nginx in front of the gateway", function()
     local out = dir .. "/body"
     assert.equal("2 200", got)
     assert.equal(OPENAI_TEXT, openai_text(support.slurp(out)))
+  end)
+
+  it_nginx("serves it over TLS (nginx's) with HTTP/2, streams included", function()
+    if not TLS then
+      return pending("no openssl to make a certificate")
+    end
+    local dir = support.tmpdir()
+    local pid = assert(aiorch.process.spawn({ "curl", "-s", "--http2", "--cacert", TLS.cert, "-o", dir .. "/body",
+      "-w", "%{http_version} %{http_code} %{ssl_verify_result}", "-H", "content-type: application/json",
+      "-d", cjson.encode(chat { stream = true }),
+      "https://127.0.0.1:" .. n.ports.tls .. "/v1/chat/completions" }, { stdout = dir .. "/status" }))
+    assert.equal(0, aiorch.process.wait(pid, stretch(10000)))
+    assert.equal("2 200 0", support.slurp(dir .. "/status"))
+    assert.equal(OPENAI_TEXT, openai_text(support.slurp(dir .. "/body")))
   end)
 
   it_nginx("finishes a stream in flight across a reload, and serves from the new workers", function()
