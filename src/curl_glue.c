@@ -1,8 +1,10 @@
-/* libcurl's multi interface driven by libev, in the shape of curl's
- * evhiperfifo example: one ev_timer for curl's timeouts, one ev_io per
- * socket, and curl_multi_socket_action from both. Finished transfers are
- * reported only after curl_multi_socket_action has returned. */
+/* libcurl's multi interface driven by the runtime's loop (libev's, or a
+ * host's through watch.c), in the shape of curl's evhiperfifo example: one
+ * timer for curl's timeouts, one socket watcher per socket, and
+ * curl_multi_socket_action from both. Finished transfers are reported only
+ * after curl_multi_socket_action has returned. */
 #include <stdlib.h>
+#include <unistd.h>
 #ifdef __GLIBC__
 #include <malloc.h>
 #endif
@@ -13,62 +15,45 @@
 
 #define POOL_MAX 64
 #define QUIET_S 0.5 /* no transfer for this long: give memory back */
-#define FEED_MAX 16  /* zero timeouts run without polling, per loop iteration */
+#define FEED_MAX 16 /* zero timeouts run without polling, per loop iteration */
 
 typedef struct sockinfo {
-    ev_io io;
+    aiorch_watch w;
     curl_socket_t fd;
     aiorch_curl *c;
     struct sockinfo *prev, *next;
 } sockinfo;
 
 struct aiorch_curl {
-    aiorch_runtime *rt;
+    aiorch_loop *lp;
+    aiorch_curl_hooks hooks;
     CURLM *multi;
-    ev_timer timer;
+    aiorch_watch timer;
     sockinfo *socks;
     CURL *pool[POOL_MAX];
     int npool;
-    int active;     /* transfers added and not yet removed */
+    int active;             /* transfers added and not yet removed */
     unsigned fed_iter, fed; /* zero timeouts fed in loop iteration fed_iter */
-    ev_timer quiet; /* armed while active is 0; does not keep the loop alive */
+    aiorch_watch quiet;     /* armed while active is 0; does not keep the loop alive */
 };
-
-static void quiet_stop(aiorch_curl *c)
-{
-    if (!ev_is_active(&c->quiet)) return;
-    ev_ref(c->rt->loop);
-    ev_timer_stop(c->rt->loop, &c->quiet);
-}
-
-static void quiet_start(aiorch_curl *c)
-{
-    quiet_stop(c);
-    ev_timer_set(&c->quiet, QUIET_S, 0.);
-    ev_timer_start(c->rt->loop, &c->quiet);
-    ev_unref(c->rt->loop);
-}
 
 static void transfer_gone(aiorch_curl *c)
 {
-    if (--c->active == 0) quiet_start(c);
+    if (--c->active == 0) aiorch_watch_start(&c->quiet, QUIET_S);
 }
 
-/* ev_timer: no transfer for QUIET_S after a burst. The garbage of the
- * burst's coroutines and the free pages of the heap go back to the system,
- * so that an idle process is small again. */
-static void quiet_cb(struct ev_loop *loop, ev_timer *w, int revents)
+/* timer: no transfer for QUIET_S after a burst. The pooled handles go, the
+ * owner gives back what the burst left (quiet hook), and the free pages of
+ * the heap go back to the system, so that an idle process is small again. */
+static void quiet_cb(aiorch_watch *w, int events)
 {
-    (void)revents;
     aiorch_curl *c = w->data;
-    ev_ref(loop); /* the expired one-shot timer was stopped by libev */
+    (void)events;
     if (c->active) return;
-    lua_State *L = c->rt->L;
-    /* Not in a host's state, nor when a script stopped the collector. */
-    if (c->rt->own_L && !c->rt->current && lua_gc(L, LUA_GCISRUNNING)) lua_gc(L, LUA_GCCOLLECT);
-    for (int i = 0; i < c->npool; i++) curl_easy_cleanup(c->pool[i]);
+    if (c->hooks.quiet) c->hooks.quiet(c->hooks.ud);
+    for (int i = 0; i < c->npool; i++)
+        curl_easy_cleanup(c->pool[i]);
     c->npool = 0;
-    if (c->rt->own_L) aiorch_alloc_trim(c->rt);
 #ifdef __GLIBC__
     malloc_trim(0);
 #endif
@@ -96,29 +81,28 @@ static void socket_action(aiorch_curl *c, curl_socket_t fd, int flags)
     int running;
     curl_multi_socket_action(c->multi, fd, flags, &running);
     check_done(c);
-    aiorch_sched_drain(c->rt);
+    if (c->hooks.after) c->hooks.after(c->hooks.ud);
 }
 
-/* ev_io: a curl socket is ready */
-static void io_cb(struct ev_loop *loop, ev_io *w, int revents)
+/* a curl socket is ready */
+static void io_cb(aiorch_watch *w, int events)
 {
-    (void)loop;
     sockinfo *si = w->data;
-    int flags = (revents & EV_READ ? CURL_CSELECT_IN : 0) | (revents & EV_WRITE ? CURL_CSELECT_OUT : 0);
+    int flags = (events & AIORCH_READ ? CURL_CSELECT_IN : 0) |
+                (events & AIORCH_WRITE ? CURL_CSELECT_OUT : 0);
     socket_action(si->c, si->fd, flags);
 }
 
-/* ev_timer: curl's timeout expired */
-static void timer_cb(struct ev_loop *loop, ev_timer *w, int revents)
+/* curl's timeout expired */
+static void timer_cb(aiorch_watch *w, int events)
 {
-    (void)loop;
-    (void)revents;
+    (void)events;
     socket_action(w->data, CURL_SOCKET_TIMEOUT, 0);
 }
 
 static void sock_free(aiorch_curl *c, sockinfo *si)
 {
-    ev_io_stop(c->rt->loop, &si->io);
+    aiorch_watch_close(&si->w);
     if (si->prev)
         si->prev->next = si->next;
     else
@@ -137,7 +121,8 @@ static int curl_socket_cb(CURL *easy, curl_socket_t fd, int what, void *userp, v
         if (si) sock_free(c, si);
         return 0;
     }
-    int events = (what & CURL_POLL_IN ? EV_READ : 0) | (what & CURL_POLL_OUT ? EV_WRITE : 0);
+    int events =
+        (what & CURL_POLL_IN ? AIORCH_READ : 0) | (what & CURL_POLL_OUT ? AIORCH_WRITE : 0);
     if (!si) {
         si = calloc(1, sizeof *si);
         if (!si) return -1;
@@ -146,17 +131,11 @@ static int curl_socket_cb(CURL *easy, curl_socket_t fd, int what, void *userp, v
         si->next = c->socks;
         if (si->next) si->next->prev = si;
         c->socks = si;
-        ev_init(&si->io, io_cb);
-        si->io.data = si;
+        aiorch_watch_io_init(&si->w, c->lp, fd, io_cb, si);
         curl_multi_assign(c->multi, fd, si);
-    } else if (ev_is_active(&si->io) && (si->io.events & (EV_READ | EV_WRITE)) == events) {
-        return 0; /* unchanged: touching it would cost an epoll_ctl */
-    } else {
-        ev_io_stop(c->rt->loop, &si->io);
     }
-    ev_io_set(&si->io, fd, events);
-    ev_io_start(c->rt->loop, &si->io);
-    return 0;
+    /* unchanged: nothing to do (touching it would cost an epoll_ctl) */
+    return aiorch_watch_io(&si->w, events);
 }
 
 /* CURLMOPT_TIMERFUNCTION */
@@ -164,27 +143,27 @@ static int curl_timer_cb(CURLM *multi, long timeout_ms, void *userp)
 {
     (void)multi;
     aiorch_curl *c = userp;
-    ev_timer_stop(c->rt->loop, &c->timer); /* also drops a fed event not yet run */
-    if (timeout_ms == 0 && c->fed_iter == ev_iteration(c->rt->loop) && c->fed >= FEED_MAX) {
-        ev_timer_set(&c->timer, 0., 0.); /* enough for this pass: poll first */
-        ev_timer_start(c->rt->loop, &c->timer);
+    unsigned iter = aiorch_loop_iteration(c->lp);
+    if (timeout_ms < 0) { /* no timeout */
+        aiorch_watch_stop(&c->timer);
+    } else if (timeout_ms == 0 && c->fed_iter == iter && c->fed >= FEED_MAX) {
+        aiorch_watch_start(&c->timer, 0.); /* enough for this pass: poll first */
     } else if (timeout_ms == 0) {
         /* Run it from the loop in this same pass, once the current callback
          * returns, rather than after another poll (one per request). */
-        if (c->fed_iter != ev_iteration(c->rt->loop)) {
-            c->fed_iter = ev_iteration(c->rt->loop);
+        if (c->fed_iter != iter) {
+            c->fed_iter = iter;
             c->fed = 0;
         }
         c->fed++;
-        ev_feed_event(c->rt->loop, &c->timer, EV_TIMER);
-    } else if (timeout_ms > 0) { /* -1 means no timeout */
-        ev_timer_set(&c->timer, (double)timeout_ms / 1000.0, 0.);
-        ev_timer_start(c->rt->loop, &c->timer);
+        aiorch_watch_post(&c->timer);
+    } else {
+        aiorch_watch_start(&c->timer, (double)timeout_ms / 1000.0);
     }
     return 0;
 }
 
-aiorch_curl *aiorch_curl_new(aiorch_runtime *rt)
+aiorch_curl *aiorch_curl_new(aiorch_loop *lp, const aiorch_curl_hooks *hooks)
 {
     /* Reference-counted by libcurl: paired with curl_global_cleanup in free. */
     if (curl_global_init(CURL_GLOBAL_DEFAULT) != CURLE_OK) return NULL;
@@ -193,17 +172,16 @@ aiorch_curl *aiorch_curl_new(aiorch_runtime *rt)
         curl_global_cleanup();
         return NULL;
     }
-    c->rt = rt;
+    c->lp = lp;
+    c->hooks = *hooks;
     c->multi = curl_multi_init();
     if (!c->multi) {
         free(c);
         curl_global_cleanup();
         return NULL;
     }
-    ev_init(&c->timer, timer_cb);
-    c->timer.data = c;
-    ev_init(&c->quiet, quiet_cb);
-    c->quiet.data = c;
+    aiorch_watch_timer_init(&c->timer, lp, timer_cb, c, 0);
+    aiorch_watch_timer_init(&c->quiet, lp, quiet_cb, c, 1);
     curl_multi_setopt(c->multi, CURLMOPT_SOCKETFUNCTION, curl_socket_cb);
     curl_multi_setopt(c->multi, CURLMOPT_SOCKETDATA, c);
     curl_multi_setopt(c->multi, CURLMOPT_TIMERFUNCTION, curl_timer_cb);
@@ -213,21 +191,36 @@ aiorch_curl *aiorch_curl_new(aiorch_runtime *rt)
 
 void aiorch_curl_free(aiorch_curl *c)
 {
-    for (int i = 0; i < c->npool; i++) curl_easy_cleanup(c->pool[i]);
+    for (int i = 0; i < c->npool; i++)
+        curl_easy_cleanup(c->pool[i]);
     curl_multi_cleanup(c->multi);
-    while (c->socks) sock_free(c, c->socks);
-    ev_timer_stop(c->rt->loop, &c->timer);
-    quiet_stop(c);
+    while (c->socks)
+        sock_free(c, c->socks);
+    aiorch_watch_close(&c->timer);
+    aiorch_watch_close(&c->quiet);
     free(c);
     curl_global_cleanup();
+}
+
+/* CURLOPT_CLOSESOCKETFUNCTION: a host that keeps a stopped socket
+ * registered hears first that it goes. */
+static int close_cb(void *clientp, curl_socket_t fd)
+{
+    aiorch_curl *c = clientp;
+    aiorch_loop_closing(c->lp, fd);
+    return close(fd);
 }
 
 int aiorch_curl_add(aiorch_curl *c, aiorch_transfer *tr)
 {
     curl_easy_setopt(tr->easy, CURLOPT_PRIVATE, tr);
+    if (!c->lp->ev) {
+        curl_easy_setopt(tr->easy, CURLOPT_CLOSESOCKETFUNCTION, close_cb);
+        curl_easy_setopt(tr->easy, CURLOPT_CLOSESOCKETDATA, c);
+    }
     if (curl_multi_add_handle(c->multi, tr->easy) != CURLM_OK) return -1;
     c->active++;
-    quiet_stop(c);
+    aiorch_watch_stop(&c->quiet);
     return 0;
 }
 

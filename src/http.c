@@ -31,12 +31,14 @@
 
 /* The deadlines of a request, each on its own libev timer. */
 enum { DL_CONNECT, DL_HEADERS, DL_FIRST_EVENT, DL_GAP, DL_TOTAL, DL_COUNT };
-static const char *const deadline_names[DL_COUNT] = {"connect", "headers", "first_token", "gap", "total"};
+static const char *const deadline_names[DL_COUNT] = {"connect", "headers", "first_token", "gap",
+                                                     "total"};
 static const char *const deadline_fields[DL_COUNT] = {"connect_timeout_ms", "headers_timeout_ms",
-                                                      "first_event_timeout_ms", "gap_timeout_ms", "timeout_ms"};
+                                                      "first_event_timeout_ms", "gap_timeout_ms",
+                                                      "timeout_ms"};
 
 typedef struct deadline {
-    ev_timer timer;
+    aiorch_watch timer; /* first: the callback gets its address */
     struct http_req *r;
     long ms; /* 0: not set */
 } deadline;
@@ -47,8 +49,8 @@ typedef struct http_req {
     aiorch_runtime *rt;
     aiorch_task *task;
     struct curl_slist *headers;
-    int body_ref;  /* the request body string, kept alive for curl */
-    int cb_ref;    /* on_event */
+    int body_ref; /* the request body string, kept alive for curl */
+    int cb_ref;   /* on_event */
     size_t max_body;
     aiorch_sse_text body;
     aiorch_sse_text head; /* header lines of the last response */
@@ -60,7 +62,7 @@ typedef struct http_req {
     int code;
     int too_large;
     size_t streamed; /* bytes of event stream received */
-    int fired;      /* 1 + the deadline that ended the transfer, or 0 */
+    int fired;       /* 1 + the deadline that ended the transfer, or 0 */
     int got_content; /* on_event returned true once */
     deadline dl[DL_COUNT];
     struct http_handle *handle;
@@ -78,7 +80,8 @@ typedef struct http_handle {
 
 static void deadlines_stop(http_req *r)
 {
-    for (int i = 0; i < DL_COUNT; i++) ev_timer_stop(r->rt->loop, &r->dl[i].timer);
+    for (int i = 0; i < DL_COUNT; i++)
+        aiorch_watch_stop(&r->dl[i].timer);
 }
 
 static void req_free(http_req *r)
@@ -89,7 +92,8 @@ static void req_free(http_req *r)
         r->rt->http_reqs = r->next;
     if (r->next) r->next->prev = r->prev;
     if (r->handle) r->handle->r = NULL;
-    deadlines_stop(r);
+    for (int i = 0; i < DL_COUNT; i++)
+        aiorch_watch_close(&r->dl[i].timer);
     lua_State *S = r->rt->S;
     aiorch_curl_easy_put(r->rt->curl, r->tr.easy);
     curl_slist_free_all(r->headers);
@@ -118,10 +122,9 @@ static void req_abort(http_req *r)
 }
 
 /* A deadline passed: the transfer ends now, as a timeout naming it. */
-static void deadline_cb(struct ev_loop *loop, ev_timer *w, int revents)
+static void deadline_cb(aiorch_watch *w, int events)
 {
-    (void)loop;
-    (void)revents;
+    (void)events;
     deadline *d = (deadline *)w;
     http_req *r = d->r;
     if (r->finished) return;
@@ -135,15 +138,13 @@ static void deadline_cb(struct ev_loop *loop, ev_timer *w, int revents)
 }
 
 /* Arms a deadline `ms` after `since` (a loop time; 0: now). */
-static void deadline_arm_since(http_req *r, int which, ev_tstamp since)
+static void deadline_arm_since(http_req *r, int which, double since)
 {
     deadline *d = &r->dl[which];
     if (d->ms <= 0 || r->finished) return;
     double after = (double)d->ms / 1000.0;
-    if (since > 0) after -= ev_now(r->rt->loop) - since;
-    ev_timer_stop(r->rt->loop, &d->timer);
-    ev_timer_set(&d->timer, after > 0 ? after : 0, 0.0);
-    ev_timer_start(r->rt->loop, &d->timer);
+    if (since > 0) after -= aiorch_loop_now(&r->rt->lp) - since;
+    aiorch_watch_start(&d->timer, after > 0 ? after : 0);
 }
 
 static void deadline_arm(http_req *r, int which)
@@ -153,7 +154,7 @@ static void deadline_arm(http_req *r, int which)
 
 static void deadline_done(http_req *r, int which)
 {
-    ev_timer_stop(r->rt->loop, &r->dl[which].timer);
+    aiorch_watch_stop(&r->dl[which].timer);
 }
 
 /* CURLOPT_PREREQFUNCTION: connected (TCP and TLS), or a connection reused. */
@@ -318,7 +319,8 @@ static void push_headers(lua_State *L, const http_req *r)
 {
     const char *p = r->head.p, *end = p + r->head.len;
     int lines = 0;
-    for (const char *q = p; q && (q = memchr(q, '\n', (size_t)(end - q))); q++) lines++;
+    for (const char *q = p; q && (q = memchr(q, '\n', (size_t)(end - q))); q++)
+        lines++;
     lua_createtable(L, 0, lines); /* sized once: a line a header, but the status line */
     if (!p) return;
     while (p < end) {
@@ -329,11 +331,14 @@ static void push_headers(lua_State *L, const http_req *r)
             char name[128];
             size_t nlen = (size_t)(colon - p);
             if (nlen > sizeof name) nlen = sizeof name; /* no real header name is longer */
-            for (size_t i = 0; i < nlen; i++) name[i] = (char)tolower((unsigned char)p[i]);
+            for (size_t i = 0; i < nlen; i++)
+                name[i] = (char)tolower((unsigned char)p[i]);
             lua_pushlstring(L, name, nlen);
             const char *v = colon + 1, *ve = eol;
-            while (v < ve && (*v == ' ' || *v == '\t')) v++;
-            while (ve > v && (ve[-1] == '\r' || ve[-1] == ' ' || ve[-1] == '\t')) ve--;
+            while (v < ve && (*v == ' ' || *v == '\t'))
+                v++;
+            while (ve > v && (ve[-1] == '\r' || ve[-1] == ' ' || ve[-1] == '\t'))
+                ve--;
             lua_pushvalue(L, -1);
             if (lua_rawget(L, -3) == LUA_TSTRING) { /* a repeated header: join */
                 lua_pushliteral(L, ", ");
@@ -355,7 +360,8 @@ static int push_outcome(lua_State *L, http_req *r)
         const deadline *d = &r->dl[r->fired - 1];
         lua_pushnil(L);
         lua_pushliteral(L, "timeout");
-        lua_pushfstring(L, "%s deadline of %I ms passed", deadline_names[r->fired - 1], (lua_Integer)d->ms);
+        lua_pushfstring(L, "%s deadline of %I ms passed", deadline_names[r->fired - 1],
+                        (lua_Integer)d->ms);
         lua_pushstring(L, deadline_names[r->fired - 1]);
         return 4;
     }
@@ -491,8 +497,8 @@ static struct curl_slist *check_headers(lua_State *L, int idx)
         size_t nl, vl;
         const char *name = lua_tolstring(L, -2, &nl);
         const char *value = lua_tolstring(L, -1, &vl);
-        if (strpbrk(name, "\r\n:") || nl == 0 || memchr(value, '\r', vl) || memchr(value, '\n', vl) ||
-            strlen(value) != vl) {
+        if (strpbrk(name, "\r\n:") || nl == 0 || memchr(value, '\r', vl) ||
+            memchr(value, '\n', vl) || strlen(value) != vl) {
             curl_slist_free_all(list);
             luaL_error(L, "aiorch.http.request: header '%s' has a forbidden character", name);
         }
@@ -517,20 +523,43 @@ static struct curl_slist *check_headers(lua_State *L, int idx)
     return list;
 }
 
+/* curl's after hook: the tasks its transfers woke run now, from the loop. */
+static void curl_after(void *ud)
+{
+    aiorch_sched_drain(ud);
+}
+
+/* curl's quiet hook: no transfer for a while. The garbage of the burst's
+ * coroutines goes, and the blocks Lua freed go back to malloc (not in a
+ * host's state, nor while a task runs or a script stopped the collector). */
+static void curl_quiet(void *ud)
+{
+    aiorch_runtime *rt = ud;
+    if (!rt->own_L) return;
+    if (!rt->current && lua_gc(rt->L, LUA_GCISRUNNING)) lua_gc(rt->L, LUA_GCCOLLECT);
+    aiorch_alloc_trim(rt);
+}
+
+static aiorch_curl *curl_start(aiorch_runtime *rt)
+{
+    aiorch_curl_hooks hooks = {.after = curl_after, .quiet = curl_quiet, .ud = rt};
+    return aiorch_curl_new(&rt->lp, &hooks);
+}
+
 static int l_request(lua_State *L)
 {
     aiorch_runtime *rt = aiorch_rt_of(L);
     /* The deadlines count from here: setting up (libcurl's first start) included. */
-    ev_now_update(rt->loop);
-    ev_tstamp started = ev_now(rt->loop);
+    double started = aiorch_loop_now(&rt->lp);
     luaL_checktype(L, 1, LUA_TTABLE);
     lua_settop(L, 1);
-    lua_getfield(L, 1, "url");     /* 2 */
-    lua_getfield(L, 1, "method");  /* 3 */
-    lua_getfield(L, 1, "body");    /* 4 */
+    lua_getfield(L, 1, "url");      /* 2 */
+    lua_getfield(L, 1, "method");   /* 3 */
+    lua_getfield(L, 1, "body");     /* 4 */
     lua_getfield(L, 1, "on_event"); /* 5 */
-    lua_getfield(L, 1, "headers"); /* 6 */
-    if (lua_type(L, 2) != LUA_TSTRING) return luaL_error(L, "aiorch.http.request: 'url' must be a string");
+    lua_getfield(L, 1, "headers");  /* 6 */
+    if (lua_type(L, 2) != LUA_TSTRING)
+        return luaL_error(L, "aiorch.http.request: 'url' must be a string");
     if (!lua_isnil(L, 3) && lua_type(L, 3) != LUA_TSTRING)
         return luaL_error(L, "aiorch.http.request: 'method' must be a string");
     if (!lua_isnil(L, 4) && lua_type(L, 4) != LUA_TSTRING)
@@ -538,13 +567,15 @@ static int l_request(lua_State *L)
     if (!lua_isnil(L, 5) && !lua_isfunction(L, 5))
         return luaL_error(L, "aiorch.http.request: 'on_event' must be a function");
     long limits[DL_COUNT];
-    for (int i = 0; i < DL_COUNT; i++) limits[i] = opt_ms(L, deadline_fields[i], 0);
+    for (int i = 0; i < DL_COUNT; i++)
+        limits[i] = opt_ms(L, deadline_fields[i], 0);
     if (!limits[DL_TOTAL]) limits[DL_TOTAL] = DEFAULT_TIMEOUT_MS;
     if (!limits[DL_CONNECT]) limits[DL_CONNECT] = DEFAULT_CONNECT_TIMEOUT_MS;
     long max_body = opt_ms(L, "max_body", DEFAULT_MAX_BODY);
     const char *method = lua_isnil(L, 3) ? (lua_isnil(L, 4) ? "GET" : "POST") : lua_tostring(L, 3);
     for (const char *m = method; *m; m++)
-        if (!isupper((unsigned char)*m)) return luaL_error(L, "aiorch.http.request: bad method '%s'", method);
+        if (!isupper((unsigned char)*m))
+            return luaL_error(L, "aiorch.http.request: bad method '%s'", method);
     aiorch_task *self = aiorch_task_check(L, "aiorch.http.request");
     /* Slot 7, to-be-closed: if the task dies anywhere past this point, closing
      * it aborts the transfer (cancel inside on_event, reset thread, errors). */
@@ -554,7 +585,7 @@ static int l_request(lua_State *L)
     lua_toclose(L, 7);
     struct curl_slist *headers = check_headers(L, 6);
 
-    if (!rt->curl && !(rt->curl = aiorch_curl_new(rt))) {
+    if (!rt->curl && !(rt->curl = curl_start(rt))) {
         curl_slist_free_all(headers);
         return luaL_error(L, "aiorch.http.request: cannot start libcurl");
     }
@@ -582,7 +613,7 @@ static int l_request(lua_State *L)
     for (int i = 0; i < DL_COUNT; i++) {
         r->dl[i].r = r;
         r->dl[i].ms = limits[i];
-        ev_init(&r->dl[i].timer, deadline_cb);
+        aiorch_watch_timer_init(&r->dl[i].timer, &rt->lp, deadline_cb, &r->dl[i], 0);
     }
 
     lua_pushvalue(L, 4);
@@ -612,7 +643,8 @@ static int l_request(lua_State *L)
     curl_easy_setopt(easy, CURLOPT_PREREQFUNCTION, prereq_cb);
     curl_easy_setopt(easy, CURLOPT_PREREQDATA, r);
     curl_easy_setopt(easy, CURLOPT_TCP_KEEPALIVE, 1L);
-    curl_easy_setopt(easy, CURLOPT_BUFFERSIZE, r->cb_ref != LUA_NOREF ? STREAM_BUFFER_SIZE : RECV_BUFFER_SIZE);
+    curl_easy_setopt(easy, CURLOPT_BUFFERSIZE,
+                     r->cb_ref != LUA_NOREF ? STREAM_BUFFER_SIZE : RECV_BUFFER_SIZE);
     if (!lua_isnil(L, 4)) {
         size_t len;
         const char *body = lua_tolstring(L, 4, &len);
@@ -644,7 +676,6 @@ static int l_request(lua_State *L)
     }
     /* The connect, headers, first event and total deadlines start now; the gap
      * one when the stream's headers are in. */
-    ev_now_update(rt->loop);
     for (int i = 0; i < DL_COUNT; i++)
         if (i != DL_GAP) deadline_arm_since(r, i, started);
     aiorch_task_wait(self, &r->op);

@@ -4,7 +4,7 @@
  * runs fn as a child task, so that a raise, a spent budget or a cancel of
  * fn all end in the runner, which hands the outcome to finish (a C closure
  * over a box that points back at the job). Submitting only queues the task
- * and feeds rt->job_w; the watcher's callback runs the scheduler and
+ * and posts rt->job_w; the watcher's callback runs the scheduler and
  * delivers ended jobs, so host callbacks never run inside a submit call nor
  * inside Lua (except on_event, which runs in the job's own task). */
 #include <stdio.h>
@@ -53,7 +53,7 @@ static void job_free(aiorch_job *job)
 
 static void feed(aiorch_runtime *rt)
 {
-    ev_feed_event(rt->loop, &rt->job_w, EV_CUSTOM);
+    if (!aiorch_watch_active(&rt->job_w)) aiorch_watch_post(&rt->job_w);
     aiorch_loop_wake(rt);
 }
 
@@ -93,12 +93,11 @@ static void deliver(aiorch_job *job)
     job_free(job);
 }
 
-/* ev_check, only ever fed: runs the tasks that new jobs queued and
- * delivers the jobs that ended. */
-static void jobs_cb(struct ev_loop *loop, ev_check *w, int revents)
+/* posted: runs the tasks that new jobs queued and delivers the jobs that
+ * ended. */
+static void jobs_cb(aiorch_watch *w, int events)
 {
-    (void)loop;
-    (void)revents;
+    (void)events;
     aiorch_runtime *rt = w->data;
     aiorch_job *job;
     aiorch_sched_drain(rt);
@@ -111,8 +110,7 @@ static void jobs_cb(struct ev_loop *loop, ev_check *w, int revents)
 
 void aiorch_job_init(aiorch_runtime *rt)
 {
-    ev_init(&rt->job_w, jobs_cb);
-    rt->job_w.data = rt;
+    aiorch_watch_timer_init(&rt->job_w, &rt->lp, jobs_cb, rt, 0);
 }
 
 /* finish(true, json) or finish(false, kind, message): upvalue 1 is the box. */
@@ -312,7 +310,7 @@ void aiorch_job_close_all(aiorch_runtime *rt, const char *why)
 {
     aiorch_job *job;
     rt->closing = 1;
-    ev_clear_pending(rt->loop, &rt->job_w);
+    aiorch_watch_stop(&rt->job_w);
     while ((job = rt->done_head)) {
         rt->done_head = job->done_next;
         if (!rt->done_head) rt->done_tail = NULL;

@@ -88,7 +88,7 @@ int aiorch_loop_poll_start(aiorch_runtime *rt)
     ev_set_userdata(p->loop, p);
     ev_set_invoke_pending_cb(p->loop, invoke_cb);
     ev_set_loop_release_cb(p->loop, release_cb, acquire_cb);
-    if (pthread_create(&p->thread, NULL, loop_main, p)) goto fail_thread;
+    if (aiorch_thread_start(&p->thread, loop_main, p)) goto fail_thread;
     rt->poll = p;
     return 0;
 
@@ -152,7 +152,7 @@ void aiorch_runtime_step(aiorch_runtime *rt)
     aiorch_poll *p = rt->poll;
     uint64_t n;
     if (!p) {
-        ev_run(rt->loop, EVRUN_NOWAIT);
+        if (rt->loop) ev_run(rt->loop, EVRUN_NOWAIT);
         return;
     }
     pthread_mutex_lock(&p->mu);

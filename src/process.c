@@ -210,6 +210,8 @@ static proc_state *state_get(lua_State *L)
 {
     aiorch_runtime *rt = aiorch_rt_of(L);
     proc_state *st;
+    if (!rt->loop)
+        luaL_error(L, "aiorch.process and aiorch.signal: not in a runtime on a host's loop");
     if (lua_rawgetp(L, LUA_REGISTRYINDEX, &state_key) == LUA_TUSERDATA) {
         st = lua_touserdata(L, -1);
         lua_pop(L, 1);

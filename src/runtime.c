@@ -1,11 +1,9 @@
 /* One runtime instance: a lua_State, a libev loop and what hangs off them. */
 #include <errno.h>
 #include <poll.h>
-#include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <time.h>
 
 #include <lualib.h>
 
@@ -17,89 +15,6 @@ static void default_report(void *ud, const char *message)
 {
     (void)ud;
     fprintf(stderr, "aiorch: %s\n", message);
-}
-
-void aiorch_report(aiorch_runtime *rt, const char *fmt, ...)
-{
-    char buf[4096];
-    va_list ap;
-    va_start(ap, fmt);
-    vsnprintf(buf, sizeof buf, fmt, ap);
-    va_end(ap);
-    rt->on_error(rt->error_ud, buf);
-}
-
-double aiorch_now_ms(void)
-{
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (double)ts.tv_sec * 1e3 + (double)ts.tv_nsec / 1e6;
-}
-
-/* Lua's allocator, for every block of a state the runtime creates. Most
- * of Lua's blocks are small and short-lived, and malloc and free cost ~200
- * instructions a pair there (12% of a gateway request): freed blocks of up
- * to 256 bytes are kept on lists by size class, 16 bytes apart, and reused.
- * A small block is always allocated with its class's full size, so the
- * size Lua gives back names its class. aiorch_alloc_trim returns them to
- * malloc. Under ASan all go to malloc, so that misuse is still caught. */
-#define BLOCK_CLASSES 16
-#define BLOCK_KEEP 2048 /* per class */
-
-#if defined(__SANITIZE_ADDRESS__)
-#define KEEP_BLOCKS 0
-#elif defined(__has_feature)
-#if __has_feature(address_sanitizer)
-#define KEEP_BLOCKS 0
-#endif
-#endif
-#ifndef KEEP_BLOCKS
-#define KEEP_BLOCKS 1
-#endif
-
-static void block_free(aiorch_runtime *rt, void *p, size_t size)
-{
-    size_t k = (size + 15) / 16;
-    if (KEEP_BLOCKS && k >= 1 && k <= BLOCK_CLASSES && rt->nblocks[k] < BLOCK_KEEP) {
-        *(void **)p = rt->blocks[k];
-        rt->blocks[k] = p;
-        rt->nblocks[k]++;
-        return;
-    }
-    free(p);
-}
-
-static void *block_alloc(aiorch_runtime *rt, size_t size)
-{
-    size_t k = (size + 15) / 16;
-    if (k > BLOCK_CLASSES) return malloc(size);
-    if (rt->blocks[k]) {
-        void *p = rt->blocks[k];
-        rt->blocks[k] = *(void **)p;
-        rt->nblocks[k]--;
-        return p;
-    }
-    return malloc(k * 16);
-}
-
-/* lua_Alloc */
-static void *lua_alloc(void *ud, void *ptr, size_t osize, size_t nsize)
-{
-    aiorch_runtime *rt = ud;
-    void *p;
-
-    if (nsize == 0) {
-        if (ptr) block_free(rt, ptr, osize);
-        return NULL;
-    }
-    if (!ptr) return block_alloc(rt, nsize);
-    if (osize > BLOCK_CLASSES * 16 && nsize > BLOCK_CLASSES * 16) return realloc(ptr, nsize);
-    if ((nsize + 15) / 16 == (osize + 15) / 16) return ptr; /* the same class */
-    p = block_alloc(rt, nsize);
-    if (!p) return NULL;
-    memcpy(p, ptr, osize < nsize ? osize : nsize);
-    block_free(rt, ptr, osize);
-    return p;
 }
 
 static int panic(lua_State *L)
@@ -121,18 +36,6 @@ static void warn_cb(void *ud, const char *msg, int tocont)
     if (rt->warn_on)
         fprintf(stderr, "%s%s%s", rt->warn_cont ? "" : "Lua warning: ", msg, tocont ? "" : "\n");
     rt->warn_cont = tocont;
-}
-
-void aiorch_alloc_trim(aiorch_runtime *rt)
-{
-    for (int k = 0; k <= BLOCK_CLASSES; k++) {
-        while (rt->blocks[k]) {
-            void *p = rt->blocks[k];
-            rt->blocks[k] = *(void **)p;
-            free(p);
-        }
-        rt->nblocks[k] = 0;
-    }
 }
 
 static char *dup_or_null(const char *s)
@@ -161,6 +64,10 @@ int aiorch_runtime_init(aiorch_runtime *rt, lua_State *L, const aiorch_options *
     if (!opts) opts = &none;
     const char *env;
     rt->L = L;
+    if (opts->host)
+        rt->lp.host = *opts->host;
+    else
+        rt->lp.ev = rt->loop;
     rt->on_error = opts->on_error ? opts->on_error : default_report;
     rt->error_ud = opts->error_ud;
     rt->budget = opts->instruction_budget;
@@ -173,6 +80,7 @@ int aiorch_runtime_init(aiorch_runtime *rt, lua_State *L, const aiorch_options *
      * a process that never calls out (the gateway's master) never pays. */
     rt->curl = NULL;
     if (!rt->root) return -1;
+    aiorch_sched_init(rt);
     aiorch_job_init(rt);
     rt->S = lua_newthread(L);
     rt->S_ref = luaL_ref(L, LUA_REGISTRYINDEX);
@@ -188,6 +96,8 @@ void aiorch_runtime_teardown(aiorch_runtime *rt)
         aiorch_job_close_all(rt, "the runtime was freed");
         aiorch_task_cancel_all(rt);
         aiorch_server_close_all(rt);
+        aiorch_sched_close(rt); /* a host's loop goes on: nothing of ours may stay on it */
+        aiorch_watch_close(&rt->job_w);
     }
     aiorch_task_watchdog_stop(rt);
     if (rt->curl) aiorch_curl_free(rt->curl);
@@ -199,19 +109,25 @@ void aiorch_runtime_teardown(aiorch_runtime *rt)
 
 aiorch_runtime *aiorch_runtime_new(const aiorch_options *opts)
 {
+    const aiorch_host *host = opts ? opts->host : NULL;
     if (opts && opts->pollable && opts->loop) {
         fprintf(stderr, "aiorch: a pollable runtime makes its own loop: opts.loop must be NULL\n");
+        return NULL;
+    }
+    if (host && (opts->loop || opts->pollable || !host->io || !host->timer || !host->release)) {
+        fprintf(stderr, "aiorch: opts.host needs io, timer and release, and neither opts.loop "
+                        "nor opts.pollable\n");
         return NULL;
     }
     aiorch_runtime *rt = calloc(1, sizeof *rt);
     if (!rt) return NULL;
     rt->loop = opts && opts->loop ? opts->loop : NULL;
-    if (!rt->loop) {
+    if (!rt->loop && !host) {
         rt->loop = ev_loop_new(EVFLAG_AUTO);
         rt->own_loop = 1;
     }
-    lua_State *L = lua_newstate(lua_alloc, rt);
-    if (!rt->loop || !L) {
+    lua_State *L = lua_newstate(aiorch_lua_alloc, rt);
+    if ((!rt->loop && !host) || !L) {
         fprintf(stderr, "aiorch: cannot create the runtime: out of memory\n");
         if (L) lua_close(L);
         aiorch_alloc_trim(rt);
@@ -247,6 +163,12 @@ void aiorch_runtime_free(aiorch_runtime *rt)
     aiorch_alloc_trim(rt);
     if (rt->own_loop && rt->loop) ev_loop_destroy(rt->loop);
     free(rt);
+}
+
+void aiorch_runtime_ready(aiorch_runtime *rt, aiorch_watch *w, int events)
+{
+    (void)rt;
+    aiorch_watch_ready(w, events);
 }
 
 struct lua_State *aiorch_runtime_lua(aiorch_runtime *rt)
@@ -311,9 +233,11 @@ int aiorch_runtime_busy(aiorch_runtime *rt)
 
 int aiorch_runtime_run(aiorch_runtime *rt, const char *path, int argc, char **argv)
 {
-    if (rt->poll) {
+    if (rt->poll || !rt->loop) {
         snprintf(rt->error, sizeof rt->error,
-                 "aiorch_runtime_run: the runtime is pollable: drive it with aiorch_runtime_step");
+                 rt->poll ? "aiorch_runtime_run: the runtime is pollable: drive it with "
+                            "aiorch_runtime_step"
+                          : "aiorch_runtime_run: a host's loop drives this runtime");
         return 1;
     }
     if (start(rt, path, argc, argv) != 0) return 1;
@@ -331,6 +255,11 @@ int aiorch_runtime_run(aiorch_runtime *rt, const char *path, int argc, char **ar
 
 int aiorch_runtime_wait(aiorch_runtime *rt)
 {
+    if (!rt->loop && !rt->poll) {
+        snprintf(rt->error, sizeof rt->error,
+                 "aiorch_runtime_wait: a host's loop drives this runtime");
+        return -1;
+    }
     if (rt->poll) {
         struct pollfd pfd = {.fd = aiorch_runtime_fd(rt), .events = POLLIN};
         while (rt->njobs > 0) {

@@ -8,7 +8,8 @@ int aiorch_text_add(aiorch_sse_text *t, const char *s, size_t n)
 {
     if (t->len + n + 1 > t->cap) {
         size_t cap = t->cap ? t->cap : 64;
-        while (cap < t->len + n + 1) cap *= 2;
+        while (cap < t->len + n + 1)
+            cap *= 2;
         char *p = realloc(t->p, cap);
         if (!p) return -1;
         t->p = p;
@@ -49,14 +50,16 @@ void aiorch_sse_free(aiorch_sse *p)
     free(p->data.p);
     free(p->event.p);
     free(p->id.p);
-    while (p->head) aiorch_sse_event_free(aiorch_sse_pop(p));
+    while (p->head)
+        aiorch_sse_event_free(aiorch_sse_pop(p));
     memset(p, 0, sizeof *p);
 }
 
 /* The bytes an event holds: its record and its strings. */
 static size_t event_size(const aiorch_sse_event *ev)
 {
-    return sizeof *ev + ev->data_len + 1 + strlen(ev->event) + 1 + (ev->id ? strlen(ev->id) + 1 : 0);
+    return sizeof *ev + ev->data_len + 1 + strlen(ev->event) + 1 +
+           (ev->id ? strlen(ev->id) + 1 : 0);
 }
 
 aiorch_sse_event *aiorch_sse_pop(aiorch_sse *p)
@@ -121,7 +124,8 @@ static int field(aiorch_sse *p, const char *line, size_t len)
     if (vlen && value[0] == ' ') value++, vlen--;
     if (nlen == 4 && memcmp(line, "data", 4) == 0) {
         p->have_data = 1;
-        return aiorch_text_add(&p->data, value, vlen) || aiorch_text_add(&p->data, "\n", 1) ? -1 : 0;
+        return aiorch_text_add(&p->data, value, vlen) || aiorch_text_add(&p->data, "\n", 1) ? -1
+                                                                                            : 0;
     }
     if (nlen == 5 && memcmp(line, "event", 5) == 0) {
         p->event.len = 0;
@@ -161,7 +165,8 @@ int aiorch_sse_feed(aiorch_sse *p, const char *buf, size_t len)
     }
     while (buf < end) {
         const char *eol = buf;
-        while (eol < end && *eol != '\n' && *eol != '\r') eol++;
+        while (eol < end && *eol != '\n' && *eol != '\r')
+            eol++;
         if (eol == end) return aiorch_text_add(&p->line, buf, (size_t)(end - buf));
         int rc;
         if (p->line.len) {

@@ -22,10 +22,10 @@ typedef struct aiorch_sse {
     aiorch_sse_text line, data, event, id;
     int have_id;
     int have_data;
-    int skip_lf;    /* the last chunk ended in CR: a leading LF belongs to it */
-    int started;    /* past a possible byte-order mark */
+    int skip_lf; /* the last chunk ended in CR: a leading LF belongs to it */
+    int started; /* past a possible byte-order mark */
     aiorch_sse_event *head, *tail;
-    size_t queued;  /* bytes held by queued events (records and strings) */
+    size_t queued; /* bytes held by queued events (records and strings) */
 } aiorch_sse;
 
 /* Appends n bytes (kept NUL-terminated); 0, or -1 when out of memory. */

@@ -10,9 +10,9 @@
 #define TASK_MT "aiorch.task"
 
 enum {
-    T_READY,     /* queued to run */
-    T_RUNNING,   /* its coroutine is on the C stack */
-    T_WAITING,   /* yielded on t->op */
+    T_READY,   /* queued to run */
+    T_RUNNING, /* its coroutine is on the C stack */
+    T_WAITING, /* yielded on t->op */
     T_DONE,
     T_FAILED,
     T_CANCELLED,
@@ -30,21 +30,21 @@ struct aiorch_task {
     int co_ref;   /* anchors the thread while the task lives */
     int self_ref; /* anchors the userdata while the task lives */
     int state;
-    int nargs;    /* values on co's stack to resume with */
+    int nargs; /* values on co's stack to resume with */
     int started;
     int queued;
     int cancel_requested;
-    int timed_out;  /* the last wait ended by its deadline */
-    int retrieved;  /* someone looked at the outcome */
+    int timed_out;   /* the last wait ended by its deadline */
+    int retrieved;   /* someone looked at the outcome */
     int timer_sleep; /* the timer is a sleep, not a wait deadline */
     uint64_t done_seq;
     aiorch_op *op;
     aiorch_task *ready_prev, *ready_next;
     aiorch_task *live_prev, *live_next;
     aiorch_task *parent, *children, *sib_prev, *sib_next;
-    waitnode *waiters; /* waitsets watching this task */
-    waitset *ws;       /* the waitset this task waits on */
-    ev_timer timer;    /* sleep, or the deadline of a wait */
+    waitnode *waiters;  /* waitsets watching this task */
+    waitset *ws;        /* the waitset this task waits on */
+    aiorch_watch timer; /* sleep, or the deadline of a wait */
     aiorch_op sleep_op;
 };
 
@@ -125,7 +125,9 @@ aiorch_task *aiorch_task_check(lua_State *L, const char *api)
 aiorch_task *aiorch_task_require(aiorch_runtime *rt, lua_State *L, const char *api)
 {
     aiorch_task *t = aiorch_task_current(rt, L);
-    if (!t) luaL_error(L, "%s: must be called from an aiorch task (see aiorch.run / aiorch.spawn)", api);
+    if (!t)
+        luaL_error(L, "%s: must be called from an aiorch task (see aiorch.run / aiorch.spawn)",
+                   api);
     return t;
 }
 
@@ -147,7 +149,7 @@ void aiorch_task_wake(aiorch_task *t, int nargs)
 /* ---- the instruction budget ---- */
 
 static char budget_key;
-static char debug_key; /* a boolean: aiorch.debug() */
+static char debug_key;   /* a boolean: aiorch.debug() */
 static char stopped_key; /* weak table: thread -> the message it was stopped with */
 
 #define HOOK_COUNT 1000 /* instructions between two calls of the hook */
@@ -173,7 +175,8 @@ static void budget_hook(lua_State *L, lua_Debug *ar)
     /* Fire on every instruction from now on, so pcall cannot swallow it. */
     lua_sethook(L, budget_hook, LUA_MASKCOUNT, 1);
     luaL_where(L, 0); /* level 0 in a hook: the function that ran too long */
-    lua_pushfstring(L, "instruction budget exceeded (%I instructions without yielding)", (lua_Integer)rt->budget);
+    lua_pushfstring(L, "instruction budget exceeded (%I instructions without yielding)",
+                    (lua_Integer)rt->budget);
     lua_concat(L, 2);
     lua_pushthread(L);
     lua_pushvalue(L, -2);
@@ -233,7 +236,8 @@ static int watchdog_start(aiorch_runtime *rt)
     if (rt->wd_state) return rt->wd_state > 0;
     rt->wd_state = -1;
     if (pthread_condattr_init(&ca)) return 0;
-    ok = pthread_condattr_setclock(&ca, CLOCK_MONOTONIC) == 0 && pthread_cond_init(&rt->wd_cv, &ca) == 0;
+    ok = pthread_condattr_setclock(&ca, CLOCK_MONOTONIC) == 0 &&
+         pthread_cond_init(&rt->wd_cv, &ca) == 0;
     pthread_condattr_destroy(&ca);
     if (!ok) return 0;
     if (pthread_mutex_init(&rt->wd_mu, NULL)) {
@@ -241,7 +245,7 @@ static int watchdog_start(aiorch_runtime *rt)
         return 0;
     }
     rt->wd_stop = 0;
-    if (pthread_create(&rt->wd_thread, NULL, watchdog, rt)) {
+    if (aiorch_thread_start(&rt->wd_thread, watchdog, rt)) {
         pthread_mutex_destroy(&rt->wd_mu);
         pthread_cond_destroy(&rt->wd_cv);
         return 0;
@@ -359,6 +363,7 @@ static void gc_load(aiorch_runtime *rt)
 
 static void waitset_free(waitset *ws);
 static void waitset_fire(waitset *ws);
+static void task_timer_cb(aiorch_watch *w, int events);
 
 static void push_self(aiorch_task *t, lua_State *S)
 {
@@ -392,9 +397,10 @@ static void finish(aiorch_task *t, int state)
     t->done_seq = ++rt->seq;
     t->op = NULL;
     ready_remove(t);
-    if (ev_is_active(&t->timer)) ev_timer_stop(rt->loop, &t->timer);
+    aiorch_watch_close(&t->timer);
     unlink_child(t);
-    while (t->children) unlink_child(t->children);
+    while (t->children)
+        unlink_child(t->children);
     if (t->live_prev)
         t->live_prev->live_next = t->live_next;
     else
@@ -432,7 +438,8 @@ static void finish_ok(aiorch_task *t, int nres)
     lua_xmove(t->co, S, nres);
     lua_createtable(S, nres, 1);
     lua_insert(S, -(nres + 1));
-    for (int i = nres; i >= 1; i--) lua_rawseti(S, -1 - i, i);
+    for (int i = nres; i >= 1; i--)
+        lua_rawseti(S, -1 - i, i);
     lua_pushinteger(S, nres);
     lua_setfield(S, -2, "n");
     if (t->rt->main == t) {
@@ -538,8 +545,33 @@ void aiorch_sched_drain(aiorch_runtime *rt)
 {
     if (rt->draining) return;
     rt->draining = 1;
-    while (rt->ready_head) resume(rt->ready_head);
+    while (rt->ready_head)
+        resume(rt->ready_head);
     rt->draining = 0;
+}
+
+/* posted: runs the tasks queued outside the loop's own callbacks (by a
+ * host's call). */
+static void soon_cb(aiorch_watch *w, int events)
+{
+    (void)events;
+    aiorch_sched_drain(w->data);
+}
+
+void aiorch_sched_init(aiorch_runtime *rt)
+{
+    aiorch_watch_timer_init(&rt->soon_w, &rt->lp, soon_cb, rt, 0);
+}
+
+void aiorch_sched_soon(aiorch_runtime *rt)
+{
+    if (!aiorch_watch_active(&rt->soon_w)) aiorch_watch_post(&rt->soon_w);
+    aiorch_loop_wake(rt);
+}
+
+void aiorch_sched_close(aiorch_runtime *rt)
+{
+    aiorch_watch_close(&rt->soon_w);
 }
 
 static aiorch_task *check_task(lua_State *L, int idx)
@@ -555,18 +587,17 @@ aiorch_task *aiorch_task_spawn(aiorch_runtime *rt, lua_State *L, int nargs)
     t->rt = rt;
     t->co_ref = t->self_ref = LUA_NOREF;
     luaL_setmetatable(L, TASK_MT);
-    lua_insert(L, -(nargs + 2));     /* task fn args... */
+    lua_insert(L, -(nargs + 2)); /* task fn args... */
     t->co = lua_newthread(L);
     if (!watchdog_start(rt)) arm(t->co); /* no thread: hooked all along */
-    lua_insert(L, -(nargs + 2));     /* task thread fn args... */
-    lua_xmove(L, t->co, nargs + 1);  /* task thread */
+    lua_insert(L, -(nargs + 2));         /* task thread fn args... */
+    lua_xmove(L, t->co, nargs + 1);      /* task thread */
     t->co_ref = luaL_ref(L, LUA_REGISTRYINDEX);
     lua_pushvalue(L, -1);
     t->self_ref = luaL_ref(L, LUA_REGISTRYINDEX);
     t->nargs = nargs;
     t->state = T_READY;
-    ev_init(&t->timer, NULL);
-    t->timer.data = t;
+    aiorch_watch_timer_init(&t->timer, &rt->lp, task_timer_cb, t, 0);
 
     t->live_next = rt->live;
     if (rt->live) rt->live->live_prev = t;
@@ -643,7 +674,8 @@ static int push_results(lua_State *L, int idx, aiorch_task *t)
         int n = (int)(lua_getfield(L, -1, "n"), lua_tointeger(L, -1));
         lua_pop(L, 1);
         luaL_checkstack(L, n, "too many results");
-        for (int i = 1; i <= n; i++) lua_rawgeti(L, -i, i);
+        for (int i = 1; i <= n; i++)
+            lua_rawgeti(L, -i, i);
         lua_remove(L, -(n + 1));
         return n;
     }
@@ -679,7 +711,7 @@ static void waitset_free(waitset *ws)
 {
     aiorch_task *owner = ws->owner;
     waitset_detach(ws);
-    if (ev_is_active(&owner->timer)) ev_timer_stop(owner->rt->loop, &owner->timer);
+    aiorch_watch_stop(&owner->timer);
     owner->ws = NULL;
     free(ws);
 }
@@ -696,11 +728,10 @@ static void waitset_cancel(aiorch_op *op)
     waitset_free((waitset *)op);
 }
 
-/* ev_timer: the deadline of a wait, or the end of a sleep */
-static void task_timer_cb(struct ev_loop *loop, ev_timer *w, int revents)
+/* timer: the deadline of a wait, or the end of a sleep */
+static void task_timer_cb(aiorch_watch *w, int events)
 {
-    (void)loop;
-    (void)revents;
+    (void)events;
     aiorch_task *t = w->data;
     aiorch_runtime *rt = t->rt;
     if (t->timer_sleep) {
@@ -715,10 +746,7 @@ static void task_timer_cb(struct ev_loop *loop, ev_timer *w, int revents)
 static void arm_timer(aiorch_task *t, double ms, int sleep)
 {
     t->timer_sleep = sleep;
-    ev_now_update(t->rt->loop); /* the cached time may be stale: never fire early */
-    ev_timer_init(&t->timer, task_timer_cb, ms < 0 ? 0 : ms / 1000.0, 0.);
-    t->timer.data = t;
-    ev_timer_start(t->rt->loop, &t->timer);
+    aiorch_watch_start(&t->timer, ms < 0 ? 0 : ms / 1000.0);
 }
 
 /* Makes self wait for any or all of the listed tasks, with an optional deadline. */
@@ -852,7 +880,8 @@ static aiorch_task **check_tasks(lua_State *L, int idx, int *n)
     for (int i = 1; i <= *n; i++) {
         lua_rawgeti(L, idx, i);
         aiorch_task *t = luaL_testudata(L, -1, TASK_MT);
-        if (!t) luaL_error(L, "bad task list: item %d is a %s, not a task", i, luaL_typename(L, -1));
+        if (!t)
+            luaL_error(L, "bad task list: item %d is a %s, not a task", i, luaL_typename(L, -1));
         list[i - 1] = t;
         lua_pop(L, 1);
     }
@@ -964,7 +993,8 @@ static int first_scan(lua_State *L)
                     lua_pushliteral(L, "timeout");
                 } else {
                     lua_pushliteral(L, "none");
-                    lua_pushfstring(L, "no task of %d gave a value that satisfies the predicate", n);
+                    lua_pushfstring(L, "no task of %d gave a value that satisfies the predicate",
+                                    n);
                 }
                 return 3 + push_gathered(L);
             }
@@ -1043,7 +1073,7 @@ static int l_first(lua_State *L)
 static void sleep_cancel(aiorch_op *op)
 {
     aiorch_task *t = (aiorch_task *)((char *)op - offsetof(aiorch_task, sleep_op));
-    if (ev_is_active(&t->timer)) ev_timer_stop(t->rt->loop, &t->timer);
+    aiorch_watch_stop(&t->timer);
 }
 
 static int l_sleep(lua_State *L)
@@ -1080,6 +1110,7 @@ static int l_run(lua_State *L)
     aiorch_runtime *rt = aiorch_rt_of(L);
     luaL_checktype(L, 1, LUA_TFUNCTION);
     if (rt->current) return luaL_error(L, "aiorch.run: already inside a task; use aiorch.spawn");
+    if (!rt->loop) return luaL_error(L, "aiorch.run: this runtime runs on a host's loop");
     aiorch_task *t = aiorch_task_spawn(rt, L, lua_gettop(L) - 1);
     int idx = lua_gettop(L);
     aiorch_sched_drain(rt);
@@ -1107,15 +1138,9 @@ static const luaL_Reg task_meta[] = {
 };
 
 static const luaL_Reg task_funcs[] = {
-    {"spawn", l_spawn},
-    {"gather", l_gather},
-    {"first", l_first},
-    {"sleep", l_sleep},
-    {"current", l_current},
-    {"now", l_now},
-    {"run", l_run},
-    {"debug", l_debug},
-    {NULL, NULL},
+    {"spawn", l_spawn}, {"gather", l_gather},   {"first", l_first},
+    {"sleep", l_sleep}, {"current", l_current}, {"now", l_now},
+    {"run", l_run},     {"debug", l_debug},     {NULL, NULL},
 };
 
 void aiorch_task_open(aiorch_runtime *rt, lua_State *L)

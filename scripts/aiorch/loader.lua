@@ -40,7 +40,6 @@ local function default_root()
   return dir or "."
 end
 
-local root_override
 local extra_dirs = {}
 local dirs_cache = {} -- kind .. extra -> search dirs; the path is fixed per runtime
 local found = {} -- positive lookups only, so a new user file is seen at once
@@ -48,14 +47,7 @@ local found = {} -- positive lookups only, so a new user file is seen at once
 local memo = setmetatable({}, { __mode = "k" })
 
 function _M.root()
-  return root_override or default_root()
-end
-
-function _M.set_root(dir)
-  root_override = dir
-  dirs_cache = {}
-  found = {}
-  memo = setmetatable({}, { __mode = "k" })
+  return default_root()
 end
 
 local function split(list, out)

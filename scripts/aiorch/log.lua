@@ -12,15 +12,6 @@ _M.levels = LEVELS
 
 local threshold = LEVELS[(os_getenv("AIORCH_LOG") or ""):lower()] or LEVELS.warn
 
-function _M.set_level(name)
-  local n = LEVELS[name]
-  if not n then
-    return nil, fmt("unknown log level '%s' (valid: debug, info, warn, error)", tostring(name))
-  end
-  threshold = n
-  return true
-end
-
 function _M.enabled(level)
   local n = LEVELS[level]
   return n ~= nil and n >= threshold

@@ -18,7 +18,6 @@ local _M = {}
 -- Latency histogram bucket upper bounds in ms; the last bucket is +Inf.
 _M.buckets = { 50, 100, 250, 500, 1000, 2500, 5000, 10000, 30000, 60000 }
 local WINDOW = 256 -- latencies kept for p50/p95
-local UNHEALTHY_AFTER = 3 -- consecutive failures
 
 local providers = {}
 local changed = false -- since the last flush
@@ -51,7 +50,6 @@ local function new_entry()
     fallback_activations = 0, races_won = 0, races_lost = 0,
     retries = 0, skipped = 0, hedges = 0, continuations = 0,
     tokens_wasted_in = 0, tokens_wasted_out = 0,
-    consecutive_failures = 0,
   }
 end
 
@@ -104,7 +102,6 @@ function _M.finished(name, resp)
   local meta = resp.metadata or EMPTY
   if resp.status == "success" then
     e.successes = e.successes + 1
-    e.consecutive_failures = 0
     local u = meta.usage or EMPTY
     e.tokens_in = e.tokens_in + (u.input_tokens or 0)
     e.tokens_out = e.tokens_out + (u.output_tokens or 0)
@@ -114,7 +111,6 @@ function _M.finished(name, resp)
       e.timeouts = e.timeouts + 1
     end
     e.errors = e.errors + 1
-    e.consecutive_failures = e.consecutive_failures + 1
     local kind = meta.error_kind or resp.status
     e.errors_by_kind[kind] = (e.errors_by_kind[kind] or 0) + 1
   end
@@ -136,12 +132,6 @@ function _M.count(name, counter, n)
   end
   e[counter] = (v or 0) + (n or 1)
   return e[counter]
-end
-
-function _M.health(name)
-  local e = providers[name]
-  local f = e and e.consecutive_failures or 0
-  return { healthy = f < UNHEALTHY_AFTER, failures = f }
 end
 
 local function percentile(sorted, p)

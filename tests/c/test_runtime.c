@@ -44,14 +44,18 @@ static void test_shared_loop(void)
     CHECK(a && b, "two runtimes");
     char *args_a[] = {"a", "5"}, *args_b[] = {"b", "5"};
     ev_tstamp t0 = ev_time();
-    CHECK(aiorch_runtime_start(a, script("two_runtimes.lua"), 2, args_a) == 0, "%s", aiorch_runtime_error(a));
-    CHECK(aiorch_runtime_start(b, script("two_runtimes.lua"), 2, args_b) == 0, "%s", aiorch_runtime_error(b));
-    while (aiorch_runtime_busy(a) || aiorch_runtime_busy(b)) ev_run(loop, EVRUN_ONCE);
+    CHECK(aiorch_runtime_start(a, script("two_runtimes.lua"), 2, args_a) == 0, "%s",
+          aiorch_runtime_error(a));
+    CHECK(aiorch_runtime_start(b, script("two_runtimes.lua"), 2, args_b) == 0, "%s",
+          aiorch_runtime_error(b));
+    while (aiorch_runtime_busy(a) || aiorch_runtime_busy(b))
+        ev_run(loop, EVRUN_ONCE);
     double ms = (ev_time() - t0) * 1000;
     /* 5 x 20 ms each: concurrently about 100 ms, one after the other 200
      * (AIORCH_TEST_SLOWDOWN, under valgrind: only the lower bound holds). */
     const char *slow = getenv("AIORCH_TEST_SLOWDOWN");
-    CHECK(ms >= 95 && (ms < 190 || (slow && atof(slow) > 1)), "two runtimes interleave (took %.0f ms)", ms);
+    CHECK(ms >= 95 && (ms < 190 || (slow && atof(slow) > 1)),
+          "two runtimes interleave (took %.0f ms)", ms);
     aiorch_runtime_free(a);
     aiorch_runtime_free(b);
     ev_loop_destroy(loop);
@@ -75,7 +79,8 @@ static void test_budget(void)
     aiorch_options opts = {.instruction_budget = 2000000};
     aiorch_runtime *rt = aiorch_runtime_new(&opts);
     int status = aiorch_runtime_run(rt, script("runaway.lua"), 0, NULL);
-    CHECK(status == 7, "runaway task stopped, others went on (status %d: %s)", status, aiorch_runtime_error(rt));
+    CHECK(status == 7, "runaway task stopped, others went on (status %d: %s)", status,
+          aiorch_runtime_error(rt));
     aiorch_runtime_free(rt);
 }
 
@@ -103,14 +108,16 @@ static void test_free_while_busy(void)
 
     aiorch_runtime *rt = aiorch_runtime_new(NULL);
     CHECK(aiorch_runtime_start(rt, script("pending.lua"), 1, args) == 0, "start");
-    for (int i = 0; i < 20; i++) ev_run(aiorch_runtime_loop(rt), EVRUN_NOWAIT);
+    for (int i = 0; i < 20; i++)
+        ev_run(aiorch_runtime_loop(rt), EVRUN_NOWAIT);
     CHECK(aiorch_runtime_busy(rt), "still busy");
     aiorch_runtime_free(rt);
     /* The client's connection was closed: accept it and read EOF. */
     int c = accept(fd, NULL, NULL);
     char buf[4096];
     ssize_t n = 0, got;
-    while ((got = read(c, buf, sizeof buf)) > 0) n += got;
+    while ((got = read(c, buf, sizeof buf)) > 0)
+        n += got;
     CHECK(c >= 0 && got == 0 && n > 0, "the pending request was sent, then its socket closed");
     close(c);
     close(fd);

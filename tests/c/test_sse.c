@@ -23,9 +23,13 @@ static const sse_case cases[] = {
     {"id persists", "id: 7\ndata: a\n\ndata: b\n\n", "message|a|7;message|b|7;"},
     {"event without data is dropped", "event: x\n\ndata: z\n\n", "message|z|-;"},
     {"unterminated event waits", "data: a\n\ndata: b\n", "message|a|-;"},
-    {"byte-order mark", "\xEF\xBB\xBF" "data: bom\n\n", "message|bom|-;"},
+    {"byte-order mark",
+     "\xEF\xBB\xBF"
+     "data: bom\n\n",
+     "message|bom|-;"},
     {"unknown fields ignored", "retry: 10\nfoo: bar\ndata: k\n\n", "message|k|-;"},
-    {"openai shape", "data: {\"a\":1}\n\ndata: [DONE]\n\n", "message|{\"a\":1}|-;message|[DONE]|-;"},
+    {"openai shape", "data: {\"a\":1}\n\ndata: [DONE]\n\n",
+     "message|{\"a\":1}|-;message|[DONE]|-;"},
     {"empty data line", "data\n\n", "message||-;"},
 };
 
@@ -55,7 +59,8 @@ static int run(const sse_case *c, size_t step, char *got, size_t cap)
      * aiorch.http): their records and strings, and nothing once popped. */
     size_t held = 0;
     for (const aiorch_sse_event *ev = p.head; ev; ev = ev->next)
-        held += sizeof *ev + ev->data_len + 1 + strlen(ev->event) + 1 + (ev->id ? strlen(ev->id) + 1 : 0);
+        held += sizeof *ev + ev->data_len + 1 + strlen(ev->event) + 1 +
+                (ev->id ? strlen(ev->id) + 1 : 0);
     int rc = p.queued == held ? 0 : -1;
     render(&p, got, cap);
     if (p.queued != 0) rc = -1;

@@ -2,6 +2,10 @@
 // apiKey set), against a real `aiorch serve` with the mock providers behind it.
 //   node --test tests/sdk/*.test.mjs     (from the repository root; CTest: sdk_clients)
 // AIORCH_BUILD names the build directory (default: build).
+// AIORCH_SDK_GATEWAYS, a JSON object of base URLs {gw, faulty, limited, cut,
+// locked}, points the same tests at gateways someone else runs (CTest's
+// nginx_sdk: nginx with the aiorch module, tests/nginx_sdk.lua); each must
+// be configured as startGateway below configures its own.
 import { test, before, after } from 'node:test';
 import assert from 'node:assert/strict';
 import { spawn, spawnSync } from 'node:child_process';
@@ -27,7 +31,8 @@ const MOCK_TEXT = /^Hello from the mock (openai|anthropic) provider\. You asked:
 const children = new Set();
 let tmp;
 
-const hasServe = (() => {
+const GIVEN = process.env.AIORCH_SDK_GATEWAYS ? JSON.parse(process.env.AIORCH_SDK_GATEWAYS) : null;
+const hasServe = GIVEN !== null || (() => {
   const r = spawnSync(AIORCH, ['--help'], { encoding: 'utf8' });
   return r.status === 0 && /^\s*serve\b/m.test(r.stdout);
 })();
@@ -139,6 +144,11 @@ let mock, gw, faulty, limited, cut, locked;
 
 before(async () => {
   if (SKIP) return;
+  if (GIVEN) {
+    ({ gw, faulty, limited, cut, locked } = Object.fromEntries(
+      Object.entries(GIVEN).map(([name, url]) => [name, { url }])));
+    return;
+  }
   tmp = mkdtempSync(join(tmpdir(), 'aiorch-sdk-'));
   mock = await startMock();
   gw = await startGateway(mock.port);

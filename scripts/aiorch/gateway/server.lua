@@ -1113,12 +1113,19 @@ local function park()
   end
 end
 
--- opts: config (from aiorch.gateway.config) or config_file; host, port
--- (override the config's listen); getenv (function(name), default
--- os.getenv); path (user dirs); access_log (true: stderr, false, or a
--- function(line)); timeout_ms (per provider call).
--- Returns a handle {server, config, drain, close, wait} or nil, message.
-function _M.start(opts)
+------------------------------------------------------------------------------
+-- The host-neutral interface: a handler and its hooks, for whichever server
+-- hosts the gateway. `aiorch serve` gives them to aiorch.server.listen
+-- (start, below); the nginx module loads them through
+-- aiorch/gateway/hosted.lua. Both hand each request over as a request
+-- table and a response writer (src/server.c).
+
+-- opts: config (from aiorch.gateway.config) or config_file; getenv
+-- (function(name), default os.getenv); path (user dirs); access_log (true:
+-- stderr, false, or a function(line)); timeout_ms (per provider call).
+-- Returns {handler = function(req, res), on_headers = function(req),
+-- on_refuse = function(status, req), max_body, config, state} or nil, message.
+function _M.handler(opts)
   opts = opts or {}
   local cfg = opts.config
   local getenv = opts.getenv
@@ -1127,18 +1134,14 @@ function _M.start(opts)
     getenv = function(k) return t[k] end
   end
   if not cfg then
+    local err
     if opts.config_file then
-      local err
       cfg, err = gconfig.load(opts.config_file, getenv, opts.path)
-      if not cfg then
-        return nil, err
-      end
     else
-      local err
       cfg, err = gconfig.default(getenv, opts.path)
-      if not cfg then
-        return nil, err
-      end
+    end
+    if not cfg then
+      return nil, err
     end
   end
   local access = opts.access_log
@@ -1151,11 +1154,27 @@ function _M.start(opts)
     max_body = cfg.max_body, access_log = access, timeout_ms = opts.timeout_ms,
     max_inflight = cfg.max_inflight or 0, orchestrating = 0, log_bodies = cfg.log_bodies == true,
     log_buf = {}, log_n = 0, log_bytes = 0, log_timer = false,
+    ns = "", -- the limits' keys' prefix (start: the port, the same in every worker)
   }
-  local listen = { host = opts.host or cfg.host, port = opts.port or cfg.port, max_body = cfg.max_body,
+  return {
     handler = function(req, res) return handle(state, req, res) end,
     on_refuse = function(status, req) return refusal(state, status, req) end,
-    on_headers = function(req) return authorize(state, req) end }
+    on_headers = function(req) return authorize(state, req) end,
+    max_body = cfg.max_body, config = cfg, state = state, totals = totals.start(state),
+  }
+end
+
+-- opts: those of handler, and host, port (override the config's listen).
+-- Returns a handle {server, config, drain, close, wait} or nil, message.
+function _M.start(opts)
+  opts = opts or {}
+  local h, err = _M.handler(opts)
+  if not h then
+    return nil, err
+  end
+  local cfg = h.config
+  local listen = { host = opts.host or cfg.host, port = opts.port or cfg.port, max_body = cfg.max_body,
+    handler = h.handler, on_refuse = h.on_refuse, on_headers = h.on_headers }
   for k, v in pairs(cfg.server) do
     listen[k] = v
   end
@@ -1167,9 +1186,9 @@ function _M.start(opts)
     return nil, fmt("cannot listen on %s:%s: %s", tostring(listen.host), tostring(listen.port),
       tostring(msg or kind))
   end
-  state.ns = srv.port .. "\31" -- the limits' keys: the same in every worker
-  return setmetatable({ server = srv, config = cfg, state = state, closed = false, park = spawn(park),
-    host = listen.host, port = srv.port, totals = totals.start(state) }, Handle)
+  h.state.ns = srv.port .. "\31" -- the limits' keys: the same in every worker
+  return setmetatable({ server = srv, config = cfg, state = h.state, closed = false, park = spawn(park),
+    host = listen.host, port = srv.port, totals = h.totals }, Handle)
 end
 
 return _M
