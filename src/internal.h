@@ -66,6 +66,7 @@ struct aiorch_runtime {
     ev_check job_w;                           /* fed: runs new jobs, delivers ended ones */
     int closing;                              /* being freed: no new jobs */
     struct aiorch_poll *poll;                 /* loop.c: the loop thread of a pollable runtime */
+    struct rclient *redis_clients;            /* redis.c: the open aiorch.redis clients */
 };
 
 /* The runtime of a Lua-visible function: upvalue 1 of every module function. */
@@ -128,6 +129,10 @@ void aiorch_process_open(aiorch_runtime *rt, lua_State *L); /* adds module.proce
 
 /* shm_lua.c */
 void aiorch_shm_open(aiorch_runtime *rt, lua_State *L); /* adds module.shm */
+
+/* redis.c */
+void aiorch_redis_open(aiorch_runtime *rt, lua_State *L); /* adds module.redis */
+void aiorch_redis_close_all(aiorch_runtime *rt);          /* their pending calls fail "closed" */
 
 /* root.c: $AIORCH_ROOT, else where this file is installed, else the source tree. */
 char *aiorch_root_find(void);

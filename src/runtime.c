@@ -188,6 +188,7 @@ void aiorch_runtime_teardown(aiorch_runtime *rt)
         aiorch_job_close_all(rt, "the runtime was freed");
         aiorch_task_cancel_all(rt);
         aiorch_server_close_all(rt);
+        aiorch_redis_close_all(rt);
     }
     aiorch_task_watchdog_stop(rt);
     if (rt->curl) aiorch_curl_free(rt->curl);
