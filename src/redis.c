@@ -357,7 +357,7 @@ static int open_conn(rclient *cl)
     ev_timer_set(&cl->conn_timer, cl->connect_timeout_ms / 1000.0, 0.);
     ev_timer_start(cl->rt->loop, &cl->conn_timer);
     int bad = 0;
-    if (cl->password) {
+    if (cl->password) { /* AUTH password, or AUTH user password (ACL) */
         const char *auth[3] = {"AUTH", cl->user ? cl->user : cl->password, cl->password};
         bad |= setup_command(cl, cl->user ? 3 : 2, auth);
     }
@@ -458,11 +458,10 @@ static const char *parse_url(lua_State *L, rclient *cl, const char *url, char *e
         if (*q == '@') at = q;
     if (at) {
         const char *colon = memchr(p, ':', (size_t)(at - p));
-        if (!colon)
-            luaL_error(L, "aiorch.redis.connect: the URL's credentials must be [user]:password@");
-        if (colon > p && !(cl->user = decode(p, (size_t)(colon - p))))
+        const char *ue = colon ? colon : at; /* user@: the password comes from opts */
+        if (ue > p && !(cl->user = decode(p, (size_t)(ue - p))))
             luaL_error(L, "aiorch.redis.connect: the URL's user is malformed");
-        if (!(cl->password = decode(colon + 1, (size_t)(at - colon - 1))))
+        if (colon && !(cl->password = decode(colon + 1, (size_t)(at - colon - 1))))
             luaL_error(L, "aiorch.redis.connect: the URL's password is malformed");
         p = at + 1;
     }
@@ -537,7 +536,7 @@ static double opt_ms(lua_State *L, const char *field, double def, double least)
         lua_pop(L, 1);
         return def;
     }
-    if (!lua_isnumber(L, -1))
+    if (lua_type(L, -1) != LUA_TNUMBER)
         luaL_error(L, "aiorch.redis.connect: opts.%s must be a number (ms)", field);
     v = lua_tonumber(L, -1);
     if (!(v >= least && v <= MAX_MS))
