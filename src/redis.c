@@ -21,6 +21,7 @@
 #include <ctype.h>
 #include <math.h>
 #include <netdb.h>
+#include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -323,6 +324,29 @@ static rcall *call_new(rclient *cl, int internal)
     return rc;
 }
 
+/* ev_io for writes, in place of the adapter's own: hiredis writes with
+ * write(2), and a server gone away would raise SIGPIPE in a host that does
+ * not ignore it. The signal is blocked around the write, and one it raised
+ * is taken back. */
+static void write_cb(struct ev_loop *loop, ev_io *w, int revents)
+{
+    (void)loop;
+    (void)revents;
+    redisLibevEvents *e = w->data;
+    sigset_t pipe_set, old, pending;
+    struct timespec zero = {0, 0};
+    int had;
+    sigemptyset(&pipe_set);
+    sigaddset(&pipe_set, SIGPIPE);
+    pthread_sigmask(SIG_BLOCK, &pipe_set, &old);
+    sigpending(&pending);
+    had = sigismember(&pending, SIGPIPE);
+    redisAsyncHandleWrite(e->context);
+    sigpending(&pending);
+    if (!had && sigismember(&pending, SIGPIPE)) sigtimedwait(&pipe_set, NULL, &zero);
+    pthread_sigmask(SIG_SETMASK, &old, NULL);
+}
+
 /* Queues AUTH or SELECT ahead of every call on a new connection. */
 static int setup_command(rclient *cl, int argc, const char **argv)
 {
@@ -350,6 +374,7 @@ static int open_conn(rclient *cl)
     }
     ac->data = cl;
     redisLibevAttach(cl->rt->loop, ac);
+    ev_set_cb(&((redisLibevEvents *)ac->ev.data)->wev, write_cb);
     redisAsyncSetConnectCallback(ac, on_connect);
     redisAsyncSetDisconnectCallback(ac, on_disconnect);
     cl->ac = ac;
