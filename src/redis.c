@@ -699,6 +699,16 @@ static int l_call(lua_State *L)
     return lua_yield(L, 0);
 }
 
+/* client:set_timeout(ms): the deadline of the calls made from now on. */
+static int l_set_timeout(lua_State *L)
+{
+    rclient *cl = check_client(L);
+    double ms = luaL_checknumber(L, 2);
+    luaL_argcheck(L, ms >= 1 && ms <= MAX_MS, 2, "the timeout is 1 ms to an hour");
+    cl->timeout_ms = ms;
+    return 0;
+}
+
 static int l_close(lua_State *L)
 {
     client_close(luaL_checkudata(L, 1, CLIENT_MT));
@@ -744,10 +754,8 @@ static int l_tostring(lua_State *L)
 }
 
 static const luaL_Reg client_methods[] = {
-    {"call", l_call},
-    {"close", l_close},
-    {"stats", l_stats},
-    {NULL, NULL},
+    {"call", l_call},   {"close", l_close}, {"set_timeout", l_set_timeout},
+    {"stats", l_stats}, {NULL, NULL},
 };
 
 static const luaL_Reg client_meta[] = {

@@ -526,6 +526,7 @@ function _M.serve(args, first)
       return 1
     end
     require("aiorch.state").share(tier)
+    tier:warm()
   end
   -- The descriptors limit is raised to fit server.max_connections (or the
   -- limit lowered to fit it); a worker shares the port with the others.

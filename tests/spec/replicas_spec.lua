@@ -96,7 +96,8 @@ describe("replicas sharing redis", function()
     local a, b = replicas('return { access_log = false, rate_limit = { requests = 100, per = "minute" }, redis = %s }')
     local statuses = send({ a.base, b.base }, 200, 8)
     local through = statuses[200] or 0
-    assert.is_true(through >= 98 and through <= 102, fmt("%d requests let through", through))
+    assert.is_true(through >= 98 and through <= 102, fmt("%d requests let through\n%s\n%s", through,
+      support.slurp(a.err), support.slurp(b.err)))
     assert.equal(200 - through, statuses[429])
     assert.equal(through, #m.requests)
     a.stop()

@@ -253,6 +253,24 @@ function Tier:eval(script, ...)
   return eval(self, false, script, ...)
 end
 
+-- Before the first request: the connection made, the server's clock
+-- measured, the window script loaded, each within connect_timeout_ms, so
+-- that the first requests need one call each. A failure is the outage's
+-- first (logged; the back-off starts). Returns true or nil, kind, message.
+function Tier:warm()
+  self.client:set_timeout(self.cfg.connect_timeout_ms)
+  local ok, kind, msg = self:now()
+  if ok then
+    ok, kind, msg = self:call("SCRIPT", "LOAD", _M.WINDOW_SCRIPT)
+    self.shas[_M.WINDOW_SCRIPT] = ok or nil
+  end
+  self.client:set_timeout(self.cfg.timeout_ms)
+  if not ok then
+    return nil, kind, msg
+  end
+  return true
+end
+
 -- Counts n in the sliding window of window_ms under key, unless limit is
 -- given and the count would pass it. Returns true, slot, previous, frac,
 -- current (counted); false, nil, previous, frac, current (not counted:
