@@ -402,8 +402,10 @@ function KV:items(prefix)
     end
     cursor = v[1]
     for _, rk in pairs(v[2]) do
-      local k = rk:sub(#tier.prefix + 2, -2):gsub("%%7B", "{"):gsub("%%7D", "}"):gsub("%%25", "%%")
-      out[k] = tonumber(tier.client:call("GET", rk))
+      if rk:sub(-1) == "}" then -- a plain key (a window's have a suffix)
+        local k = rk:sub(#tier.prefix + 2, -2):gsub("%%7B", "{"):gsub("%%7D", "}"):gsub("%%25", "%%")
+        out[k] = tonumber(tier.client:call("GET", rk))
+      end
     end
   until cursor == "0"
   return out
