@@ -8,6 +8,9 @@ endif()
 if(NOT TARGET PkgConfig::AIORCH_CURL)
   pkg_check_modules(AIORCH_CURL REQUIRED QUIET IMPORTED_TARGET GLOBAL libcurl)
 endif()
+if(NOT TARGET PkgConfig::AIORCH_HIREDIS)
+  pkg_check_modules(AIORCH_HIREDIS REQUIRED QUIET IMPORTED_TARGET GLOBAL hiredis)
+endif()
 
 # libev and http-parser have no pkg-config file on Debian.
 foreach(dep ev http_parser)

@@ -23,7 +23,7 @@ fi
 # libaiorch.a (position-independent) goes into the module whole, with the
 # shared libraries it needs.
 export AIORCH_INCS="$inc"
-export AIORCH_LIBS="$lib $(pkg-config --libs lua5.4 libcurl) -lev -lhttp_parser -lpthread -lm -ldl"
+export AIORCH_LIBS="$lib $(pkg-config --libs lua5.4 libcurl hiredis) -lev -lhttp_parser -lpthread -lm -ldl"
 
 stamp="$out/configured"
 sum=$( (cat "$here/build.sh" "$here/config"; echo "$inc $lib") | sha256sum | cut -d' ' -f1)

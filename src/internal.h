@@ -92,9 +92,10 @@ struct aiorch_runtime {
     struct aiorch_job *jobs;                  /* every job not yet freed */
     struct aiorch_job *done_head, *done_tail; /* ended, their callbacks not yet called */
     size_t njobs;
-    aiorch_watch job_w;       /* posted: runs new jobs, delivers ended ones */
-    int closing;              /* being freed: no new jobs */
-    struct aiorch_poll *poll; /* loop.c: the loop thread of a pollable runtime */
+    aiorch_watch job_w;            /* posted: runs new jobs, delivers ended ones */
+    int closing;                   /* being freed: no new jobs */
+    struct aiorch_poll *poll;      /* loop.c: the loop thread of a pollable runtime */
+    struct rclient *redis_clients; /* redis.c: the open aiorch.redis clients */
 };
 
 /* The runtime of a Lua-visible function: upvalue 1 of every module function. */
@@ -189,6 +190,10 @@ void aiorch_process_open(aiorch_runtime *rt, lua_State *L); /* adds module.proce
 
 /* shm_lua.c */
 void aiorch_shm_open(aiorch_runtime *rt, lua_State *L); /* adds module.shm */
+
+/* redis.c */
+void aiorch_redis_open(aiorch_runtime *rt, lua_State *L); /* adds module.redis */
+void aiorch_redis_close_all(aiorch_runtime *rt);          /* their pending calls fail "closed" */
 
 /* ---- assembly ---- */
 

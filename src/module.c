@@ -19,6 +19,7 @@ int aiorch_push_module(aiorch_runtime *rt, lua_State *L)
     aiorch_server_open(rt, L);
     aiorch_process_open(rt, L);
     aiorch_shm_open(rt, L);
+    aiorch_redis_open(rt, L);
     lua_pushstring(L, rt->root);
     lua_setfield(L, -2, "root");
     if (rt->user_path) {

@@ -96,6 +96,7 @@ void aiorch_runtime_teardown(aiorch_runtime *rt)
         aiorch_job_close_all(rt, "the runtime was freed");
         aiorch_task_cancel_all(rt);
         aiorch_server_close_all(rt);
+        aiorch_redis_close_all(rt);
         aiorch_sched_close(rt); /* a host's loop goes on: nothing of ours may stay on it */
         aiorch_watch_close(&rt->job_w);
     }

@@ -518,6 +518,16 @@ function _M.serve(args, first)
       require("aiorch.state").use(backend)
     end
   end
+  if cfg.redis then
+    -- Replicas share their windows and breakers through Redis (docs/replicas.md).
+    local tier, rerr = require("aiorch.state.redis").new(cfg.redis)
+    if not tier then
+      err_line("serve: %s", rerr)
+      return 1
+    end
+    require("aiorch.state").share(tier)
+    tier:warm()
+  end
   -- The descriptors limit is raised to fit server.max_connections (or the
   -- limit lowered to fit it); a worker shares the port with the others.
   local server = { raise_nofile = true }

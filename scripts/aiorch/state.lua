@@ -16,6 +16,10 @@
 -- kept by their owners in local tables and pushed as deltas every
 -- flush_ms by flush(); a reader flushes its own first, so that totals
 -- only ever grow and include what it counted itself.
+--
+-- In front of the backend, a shared tier (aiorch.state.redis, share()) may
+-- hold what replicas share: windows and breakers. When it fails, the
+-- backend answers instead, unless the caller asked to fail closed.
 local aiorch = require "aiorch"
 local log = require "aiorch.log"
 
@@ -26,6 +30,7 @@ local ipairs = ipairs
 local floor = math.floor
 local max = math.max
 local remove = table.remove
+local type = type
 
 local _M = {}
 
@@ -34,6 +39,7 @@ local MANY_MAX = 4096 -- pairs per incr_many
 local WARN_EVERY_MS = 60000
 
 local current -- the backend
+local tier -- the shared tier (aiorch.state.redis), or nil
 local sources = {} -- {collect = fn(add), baseline = fn()}
 local gauges = {} -- key -> {fn = fn, last = value}
 local pending, npending = {}, 0 -- deltas not yet in the backend
@@ -61,17 +67,18 @@ function _M.backend()
   return backend()
 end
 
--- Whether other processes share the state (also the field is_shared, for
--- the hot paths).
+-- Whether other processes see the backend's counters; the field
+-- is_shared (for the hot paths): whether they see the windows and
+-- breakers (the backend's, or a shared tier's).
 _M.is_shared = false
 function _M.shared()
-  return _M.is_shared
+  return current ~= nil and current.shared == true
 end
 
 -- Uses b from now on. What sources counted before is not pushed to it.
 function _M.use(b)
   current = b
-  _M.is_shared = b.shared == true
+  _M.is_shared = b.shared == true or tier ~= nil
   pending, npending, own_keys = {}, 0, {}
   for _, g in pairs(gauges) do
     g.last, g.key = nil, nil
@@ -82,6 +89,35 @@ function _M.use(b)
     end
   end
   return b
+end
+
+-- Puts t (an aiorch.state.redis tier) in front of the backend for windows
+-- and breakers; nil takes it away.
+function _M.share(t)
+  tier = t
+  _M.is_shared = t ~= nil or (current ~= nil and current.shared == true)
+  return t
+end
+
+-- The shared tier, or nil: aiorch.state.redis's cache_get, cache_set, ...
+function _M.redis()
+  return tier
+end
+
+-- The store of breakers: the tier's (falling back to the backend), else
+-- the backend.
+function _M.kv()
+  return tier and tier.kv or backend()
+end
+
+-- false while the windows and breakers are what every replica sees; true,
+-- message while the shared tier fails and this process's own state
+-- answers instead.
+function _M.degraded()
+  if tier and not tier.up then
+    return true, "the shared state (redis) does not answer; this replica's own state is in use"
+  end
+  return false
 end
 
 ------------------------------------------------------------------------------
@@ -223,14 +259,16 @@ function _M.gauge_total(key, mine)
 end
 
 ------------------------------------------------------------------------------
--- Windows: rate limits, budgets.
+-- Windows: rate limits, budgets. With a shared tier, its count; when it
+-- fails, the backend's, or nil, kind, message with fail_closed.
 
 -- Adds n to the sliding count under key (window_ms): the count of the
 -- current fixed window plus the previous window's, weighted by the part of
 -- it still in view. Returns the sliding count, the slot n went to (for
 -- undo) and the parts (previous, weight, current); nil, kind, message when
--- the backend failed (full).
-function _M.window_add(key, n, window_ms)
+-- the backend failed (full), or the shared tier failed and fail_closed is
+-- set.
+local function local_add(key, n, window_ms)
   local b = backend()
   local t = b:now()
   local idx = floor(t / window_ms)
@@ -244,20 +282,21 @@ function _M.window_add(key, n, window_ms)
   return prev * (1 - frac) + c, slot, prev, frac, c
 end
 
--- Counts n (> 0) against limit in the sliding window of window_ms under
--- key (window_add). Returns true, slot (for undo) when it fits; false,
--- retry_after_ms when it does not (then nothing is counted); nil, kind,
--- message when the backend failed (full).
-function _M.window(key, n, window_ms, limit)
-  local est, slot, prev, frac, c = _M.window_add(key, n, window_ms)
-  if not est then
-    return nil, slot, prev
+function _M.window_add(key, n, window_ms, fail_closed)
+  if tier then
+    local ok, slot, prev, frac, c = tier:window(key, n, window_ms)
+    if ok then
+      return prev * (1 - frac) + c, slot, prev, frac, c
+    elseif fail_closed then
+      return nil, slot, prev
+    end
   end
-  if est <= limit then
-    return true, slot
-  end
-  backend():incr(slot, -n)
-  local mine = c - n -- this window's count without this request
+  return local_add(key, n, window_ms)
+end
+
+-- How long until n more fit limit, given the previous window's count,
+-- the part of the current one gone, and its count without them (mine).
+local function wait_ms(prev, frac, mine, n, limit, window_ms)
   local wait
   if mine + n <= limit and prev > 0 then
     -- it fits this window once enough of the previous one is out of view
@@ -267,16 +306,64 @@ function _M.window(key, n, window_ms, limit)
     local f = mine > 0 and 1 - (limit - n) / mine or 0
     wait = (1 - frac + max(f, 0)) * window_ms
   end
-  return false, max(wait, 1)
+  return max(wait, 1)
+end
+
+-- Counts n (> 0) against limit in the sliding window of window_ms under
+-- key (window_add). Returns true, slot (for undo) when it fits; false,
+-- retry_after_ms when it does not (then nothing is counted); nil, kind,
+-- message when the backend failed (full), or the shared tier failed and
+-- fail_closed is set.
+function _M.window(key, n, window_ms, limit, fail_closed)
+  if tier then
+    local ok, slot, prev, frac, c = tier:window(key, n, window_ms, limit)
+    if ok then
+      return true, slot
+    elseif ok == false then
+      return false, wait_ms(prev, frac, c, n, limit, window_ms)
+    elseif fail_closed then
+      return nil, slot, prev
+    end
+  end
+  local est, slot, prev, frac, c = local_add(key, n, window_ms)
+  if not est then
+    return nil, slot, prev
+  end
+  if est <= limit then
+    return true, slot
+  end
+  backend():incr(slot, -n)
+  return false, wait_ms(prev, frac, c - n, n, limit, window_ms)
 end
 
 -- Takes back what window() counted (the request was refused later).
 function _M.undo(slot, n)
+  if type(slot) == "table" then -- the shared tier's
+    slot.tier:undo(slot, n or 1)
+    return
+  end
   backend():incr(slot, -(n or 1))
 end
 
+-- Forgets the window under key.
+function _M.window_clear(key, window_ms)
+  if tier and tier:window_clear(key, window_ms) then
+    return
+  end
+  local b = backend()
+  local idx = floor(b:now() / window_ms)
+  b:delete(key .. "\31" .. idx)
+  b:delete(key .. "\31" .. (idx - 1))
+end
+
 -- The sliding count under key now (what window() compares to its limit).
-function _M.window_count(key, window_ms)
+function _M.window_count(key, window_ms, fail_closed)
+  if tier then
+    local c, kind, msg = tier:window_count(key, window_ms)
+    if c or fail_closed then
+      return c, kind, msg
+    end
+  end
   local b = backend()
   local t = b:now()
   local idx = floor(t / window_ms)

@@ -8,6 +8,7 @@ local compat = require "aiorch.compat"
 local policy = require "aiorch.policy"
 local secrets = require "aiorch.secrets"
 local state_shm = require "aiorch.state.shm"
+local state_redis = require "aiorch.state.redis"
 
 local fmt = string.format
 local type = type
@@ -43,6 +44,7 @@ local TOP = {
   aliases = true, client_keys_env = true, drain_timeout_ms = true, access_log = true, server = true,
   policy = true, max_inflight = true, log_bodies = true, request_timeout_ms = true, client_policy = true,
   strategies = true, clients = true, drop_unsupported = true, rate_limit = true, shared_memory = true,
+  redis = true,
 }
 local PROVIDER = {
   api_key_env = true, base_url = true, model = true, models = true, model_prefixes = true, timeout_ms = true,
@@ -316,6 +318,13 @@ function _M.check(raw, getenv, path)
       return nil, serr2
     end
     c.shared_memory = size
+  end
+  if raw.redis ~= nil then -- replicas sharing limits and breakers (docs/replicas.md)
+    local rc, rerr = state_redis.check(raw.redis, getenv, "redis")
+    if not rc then
+      return nil, rerr
+    end
+    c.redis = rc
   end
   if type(c.server) ~= "table" then
     return nil, "server: must be a table of aiorch.server.listen options"

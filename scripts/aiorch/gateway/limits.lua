@@ -14,17 +14,19 @@ local tostring = tostring
 local _M = {}
 
 -- The keys of one gateway (ns: its port, the same in every worker and
--- every generation) for one client.
+-- every generation; none when replicas share the limits through Redis,
+-- whose prefix names the deployment) for one client.
 local function keys(gw, client)
   local ks = gw.limit_keys
   if not ks then
-    ks = { global = gw.ns .. "r*", inflight = gw.ns .. "i", clients = {} }
+    local ns = state.redis() and "" or gw.ns
+    ks = { global = ns .. "r*", inflight = gw.ns .. "i", clients = {}, ns = ns }
     gw.limit_keys = ks
   end
   if client and client.name then
     local k = ks.clients[client.name]
     if not k then
-      k = gw.ns .. "rc\31" .. client.name
+      k = ks.ns .. "rc\31" .. client.name
       ks.clients[client.name] = k
     end
     return ks, k

@@ -2,6 +2,7 @@
 -- gateway's own counters, in the Prometheus text format (version 0.0.4).
 -- Latency is a histogram in seconds, as Prometheus names want.
 local metrics = require "aiorch.metrics"
+local state = require "aiorch.state"
 
 local fmt = string.format
 local type = type
@@ -121,6 +122,18 @@ function _M.render(gw)
     end
     header("aiorch_gateway_in_flight", "Gateway requests being answered.", "gauge")
     add("aiorch_gateway_in_flight " .. num(gw.in_flight or 0))
+  end
+  -- The shared state's tier (docs/replicas.md), when configured.
+  local tier = state.redis()
+  if tier then
+    local rd = tier:metrics()
+    header("aiorch_redis_up", "1 while every process reaches Redis; 0 while one uses its own state instead.", "gauge")
+    add("aiorch_redis_up " .. (rd.up and 1 or 0))
+    header("aiorch_redis_errors_total", "Redis operations that failed (and fell back to local state), by kind.",
+      "counter")
+    for _, k in ipairs(keys(rd.errors)) do
+      add(fmt('aiorch_redis_errors_total{kind="%s"} %s', esc(k), num(rd.errors[k])))
+    end
   end
   return concat(out, "\n") .. "\n"
 end

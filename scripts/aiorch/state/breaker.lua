@@ -10,6 +10,8 @@
 --   f   the failures, a sliding window count (aiorch.state.window_add) of
 --       breaker_window_ms (kept in fw)
 -- aiorch.breaker calls these when the state is shared; the API is its own.
+-- The keys live in state.kv(): Redis when replicas share it, else the
+-- backend.
 local state = require "aiorch.state"
 local policy = require "aiorch.policy"
 
@@ -53,9 +55,7 @@ end
 local function clear_failures(b, k)
   local w = b:get(k.fw)
   if w then
-    local idx = floor(b:now() / w)
-    b:delete(k.f .. "\31" .. idx)
-    b:delete(k.f .. "\31" .. (idx - 1))
+    state.window_clear(k.f, w)
   end
 end
 
@@ -83,7 +83,7 @@ end
 
 -- As aiorch.breaker.allow.
 function _M.allow(name)
-  local b = state.backend()
+  local b = state.kv()
   local k = keys(name)
   local u = b:get(k.u)
   if not u then
@@ -106,7 +106,7 @@ function _M.record(name, pol, ok, kind, retry_after, trial)
   if ok and not trial then
     return
   end
-  local b = state.backend()
+  local b = state.kv()
   local k = keys(name)
   local asked = not ok and kind == "rate_limited" and policy.retry_after_ms(retry_after) or nil
   if asked and asked > 0 then
@@ -153,7 +153,7 @@ function _M.release(name, trial)
   if not trial then
     return
   end
-  local b = state.backend()
+  local b = state.kv()
   local k = keys(name)
   local u = b:get(k.u)
   if u and b:now() >= u then
@@ -163,7 +163,7 @@ end
 
 -- As aiorch.breaker.health; failures: the sliding count while closed.
 function _M.health(name)
-  local b = state.backend()
+  local b = state.kv()
   local k = keys(name)
   local u = b:get(k.u)
   local t = b:now()
@@ -177,7 +177,7 @@ end
 
 -- Forgets every breaker (tests, the demo).
 function _M.reset()
-  local b = state.backend()
+  local b = state.kv()
   for key in pairs(b:items("b\31")) do
     b:delete(key)
   end
