@@ -18,6 +18,7 @@ local type = type
 local tonumber = tonumber
 local pcall = pcall
 local pairs = pairs
+local next = next
 local tostring = tostring
 local getmetatable = getmetatable
 local setmetatable = setmetatable
@@ -67,22 +68,21 @@ end
 
 local BIG = 2 ^ 53
 
--- Whether a value cjson decoded holds a number it may have cut: beyond
+-- Whether a table cjson decoded holds a number it may have cut: beyond
 -- 2^53 a double no longer keeps every digit of an integer. (Looking at
--- the decoded values is cheaper than scanning every byte of the text.)
-local function big_number(v, depth)
-  local tv = type(v)
-  if tv == "number" then
-    return v >= BIG or v <= -BIG
-  end
-  if tv ~= "table" then
-    return false
-  end
+-- the decoded values is cheaper than scanning every byte of the text;
+-- only tables are recursed into, numbers are looked at in the loop.)
+local function big_number(t, depth)
   if depth > 64 then
     return true -- let dkjson, which is exact, decode it
   end
-  for _, x in pairs(v) do
-    if big_number(x, depth + 1) then
+  for _, x in next, t do
+    local tx = type(x)
+    if tx == "number" then
+      if x >= BIG or x <= -BIG then
+        return true
+      end
+    elseif tx == "table" and big_number(x, depth + 1) then
       return true
     end
   end
@@ -96,7 +96,12 @@ function _M.decode(s)
   end
   if not empty_array(s) then
     local v, err = cjson.decode(s)
-    if v == nil or not big_number(v, 0) then
+    local tv = type(v)
+    if tv == "table" then
+      if not big_number(v, 0) then
+        return v
+      end
+    elseif tv ~= "number" or (v < BIG and v > -BIG) then
       return v, err
     end
   end
