@@ -20,7 +20,6 @@ local error = error
 local tostring = tostring
 local setmetatable = setmetatable
 local concat = table.concat
-local unpack = table.unpack
 local max = math.max
 local os_time = os.time
 local tointeger = math.tointeger
@@ -200,24 +199,34 @@ local PART_KEYS = {
 
 local USER_PARTS = "'text', 'image_url', 'input_audio' and 'file'"
 
--- A content part of a user, system or developer message.
-local function decode_part(p, path, text_only)
+-- Paths name the field at fault; they are built only for an error.
+local function message_path(i)
+  return fmt("messages[%d]", i - 1)
+end
+
+local function part_path(i, j)
+  return fmt("messages[%d].content[%d]", i - 1, j - 1)
+end
+
+-- Content part j of message i (a user, system or developer message).
+local function decode_part(p, i, j, text_only)
   if type(p) ~= "table" then
-    return fail(path, "Invalid type: expected an object")
+    return fail(part_path(i, j), "Invalid type: expected an object")
   end
   local t = p.type
   local part
   if t == "text" then
-    if type(p.text) ~= "string" then
-      return fail(path .. ".text", "Missing required parameter (a string)")
+    local text = p.text
+    if type(text) ~= "string" then
+      return fail(part_path(i, j) .. ".text", "Missing required parameter (a string)")
     end
-    part = { type = "text", text = p.text }
+    part = { type = "text", text = text, extra = nil }
   elseif text_only then
-    return fail(path .. ".type", fmt("Invalid value: %s. Supported values are: 'text'", tostring(t)))
+    return fail(part_path(i, j) .. ".type", fmt("Invalid value: %s. Supported values are: 'text'", tostring(t)))
   elseif t == "image_url" then
     local iu = p.image_url
     if type(iu) ~= "table" or type(iu.url) ~= "string" then
-      return fail(path .. ".image_url.url", "Missing required parameter (a string)")
+      return fail(part_path(i, j) .. ".image_url.url", "Missing required parameter (a string)")
     end
     local media, data = data_url(iu.url)
     part = { type = "image", source = media and { type = "base64", media_type = media, data = data }
@@ -228,7 +237,7 @@ local function decode_part(p, path, text_only)
   elseif t == "file" then
     local f = p.file
     if type(f) ~= "table" then
-      return fail(path .. ".file", "Missing required parameter (an object)")
+      return fail(part_path(i, j) .. ".file", "Missing required parameter (an object)")
     end
     local source
     if type(f.file_data) == "string" then
@@ -238,57 +247,62 @@ local function decode_part(p, path, text_only)
     elseif type(f.file_id) == "string" then
       source = { type = "file", file_id = f.file_id }
     else
-      return fail(path .. ".file", "one of file_data or file_id is required")
+      return fail(part_path(i, j) .. ".file", "one of file_data or file_id is required")
     end
     part = { type = "document", source = source, filename = str(f.filename) }
   elseif t == "input_audio" then
     return { type = "opaque", api = "openai", value = p }
   else
-    return fail(path .. ".type", fmt("Invalid value: %s. Supported values are: %s", tostring(t), USER_PARTS))
+    return fail(part_path(i, j) .. ".type", fmt("Invalid value: %s. Supported values are: %s", tostring(t),
+      USER_PARTS))
   end
   part.extra = extra_of(p, PART_KEYS[t])
   return part
 end
 
--- A message content: a string stays one; a list becomes parts.
-local function decode_content(c, path, text_only)
+-- The content of message i: a string stays one; a list becomes parts.
+local function decode_content(c, i, text_only)
   if type(c) == "string" then
     return c
   end
   if type(c) ~= "table" then
-    return fail(path, "Invalid type: expected a string or an array of content parts")
+    return fail(message_path(i) .. ".content", "Invalid type: expected a string or an array of content parts")
   end
   local parts = {}
-  for i, p in ipairs(c) do
-    local part, err = decode_part(p, fmt("%s[%d]", path, i - 1), text_only)
+  for j, p in ipairs(c) do
+    local part, err = decode_part(p, i, j, text_only)
     if not part then
       return nil, err
     end
-    parts[i] = part
+    parts[j] = part
   end
   return parts
 end
 
--- thinking_blocks (or reasoning_content) -> thinking parts, appended to parts.
-local function decode_thinking(m, path, parts)
+-- thinking_blocks (or reasoning_content) -> thinking parts, appended to
+-- parts. i: the message's index (nil: an answer's message).
+local function decode_thinking(m, parts, i)
   local blocks = m.thinking_blocks
   if type(blocks) == "table" and #blocks > 0 then
-    for i, b in ipairs(blocks) do
-      local where = fmt("%s.thinking_blocks[%d]", path, i - 1)
-      if type(b) ~= "table" then
-        return fail(where, "Invalid type: expected an object")
-      end
-      if b.type == "thinking" and type(b.thinking) == "string" then
+    for j, b in ipairs(blocks) do
+      if type(b) == "table" and b.type == "thinking" and type(b.thinking) == "string" then
         parts[#parts + 1] = { type = "thinking", text = b.thinking, signature = str(b.signature) }
-      elseif b.type == "redacted_thinking" and type(b.data) == "string" then
+      elseif type(b) == "table" and b.type == "redacted_thinking" and type(b.data) == "string" then
         parts[#parts + 1] = { type = "redacted_thinking", data = b.data }
       else
+        local where = fmt("%s.thinking_blocks[%d]", i and message_path(i) or "message", j - 1)
+        if type(b) ~= "table" then
+          return fail(where, "Invalid type: expected an object")
+        end
         return fail(where .. ".type", "Invalid value: expected 'thinking' (with thinking) or 'redacted_thinking' "
           .. "(with data)")
       end
     end
-  elseif type(m.reasoning_content) == "string" and m.reasoning_content ~= "" then
-    parts[#parts + 1] = { type = "thinking", text = m.reasoning_content }
+  else
+    local r = m.reasoning_content
+    if type(r) == "string" and r ~= "" then
+      parts[#parts + 1] = { type = "thinking", text = r }
+    end
   end
   return parts
 end
@@ -298,9 +312,9 @@ local ASSISTANT_KEYS = set { "role", "content", "name", "tool_calls", "refusal",
 local MESSAGE_KEYS = set { "role", "content", "name" }
 local TOOL_KEYS = set { "role", "content", "tool_call_id" }
 
-local function decode_assistant(m, path)
+local function decode_assistant(m, i)
   local parts = {}
-  local _, err = decode_thinking(m, path, parts)
+  local _, err = decode_thinking(m, parts, i)
   if err then
     return nil, err
   end
@@ -312,19 +326,18 @@ local function decode_assistant(m, path)
       texts = 1
     end
   elseif type(c) == "table" then
-    for i, p in ipairs(c) do
-      local where = fmt("%s.content[%d]", path, i - 1)
+    for j, p in ipairs(c) do
       if type(p) == "table" and p.type == "text" and type(p.text) == "string" then
         parts[#parts + 1] = { type = "text", text = p.text }
       elseif type(p) == "table" and p.type == "refusal" and type(p.refusal) == "string" then
         parts[#parts + 1] = { type = "text", text = p.refusal }
       else
-        return fail(where .. ".type", "Invalid value. Supported values are: 'text' and 'refusal'")
+        return fail(part_path(i, j) .. ".type", "Invalid value. Supported values are: 'text' and 'refusal'")
       end
       texts = texts + 1
     end
   elseif present(c) then
-    return fail(path .. ".content", "Invalid type: expected a string, an array of content parts or null")
+    return fail(message_path(i) .. ".content", "Invalid type: expected a string, an array of content parts or null")
   end
   local extra = extra_of(m, ASSISTANT_KEYS)
   if type(m.refusal) == "string" and m.refusal ~= "" then
@@ -339,26 +352,26 @@ local function decode_assistant(m, path)
   local calls = m.tool_calls
   if present(calls) then
     if type(calls) ~= "table" then
-      return fail(path .. ".tool_calls", "Invalid type: expected an array")
+      return fail(message_path(i) .. ".tool_calls", "Invalid type: expected an array")
     end
-    for i, tc in ipairs(calls) do
-      local where = fmt("%s.tool_calls[%d]", path, i - 1)
+    for j, tc in ipairs(calls) do
       if type(tc) ~= "table" or type(tc.id) ~= "string" then
-        return fail(where .. ".id", "Missing required parameter (a string)")
+        return fail(fmt("%s.tool_calls[%d].id", message_path(i), j - 1), "Missing required parameter (a string)")
       end
       if tc.type == "custom" then
         parts[#parts + 1] = { type = "opaque", api = "openai", value = tc }
       else
         local f = tc["function"]
         if type(f) ~= "table" or type(f.name) ~= "string" then
-          return fail(where .. ".function.name", "Missing required parameter (a string)")
+          return fail(fmt("%s.tool_calls[%d].function.name", message_path(i), j - 1),
+            "Missing required parameter (a string)")
         end
         parts[#parts + 1] = { type = "tool_call", id = tc.id, name = f.name,
           arguments = type(f.arguments) == "string" and f.arguments or "" }
       end
     end
   end
-  local msg = { role = "assistant", name = str(m.name), extra = extra }
+  local msg = { role = "assistant", content = nil, name = str(m.name), extra = extra }
   if type(c) == "string" and texts == 1 and #parts == 1 then
     msg.content = c
   else
@@ -367,9 +380,9 @@ local function decode_assistant(m, path)
   return msg
 end
 
-local function decode_tool(m, path)
+local function decode_tool(m, i)
   if type(m.tool_call_id) ~= "string" then
-    return fail(path .. ".tool_call_id", "Missing required parameter (a string)")
+    return fail(message_path(i) .. ".tool_call_id", "Missing required parameter (a string)")
   end
   local c = m.content
   local content
@@ -377,12 +390,12 @@ local function decode_tool(m, path)
     content = c
   elseif type(c) == "table" then
     local err
-    content, err = decode_content(c, path .. ".content", true)
+    content, err = decode_content(c, i, true)
     if not content then
       return nil, err
     end
   elseif present(c) then
-    return fail(path .. ".content", "Invalid type: expected a string or an array of text parts")
+    return fail(message_path(i) .. ".content", "Invalid type: expected a string or an array of text parts")
   end
   return { type = "tool_result", id = m.tool_call_id, content = content, extra = extra_of(m, TOOL_KEYS) }
 end
@@ -393,39 +406,48 @@ local function decode_messages(list)
   if type(list) ~= "table" or #list == 0 then
     return fail("messages", "Missing required parameter (a non-empty array)")
   end
-  local out = {}
+  local out, n = {}, 0
   for i, m in ipairs(list) do
-    local path = fmt("messages[%d]", i - 1)
     if type(m) ~= "table" then
-      return fail(path, "Invalid type: expected an object")
+      return fail(message_path(i), "Invalid type: expected an object")
     end
     local role = m.role
-    if role == "tool" then
-      local part, err = decode_tool(m, path)
+    if role == "user" or role == "system" or role == "developer" then
+      local c = m.content
+      if type(c) ~= "string" then
+        local err
+        c, err = decode_content(c, i, role ~= "user")
+        if not c then
+          return nil, err
+        end
+      end
+      local name = m.name
+      n = n + 1
+      out[n] = { role = role, content = c, name = type(name) == "string" and name or nil,
+        extra = extra_of(m, MESSAGE_KEYS) }
+    elseif role == "assistant" then
+      local msg, err = decode_assistant(m, i)
+      if not msg then
+        return nil, err
+      end
+      n = n + 1
+      out[n] = msg
+    elseif role == "tool" then
+      local part, err = decode_tool(m, i)
       if not part then
         return nil, err
       end
       -- Consecutive tool messages: one canonical tool message, in order.
-      local last = out[#out]
+      local last = out[n]
       if last and last.role == "tool" then
         last.content[#last.content + 1] = part
       else
-        out[#out + 1] = { role = "tool", content = { part } }
+        n = n + 1
+        out[n] = { role = "tool", content = { part } }
       end
-    elseif role == "assistant" then
-      local msg, err = decode_assistant(m, path)
-      if not msg then
-        return nil, err
-      end
-      out[#out + 1] = msg
-    elseif role == "system" or role == "developer" or role == "user" then
-      local content, err = decode_content(m.content, path .. ".content", role ~= "user")
-      if not content then
-        return nil, err
-      end
-      out[#out + 1] = { role = role, content = content, name = str(m.name), extra = extra_of(m, MESSAGE_KEYS) }
     else
-      return fail(path .. ".role", fmt("Invalid value: %s. Supported values are: %s", tostring(role), ROLES))
+      return fail(message_path(i) .. ".role", fmt("Invalid value: %s. Supported values are: %s", tostring(role),
+        ROLES))
     end
   end
   return out
@@ -485,11 +507,14 @@ local function decode_response_format(rf)
   return { type = rf.type }
 end
 
--- Fields copied as they are (validated by canonical.normalize).
-local SCALARS = { "temperature", "top_p", "seed", "presence_penalty", "frequency_penalty", "logprobs",
-  "top_logprobs", "n", "user", "metadata", "parallel_tool_calls" }
-local KNOWN = set { "model", "messages", "stream", "stream_options", "max_tokens", "max_completion_tokens",
-  "stop", "tools", "tool_choice", "response_format", "reasoning_effort", unpack(SCALARS) }
+-- How decode_request takes each field of the body: true, copied as it is
+-- (canonical.validate checks it); false, read on its own below. Any other
+-- field is OpenAI's own, kept in extra.
+local FIELDS = { temperature = true, top_p = true, seed = true, presence_penalty = true, frequency_penalty = true,
+  logprobs = true, top_logprobs = true, n = true, user = true, metadata = true, parallel_tool_calls = true,
+  model = false, messages = false, stream = false, stream_options = false, max_tokens = false,
+  max_completion_tokens = false, stop = false, tools = false, tool_choice = false, response_format = false,
+  reasoning_effort = false }
 
 -- decode_request(doc, headers) -> req, info ({model, stream, include_usage}),
 -- or nil, message naming the field.
@@ -497,55 +522,63 @@ function _M.decode_request(doc)
   if type(doc) ~= "table" then
     return nil, "the request body must be a JSON object"
   end
-  if type(doc.model) ~= "string" or doc.model == "" then
+  local model = doc.model
+  if type(model) ~= "string" or model == "" then
     return fail("model", "Missing required parameter (a string)")
   end
   local messages, err = decode_messages(doc.messages)
   if not messages then
     return nil, err
   end
-  local req = { messages = messages }
-  for _, f in ipairs(SCALARS) do
-    if present(doc[f]) then
-      req[f] = doc[f]
+  -- (the fields named here are the usual ones and raw, which the gateway adds: the table is sized once)
+  local req = { messages = messages, max_tokens = nil, raw = nil, extra = nil }
+  local extra
+  for k, v in next, doc do -- the fields present, once
+    if v ~= null then
+      local how = FIELDS[k]
+      if how then
+        req[k] = v
+      elseif how == nil then
+        extra = extra or {}
+        extra[k] = v
+      end
     end
   end
   local m = doc.max_completion_tokens
-  if not present(m) then
+  if m == nil or m == null then
     m = doc.max_tokens
   end
-  if present(m) then
+  if m ~= nil and m ~= null then
     req.max_tokens = m
   end
   local stop = doc.stop
   if type(stop) == "string" then
     req.stop = { stop }
-  elseif present(stop) then
+  elseif stop ~= nil and stop ~= null then
     req.stop = stop
   end
-  local extra = {}
-  for k, v in pairs(doc) do
-    if not KNOWN[k] and v ~= null then
-      extra[k] = v
-    end
-  end
-  if present(doc.tools) then
-    req.tools, err = decode_tools(doc.tools)
+  local v = doc.tools
+  if v ~= nil and v ~= null then
+    req.tools, err = decode_tools(v)
     if not req.tools then
       return nil, err
     end
   end
-  if present(doc.tool_choice) then
-    req.tool_choice = decode_tool_choice(doc.tool_choice, extra)
+  v = doc.tool_choice
+  if v ~= nil and v ~= null then
+    extra = extra or {}
+    req.tool_choice = decode_tool_choice(v, extra)
   end
-  if present(doc.response_format) then
-    req.response_format, err = decode_response_format(doc.response_format)
+  v = doc.response_format
+  if v ~= nil and v ~= null then
+    req.response_format, err = decode_response_format(v)
     if not req.response_format then
       return nil, err
     end
   end
-  if present(doc.reasoning_effort) then
-    req.reasoning = { effort = doc.reasoning_effort }
+  v = doc.reasoning_effort
+  if v ~= nil and v ~= null then
+    req.reasoning = { effort = v }
   end
   local so = doc.stream_options
   local include_usage = false
@@ -556,13 +589,14 @@ function _M.decode_request(doc)
     end
     local rest = extra_of(so, { include_usage = true })
     if rest then
+      extra = extra or {}
       extra.stream_options = rest.fields
     end
   end
-  if next(extra) then
+  if extra and next(extra) then
     req.extra = { api = "openai", fields = extra }
   end
-  return req, { model = doc.model, stream = doc.stream == true, include_usage = include_usage }
+  return req, { model = model, stream = doc.stream == true, include_usage = include_usage }
 end
 
 -- Requests: canonical -> OpenAI -------------------------------------------
@@ -889,7 +923,7 @@ end
 
 local function message_parts(msg)
   local parts = {}
-  decode_thinking(msg, "message", parts)
+  decode_thinking(msg, parts)
   -- A refusal comes instead of content; it is still the model's answer.
   local text = str(msg.content) or str(msg.refusal)
   if text and text ~= "" then
