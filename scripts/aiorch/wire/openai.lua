@@ -23,7 +23,7 @@ local concat = table.concat
 local max = math.max
 local os_time = os.time
 local tointeger = math.tointeger
-local str, num, present = util.str, util.num, util.present
+local str, present = util.str, util.present
 local js, jw = json.quote, json.word
 local null = json.null
 
@@ -896,18 +896,31 @@ end
 
 -- Responses: OpenAI -> canonical ------------------------------------------
 
+-- A count as the canonical model keeps it (an integer when it is one), or nil.
+local function count(v)
+  if type(v) == "number" then
+    return tointeger(v) or v
+  end
+  return nil
+end
+
 local function usage_of(u)
   if type(u) ~= "table" then
     return nil
   end
-  local p = type(u.prompt_tokens_details) == "table" and u.prompt_tokens_details or EMPTY
-  local c = type(u.completion_tokens_details) == "table" and u.completion_tokens_details or EMPTY
+  local p, c = u.prompt_tokens_details, u.completion_tokens_details
+  if type(p) ~= "table" then
+    p = EMPTY
+  end
+  if type(c) ~= "table" then
+    c = EMPTY
+  end
   return {
-    input_tokens = num(u.prompt_tokens),
-    output_tokens = num(u.completion_tokens),
-    cached_input_tokens = num(p.cached_tokens),
-    cache_write_tokens = num(p.cache_write_tokens),
-    reasoning_tokens = num(c.reasoning_tokens),
+    input_tokens = count(u.prompt_tokens),
+    output_tokens = count(u.completion_tokens),
+    cached_input_tokens = count(p.cached_tokens),
+    cache_write_tokens = count(p.cache_write_tokens),
+    reasoning_tokens = count(c.reasoning_tokens),
   }
 end
 
@@ -921,16 +934,29 @@ local function text_of(parts)
   return concat(out)
 end
 
+-- The answer's text: its content, else its refusal (which comes instead
+-- of content; it is still the model's answer); nil when neither is text.
+local function message_text(msg)
+  local text = msg.content
+  if type(text) == "string" then
+    return text
+  end
+  text = msg.refusal
+  return type(text) == "string" and text or nil
+end
+
 local function message_parts(msg)
   local parts = {}
-  decode_thinking(msg, parts)
-  -- A refusal comes instead of content; it is still the model's answer.
-  local text = str(msg.content) or str(msg.refusal)
+  if msg.thinking_blocks ~= nil or msg.reasoning_content ~= nil then
+    decode_thinking(msg, parts)
+  end
+  local text = message_text(msg)
   if text and text ~= "" then
     parts[#parts + 1] = { type = "text", text = text }
   end
-  if type(msg.tool_calls) == "table" then
-    for _, tc in ipairs(msg.tool_calls) do
+  local calls = msg.tool_calls
+  if type(calls) == "table" then
+    for _, tc in ipairs(calls) do
       local f = type(tc) == "table" and tc["function"]
       if type(f) == "table" and type(f.name) == "string" then
         parts[#parts + 1] = { type = "tool_call", id = str(tc.id) or "", name = f.name,
@@ -942,8 +968,27 @@ local function message_parts(msg)
 end
 
 local function upstream_of(doc)
-  return { id = str(doc.id), created = num(doc.created), system_fingerprint = str(doc.system_fingerprint),
-    service_tier = str(doc.service_tier) }
+  local id, fp, tier = doc.id, doc.system_fingerprint, doc.service_tier
+  return { id = type(id) == "string" and id or nil, created = count(doc.created),
+    system_fingerprint = type(fp) == "string" and fp or nil, service_tier = type(tier) == "string" and tier or nil }
+end
+
+-- Choice c (the i-th): its content, text, finish reasons, logprobs and index.
+local function choice_values(c, i)
+  local msg = c.message
+  local provider = c.finish_reason
+  if type(provider) ~= "string" then
+    provider = nil
+  end
+  local logprobs = c.logprobs
+  return message_parts(msg), message_text(msg) or "", canonical.finish_reason(provider), provider,
+    type(logprobs) == "table" and logprobs or nil, count(c.index) or i - 1
+end
+
+local function choice_entry(c, i)
+  local parts, text, finish, provider, logprobs, index = choice_values(c, i)
+  return { index = index, content = parts, response_text = text, finish_reason = finish,
+    provider_finish_reason = provider, logprobs = logprobs }
 end
 
 -- decode_response(doc) -> result, or nil, kind, message. doc: a decoded
@@ -954,31 +999,32 @@ function _M.decode_response(doc)
   if type(first) ~= "table" or type(first.message) ~= "table" then
     return nil, "parse", "reply has no choices[1].message"
   end
-  local list = {}
+  -- One choice (the usual answer) needs no list of them.
+  local list
   for i, c in ipairs(choices) do
-    if type(c) == "table" and type(c.message) == "table" then
-      local parts = message_parts(c.message)
-      local provider = str(c.finish_reason)
-      list[#list + 1] = {
-        index = num(c.index) or i - 1,
-        content = parts,
-        response_text = str(c.message.content) or str(c.message.refusal) or "",
-        finish_reason = canonical.finish_reason(provider),
-        provider_finish_reason = provider,
-        logprobs = type(c.logprobs) == "table" and c.logprobs or nil,
-      }
+    if i > 1 and type(c) == "table" and type(c.message) == "table" then
+      list = list or { choice_entry(first, 1) }
+      list[#list + 1] = choice_entry(c, i)
     end
   end
-  local one = list[1]
+  local parts, text, finish, provider, logprobs
+  if list then
+    local one = list[1]
+    parts, text, finish, provider, logprobs = one.content, one.response_text, one.finish_reason,
+      one.provider_finish_reason, one.logprobs
+  else
+    parts, text, finish, provider, logprobs = choice_values(first, 1)
+  end
+  local model = doc.model
   return {
-    content = one.content,
-    text = one.response_text,
-    choices = #list > 1 and list or nil,
-    model = str(doc.model),
-    finish_reason = one.finish_reason,
-    provider_finish_reason = one.provider_finish_reason,
+    content = parts,
+    text = text,
+    choices = list,
+    model = type(model) == "string" and model or nil,
+    finish_reason = finish,
+    provider_finish_reason = provider,
     usage = usage_of(doc.usage) or {},
-    logprobs = one.logprobs,
+    logprobs = logprobs,
     upstream = upstream_of(doc),
   }
 end
