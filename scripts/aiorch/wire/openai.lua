@@ -1082,16 +1082,13 @@ local function usage_json(results)
       reasoning = (reasoning or 0) + tokens(u.reasoning_tokens)
     end
   end
-  local out = { fmt('{"prompt_tokens":%d,"completion_tokens":%d,"total_tokens":%d', i, o, i + o) }
-  if cached then
-    out[2] = fmt(',"prompt_tokens_details":{"cached_tokens":%d%s}', cached,
-      written and fmt(',"cache_write_tokens":%d', written) or "")
+  local head = fmt('{"prompt_tokens":%d,"completion_tokens":%d,"total_tokens":%d', i, o, i + o)
+  if not (cached or reasoning) then
+    return head .. "}"
   end
-  if reasoning then
-    out[#out + 1] = fmt(',"completion_tokens_details":{"reasoning_tokens":%d}', reasoning)
-  end
-  out[#out + 1] = "}"
-  return concat(out)
+  return head .. (cached and fmt(',"prompt_tokens_details":{"cached_tokens":%d%s}', cached,
+    written and fmt(',"cache_write_tokens":%d', written) or "") or "")
+    .. (reasoning and fmt(',"completion_tokens_details":{"reasoning_tokens":%d}', reasoning) or "") .. "}"
 end
 
 -- The thinking of parts as reasoning_content and thinking_blocks, or nil.
@@ -1112,25 +1109,45 @@ local function thinking_json(parts)
   return concat { ',"reasoning_content":', js(concat(text)), ',"thinking_blocks":[', concat(blocks, ","), "]" }
 end
 
-local function choice_json(i, c)
-  local content, extra = js(c.text), ""
-  local parts = c.content
-  if type(parts) == "table" then
-    local texts, calls = {}, {}
-    for _, p in ipairs(parts) do
-      if p.type == "text" then
-        texts[#texts + 1] = p.text
-      elseif p.type == "tool_call" then
-        calls[#calls + 1] = concat { '{"id":', js(p.id), ',"type":"function","function":{"name":', js(p.name),
-          ',"arguments":', js(p.arguments), "}}" }
-      end
-    end
-    content = #texts > 0 and js(concat(texts)) or "null"
-    extra = concat { #calls > 0 and ',"tool_calls":[' .. concat(calls, ",") .. "]" or "", thinking_json(parts) or "" }
+-- The message of a choice: its content, and its tool calls and thinking
+-- (as JSON text to follow the content, "" without them). One text part
+-- (the usual answer) needs no list.
+local function message_json(text, parts)
+  if type(parts) ~= "table" then
+    return js(text), ""
   end
-  local logprobs = type(c.logprobs) == "table" and json.encode_safe(c.logprobs) or "null"
-  return concat { '{"index":', i - 1, ',"message":{"role":"assistant","content":', content, ',"refusal":null', extra,
-    '},"logprobs":', logprobs, ',"finish_reason":', jw(c.finish), "}" }
+  local one, texts, calls, thinking
+  for _, p in ipairs(parts) do
+    local t = p.type
+    if t == "text" then
+      if texts then
+        texts[#texts + 1] = p.text
+      elseif one then
+        texts = { one, p.text }
+      else
+        one = p.text
+      end
+    elseif t == "tool_call" then
+      calls = calls or {}
+      calls[#calls + 1] = '{"id":' .. js(p.id) .. ',"type":"function","function":{"name":' .. js(p.name)
+        .. ',"arguments":' .. js(p.arguments) .. "}}"
+    elseif t == "thinking" or t == "redacted_thinking" then
+      thinking = true
+    end
+  end
+  local content = texts and js(concat(texts)) or one and js(one) or "null"
+  if not (calls or thinking) then
+    return content, ""
+  end
+  return content, (calls and ',"tool_calls":[' .. concat(calls, ",") .. "]" or "")
+    .. (thinking and thinking_json(parts) or "")
+end
+
+local function choice_json(i, text, parts, finish, logprobs)
+  local content, extra = message_json(text, parts)
+  return '{"index":' .. (i - 1) .. ',"message":{"role":"assistant","content":' .. content .. ',"refusal":null'
+    .. extra .. '},"logprobs":' .. (type(logprobs) == "table" and json.encode_safe(logprobs) or "null")
+    .. ',"finish_reason":' .. jw(finish) .. "}"
 end
 
 -- encode_response(results, id, model) -> a chat.completion's JSON text:
@@ -1138,13 +1155,21 @@ end
 -- results: StandardAIResponses; id: letters and digits.
 function _M.encode_response(results, id, model)
   local first = results[1]
-  local list = {}
-  for i, c in ipairs(each_choice(results)) do
-    list[i] = choice_json(i, c)
+  local choices
+  local r = results[2] == nil and first
+  if r and not (type(r.choices) == "table" and #r.choices > 1) then -- one answer, one choice: no lists
+    local m = r.metadata or EMPTY
+    choices = choice_json(1, r.response_text or "", r.content, finish_of(m.finish_reason, m), m.logprobs)
+  else
+    local list = {}
+    for i, c in ipairs(each_choice(results)) do
+      list[i] = choice_json(i, c.text, c.content, c.finish, c.logprobs)
+    end
+    choices = concat(list, ",")
   end
-  return concat { '{"id":"chatcmpl-', id, '","object":"chat.completion","created":', os_time(), ',"model":',
-    jw(first and first.metadata and first.metadata.model or model), ',"choices":[', concat(list, ","),
-    '],"usage":', usage_json(results), ',"system_fingerprint":null}' }
+  return '{"id":"chatcmpl-' .. id .. '","object":"chat.completion","created":' .. os_time() .. ',"model":'
+    .. jw(first and first.metadata and first.metadata.model or model) .. ',"choices":[' .. choices
+    .. '],"usage":' .. usage_json(results) .. ',"system_fingerprint":null}'
 end
 
 -- Streams: OpenAI -> canonical events -------------------------------------
