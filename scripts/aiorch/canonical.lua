@@ -761,12 +761,14 @@ end
 -- Features --------------------------------------------------------------
 -- features(req, fn) calls fn(key[, api, name]) for each feature req
 -- uses: the keys of CELLS; "extra" and "opaque" also pass the API the
--- field or part came from and its name in that API.
+-- field or part came from and its name in that API. (Inside, the walk
+-- calls fn(st, key, api, name), st passed through: unsupported needs no
+-- closure.)
 
-local function extra_features(e, fn)
+local function extra_features(e, fn, st)
   if type(e) == "table" and type(e.fields) == "table" then
     for name in pairs(e.fields) do
-      fn("extra", e.api, name)
+      fn(st, "extra", e.api, name)
     end
   end
 end
@@ -781,129 +783,149 @@ local function object_arguments(a)
   return a == "" or a:find("^%s*{") ~= nil or not a:find("%S")
 end
 
-local function part_features(p, fn, inside)
+local function part_features(p, fn, st, inside)
   local t = p.type
   if t == "opaque" then
-    fn("opaque", p.api, opaque_name(p))
+    fn(st, "opaque", p.api, opaque_name(p))
     return
   end
   if inside and t ~= "text" then
-    fn(inside .. "." .. t)
+    fn(st, inside .. "." .. t)
   elseif not inside then
-    fn(t == "image" and "image." .. p.source.type or t == "document" and "document." .. p.source.type or t)
+    fn(st, t == "image" and "image." .. p.source.type or t == "document" and "document." .. p.source.type or t)
   end
   if inside and (t == "image" or t == "document") then
-    fn(t .. "." .. p.source.type)
+    fn(st, t .. "." .. p.source.type)
   end
   if not absent(p.cache_control) then
-    fn("cache_control")
+    fn(st, "cache_control")
   end
   if t == "image" then
     if not absent(p.detail) and p.detail ~= "auto" then
-      fn("image.detail")
+      fn(st, "image.detail")
     end
   elseif t == "document" then
     if not absent(p.title) then
-      fn("document.title")
+      fn(st, "document.title")
     end
     if not absent(p.filename) then
-      fn("document.filename")
+      fn(st, "document.filename")
     end
   elseif t == "tool_call" then
     if not object_arguments(p.arguments) then
-      fn("tool_call.arguments")
+      fn(st, "tool_call.arguments")
     end
   elseif t == "tool_result" then
     if p.is_error == true then
-      fn("tool_result.is_error")
+      fn(st, "tool_result.is_error")
     end
     if type(p.content) == "table" then
       for _, q in ipairs(p.content) do
-        part_features(q, fn, "tool_result")
+        part_features(q, fn, st, "tool_result")
       end
     end
   elseif t == "thinking" then
     if absent(p.signature) or p.signature == "" then
-      fn("thinking.unsigned")
+      fn(st, "thinking.unsigned")
     end
   end
-  extra_features(p.extra, fn)
+  extra_features(p.extra, fn, st)
 end
 
 -- Top-level fields that are features as they are (when present).
 local PLAIN = { "max_tokens", "temperature", "top_p", "top_k", "stop", "seed", "presence_penalty",
   "frequency_penalty", "top_logprobs", "user", "metadata", "tool_choice", "parallel_tool_calls", "stream_options" }
+local ROLE_KEYS = { system = "role.system", developer = "role.developer", tool = "role.tool" }
+local REASONING_KEYS = { { "effort", "reasoning.effort" }, { "budget_tokens", "reasoning.budget_tokens" },
+  { "mode", "reasoning.mode" }, { "display", "reasoning.display" } }
 
-function _M.features(req, fn)
+local function each_feature(req, fn, st)
   local msgs = req.messages
   if type(msgs) == "table" then
-    fn("messages")
+    fn(st, "messages")
+    local last = #msgs
     for i, m in ipairs(msgs) do
       local role = m.role
       if role ~= "user" and role ~= "assistant" then
-        fn("role." .. role)
-      elseif role == "assistant" and i == #msgs then
-        fn("prefill")
+        fn(st, ROLE_KEYS[role] or "role." .. role)
+      elseif role == "assistant" and i == last then
+        fn(st, "prefill")
       end
-      if not absent(m.name) then
-        fn("message.name")
+      local name = m.name
+      if name ~= nil and name ~= null then
+        fn(st, "message.name")
       end
-      if type(m.content) == "table" then
-        for _, p in ipairs(m.content) do
-          part_features(p, fn)
+      local c = m.content
+      if type(c) == "table" then
+        for _, p in ipairs(c) do
+          part_features(p, fn, st)
         end
       else
-        fn("text")
+        fn(st, "text")
       end
-      extra_features(m.extra, fn)
+      if m.extra ~= nil then
+        extra_features(m.extra, fn, st)
+      end
     end
   end
-  for _, name in ipairs(PLAIN) do
-    if not absent(req[name]) then
-      fn(name)
+  for i = 1, #PLAIN do
+    local name = PLAIN[i]
+    local v = req[name]
+    if v ~= nil and v ~= null then
+      fn(st, name)
     end
   end
   if req.logprobs == true then
-    fn("logprobs")
+    fn(st, "logprobs")
   end
-  if type(req.n) == "number" and req.n > 1 then
-    fn("n")
+  local n = req.n
+  if type(n) == "number" and n > 1 then
+    fn(st, "n")
   end
-  if type(req.tools) == "table" then
-    fn("tools")
-    for _, t in ipairs(req.tools) do
+  local tools = req.tools
+  if type(tools) == "table" then
+    fn(st, "tools")
+    for _, t in ipairs(tools) do
       if t.type == "opaque" then
-        fn("opaque", t.api, opaque_name(t))
+        fn(st, "opaque", t.api, opaque_name(t))
       else
         if not absent(t.strict) then
-          fn("tool.strict")
+          fn(st, "tool.strict")
         end
         if not absent(t.cache_control) then
-          fn("cache_control")
+          fn(st, "cache_control")
         end
-        extra_features(t.extra, fn)
+        extra_features(t.extra, fn, st)
       end
     end
   end
   local rf = req.response_format
   if type(rf) == "table" then
-    fn("response_format." .. rf.type)
+    fn(st, "response_format." .. rf.type)
   end
   local r = req.reasoning
   if type(r) == "table" then
-    for _, f in ipairs({ "effort", "budget_tokens", "mode", "display" }) do
-      if not absent(r[f]) then
-        fn("reasoning." .. f)
+    for _, f in ipairs(REASONING_KEYS) do
+      if not absent(r[f[1]]) then
+        fn(st, f[2])
       end
     end
   end
   local e = req.extra
   if type(e) == "table" then
-    extra_features(e, fn)
+    extra_features(e, fn, st)
     if type(e.headers) == "table" and e.headers["anthropic-beta"] then
-      fn("anthropic-beta")
+      fn(st, "anthropic-beta")
     end
   end
+end
+
+local function call_with(fn, key, api, name)
+  return fn(key, api, name)
+end
+
+function _M.features(req, fn)
+  return each_feature(req, call_with, fn)
 end
 
 -- Refusal -----------------------------------------------------------------
@@ -944,45 +966,57 @@ local SIMPLE_CELLS = {
   temperature = { "pass" },
 }
 
+-- Records a refusal of st (unsupported's state), each field once.
+local function refuse(st, field, why)
+  local seen = st.seen
+  if not seen then
+    seen = {}
+    st.seen = seen
+  elseif seen[field] then
+    return
+  end
+  seen[field] = true
+  local out = st.out
+  out[#out + 1] = { field = field, why = why }
+end
+
+-- unsupported's check of one feature.
+local function check_feature(st, key, from, name)
+  local target = st.target
+  if key == "extra" or key == "opaque" then
+    local api = target.api
+    if from ~= api then
+      refuse(st, name, fmt("a field of the %s API; provider %s speaks %s", tostring(from),
+        target.name or tostring(api), api or "the simple form"))
+    end
+    return
+  end
+  local cell = st.cells[key]
+  if not cell then
+    refuse(st, key, "not declared by this provider")
+  elseif cell[1] == "refuse" then
+    refuse(st, key, cell.why or "refused")
+  end
+end
+
 -- unsupported(req, target) -> list of {field, why}: what target (a wire
 -- module or an adapter: anything with `fields` and `api` or `name`)
 -- cannot take of req, each field once.
 function _M.unsupported(req, target)
-  local cells = type(target.fields) == "table" and target.fields or SIMPLE_CELLS
-  local api = target.api
-  local out, seen = {}, {}
-  local function add(field, why)
-    if not seen[field] then
-      seen[field] = true
-      out[#out + 1] = { field = field, why = why }
-    end
-  end
-  _M.features(req, function(key, from, name)
-    if key == "extra" or key == "opaque" then
-      if from ~= api then
-        add(name, fmt("a field of the %s API; provider %s speaks %s", tostring(from),
-          target.name or tostring(api), api or "the simple form"))
-      end
-      return
-    end
-    local cell = cells[key]
-    if not cell then
-      add(key, "not declared by this provider")
-    elseif cell[1] == "refuse" then
-      add(key, cell.why or "refused")
-    end
-  end)
+  local fields = target.fields
+  local st = { cells = type(fields) == "table" and fields or SIMPLE_CELLS, target = target, out = {}, seen = nil }
+  each_feature(req, check_feature, st)
   local why = _M.temperature_issue(req.temperature, target)
   if why then
-    add("temperature", why)
+    refuse(st, "temperature", why)
   end
-  if not target.fields and type(req.messages) == "table" then
+  if not fields and type(req.messages) == "table" then
     local _, field, fwhy = _M.to_simple(req)
     if field then
-      add(field, fwhy)
+      refuse(st, field, fwhy)
     end
   end
-  return out
+  return st.out
 end
 
 -- Dropping ----------------------------------------------------------------
