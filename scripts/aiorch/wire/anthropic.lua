@@ -914,19 +914,27 @@ end
 
 -- Responses: Anthropic -> canonical ---------------------------------------
 
+-- A count as the canonical model keeps it (an integer when it is one), or nil.
+local function count(v)
+  if type(v) == "number" then
+    return tointeger(v) or v
+  end
+  return nil
+end
+
 -- Anthropic's usage -> the canonical one: every input token counted.
 local function usage_of(u)
   if type(u) ~= "table" then
     return nil
   end
-  local i, r, w = num(u.input_tokens), num(u.cache_read_input_tokens), num(u.cache_creation_input_tokens)
-  local d = type(u.output_tokens_details) == "table" and u.output_tokens_details or EMPTY
+  local i, r, w = count(u.input_tokens), count(u.cache_read_input_tokens), count(u.cache_creation_input_tokens)
+  local d = u.output_tokens_details
   return {
     input_tokens = i and (i + (r or 0) + (w or 0)),
-    output_tokens = num(u.output_tokens),
+    output_tokens = count(u.output_tokens),
     cached_input_tokens = r,
     cache_write_tokens = w,
-    reasoning_tokens = num(d.thinking_tokens),
+    reasoning_tokens = type(d) == "table" and count(d.thinking_tokens) or nil,
   }
 end
 
@@ -945,37 +953,49 @@ local function block_part(b)
   return { type = "opaque", api = "anthropic", value = b }
 end
 
+-- The text parts joined (one part: its text, no list).
 local function text_of(parts)
-  local out = {}
+  local one, out
   for _, p in ipairs(parts) do
     if p.type == "text" then
-      out[#out + 1] = p.text
+      if out then
+        out[#out + 1] = p.text
+      elseif one then
+        out = { one, p.text }
+      else
+        one = p.text
+      end
     end
   end
-  return concat(out)
+  return out and concat(out) or one or ""
 end
 
 -- decode_response(doc) -> result, or nil, kind, message. doc: a decoded
 -- 2xx body (aiorch.json.decode, so that [] stays an array).
 function _M.decode_response(doc)
-  if type(doc) ~= "table" or type(doc.content) ~= "table" then
+  local blocks = type(doc) == "table" and doc.content
+  if type(blocks) ~= "table" then
     return nil, "parse", "reply has no content array"
   end
-  local parts = {}
-  for _, b in ipairs(doc.content) do
+  local parts, n = {}, 0
+  for _, b in ipairs(blocks) do
     if type(b) == "table" then
-      parts[#parts + 1] = block_part(b)
+      n = n + 1
+      parts[n] = block_part(b)
     end
   end
-  local stop = str(doc.stop_reason)
+  local stop, model, id, seq = doc.stop_reason, doc.model, doc.id, doc.stop_sequence
+  if type(stop) ~= "string" then
+    stop = nil
+  end
   return {
     content = parts,
     text = text_of(parts),
-    model = str(doc.model),
+    model = type(model) == "string" and model or nil,
     finish_reason = canonical.finish_reason(stop),
     provider_finish_reason = stop,
     usage = usage_of(doc.usage) or {},
-    upstream = { id = str(doc.id), stop_sequence = str(doc.stop_sequence) },
+    upstream = { id = type(id) == "string" and id or nil, stop_sequence = type(seq) == "string" and seq or nil },
   }
 end
 
