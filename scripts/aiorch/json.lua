@@ -17,7 +17,6 @@ local cjson = require "cjson.safe"
 local type = type
 local tonumber = tonumber
 local pcall = pcall
-local pairs = pairs
 local next = next
 local tostring = tostring
 local getmetatable = getmetatable
@@ -144,6 +143,8 @@ local function key_text(k, first)
   return first and text or "," .. text
 end
 
+local scratch = {} -- depth -> a list of keys (encode never yields: one at a time)
+
 local function encode_table(t, out, n, depth)
   if depth > 64 then
     error("json.encode: nested deeper than 64", 0)
@@ -164,23 +165,36 @@ local function encode_table(t, out, n, depth)
     out[n] = "]"
     return n
   end
-  local keys, nk = {}, 0
-  for k in pairs(t) do
+  -- The keys, sorted (the same table gives the same text), in a list
+  -- kept per depth and emptied after use (one that an encode left filled,
+  -- raising on the way, is replaced).
+  local keys = scratch[depth]
+  if not keys or keys[1] ~= nil then -- (left filled by an encode that raised)
+    keys = {}
+    scratch[depth] = keys
+  end
+  local nk = 0
+  for k in next, t do
     if type(k) ~= "string" then
+      for i = 1, nk do
+        keys[i] = nil
+      end
       error(fmt("json.encode: an object key must be a string (got %s)", type(k)), 0)
     end
     nk = nk + 1
     keys[nk] = k
   end
   if nk > 1 then
-    sort(keys) -- the same table gives the same text
+    sort(keys)
   end
   n = n + 1
   out[n] = "{"
+  local texts = key_texts
   for i = 1, nk do
     local k = keys[i]
     n = n + 1
-    out[n] = key_text(k, i == 1)
+    out[n] = texts[k] or key_text(k, i == 1)
+    texts = next_key_texts
     local x = t[k]
     if type(x) == "string" then -- most values: no call
       n = n + 1
@@ -188,6 +202,9 @@ local function encode_table(t, out, n, depth)
     else
       n = encode_value(x, out, n, depth + 1)
     end
+  end
+  for i = 1, nk do
+    keys[i] = nil
   end
   n = n + 1
   out[n] = "}"
@@ -224,7 +241,8 @@ end
 
 -- encode(value) -> text. Raises on NaN, infinities, functions and the like.
 function _M.encode(v)
-  local out = {}
+  -- (sized for a small body at once: the nils make the list's room)
+  local out = { nil, nil, nil, nil, nil, nil, nil, nil, nil, nil, nil, nil, nil, nil, nil, nil }
   local n = encode_value(v, out, 0, 0)
   return concat(out, "", 1, n)
 end
