@@ -25,6 +25,7 @@ local os_time = os.time
 local tointeger = math.tointeger
 local str, present = util.str, util.present
 local js, jw = json.quote, json.word
+local decode_plain = json.decode_plain
 local null = json.null
 
 local EMPTY = {} -- never written
@@ -1194,16 +1195,12 @@ local function append(st, kind, text)
   return last
 end
 
-local function emit(out, ev, sse, idx)
-  ev.raw = sse
-  if idx ~= 0 then
-    ev.choice = idx
-  end
-  out[#out + 1] = ev
-end
+-- (An event is made whole: with the upstream event it came from, raw, and
+-- for a choice other than the first, the choice's index, choice.)
 
 -- thinking_blocks in a delta: the text not yet streamed, the signature.
 local function delta_blocks(st, blocks, out, sse, idx)
+  local choice = idx ~= 0 and idx or nil
   for _, b in ipairs(blocks) do
     if type(b) == "table" and b.type == "thinking" then
       local cur = st.last and st.last.type == "thinking" and not st.last.signature and st.last or nil
@@ -1212,18 +1209,19 @@ local function delta_blocks(st, blocks, out, sse, idx)
       if #full > #seen and full:sub(1, #seen) == seen then
         local rest = full:sub(#seen + 1)
         cur = append(st, "thinking", rest)
-        emit(out, { type = "thinking", text = rest }, sse, idx)
+        out[#out + 1] = { type = "thinking", text = rest, raw = sse, choice = choice }
       end
       if type(b.signature) == "string" then
         cur = cur or append(st, "thinking", "")
         cur.signature = b.signature
-        emit(out, { type = "thinking_signature", signature = b.signature }, sse, idx)
+        out[#out + 1] = { type = "thinking_signature", signature = b.signature, raw = sse,
+          choice = choice }
       end
     elseif type(b) == "table" and b.type == "redacted_thinking" and type(b.data) == "string" then
       local p = { type = "redacted_thinking", data = b.data }
       st.parts[#st.parts + 1] = p
       st.last = p
-      emit(out, { type = "redacted_thinking", data = b.data }, sse, idx)
+      out[#out + 1] = { type = "redacted_thinking", data = b.data, raw = sse, choice = choice }
     end
   end
 end
@@ -1238,37 +1236,46 @@ function Decoder:choice_state(idx)
 end
 
 -- One choice of a chunk: its events appended to out.
+-- (Fields that are usually absent or null are compared with both before
+-- their type is asked: no call for them.)
 function Decoder:decode_choice(c, out, sse)
-  local idx = tointeger(c.index) or 0
-  local st = self:choice_state(idx)
-  local f = str(c.finish_reason)
-  if f then
+  local idx = c.index
+  idx = idx == 0 and 0 or tointeger(idx) or 0
+  local choice = idx ~= 0 and idx or nil
+  local st = self.choices[idx] or self:choice_state(idx)
+  local f = c.finish_reason
+  if f ~= nil and f ~= null and type(f) == "string" then
     st.finish = f
     if idx == 0 then
       self.finish_reason = f
     end
   end
-  if type(c.logprobs) == "table" and type(c.logprobs.content) == "table" then
+  local lp = c.logprobs
+  if lp ~= nil and lp ~= null and type(lp) == "table" and type(lp.content) == "table" then
     st.logprobs = st.logprobs or json.array()
-    for _, lp in ipairs(c.logprobs.content) do
-      st.logprobs[#st.logprobs + 1] = lp
+    for _, one in ipairs(lp.content) do
+      st.logprobs[#st.logprobs + 1] = one
     end
   end
   local d = c.delta
   if type(d) ~= "table" then
     return
   end
-  local r = str(d.reasoning_content)
-  if r and r ~= "" then
+  local r = d.reasoning_content
+  if r ~= nil and r ~= null and type(r) == "string" and r ~= "" then
     append(st, "thinking", r)
-    emit(out, { type = "thinking", text = r }, sse, idx)
+    out[#out + 1] = { type = "thinking", text = r, raw = sse, choice = choice }
   end
-  if type(d.thinking_blocks) == "table" then
-    delta_blocks(st, d.thinking_blocks, out, sse, idx)
+  local blocks = d.thinking_blocks
+  if blocks ~= nil and blocks ~= null and type(blocks) == "table" then
+    delta_blocks(st, blocks, out, sse, idx)
   end
-  local text = str(d.content)
-  if not text or text == "" then
-    text = str(d.refusal)
+  local text = d.content
+  if text == nil or text == null or text == "" or type(text) ~= "string" then
+    text = d.refusal
+    if text == nil or text == null or type(text) ~= "string" then
+      text = nil
+    end
   end
   if text and text ~= "" then
     append(st, "text", text)
@@ -1276,10 +1283,11 @@ function Decoder:decode_choice(c, out, sse)
       local parts = self.parts
       parts[#parts + 1] = text
     end
-    emit(out, { type = "text", text = text }, sse, idx)
+    out[#out + 1] = { type = "text", text = text, raw = sse, choice = choice }
   end
-  if type(d.tool_calls) == "table" then
-    for i, tc in ipairs(d.tool_calls) do
+  local calls = d.tool_calls
+  if calls ~= nil and calls ~= null and type(calls) == "table" then
+    for i, tc in ipairs(calls) do
       if type(tc) == "table" then
         local ti = tointeger(tc.index) or i - 1
         local f2 = type(tc["function"]) == "table" and tc["function"] or EMPTY
@@ -1289,12 +1297,13 @@ function Decoder:decode_choice(c, out, sse)
           st.tools[ti] = call
           st.parts[#st.parts + 1] = call
           st.last = call
-          emit(out, { type = "tool_call", index = ti, id = call.id, name = call.name }, sse, idx)
+          out[#out + 1] = { type = "tool_call", index = ti, id = call.id, name = call.name, raw = sse,
+            choice = choice }
         end
         local args = str(f2.arguments)
         if args and args ~= "" then
           call.buf[#call.buf + 1] = args
-          emit(out, { type = "tool_arguments", index = ti, text = args }, sse, idx)
+          out[#out + 1] = { type = "tool_arguments", index = ti, text = args, raw = sse, choice = choice }
         end
       end
     end
@@ -1313,26 +1322,31 @@ function Decoder:event(sse)
   if self.err then
     return nil -- what follows an error is not relayed: the caller ends the stream its own way
   end
-  local doc, err = json.decode_plain(data or "") -- partial arguments are text: nothing here goes back as JSON
+  local doc, err = decode_plain(data or "") -- partial arguments are text: nothing here goes back as JSON
   if type(doc) ~= "table" then
     self.err = { "parse", "malformed stream chunk: " .. (err or "not an object") }
     return nil
   end
-  if present(doc.error) then
-    self.err = { self.classify(doc.error) }
+  local e = doc.error
+  if e ~= nil and e ~= null then
+    self.err = { self.classify(e) }
     return nil
   end
-  self.model = str(doc.model) or self.model
+  local model = doc.model
+  if type(model) == "string" then
+    self.model = model
+  end
   if not self.upstream then
     self.upstream = upstream_of(doc)
   end
-  local u = usage_of(doc.usage)
-  if u then
-    self.usage = u
+  local u = doc.usage
+  if u ~= nil and u ~= null and type(u) == "table" then
+    self.usage = usage_of(u)
   end
   local out = {}
-  if type(doc.choices) == "table" then
-    for _, c in ipairs(doc.choices) do
+  local choices = doc.choices
+  if type(choices) == "table" then
+    for _, c in ipairs(choices) do
       if type(c) == "table" then
         self:decode_choice(c, out, sse)
       end
@@ -1341,7 +1355,7 @@ function Decoder:event(sse)
   if #out == 0 then
     return { type = "meta", raw = sse }
   end
-  return #out == 1 and out[1] or out
+  return out -- (a list even of one: the caller takes lists as they are)
 end
 
 -- The parts of an assembled choice, their pieces joined.
