@@ -420,13 +420,16 @@ local function check_messages(msgs)
     elseif role == "tool" then
       return nil, message_where(i) .. ".content: a tool message holds a list of tool_result parts"
     end
-    local e = string_issue(m.name)
-    if e then
-      return nil, message_where(i) .. ".name" .. e
+    local name = m.name
+    if name ~= nil and name ~= null and type(name) ~= "string" then
+      return nil, message_where(i) .. ".name" .. string_issue(name)
     end
-    e = extra_issue(m.extra)
-    if e then
-      return nil, message_where(i) .. e
+    local extra = m.extra
+    if extra ~= nil and extra ~= null then
+      local e = extra_issue(extra)
+      if e then
+        return nil, message_where(i) .. e
+      end
     end
     out[i] = m
   end
@@ -651,7 +654,8 @@ function _M.validate(req)
   local out = { messages = nil, max_tokens = nil, raw = nil, temperature = nil }
   local err
 
-  if absent(req.messages) then
+  local msgs = req.messages
+  if msgs == nil or msgs == null then
     local q = req.user_question
     if absent(q) then
       return nil, "user_question: required"
@@ -672,18 +676,19 @@ function _M.validate(req)
       return nil, err
     end
   else
-    if not absent(req.user_question) then
+    local v = req.user_question
+    if v ~= nil and v ~= null then
       return nil, "user_question: not allowed with messages"
     end
-    local v = req.context
-    if not absent(v) and v ~= "" then
+    v = req.context
+    if v ~= nil and v ~= null and v ~= "" then
       return nil, "context: not allowed with messages"
     end
     v = req.system_prompt
-    if not absent(v) and v ~= "" then
+    if v ~= nil and v ~= null and v ~= "" then
       return nil, "system_prompt: not allowed with messages"
     end
-    out.messages, err = check_messages(req.messages)
+    out.messages, err = check_messages(msgs)
     if err then
       return nil, err
     end
@@ -693,7 +698,7 @@ function _M.validate(req)
   -- ORDERED's order is reported.
   local names, tools_err
   local tools = req.tools
-  if not absent(tools) then
+  if tools ~= nil and tools ~= null then
     out.tools, names = check_tools(tools)
     if not out.tools then
       tools_err, names = names, nil
@@ -729,11 +734,18 @@ function _M.user_content(req)
   return q
 end
 
--- normalize(req) -> a validated copy with `messages` (built from the
--- simple form when absent), or nil, message naming the field.
+-- normalize(req) -> a validated request with `messages` (built from the
+-- simple form when absent), or nil, message naming the field: req itself
+-- when it is one already (validate's, with messages and without the
+-- simple form's fields), else a copy. (Nothing changes a request once it
+-- is validated: the orchestration and the adapters read it, copies aside.)
 function _M.normalize(req)
   local out, err
   if getmetatable(req) == VALID then
+    if req.messages and req.user_question == nil and req.context == nil and req.system_prompt == nil
+      and req.context_in_system_prompt == nil then
+      return req
+    end
     out = {}
     for k, v in pairs(req) do
       out[k] = v
