@@ -677,18 +677,26 @@ end
 
 -- The system messages as the top-level system: one string when there is
 -- one plain string, else text blocks in order.
-local function encode_system(systems)
-  if #systems == 1 and type(systems[1].m.content) == "string" then
-    return systems[1].m.content
+-- (A message's path, for the errors and for its blocks' paths: made only
+-- when needed.)
+local function message_where(i)
+  return fmt("messages[%d]", i - 1)
+end
+
+-- The system messages (their indices in list) as the top-level system: one
+-- string when there is one plain string, else text blocks in order.
+local function encode_system(list, systems)
+  if #systems == 1 and type(list[systems[1]].content) == "string" then
+    return list[systems[1]].content
   end
   local out = json.array()
-  for _, s in ipairs(systems) do
-    local c = s.m.content
+  for _, i in ipairs(systems) do
+    local c = list[i].content
     if type(c) == "string" then
       out[#out + 1] = { type = "text", text = c }
     else
       for j, p in ipairs(c) do
-        out[#out + 1] = encode_block(p, fmt("%s.content[%d]", s.where, j - 1))
+        out[#out + 1] = encode_block(p, fmt("%s.content[%d]", message_where(i), j - 1))
       end
     end
   end
@@ -697,22 +705,23 @@ end
 
 local function encode_messages(list, body)
   local out = json.array()
-  local systems = {}
+  local systems
   local tool_turn -- the user turn the last tool message made
   for i, m in ipairs(list) do
-    local where = fmt("messages[%d]", i - 1)
     for k in pairs(m) do
       if k ~= "role" and k ~= "content" and k ~= "extra" then
-        cannot(where .. "." .. k)
+        cannot(message_where(i) .. "." .. k)
       end
     end
     local role = m.role
     if role == "system" or role == "developer" then
-      systems[#systems + 1] = { m = m, where = where }
+      systems = systems or {}
+      systems[#systems + 1] = i
       if m.extra then
-        cannot(where .. ".extra")
+        cannot(message_where(i) .. ".extra")
       end
     elseif role == "tool" then
+      local where = message_where(i)
       local blocks = encode_blocks(m.content, where)
       if tool_turn then
         for _, b in ipairs(blocks) do
@@ -729,19 +738,26 @@ local function encode_messages(list, body)
       if type(c) == "string" then
         tool_turn.content[#tool_turn.content + 1] = { type = "text", text = c }
       else
-        for _, b in ipairs(encode_blocks(c, where)) do
+        for _, b in ipairs(encode_blocks(c, message_where(i))) do
           tool_turn.content[#tool_turn.content + 1] = b
         end
       end
-      merge_extra(tool_turn, m.extra, where)
+      if m.extra ~= nil then
+        merge_extra(tool_turn, m.extra, message_where(i))
+      end
       tool_turn = nil
     else
       tool_turn = nil
-      out[#out + 1] = merge_extra({ role = role, content = encode_content(m.content, where) }, m.extra, where)
+      local c = m.content
+      local msg = { role = role, content = type(c) == "string" and c or encode_content(c, message_where(i)) }
+      if m.extra ~= nil then
+        merge_extra(msg, m.extra, message_where(i))
+      end
+      out[#out + 1] = msg
     end
   end
-  if #systems > 0 then
-    body.system = encode_system(systems)
+  if systems then
+    body.system = encode_system(list, systems)
   end
   return out
 end
@@ -881,7 +897,8 @@ local REQUEST = {
 -- Raises on a field it cannot write (canonical.unsupported refuses those).
 function _M.encode_request(req, opts)
   opts = opts or EMPTY
-  local body = { model = opts.model }
+  -- (the usual fields named: the table is sized once)
+  local body = { model = opts.model, messages = nil, max_tokens = nil, stream = nil }
   for k, v in pairs(req) do
     local f = REQUEST[k]
     if not f then
