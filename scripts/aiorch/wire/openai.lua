@@ -403,11 +403,18 @@ end
 
 local ROLES = "'system', 'assistant', 'user', 'tool' and 'developer'"
 
+local DETAILS = canonical.DETAILS
+
+-- The messages. A list in which the decoder found everything canonical
+-- validation checks is vouched for (canonical.vouch): it is not walked
+-- again. Two things only validation says are looked at here, without
+-- failing: an image's detail, and tool results that answer no earlier call.
 local function decode_messages(list)
   if type(list) ~= "table" or #list == 0 then
     return fail("messages", "Missing required parameter (a non-empty array)")
   end
   local out, n = {}, 0
+  local sure, calls = true, nil
   for i, m in ipairs(list) do
     if type(m) ~= "table" then
       return fail(message_path(i), "Invalid type: expected an object")
@@ -421,6 +428,11 @@ local function decode_messages(list)
         if not c then
           return nil, err
         end
+        for _, p in ipairs(c) do
+          if p.detail ~= nil and not DETAILS[p.detail] then
+            sure = false
+          end
+        end
       end
       local name = m.name
       n = n + 1
@@ -431,12 +443,23 @@ local function decode_messages(list)
       if not msg then
         return nil, err
       end
+      if type(msg.content) == "table" then
+        for _, p in ipairs(msg.content) do
+          if p.type == "tool_call" then
+            calls = calls or {}
+            calls[p.id] = true
+          end
+        end
+      end
       n = n + 1
       out[n] = msg
     elseif role == "tool" then
       local part, err = decode_tool(m, i)
       if not part then
         return nil, err
+      end
+      if calls and not calls[part.id] then
+        sure = false
       end
       -- Consecutive tool messages: one canonical tool message, in order.
       local last = out[n]
@@ -451,7 +474,7 @@ local function decode_messages(list)
         ROLES))
     end
   end
-  return out
+  return sure and canonical.vouch(out) or out
 end
 
 local function decode_tools(list)
