@@ -204,42 +204,46 @@ local DOCUMENT_SOURCES = { base64 = true, url = true, text = true, file = true }
 
 local decode_block
 
-local function decode_source(s, path, kinds)
+-- The decoders of sources and blocks say where an error is from the block
+-- they were given (".source.url: Field required", ": Input should be ...");
+-- their callers put the path in front, so that a path is made only for an
+-- error.
+local function decode_source(s, kinds)
   if type(s) ~= "table" or not kinds[s.type] then
-    return fail(path .. ".type", "Input tag '" .. tostring(type(s) == "table" and s.type) .. "' does not match "
+    return fail(".source.type", "Input tag '" .. tostring(type(s) == "table" and s.type) .. "' does not match "
       .. "any of the expected tags")
   end
   local out = { type = s.type }
   if s.type == "base64" then
     if type(s.data) ~= "string" or type(s.media_type) ~= "string" then
-      return fail(path, "data and media_type: Field required")
+      return fail(".source", "data and media_type: Field required")
     end
     out.media_type, out.data = s.media_type, s.data
   elseif s.type == "url" then
     if type(s.url) ~= "string" then
-      return fail(path .. ".url", "Field required")
+      return fail(".source.url", "Field required")
     end
     out.url = s.url
   elseif s.type == "text" then
     if type(s.data) ~= "string" then
-      return fail(path .. ".data", "Field required")
+      return fail(".source.data", "Field required")
     end
     out.data = s.data
   else
     if type(s.file_id) ~= "string" then
-      return fail(path .. ".file_id", "Field required")
+      return fail(".source.file_id", "Field required")
     end
     out.file_id = s.file_id
   end
   return out
 end
 
-local function decode_blocks(list, path)
+local function decode_blocks(list)
   local out = {}
   for i, b in ipairs(list) do
-    local part, err = decode_block(b, fmt("%s.%d", path, i - 1))
+    local part, err = decode_block(b)
     if not part then
-      return nil, err
+      return nil, "." .. (i - 1) .. err
     end
     out[i] = part
   end
@@ -248,23 +252,23 @@ end
 
 -- One content block -> a part (an opaque part for the blocks the model
 -- does not know: server tools, search results, ...).
-function decode_block(b, path)
+function decode_block(b)
   if type(b) ~= "table" then
-    return fail(path, "Input should be a valid dictionary")
+    return fail("", "Input should be a valid dictionary")
   end
   local t = b.type
   if type(t) ~= "string" then
-    return fail(path .. ".type", "Field required")
+    return fail(".type", "Field required")
   end
   local part, err
   if t == "text" then
     if type(b.text) ~= "string" then
-      return fail(path .. ".text", "Field required")
+      return fail(".text", "Field required")
     end
-    part = { type = "text", text = b.text }
+    part = { type = "text", text = b.text, cache_control = nil, extra = nil }
   elseif t == "image" then
     local source
-    source, err = decode_source(b.source, path .. ".source", IMAGE_SOURCES)
+    source, err = decode_source(b.source, IMAGE_SOURCES)
     if not source then
       return nil, err
     end
@@ -274,27 +278,27 @@ function decode_block(b, path)
       return { type = "opaque", api = "anthropic", value = b }
     end
     local source
-    source, err = decode_source(b.source, path .. ".source", DOCUMENT_SOURCES)
+    source, err = decode_source(b.source, DOCUMENT_SOURCES)
     if not source then
       return nil, err
     end
     part = { type = "document", source = source, title = str(b.title) }
   elseif t == "tool_use" then
     if type(b.id) ~= "string" or type(b.name) ~= "string" then
-      return fail(path, "id and name: Field required")
+      return fail("", "id and name: Field required")
     end
     local input = b.input
     part = { type = "tool_call", id = b.id, name = b.name,
       arguments = json.encode(type(input) == "table" and input or json.object()) }
   elseif t == "tool_result" then
     if type(b.tool_use_id) ~= "string" then
-      return fail(path .. ".tool_use_id", "Field required")
+      return fail(".tool_use_id", "Field required")
     end
     local content = b.content
     if type(content) == "table" then
-      content, err = decode_blocks(content, path .. ".content")
+      content, err = decode_blocks(content)
       if not content then
-        return nil, err
+        return nil, ".content" .. err
       end
     elseif type(content) ~= "string" then
       content = nil
@@ -303,12 +307,12 @@ function decode_block(b, path)
       is_error = type(b.is_error) == "boolean" and b.is_error or nil }
   elseif t == "thinking" then
     if type(b.thinking) ~= "string" then
-      return fail(path .. ".thinking", "Field required")
+      return fail(".thinking", "Field required")
     end
     part = { type = "thinking", text = b.thinking, signature = str(b.signature) }
   elseif t == "redacted_thinking" then
     if type(b.data) ~= "string" then
-      return fail(path .. ".data", "Field required")
+      return fail(".data", "Field required")
     end
     part = { type = "redacted_thinking", data = b.data }
   else
@@ -320,13 +324,13 @@ function decode_block(b, path)
 end
 
 -- A user turn: its tool_result blocks become a canonical tool message,
--- then the rest a user message.
-local function decode_user(content, path, out)
+-- then the rest a user message. An error is said from the content.
+local function decode_user(content, out)
   if type(content) == "string" then
-    out[#out + 1] = { role = "user", content = content }
+    out[#out + 1] = { role = "user", content = content, extra = nil }
     return true
   end
-  local parts, err = decode_blocks(content, path)
+  local parts, err = decode_blocks(content)
   if not parts then
     return nil, err
   end
@@ -349,35 +353,38 @@ end
 
 local MESSAGE_KEYS = set { "role", "content" }
 
+local function message_path(i)
+  return fmt("messages.%d", i - 1)
+end
+
 local function decode_messages(list)
   if type(list) ~= "table" or #list == 0 then
     return fail("messages", "Field required (a non-empty list)")
   end
   local out = {}
   for i, m in ipairs(list) do
-    local path = fmt("messages.%d", i - 1)
     if type(m) ~= "table" then
-      return fail(path, "Input should be a valid dictionary")
+      return fail(message_path(i), "Input should be a valid dictionary")
     end
     local role, c = m.role, m.content
     if type(c) ~= "string" and type(c) ~= "table" then
-      return fail(path .. ".content", "Input should be a valid string or list")
+      return fail(message_path(i) .. ".content", "Input should be a valid string or list")
     end
     local ok, err
     if role == "user" then
-      ok, err = decode_user(c, path .. ".content", out)
+      ok, err = decode_user(c, out)
     elseif role == "assistant" or role == "system" then
       local content = c
       if type(c) == "table" then
-        content, err = decode_blocks(c, path .. ".content")
+        content, err = decode_blocks(c)
       end
       ok = content ~= nil
-      out[#out + 1] = { role = role, content = content }
+      out[#out + 1] = { role = role, content = content, extra = nil }
     else
-      return fail(path .. ".role", "Input should be 'user' or 'assistant'")
+      return fail(message_path(i) .. ".role", "Input should be 'user' or 'assistant'")
     end
     if not ok then
-      return nil, err
+      return nil, message_path(i) .. ".content" .. err
     end
     out[#out].extra = extra_of(m, MESSAGE_KEYS)
   end
@@ -392,13 +399,12 @@ local function decode_tools(list)
   end
   local out = {}
   for i, t in ipairs(list) do
-    local path = fmt("tools.%d", i - 1)
     if type(t) ~= "table" then
-      return fail(path, "Input should be a valid dictionary")
+      return fail(fmt("tools.%d", i - 1), "Input should be a valid dictionary")
     end
     if t.type == nil or t.type == null or t.type == "custom" then
       if type(t.name) ~= "string" then
-        return fail(path .. ".name", "Field required")
+        return fail(fmt("tools.%d", i - 1) .. ".name", "Field required")
       end
       out[i] = { name = t.name, description = str(t.description),
         parameters = type(t.input_schema) == "table" and t.input_schema or nil,
@@ -491,9 +497,9 @@ function _M.decode_request(doc, headers)
     end
   elseif type(s) == "table" then
     local blocks
-    blocks, err = decode_blocks(s, "system")
+    blocks, err = decode_blocks(s)
     if not blocks then
-      return nil, err
+      return nil, "system" .. err
     end
     insert(messages, 1, { role = "system", content = blocks })
   elseif present(s) then
