@@ -17,7 +17,6 @@ local pairs = pairs
 local ipairs = ipairs
 local tostring = tostring
 local next = next
-local select = select
 local setmetatable = setmetatable
 local getmetatable = getmetatable
 local tointeger = math.tointeger
@@ -219,11 +218,39 @@ local function check_extra(where, e)
   return e
 end
 
-local check_part
+-- The checks of messages, parts and tools below say what is wrong as the
+-- end of a message (".text: required", ": must be a table"); the path in
+-- front of it is built only then.
 
-local function check_source(where, kind, s)
+-- bad's message without its path.
+local function issue(what, v)
+  if v == nil then
+    return ": " .. what
+  end
+  return fmt(": %s (got %s)", what, show(v))
+end
+
+-- check_string's message without its path, or nil.
+local function string_issue(v, required)
+  if v == nil or v == null then
+    return required and ": required" or nil
+  end
+  if type(v) ~= "string" then
+    return fmt(": must be a string (got %s)", type(v))
+  end
+  return nil
+end
+
+local function extra_issue(e)
+  if e ~= nil and e ~= null and (type(e) ~= "table" or type(e.api) ~= "string" or type(e.fields) ~= "table") then
+    return ".extra: must be {api = name, fields = {...}}"
+  end
+  return nil
+end
+
+local function source_issue(kind, s)
   if type(s) ~= "table" then
-    return nil, where .. ": must be a table"
+    return ".source: must be a table"
   end
   local need = SOURCES[kind][s.type]
   if not need then
@@ -232,175 +259,208 @@ local function check_source(where, kind, s)
       names[#names + 1] = k
     end
     sort(names)
-    return bad(where .. ".type", "must be one of " .. concat(names, ", "), s.type)
+    return ".source.type" .. issue("must be one of " .. concat(names, ", "), s.type)
   end
   for _, f in ipairs(need) do
-    local _, err = check_string(where .. "." .. f, s[f], true)
-    if err then
-      return nil, err
+    local e = string_issue(s[f], true)
+    if e then
+      return ".source." .. f .. e
     end
   end
-  return s
+  return nil
 end
 
--- Each part type's own fields; returns nil, message when one is wrong.
-local PART_CHECKS = {
-  text = function(p, where)
-    local _, err = check_string(where .. ".text", p.text, true)
-    if not err then
-      _, err = check_string(where .. ".signature", p.signature)
+local part_issue
+local TOOL_CALL_FIELDS = { "id", "name", "arguments" }
+
+-- Each part type's own fields: what is wrong, or nil.
+local PART_ISSUES = {
+  text = function(p)
+    local e = string_issue(p.text, true)
+    if e then
+      return ".text" .. e
     end
-    return err
+    e = string_issue(p.signature)
+    return e and ".signature" .. e
   end,
-  image = function(p, where)
-    local _, err = check_source(where .. ".source", "image", p.source)
-    if err then
-      return err
+  image = function(p)
+    local e = source_issue("image", p.source)
+    if e then
+      return e
     end
     if not absent(p.detail) and not DETAILS[p.detail] then
-      return select(2, bad(where .. ".detail", "must be auto, low or high", p.detail))
+      return ".detail" .. issue("must be auto, low or high", p.detail)
     end
+    return nil
   end,
-  document = function(p, where)
-    local _, err = check_source(where .. ".source", "document", p.source)
-    if not err then
-      _, err = check_string(where .. ".title", p.title)
+  document = function(p)
+    local e = source_issue("document", p.source)
+    if e then
+      return e
     end
-    if not err then
-      _, err = check_string(where .. ".filename", p.filename)
+    e = string_issue(p.title)
+    if e then
+      return ".title" .. e
     end
-    return err
+    e = string_issue(p.filename)
+    return e and ".filename" .. e
   end,
-  tool_call = function(p, where)
-    for _, f in ipairs({ "id", "name", "arguments" }) do
-      local _, err = check_string(where .. "." .. f, p[f], true)
-      if err then
-        return err
+  tool_call = function(p)
+    for _, f in ipairs(TOOL_CALL_FIELDS) do
+      local e = string_issue(p[f], true)
+      if e then
+        return "." .. f .. e
       end
     end
-    local _, err = check_string(where .. ".signature", p.signature)
-    return err
+    local e = string_issue(p.signature)
+    return e and ".signature" .. e
   end,
-  tool_result = function(p, where)
-    local _, err = check_string(where .. ".id", p.id, true)
-    if err then
-      return err
+  tool_result = function(p)
+    local e = string_issue(p.id, true)
+    if e then
+      return ".id" .. e
     end
     if not absent(p.is_error) and type(p.is_error) ~= "boolean" then
-      return select(2, bad(where .. ".is_error", "must be a boolean", p.is_error))
+      return ".is_error" .. issue("must be a boolean", p.is_error)
     end
     local c = p.content
     if absent(c) or type(c) == "string" then
       return nil
     end
     if not is_list(c) then
-      return where .. ".content: must be a string or a list of parts"
+      return ".content: must be a string or a list of parts"
     end
     for i, q in ipairs(c) do
-      local w = fmt("%s.content[%d]", where, i - 1)
       if type(q) ~= "table" or not RESULT_PARTS[q.type] then
-        return w .. ".type: must be text, image, document or opaque"
+        return fmt(".content[%d]", i - 1) .. ".type: must be text, image, document or opaque"
       end
-      local _, qerr = check_part(q, w)
-      if qerr then
-        return qerr
+      local qe = part_issue(q)
+      if qe then
+        return fmt(".content[%d]", i - 1) .. qe
       end
     end
+    return nil
   end,
-  thinking = function(p, where)
-    local _, err = check_string(where .. ".text", p.text, true)
-    if not err then
-      _, err = check_string(where .. ".signature", p.signature)
+  thinking = function(p)
+    local e = string_issue(p.text, true)
+    if e then
+      return ".text" .. e
     end
-    return err
+    e = string_issue(p.signature)
+    return e and ".signature" .. e
   end,
-  redacted_thinking = function(p, where)
-    local _, err = check_string(where .. ".data", p.data, true)
-    return err
+  redacted_thinking = function(p)
+    local e = string_issue(p.data, true)
+    return e and ".data" .. e
   end,
-  opaque = function(p, where)
+  opaque = function(p)
     if type(p.api) ~= "string" or type(p.value) ~= "table" then
-      return where .. ": an opaque part needs api and value"
+      return ": an opaque part needs api and value"
     end
+    return nil
   end,
 }
 
-function check_part(p, where)
+-- What is wrong with part p, or nil.
+function part_issue(p)
   if type(p) ~= "table" then
-    return nil, where .. ": must be a table"
+    return ": must be a table"
   end
-  if not PART_ROLES[p.type] then
-    return bad(where .. ".type", "must be one of " .. concat(_M.PART_TYPES, ", "), p.type)
+  local t = p.type
+  local check = PART_ISSUES[t]
+  if not check then
+    return ".type" .. issue("must be one of " .. concat(_M.PART_TYPES, ", "), t)
   end
-  local err = PART_CHECKS[p.type](p, where)
-  if err then
-    return nil, err
+  local e = check(p)
+  if e then
+    return e
   end
-  if not absent(p.cache_control) and type(p.cache_control) ~= "table" then
-    return nil, where .. ".cache_control: must be a table"
+  local cc = p.cache_control
+  if cc ~= nil and cc ~= null and type(cc) ~= "table" then
+    return ".cache_control: must be a table"
   end
-  if not absent(p.extra) then
-    local _, eerr = check_extra(where .. ".extra", p.extra)
-    if eerr then
-      return nil, eerr
-    end
-  end
-  return p
+  return extra_issue(p.extra)
 end
 
+local function message_where(i)
+  return fmt("messages[%d]", i - 1)
+end
+
+-- Lists of messages a wire decoder made and found as validate would find
+-- them (weak keys: they go with their requests). validate takes them as
+-- they are; a decoder that could not tell leaves its list to validate.
+local vouched = setmetatable({}, { __mode = "k" })
+
+-- vouch(messages) -> messages, marked as checked. Only for a list made
+-- just now, by code that has checked everything check_messages checks.
+function _M.vouch(messages)
+  vouched[messages] = true
+  return messages
+end
+
+_M.DETAILS = DETAILS
+
 local function check_messages(msgs)
+  if vouched[msgs] then
+    return msgs
+  end
   if not is_list(msgs) or #msgs == 0 then
     return nil, "messages: must be a non-empty list"
   end
   local out = {}
   local calls -- ids of the tool calls so far (nil until one is seen)
   for i, m in ipairs(msgs) do
-    local where = fmt("messages[%d]", i - 1)
     if type(m) ~= "table" then
-      return nil, where .. ": must be a table"
+      return nil, message_where(i) .. ": must be a table"
     end
     local role = m.role
     if not ROLES[role] then
-      return bad(where .. ".role", "must be system, developer, user, assistant or tool", role)
+      return nil, message_where(i) .. ".role" .. issue("must be system, developer, user, assistant or tool", role)
     end
     local c = m.content
-    if role == "tool" and not is_list(c) then
-      return nil, where .. ".content: a tool message holds a list of tool_result parts"
-    end
     if type(c) ~= "string" then
       if not is_list(c) then
-        return nil, where .. ".content: must be a string or a list of parts"
+        return nil, message_where(i) .. (role == "tool" and ".content: a tool message holds a list of tool_result "
+          .. "parts" or ".content: must be a string or a list of parts")
       end
       for j, p in ipairs(c) do
-        local w = fmt("%s.content[%d]", where, j - 1)
-        local _, err = check_part(p, w)
-        if err then
-          return nil, err
+        local e = part_issue(p)
+        if e then
+          return nil, fmt("messages[%d].content[%d]", i - 1, j - 1) .. e
         end
-        if not PART_ROLES[p.type][role] then
-          return nil, fmt("%s.type: a %s part cannot stand in a %s message", w, p.type, role)
+        local t = p.type
+        if not PART_ROLES[t][role] then
+          return nil, fmt("messages[%d].content[%d].type: a %s part cannot stand in a %s message", i - 1, j - 1, t,
+            role)
         end
-        if p.type == "tool_call" then
+        if t == "tool_call" then
           calls = calls or {}
           calls[p.id] = true
-        elseif p.type == "tool_result" and calls and not calls[p.id] then
-          return nil, fmt("%s.id: %s answers no earlier tool call", w, show(p.id))
+        elseif t == "tool_result" and calls and not calls[p.id] then
+          return nil, fmt("messages[%d].content[%d].id: %s answers no earlier tool call", i - 1, j - 1, show(p.id))
         end
       end
+    elseif role == "tool" then
+      return nil, message_where(i) .. ".content: a tool message holds a list of tool_result parts"
     end
-    local _, err = check_string(where .. ".name", m.name)
-    if err then
-      return nil, err
+    local name = m.name
+    if name ~= nil and name ~= null and type(name) ~= "string" then
+      return nil, message_where(i) .. ".name" .. string_issue(name)
     end
-    if not absent(m.extra) then
-      _, err = check_extra(where .. ".extra", m.extra)
-      if err then
-        return nil, err
+    local extra = m.extra
+    if extra ~= nil and extra ~= null then
+      local e = extra_issue(extra)
+      if e then
+        return nil, message_where(i) .. e
       end
     end
     out[i] = m
   end
   return out
+end
+
+local function tool_where(i)
+  return fmt("tools[%d]", i - 1)
 end
 
 local function check_tools(tools)
@@ -409,13 +469,12 @@ local function check_tools(tools)
   end
   local names = {}
   for i, t in ipairs(tools) do
-    local where = fmt("tools[%d]", i - 1)
     if type(t) ~= "table" then
-      return nil, where .. ": must be a table"
+      return nil, tool_where(i) .. ": must be a table"
     end
     if t.type == "opaque" then
       if type(t.api) ~= "string" or type(t.value) ~= "table" then
-        return nil, where .. ": an opaque tool needs api and value"
+        return nil, tool_where(i) .. ": an opaque tool needs api and value"
       end
       if type(t.name) == "string" then
         names[t.name] = true
@@ -423,24 +482,24 @@ local function check_tools(tools)
     else
       local name = t.name
       if type(name) ~= "string" or name == "" then
-        return bad(where .. ".name", "must be a non-empty string", name)
+        return nil, tool_where(i) .. ".name" .. issue("must be a non-empty string", name)
       end
       if names[name] then
-        return nil, fmt("%s.name: %s is named twice", where, show(name))
+        return nil, fmt("%s.name: %s is named twice", tool_where(i), show(name))
       end
       names[name] = true
-      local _, err = check_string(where .. ".description", t.description)
-      if err then
-        return nil, err
+      local e = string_issue(t.description)
+      if e then
+        return nil, tool_where(i) .. ".description" .. e
       end
       if not absent(t.parameters) and type(t.parameters) ~= "table" then
-        return nil, where .. ".parameters: must be a JSON Schema (a table)"
+        return nil, tool_where(i) .. ".parameters: must be a JSON Schema (a table)"
       end
       if not absent(t.strict) and type(t.strict) ~= "boolean" then
-        return bad(where .. ".strict", "must be a boolean", t.strict)
+        return nil, tool_where(i) .. ".strict" .. issue("must be a boolean", t.strict)
       end
       if not absent(t.cache_control) and type(t.cache_control) ~= "table" then
-        return nil, where .. ".cache_control: must be a table"
+        return nil, tool_where(i) .. ".cache_control: must be a table"
       end
     end
   end
@@ -554,6 +613,56 @@ local TABLES = {
   { "policy", function(v) return policy.check(v, "policy") end },
 }
 
+-- Each top-level field checked by itself (beside the simple form, the
+-- messages and the tools): name -> check(v, tool names), which returns
+-- the clean value, or nil, message. ORDERED: the order of the checks,
+-- which says which error a request with several gets.
+local FIELD_CHECKS, ORDERED = {}, {}
+for _, name in ipairs(NUMBER_NAMES) do
+  local spec = NUMBERS[name]
+  FIELD_CHECKS[name] = function(v) return check_number(name, v, spec) end
+  ORDERED[#ORDERED + 1] = name
+end
+for _, name in ipairs(BOOLEANS) do
+  FIELD_CHECKS[name] = function(v)
+    if type(v) ~= "boolean" then
+      return bad(name, "must be a boolean", v)
+    end
+    return v
+  end
+  ORDERED[#ORDERED + 1] = name
+end
+for _, name in ipairs(STRINGS) do
+  FIELD_CHECKS[name] = function(v) return check_string(name, v) end
+  ORDERED[#ORDERED + 1] = name
+end
+ORDERED[#ORDERED + 1] = "tools"
+for _, c in ipairs(TABLES) do
+  FIELD_CHECKS[c[1]] = c[2]
+  ORDERED[#ORDERED + 1] = c[1]
+end
+
+-- The first error of a request whose fields failed a check, in ORDERED's
+-- order (tools_err: the tools' error, if theirs failed).
+local function first_error(req, names, tools_err)
+  for _, name in ipairs(ORDERED) do
+    if name == "tools" then
+      if tools_err then
+        return tools_err
+      end
+    else
+      local v = req[name]
+      if v ~= nil and v ~= null then
+        local value, err = FIELD_CHECKS[name](v, names)
+        if value == nil then
+          return err
+        end
+      end
+    end
+  end
+  return nil
+end
+
 -- The metatable of validate's copies: normalize need not check them again
 -- (the plumbing only adds trusted fields, such as the system prompt).
 local VALID = { __name = "aiorch.canonical.request" }
@@ -564,10 +673,12 @@ function _M.validate(req)
   if type(req) ~= "table" then
     return nil, "request: must be a table"
   end
-  local out = {}
+  -- (the usual fields named: the table is sized once)
+  local out = { messages = nil, max_tokens = nil, raw = nil, temperature = nil }
   local err
 
-  if absent(req.messages) then
+  local msgs = req.messages
+  if msgs == nil or msgs == null then
     local q = req.user_question
     if absent(q) then
       return nil, "user_question: required"
@@ -579,70 +690,55 @@ function _M.validate(req)
       return nil, "user_question: must not be empty"
     end
     out.user_question = q
-    for _, f in ipairs({ "context", "system_prompt" }) do
-      out[f], err = check_string(f, req[f])
-      if err then
-        return nil, err
-      end
+    out.context, err = check_string("context", req.context)
+    if err then
+      return nil, err
+    end
+    out.system_prompt, err = check_string("system_prompt", req.system_prompt)
+    if err then
+      return nil, err
     end
   else
-    if not absent(req.user_question) then
+    local v = req.user_question
+    if v ~= nil and v ~= null then
       return nil, "user_question: not allowed with messages"
     end
-    for _, f in ipairs({ "context", "system_prompt" }) do
-      local v = req[f]
-      if not absent(v) and v ~= "" then
-        return nil, f .. ": not allowed with messages"
-      end
+    v = req.context
+    if v ~= nil and v ~= null and v ~= "" then
+      return nil, "context: not allowed with messages"
     end
-    out.messages, err = check_messages(req.messages)
+    v = req.system_prompt
+    if v ~= nil and v ~= null and v ~= "" then
+      return nil, "system_prompt: not allowed with messages"
+    end
+    out.messages, err = check_messages(msgs)
     if err then
       return nil, err
     end
   end
 
-  for _, name in ipairs(NUMBER_NAMES) do
-    local v = req[name]
-    if not absent(v) then
-      out[name], err = check_number(name, v, NUMBERS[name])
-      if err then
-        return nil, err
-      end
-    end
-  end
-  for _, name in ipairs(BOOLEANS) do
-    local v = req[name]
-    if not absent(v) then
-      if type(v) ~= "boolean" then
-        return bad(name, "must be a boolean", v)
-      end
-      out[name] = v
-    end
-  end
-  for _, name in ipairs(STRINGS) do
-    local v = req[name]
-    if v ~= nil then
-      out[name], err = check_string(name, v)
-      if err then
-        return nil, err
-      end
-    end
-  end
-
-  local names
-  if not absent(req.tools) then
-    out.tools, names = check_tools(req.tools)
+  -- The fields present, each checked once; on an error, the first in
+  -- ORDERED's order is reported.
+  local names, tools_err
+  local tools = req.tools
+  if tools ~= nil and tools ~= null then
+    out.tools, names = check_tools(tools)
     if not out.tools then
-      return nil, names
+      tools_err, names = names, nil
     end
   end
-  for _, c in ipairs(TABLES) do
-    local v = req[c[1]]
-    if not absent(v) then
-      out[c[1]], err = c[2](v, names)
-      if not out[c[1]] then
-        return nil, err
+  if tools_err then
+    return nil, first_error(req, names, tools_err)
+  end
+  for k, v in next, req do
+    local check = FIELD_CHECKS[k]
+    if check and v ~= null then
+      local value
+      value, err = check(v, names)
+      if value == nil then
+        return nil, first_error(req, names) or err
       end
+      out[k] = value
     end
   end
   if type(req.raw) == "table" then
@@ -661,11 +757,18 @@ function _M.user_content(req)
   return q
 end
 
--- normalize(req) -> a validated copy with `messages` (built from the
--- simple form when absent), or nil, message naming the field.
+-- normalize(req) -> a validated request with `messages` (built from the
+-- simple form when absent), or nil, message naming the field: req itself
+-- when it is one already (validate's, with messages and without the
+-- simple form's fields), else a copy. (Nothing changes a request once it
+-- is validated: the orchestration and the adapters read it, copies aside.)
 function _M.normalize(req)
   local out, err
   if getmetatable(req) == VALID then
+    if req.messages and req.user_question == nil and req.context == nil and req.system_prompt == nil
+      and req.context_in_system_prompt == nil then
+      return req
+    end
     out = {}
     for k, v in pairs(req) do
       out[k] = v
@@ -693,12 +796,14 @@ end
 -- Features --------------------------------------------------------------
 -- features(req, fn) calls fn(key[, api, name]) for each feature req
 -- uses: the keys of CELLS; "extra" and "opaque" also pass the API the
--- field or part came from and its name in that API.
+-- field or part came from and its name in that API. (Inside, the walk
+-- calls fn(st, key, api, name), st passed through: unsupported needs no
+-- closure.)
 
-local function extra_features(e, fn)
+local function extra_features(e, fn, st)
   if type(e) == "table" and type(e.fields) == "table" then
     for name in pairs(e.fields) do
-      fn("extra", e.api, name)
+      fn(st, "extra", e.api, name)
     end
   end
 end
@@ -713,132 +818,152 @@ local function object_arguments(a)
   return a == "" or a:find("^%s*{") ~= nil or not a:find("%S")
 end
 
-local function part_features(p, fn, inside)
+local function part_features(p, fn, st, inside)
   local t = p.type
   if t == "opaque" then
-    fn("opaque", p.api, opaque_name(p))
+    fn(st, "opaque", p.api, opaque_name(p))
     return
   end
   if inside and t ~= "text" then
-    fn(inside .. "." .. t)
+    fn(st, inside .. "." .. t)
   elseif not inside then
-    fn(t == "image" and "image." .. p.source.type or t == "document" and "document." .. p.source.type or t)
+    fn(st, t == "image" and "image." .. p.source.type or t == "document" and "document." .. p.source.type or t)
   end
   if inside and (t == "image" or t == "document") then
-    fn(t .. "." .. p.source.type)
+    fn(st, t .. "." .. p.source.type)
   end
   if not absent(p.cache_control) then
-    fn("cache_control")
+    fn(st, "cache_control")
   end
   if (t == "text" or t == "tool_call") and not absent(p.signature) then
     fn("signature")
   end
   if t == "image" then
     if not absent(p.detail) and p.detail ~= "auto" then
-      fn("image.detail")
+      fn(st, "image.detail")
     end
   elseif t == "document" then
     if not absent(p.title) then
-      fn("document.title")
+      fn(st, "document.title")
     end
     if not absent(p.filename) then
-      fn("document.filename")
+      fn(st, "document.filename")
     end
   elseif t == "tool_call" then
     if not object_arguments(p.arguments) then
-      fn("tool_call.arguments")
+      fn(st, "tool_call.arguments")
     end
   elseif t == "tool_result" then
     if p.is_error == true then
-      fn("tool_result.is_error")
+      fn(st, "tool_result.is_error")
     end
     if type(p.content) == "table" then
       for _, q in ipairs(p.content) do
-        part_features(q, fn, "tool_result")
+        part_features(q, fn, st, "tool_result")
       end
     end
   elseif t == "thinking" then
     if absent(p.signature) or p.signature == "" then
-      fn("thinking.unsigned")
+      fn(st, "thinking.unsigned")
     end
   end
-  extra_features(p.extra, fn)
+  extra_features(p.extra, fn, st)
 end
 
 -- Top-level fields that are features as they are (when present).
 local PLAIN = { "max_tokens", "temperature", "top_p", "top_k", "stop", "seed", "presence_penalty",
   "frequency_penalty", "top_logprobs", "user", "metadata", "tool_choice", "parallel_tool_calls", "stream_options" }
+local ROLE_KEYS = { system = "role.system", developer = "role.developer", tool = "role.tool" }
+local REASONING_KEYS = { { "effort", "reasoning.effort" }, { "budget_tokens", "reasoning.budget_tokens" },
+  { "mode", "reasoning.mode" }, { "display", "reasoning.display" } }
 
-function _M.features(req, fn)
+local function each_feature(req, fn, st)
   local msgs = req.messages
   if type(msgs) == "table" then
-    fn("messages")
+    fn(st, "messages")
+    local last = #msgs
     for i, m in ipairs(msgs) do
       local role = m.role
       if role ~= "user" and role ~= "assistant" then
-        fn("role." .. role)
-      elseif role == "assistant" and i == #msgs then
-        fn("prefill")
+        fn(st, ROLE_KEYS[role] or "role." .. role)
+      elseif role == "assistant" and i == last then
+        fn(st, "prefill")
       end
-      if not absent(m.name) then
-        fn("message.name")
+      local name = m.name
+      if name ~= nil and name ~= null then
+        fn(st, "message.name")
       end
-      if type(m.content) == "table" then
-        for _, p in ipairs(m.content) do
-          part_features(p, fn)
+      local c = m.content
+      if type(c) == "table" then
+        for _, p in ipairs(c) do
+          part_features(p, fn, st)
         end
       else
-        fn("text")
+        fn(st, "text")
       end
-      extra_features(m.extra, fn)
+      if m.extra ~= nil then
+        extra_features(m.extra, fn, st)
+      end
     end
   end
-  for _, name in ipairs(PLAIN) do
-    if not absent(req[name]) then
-      fn(name)
+  for i = 1, #PLAIN do
+    local name = PLAIN[i]
+    local v = req[name]
+    if v ~= nil and v ~= null then
+      fn(st, name)
     end
   end
   if req.logprobs == true then
-    fn("logprobs")
+    fn(st, "logprobs")
   end
-  if type(req.n) == "number" and req.n > 1 then
-    fn("n")
+  local n = req.n
+  if type(n) == "number" and n > 1 then
+    fn(st, "n")
   end
-  if type(req.tools) == "table" then
-    fn("tools")
-    for _, t in ipairs(req.tools) do
+  local tools = req.tools
+  if type(tools) == "table" then
+    fn(st, "tools")
+    for _, t in ipairs(tools) do
       if t.type == "opaque" then
-        fn("opaque", t.api, opaque_name(t))
+        fn(st, "opaque", t.api, opaque_name(t))
       else
         if not absent(t.strict) then
-          fn("tool.strict")
+          fn(st, "tool.strict")
         end
         if not absent(t.cache_control) then
-          fn("cache_control")
+          fn(st, "cache_control")
         end
-        extra_features(t.extra, fn)
+        extra_features(t.extra, fn, st)
       end
     end
   end
   local rf = req.response_format
   if type(rf) == "table" then
-    fn("response_format." .. rf.type)
+    fn(st, "response_format." .. rf.type)
   end
   local r = req.reasoning
   if type(r) == "table" then
-    for _, f in ipairs({ "effort", "budget_tokens", "mode", "display" }) do
-      if not absent(r[f]) then
-        fn("reasoning." .. f)
+    for _, f in ipairs(REASONING_KEYS) do
+      if not absent(r[f[1]]) then
+        fn(st, f[2])
       end
     end
   end
   local e = req.extra
   if type(e) == "table" then
-    extra_features(e, fn)
+    extra_features(e, fn, st)
     if type(e.headers) == "table" and e.headers["anthropic-beta"] then
-      fn("anthropic-beta")
+      fn(st, "anthropic-beta")
     end
   end
+end
+
+local function call_with(fn, key, api, name)
+  return fn(key, api, name)
+end
+
+function _M.features(req, fn)
+  return each_feature(req, call_with, fn)
 end
 
 -- Refusal -----------------------------------------------------------------
@@ -879,45 +1004,57 @@ local SIMPLE_CELLS = {
   temperature = { "pass" },
 }
 
+-- Records a refusal of st (unsupported's state), each field once.
+local function refuse(st, field, why)
+  local seen = st.seen
+  if not seen then
+    seen = {}
+    st.seen = seen
+  elseif seen[field] then
+    return
+  end
+  seen[field] = true
+  local out = st.out
+  out[#out + 1] = { field = field, why = why }
+end
+
+-- unsupported's check of one feature.
+local function check_feature(st, key, from, name)
+  local target = st.target
+  if key == "extra" or key == "opaque" then
+    local api = target.api
+    if from ~= api then
+      refuse(st, name, fmt("a field of the %s API; provider %s speaks %s", tostring(from),
+        target.name or tostring(api), api or "the simple form"))
+    end
+    return
+  end
+  local cell = st.cells[key]
+  if not cell then
+    refuse(st, key, "not declared by this provider")
+  elseif cell[1] == "refuse" then
+    refuse(st, key, cell.why or "refused")
+  end
+end
+
 -- unsupported(req, target) -> list of {field, why}: what target (a wire
 -- module or an adapter: anything with `fields` and `api` or `name`)
 -- cannot take of req, each field once.
 function _M.unsupported(req, target)
-  local cells = type(target.fields) == "table" and target.fields or SIMPLE_CELLS
-  local api = target.api
-  local out, seen = {}, {}
-  local function add(field, why)
-    if not seen[field] then
-      seen[field] = true
-      out[#out + 1] = { field = field, why = why }
-    end
-  end
-  _M.features(req, function(key, from, name)
-    if key == "extra" or key == "opaque" then
-      if from ~= api then
-        add(name, fmt("a field of the %s API; provider %s speaks %s", tostring(from),
-          target.name or tostring(api), api or "the simple form"))
-      end
-      return
-    end
-    local cell = cells[key]
-    if not cell then
-      add(key, "not declared by this provider")
-    elseif cell[1] == "refuse" then
-      add(key, cell.why or "refused")
-    end
-  end)
+  local fields = target.fields
+  local st = { cells = type(fields) == "table" and fields or SIMPLE_CELLS, target = target, out = {}, seen = nil }
+  each_feature(req, check_feature, st)
   local why = _M.temperature_issue(req.temperature, target)
   if why then
-    add("temperature", why)
+    refuse(st, "temperature", why)
   end
-  if not target.fields and type(req.messages) == "table" then
+  if not fields and type(req.messages) == "table" then
     local _, field, fwhy = _M.to_simple(req)
     if field then
-      add(field, fwhy)
+      refuse(st, field, fwhy)
     end
   end
-  return out
+  return st.out
 end
 
 -- Dropping ----------------------------------------------------------------

@@ -17,7 +17,7 @@ local cjson = require "cjson.safe"
 local type = type
 local tonumber = tonumber
 local pcall = pcall
-local pairs = pairs
+local next = next
 local tostring = tostring
 local getmetatable = getmetatable
 local setmetatable = setmetatable
@@ -67,22 +67,21 @@ end
 
 local BIG = 2 ^ 53
 
--- Whether a value cjson decoded holds a number it may have cut: beyond
+-- Whether a table cjson decoded holds a number it may have cut: beyond
 -- 2^53 a double no longer keeps every digit of an integer. (Looking at
--- the decoded values is cheaper than scanning every byte of the text.)
-local function big_number(v, depth)
-  local tv = type(v)
-  if tv == "number" then
-    return v >= BIG or v <= -BIG
-  end
-  if tv ~= "table" then
-    return false
-  end
+-- the decoded values is cheaper than scanning every byte of the text;
+-- only tables are recursed into, numbers are looked at in the loop.)
+local function big_number(t, depth)
   if depth > 64 then
     return true -- let dkjson, which is exact, decode it
   end
-  for _, x in pairs(v) do
-    if big_number(x, depth + 1) then
+  for _, x in next, t do
+    local tx = type(x)
+    if tx == "number" then
+      if x >= BIG or x <= -BIG then
+        return true
+      end
+    elseif tx == "table" and big_number(x, depth + 1) then
       return true
     end
   end
@@ -96,7 +95,12 @@ function _M.decode(s)
   end
   if not empty_array(s) then
     local v, err = cjson.decode(s)
-    if v == nil or not big_number(v, 0) then
+    local tv = type(v)
+    if tv == "table" then
+      if not big_number(v, 0) then
+        return v
+      end
+    elseif tv ~= "number" or (v < BIG and v > -BIG) then
       return v, err
     end
   end
@@ -139,6 +143,8 @@ local function key_text(k, first)
   return first and text or "," .. text
 end
 
+local scratch = {} -- depth -> a list of keys (encode never yields: one at a time)
+
 local function encode_table(t, out, n, depth)
   if depth > 64 then
     error("json.encode: nested deeper than 64", 0)
@@ -159,23 +165,36 @@ local function encode_table(t, out, n, depth)
     out[n] = "]"
     return n
   end
-  local keys, nk = {}, 0
-  for k in pairs(t) do
+  -- The keys, sorted (the same table gives the same text), in a list
+  -- kept per depth and emptied after use (one that an encode left filled,
+  -- raising on the way, is replaced).
+  local keys = scratch[depth]
+  if not keys or keys[1] ~= nil then -- (left filled by an encode that raised)
+    keys = {}
+    scratch[depth] = keys
+  end
+  local nk = 0
+  for k in next, t do
     if type(k) ~= "string" then
+      for i = 1, nk do
+        keys[i] = nil
+      end
       error(fmt("json.encode: an object key must be a string (got %s)", type(k)), 0)
     end
     nk = nk + 1
     keys[nk] = k
   end
   if nk > 1 then
-    sort(keys) -- the same table gives the same text
+    sort(keys)
   end
   n = n + 1
   out[n] = "{"
+  local texts = key_texts
   for i = 1, nk do
     local k = keys[i]
     n = n + 1
-    out[n] = key_text(k, i == 1)
+    out[n] = texts[k] or key_text(k, i == 1)
+    texts = next_key_texts
     local x = t[k]
     if type(x) == "string" then -- most values: no call
       n = n + 1
@@ -183,6 +202,9 @@ local function encode_table(t, out, n, depth)
     else
       n = encode_value(x, out, n, depth + 1)
     end
+  end
+  for i = 1, nk do
+    keys[i] = nil
   end
   n = n + 1
   out[n] = "}"
@@ -219,7 +241,8 @@ end
 
 -- encode(value) -> text. Raises on NaN, infinities, functions and the like.
 function _M.encode(v)
-  local out = {}
+  -- (sized for a small body at once: the nils make the list's room)
+  local out = { nil, nil, nil, nil, nil, nil, nil, nil, nil, nil, nil, nil, nil, nil, nil, nil }
   local n = encode_value(v, out, 0, 0)
   return concat(out, "", 1, n)
 end

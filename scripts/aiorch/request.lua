@@ -4,6 +4,8 @@ local canonical = require "aiorch.canonical"
 
 local ipairs = ipairs
 
+local EMPTY = {} -- never written
+
 local _M = {}
 
 -- The simple form's fields (the canonical model's are in docs/canonical.md).
@@ -17,7 +19,7 @@ function _M.validate(req, adapters)
   if not out then
     return nil, err
   end
-  for _, a in ipairs(adapters or {}) do
+  for _, a in ipairs(adapters or EMPTY) do
     local why = canonical.temperature_issue(out.temperature, a)
     if why then
       return nil, "temperature: " .. why:gsub("^temperature ", "")

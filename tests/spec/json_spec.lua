@@ -36,6 +36,13 @@ describe("aiorch.json", function()
     assert.is_nil((json.encode_safe({ [true] = 1 })))
   end)
 
+  it("writes every object right after an encode that raised half-way through one", function()
+    assert.is_nil((json.encode_safe({ a = { b = { c = 0 / 0 } }, d = 1, e = 2 })))
+    assert.is_nil((json.encode_safe({ a = 1, b = { [2.5] = 1 }, c = 3 })))
+    assert.equal('{"x":1}', json.encode({ x = 1 }))
+    assert.equal('{"p":1,"q":{"r":2,"s":3}}', json.encode({ q = { s = 3, r = 2 }, p = 1 }))
+  end)
+
   it("quotes strings as cjson does, and repeated words once", function()
     assert.equal('"a\\/b\\"c\\n"', json.quote('a/b"c\n'))
     assert.equal('"42"', json.quote(42))

@@ -533,6 +533,36 @@ describe("decode_request", function()
     assert.same({ "tool", "user" }, { req.messages[1].role, req.messages[2].role })
     assert.same({ { type = "text", text = "next" } }, req.messages[2].content)
   end)
+
+  -- The OpenAI decoder vouches for the messages it found valid (validation
+  -- does not walk them again): what only validation says still comes out,
+  -- as validation says it.
+  it("leaves to validation the messages it cannot vouch for", function()
+    local function validated(messages)
+      return canonical.normalize(assert(openai.decode_request({ model = "m", messages = messages })))
+    end
+    local tool_call = { role = "assistant", tool_calls = {
+      { id = "a", type = "function", ["function"] = { name = "f", arguments = "{}" } } } }
+    local bad = {
+      { { { role = "user", content = { { type = "text", text = "q" },
+        { type = "image_url", image_url = { url = "https://x/i.png", detail = "max" } } } } },
+        'messages[0].content[1].detail: must be auto, low or high (got "max")' },
+      { { { role = "user", content = "q" }, tool_call, { role = "tool", tool_call_id = "a", content = "1" },
+        { role = "tool", tool_call_id = "b", content = "2" } },
+        'messages[2].content[1].id: "b" answers no earlier tool call' },
+    }
+    for _, c in ipairs(bad) do
+      local out, err = validated(c[1])
+      assert.is_nil(out)
+      assert.equal(c[2], err)
+    end
+    -- Without an earlier tool call, validation takes any result; so does the decoder.
+    assert(validated({ { role = "user", content = "q" }, { role = "tool", tool_call_id = "z", content = "1" } }))
+    local req = assert(validated({ { role = "user", content = { { type = "image_url",
+      image_url = { url = "https://x/i.png", detail = "low" } } } }, tool_call,
+      { role = "tool", tool_call_id = "a", content = "1" }, { role = "user", content = "thanks" } }))
+    assert.equal(4, #req.messages)
+  end)
 end)
 
 describe("streams with several choices", function()

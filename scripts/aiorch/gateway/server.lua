@@ -309,7 +309,11 @@ end
 
 -- What X-Aiorch-Dropped says of an answer: the fields dropped for it.
 local function dropped_of(r)
-  local list = r.status and { r } or r
+  if r.status then -- one answer: no list to make
+    local d = r.metadata and r.metadata.dropped
+    return d and d[1] and concat(d, ",") or nil
+  end
+  local list = r
   local out = {}
   for _, one in ipairs(list) do
     for _, f in ipairs(one.metadata and one.metadata.dropped or EMPTY) do

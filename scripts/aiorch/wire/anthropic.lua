@@ -205,42 +205,46 @@ local DOCUMENT_SOURCES = { base64 = true, url = true, text = true, file = true }
 
 local decode_block
 
-local function decode_source(s, path, kinds)
+-- The decoders of sources and blocks say where an error is from the block
+-- they were given (".source.url: Field required", ": Input should be ...");
+-- their callers put the path in front, so that a path is made only for an
+-- error.
+local function decode_source(s, kinds)
   if type(s) ~= "table" or not kinds[s.type] then
-    return fail(path .. ".type", "Input tag '" .. tostring(type(s) == "table" and s.type) .. "' does not match "
+    return fail(".source.type", "Input tag '" .. tostring(type(s) == "table" and s.type) .. "' does not match "
       .. "any of the expected tags")
   end
   local out = { type = s.type }
   if s.type == "base64" then
     if type(s.data) ~= "string" or type(s.media_type) ~= "string" then
-      return fail(path, "data and media_type: Field required")
+      return fail(".source", "data and media_type: Field required")
     end
     out.media_type, out.data = s.media_type, s.data
   elseif s.type == "url" then
     if type(s.url) ~= "string" then
-      return fail(path .. ".url", "Field required")
+      return fail(".source.url", "Field required")
     end
     out.url = s.url
   elseif s.type == "text" then
     if type(s.data) ~= "string" then
-      return fail(path .. ".data", "Field required")
+      return fail(".source.data", "Field required")
     end
     out.data = s.data
   else
     if type(s.file_id) ~= "string" then
-      return fail(path .. ".file_id", "Field required")
+      return fail(".source.file_id", "Field required")
     end
     out.file_id = s.file_id
   end
   return out
 end
 
-local function decode_blocks(list, path)
+local function decode_blocks(list)
   local out = {}
   for i, b in ipairs(list) do
-    local part, err = decode_block(b, fmt("%s.%d", path, i - 1))
+    local part, err = decode_block(b)
     if not part then
-      return nil, err
+      return nil, "." .. (i - 1) .. err
     end
     out[i] = part
   end
@@ -249,23 +253,23 @@ end
 
 -- One content block -> a part (an opaque part for the blocks the model
 -- does not know: server tools, search results, ...).
-function decode_block(b, path)
+function decode_block(b)
   if type(b) ~= "table" then
-    return fail(path, "Input should be a valid dictionary")
+    return fail("", "Input should be a valid dictionary")
   end
   local t = b.type
   if type(t) ~= "string" then
-    return fail(path .. ".type", "Field required")
+    return fail(".type", "Field required")
   end
   local part, err
   if t == "text" then
     if type(b.text) ~= "string" then
-      return fail(path .. ".text", "Field required")
+      return fail(".text", "Field required")
     end
-    part = { type = "text", text = b.text }
+    part = { type = "text", text = b.text, cache_control = nil, extra = nil }
   elseif t == "image" then
     local source
-    source, err = decode_source(b.source, path .. ".source", IMAGE_SOURCES)
+    source, err = decode_source(b.source, IMAGE_SOURCES)
     if not source then
       return nil, err
     end
@@ -275,27 +279,27 @@ function decode_block(b, path)
       return { type = "opaque", api = "anthropic", value = b }
     end
     local source
-    source, err = decode_source(b.source, path .. ".source", DOCUMENT_SOURCES)
+    source, err = decode_source(b.source, DOCUMENT_SOURCES)
     if not source then
       return nil, err
     end
     part = { type = "document", source = source, title = str(b.title) }
   elseif t == "tool_use" then
     if type(b.id) ~= "string" or type(b.name) ~= "string" then
-      return fail(path, "id and name: Field required")
+      return fail("", "id and name: Field required")
     end
     local input = b.input
     part = { type = "tool_call", id = b.id, name = b.name,
       arguments = json.encode(type(input) == "table" and input or json.object()) }
   elseif t == "tool_result" then
     if type(b.tool_use_id) ~= "string" then
-      return fail(path .. ".tool_use_id", "Field required")
+      return fail(".tool_use_id", "Field required")
     end
     local content = b.content
     if type(content) == "table" then
-      content, err = decode_blocks(content, path .. ".content")
+      content, err = decode_blocks(content)
       if not content then
-        return nil, err
+        return nil, ".content" .. err
       end
     elseif type(content) ~= "string" then
       content = nil
@@ -304,12 +308,12 @@ function decode_block(b, path)
       is_error = type(b.is_error) == "boolean" and b.is_error or nil }
   elseif t == "thinking" then
     if type(b.thinking) ~= "string" then
-      return fail(path .. ".thinking", "Field required")
+      return fail(".thinking", "Field required")
     end
     part = { type = "thinking", text = b.thinking, signature = str(b.signature) }
   elseif t == "redacted_thinking" then
     if type(b.data) ~= "string" then
-      return fail(path .. ".data", "Field required")
+      return fail(".data", "Field required")
     end
     part = { type = "redacted_thinking", data = b.data }
   else
@@ -321,13 +325,13 @@ function decode_block(b, path)
 end
 
 -- A user turn: its tool_result blocks become a canonical tool message,
--- then the rest a user message.
-local function decode_user(content, path, out)
+-- then the rest a user message. An error is said from the content.
+local function decode_user(content, out)
   if type(content) == "string" then
-    out[#out + 1] = { role = "user", content = content }
+    out[#out + 1] = { role = "user", content = content, extra = nil }
     return true
   end
-  local parts, err = decode_blocks(content, path)
+  local parts, err = decode_blocks(content)
   if not parts then
     return nil, err
   end
@@ -350,35 +354,38 @@ end
 
 local MESSAGE_KEYS = set { "role", "content" }
 
+local function message_path(i)
+  return fmt("messages.%d", i - 1)
+end
+
 local function decode_messages(list)
   if type(list) ~= "table" or #list == 0 then
     return fail("messages", "Field required (a non-empty list)")
   end
   local out = {}
   for i, m in ipairs(list) do
-    local path = fmt("messages.%d", i - 1)
     if type(m) ~= "table" then
-      return fail(path, "Input should be a valid dictionary")
+      return fail(message_path(i), "Input should be a valid dictionary")
     end
     local role, c = m.role, m.content
     if type(c) ~= "string" and type(c) ~= "table" then
-      return fail(path .. ".content", "Input should be a valid string or list")
+      return fail(message_path(i) .. ".content", "Input should be a valid string or list")
     end
     local ok, err
     if role == "user" then
-      ok, err = decode_user(c, path .. ".content", out)
+      ok, err = decode_user(c, out)
     elseif role == "assistant" or role == "system" then
       local content = c
       if type(c) == "table" then
-        content, err = decode_blocks(c, path .. ".content")
+        content, err = decode_blocks(c)
       end
       ok = content ~= nil
-      out[#out + 1] = { role = role, content = content }
+      out[#out + 1] = { role = role, content = content, extra = nil }
     else
-      return fail(path .. ".role", "Input should be 'user' or 'assistant'")
+      return fail(message_path(i) .. ".role", "Input should be 'user' or 'assistant'")
     end
     if not ok then
-      return nil, err
+      return nil, message_path(i) .. ".content" .. err
     end
     out[#out].extra = extra_of(m, MESSAGE_KEYS)
   end
@@ -393,13 +400,12 @@ local function decode_tools(list)
   end
   local out = {}
   for i, t in ipairs(list) do
-    local path = fmt("tools.%d", i - 1)
     if type(t) ~= "table" then
-      return fail(path, "Input should be a valid dictionary")
+      return fail(fmt("tools.%d", i - 1), "Input should be a valid dictionary")
     end
     if t.type == nil or t.type == null or t.type == "custom" then
       if type(t.name) ~= "string" then
-        return fail(path .. ".name", "Field required")
+        return fail(fmt("tools.%d", i - 1) .. ".name", "Field required")
       end
       out[i] = { name = t.name, description = str(t.description),
         parameters = type(t.input_schema) == "table" and t.input_schema or nil,
@@ -492,9 +498,9 @@ function _M.decode_request(doc, headers)
     end
   elseif type(s) == "table" then
     local blocks
-    blocks, err = decode_blocks(s, "system")
+    blocks, err = decode_blocks(s)
     if not blocks then
-      return nil, err
+      return nil, "system" .. err
     end
     insert(messages, 1, { role = "system", content = blocks })
   elseif present(s) then
@@ -678,18 +684,26 @@ end
 
 -- The system messages as the top-level system: one string when there is
 -- one plain string, else text blocks in order.
-local function encode_system(systems)
-  if #systems == 1 and type(systems[1].m.content) == "string" then
-    return systems[1].m.content
+-- (A message's path, for the errors and for its blocks' paths: made only
+-- when needed.)
+local function message_where(i)
+  return fmt("messages[%d]", i - 1)
+end
+
+-- The system messages (their indices in list) as the top-level system: one
+-- string when there is one plain string, else text blocks in order.
+local function encode_system(list, systems)
+  if #systems == 1 and type(list[systems[1]].content) == "string" then
+    return list[systems[1]].content
   end
   local out = json.array()
-  for _, s in ipairs(systems) do
-    local c = s.m.content
+  for _, i in ipairs(systems) do
+    local c = list[i].content
     if type(c) == "string" then
       out[#out + 1] = { type = "text", text = c }
     else
       for j, p in ipairs(c) do
-        out[#out + 1] = encode_block(p, fmt("%s.content[%d]", s.where, j - 1))
+        out[#out + 1] = encode_block(p, fmt("%s.content[%d]", message_where(i), j - 1))
       end
     end
   end
@@ -698,22 +712,23 @@ end
 
 local function encode_messages(list, body)
   local out = json.array()
-  local systems = {}
+  local systems
   local tool_turn -- the user turn the last tool message made
   for i, m in ipairs(list) do
-    local where = fmt("messages[%d]", i - 1)
     for k in pairs(m) do
       if k ~= "role" and k ~= "content" and k ~= "extra" then
-        cannot(where .. "." .. k)
+        cannot(message_where(i) .. "." .. k)
       end
     end
     local role = m.role
     if role == "system" or role == "developer" then
-      systems[#systems + 1] = { m = m, where = where }
+      systems = systems or {}
+      systems[#systems + 1] = i
       if m.extra then
-        cannot(where .. ".extra")
+        cannot(message_where(i) .. ".extra")
       end
     elseif role == "tool" then
+      local where = message_where(i)
       local blocks = encode_blocks(m.content, where)
       if tool_turn then
         for _, b in ipairs(blocks) do
@@ -730,19 +745,26 @@ local function encode_messages(list, body)
       if type(c) == "string" then
         tool_turn.content[#tool_turn.content + 1] = { type = "text", text = c }
       else
-        for _, b in ipairs(encode_blocks(c, where)) do
+        for _, b in ipairs(encode_blocks(c, message_where(i))) do
           tool_turn.content[#tool_turn.content + 1] = b
         end
       end
-      merge_extra(tool_turn, m.extra, where)
+      if m.extra ~= nil then
+        merge_extra(tool_turn, m.extra, message_where(i))
+      end
       tool_turn = nil
     else
       tool_turn = nil
-      out[#out + 1] = merge_extra({ role = role, content = encode_content(m.content, where) }, m.extra, where)
+      local c = m.content
+      local msg = { role = role, content = type(c) == "string" and c or encode_content(c, message_where(i)) }
+      if m.extra ~= nil then
+        merge_extra(msg, m.extra, message_where(i))
+      end
+      out[#out + 1] = msg
     end
   end
-  if #systems > 0 then
-    body.system = encode_system(systems)
+  if systems then
+    body.system = encode_system(list, systems)
   end
   return out
 end
@@ -882,7 +904,8 @@ local REQUEST = {
 -- Raises on a field it cannot write (canonical.unsupported refuses those).
 function _M.encode_request(req, opts)
   opts = opts or EMPTY
-  local body = { model = opts.model }
+  -- (the usual fields named: the table is sized once)
+  local body = { model = opts.model, messages = nil, max_tokens = nil, stream = nil }
   for k, v in pairs(req) do
     local f = REQUEST[k]
     if not f then
@@ -915,19 +938,27 @@ end
 
 -- Responses: Anthropic -> canonical ---------------------------------------
 
+-- A count as the canonical model keeps it (an integer when it is one), or nil.
+local function count(v)
+  if type(v) == "number" then
+    return tointeger(v) or v
+  end
+  return nil
+end
+
 -- Anthropic's usage -> the canonical one: every input token counted.
 local function usage_of(u)
   if type(u) ~= "table" then
     return nil
   end
-  local i, r, w = num(u.input_tokens), num(u.cache_read_input_tokens), num(u.cache_creation_input_tokens)
-  local d = type(u.output_tokens_details) == "table" and u.output_tokens_details or EMPTY
+  local i, r, w = count(u.input_tokens), count(u.cache_read_input_tokens), count(u.cache_creation_input_tokens)
+  local d = u.output_tokens_details
   return {
     input_tokens = i and (i + (r or 0) + (w or 0)),
-    output_tokens = num(u.output_tokens),
+    output_tokens = count(u.output_tokens),
     cached_input_tokens = r,
     cache_write_tokens = w,
-    reasoning_tokens = num(d.thinking_tokens),
+    reasoning_tokens = type(d) == "table" and count(d.thinking_tokens) or nil,
   }
 end
 
@@ -946,37 +977,49 @@ local function block_part(b)
   return { type = "opaque", api = "anthropic", value = b }
 end
 
+-- The text parts joined (one part: its text, no list).
 local function text_of(parts)
-  local out = {}
+  local one, out
   for _, p in ipairs(parts) do
     if p.type == "text" then
-      out[#out + 1] = p.text
+      if out then
+        out[#out + 1] = p.text
+      elseif one then
+        out = { one, p.text }
+      else
+        one = p.text
+      end
     end
   end
-  return concat(out)
+  return out and concat(out) or one or ""
 end
 
 -- decode_response(doc) -> result, or nil, kind, message. doc: a decoded
 -- 2xx body (aiorch.json.decode, so that [] stays an array).
 function _M.decode_response(doc)
-  if type(doc) ~= "table" or type(doc.content) ~= "table" then
+  local blocks = type(doc) == "table" and doc.content
+  if type(blocks) ~= "table" then
     return nil, "parse", "reply has no content array"
   end
-  local parts = {}
-  for _, b in ipairs(doc.content) do
+  local parts, n = {}, 0
+  for _, b in ipairs(blocks) do
     if type(b) == "table" then
-      parts[#parts + 1] = block_part(b)
+      n = n + 1
+      parts[n] = block_part(b)
     end
   end
-  local stop = str(doc.stop_reason)
+  local stop, model, id, seq = doc.stop_reason, doc.model, doc.id, doc.stop_sequence
+  if type(stop) ~= "string" then
+    stop = nil
+  end
   return {
     content = parts,
     text = text_of(parts),
-    model = str(doc.model),
+    model = type(model) == "string" and model or nil,
     finish_reason = canonical.finish_reason(stop),
     provider_finish_reason = stop,
     usage = usage_of(doc.usage) or {},
-    upstream = { id = str(doc.id), stop_sequence = str(doc.stop_sequence) },
+    upstream = { id = type(id) == "string" and id or nil, stop_sequence = type(seq) == "string" and seq or nil },
   }
 end
 

@@ -20,12 +20,12 @@ local error = error
 local tostring = tostring
 local setmetatable = setmetatable
 local concat = table.concat
-local unpack = table.unpack
 local max = math.max
 local os_time = os.time
 local tointeger = math.tointeger
-local str, num, present = util.str, util.num, util.present
+local str, present = util.str, util.present
 local js, jw = json.quote, json.word
+local decode_plain = json.decode_plain
 local null = json.null
 
 local EMPTY = {} -- never written
@@ -201,24 +201,34 @@ local PART_KEYS = {
 
 local USER_PARTS = "'text', 'image_url', 'input_audio' and 'file'"
 
--- A content part of a user, system or developer message.
-local function decode_part(p, path, text_only)
+-- Paths name the field at fault; they are built only for an error.
+local function message_path(i)
+  return fmt("messages[%d]", i - 1)
+end
+
+local function part_path(i, j)
+  return fmt("messages[%d].content[%d]", i - 1, j - 1)
+end
+
+-- Content part j of message i (a user, system or developer message).
+local function decode_part(p, i, j, text_only)
   if type(p) ~= "table" then
-    return fail(path, "Invalid type: expected an object")
+    return fail(part_path(i, j), "Invalid type: expected an object")
   end
   local t = p.type
   local part
   if t == "text" then
-    if type(p.text) ~= "string" then
-      return fail(path .. ".text", "Missing required parameter (a string)")
+    local text = p.text
+    if type(text) ~= "string" then
+      return fail(part_path(i, j) .. ".text", "Missing required parameter (a string)")
     end
-    part = { type = "text", text = p.text }
+    part = { type = "text", text = text, extra = nil }
   elseif text_only then
-    return fail(path .. ".type", fmt("Invalid value: %s. Supported values are: 'text'", tostring(t)))
+    return fail(part_path(i, j) .. ".type", fmt("Invalid value: %s. Supported values are: 'text'", tostring(t)))
   elseif t == "image_url" then
     local iu = p.image_url
     if type(iu) ~= "table" or type(iu.url) ~= "string" then
-      return fail(path .. ".image_url.url", "Missing required parameter (a string)")
+      return fail(part_path(i, j) .. ".image_url.url", "Missing required parameter (a string)")
     end
     local media, data = data_url(iu.url)
     part = { type = "image", source = media and { type = "base64", media_type = media, data = data }
@@ -229,7 +239,7 @@ local function decode_part(p, path, text_only)
   elseif t == "file" then
     local f = p.file
     if type(f) ~= "table" then
-      return fail(path .. ".file", "Missing required parameter (an object)")
+      return fail(part_path(i, j) .. ".file", "Missing required parameter (an object)")
     end
     local source
     if type(f.file_data) == "string" then
@@ -239,57 +249,62 @@ local function decode_part(p, path, text_only)
     elseif type(f.file_id) == "string" then
       source = { type = "file", file_id = f.file_id }
     else
-      return fail(path .. ".file", "one of file_data or file_id is required")
+      return fail(part_path(i, j) .. ".file", "one of file_data or file_id is required")
     end
     part = { type = "document", source = source, filename = str(f.filename) }
   elseif t == "input_audio" then
     return { type = "opaque", api = "openai", value = p }
   else
-    return fail(path .. ".type", fmt("Invalid value: %s. Supported values are: %s", tostring(t), USER_PARTS))
+    return fail(part_path(i, j) .. ".type", fmt("Invalid value: %s. Supported values are: %s", tostring(t),
+      USER_PARTS))
   end
   part.extra = extra_of(p, PART_KEYS[t])
   return part
 end
 
--- A message content: a string stays one; a list becomes parts.
-local function decode_content(c, path, text_only)
+-- The content of message i: a string stays one; a list becomes parts.
+local function decode_content(c, i, text_only)
   if type(c) == "string" then
     return c
   end
   if type(c) ~= "table" then
-    return fail(path, "Invalid type: expected a string or an array of content parts")
+    return fail(message_path(i) .. ".content", "Invalid type: expected a string or an array of content parts")
   end
   local parts = {}
-  for i, p in ipairs(c) do
-    local part, err = decode_part(p, fmt("%s[%d]", path, i - 1), text_only)
+  for j, p in ipairs(c) do
+    local part, err = decode_part(p, i, j, text_only)
     if not part then
       return nil, err
     end
-    parts[i] = part
+    parts[j] = part
   end
   return parts
 end
 
--- thinking_blocks (or reasoning_content) -> thinking parts, appended to parts.
-local function decode_thinking(m, path, parts)
+-- thinking_blocks (or reasoning_content) -> thinking parts, appended to
+-- parts. i: the message's index (nil: an answer's message).
+local function decode_thinking(m, parts, i)
   local blocks = m.thinking_blocks
   if type(blocks) == "table" and #blocks > 0 then
-    for i, b in ipairs(blocks) do
-      local where = fmt("%s.thinking_blocks[%d]", path, i - 1)
-      if type(b) ~= "table" then
-        return fail(where, "Invalid type: expected an object")
-      end
-      if b.type == "thinking" and type(b.thinking) == "string" then
+    for j, b in ipairs(blocks) do
+      if type(b) == "table" and b.type == "thinking" and type(b.thinking) == "string" then
         parts[#parts + 1] = { type = "thinking", text = b.thinking, signature = str(b.signature) }
-      elseif b.type == "redacted_thinking" and type(b.data) == "string" then
+      elseif type(b) == "table" and b.type == "redacted_thinking" and type(b.data) == "string" then
         parts[#parts + 1] = { type = "redacted_thinking", data = b.data }
       else
+        local where = fmt("%s.thinking_blocks[%d]", i and message_path(i) or "message", j - 1)
+        if type(b) ~= "table" then
+          return fail(where, "Invalid type: expected an object")
+        end
         return fail(where .. ".type", "Invalid value: expected 'thinking' (with thinking) or 'redacted_thinking' "
           .. "(with data)")
       end
     end
-  elseif type(m.reasoning_content) == "string" and m.reasoning_content ~= "" then
-    parts[#parts + 1] = { type = "thinking", text = m.reasoning_content }
+  else
+    local r = m.reasoning_content
+    if type(r) == "string" and r ~= "" then
+      parts[#parts + 1] = { type = "thinking", text = r }
+    end
   end
   return parts
 end
@@ -299,9 +314,9 @@ local ASSISTANT_KEYS = set { "role", "content", "name", "tool_calls", "refusal",
 local MESSAGE_KEYS = set { "role", "content", "name" }
 local TOOL_KEYS = set { "role", "content", "tool_call_id" }
 
-local function decode_assistant(m, path)
+local function decode_assistant(m, i)
   local parts = {}
-  local _, err = decode_thinking(m, path, parts)
+  local _, err = decode_thinking(m, parts, i)
   if err then
     return nil, err
   end
@@ -313,19 +328,18 @@ local function decode_assistant(m, path)
       texts = 1
     end
   elseif type(c) == "table" then
-    for i, p in ipairs(c) do
-      local where = fmt("%s.content[%d]", path, i - 1)
+    for j, p in ipairs(c) do
       if type(p) == "table" and p.type == "text" and type(p.text) == "string" then
         parts[#parts + 1] = { type = "text", text = p.text }
       elseif type(p) == "table" and p.type == "refusal" and type(p.refusal) == "string" then
         parts[#parts + 1] = { type = "text", text = p.refusal }
       else
-        return fail(where .. ".type", "Invalid value. Supported values are: 'text' and 'refusal'")
+        return fail(part_path(i, j) .. ".type", "Invalid value. Supported values are: 'text' and 'refusal'")
       end
       texts = texts + 1
     end
   elseif present(c) then
-    return fail(path .. ".content", "Invalid type: expected a string, an array of content parts or null")
+    return fail(message_path(i) .. ".content", "Invalid type: expected a string, an array of content parts or null")
   end
   local extra = extra_of(m, ASSISTANT_KEYS)
   if type(m.refusal) == "string" and m.refusal ~= "" then
@@ -340,26 +354,26 @@ local function decode_assistant(m, path)
   local calls = m.tool_calls
   if present(calls) then
     if type(calls) ~= "table" then
-      return fail(path .. ".tool_calls", "Invalid type: expected an array")
+      return fail(message_path(i) .. ".tool_calls", "Invalid type: expected an array")
     end
-    for i, tc in ipairs(calls) do
-      local where = fmt("%s.tool_calls[%d]", path, i - 1)
+    for j, tc in ipairs(calls) do
       if type(tc) ~= "table" or type(tc.id) ~= "string" then
-        return fail(where .. ".id", "Missing required parameter (a string)")
+        return fail(fmt("%s.tool_calls[%d].id", message_path(i), j - 1), "Missing required parameter (a string)")
       end
       if tc.type == "custom" then
         parts[#parts + 1] = { type = "opaque", api = "openai", value = tc }
       else
         local f = tc["function"]
         if type(f) ~= "table" or type(f.name) ~= "string" then
-          return fail(where .. ".function.name", "Missing required parameter (a string)")
+          return fail(fmt("%s.tool_calls[%d].function.name", message_path(i), j - 1),
+            "Missing required parameter (a string)")
         end
         parts[#parts + 1] = { type = "tool_call", id = tc.id, name = f.name,
           arguments = type(f.arguments) == "string" and f.arguments or "" }
       end
     end
   end
-  local msg = { role = "assistant", name = str(m.name), extra = extra }
+  local msg = { role = "assistant", content = nil, name = str(m.name), extra = extra }
   if type(c) == "string" and texts == 1 and #parts == 1 then
     msg.content = c
   else
@@ -368,9 +382,9 @@ local function decode_assistant(m, path)
   return msg
 end
 
-local function decode_tool(m, path)
+local function decode_tool(m, i)
   if type(m.tool_call_id) ~= "string" then
-    return fail(path .. ".tool_call_id", "Missing required parameter (a string)")
+    return fail(message_path(i) .. ".tool_call_id", "Missing required parameter (a string)")
   end
   local c = m.content
   local content
@@ -378,58 +392,90 @@ local function decode_tool(m, path)
     content = c
   elseif type(c) == "table" then
     local err
-    content, err = decode_content(c, path .. ".content", true)
+    content, err = decode_content(c, i, true)
     if not content then
       return nil, err
     end
   elseif present(c) then
-    return fail(path .. ".content", "Invalid type: expected a string or an array of text parts")
+    return fail(message_path(i) .. ".content", "Invalid type: expected a string or an array of text parts")
   end
   return { type = "tool_result", id = m.tool_call_id, content = content, extra = extra_of(m, TOOL_KEYS) }
 end
 
 local ROLES = "'system', 'assistant', 'user', 'tool' and 'developer'"
 
+local DETAILS = canonical.DETAILS
+
+-- The messages. A list in which the decoder found everything canonical
+-- validation checks is vouched for (canonical.vouch): it is not walked
+-- again. Two things only validation says are looked at here, without
+-- failing: an image's detail, and tool results that answer no earlier call.
 local function decode_messages(list)
   if type(list) ~= "table" or #list == 0 then
     return fail("messages", "Missing required parameter (a non-empty array)")
   end
-  local out = {}
+  local out, n = {}, 0
+  local sure, calls = true, nil
   for i, m in ipairs(list) do
-    local path = fmt("messages[%d]", i - 1)
     if type(m) ~= "table" then
-      return fail(path, "Invalid type: expected an object")
+      return fail(message_path(i), "Invalid type: expected an object")
     end
     local role = m.role
-    if role == "tool" then
-      local part, err = decode_tool(m, path)
-      if not part then
-        return nil, err
+    if role == "user" or role == "system" or role == "developer" then
+      local c = m.content
+      if type(c) ~= "string" then
+        local err
+        c, err = decode_content(c, i, role ~= "user")
+        if not c then
+          return nil, err
+        end
+        for _, p in ipairs(c) do
+          if p.detail ~= nil and not DETAILS[p.detail] then
+            sure = false
+          end
+        end
       end
-      -- Consecutive tool messages: one canonical tool message, in order.
-      local last = out[#out]
-      if last and last.role == "tool" then
-        last.content[#last.content + 1] = part
-      else
-        out[#out + 1] = { role = "tool", content = { part } }
-      end
+      local name = m.name
+      n = n + 1
+      out[n] = { role = role, content = c, name = type(name) == "string" and name or nil,
+        extra = extra_of(m, MESSAGE_KEYS) }
     elseif role == "assistant" then
-      local msg, err = decode_assistant(m, path)
+      local msg, err = decode_assistant(m, i)
       if not msg then
         return nil, err
       end
-      out[#out + 1] = msg
-    elseif role == "system" or role == "developer" or role == "user" then
-      local content, err = decode_content(m.content, path .. ".content", role ~= "user")
-      if not content then
+      if type(msg.content) == "table" then
+        for _, p in ipairs(msg.content) do
+          if p.type == "tool_call" then
+            calls = calls or {}
+            calls[p.id] = true
+          end
+        end
+      end
+      n = n + 1
+      out[n] = msg
+    elseif role == "tool" then
+      local part, err = decode_tool(m, i)
+      if not part then
         return nil, err
       end
-      out[#out + 1] = { role = role, content = content, name = str(m.name), extra = extra_of(m, MESSAGE_KEYS) }
+      if calls and not calls[part.id] then
+        sure = false
+      end
+      -- Consecutive tool messages: one canonical tool message, in order.
+      local last = out[n]
+      if last and last.role == "tool" then
+        last.content[#last.content + 1] = part
+      else
+        n = n + 1
+        out[n] = { role = "tool", content = { part } }
+      end
     else
-      return fail(path .. ".role", fmt("Invalid value: %s. Supported values are: %s", tostring(role), ROLES))
+      return fail(message_path(i) .. ".role", fmt("Invalid value: %s. Supported values are: %s", tostring(role),
+        ROLES))
     end
   end
-  return out
+  return sure and canonical.vouch(out) or out
 end
 
 local function decode_tools(list)
@@ -486,11 +532,14 @@ local function decode_response_format(rf)
   return { type = rf.type }
 end
 
--- Fields copied as they are (validated by canonical.normalize).
-local SCALARS = { "temperature", "top_p", "seed", "presence_penalty", "frequency_penalty", "logprobs",
-  "top_logprobs", "n", "user", "metadata", "parallel_tool_calls" }
-local KNOWN = set { "model", "messages", "stream", "stream_options", "max_tokens", "max_completion_tokens",
-  "stop", "tools", "tool_choice", "response_format", "reasoning_effort", unpack(SCALARS) }
+-- How decode_request takes each field of the body: true, copied as it is
+-- (canonical.validate checks it); false, read on its own below. Any other
+-- field is OpenAI's own, kept in extra.
+local FIELDS = { temperature = true, top_p = true, seed = true, presence_penalty = true, frequency_penalty = true,
+  logprobs = true, top_logprobs = true, n = true, user = true, metadata = true, parallel_tool_calls = true,
+  model = false, messages = false, stream = false, stream_options = false, max_tokens = false,
+  max_completion_tokens = false, stop = false, tools = false, tool_choice = false, response_format = false,
+  reasoning_effort = false }
 
 -- decode_request(doc, headers) -> req, info ({model, stream, include_usage}),
 -- or nil, message naming the field.
@@ -498,55 +547,63 @@ function _M.decode_request(doc)
   if type(doc) ~= "table" then
     return nil, "the request body must be a JSON object"
   end
-  if type(doc.model) ~= "string" or doc.model == "" then
+  local model = doc.model
+  if type(model) ~= "string" or model == "" then
     return fail("model", "Missing required parameter (a string)")
   end
   local messages, err = decode_messages(doc.messages)
   if not messages then
     return nil, err
   end
-  local req = { messages = messages }
-  for _, f in ipairs(SCALARS) do
-    if present(doc[f]) then
-      req[f] = doc[f]
+  -- (the fields named here are the usual ones and raw, which the gateway adds: the table is sized once)
+  local req = { messages = messages, max_tokens = nil, raw = nil, extra = nil }
+  local extra
+  for k, v in next, doc do -- the fields present, once
+    if v ~= null then
+      local how = FIELDS[k]
+      if how then
+        req[k] = v
+      elseif how == nil then
+        extra = extra or {}
+        extra[k] = v
+      end
     end
   end
   local m = doc.max_completion_tokens
-  if not present(m) then
+  if m == nil or m == null then
     m = doc.max_tokens
   end
-  if present(m) then
+  if m ~= nil and m ~= null then
     req.max_tokens = m
   end
   local stop = doc.stop
   if type(stop) == "string" then
     req.stop = { stop }
-  elseif present(stop) then
+  elseif stop ~= nil and stop ~= null then
     req.stop = stop
   end
-  local extra = {}
-  for k, v in pairs(doc) do
-    if not KNOWN[k] and v ~= null then
-      extra[k] = v
-    end
-  end
-  if present(doc.tools) then
-    req.tools, err = decode_tools(doc.tools)
+  local v = doc.tools
+  if v ~= nil and v ~= null then
+    req.tools, err = decode_tools(v)
     if not req.tools then
       return nil, err
     end
   end
-  if present(doc.tool_choice) then
-    req.tool_choice = decode_tool_choice(doc.tool_choice, extra)
+  v = doc.tool_choice
+  if v ~= nil and v ~= null then
+    extra = extra or {}
+    req.tool_choice = decode_tool_choice(v, extra)
   end
-  if present(doc.response_format) then
-    req.response_format, err = decode_response_format(doc.response_format)
+  v = doc.response_format
+  if v ~= nil and v ~= null then
+    req.response_format, err = decode_response_format(v)
     if not req.response_format then
       return nil, err
     end
   end
-  if present(doc.reasoning_effort) then
-    req.reasoning = { effort = doc.reasoning_effort }
+  v = doc.reasoning_effort
+  if v ~= nil and v ~= null then
+    req.reasoning = { effort = v }
   end
   local so = doc.stream_options
   local include_usage = false
@@ -557,13 +614,14 @@ function _M.decode_request(doc)
     end
     local rest = extra_of(so, { include_usage = true })
     if rest then
+      extra = extra or {}
       extra.stream_options = rest.fields
     end
   end
-  if next(extra) then
+  if extra and next(extra) then
     req.extra = { api = "openai", fields = extra }
   end
-  return req, { model = doc.model, stream = doc.stream == true, include_usage = include_usage }
+  return req, { model = model, stream = doc.stream == true, include_usage = include_usage }
 end
 
 -- Requests: canonical -> OpenAI -------------------------------------------
@@ -863,18 +921,31 @@ end
 
 -- Responses: OpenAI -> canonical ------------------------------------------
 
+-- A count as the canonical model keeps it (an integer when it is one), or nil.
+local function count(v)
+  if type(v) == "number" then
+    return tointeger(v) or v
+  end
+  return nil
+end
+
 local function usage_of(u)
   if type(u) ~= "table" then
     return nil
   end
-  local p = type(u.prompt_tokens_details) == "table" and u.prompt_tokens_details or EMPTY
-  local c = type(u.completion_tokens_details) == "table" and u.completion_tokens_details or EMPTY
+  local p, c = u.prompt_tokens_details, u.completion_tokens_details
+  if type(p) ~= "table" then
+    p = EMPTY
+  end
+  if type(c) ~= "table" then
+    c = EMPTY
+  end
   return {
-    input_tokens = num(u.prompt_tokens),
-    output_tokens = num(u.completion_tokens),
-    cached_input_tokens = num(p.cached_tokens),
-    cache_write_tokens = num(p.cache_write_tokens),
-    reasoning_tokens = num(c.reasoning_tokens),
+    input_tokens = count(u.prompt_tokens),
+    output_tokens = count(u.completion_tokens),
+    cached_input_tokens = count(p.cached_tokens),
+    cache_write_tokens = count(p.cache_write_tokens),
+    reasoning_tokens = count(c.reasoning_tokens),
   }
 end
 
@@ -888,16 +959,29 @@ local function text_of(parts)
   return concat(out)
 end
 
+-- The answer's text: its content, else its refusal (which comes instead
+-- of content; it is still the model's answer); nil when neither is text.
+local function message_text(msg)
+  local text = msg.content
+  if type(text) == "string" then
+    return text
+  end
+  text = msg.refusal
+  return type(text) == "string" and text or nil
+end
+
 local function message_parts(msg)
   local parts = {}
-  decode_thinking(msg, "message", parts)
-  -- A refusal comes instead of content; it is still the model's answer.
-  local text = str(msg.content) or str(msg.refusal)
+  if msg.thinking_blocks ~= nil or msg.reasoning_content ~= nil then
+    decode_thinking(msg, parts)
+  end
+  local text = message_text(msg)
   if text and text ~= "" then
     parts[#parts + 1] = { type = "text", text = text }
   end
-  if type(msg.tool_calls) == "table" then
-    for _, tc in ipairs(msg.tool_calls) do
+  local calls = msg.tool_calls
+  if type(calls) == "table" then
+    for _, tc in ipairs(calls) do
       local f = type(tc) == "table" and tc["function"]
       if type(f) == "table" and type(f.name) == "string" then
         parts[#parts + 1] = { type = "tool_call", id = str(tc.id) or "", name = f.name,
@@ -909,8 +993,27 @@ local function message_parts(msg)
 end
 
 local function upstream_of(doc)
-  return { id = str(doc.id), created = num(doc.created), system_fingerprint = str(doc.system_fingerprint),
-    service_tier = str(doc.service_tier) }
+  local id, fp, tier = doc.id, doc.system_fingerprint, doc.service_tier
+  return { id = type(id) == "string" and id or nil, created = count(doc.created),
+    system_fingerprint = type(fp) == "string" and fp or nil, service_tier = type(tier) == "string" and tier or nil }
+end
+
+-- Choice c (the i-th): its content, text, finish reasons, logprobs and index.
+local function choice_values(c, i)
+  local msg = c.message
+  local provider = c.finish_reason
+  if type(provider) ~= "string" then
+    provider = nil
+  end
+  local logprobs = c.logprobs
+  return message_parts(msg), message_text(msg) or "", canonical.finish_reason(provider), provider,
+    type(logprobs) == "table" and logprobs or nil, count(c.index) or i - 1
+end
+
+local function choice_entry(c, i)
+  local parts, text, finish, provider, logprobs, index = choice_values(c, i)
+  return { index = index, content = parts, response_text = text, finish_reason = finish,
+    provider_finish_reason = provider, logprobs = logprobs }
 end
 
 -- decode_response(doc) -> result, or nil, kind, message. doc: a decoded
@@ -921,31 +1024,32 @@ function _M.decode_response(doc)
   if type(first) ~= "table" or type(first.message) ~= "table" then
     return nil, "parse", "reply has no choices[1].message"
   end
-  local list = {}
+  -- One choice (the usual answer) needs no list of them.
+  local list
   for i, c in ipairs(choices) do
-    if type(c) == "table" and type(c.message) == "table" then
-      local parts = message_parts(c.message)
-      local provider = str(c.finish_reason)
-      list[#list + 1] = {
-        index = num(c.index) or i - 1,
-        content = parts,
-        response_text = str(c.message.content) or str(c.message.refusal) or "",
-        finish_reason = canonical.finish_reason(provider),
-        provider_finish_reason = provider,
-        logprobs = type(c.logprobs) == "table" and c.logprobs or nil,
-      }
+    if i > 1 and type(c) == "table" and type(c.message) == "table" then
+      list = list or { choice_entry(first, 1) }
+      list[#list + 1] = choice_entry(c, i)
     end
   end
-  local one = list[1]
+  local parts, text, finish, provider, logprobs
+  if list then
+    local one = list[1]
+    parts, text, finish, provider, logprobs = one.content, one.response_text, one.finish_reason,
+      one.provider_finish_reason, one.logprobs
+  else
+    parts, text, finish, provider, logprobs = choice_values(first, 1)
+  end
+  local model = doc.model
   return {
-    content = one.content,
-    text = one.response_text,
-    choices = #list > 1 and list or nil,
-    model = str(doc.model),
-    finish_reason = one.finish_reason,
-    provider_finish_reason = one.provider_finish_reason,
+    content = parts,
+    text = text,
+    choices = list,
+    model = type(model) == "string" and model or nil,
+    finish_reason = finish,
+    provider_finish_reason = provider,
     usage = usage_of(doc.usage) or {},
-    logprobs = one.logprobs,
+    logprobs = logprobs,
     upstream = upstream_of(doc),
   }
 end
@@ -1003,16 +1107,13 @@ local function usage_json(results)
       reasoning = (reasoning or 0) + tokens(u.reasoning_tokens)
     end
   end
-  local out = { fmt('{"prompt_tokens":%d,"completion_tokens":%d,"total_tokens":%d', i, o, i + o) }
-  if cached then
-    out[2] = fmt(',"prompt_tokens_details":{"cached_tokens":%d%s}', cached,
-      written and fmt(',"cache_write_tokens":%d', written) or "")
+  local head = fmt('{"prompt_tokens":%d,"completion_tokens":%d,"total_tokens":%d', i, o, i + o)
+  if not (cached or reasoning) then
+    return head .. "}"
   end
-  if reasoning then
-    out[#out + 1] = fmt(',"completion_tokens_details":{"reasoning_tokens":%d}', reasoning)
-  end
-  out[#out + 1] = "}"
-  return concat(out)
+  return head .. (cached and fmt(',"prompt_tokens_details":{"cached_tokens":%d%s}', cached,
+    written and fmt(',"cache_write_tokens":%d', written) or "") or "")
+    .. (reasoning and fmt(',"completion_tokens_details":{"reasoning_tokens":%d}', reasoning) or "") .. "}"
 end
 
 -- The thinking of parts as reasoning_content and thinking_blocks, or nil.
@@ -1033,25 +1134,45 @@ local function thinking_json(parts)
   return concat { ',"reasoning_content":', js(concat(text)), ',"thinking_blocks":[', concat(blocks, ","), "]" }
 end
 
-local function choice_json(i, c)
-  local content, extra = js(c.text), ""
-  local parts = c.content
-  if type(parts) == "table" then
-    local texts, calls = {}, {}
-    for _, p in ipairs(parts) do
-      if p.type == "text" then
-        texts[#texts + 1] = p.text
-      elseif p.type == "tool_call" then
-        calls[#calls + 1] = concat { '{"id":', js(p.id), ',"type":"function","function":{"name":', js(p.name),
-          ',"arguments":', js(p.arguments), "}}" }
-      end
-    end
-    content = #texts > 0 and js(concat(texts)) or "null"
-    extra = concat { #calls > 0 and ',"tool_calls":[' .. concat(calls, ",") .. "]" or "", thinking_json(parts) or "" }
+-- The message of a choice: its content, and its tool calls and thinking
+-- (as JSON text to follow the content, "" without them). One text part
+-- (the usual answer) needs no list.
+local function message_json(text, parts)
+  if type(parts) ~= "table" then
+    return js(text), ""
   end
-  local logprobs = type(c.logprobs) == "table" and json.encode_safe(c.logprobs) or "null"
-  return concat { '{"index":', i - 1, ',"message":{"role":"assistant","content":', content, ',"refusal":null', extra,
-    '},"logprobs":', logprobs, ',"finish_reason":', jw(c.finish), "}" }
+  local one, texts, calls, thinking
+  for _, p in ipairs(parts) do
+    local t = p.type
+    if t == "text" then
+      if texts then
+        texts[#texts + 1] = p.text
+      elseif one then
+        texts = { one, p.text }
+      else
+        one = p.text
+      end
+    elseif t == "tool_call" then
+      calls = calls or {}
+      calls[#calls + 1] = '{"id":' .. js(p.id) .. ',"type":"function","function":{"name":' .. js(p.name)
+        .. ',"arguments":' .. js(p.arguments) .. "}}"
+    elseif t == "thinking" or t == "redacted_thinking" then
+      thinking = true
+    end
+  end
+  local content = texts and js(concat(texts)) or one and js(one) or "null"
+  if not (calls or thinking) then
+    return content, ""
+  end
+  return content, (calls and ',"tool_calls":[' .. concat(calls, ",") .. "]" or "")
+    .. (thinking and thinking_json(parts) or "")
+end
+
+local function choice_json(i, text, parts, finish, logprobs)
+  local content, extra = message_json(text, parts)
+  return '{"index":' .. (i - 1) .. ',"message":{"role":"assistant","content":' .. content .. ',"refusal":null'
+    .. extra .. '},"logprobs":' .. (type(logprobs) == "table" and json.encode_safe(logprobs) or "null")
+    .. ',"finish_reason":' .. jw(finish) .. "}"
 end
 
 -- encode_response(results, id, model) -> a chat.completion's JSON text:
@@ -1059,13 +1180,21 @@ end
 -- results: StandardAIResponses; id: letters and digits.
 function _M.encode_response(results, id, model)
   local first = results[1]
-  local list = {}
-  for i, c in ipairs(each_choice(results)) do
-    list[i] = choice_json(i, c)
+  local choices
+  local r = results[2] == nil and first
+  if r and not (type(r.choices) == "table" and #r.choices > 1) then -- one answer, one choice: no lists
+    local m = r.metadata or EMPTY
+    choices = choice_json(1, r.response_text or "", r.content, finish_of(m.finish_reason, m), m.logprobs)
+  else
+    local list = {}
+    for i, c in ipairs(each_choice(results)) do
+      list[i] = choice_json(i, c.text, c.content, c.finish, c.logprobs)
+    end
+    choices = concat(list, ",")
   end
-  return concat { '{"id":"chatcmpl-', id, '","object":"chat.completion","created":', os_time(), ',"model":',
-    jw(first and first.metadata and first.metadata.model or model), ',"choices":[', concat(list, ","),
-    '],"usage":', usage_json(results), ',"system_fingerprint":null}' }
+  return '{"id":"chatcmpl-' .. id .. '","object":"chat.completion","created":' .. os_time() .. ',"model":'
+    .. jw(first and first.metadata and first.metadata.model or model) .. ',"choices":[' .. choices
+    .. '],"usage":' .. usage_json(results) .. ',"system_fingerprint":null}'
 end
 
 -- Streams: OpenAI -> canonical events -------------------------------------
@@ -1090,16 +1219,12 @@ local function append(st, kind, text)
   return last
 end
 
-local function emit(out, ev, sse, idx)
-  ev.raw = sse
-  if idx ~= 0 then
-    ev.choice = idx
-  end
-  out[#out + 1] = ev
-end
+-- (An event is made whole: with the upstream event it came from, raw, and
+-- for a choice other than the first, the choice's index, choice.)
 
 -- thinking_blocks in a delta: the text not yet streamed, the signature.
 local function delta_blocks(st, blocks, out, sse, idx)
+  local choice = idx ~= 0 and idx or nil
   for _, b in ipairs(blocks) do
     if type(b) == "table" and b.type == "thinking" then
       local cur = st.last and st.last.type == "thinking" and not st.last.signature and st.last or nil
@@ -1108,18 +1233,19 @@ local function delta_blocks(st, blocks, out, sse, idx)
       if #full > #seen and full:sub(1, #seen) == seen then
         local rest = full:sub(#seen + 1)
         cur = append(st, "thinking", rest)
-        emit(out, { type = "thinking", text = rest }, sse, idx)
+        out[#out + 1] = { type = "thinking", text = rest, raw = sse, choice = choice }
       end
       if type(b.signature) == "string" then
         cur = cur or append(st, "thinking", "")
         cur.signature = b.signature
-        emit(out, { type = "thinking_signature", signature = b.signature }, sse, idx)
+        out[#out + 1] = { type = "thinking_signature", signature = b.signature, raw = sse,
+          choice = choice }
       end
     elseif type(b) == "table" and b.type == "redacted_thinking" and type(b.data) == "string" then
       local p = { type = "redacted_thinking", data = b.data }
       st.parts[#st.parts + 1] = p
       st.last = p
-      emit(out, { type = "redacted_thinking", data = b.data }, sse, idx)
+      out[#out + 1] = { type = "redacted_thinking", data = b.data, raw = sse, choice = choice }
     end
   end
 end
@@ -1134,37 +1260,46 @@ function Decoder:choice_state(idx)
 end
 
 -- One choice of a chunk: its events appended to out.
+-- (Fields that are usually absent or null are compared with both before
+-- their type is asked: no call for them.)
 function Decoder:decode_choice(c, out, sse)
-  local idx = tointeger(c.index) or 0
-  local st = self:choice_state(idx)
-  local f = str(c.finish_reason)
-  if f then
+  local idx = c.index
+  idx = idx == 0 and 0 or tointeger(idx) or 0
+  local choice = idx ~= 0 and idx or nil
+  local st = self.choices[idx] or self:choice_state(idx)
+  local f = c.finish_reason
+  if f ~= nil and f ~= null and type(f) == "string" then
     st.finish = f
     if idx == 0 then
       self.finish_reason = f
     end
   end
-  if type(c.logprobs) == "table" and type(c.logprobs.content) == "table" then
+  local lp = c.logprobs
+  if lp ~= nil and lp ~= null and type(lp) == "table" and type(lp.content) == "table" then
     st.logprobs = st.logprobs or json.array()
-    for _, lp in ipairs(c.logprobs.content) do
-      st.logprobs[#st.logprobs + 1] = lp
+    for _, one in ipairs(lp.content) do
+      st.logprobs[#st.logprobs + 1] = one
     end
   end
   local d = c.delta
   if type(d) ~= "table" then
     return
   end
-  local r = str(d.reasoning_content)
-  if r and r ~= "" then
+  local r = d.reasoning_content
+  if r ~= nil and r ~= null and type(r) == "string" and r ~= "" then
     append(st, "thinking", r)
-    emit(out, { type = "thinking", text = r }, sse, idx)
+    out[#out + 1] = { type = "thinking", text = r, raw = sse, choice = choice }
   end
-  if type(d.thinking_blocks) == "table" then
-    delta_blocks(st, d.thinking_blocks, out, sse, idx)
+  local blocks = d.thinking_blocks
+  if blocks ~= nil and blocks ~= null and type(blocks) == "table" then
+    delta_blocks(st, blocks, out, sse, idx)
   end
-  local text = str(d.content)
-  if not text or text == "" then
-    text = str(d.refusal)
+  local text = d.content
+  if text == nil or text == null or text == "" or type(text) ~= "string" then
+    text = d.refusal
+    if text == nil or text == null or type(text) ~= "string" then
+      text = nil
+    end
   end
   if text and text ~= "" then
     append(st, "text", text)
@@ -1172,10 +1307,11 @@ function Decoder:decode_choice(c, out, sse)
       local parts = self.parts
       parts[#parts + 1] = text
     end
-    emit(out, { type = "text", text = text }, sse, idx)
+    out[#out + 1] = { type = "text", text = text, raw = sse, choice = choice }
   end
-  if type(d.tool_calls) == "table" then
-    for i, tc in ipairs(d.tool_calls) do
+  local calls = d.tool_calls
+  if calls ~= nil and calls ~= null and type(calls) == "table" then
+    for i, tc in ipairs(calls) do
       if type(tc) == "table" then
         local ti = tointeger(tc.index) or i - 1
         local f2 = type(tc["function"]) == "table" and tc["function"] or EMPTY
@@ -1185,12 +1321,13 @@ function Decoder:decode_choice(c, out, sse)
           st.tools[ti] = call
           st.parts[#st.parts + 1] = call
           st.last = call
-          emit(out, { type = "tool_call", index = ti, id = call.id, name = call.name }, sse, idx)
+          out[#out + 1] = { type = "tool_call", index = ti, id = call.id, name = call.name, raw = sse,
+            choice = choice }
         end
         local args = str(f2.arguments)
         if args and args ~= "" then
           call.buf[#call.buf + 1] = args
-          emit(out, { type = "tool_arguments", index = ti, text = args }, sse, idx)
+          out[#out + 1] = { type = "tool_arguments", index = ti, text = args, raw = sse, choice = choice }
         end
       end
     end
@@ -1209,26 +1346,31 @@ function Decoder:event(sse)
   if self.err then
     return nil -- what follows an error is not relayed: the caller ends the stream its own way
   end
-  local doc, err = json.decode_plain(data or "") -- partial arguments are text: nothing here goes back as JSON
+  local doc, err = decode_plain(data or "") -- partial arguments are text: nothing here goes back as JSON
   if type(doc) ~= "table" then
     self.err = { "parse", "malformed stream chunk: " .. (err or "not an object") }
     return nil
   end
-  if present(doc.error) then
-    self.err = { self.classify(doc.error) }
+  local e = doc.error
+  if e ~= nil and e ~= null then
+    self.err = { self.classify(e) }
     return nil
   end
-  self.model = str(doc.model) or self.model
+  local model = doc.model
+  if type(model) == "string" then
+    self.model = model
+  end
   if not self.upstream then
     self.upstream = upstream_of(doc)
   end
-  local u = usage_of(doc.usage)
-  if u then
-    self.usage = u
+  local u = doc.usage
+  if u ~= nil and u ~= null and type(u) == "table" then
+    self.usage = usage_of(u)
   end
   local out = {}
-  if type(doc.choices) == "table" then
-    for _, c in ipairs(doc.choices) do
+  local choices = doc.choices
+  if type(choices) == "table" then
+    for _, c in ipairs(choices) do
       if type(c) == "table" then
         self:decode_choice(c, out, sse)
       end
@@ -1237,7 +1379,7 @@ function Decoder:event(sse)
   if #out == 0 then
     return { type = "meta", raw = sse }
   end
-  return #out == 1 and out[1] or out
+  return out -- (a list even of one: the caller takes lists as they are)
 end
 
 -- The parts of an assembled choice, their pieces joined.
