@@ -836,7 +836,7 @@ local function part_features(p, fn, st, inside)
     fn(st, "cache_control")
   end
   if (t == "text" or t == "tool_call") and not absent(p.signature) then
-    fn("signature")
+    fn(st, "signature")
   end
   if t == "image" then
     if not absent(p.detail) and p.detail ~= "auto" then
