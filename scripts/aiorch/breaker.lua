@@ -148,6 +148,24 @@ function _M.release(name, trial)
   end
 end
 
+-- cooling(name) -> whether a call now would be refused: the breaker is
+-- open, or half open with its trial under way (cheap: the balancers ask
+-- it of every deployment at each decision).
+function _M.cooling(name)
+  local sh = state_mod.is_shared and shared()
+  if sh then
+    return not sh.health(name).healthy
+  end
+  local s = states[name]
+  if not s or s.state == "closed" then
+    return false
+  end
+  if s.state == "open" and now() < s.open_until then
+    return true
+  end
+  return s.trial
+end
+
 -- health(name) -> {healthy, state, failures, cooldown_ms}
 function _M.health(name)
   local sh = state_mod.is_shared and shared()

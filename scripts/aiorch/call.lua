@@ -9,6 +9,7 @@ local policy = require "aiorch.policy"
 local breaker = require "aiorch.breaker"
 local secrets = require "aiorch.secrets"
 local json = require "aiorch.json"
+local deployments = require "aiorch.deployments"
 
 local fmt = string.format
 local type = type
@@ -149,12 +150,17 @@ local function count_wasted(name, usage)
   end
 end
 
--- Ends an attempt whose task was cancelled before it finished.
+-- Ends an attempt whose task was cancelled before it finished (and, for
+-- a deployment, any attempt: it is no longer in flight).
 local cancel_guard = {
   __close = function(g)
+    local dep = g.dep
+    if dep then
+      dep.inflight = dep.inflight - 1
+    end
     if not g.finished then
       metrics.cancelled(g.name)
-      breaker.release(g.name, g.trial)
+      breaker.release(g.bkey or g.name, g.trial)
       count_wasted(g.name, parser_usage(g.parser))
     end
   end,
@@ -207,6 +213,12 @@ local function attempt(adapter, config, request, opts, pol, trial)
   local t0 = now()
   metrics.started(name)
   local guard <close> = setmetatable({ name = name, finished = false, trial = trial }, cancel_guard)
+  -- A deployment (aiorch.deployments): its in-flight count and figures.
+  local dep = config.stats
+  if dep then
+    guard.dep, guard.bkey = dep, config.breaker_key
+    dep.inflight = dep.inflight + 1
+  end
 
   local stream = opts.stream and type(adapter.stream_parser) == "function"
   local ok, wire = pcall(adapter.build_request, config, request, { stream = stream, model = config.model })
@@ -299,6 +311,9 @@ local function attempt(adapter, config, request, opts, pol, trial)
     on_event = on_event,
   }
   guard.finished = true
+  if dep and status then
+    deployments.observe_headers(dep, headers, now())
+  end
 
   if not status then
     local kind, msg = headers, body
@@ -407,8 +422,10 @@ function _M.call(adapter, config, request, opts)
   local t0 = now()
   local attempts = {}
   local r
+  local bkey = config.breaker_key or name -- a deployment's breaker is its own
+  local dep = config.stats
   for n = 1, pol.max_attempts do
-    local allowed, why, asked_ms = breaker.allow(name)
+    local allowed, why, asked_ms = breaker.allow(bkey)
     if not allowed then
       metrics.count(name, "skipped")
       if r then
@@ -427,9 +444,13 @@ function _M.call(adapter, config, request, opts)
     local m = r.metadata
     attempts[n] = response.attempt(r)
     if hurried and m.error_kind == "timeout" then
-      breaker.release(name, trial)
+      breaker.release(bkey, trial)
     else
-      breaker.record(name, pol, r.status == "success", m.error_kind, m.retry_after, trial)
+      breaker.record(bkey, pol, r.status == "success", m.error_kind, m.retry_after, trial)
+    end
+    if dep then
+      deployments.observe(dep, r.latency_ms, r.status ~= "success" and policy.counts_as_failure(m.error_kind))
+      deployments.spent(dep, m.usage)
     end
     if r.status == "success" or emitted or n == pol.max_attempts
       or not policy.retryable(m.error_kind, m.http_status) then

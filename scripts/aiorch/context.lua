@@ -9,11 +9,15 @@ local log = require "aiorch.log"
 local policy = require "aiorch.policy"
 local breaker = require "aiorch.breaker"
 local canonical = require "aiorch.canonical"
+local deployments = require "aiorch.deployments"
 
 local type = type
 local pairs = pairs
 local tostring = tostring
 local setmetatable = setmetatable
+local fmt = string.format
+local ceil = math.ceil
+local now = core.now
 
 local _M = {}
 
@@ -53,6 +57,21 @@ local function resolve(adapters, configs, opts, provider)
   local a, c = adapters[provider], configs[provider]
   if a and c then
     return a, c
+  end
+  -- A deployment, "provider/name" (aiorch.deployments).
+  local parent, dname = tostring(provider):match("^([^/]+)/(.+)$")
+  if parent then
+    local pa, pc = resolve(adapters, configs, opts, parent)
+    if not pa then
+      return nil, pc
+    end
+    for _, d in ipairs(pc.deployments or EMPTY) do
+      if d.deployment == dname then
+        adapters[provider], configs[provider] = pa, d
+        return pa, d
+      end
+    end
+    return nil, fmt("provider '%s' has no deployment '%s'", parent, dname)
   end
   local err
   a, err = loader.load("provider", provider, opts.path)
@@ -102,6 +121,8 @@ local function sink_of(st)
   end
 end
 
+local run_strategy, admit -- below (balance)
+
 local function do_call(st, provider, copts, req)
   local adapters, configs, opts = st.adapters, st.configs, st.opts
   local request = st.request
@@ -111,12 +132,24 @@ local function do_call(st, provider, copts, req)
     metrics.finished(tostring(provider), r)
     return r
   end
+  -- (balance) A provider with deployments: its balancer picks one; a
+  -- deployment past its own rpm/tpm answers rate_limited at once.
+  local dep = c.stats
+  if c.deployments then
+    return run_strategy(st, c.balancer, req, c.deployment_ids, copts)
+  elseif dep and (dep.rpm or dep.tpm or dep.limited_until > 0) then
+    local r = admit(c, dep)
+    if r then
+      return r
+    end
+  end
   if req == request then
     local variants, fits = st.variants, st.fits
-    local v = variants and variants[provider]
+    -- (a deployment: as chosen, or as its provider)
+    local v = variants and (variants[provider] or variants[c.name])
     if v then
       req = v
-    elseif fits and not fits[provider] then
+    elseif fits and not (fits[provider] or fits[c.name]) then
       -- A provider the orchestration did not check (a strategy may call
       -- any): what it cannot take is refused here, by name.
       local bad = canonical.unsupported(request, a)
@@ -141,9 +174,12 @@ local function do_call(st, provider, copts, req)
   end
   local r = call.call(a, c, req, o)
   local dropped = st.dropped
-  local d = dropped and dropped[provider]
+  local d = dropped and dropped[c.name]
   if d then
     r.metadata.dropped = d
+  end
+  if c.deployment then
+    r.metadata.deployment = c.deployment
   end
   return r
 end
@@ -164,7 +200,7 @@ end
 -- cancel the other racers before anything is written).
 function BOUND.on_commit(st)
   return function(fn)
-    st.on_commit = fn
+    (st.root or st).on_commit = fn
   end
 end
 
@@ -180,7 +216,7 @@ end
 -- call(provider[, opts]) -> StandardAIResponse. opts: policy (overrides), timeout_ms.
 function BOUND.call(st)
   return function(provider, copts)
-    return do_call(st, provider, copts, st.request)
+    return do_call(st, provider, copts or st.copts, st.request)
   end
 end
 
@@ -189,7 +225,7 @@ end
 -- copts as for call (a gateway passes its own token sink there).
 function BOUND.continue_with(st)
   return function(provider, partial, from, copts)
-    st.owner = provider
+    (st.root or st).owner = provider
     local req = {}
     for k, v in pairs(st.request) do
       req[k] = v
@@ -212,6 +248,147 @@ function BOUND.log(st)
       return -- filtered out: no need to build the text
     end
     log.log(level, "[" .. tostring(strategy or "strategy") .. "] " .. tostring(msg), ...)
+  end
+end
+
+------------------------------------------------------------------------------
+-- (balance) Deployments, balancers and strategies run from a strategy.
+
+-- The answer of a deployment past its own rpm/tpm, or nil when it may go.
+admit = function(c, dep)
+  local ok, wait, why = deployments.admit(dep)
+  if ok then
+    return nil
+  end
+  local r = response.error(c.name, "rate_limited", why, 0, { model = c.model, retry_after = ceil(wait / 1000) })
+  r.metadata.attempts = { response.attempt(r) }
+  r.metadata.deployment = c.deployment
+  metrics.count(c.name, "skipped")
+  return r
+end
+
+-- Whether a deployment's figures let a balancer choose it now.
+local function usable(d, t, exclude)
+  return d.limited_until <= t and not (exclude and exclude[d.id]) and not breaker.cooling(d.id)
+end
+
+-- The records (aiorch.deployments) of the providers' deployments that may
+-- take a call now: not cooling down, not past their own rpm/tpm, not in
+-- exclude (a set of ids), with a key. A provider without deployments is
+-- one, whose id is its name; a deployment's id may be given too.
+local function usable_deployments(st, providers, exclude)
+  local adapters, configs, opts = st.adapters, st.configs, st.opts
+  if type(providers) ~= "table" then
+    providers = { providers }
+  end
+  local out, n, t = {}, 0, now()
+  for i = 1, #providers do
+    local p = providers[i]
+    local a, c = resolve(adapters, configs, opts, p)
+    if a and c.available then
+      local list = c.deployments
+      if list then
+        for j = 1, #list do
+          local dc = list[j]
+          local d = dc.stats
+          if dc.available and usable(d, t, exclude) then
+            n = n + 1
+            out[n] = d
+          end
+        end
+      else
+        local d = c.stats
+        if not d then
+          -- From now on call.lua keeps this provider's figures.
+          d = deployments.record(p, { provider = c.name, name = c.deployment })
+          c.stats = d
+        end
+        if usable(d, t, exclude) then
+          n = n + 1
+          out[n] = d
+        end
+      end
+    end
+  end
+  return out
+end
+
+local new_ctx -- below
+
+-- Runs strategy `name` over providers with a context of its own: the
+-- request given (the checks of the original's variants are redone for
+-- another one) and copts for every call it makes. Raises when the
+-- strategy does not load (a programmer's error).
+run_strategy = function(st, name, request, providers, copts)
+  local strategy, err = loader.load("strategy", name, st.opts.path)
+  if not strategy then
+    error(err, 0)
+  end
+  -- The stream's owner and on_commit stay the root's (its sink reads them).
+  local child = setmetatable({ request = request, copts = copts, strategy = name, root = st.root or st },
+    { __index = st })
+  if request ~= st.request then
+    child.variants, child.fits = false, EMPTY
+  end
+  return strategy(request, providers, new_ctx(child))
+end
+
+-- deployments(providers[, exclude]) -> the records of those that may take a call.
+function BOUND.deployments(st)
+  return function(providers, exclude)
+    return usable_deployments(st, providers, exclude)
+  end
+end
+
+-- strategy(name, request, providers) -> what strategy `name` returns.
+function BOUND.strategy(st)
+  return function(name, request, providers)
+    return run_strategy(st, name, request or st.request, providers)
+  end
+end
+
+-- balance(providers, pick) -> a StandardAIResponse. pick(records) returns
+-- one of the records (aiorch.deployments) given: it is called, and on a
+-- failure pick chooses again among those not yet tried, until one
+-- succeeds, a stream was committed, or none is left.
+function BOUND.balance(st)
+  return function(providers, pick)
+    local t0 = now()
+    local tried, attempts, failures
+    while true do
+      local list = usable_deployments(st, providers, tried)
+      local d = #list > 0 and pick(list)
+      if not d then
+        break
+      end
+      if tried then
+        metrics.count(d.provider, "fallback_activations")
+      end
+      local r = do_call(st, d.id, st.copts, st.request)
+      if attempts then
+        response.add_attempts(attempts, r)
+        r.metadata.attempts = attempts
+      end
+      if r.status == "success" or (st.owner ~= nil and st.owner == r.ia_provider_name) then
+        return r
+      end
+      if not attempts then
+        attempts = response.add_attempts({}, r)
+      end
+      failures = failures or {}
+      failures[#failures + 1] = r
+      tried = tried or {}
+      tried[d.id] = true
+    end
+    if not failures then
+      local p = type(providers) == "table" and providers[1] or providers
+      return response.error(tostring(p), "cooldown",
+        fmt("no deployment of %s may take a call now (cooling down or at its rate limit)", tostring(p)), 0, {})
+    end
+    local e = response.all_failed(failures)
+    e.metadata.attempts = attempts
+    e.latency_ms = math.floor(now() - t0 + 0.5)
+    return e
   end
 end
 
@@ -244,6 +421,12 @@ function _M.new(state)
   -- (The functions a strategy reads are named too: the table is sized once.)
   return setmetatable({ request = state.request, stream = opts.stream and true or false, [STATE] = state,
     call = nil, log = nil, owner = nil }, ctx_mt)
+end
+
+-- (balance) The context of a strategy run by another (run_strategy).
+new_ctx = function(state)
+  return setmetatable({ request = state.request, stream = state.opts.stream and true or false, [STATE] = state },
+    ctx_mt)
 end
 
 return _M
