@@ -32,7 +32,8 @@ commands:
 
 ask options:
   --strategy S        single | parallel | fallback (default) | fastest | hedged | a user strategy,
-                      or a balancer over deployments: weighted | least_busy
+                      or a balancer over deployments: weighted | least_busy | least_latency |
+                      headroom | sticky
   --providers a,b     providers in priority order (default: every available one)
   --context TEXT      context for the question
   --system TEXT       system prompt (default: built from the context)

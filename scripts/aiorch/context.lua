@@ -32,6 +32,9 @@ local base = {
   latency = metrics.latency,
   all_failed = response.all_failed,
   add_attempts = response.add_attempts,
+  -- (balance) a deployment's figures, as of now (aiorch.deployments)
+  latency_now = deployments.latency_now,
+  headroom = deployments.headroom,
 }
 
 function base.await(task, ms)
@@ -331,6 +334,14 @@ run_strategy = function(st, name, request, providers, copts)
     child.variants, child.fits = false, EMPTY
   end
   return strategy(request, providers, new_ctx(child))
+end
+
+-- sticky_key() -> the request's sticky key (orchestrate's opts.sticky_key:
+-- the gateway's X-Aiorch-Sticky-Key header), or nil.
+function BOUND.sticky_key(st)
+  return function()
+    return st.opts.sticky_key
+  end
 end
 
 -- deployments(providers[, exclude]) -> the records of those that may take a call.

@@ -72,7 +72,8 @@ local function show(title, c, total)
   print(fmt("  %s: %s of %d", title, table.concat(parts, ", "), total))
 end
 
--- Runs n requests, `width` at a time; returns the responses.
+-- Runs n requests, `width` at a time, until fn returns false; returns
+-- the responses.
 local function load(n, width, fn)
   local out, next_i = {}, 1
   local tasks = {}
@@ -82,6 +83,9 @@ local function load(n, width, fn)
         local i = next_i
         next_i = next_i + 1
         out[i] = fn(i)
+        if out[i] == false then
+          break
+        end
       end
     end)
   end
@@ -243,5 +247,215 @@ describe("least_busy", function()
     assert.equal(200, ok) -- the stuck calls timed out and went on to another deployment
     assert.is_true(c[1] <= 4, "the stuck deployment got " .. c[1])
     assert.is_true(c[2] >= 90 and c[3] >= 90)
+  end)
+end)
+
+describe("least_latency", function()
+  it("moves >= 90% of the traffic away from a deployment that becomes 10x slower, within 2 s", function()
+    local env = env_of { { name = "a" }, { name = "b" }, { name = "c" }, { name = "d" } }
+    for _, m in ipairs(mocks) do
+      m:configure { latency_ms = 50 }
+    end
+    local sent = {} -- {at, deployment}
+    local switch_at, stop_at
+    local function run_until(t_end)
+      load(1e9, 4, function()
+        if aiorch.now() >= t_end then
+          return false
+        end
+        local t = aiorch.now()
+        local r = ask("least_latency", env)
+        if r.status == "success" then
+          sent[#sent + 1] = { t, r.metadata.deployment }
+        end
+      end)
+    end
+    local function share(from, to)
+      local n, d = 0, 0
+      for _, e in ipairs(sent) do
+        if e[1] >= from and e[1] < to then
+          n = n + 1
+          d = d + (e[2] == "d" and 1 or 0)
+        end
+      end
+      return d, n
+    end
+    local t0 = aiorch.now()
+    switch_at = t0 + support.stretch(1000)
+    run_until(switch_at)
+    mocks[4]:configure { latency_ms = 500 }
+    switch_at = aiorch.now()
+    stop_at = switch_at + 2000
+    run_until(stop_at)
+    for _, n in ipairs(NAMES) do
+      local rec = deployments.get("openai/" .. n)
+      print(fmt("  %s: ewma %.0f ms, error rate %.2f, %d calls", n, rec.ewma_ms, rec.error_rate, rec.calls))
+    end
+    local before_d, before_n = share(t0, switch_at)
+    local after_d, after_n = share(switch_at, stop_at)
+    local before, after = before_d / before_n, after_d / after_n
+    print(fmt("  least_latency: d had %d of %d (%.1f%%) at 50 ms; at 500 ms, %d of %d (%.1f%%) in the next 2 s",
+      before_d, before_n, 100 * before, after_d, after_n, 100 * after))
+    for k = 0, 3 do
+      local dd, nn = share(switch_at + k * 500, switch_at + (k + 1) * 500)
+      print(fmt("    %4d..%4d ms after: d %d of %d", k * 500, (k + 1) * 500, dd, nn))
+    end
+    assert.is_true(before > 0.15, "d's share before: " .. before)
+    assert.is_true(after <= 0.1 * before, fmt("d kept %.1f%% of its share", 100 * after / before))
+  end)
+end)
+
+describe("headroom", function()
+  local function run(api, n)
+    local list, env = {}, {}
+    for i, s in ipairs { { "a", 100 }, { "b", 300 } } do
+      mocks[i]:rate_limit { requests = s[2], tokens = 1000000 }
+      list[i] = { name = s[1], base_url = mocks[i]:base_url(api), api_key_env = "KEY_" .. s[1]:upper() }
+      env["KEY_" .. s[1]:upper()] = key_of(s[1])
+    end
+    env[api:upper() .. "_DEPLOYMENTS"] = list
+    local limited = 0
+    for _ = 1, n do
+      local r = ask("headroom", env, { providers = api })
+      assert.equal("success", r.status)
+    end
+    for i = 1, 2 do
+      for _, q in ipairs(mocks[i].requests) do
+        limited = limited + (q.rate_limited and 1 or 0)
+      end
+    end
+    return limited
+  end
+
+  it("follows the mock's rate-limit headers (OpenAI's x-ratelimit-*)", function()
+    local limited = run("openai", 300)
+    local c, total = counts()
+    show("headroom, a 100 rpm, b 300 rpm (OpenAI headers)", c, total)
+    assert.equal(0, limited) -- no 429: a is left alone once its quota is lower than b's
+    assert.is_true(c[1] >= 45 and c[1] <= 55, "a got " .. c[1]) -- both end with ~50 left
+    local d = deployments.get("openai/b")
+    assert.equal(300, d.requests_limit)
+    assert.is_true(d.requests_remaining >= 45 and d.requests_remaining <= 55)
+    assert.is_true(d.requests_reset_at > aiorch.now())
+  end)
+
+  it("follows the mock's rate-limit headers (Anthropic's anthropic-ratelimit-*)", function()
+    local limited = run("anthropic", 300)
+    local c, total = counts()
+    show("headroom, a 100 rpm, b 300 rpm (Anthropic headers)", c, total)
+    assert.equal(0, limited)
+    assert.is_true(c[1] >= 45 and c[1] <= 55, "a got " .. c[1])
+    local d = deployments.get("anthropic/a")
+    assert.equal(100, d.requests_limit)
+    assert.equal(1000000, d.tokens_limit)
+    assert.is_true(d.tokens_remaining < 1000000)
+  end)
+
+  it("weighted, for contrast, runs a into its limit", function()
+    for i, s in ipairs { { "a", 100 }, { "b", 300 } } do
+      mocks[i]:rate_limit { requests = s[2] }
+    end
+    local env = env_of({ { name = "a" }, { name = "b" } }, { OPENAI_POLICY = "breaker_failures=0" })
+    for _ = 1, 300 do
+      ask("weighted", env)
+    end
+    local limited = 0
+    for _, q in ipairs(mocks[1].requests) do
+      limited = limited + (q.rate_limited and 1 or 0)
+    end
+    print(fmt("  weighted over the same: a answered 429 to %d requests", limited))
+    assert.is_true(limited > 0)
+  end)
+end)
+
+describe("sticky", function()
+  local function conversation(k, turns)
+    local msgs = { { role = "system", content = "You are helper number " .. k % 7 .. "." },
+      { role = "user", content = fmt("Conversation %d: tell me about topic %d.", k, k * 7919 % 1000) } }
+    for t = 2, turns do
+      msgs[#msgs + 1] = { role = "assistant", content = "Answer " .. t }
+      msgs[#msgs + 1] = { role = "user", content = "And then, turn " .. t .. "?" }
+    end
+    return { messages = msgs }
+  end
+
+  local function where(env, convs, turns)
+    local home, moved_turns, total = {}, 0, 0
+    for k = 1, convs do
+      local count = {}
+      for t = 1, turns do
+        local r = ask("sticky", env, nil, conversation(k, t))
+        assert.equal("success", r.status)
+        local d = r.metadata.deployment
+        count[d] = (count[d] or 0) + 1
+        total = total + 1
+      end
+      local best, bn = nil, 0
+      for d, n in pairs(count) do
+        if n > bn then
+          best, bn = d, n
+        end
+      end
+      home[k] = best
+      moved_turns = moved_turns + (turns - bn)
+    end
+    return home, 1 - moved_turns / total
+  end
+
+  it("keeps >= 99% of a conversation on one deployment; when one of 4 leaves, only its share moves", function()
+    local four = { { name = "a" }, { name = "b" }, { name = "c" }, { name = "d" } }
+    local home, kept = where(env_of(four), 100, 10)
+    local per = {}
+    for _, d in pairs(home) do
+      per[d] = (per[d] or 0) + 1
+    end
+    print(fmt("  sticky: 100 conversations of 10 turns, %.2f%% of turns at home; a %d, b %d, c %d, d %d",
+      100 * kept, per.a or 0, per.b or 0, per.c or 0, per.d or 0))
+    assert.is_true(kept >= 0.99)
+    for _, n in ipairs(NAMES) do
+      assert.is_true((per[n] or 0) >= 10, "deployment " .. n .. " has " .. tostring(per[n]) .. " conversations")
+    end
+
+    -- b leaves the configuration
+    local three = { { name = "a" }, { name = "c", mock = 3 }, { name = "d", mock = 4 } }
+    local home3 = where(env_of(three), 100, 1)
+    local moved, moved_b = 0, 0
+    for k = 1, 100 do
+      if home3[k] ~= home[k] then
+        moved = moved + 1
+        assert.equal("b", home[k], "conversation " .. k .. " moved from " .. home[k])
+        moved_b = moved_b + 1
+      end
+    end
+    print(fmt("  sticky: b removed: %d conversations moved, all %d of them b's (b had %d)", moved, moved_b,
+      per.b or 0))
+    assert.equal(per.b, moved)
+
+    -- b cools down instead (its breaker opens at its first failure): the same
+    deployments.reset()
+    local env = env_of(four, { OPENAI_POLICY = "breaker_failures=1,cooldown_ms=60000" })
+    mocks[2]:configure { fault = "500" }
+    local home_cool = where(env, 100, 1)
+    for k = 1, 100 do
+      if home[k] ~= "b" then
+        assert.equal(home[k], home_cool[k])
+      else
+        assert.equal(home3[k], home_cool[k]) -- its second choice, as when b was removed
+      end
+    end
+  end)
+
+  it("a sticky key (X-Aiorch-Sticky-Key, or the request's user) decides alone", function()
+    local env = env_of { { name = "a" }, { name = "b" }, { name = "c" }, { name = "d" } }
+    local seen = {}
+    for k = 1, 20 do
+      local r = ask("sticky", env, { sticky_key = "session-42" }, conversation(k, 1))
+      seen[r.metadata.deployment] = true
+    end
+    local n = 0
+    for _ in pairs(seen) do
+      n = n + 1
+    end
+    assert.equal(1, n)
   end)
 end)

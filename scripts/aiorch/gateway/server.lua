@@ -341,7 +341,8 @@ end
 
 local function run_plain(x, request, rt)
   local r, kind, err, field = orchestrate.orchestrate(request, rt.strategy, rt.providers,
-    { env = rt.env, path = x.state.path, timeout_ms = x.state.timeout_ms, allow_drop = allow_drop(x) })
+    { env = rt.env, path = x.state.path, timeout_ms = x.state.timeout_ms, allow_drop = allow_drop(x),
+      sticky_key = x.req.headers["x-aiorch-sticky-key"] }) -- (balance) for the sticky balancer
   if not r then
     x:refuse(kind, err, field)
     return nil
@@ -414,6 +415,7 @@ local function serve_streamed(x, api, request, info, rt)
   local r, kind, err, field = orchestrate.orchestrate(request, rt.strategy, rt.providers, {
     env = rt.env, path = x.state.path, timeout_ms = x.state.timeout_ms, allow_drop = allow_drop(x),
     stream = true, on_event = function(ev, provider, i) return s:event(ev, provider, i) end,
+    sticky_key = x.req.headers["x-aiorch-sticky-key"], -- (balance) for the sticky balancer
   })
   if not r then
     return x:refuse(kind, err, field)
