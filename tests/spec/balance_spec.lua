@@ -459,3 +459,83 @@ describe("sticky", function()
     assert.equal(1, n)
   end)
 end)
+
+describe("through aiorch serve", function()
+  local gw
+
+  after_each(function()
+    if gw then
+      gw.stop()
+      gw = nil
+    end
+  end)
+
+  local function start(config_body)
+    gw = support.serve(config_body, { KEY_A = key_of("a"), KEY_B = key_of("b"), KEY_C = key_of("c"),
+      OPENAI_API_KEY = false, ANTHROPIC_API_KEY = false })
+    return gw
+  end
+
+  local function chat(headers, content)
+    local status, _, body = support.post(gw.base .. "/v1/chat/completions", { model = "gpt-4o-mini",
+      messages = { { role = "user", content = content or QUESTION } } }, headers)
+    assert.equal(200, status, body)
+  end
+
+  it("a gateway configuration selects a balancer: weights 3:1 over two mock deployments", function()
+    start(fmt([[return {
+  providers = { openai = { balancer = "weighted", deployments = {
+    { name = "a", base_url = %q, api_key_env = "KEY_A", weight = 3 },
+    { name = "b", base_url = %q, api_key_env = "KEY_B", weight = 1 },
+  } } },
+}
+]], mocks[1]:base_url("openai"), mocks[2]:base_url("openai")))
+    for _, m in ipairs(mocks) do
+      m:reset() -- the start-up's checks
+    end
+    for _ = 1, 400 do
+      chat()
+    end
+    local c, total = counts()
+    show("aiorch serve, weighted 3:1", c, total)
+    assert.equal(300, c[1])
+    assert.equal(100, c[2])
+    assert.equal("Bearer " .. key_of("a"), mocks[1].requests[1].headers.authorization)
+    assert.equal("Bearer " .. key_of("b"), mocks[2].requests[1].headers.authorization)
+    local text = support.slurp(gw.err)
+    assert.falsy(text:find(key_of("a"), 1, true), "a key in the log")
+  end)
+
+  it("default_strategy sticky: X-Aiorch-Sticky-Key keeps a session on one deployment", function()
+    start(fmt([[return {
+  default_strategy = "sticky",
+  providers = { openai = { deployments = {
+    { name = "a", base_url = %q, api_key_env = "KEY_A" },
+    { name = "b", base_url = %q, api_key_env = "KEY_B" },
+    { name = "c", base_url = %q, api_key_env = "KEY_C" },
+  } } },
+}
+]], mocks[1]:base_url("openai"), mocks[2]:base_url("openai"), mocks[3]:base_url("openai")))
+    local homes = {}
+    for s = 1, 30 do
+      for _, m in ipairs(mocks) do
+        m:reset()
+      end
+      for turn = 1, 5 do
+        chat({ ["x-aiorch-sticky-key"] = "session-" .. s }, "turn " .. turn)
+      end
+      local c = counts()
+      local home
+      for i = 1, 3 do
+        if c[i] == 5 then
+          home = i
+        end
+      end
+      assert.truthy(home, "session " .. s .. " was split")
+      homes[home] = (homes[home] or 0) + 1
+    end
+    print(fmt("  aiorch serve, sticky: 30 sessions of 5 turns, each whole on one deployment: a %d, b %d, c %d",
+      homes[1] or 0, homes[2] or 0, homes[3] or 0))
+    assert.is_true((homes[1] or 0) > 0 and (homes[2] or 0) > 0 and (homes[3] or 0) > 0)
+  end)
+end)
