@@ -10,25 +10,36 @@ local huge = math.huge
 
 return function(_, providers, ctx)
   local t = ctx.now()
-  local headroom = ctx.headroom
   return ctx.balance(providers, function(list)
     local best, best_room, best_picks
     for i = 1, #list do
       local d = list[i]
-      local req, tok = headroom(d, t)
+      -- (ctx.headroom(d, t), inline: this runs for every deployment)
       local room = huge
+      local req = d.requests_remaining
       if req then
+        local reset = d.requests_reset_at
+        if reset and t >= reset then
+          req = d.requests_limit or huge
+        end
         room = req - d.inflight
       end
+      local tok = d.tokens_remaining
       if tok then
+        local reset = d.tokens_reset_at
+        if reset and t >= reset then
+          tok = d.tokens_limit or huge
+        end
         local by_tokens = tok / (d.tokens_per_call or DEFAULT_TOKENS_PER_CALL) - d.inflight
         if by_tokens < room then
           room = by_tokens
         end
       end
-      local picks = d.picks / d.weight
-      if not best or room > best_room or (room == best_room and picks < best_picks) then
-        best, best_room, best_picks = d, room, picks
+      if not best or room >= best_room then
+        local picks = d.picks / d.weight
+        if not best or room > best_room or picks < best_picks then
+          best, best_room, best_picks = d, room, picks
+        end
       end
     end
     best.picks = best.picks + 1

@@ -78,24 +78,59 @@ local function key_hash(request, ctx)
   return h
 end
 
-return function(request, providers, ctx)
-  local h = key_hash(request, ctx)
-  return ctx.balance(providers, function(list)
-    local best, best_score = nil, -math.huge
-    for i = 1, #list do
-      local d = list[i]
-      local dh = d.hash
-      if not dh then
-        dh = hash(d.id)
-        d.hash = dh
+-- Highest random weight: each deployment draws u in (0, 1) from the pair
+-- (key, deployment); with equal weights the largest draw wins, else the
+-- largest -weight / ln(u) (weighted rendezvous hashing). h: the key's hash.
+local function pick(list, h)
+  local best, best_x, best_score = nil, nil, -math.huge
+  local w0, same = list[1].weight, true
+  for i = 1, #list do
+    local d = list[i]
+    local x = d.hash
+    if not x then
+      x = hash(d.id)
+      d.hash = x
+    end
+    -- mix(h ~ x), inline
+    x = h ~ x
+    x = (x ~ (x >> 30)) * -4658895280553007687
+    x = (x ~ (x >> 27)) * -7723592293110705685
+    x = (x ~ (x >> 31)) >> 11 -- 53 bits
+    local w = d.weight
+    if same and w == w0 then
+      if not best_x or x > best_x then
+        best, best_x = d, x
       end
-      -- a uniform draw in (0, 1) from the pair; weighted: -w / ln(u)
-      local u = ((mix(h ~ dh) >> 11) + 0.5) / 9007199254740992
-      local score = -d.weight / log(u)
+    else
+      if same then -- weights differ: score what came before
+        same = false
+        best = nil
+        for j = 1, i - 1 do
+          local e = list[j]
+          local y = h ~ e.hash
+          y = (y ~ (y >> 30)) * -4658895280553007687
+          y = (y ~ (y >> 27)) * -7723592293110705685
+          y = (y ~ (y >> 31)) >> 11
+          local score = -e.weight / log((y + 0.5) / 9007199254740992)
+          if score > best_score then
+            best, best_score = e, score
+          end
+        end
+      end
+      local score = -w / log((x + 0.5) / 9007199254740992)
       if score > best_score then
         best, best_score = d, score
       end
     end
-    return best
+  end
+  return best
+end
+
+return function(request, providers, ctx)
+  local h = key_hash(request, ctx)
+  -- (a pick may run again after a failed call: by then another request
+  -- may be placed, so h stays this one's)
+  return ctx.balance(providers, function(list)
+    return pick(list, h)
   end)
 end

@@ -25,11 +25,14 @@ local function shared()
   return nil
 end
 
+local nstates = 0 -- entries of states (one is made at a provider's first failure)
+
 local function state(name)
   local s = states[name]
   if not s then
     s = { state = "closed", failures = {}, first = 1, count = 0, open_until = 0, trial = false, why = nil }
     states[name] = s
+    nstates = nstates + 1
   end
   return s
 end
@@ -151,7 +154,21 @@ end
 -- cooling(name) -> whether a call now would be refused: the breaker is
 -- open, or half open with its trial under way (cheap: the balancers ask
 -- it of every deployment at each decision).
+local cooling
 function _M.cooling(name)
+  return cooling(name)
+end
+
+-- The cooling function, or nil when no breaker can be cooling (none of
+-- this process's has seen a failure): a balancer asks once per decision.
+function _M.cooling_check()
+  if nstates == 0 and not state_mod.is_shared then
+    return nil
+  end
+  return cooling
+end
+
+cooling = function(name)
   local sh = state_mod.is_shared and shared()
   if sh then
     return not sh.health(name).healthy
@@ -188,7 +205,7 @@ function _M.health(name)
 end
 
 function _M.reset()
-  states = {}
+  states, nstates = {}, 0
   local sh = shared()
   if sh then
     sh.reset()

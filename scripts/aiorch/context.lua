@@ -270,48 +270,48 @@ admit = function(c, dep)
   return r
 end
 
--- Whether a deployment's figures let a balancer choose it now.
-local function usable(d, t, exclude)
-  return d.limited_until <= t and not (exclude and exclude[d.id]) and not breaker.cooling(d.id)
-end
-
 -- The records (aiorch.deployments) of the providers' deployments that may
 -- take a call now: not cooling down, not past their own rpm/tpm, not in
 -- exclude (a set of ids), with a key. A provider without deployments is
 -- one, whose id is its name; a deployment's id may be given too.
-local function usable_deployments(st, providers, exclude)
+-- (The hot path of every balancer: cheap checks first, no call per
+-- deployment unless a breaker has seen a failure.)
+local function usable_deployments(st, providers, exclude, out)
   local adapters, configs, opts = st.adapters, st.configs, st.opts
   if type(providers) ~= "table" then
     providers = { providers }
   end
-  local out, n, t = {}, 0, now()
+  local n, t = 0, now()
+  local cooling = breaker.cooling_check()
   for i = 1, #providers do
     local p = providers[i]
     local a, c = resolve(adapters, configs, opts, p)
     if a and c.available then
-      local list = c.deployments
-      if list then
-        for j = 1, #list do
-          local dc = list[j]
-          local d = dc.stats
-          if dc.available and usable(d, t, exclude) then
-            n = n + 1
-            out[n] = d
+      local list = c.deployment_stats
+      if not list then
+        if c.deployments then
+          list = {}
+          for j, dc in ipairs(c.deployments) do
+            list[j] = dc.available and dc.stats or false
           end
+        else
+          -- One deployment; from now on call.lua keeps this provider's figures.
+          c.stats = c.stats or deployments.record(p, { provider = c.name })
+          list = { c.stats }
         end
-      else
-        local d = c.stats
-        if not d then
-          -- From now on call.lua keeps this provider's figures.
-          d = deployments.record(p, { provider = c.name, name = c.deployment })
-          c.stats = d
-        end
-        if usable(d, t, exclude) then
+        c.deployment_stats = list
+      end
+      for j = 1, #list do
+        local d = list[j]
+        if d and d.limited_until <= t and not (exclude and exclude[d.id]) and not (cooling and cooling(d.id)) then
           n = n + 1
           out[n] = d
         end
       end
     end
+  end
+  for j = #out, n + 1, -1 do
+    out[j] = nil
   end
   return out
 end
@@ -344,10 +344,11 @@ function BOUND.sticky_key(st)
   end
 end
 
--- deployments(providers[, exclude]) -> the records of those that may take a call.
+-- deployments(providers[, exclude[, into]]) -> the records of those that
+-- may take a call (in `into`, emptied first, when given).
 function BOUND.deployments(st)
-  return function(providers, exclude)
-    return usable_deployments(st, providers, exclude)
+  return function(providers, exclude, into)
+    return usable_deployments(st, providers, exclude, into or {})
   end
 end
 
@@ -366,8 +367,13 @@ function BOUND.balance(st)
   return function(providers, pick)
     local t0 = now()
     local tried, attempts, failures
+    local list = rawget(st, "scratch") -- reused: a pick does not keep it (a nested run has its own)
+    if not list then
+      list = {}
+      st.scratch = list
+    end
     while true do
-      local list = usable_deployments(st, providers, tried)
+      usable_deployments(st, providers, tried, list)
       local d = #list > 0 and pick(list)
       if not d then
         break
