@@ -539,3 +539,91 @@ describe("through aiorch serve", function()
     assert.is_true((homes[1] or 0) > 0 and (homes[2] or 0) > 0 and (homes[3] or 0) > 0)
   end)
 end)
+
+describe("parallel variants", function()
+  -- a, b and c say "Paris" (c after 3 s), d says "Lyon" after 100 ms
+  local function env4()
+    return env_of { { name = "a", directives = { text = "Paris", latency_ms = 30 } },
+      { name = "b", directives = { text = "paris ", latency_ms = 60 } },
+      { name = "c", directives = { text = "Paris", latency_ms = 3000 } },
+      { name = "d", directives = { text = "Lyon", latency_ms = 100 } } }
+  end
+  local IDS = { "openai/a", "openai/b", "openai/c", "openai/d" }
+
+  local function aborted(i)
+    local q = mocks[i].requests[1]
+    return q and q.aborted_at ~= nil
+  end
+
+  it("quorum: the answer 2 of 4 give, the rest cancelled at once", function()
+    local t0 = aiorch.now()
+    local r = ask("quorum", env4(), { providers = IDS, policy = { parallel_k = 2 } })
+    local ms = aiorch.now() - t0
+    print(fmt("  quorum k=2: %q from %s in %.0f ms", r.response_text, table.concat(r.metadata.quorum.agreeing, ", "),
+      ms))
+    assert.equal("success", r.status)
+    assert.same({ "openai/a", "openai/b" }, r.metadata.quorum.agreeing)
+    assert.is_true(ms < support.stretch(1000))
+    aiorch.sleep(50)
+    assert.is_true(aborted(3)) -- the slow one's transfer was aborted
+  end)
+
+  it("quorum: stops as soon as no answer can reach k", function()
+    local env = env_of { { name = "a", directives = { text = "Paris", latency_ms = 30 } },
+      { name = "b", directives = { text = "Lyon", latency_ms = 30 } },
+      { name = "c", directives = { text = "Rome", latency_ms = 3000 } } }
+    local t0 = aiorch.now()
+    local r = ask("quorum", env, { providers = { "openai/a", "openai/b", "openai/c" }, policy = { parallel_k = 3 } })
+    assert.equal("error", r.status)
+    assert.equal("no_quorum", r.metadata.error_kind)
+    assert.matches("no 3 of 3 answers agreed", r.error_message)
+    assert.is_true(aiorch.now() - t0 < support.stretch(1000))
+  end)
+
+  it("first_k: the first 2 successes, the rest cancelled", function()
+    local t0 = aiorch.now()
+    local rs = ask("first_k", env4(), { providers = IDS, policy = { parallel_k = 2 } })
+    local ms = aiorch.now() - t0
+    assert.equal(2, #rs)
+    assert.equal("a", rs[1].metadata.deployment)
+    assert.equal("b", rs[2].metadata.deployment)
+    print(fmt("  first_k k=2: %s, %s in %.0f ms", rs[1].metadata.deployment, rs[2].metadata.deployment, ms))
+    assert.is_true(ms < support.stretch(1000))
+    aiorch.sleep(50)
+    assert.is_true(aborted(3) and aborted(4))
+  end)
+
+  it("arrived_by: what has arrived by 500 ms, the rest cancelled", function()
+    local t0 = aiorch.now()
+    local rs = ask("arrived_by", env4(), { providers = IDS, policy = { arrived_by_ms = 500 } })
+    local ms = aiorch.now() - t0
+    local got = {}
+    for i, r in ipairs(rs) do
+      assert.equal("success", r.status)
+      got[i] = r.metadata.deployment
+    end
+    print(fmt("  arrived_by 500 ms: %s in %.0f ms (cancelled: %s)", table.concat(got, ", "), ms,
+      table.concat(rs[1].metadata.cancelled, ", ")))
+    assert.same({ "a", "b", "d" }, got)
+    assert.same({ "openai/c" }, rs[1].metadata.cancelled)
+    assert.is_true(ms >= 490 and ms < support.stretch(1500))
+    aiorch.sleep(50)
+    assert.is_true(aborted(3))
+  end)
+
+  it("compose over balanced groups: quorum over two providers, each balancing its deployments", function()
+    local env = env_of { { name = "a" }, { name = "b" } }
+    env.ANTHROPIC_DEPLOYMENTS = { { name = "c", base_url = mocks[3]:base_url("anthropic", { text = "Paris" }),
+      api_key_env = "KEY_C" }, { name = "d", base_url = mocks[4]:base_url("anthropic", { text = "Paris" }),
+      api_key_env = "KEY_D" } }
+    env.KEY_C, env.KEY_D = key_of("c"), key_of("d")
+    mocks[1]:configure { text = "Paris" }
+    mocks[2]:configure { text = "Paris" }
+    for _ = 1, 4 do
+      local r = ask("quorum", env, { providers = { "openai", "anthropic" } })
+      assert.equal("success", r.status)
+      assert.equal(2, #r.metadata.quorum.agreeing)
+    end
+    assert.same({ 2, 2, 2, 2 }, (counts()))
+  end)
+end)
