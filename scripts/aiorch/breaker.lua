@@ -14,6 +14,7 @@ local now = core.now
 local _M = {}
 
 local states = {}
+local shared_seen = {} -- shared breakers as a balancer last read them: name -> {read again after (ms), cooling}
 
 -- aiorch.state.breaker while the state is shared, else nil.
 local shared_breaker
@@ -90,6 +91,7 @@ end
 function _M.record(name, pol, ok, kind, retry_after, trial)
   local sh = state_mod.is_shared and shared()
   if sh then
+    shared_seen[name] = nil -- (a balancer reads it afresh)
     return sh.record(name, pol, ok, kind, retry_after, trial)
   end
   local s = states[name]
@@ -159,10 +161,34 @@ function _M.cooling(name)
   return cooling(name)
 end
 
+-- A shared breaker is read again after this (a balancer asks of every
+-- deployment at each decision; the other processes' breakers are seen
+-- this late at most, as replicas see them).
+_M.SHARED_RECHECK_MS = 100
+
+local function shared_cooling(name)
+  local t = now()
+  local e = shared_seen[name]
+  if e and t < e[1] then
+    return e[2]
+  end
+  local v = shared().cooling(name)
+  if e then
+    e[1], e[2] = t + _M.SHARED_RECHECK_MS, v
+  else
+    shared_seen[name] = { t + _M.SHARED_RECHECK_MS, v }
+  end
+  return v
+end
+
 -- The cooling function, or nil when no breaker can be cooling (none of
 -- this process's has seen a failure): a balancer asks once per decision.
+-- Shared breakers: as read at most SHARED_RECHECK_MS ago.
 function _M.cooling_check()
-  if nstates == 0 and not state_mod.is_shared then
+  if state_mod.is_shared then
+    return shared_cooling
+  end
+  if nstates == 0 then
     return nil
   end
   return cooling
@@ -171,7 +197,7 @@ end
 cooling = function(name)
   local sh = state_mod.is_shared and shared()
   if sh then
-    return not sh.health(name).healthy
+    return sh.cooling(name)
   end
   local s = states[name]
   if not s or s.state == "closed" then
@@ -205,7 +231,7 @@ function _M.health(name)
 end
 
 function _M.reset()
-  states, nstates = {}, 0
+  states, nstates, shared_seen = {}, 0, {}
   local sh = shared()
   if sh then
     sh.reset()

@@ -138,6 +138,12 @@
 -- For tests: mock.sign(text) is the signature the mock gives a thinking
 -- text; mock.schema_instance(schema) the instance it makes of a JSON Schema.
 --
+-- Rate limits: m:rate_limit{requests, tokens, window_ms} (or start's
+-- rate_limit) counts each key's requests and tokens and tells them in every
+-- answer's headers, in OpenAI's (x-ratelimit-*) or Anthropic's
+-- (anthropic-ratelimit-*) format, with a 429 past a limit; req.rate_limited
+-- marks those (scripts/aiorch/mock/ratelimit.lua).
+--
 -- Backpressure. A stream of more than 64 KiB that nothing paces is written
 -- in pieces of about 16 KiB (a fault=huge answer in pieces of 64 KiB);
 -- res:write waits while more than 64 KiB of them are unsent, so a client

