@@ -9,6 +9,7 @@ local log = require "aiorch.log"
 local policy = require "aiorch.policy"
 local breaker = require "aiorch.breaker"
 local canonical = require "aiorch.canonical"
+local cost = require "aiorch.cost"
 
 local type = type
 local pairs = pairs
@@ -44,6 +45,19 @@ end
 
 function base.error_response(provider, kind, message)
   return response.error(provider, kind or "error", message, 0, {})
+end
+
+-- price(model) -> {input, output, cached_read, cache_write, reasoning,
+-- source, date} in USD per 1M tokens (the configuration's prices over the
+-- table), or nil.
+function base.price(model)
+  return cost.price(model)
+end
+
+-- estimate(model, request) -> the USD a request will likely cost on model
+-- (aiorch.cost.estimate), or nil when the model has no price.
+function base.estimate(model, request)
+  return (cost.estimate(model, request))
 end
 
 local EMPTY = {} -- never written
@@ -201,6 +215,19 @@ function BOUND.continue_with(st)
       r.metadata.continued_from = from
     end
     return r
+  end
+end
+
+-- budget() -> what is left of the budget of the request's client key or
+-- alias {usd, tokens, window, resets_at}, or nil when none is configured.
+-- opts.budget (the gateway's) reads it; elsewhere there is none.
+function BOUND.budget(st)
+  local read = st.opts.budget
+  return function()
+    if read then
+      return read()
+    end
+    return nil
   end
 end
 

@@ -1,5 +1,6 @@
--- StandardAIResponse: constructors, cost, and JSON encoding.
+-- StandardAIResponse: constructors, cost (aiorch.cost), and JSON encoding.
 local cjson = require "cjson.safe"
+local cost = require "aiorch.cost"
 
 local fmt = string.format
 local type = type
@@ -13,42 +14,9 @@ local math_type = math.type
 
 local _M = {}
 
--- USD per million tokens: {input, output}.
-_M.prices = {
-  ["gpt-4o-mini"] = { 0.15, 0.60 },
-  ["claude-3-haiku-20240307"] = { 0.25, 1.25 },
-}
-
-local function price_of(model)
-  if type(model) ~= "string" then
-    return nil
-  end
-  local p = _M.prices[model]
-  if p then
-    return p
-  end
-  -- Providers answer with dated names (gpt-4o-mini-2024-07-18): longest prefix.
-  local best, best_len = nil, 0
-  for name, price in pairs(_M.prices) do
-    if #name > best_len and model:sub(1, #name + 1) == name .. "-" then
-      best, best_len = price, #name
-    end
-  end
-  return best
-end
-
-function _M.cost(model, usage)
-  local p = price_of(model)
-  if not p or type(usage) ~= "table" then
-    return nil
-  end
-  local i, o = usage.input_tokens, usage.output_tokens
-  if i == nil and o == nil then
-    return nil
-  end
-  i, o = i or 0, o or 0
-  return (i * p[1] + o * p[2]) / 1e6
-end
+-- cost(model, usage) -> USD or nil (aiorch.cost.of: the price table and
+-- the configuration's prices).
+_M.cost = cost.of
 
 local function ms(v)
   if type(v) ~= "number" then
@@ -86,7 +54,7 @@ function _M.success(provider, result, latency_ms, http_status, api)
       upstream = result.upstream,
       api = api,
       http_status = http_status,
-      cost_usd = _M.cost(result.model, usage),
+      cost_usd = cost.of(result.model, usage),
     },
   }
 end

@@ -346,7 +346,7 @@ aiorch.sleep(5)
       check("^aiorch: .*raises%.lua:1: boom here$", 1, 2, nil, "run", path)
       -- raised inside the library, with the library's position: the script's line comes first
       path = put("misuse.lua", "local response = require 'aiorch.response'\n"
-        .. "response.cost('gpt-4o-mini', { input_tokens = 'many' })\n")
+        .. "response.attempt(42)\n")
       check("^aiorch: .*misuse%.lua:2: .*/scripts/aiorch/response%.lua:%d+: attempt to", 1, 2, nil,
         "run", path)
     end)
