@@ -147,7 +147,8 @@ local function do_call(st, provider, copts, req)
       end
     end
   end
-  local o = { stream = opts.stream, on_event = st.event_sink, timeout_ms = opts.timeout_ms, policy = opts.policy }
+  local o = { stream = opts.stream, on_event = st.event_sink, timeout_ms = opts.timeout_ms, policy = opts.policy,
+    client = opts.client, spend = st.spend }
   if type(copts) == "table" then
     for k, v in pairs(copts) do
       o[k] = v
@@ -259,7 +260,8 @@ local ctx_mt = {
 -- state: {request, adapters = {name = adapter}, configs = {name = config},
 --         opts = {stream, on_event, on_token, timeout_ms, policy, env, path}, strategy = name,
 --         variants = {name = the request as that provider takes it}, dropped = {name = {fields}},
---         fits = {name = true}: the providers the orchestration checked}
+--         fits = {name = true}: the providers the orchestration checked,
+--         spend = {usd, tokens, unpriced, estimated, cancelled}: what the calls cost (aiorch.call)}
 -- The context keeps state (and writes in it: the stream's owner).
 function _M.new(state)
   local opts = state.opts or EMPTY

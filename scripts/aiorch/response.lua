@@ -106,6 +106,9 @@ function _M.attempt(r)
     retry_after = m.retry_after,
     provider_error = m.provider_error,
     upstream_error = m.upstream_error,
+    cost_usd = m.cost_usd,
+    unpriced = m.cost_usd == nil and m.usage ~= nil and (m.usage.input_tokens or m.usage.output_tokens) ~= nil
+      or nil,
   }
 end
 
@@ -167,7 +170,7 @@ for i, k in ipairs(ORDER) do
 end
 local ARRAY_FIELDS = { attempts = true, content = true }
 -- Kept beside a response, not part of it.
-local PRIVATE = { raw_body = true }
+local PRIVATE = { raw_body = true, unpriced = true }
 
 local function key_less(a, b)
   local ra, rb = RANK[a] or 1000, RANK[b] or 1000
@@ -233,14 +236,29 @@ function encode_value(v, as_array, depth)
   return "null"
 end
 
+-- Kept nil in Lua (arithmetic stays simple), null in JSON: a response's
+-- error_message and ia_provider_name, and its cost when unknown.
 local function with_nulls(r)
-  if type(r) == "table" and r.status and (r.error_message == nil or r.ia_provider_name == nil) then
+  if type(r) ~= "table" or not r.status then
+    return r
+  end
+  local m = r.metadata
+  local no_cost = type(m) == "table" and m.cost_usd == nil
+  if r.error_message == nil or r.ia_provider_name == nil or no_cost then
     local copy = {}
     for k, v in pairs(r) do
       copy[k] = v
     end
     copy.error_message = r.error_message or cjson.null
     copy.ia_provider_name = r.ia_provider_name or cjson.null
+    if no_cost then
+      local mc = {}
+      for k, v in pairs(m) do
+        mc[k] = v
+      end
+      mc.cost_usd = cjson.null
+      copy.metadata = mc
+    end
     return copy
   end
   return r
