@@ -15,6 +15,7 @@ local type = type
 local pairs = pairs
 local tostring = tostring
 local setmetatable = setmetatable
+local getmetatable = getmetatable
 
 local _M = {}
 
@@ -116,6 +117,16 @@ local function sink_of(st)
   end
 end
 
+-- A provider's configuration with another model (ctx.call's opts.model).
+local function with_model(c, model)
+  local out = {}
+  for k, v in pairs(c) do
+    out[k] = v
+  end
+  out.model = model
+  return setmetatable(out, getmetatable(c))
+end
+
 local function do_call(st, provider, copts, req)
   local adapters, configs, opts = st.adapters, st.configs, st.opts
   local request = st.request
@@ -152,6 +163,9 @@ local function do_call(st, provider, copts, req)
   if type(copts) == "table" then
     for k, v in pairs(copts) do
       o[k] = v
+    end
+    if type(copts.model) == "string" and copts.model ~= c.model then
+      c = with_model(c, copts.model)
     end
   end
   local r = call.call(a, c, req, o)
@@ -192,7 +206,8 @@ function BOUND.policy(st)
   end
 end
 
--- call(provider[, opts]) -> StandardAIResponse. opts: policy (overrides), timeout_ms.
+-- call(provider[, opts]) -> StandardAIResponse. opts: policy (overrides),
+-- timeout_ms, model (another model than the provider's configured one).
 function BOUND.call(st)
   return function(provider, copts)
     return do_call(st, provider, copts, st.request)
