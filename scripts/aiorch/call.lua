@@ -175,7 +175,7 @@ end
 
 -- Charges a finished attempt (a failure that reported usage too: its
 -- metadata.cost_usd is set here).
-local function priced(name, resp, opts)
+local function priced(name, resp, opts, request)
   local m = resp.metadata
   local usage = m.usage
   if usage == nil then
@@ -185,6 +185,16 @@ local function priced(name, resp, opts)
   if resp.status ~= "success" then
     usd = cost.of(m.model, usage)
     m.cost_usd = usd
+  elseif usage.input_tokens == nil and usage.output_tokens == nil then
+    -- An answer that came without its usage (a stream not asked for it,
+    -- a server that does not count): priced on estimates, said so;
+    -- metadata.usage stays what the provider reported.
+    local i = cost.estimate_tokens(request)
+    usage = { input_tokens = i, output_tokens = cost.tokens_of_text(#(resp.response_text or "")) }
+    usd = cost.of(m.model, usage)
+    m.cost_usd, m.cost_estimated = usd, true
+    charge(name, m.model, usage, usd, true, opts)
+    return resp
   end
   charge(name, m.model, usage, usd, false, opts)
   return resp
@@ -397,16 +407,16 @@ local function attempt(adapter, config, request, opts, pol, trial)
     local partial = partial_text(parser, emitted)
     if stream_err then
       return finish(name, priced(name, fail(name, config, "stream", stream_err, t0,
-        { usage = usage, partial_text = partial }), opts)), emitted
+        { usage = usage, partial_text = partial }), opts, request)), emitted
     end
     -- A stream that broke after it began is a cut answer, not a connect error.
     if events and events > 0 and kind ~= "timeout" and kind ~= "too_large" then
       return finish(name, priced(name, fail(name, config, "stream_cut",
         fmt("stream cut after %d events: %s", events, tostring(msg or kind)), t0,
-        { usage = usage, partial_text = partial }), opts)), emitted
+        { usage = usage, partial_text = partial }), opts, request)), emitted
     end
     return finish(name, priced(name, fail(name, config, tostring(kind or "http"), msg or kind, t0,
-      { deadline = deadline, usage = usage, partial_text = partial }), opts)), emitted
+      { deadline = deadline, usage = usage, partial_text = partial }), opts, request)), emitted
   end
 
   local result, kind, msg, extra
@@ -427,7 +437,8 @@ local function attempt(adapter, config, request, opts, pol, trial)
   end
 
   if type(result) == "table" then
-    return finish(name, priced(name, response.success(name, result, now() - t0, status, adapter.api), opts)), emitted
+    local r = response.success(name, result, now() - t0, status, adapter.api)
+    return finish(name, priced(name, r, opts, request)), emitted
   end
   local usage = parser_usage(parser)
   count_wasted(name, usage)
@@ -438,7 +449,7 @@ local function attempt(adapter, config, request, opts, pol, trial)
     upstream_error = rejection(adapter, config, status, body),
     usage = usage,
     partial_text = partial_text(parser, emitted),
-  }), opts)), emitted
+  }), opts, request)), emitted
 end
 
 -- What a provider's attempts cost together (the caller pays for each):

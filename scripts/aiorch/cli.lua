@@ -482,6 +482,9 @@ function _M.serve(args, first)
     err_line("serve: %s", cerr)
     return o.config and 1 or 2
   end
+  if workers == nil then
+    workers = cfg.workers -- the configuration's, when the command line gives none
+  end
   if not o.worker and workers ~= 0 then
     -- The master: the workers run this same command with --worker.
     if (port or cfg.port) == 0 then

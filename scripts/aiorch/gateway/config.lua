@@ -46,7 +46,7 @@ local TOP = {
   aliases = true, client_keys_env = true, drain_timeout_ms = true, access_log = true, server = true,
   policy = true, max_inflight = true, log_bodies = true, request_timeout_ms = true, client_policy = true,
   strategies = true, clients = true, drop_unsupported = true, rate_limit = true, shared_memory = true,
-  redis = true, prices = true, budgets = true,
+  redis = true, prices = true, budgets = true, workers = true,
 }
 local PROVIDER = {
   api_key_env = true, base_url = true, model = true, models = true, model_prefixes = true, timeout_ms = true,
@@ -600,6 +600,14 @@ function _M.check(raw, getenv, path)
   c.client_keys = #keys > 0 and keys or nil
   c.clients = #clients > 0 and clients or nil
 
+  -- workers = N: worker processes of `aiorch serve` (--workers overrides it).
+  if raw.workers ~= nil then
+    local n = math.tointeger(raw.workers)
+    if not n or n < 0 or n > 1024 then
+      return nil, "workers: must be an integer from 0 to 1024"
+    end
+    c.workers = n
+  end
   -- prices = {model = {input, output, cached_read, cache_write, reasoning,
   -- source, date}}: over and beside the price table (aiorch.cost).
   if raw.prices ~= nil then
