@@ -86,7 +86,8 @@ end
 -- Starts `aiorch serve --workers 0` with a config (a Lua source text) and
 -- env (a table; false unsets). opts: path (a --path dir), args (more
 -- arguments), workers (N: a master and N workers, waited for until all
--- listen), config_workers (N: as many, set by the configuration's `workers`). Returns {base, pid, err (stderr's file), dir, stop()}.
+-- listen), config_workers (N: as many, set by the configuration's
+-- `workers`). Returns {base, pid, err (stderr's file), dir, stop()}.
 local serving = {}
 function _M.serve(config_text, env, opts)
   opts = opts or {}

@@ -262,9 +262,33 @@ describe("budgets", function()
       assert.equal(503, st, b)
       assert.equal("1", h["retry-after"])
       assert.truthy(cjson.decode(b).error.message:find("cannot be checked", 1, true))
-      st, _, b = chat(gw.base, CLIENTS.BOB_KEY)
-      assert.equal(200, st, b)
+      local st2, _, b2 = chat(gw.base, CLIENTS.BOB_KEY)
+      assert.equal(200, st2, b2)
     end)
+
+  it("thrifty: a cheaper model once the client's budget is under the threshold (ctx.budget, ctx.price)", function()
+    local config = [[return {
+      access_log = false, default_strategy = "thrifty",
+      clients = { erin = { key_env = "ERIN_KEY" } },
+      budgets = { { client = "erin", usd = 0.0005, window = "day" } },
+    }]]
+    local gw = support.serve(config, env { ERIN_KEY = "sk-erin-thrifty-0005", AIORCH_THRIFTY_BELOW = "0.5" })
+    local function ask()
+      local st, _, b, doc = support.post(gw.base .. "/v1/chat/completions", { model = "gpt-4o", max_tokens = 5,
+        messages = { { role = "user", content = CONTENT } } }, { authorization = "Bearer sk-erin-thrifty-0005" })
+      assert.equal(200, st, b)
+      return doc.model, m.requests[#m.requests].json.model
+    end
+    -- gpt-4o: 40 tokens in at 2.50, 5 out at 10.00 per 1M = 0.00015 USD a request
+    -- 1st: 0.00035 of 0.0005 left once reserved: above half, gpt-4o
+    local answered, sent = ask()
+    assert.equal("gpt-4o", sent)
+    assert.equal("gpt-4o", answered)
+    -- 2nd: 0.0002 left: under half, the cheaper model
+    answered, sent = ask()
+    assert.equal("gpt-4o-mini", sent)
+    assert.equal("gpt-4o-mini", answered)
+  end)
 
   it("refuses a budget that names no client or alias, or a bad window", function()
     local dir = support.tmpdir()
