@@ -31,7 +31,7 @@ commands:
   --version                  show the version
 
 ask options:
-  --strategy S        single | parallel | fallback (default) | fastest | hedged | a user strategy
+  --strategy S        single | parallel | fallback (default) | fastest | hedged | thrifty | a user strategy
   --providers a,b     providers in priority order (default: every available one)
   --context TEXT      context for the question
   --system TEXT       system prompt (default: built from the context)

@@ -373,6 +373,9 @@ aiorch.sleep(5)
       assert.matches("\n" .. s .. " ", out)
     end
     assert.matches("openai:rate_limited%(429", out)
+    -- the cost column: each row's, priced from the table
+    assert.matches("WALL +COST +ATTEMPTS", out)
+    assert.matches("\nsingle +openai +success +%d+ ms +%$0%.%d%d%d%d%d%d%d ", out)
     assert.matches("every strategy behaved as expected", out)
     assert.falsy(out:find("demo-openai-key", 1, true))
     assert.falsy(out:find("demo-anthropic-key", 1, true))
