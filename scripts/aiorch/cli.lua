@@ -31,10 +31,10 @@ commands:
   --version                  show the version
 
 ask options:
-  --strategy S        single | parallel | fallback (default) | fastest | hedged | a user strategy,
-                      or a balancer over deployments: weighted | least_busy | least_latency |
-                      headroom | sticky; or quorum | first_k | arrived_by (parallel, policy
-                      parallel_k / arrived_by_ms)
+  --strategy S        single | parallel | fallback (default) | fastest | hedged | thrifty | a user
+                      strategy, or a balancer over deployments: weighted | least_busy |
+                      least_latency | headroom | sticky | cheapest; or quorum | first_k |
+                      arrived_by (parallel, policy parallel_k / arrived_by_ms)
   --providers a,b     providers in priority order (default: every available one)
   --context TEXT      context for the question
   --system TEXT       system prompt (default: built from the context)
@@ -484,6 +484,9 @@ function _M.serve(args, first)
   if not cfg then
     err_line("serve: %s", cerr)
     return o.config and 1 or 2
+  end
+  if workers == nil then
+    workers = cfg.workers -- the configuration's, when the command line gives none
   end
   if not o.worker and workers ~= 0 then
     -- The master: the workers run this same command with --worker.

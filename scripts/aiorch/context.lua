@@ -10,6 +10,7 @@ local policy = require "aiorch.policy"
 local breaker = require "aiorch.breaker"
 local canonical = require "aiorch.canonical"
 local deployments = require "aiorch.deployments"
+local cost = require "aiorch.cost"
 
 local type = type
 local pairs = pairs
@@ -18,6 +19,7 @@ local setmetatable = setmetatable
 local fmt = string.format
 local ceil = math.ceil
 local now = core.now
+local getmetatable = getmetatable
 
 local _M = {}
 
@@ -51,6 +53,19 @@ end
 
 function base.error_response(provider, kind, message)
   return response.error(provider, kind or "error", message, 0, {})
+end
+
+-- price(model) -> {input, output, cached_read, cache_write, reasoning,
+-- source, date} in USD per 1M tokens (the configuration's prices over the
+-- table), or nil.
+function base.price(model)
+  return cost.price(model)
+end
+
+-- estimate(model, request) -> the USD a request will likely cost on model
+-- (aiorch.cost.estimate), or nil when the model has no price.
+function base.estimate(model, request)
+  return (cost.estimate(model, request))
 end
 
 local EMPTY = {} -- never written
@@ -125,6 +140,15 @@ local function sink_of(st)
 end
 
 local run_strategy, admit -- below (balance)
+-- A provider's configuration with another model (ctx.call's opts.model).
+local function with_model(c, model)
+  local out = {}
+  for k, v in pairs(c) do
+    out[k] = v
+  end
+  out.model = model
+  return setmetatable(out, getmetatable(c))
+end
 
 local function do_call(st, provider, copts, req)
   local adapters, configs, opts = st.adapters, st.configs, st.opts
@@ -169,10 +193,14 @@ local function do_call(st, provider, copts, req)
       end
     end
   end
-  local o = { stream = opts.stream, on_event = st.event_sink, timeout_ms = opts.timeout_ms, policy = opts.policy }
+  local o = { stream = opts.stream, on_event = st.event_sink, timeout_ms = opts.timeout_ms, policy = opts.policy,
+    client = opts.client, spend = st.spend }
   if type(copts) == "table" then
     for k, v in pairs(copts) do
       o[k] = v
+    end
+    if type(copts.model) == "string" and copts.model ~= c.model then
+      c = with_model(c, copts.model)
     end
   end
   local r = call.call(a, c, req, o)
@@ -216,7 +244,8 @@ function BOUND.policy(st)
   end
 end
 
--- call(provider[, opts]) -> StandardAIResponse. opts: policy (overrides), timeout_ms.
+-- call(provider[, opts]) -> StandardAIResponse. opts: policy (overrides),
+-- timeout_ms, model (another model than the provider's configured one).
 function BOUND.call(st)
   return function(provider, copts)
     return do_call(st, provider, copts or st.copts, st.request)
@@ -240,6 +269,19 @@ function BOUND.continue_with(st)
       r.metadata.continued_from = from
     end
     return r
+  end
+end
+
+-- budget() -> what is left of the budget of the request's client key or
+-- alias {usd, tokens, window, resets_at}, or nil when none is configured.
+-- opts.budget (the gateway's) reads it; elsewhere there is none.
+function BOUND.budget(st)
+  local read = st.opts.budget
+  return function()
+    if read then
+      return read()
+    end
+    return nil
   end
 end
 
@@ -287,25 +329,26 @@ local function usable_deployments(st, providers, exclude, out)
     local p = providers[i]
     local a, c = resolve(adapters, configs, opts, p)
     if a and c.available then
-      local list = c.deployment_stats
+      local list, models = c.deployment_stats, c.deployment_models
       if not list then
+        list, models = {}, {}
         if c.deployments then
-          list = {}
           for j, dc in ipairs(c.deployments) do
-            list[j] = dc.available and dc.stats or false
+            list[j], models[j] = dc.available and dc.stats or false, dc.model
           end
         else
           -- One deployment; from now on call.lua keeps this provider's figures.
           c.stats = c.stats or deployments.record(p, { provider = c.name })
-          list = { c.stats }
+          list[1], models[1] = c.stats, c.model
         end
-        c.deployment_stats = list
+        c.deployment_stats, c.deployment_models = list, models
       end
       for j = 1, #list do
         local d = list[j]
         if d and d.limited_until <= t and not (exclude and exclude[d.id]) and not (cooling and cooling(d.id)) then
           n = n + 1
           out[n] = d
+          d.model = models[j] -- the model a call would use in this orchestration
         end
       end
     end
@@ -426,7 +469,8 @@ local ctx_mt = {
 -- state: {request, adapters = {name = adapter}, configs = {name = config},
 --         opts = {stream, on_event, on_token, timeout_ms, policy, env, path}, strategy = name,
 --         variants = {name = the request as that provider takes it}, dropped = {name = {fields}},
---         fits = {name = true}: the providers the orchestration checked}
+--         fits = {name = true}: the providers the orchestration checked,
+--         spend = {usd, tokens, unpriced, estimated, cancelled}: what the calls cost (aiorch.call)}
 -- The context keeps state (and writes in it: the stream's owner).
 function _M.new(state)
   local opts = state.opts or EMPTY

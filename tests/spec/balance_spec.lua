@@ -694,3 +694,45 @@ describe("parallel variants", function()
     assert.same({ 2, 2, 2, 2 }, (counts()))
   end)
 end)
+
+describe("cheapest", function()
+  it("picks the cheapest healthy deployment by the price table; unknown prices last", function()
+    local env = env_of({ { name = "a" }, { name = "b" }, { name = "c" } }, { OPENAI_POLICY = "breaker_failures=1" })
+    env.OPENAI_DEPLOYMENTS[1].model = "gpt-4o" -- 2.50 / 10.00
+    env.OPENAI_DEPLOYMENTS[2].model = "gpt-4o-mini" -- 0.15 / 0.60
+    env.OPENAI_DEPLOYMENTS[3].model = "no-such-model-has-a-price"
+    for _ = 1, 5 do
+      local r = ask("cheapest", env)
+      assert.equal("success", r.status)
+      assert.equal("b", r.metadata.deployment)
+      assert.equal("gpt-4o-mini", mocks[2].requests[#mocks[2].requests].json.model)
+    end
+    mocks[2]:configure { fault = "500" } -- b fails once and cools down: a is next
+    local r = ask("cheapest", env)
+    assert.equal("a", r.metadata.deployment)
+    assert.equal(2, #r.metadata.attempts)
+    mocks[1]:configure { fault = "500" }
+    r = ask("cheapest", env)
+    assert.equal("c", r.metadata.deployment) -- no price: last
+    local c = counts()
+    show("cheapest: a gpt-4o, b gpt-4o-mini, c unpriced", c, c[1] + c[2] + c[3])
+  end)
+
+  it("over plain providers: the cheapest able to serve the request", function()
+    local function env(openai_model)
+      return { OPENAI_API_KEY = "sk-balance-plain-1", ANTHROPIC_API_KEY = "sk-ant-balance-plain-2",
+        OPENAI_BASE_URL = mocks[1]:base_url("openai"), ANTHROPIC_BASE_URL = mocks[2]:base_url("anthropic"),
+        OPENAI_MODEL = openai_model, ANTHROPIC_MODEL = "claude-3-haiku-20240307" }
+    end
+    local both = { providers = { "anthropic", "openai" } }
+    local r = ask("cheapest", env("gpt-4o-mini"), both)
+    assert.equal("openai", r.ia_provider_name) -- 0.15/0.60 under haiku's 0.25/1.25
+    r = ask("cheapest", env("gpt-4o"), { providers = { "openai", "anthropic" } })
+    assert.equal("anthropic", r.ia_provider_name) -- under gpt-4o's 2.50/10.00
+    -- top_k: openai cannot take it, so the cheaper one is not able to serve it
+    r = ask("cheapest", env("gpt-4o-mini"), both, { messages = { { role = "user", content = "Hi" } }, top_k = 5 })
+    assert.equal("anthropic", r.ia_provider_name)
+    assert.equal("skipped", r.metadata.attempts[1].status)
+    assert.equal("openai", r.metadata.attempts[1].provider)
+  end)
+end)

@@ -20,8 +20,11 @@ local stream = require "aiorch.gateway.stream"
 local policy = require "aiorch.policy"
 local breaker = require "aiorch.breaker"
 local limits = require "aiorch.gateway.limits" -- rate limits, max_inflight: for the whole server
+local budgets = require "aiorch.gateway.budgets" -- USD and tokens per client key or alias: for the whole server
+local cost = require "aiorch.cost"
 local totals = require "aiorch.gateway.totals" -- /metrics and /healthz: for the whole server
 local json = require "aiorch.json"
+local log_warn = require("aiorch.log").warn
 
 local fmt = string.format
 local type = type
@@ -340,8 +343,10 @@ function Exchange:refuse(kind, err, field)
 end
 
 local function run_plain(x, request, rt)
+  local b = x.budget
   local r, kind, err, field = orchestrate.orchestrate(request, rt.strategy, rt.providers,
     { env = rt.env, path = x.state.path, timeout_ms = x.state.timeout_ms, allow_drop = allow_drop(x),
+      client = x.client.name, spend = b and b.spend, budget = b and b.read,
       sticky_key = x.req.headers["x-aiorch-sticky-key"] }) -- (balance) for the sticky balancer
   if not r then
     x:refuse(kind, err, field)
@@ -412,9 +417,11 @@ local function serve_streamed(x, api, request, info, rt)
   local s = stream.session(x.res, api.stream_encoder(x.id, info.model, { include_usage = info.include_usage }),
     headers, api.api)
   x.stream, x.session = true, s
+  local b = x.budget
   local r, kind, err, field = orchestrate.orchestrate(request, rt.strategy, rt.providers, {
     env = rt.env, path = x.state.path, timeout_ms = x.state.timeout_ms, allow_drop = allow_drop(x),
     stream = true, on_event = function(ev, provider, i) return s:event(ev, provider, i) end,
+    client = x.client.name, spend = b and b.spend, budget = b and b.read,
     sticky_key = x.req.headers["x-aiorch-sticky-key"], -- (balance) for the sticky balancer
   })
   if not r then
@@ -541,6 +548,26 @@ local function client_providers(x, rt)
   rt.providers = #out > 0 and out or x.client.provider_names
 end
 
+-- Reserves the request's likely cost against the budgets of its client
+-- and alias (aiorch.gateway.budgets). false once the client has its 429
+-- (or 503); true when admitted (x.budget then holds the reservations,
+-- settled when the request ends, and ctx.budget's reader).
+local function within_budget(x, rt, model, request)
+  local state = x.state
+  local list = budgets.applying(state.config, x.client, rt)
+  if not list then
+    return true
+  end
+  local alias = rt.alias and state.config.aliases[rt.alias]
+  local holds = budgets.reserve(x, list, model, request, alias and alias.models)
+  if not holds then
+    return false
+  end
+  x.budget = { holds = holds, spend = { usd = 0, tokens = 0 },
+    read = function() return budgets.remaining(state, list) end }
+  return true
+end
+
 -- /v1/chat/completions and /v1/messages: api is the client's wire module.
 local function serve_api(x, api)
   local doc, derr = common.decode_object(x.req.body)
@@ -571,6 +598,9 @@ local function serve_api(x, api)
   local s, serr = loader.load("strategy", rt.strategy, state.path)
   if not s then
     return x:fail(400, serr)
+  end
+  if not within_budget(x, rt, info.model, request) then
+    return
   end
   if info.stream then
     return serve_streamed(x, api, request, info, rt)
@@ -613,6 +643,9 @@ local function serve_native(x)
     return
   end
   client_providers(x, rt)
+  if not within_budget(x, rt, p.model, p.request) then
+    return
+  end
   local r = run_plain(x, p.request, rt)
   if not r then
     return
@@ -919,6 +952,13 @@ local function done(x)
     state.orchestrating = state.orchestrating - 1
     limits.release(x)
   end
+  local b = x.budget
+  if b then -- (in a task of its own: this may run as the request's task is cancelled)
+    x.budget = nil
+    if not pcall(spawn, budgets.settle, b.holds, b.spend) then
+      log_warn("budget: a request's spending was not counted (no task could be started)")
+    end
+  end
   if not x.status then
     x.aborted = true
   end
@@ -1154,6 +1194,7 @@ function _M.handler(opts)
   if access == nil then
     access = cfg.access_log
   end
+  cost.configure(cfg.prices) -- the configuration's prices, for every response's cost and ctx.price
   local state = {
     config = cfg, path = opts.path, in_flight = 0, draining = false, seq = 0, counts = {},
     tag = fmt("%04x", random(0, 0xffff)),
