@@ -441,9 +441,9 @@ function BOUND.balance(st)
       tried[d.id] = true
     end
     if not failures then
-      local p = type(providers) == "table" and providers[1] or providers
-      return response.error(tostring(p), "cooldown",
-        fmt("no deployment of %s may take a call now (cooling down or at its rate limit)", tostring(p)), 0, {})
+      local p = tostring(type(providers) == "table" and providers[1] or providers):match("^[^/]*")
+      return response.error(p, "cooldown",
+        fmt("no deployment of %s may take a call now (cooling down or at its rate limit)", p), 0, {})
     end
     local e = response.all_failed(failures)
     e.metadata.attempts = attempts

@@ -736,3 +736,47 @@ describe("cheapest", function()
     assert.equal("openai", r.metadata.attempts[1].provider)
   end)
 end)
+
+describe("ctx.strategy", function()
+  it("composes strategies in plain Lua: a user strategy balances openai, then anthropic's deployments", function()
+    local dir = support.tmpdir()
+    os.execute("mkdir -p '" .. dir .. "/strategies'")
+    support.write(dir .. "/strategies/two_groups.lua", [[
+return function(request, providers, ctx)
+  local r = ctx.strategy("least_busy", request, { "openai" })
+  if r.status == "success" then
+    return r
+  end
+  -- the same conversation, asked shorter, of the other group
+  local shorter = {}
+  for k, v in pairs(request) do shorter[k] = v end
+  shorter.max_tokens = 50
+  local r2 = ctx.strategy("weighted", shorter, { "anthropic" })
+  r2.metadata.first_group = r.error_message
+  return r2
+end
+]])
+    local env = env_of { { name = "a" }, { name = "b" } }
+    env.ANTHROPIC_DEPLOYMENTS = { { name = "c", base_url = mocks[3]:base_url("anthropic"), api_key_env = "KEY_C" } }
+    env.KEY_C = key_of("c")
+    for _ = 1, 4 do
+      assert.equal("openai", ask("two_groups", env, { path = { dir } }).ia_provider_name)
+    end
+    assert.same({ 2, 2, 0, 0 }, (counts()))
+    mocks[1]:configure { fault = "500" }
+    mocks[2]:configure { fault = "500" }
+    local r = ask("two_groups", env, { path = { dir } })
+    assert.equal("success", r.status)
+    assert.equal("anthropic", r.ia_provider_name)
+    assert.equal("c", r.metadata.deployment)
+    assert.matches("server_error", r.metadata.first_group)
+    assert.equal(50, mocks[3].requests[1].json.max_tokens)
+    -- a strategy that is not there raises: the strategy's own failure
+    support.write(dir .. "/strategies/bad.lua", [[
+return function(request, _, ctx) return ctx.strategy("no_such_strategy", request, { "openai" }) end
+]])
+    r = ask("bad", env, { path = { dir } })
+    assert.equal("strategy", r.metadata.error_kind)
+    assert.matches("no_such_strategy", r.error_message)
+  end)
+end)
