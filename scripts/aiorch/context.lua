@@ -140,6 +140,7 @@ local function sink_of(st)
 end
 
 local run_strategy, admit -- below (balance)
+
 -- A provider's configuration with another model (ctx.call's opts.model).
 local function with_model(c, model)
   local out = {}
@@ -210,7 +211,11 @@ local function do_call(st, provider, copts, req)
     r.metadata.dropped = d
   end
   if c.deployment then
-    r.metadata.deployment = c.deployment
+    local m = r.metadata
+    m.deployment = c.deployment
+    for _, at in ipairs(m.attempts or EMPTY) do
+      at.deployment = c.deployment
+    end
   end
   return r
 end
