@@ -123,6 +123,23 @@ describe("deployments", function()
     assert.equal("a", r.metadata.deployment)
   end)
 
+  it("a script (aiorch run) takes them from a configuration file", function()
+    local dir = support.tmpdir()
+    support.write(dir .. "/gateway.lua", fmt([[return { providers = { openai = { balancer = "least_busy",
+      deployments = { { name = "a", base_url = %q, api_key_env = "KEY_A" },
+                      { name = "b", base_url = %q, api_key_env = "KEY_B" } } } } }
+]], mocks[1]:base_url("openai"), mocks[2]:base_url("openai")))
+    local gconfig = require "aiorch.gateway.config"
+    local vars = { KEY_A = key_of("a"), KEY_B = key_of("b") }
+    local cfg = assert(gconfig.load(dir .. "/gateway.lua", function(k) return vars[k] end))
+    for _ = 1, 4 do
+      local r = orchestrate.orchestrate({ user_question = QUESTION }, "fallback", { "openai" },
+        { env = gconfig.env_for(cfg) })
+      assert.equal("success", r.status)
+    end
+    assert.same({ 2, 2, 0, 0 }, (counts()))
+  end)
+
   it("a deployment is called by its id, provider/name; an unknown one is refused by name", function()
     local env = env_of { { name = "a" }, { name = "b" } }
     local r = ask("single", env, { providers = "openai/b" })
