@@ -21,6 +21,11 @@
 --                   reset times on this runtime's clock (ms)
 --   tokens_per_call EWMA of the tokens an answer used (input + output)
 --   limited_until   the deployment's own rpm/tpm is spent until then (ms)
+--   model           the model a call would use (set by each listing:
+--                   ctx.deployments)
+--   swrr, picks, hash  the built-in balancers' own: weighted's current
+--                   weight, least_busy's, headroom's and cheapest's count of
+--                   picks, sticky's hash of the id
 local core = require "aiorch"
 local state = require "aiorch.state"
 
