@@ -562,8 +562,21 @@ describe("through aiorch serve", function()
     assert.equal(100, c[2])
     assert.equal("Bearer " .. key_of("a"), mocks[1].requests[1].headers.authorization)
     assert.equal("Bearer " .. key_of("b"), mocks[2].requests[1].headers.authorization)
+    -- a stream through the balancer, and a deployment that fails before its
+    -- first token is passed over unseen
+    mocks[1]:configure { fault = "500" }
+    local before = #mocks[2].requests
+    for _ = 1, 4 do
+      local status, _, body = support.post(gw.base .. "/v1/chat/completions", { model = "gpt-4o-mini", stream = true,
+        messages = { { role = "user", content = QUESTION } } })
+      assert.equal(200, status, body)
+      assert.matches('"finish_reason":"stop"', body)
+      assert.matches("data: %[DONE%]\n\n$", body)
+    end
+    assert.equal(before + 4, #mocks[2].requests) -- b answered every stream
     local text = support.slurp(gw.err)
     assert.falsy(text:find(key_of("a"), 1, true), "a key in the log")
+    assert.falsy(text:find(key_of("b"), 1, true), "a key in the log")
   end)
 
   it("2 workers share a deployment's rpm and breaker", function()
