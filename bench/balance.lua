@@ -1,11 +1,12 @@
--- The cost of one balancer decision: build/aiorch run bench/balance.lua [DECISIONS] [DEPLOYMENTS]
+-- The cost of one balancer decision: build/aiorch run bench/balance.lua [DECISIONS] [DEPLOYMENTS] [BALANCER]
 -- One provider with DEPLOYMENTS deployments (default 16), with live figures
 -- (latencies, calls in flight, rate-limit headroom) set as traffic would;
 -- each balancer in strategies/ is run as a strategy whose ctx.balance
 -- lists the deployments that may take a call (ctx.deployments: breakers,
 -- rate limits) and lets it pick one, without calling it. A decision is
--- that whole run: the strategy's own preparation (sticky's key), the
--- listing and the pick. Prints microseconds per decision (CPU time).
+-- that whole run: the strategy's own preparation (sticky's key, cheapest's
+-- estimate), the listing and the pick. Prints microseconds per decision
+-- (CPU time), first with no breaker in play, then with breakers in play.
 local aiorch = require "aiorch"
 local loader = require "aiorch.loader"
 local config = require "aiorch.config"
@@ -18,15 +19,18 @@ local fmt = string.format
 local args = table.pack(...)
 local N = math.tointeger(tonumber(args[1] or "")) or 200000
 local D = math.tointeger(tonumber(args[2] or "")) or 16
-local BALANCERS = { "weighted", "least_busy", "least_latency", "headroom", "sticky" }
-if loader.find("strategy", "cheapest") then
-  BALANCERS[#BALANCERS + 1] = "cheapest"
+local BALANCERS = { "weighted", "least_busy", "least_latency", "headroom", "sticky", "cheapest" }
+if args[3] then -- one only (say, to count its instructions with callgrind)
+  BALANCERS = { args[3] }
 end
+
+local MODELS = { "gpt-4o-mini", "gpt-4o", "gpt-4.1-nano" } -- (cheapest: three prices)
 
 math.randomseed(42)
 local list, env = {}, {}
 for i = 1, D do
-  list[i] = { name = "d" .. i, base_url = "http://127.0.0.1:9/v1", api_key_env = "KEY_" .. i, weight = 1 + i % 3 }
+  list[i] = { name = "d" .. i, base_url = "http://127.0.0.1:9/v1", api_key_env = "KEY_" .. i, weight = 1 + i % 3,
+    model = MODELS[1 + i % #MODELS] }
   env["KEY_" .. i] = "bench-key-" .. i
 end
 env.OPENAI_DEPLOYMENTS = list

@@ -9,7 +9,6 @@ local policy = require "aiorch.policy"
 local breaker = require "aiorch.breaker"
 local secrets = require "aiorch.secrets"
 local json = require "aiorch.json"
-local deployments = require "aiorch.deployments"
 local cost = require "aiorch.cost"
 
 local fmt = string.format
@@ -412,7 +411,7 @@ local function attempt(adapter, config, request, opts, pol, trial)
   }
   guard.finished = true
   if dep and status then
-    deployments.observe_headers(dep, headers, now())
+    require("aiorch.deployments").observe_headers(dep, headers, now())
   end
 
   if not status then
@@ -563,7 +562,8 @@ function _M.call(adapter, config, request, opts)
     else
       breaker.record(bkey, pol, r.status == "success", m.error_kind, m.retry_after, trial)
     end
-    if dep then
+    if dep then -- (aiorch.deployments is loaded: it made config.stats)
+      local deployments = require "aiorch.deployments"
       deployments.observe(dep, r.latency_ms, r.status ~= "success" and policy.counts_as_failure(m.error_kind))
       deployments.spent(dep, m.usage)
     end

@@ -5,7 +5,6 @@
 local log = require "aiorch.log"
 local policy = require "aiorch.policy"
 local secrets = require "aiorch.secrets"
-local deployments = require "aiorch.deployments"
 
 local fmt = string.format
 local type = type
@@ -138,7 +137,8 @@ function _M.provider(name, adapter, env)
   -- configuration; the provider is available when one of them is.
   local deps = get(prefix .. "_DEPLOYMENTS")
   if deps ~= nil and not cfg.unavailable then
-    local list, derr = deployments.configure(cfg, deps, get, secrets.add, prefix .. "_DEPLOYMENTS")
+    local list, derr = require("aiorch.deployments").configure(cfg, deps, get, secrets.add,
+      prefix .. "_DEPLOYMENTS")
     if not list then
       cfg.available, cfg.unavailable = false, derr
     else

@@ -9,7 +9,13 @@ local log = require "aiorch.log"
 local policy = require "aiorch.policy"
 local breaker = require "aiorch.breaker"
 local canonical = require "aiorch.canonical"
-local deployments = require "aiorch.deployments"
+-- aiorch.deployments is loaded when first needed: a process without
+-- deployments or balancers never loads it.
+local deployments
+local function deployments_mod()
+  deployments = deployments or require "aiorch.deployments"
+  return deployments
+end
 local cost = require "aiorch.cost"
 
 local type = type
@@ -34,9 +40,6 @@ local base = {
   latency = metrics.latency,
   all_failed = response.all_failed,
   add_attempts = response.add_attempts,
-  -- (balance) a deployment's figures, as of now (aiorch.deployments)
-  latency_now = deployments.latency_now,
-  headroom = deployments.headroom,
 }
 
 function base.await(task, ms)
@@ -306,7 +309,7 @@ end
 
 -- The answer of a deployment past its own rpm/tpm, or nil when it may go.
 admit = function(c, dep)
-  local ok, wait, why = deployments.admit(dep)
+  local ok, wait, why = deployments_mod().admit(dep)
   if ok then
     return nil
   end
@@ -343,7 +346,7 @@ local function usable_deployments(st, providers, exclude, out)
           end
         else
           -- One deployment; from now on call.lua keeps this provider's figures.
-          c.stats = c.stats or deployments.record(p, { provider = c.name })
+          c.stats = c.stats or deployments_mod().record(p, { provider = c.name })
           list[1], models[1] = c.stats, c.model
         end
         c.deployment_stats, c.deployment_models = list, models
@@ -390,6 +393,15 @@ function BOUND.sticky_key(st)
   return function()
     return st.opts.sticky_key
   end
+end
+
+-- latency_now(record, t), headroom(record, t): a deployment's figures as of t.
+function BOUND.latency_now()
+  return deployments_mod().latency_now
+end
+
+function BOUND.headroom()
+  return deployments_mod().headroom
 end
 
 -- deployments(providers[, exclude[, into]]) -> the records of those that

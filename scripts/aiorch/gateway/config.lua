@@ -7,7 +7,6 @@ local loader = require "aiorch.loader"
 local compat = require "aiorch.compat"
 local policy = require "aiorch.policy"
 local secrets = require "aiorch.secrets"
-local deployments = require "aiorch.deployments"
 local state_shm = require "aiorch.state.shm"
 local state_redis = require "aiorch.state.redis"
 local cost = require "aiorch.cost"
@@ -369,7 +368,7 @@ function _M.check(raw, getenv, path)
     local balanced, balancer
     if type(p.deployments) == "table" and p.deployments[1] ~= nil then
       local derr
-      balanced, derr = deployments.check(p.deployments, where .. ".deployments")
+      balanced, derr = require("aiorch.deployments").check(p.deployments, where .. ".deployments")
       if not balanced then
         return nil, derr
       end
