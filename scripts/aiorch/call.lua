@@ -306,14 +306,14 @@ local function deliver(sink, list, from, name, info)
 end
 
 -- One HTTP attempt. Returns the response and whether a token went out.
-local function attempt(adapter, config, request, opts, pol, trial)
+-- dep: a deployment's figures (config.stats), or nil.
+local function attempt(adapter, config, request, opts, pol, trial, dep)
   local name = config.name
   local t0 = now()
   metrics.started(name)
   local guard <close> = setmetatable({ name = name, finished = false, trial = trial, opts = opts, request = request,
     model = config.model }, cancel_guard)
   -- A deployment (aiorch.deployments): its in-flight count and figures.
-  local dep = config.stats
   if dep then
     guard.dep, guard.bkey = dep, config.breaker_key
     dep.inflight = dep.inflight + 1
@@ -536,8 +536,8 @@ function _M.call(adapter, config, request, opts)
   local t0 = now()
   local attempts = {}
   local r
-  local bkey = config.breaker_key or name -- a deployment's breaker is its own
   local dep = config.stats
+  local bkey = dep and config.breaker_key or name -- a deployment's breaker is its own
   for n = 1, pol.max_attempts do
     local allowed, why, asked_ms = breaker.allow(bkey)
     if not allowed then
@@ -554,7 +554,7 @@ function _M.call(adapter, config, request, opts)
     end
     local emitted
     local trial = why == "trial"
-    r, emitted = attempt(adapter, config, request, opts, pol, trial)
+    r, emitted = attempt(adapter, config, request, opts, pol, trial, dep)
     local m = r.metadata
     attempts[n] = response.attempt(r)
     if hurried and m.error_kind == "timeout" then

@@ -143,6 +143,7 @@ function _M.provider(name, adapter, env)
       cfg.available, cfg.unavailable = false, derr
     else
       cfg.deployments, cfg.balancer = list, nonempty(get(prefix .. "_BALANCER")) or "weighted"
+      cfg.balanced = true -- (aiorch.context: a provider or deployment to balance)
       cfg.available, cfg.deployment_ids = false, {}
       for i, d in ipairs(list) do
         cfg.available = cfg.available or d.available

@@ -165,13 +165,17 @@ local function do_call(st, provider, copts, req)
   end
   -- (balance) A provider with deployments: its balancer picks one; a
   -- deployment past its own rpm/tpm answers rate_limited at once.
-  local dep = c.stats
-  if c.deployments then
-    return run_strategy(st, c.balancer, req, c.deployment_ids, copts)
-  elseif dep and (dep.rpm or dep.tpm or dep.limited_until > 0) then
-    local r = admit(c, dep)
-    if r then
-      return r
+  local balanced = c.balanced
+  if balanced then
+    if c.deployments then
+      return run_strategy(st, c.balancer, req, c.deployment_ids, copts)
+    end
+    local dep = c.stats
+    if dep and (dep.rpm or dep.tpm or dep.limited_until > 0) then
+      local r = admit(c, dep)
+      if r then
+        return r
+      end
     end
   end
   if req == request then
@@ -213,7 +217,7 @@ local function do_call(st, provider, copts, req)
   if d then
     r.metadata.dropped = d
   end
-  if c.deployment then
+  if balanced and c.deployment then
     local m = r.metadata
     m.deployment = c.deployment
     for _, at in ipairs(m.attempts or EMPTY) do
@@ -255,8 +259,14 @@ end
 -- call(provider[, opts]) -> StandardAIResponse. opts: policy (overrides),
 -- timeout_ms, model (another model than the provider's configured one).
 function BOUND.call(st)
+  local default = st.copts -- (a strategy run by another: the options it was given)
+  if default then
+    return function(provider, copts)
+      return do_call(st, provider, copts or default, st.request)
+    end
+  end
   return function(provider, copts)
-    return do_call(st, provider, copts or st.copts, st.request)
+    return do_call(st, provider, copts, st.request)
   end
 end
 
@@ -347,6 +357,7 @@ local function usable_deployments(st, providers, exclude, out)
         else
           -- One deployment; from now on call.lua keeps this provider's figures.
           c.stats = c.stats or deployments_mod().record(p, { provider = c.name })
+          c.balanced = true
           list[1], models[1] = c.stats, c.model
         end
         c.deployment_stats, c.deployment_models = list, models

@@ -367,7 +367,7 @@ function _M.configure(cfg, list, get, secrets_add, where)
     end
     c.base_url = e.base_url or cfg.base_url
     c.model = e.model or cfg.model
-    c.deployment, c.breaker_key = e.name, id
+    c.deployment, c.breaker_key, c.balanced = e.name, id, true
     c.deployments, c.deployment_list = nil, nil
     c.stats = _M.record(id, { provider = cfg.name, name = e.name, weight = e.weight, rpm = e.rpm, tpm = e.tpm,
       model = c.model })
