@@ -4,13 +4,13 @@
 local json = require "aiorch.json"
 local canonical = require "aiorch.canonical"
 local util = require "aiorch.adapter"
+local common = require "aiorch.wire.common"
 
 local fmt = string.format
 local type = type
 local pairs = pairs
 local ipairs = ipairs
 local next = next
-local error = error
 local tostring = tostring
 local setmetatable = setmetatable
 local concat = table.concat
@@ -26,22 +26,11 @@ local EMPTY = {} -- never written
 
 local _M = { api = "anthropic" }
 
--- pass(how) or pass({range = ...}).
-local function pass(x)
-  if type(x) == "table" then
-    x[1] = "pass"
-    return x
-  end
-  return { "pass", how = x }
-end
-
-local function translate(how)
-  return { "translate", how = how }
-end
-
-local function refuse(why)
-  return { "refuse", why = why }
-end
+local pass, translate, refuse = common.pass, common.translate, common.refuse
+local copy, fail, set, tokens = common.copy, common.fail, common.set, common.tokens
+local copy_to, ignore = common.copy_to, common.ignore
+local count = util.num -- a count as the canonical model keeps it, or nil
+local extra_of = common.extra_of_for("anthropic")
 
 -- What the Messages API can express of the canonical model: one cell per
 -- key of canonical.CELLS.
@@ -153,38 +142,6 @@ function _M.models(entries)
 end
 
 -- Requests: Anthropic -> canonical ----------------------------------------
-
-local function fail(path, msg)
-  return nil, path .. ": " .. msg
-end
-
-local function set(list)
-  local s = {}
-  for _, k in ipairs(list) do
-    s[k] = true
-  end
-  return s
-end
-
-local function copy(t)
-  local c = {}
-  for k, v in pairs(t) do
-    c[k] = v
-  end
-  return c
-end
-
--- The fields of obj not in known, as an extra {api, fields}, or nil.
-local function extra_of(obj, known)
-  local fields
-  for k, v in pairs(obj) do
-    if not known[k] and v ~= null then
-      fields = fields or {}
-      fields[k] = v
-    end
-  end
-  return fields and { api = "anthropic", fields = fields } or nil
-end
 
 local function cache_of(b)
   return type(b.cache_control) == "table" and b.cache_control or nil
@@ -555,52 +512,19 @@ end
 
 -- Requests: canonical -> Anthropic ----------------------------------------
 
-local function cannot(what)
-  error(fmt("wire.anthropic: cannot encode %s (canonical.unsupported refuses it)", what), 2)
-end
-
-local function merge_extra(obj, e, where)
-  if e == nil then
-    return obj
-  end
-  if e.api ~= "anthropic" then
-    cannot(fmt("%s: %s fields", where, tostring(e.api)))
-  end
-  for k, v in pairs(e.fields) do
-    local have = obj[k]
-    if type(have) == "table" and type(v) == "table" then
-      for k2, v2 in pairs(v) do
-        have[k2] = v2
-      end
-    else
-      obj[k] = v
-    end
-  end
-  return obj
-end
-
-local ENCODED = {
-  text = set { "type", "text", "signature", "cache_control", "extra" },
-  image = set { "type", "source", "detail", "cache_control", "extra" },
-  document = set { "type", "source", "title", "filename", "cache_control", "extra" },
-  tool_call = set { "type", "id", "name", "arguments", "signature", "cache_control", "extra" },
-  tool_result = set { "type", "id", "content", "is_error", "cache_control", "extra" },
-  thinking = set { "type", "text", "signature", "extra" },
-  redacted_thinking = set { "type", "data", "extra" },
-  opaque = set { "type", "api", "value", "name" },
+-- Each part type's attributes the encoder writes.
+local ENCODED = common.encoded {
+  text = { "cache_control" },
+  image = { "cache_control" },
+  document = { "cache_control" },
+  tool_call = { "cache_control" },
+  tool_result = { "is_error", "cache_control" },
+  thinking = { "type", "text", "signature", "extra" },
+  redacted_thinking = { "type", "data", "extra" },
 }
-
-local function check_keys(p, where)
-  local known = ENCODED[p.type]
-  if not known then
-    cannot(fmt("%s: a %s part", where, tostring(p.type)))
-  end
-  for k in pairs(p) do
-    if not known[k] then
-      cannot(where .. "." .. k)
-    end
-  end
-end
+local encoder = common.encoder("anthropic", ENCODED, { foreign_empty_refused = true })
+local cannot, merge_extra, check_keys = encoder.cannot, encoder.merge_extra, encoder.check_keys
+local default_only = encoder.default_only
 
 local function encode_source(s, where)
   if s.type == "base64" then
@@ -820,22 +744,6 @@ local function encode_tool_choice(body, _, req)
   body.tool_choice = out
 end
 
-local function copy_to(name)
-  return function(body, v)
-    body[name] = v
-  end
-end
-
-local function ignore() end
-
-local function default_only(name, default)
-  return function(_, v)
-    if v ~= default then
-      cannot(name)
-    end
-  end
-end
-
 local REQUEST = {
   messages = function(body, v)
     body.messages = encode_messages(v, body)
@@ -938,14 +846,6 @@ end
 
 -- Responses: Anthropic -> canonical ---------------------------------------
 
--- A count as the canonical model keeps it (an integer when it is one), or nil.
-local function count(v)
-  if type(v) == "number" then
-    return tointeger(v) or v
-  end
-  return nil
-end
-
 -- Anthropic's usage -> the canonical one: every input token counted.
 local function usage_of(u)
   if type(u) ~= "table" then
@@ -1044,10 +944,6 @@ local function stop_sequence_of(r)
   local m = r and r.metadata or EMPTY
   local s = m.api == "anthropic" and type(m.upstream) == "table" and m.upstream.stop_sequence
   return type(s) == "string" and js(s) or "null"
-end
-
-local function tokens(v)
-  return type(v) == "number" and tointeger(v) or 0
 end
 
 -- The usage object of the results: Anthropic counts cached input apart.

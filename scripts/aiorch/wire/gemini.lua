@@ -20,13 +20,13 @@
 local json = require "aiorch.json"
 local canonical = require "aiorch.canonical"
 local util = require "aiorch.adapter"
+local common = require "aiorch.wire.common"
 
 local fmt = string.format
 local type = type
 local pairs = pairs
 local ipairs = ipairs
 local next = next
-local error = error
 local tostring = tostring
 local tonumber = tonumber
 local setmetatable = setmetatable
@@ -44,17 +44,9 @@ local EMPTY = {} -- never written
 
 local _M = { api = "gemini" }
 
-local function pass(how)
-  return { "pass", how = how }
-end
-
-local function translate(how, range)
-  return { "translate", how = how, range = range }
-end
-
-local function refuse(why)
-  return { "refuse", why = why }
-end
+local pass, translate, refuse = common.pass, common.translate, common.refuse
+local fail, set, ignore, tokens = common.fail, common.set, common.ignore, common.tokens
+local extra_of = common.extra_of_for("gemini")
 
 -- What generateContent can express of the canonical model: one cell per
 -- key of canonical.CELLS.
@@ -181,30 +173,6 @@ function _M.models(entries)
 end
 
 -- Requests: Gemini -> canonical --------------------------------------------
-
-local function fail(path, msg)
-  return nil, path .. ": " .. msg
-end
-
-local function set(list)
-  local s = {}
-  for _, k in ipairs(list) do
-    s[k] = true
-  end
-  return s
-end
-
--- The fields of obj not in known, as an extra {api, fields}, or nil.
-local function extra_of(obj, known)
-  local fields
-  for k, v in pairs(obj) do
-    if not known[k] and v ~= null then
-      fields = fields or {}
-      fields[k] = v
-    end
-  end
-  return fields and { api = "gemini", fields = fields } or nil
-end
 
 local function unescape(s)
   return (s:gsub("%%(%x%x)", function(h) return char(tonumber(h, 16)) end))
@@ -819,52 +787,13 @@ end
 
 -- Requests: canonical -> Gemini --------------------------------------------
 
-local function cannot(what)
-  error(fmt("wire.gemini: cannot encode %s (canonical.unsupported refuses it)", what), 2)
-end
-
--- Adds the fields of a Gemini extra to a wire object, one level deep.
-local function merge_extra(obj, e, where)
-  if e == nil or next(e.fields) == nil then
-    return obj
-  end
-  if e.api ~= "gemini" then
-    cannot(fmt("%s: %s fields", where, tostring(e.api)))
-  end
-  for k, v in pairs(e.fields) do
-    local have = obj[k]
-    if type(have) == "table" and type(v) == "table" then
-      for k2, v2 in pairs(v) do
-        have[k2] = v2
-      end
-    else
-      obj[k] = v
-    end
-  end
-  return obj
-end
-
-local ENCODED = {
-  text = set { "type", "text", "signature", "extra" },
-  image = set { "type", "source", "detail", "extra" },
-  document = set { "type", "source", "title", "filename", "extra" },
-  tool_call = set { "type", "id", "name", "arguments", "signature", "extra" },
-  tool_result = set { "type", "id", "content", "is_error", "extra" },
-  thinking = set { "type", "text", "signature", "extra" },
-  opaque = set { "type", "api", "value", "name" },
+-- Each part type's attributes the encoder writes.
+local ENCODED = common.encoded {
+  tool_result = { "is_error" },
+  thinking = { "type", "text", "signature", "extra" },
 }
-
-local function check_keys(p, where)
-  local known = ENCODED[p.type]
-  if not known then
-    cannot(fmt("%s: a %s part", where, tostring(p.type)))
-  end
-  for k, v in pairs(p) do
-    if not known[k] and not (k == "is_error" and v == false) then
-      cannot(where .. "." .. k)
-    end
-  end
-end
+local encoder = common.encoder("gemini", ENCODED)
+local cannot, merge_extra, check_keys = encoder.cannot, encoder.merge_extra, encoder.check_keys
 
 -- Whether an id is one made here (never sent to Gemini).
 local function own_id(id)
@@ -1077,8 +1006,6 @@ end
 
 local MODES = { auto = "AUTO", none = "NONE", required = "ANY" }
 local LEVELS = { minimal = "MINIMAL", low = "LOW", medium = "MEDIUM", high = "HIGH", xhigh = "XHIGH", max = "XHIGH" }
-
-local function ignore() end
 
 local REQUEST = {
   messages = function(body, v)
@@ -1350,10 +1277,6 @@ local function finish_out(f, m, provider)
     return provider
   end
   return FINISH_OUT[canonical.finish_reason(f) or "stop"] or "STOP"
-end
-
-local function tokens(v)
-  return type(v) == "number" and tointeger(v) or 0
 end
 
 -- Every choice of the results, in order: {content, text, finish, logprobs}.

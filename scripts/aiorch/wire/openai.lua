@@ -10,13 +10,13 @@
 local json = require "aiorch.json"
 local canonical = require "aiorch.canonical"
 local util = require "aiorch.adapter"
+local common = require "aiorch.wire.common"
 
 local fmt = string.format
 local type = type
 local pairs = pairs
 local ipairs = ipairs
 local next = next
-local error = error
 local tostring = tostring
 local setmetatable = setmetatable
 local concat = table.concat
@@ -32,19 +32,11 @@ local EMPTY = {} -- never written
 
 local _M = { api = "openai" }
 
-local function pass(extra)
-  extra = extra or {}
-  extra[1] = "pass"
-  return extra
-end
-
-local function translate(how)
-  return { "translate", how = how }
-end
-
-local function refuse(why)
-  return { "refuse", why = why }
-end
+local pass, translate, refuse = common.pass, common.translate, common.refuse
+local copy, fail, set, tokens = common.copy, common.fail, common.set, common.tokens
+local copy_to, ignore = common.copy_to, common.ignore
+local count = util.num -- a count as the canonical model keeps it, or nil
+local extra_of = common.extra_of_for("openai")
 
 -- What Chat Completions can express of the canonical model: one cell per
 -- key of canonical.CELLS.
@@ -155,38 +147,6 @@ function _M.models(entries)
 end
 
 -- Requests: OpenAI -> canonical -------------------------------------------
-
-local function fail(path, msg)
-  return nil, path .. ": " .. msg
-end
-
-local function copy(t)
-  local c = {}
-  for k, v in pairs(t) do
-    c[k] = v
-  end
-  return c
-end
-
--- The fields of obj not in known, as an extra {api, fields}, or nil.
-local function extra_of(obj, known)
-  local fields
-  for k, v in pairs(obj) do
-    if not known[k] and v ~= null then
-      fields = fields or {}
-      fields[k] = v
-    end
-  end
-  return fields and { api = "openai", fields = fields } or nil
-end
-
-local function set(list)
-  local s = {}
-  for _, k in ipairs(list) do
-    s[k] = true
-  end
-  return s
-end
 
 -- "data:image/png;base64,AAAA" -> "image/png", "AAAA"
 local function data_url(u)
@@ -626,62 +586,11 @@ end
 
 -- Requests: canonical -> OpenAI -------------------------------------------
 
--- Raised when the encoder meets what it cannot write: canonical.unsupported
--- refuses it, so getting it here is a bug of the caller.
-local function cannot(what)
-  error(fmt("wire.openai: cannot encode %s (canonical.unsupported refuses it)", what), 2)
-end
-
--- Adds the fields of an OpenAI extra to a wire object; another API's
--- extra cannot be written.
-local function merge_extra(obj, e, where)
-  if e == nil or next(e.fields) == nil then
-    return obj -- (another API's headers only: nothing for this body)
-  end
-  if e.api ~= "openai" then
-    cannot(fmt("%s: %s fields", where, tostring(e.api)))
-  end
-  for k, v in pairs(e.fields) do
-    local have = obj[k]
-    if type(have) == "table" and type(v) == "table" then
-      for k2, v2 in pairs(v) do
-        have[k2] = v2
-      end
-    else
-      obj[k] = v
-    end
-  end
-  return obj
-end
-
 -- Each part type's attributes the encoder writes.
-local ENCODED = {
-  text = set { "type", "text", "signature", "extra" },
-  image = set { "type", "source", "detail", "extra" },
-  document = set { "type", "source", "title", "filename", "extra" },
-  tool_call = set { "type", "id", "name", "arguments", "signature", "extra" },
-  tool_result = set { "type", "id", "content", "extra" },
-  opaque = set { "type", "api", "value", "name" },
-}
-
-local function check_keys(p, where)
-  local known = ENCODED[p.type]
-  if not known then
-    cannot(fmt("%s: a %s part", where, tostring(p.type)))
-  end
-  for k, v in pairs(p) do
-    if not known[k] and not (k == "is_error" and v == false) then
-      cannot(where .. "." .. k)
-    end
-  end
-end
-
-local function opaque_value(p, where)
-  if p.api ~= "openai" then
-    cannot(fmt("%s: a %s part", where, tostring(p.api)))
-  end
-  return p.value
-end
+local ENCODED = common.encoded()
+local encoder = common.encoder("openai", ENCODED)
+local cannot, merge_extra, check_keys = encoder.cannot, encoder.merge_extra, encoder.check_keys
+local opaque_value = encoder.opaque_value
 
 local function encode_part(p, where)
   check_keys(p, where)
@@ -834,14 +743,6 @@ local function encode_tools(body, tools)
   body.tools = out
 end
 
-local function copy_to(name)
-  return function(body, v)
-    body[name] = v
-  end
-end
-
-local function ignore() end
-
 -- Each canonical field -> how it is written. A field without an entry
 -- cannot be written (encode_request raises).
 local REQUEST = {
@@ -920,14 +821,6 @@ function _M.encode_request(req, opts)
 end
 
 -- Responses: OpenAI -> canonical ------------------------------------------
-
--- A count as the canonical model keeps it (an integer when it is one), or nil.
-local function count(v)
-  if type(v) == "number" then
-    return tointeger(v) or v
-  end
-  return nil
-end
 
 local function usage_of(u)
   if type(u) ~= "table" then
@@ -1068,10 +961,6 @@ local function finish_of(f, m)
     return "stop"
   end
   return FINISH_OUT[canonical.finish_reason(f)]
-end
-
-local function tokens(v)
-  return type(v) == "number" and tointeger(v) or 0
 end
 
 -- Every choice of the results, in order: {content, text, finish, logprobs}.

@@ -1,0 +1,203 @@
+-- What the wire modules (aiorch.wire.openai, .anthropic, .gemini, .cohere)
+-- share: the cells of their `fields` tables, small table helpers, and the
+-- checks of their encoders, made once per API (`encoder(api, encoded)`).
+-- Pure functions; no I/O.
+local json = require "aiorch.json"
+
+local fmt = string.format
+local type = type
+local pairs = pairs
+local ipairs = ipairs
+local next = next
+local error = error
+local tostring = tostring
+local tointeger = math.tointeger
+local null = json.null
+
+local _M = {}
+
+-- Cells ---------------------------------------------------------------------
+-- One cell per key of canonical.CELLS: {"pass"|"translate"|"refuse", how or
+-- why, range}.
+
+-- pass(), pass(how) or pass({range = ..., how = ...}) (the table itself).
+function _M.pass(x)
+  if type(x) == "table" then
+    x[1] = "pass"
+    return x
+  end
+  return { "pass", how = x }
+end
+
+function _M.translate(how, range)
+  return { "translate", how = how, range = range }
+end
+
+function _M.refuse(why)
+  return { "refuse", why = why }
+end
+
+-- Tables --------------------------------------------------------------------
+
+function _M.set(list)
+  local s = {}
+  for _, k in ipairs(list) do
+    s[k] = true
+  end
+  return s
+end
+
+-- A shallow copy.
+function _M.copy(t)
+  local c = {}
+  for k, v in pairs(t) do
+    c[k] = v
+  end
+  return c
+end
+
+-- A decoder's failure: nil, "path: message".
+function _M.fail(path, msg)
+  return nil, path .. ": " .. msg
+end
+
+-- A count written back to a client: 0 when absent.
+function _M.tokens(v)
+  return type(v) == "number" and tointeger(v) or 0
+end
+
+-- Entries of an encoder's REQUEST table (canonical field -> how it is
+-- written): copied under a name, or nothing to write.
+function _M.copy_to(name)
+  return function(body, v)
+    body[name] = v
+  end
+end
+
+function _M.ignore() end
+
+-- Decoding: extras ----------------------------------------------------------
+
+-- extra_of(obj, known) for api: the fields of obj not in known (a set), as
+-- an extra {api, fields}, or nil. A null field is no field.
+function _M.extra_of_for(api)
+  return function(obj, known)
+    local fields
+    for k, v in pairs(obj) do
+      if not known[k] and v ~= null then
+        fields = fields or {}
+        fields[k] = v
+      end
+    end
+    return fields and { api = api, fields = fields } or nil
+  end
+end
+
+-- Encoding ------------------------------------------------------------------
+
+-- The attributes each part type's encoder writes, for check_keys: those of
+-- every API, with more[type] added (a list; a type of its own in more is
+-- added whole).
+function _M.encoded(more)
+  local keys = {
+    text = { "type", "text", "signature", "extra" },
+    image = { "type", "source", "detail", "extra" },
+    document = { "type", "source", "title", "filename", "extra" },
+    tool_call = { "type", "id", "name", "arguments", "signature", "extra" },
+    tool_result = { "type", "id", "content", "extra" },
+    opaque = { "type", "api", "value", "name" },
+  }
+  for t, list in pairs(more or {}) do
+    local have = keys[t]
+    if not have then
+      keys[t] = list
+    else
+      for _, k in ipairs(list) do
+        have[#have + 1] = k
+      end
+    end
+  end
+  local out = {}
+  for t, list in pairs(keys) do
+    out[t] = _M.set(list)
+  end
+  return out
+end
+
+-- The checks of one API's encoder: encoder(api, encoded[, opts]) -> {cannot,
+-- merge_extra, check_keys, opaque_value, default_only}. encoded: the
+-- attributes each part type's encoder writes (_M.encoded). opts:
+-- arrays_replace (an extra's array replaces the object's value instead of
+-- being merged into it), foreign_empty_refused (an extra of another API
+-- raises even with no fields).
+function _M.encoder(api, encoded, opts)
+  opts = opts or {}
+  local arrays_replace = opts.arrays_replace
+  local foreign_empty_refused = opts.foreign_empty_refused
+  local module = "wire." .. api
+  local h = {}
+
+  -- Raised when the encoder meets what it cannot write: canonical.unsupported
+  -- refuses it, so getting it here is a bug of the caller.
+  local function cannot(what)
+    error(fmt("%s: cannot encode %s (canonical.unsupported refuses it)", module, what), 2)
+  end
+  h.cannot = cannot
+
+  -- Adds the fields of an extra of api to a wire object, one level deep;
+  -- another API's extra cannot be written.
+  function h.merge_extra(obj, e, where)
+    if e == nil or (not foreign_empty_refused and next(e.fields) == nil) then
+      return obj -- (another API's headers only: nothing for this body)
+    end
+    if e.api ~= api then
+      cannot(fmt("%s: %s fields", where, tostring(e.api)))
+    end
+    for k, v in pairs(e.fields) do
+      local have = obj[k]
+      if type(have) == "table" and type(v) == "table" and not (arrays_replace and json.is_array(v)) then
+        for k2, v2 in pairs(v) do
+          have[k2] = v2
+        end
+      else
+        obj[k] = v
+      end
+    end
+    return obj
+  end
+
+  -- Raises unless every attribute of part p is one its encoder writes (an
+  -- is_error false says nothing).
+  function h.check_keys(p, where)
+    local known = encoded[p.type]
+    if not known then
+      cannot(fmt("%s: a %s part", where, tostring(p.type)))
+    end
+    for k, v in pairs(p) do
+      if not known[k] and not (k == "is_error" and v == false) then
+        cannot(where .. "." .. k)
+      end
+    end
+  end
+
+  -- An opaque part's value, which only its own API can take.
+  function h.opaque_value(p, where)
+    if p.api ~= api then
+      cannot(fmt("%s: a %s part", where, tostring(p.api)))
+    end
+    return p.value
+  end
+
+  -- A REQUEST entry for a field the API cannot set: only its default passes.
+  function h.default_only(name, default)
+    return function(_, v)
+      if v ~= default then
+        cannot(name)
+      end
+    end
+  end
+
+  return h
+end
+
+return _M
