@@ -26,6 +26,7 @@ local EMPTY = {} -- never written
 
 local _M = { api = "anthropic" }
 
+local text_of = common.text_of
 local pass, translate, refuse = common.pass, common.translate, common.refuse
 local copy, fail, set, tokens = common.copy, common.fail, common.set, common.tokens
 local copy_to, ignore = common.copy_to, common.ignore
@@ -525,6 +526,7 @@ local ENCODED = common.encoded {
 local encoder = common.encoder("anthropic", ENCODED, { foreign_empty_refused = true })
 local cannot, merge_extra, check_keys = encoder.cannot, encoder.merge_extra, encoder.check_keys
 local default_only = encoder.default_only
+local write_fields = encoder.write_fields
 
 local function encode_source(s, where)
   if s.type == "base64" then
@@ -814,13 +816,7 @@ function _M.encode_request(req, opts)
   opts = opts or EMPTY
   -- (the usual fields named: the table is sized once)
   local body = { model = opts.model, messages = nil, max_tokens = nil, stream = nil }
-  for k, v in pairs(req) do
-    local f = REQUEST[k]
-    if not f then
-      cannot(k)
-    end
-    f(body, v, req)
-  end
+  write_fields(REQUEST, body, req)
   body.max_tokens = body.max_tokens or opts.default_max_tokens
   -- Continuing an answer another provider began: a last assistant turn is
   -- a prefill the model goes on from (it must not end in whitespace).
@@ -875,23 +871,6 @@ local function block_part(b)
     return { type = "tool_call", id = str(b.id) or "", name = b.name, arguments = json.encode(input) }
   end
   return { type = "opaque", api = "anthropic", value = b }
-end
-
--- The text parts joined (one part: its text, no list).
-local function text_of(parts)
-  local one, out
-  for _, p in ipairs(parts) do
-    if p.type == "text" then
-      if out then
-        out[#out + 1] = p.text
-      elseif one then
-        out = { one, p.text }
-      else
-        one = p.text
-      end
-    end
-  end
-  return out and concat(out) or one or ""
 end
 
 -- decode_response(doc) -> result, or nil, kind, message. doc: a decoded

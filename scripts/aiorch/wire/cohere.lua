@@ -26,6 +26,7 @@ local EMPTY = {} -- never written
 
 local _M = { api = "cohere" }
 
+local text_of = common.text_of
 local pass, translate, refuse = common.pass, common.translate, common.refuse
 local copy, copy_to, ignore = common.copy, common.copy_to, common.ignore
 
@@ -133,6 +134,7 @@ local ENCODED = common.encoded {
 local encoder = common.encoder("cohere", ENCODED, { arrays_replace = true })
 local cannot, merge_extra, check_keys = encoder.cannot, encoder.merge_extra, encoder.check_keys
 local opaque_value, default_only = encoder.opaque_value, encoder.default_only
+local write_fields = encoder.write_fields
 
 -- A text document's data object.
 local function document_data(p, where)
@@ -394,13 +396,7 @@ local REQUEST = {
 function _M.encode_request(req, opts)
   opts = opts or EMPTY
   local body = { model = opts.model }
-  for k, v in pairs(req) do
-    local f = REQUEST[k]
-    if not f then
-      cannot(k)
-    end
-    f(body, v, req)
-  end
+  write_fields(REQUEST, body, req)
   -- Continuing an answer another provider began: it is ours so far.
   local partial = req.continue_from
   if type(partial) == "string" and partial ~= "" then
@@ -486,16 +482,6 @@ local function logprobs_of(items)
     out[#out + 1] = logprob_entry(item)
   end
   return { content = out }
-end
-
-local function text_of(parts)
-  local out = {}
-  for _, p in ipairs(parts) do
-    if p.type == "text" then
-      out[#out + 1] = p.text
-    end
-  end
-  return concat(out)
 end
 
 -- The parts of an answer's message: its content items in order, the

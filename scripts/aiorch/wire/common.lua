@@ -12,6 +12,7 @@ local next = next
 local error = error
 local tostring = tostring
 local tointeger = math.tointeger
+local concat = table.concat
 local null = json.null
 
 local _M = {}
@@ -64,6 +65,23 @@ end
 -- A count written back to a client: 0 when absent.
 function _M.tokens(v)
   return type(v) == "number" and tointeger(v) or 0
+end
+
+-- The text parts of a list joined (one part: its text, no new string).
+function _M.text_of(parts)
+  local one, out
+  for _, p in ipairs(parts) do
+    if p.type == "text" then
+      if out then
+        out[#out + 1] = p.text
+      elseif one then
+        out = { one, p.text }
+      else
+        one = p.text
+      end
+    end
+  end
+  return out and concat(out) or one or ""
 end
 
 -- Entries of an encoder's REQUEST table (canonical field -> how it is
@@ -124,12 +142,12 @@ function _M.encoded(more)
   return out
 end
 
--- The checks of one API's encoder: encoder(api, encoded[, opts]) -> {cannot,
--- merge_extra, check_keys, opaque_value, default_only}. encoded: the
--- attributes each part type's encoder writes (_M.encoded). opts:
--- arrays_replace (an extra's array replaces the object's value instead of
--- being merged into it), foreign_empty_refused (an extra of another API
--- raises even with no fields).
+-- The checks of one API's encoder: encoder(api, encoded[, opts]) ->
+-- {cannot, merge_extra, check_keys, opaque_value, write_fields,
+-- default_only}. encoded: the attributes each part type's encoder writes
+-- (_M.encoded). opts: arrays_replace (an extra's array replaces the
+-- object's value instead of being merged into it), foreign_empty_refused
+-- (an extra of another API raises even with no fields).
 function _M.encoder(api, encoded, opts)
   opts = opts or {}
   local arrays_replace = opts.arrays_replace
@@ -186,6 +204,20 @@ function _M.encoder(api, encoded, opts)
       cannot(fmt("%s: a %s part", where, tostring(p.api)))
     end
     return p.value
+  end
+
+  -- Writes each field of req (canonical.normalize's) into body with its
+  -- entry of request (field -> fn(body, v, req)); a field without one
+  -- cannot be written.
+  function h.write_fields(request, body, req)
+    for k, v in pairs(req) do
+      local f = request[k]
+      if not f then
+        cannot(k)
+      end
+      f(body, v, req)
+    end
+    return body
   end
 
   -- A REQUEST entry for a field the API cannot set: only its default passes.

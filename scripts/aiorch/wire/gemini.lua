@@ -44,6 +44,7 @@ local EMPTY = {} -- never written
 
 local _M = { api = "gemini" }
 
+local text_of = common.text_of
 local pass, translate, refuse = common.pass, common.translate, common.refuse
 local fail, set, ignore, tokens = common.fail, common.set, common.ignore, common.tokens
 local extra_of = common.extra_of_for("gemini")
@@ -794,6 +795,7 @@ local ENCODED = common.encoded {
 }
 local encoder = common.encoder("gemini", ENCODED)
 local cannot, merge_extra, check_keys = encoder.cannot, encoder.merge_extra, encoder.check_keys
+local write_fields = encoder.write_fields
 
 -- Whether an id is one made here (never sent to Gemini).
 local function own_id(id)
@@ -1097,13 +1099,7 @@ local REQUEST = {
 -- refuses those).
 function _M.encode_request(req)
   local body = {}
-  for k, v in pairs(req) do
-    local f = REQUEST[k]
-    if not f then
-      cannot(k)
-    end
-    f(body, v, req)
-  end
+  write_fields(REQUEST, body, req)
   -- Continuing an answer another provider began: it is ours so far.
   local partial = req.continue_from
   if type(partial) == "string" and partial ~= "" then
@@ -1111,15 +1107,7 @@ function _M.encode_request(req)
     c[#c + 1] = { role = "model", parts = json.array({ { text = partial } }) }
     c[#c + 1] = { role = "user", parts = json.array({ { text = util.CONTINUE } }) }
   end
-  local e = req.extra
-  if e then
-    if e.api ~= "gemini" and next(e.fields) then
-      cannot("extra: " .. tostring(e.api) .. " fields")
-    end
-    if e.api == "gemini" then
-      merge_extra(body, e, "extra")
-    end
-  end
+  merge_extra(body, req.extra, "extra")
   return body
 end
 
@@ -1198,16 +1186,6 @@ local function candidate_parts(c, base, idx)
     end
   end
   return parts, calls
-end
-
-local function text_of(parts)
-  local out = {}
-  for _, p in ipairs(parts) do
-    if p.type == "text" then
-      out[#out + 1] = p.text
-    end
-  end
-  return concat(out)
 end
 
 -- The result of a reply whose prompt was blocked: nil, kind, message.

@@ -32,6 +32,7 @@ local EMPTY = {} -- never written
 
 local _M = { api = "openai" }
 
+local text_of = common.text_of
 local pass, translate, refuse = common.pass, common.translate, common.refuse
 local copy, fail, set, tokens = common.copy, common.fail, common.set, common.tokens
 local copy_to, ignore = common.copy_to, common.ignore
@@ -591,6 +592,7 @@ local ENCODED = common.encoded()
 local encoder = common.encoder("openai", ENCODED)
 local cannot, merge_extra, check_keys = encoder.cannot, encoder.merge_extra, encoder.check_keys
 local opaque_value = encoder.opaque_value
+local write_fields = encoder.write_fields
 
 local function encode_part(p, where)
   check_keys(p, where)
@@ -797,13 +799,7 @@ local REQUEST = {
 function _M.encode_request(req, opts)
   opts = opts or EMPTY
   local body = { model = opts.model }
-  for k, v in pairs(req) do
-    local f = REQUEST[k]
-    if not f then
-      cannot(k)
-    end
-    f(body, v, req)
-  end
+  write_fields(REQUEST, body, req)
   -- Continuing an answer another provider began: it is ours so far.
   local partial = req.continue_from
   if type(partial) == "string" and partial ~= "" then
@@ -840,16 +836,6 @@ local function usage_of(u)
     cache_write_tokens = count(p.cache_write_tokens),
     reasoning_tokens = count(c.reasoning_tokens),
   }
-end
-
-local function text_of(parts)
-  local out = {}
-  for _, p in ipairs(parts) do
-    if p.type == "text" then
-      out[#out + 1] = p.text
-    end
-  end
-  return concat(out)
 end
 
 -- The answer's text: its content, else its refusal (which comes instead
