@@ -110,8 +110,16 @@ local function version()
   return core.version or "0.1.0"
 end
 
--- ask's options: name -> field, and whether it takes a value.
-local ASK_OPTIONS = {
+-- A command's options: name -> field, and whether it takes a value;
+-- every command takes --debug and --help (-h).
+local function options(own)
+  own["--debug"] = { "debug", false }
+  own["--help"] = { "help", false }
+  own["-h"] = { "help", false }
+  return own
+end
+
+local ASK_OPTIONS = options {
   ["--strategy"] = { "strategy", true },
   ["--providers"] = { "providers", true },
   ["--context"] = { "context", true },
@@ -123,36 +131,22 @@ local ASK_OPTIONS = {
   ["--json"] = { "json", false },
   ["--stream"] = { "stream", false },
   ["--policy"] = { "policy", true },
-  ["--debug"] = { "debug", false },
-  ["--help"] = { "help", false },
-  ["-h"] = { "help", false },
 }
 
 -- serve's options; the hidden --worker (one worker under the master,
 -- gateway/master.lua) is not among them.
-local SERVE_OPTIONS = {
+local SERVE_OPTIONS = options {
   ["--listen"] = { "listen", true },
   ["--config"] = { "config", true },
   ["--path"] = { "path", true },
   ["--workers"] = { "workers", true },
-  ["--debug"] = { "debug", false },
-  ["--help"] = { "help", false },
-  ["-h"] = { "help", false },
 }
 
 -- run's options, before SCRIPT.lua (what follows it is the script's).
-local RUN_OPTIONS = {
-  ["--debug"] = { "debug", false },
-  ["--help"] = { "help", false },
-  ["-h"] = { "help", false },
-}
+local RUN_OPTIONS = options {}
 
 -- demo's: it takes no others.
-local DEMO_OPTIONS = {
-  ["--debug"] = { "debug", false },
-  ["--help"] = { "help", false },
-  ["-h"] = { "help", false },
-}
+local DEMO_OPTIONS = options {}
 
 _M.options = { ask = ASK_OPTIONS, serve = SERVE_OPTIONS, run = RUN_OPTIONS, demo = DEMO_OPTIONS }
 
@@ -218,21 +212,20 @@ local function parse(cmd, spec, args, first, stop_at_word)
   return o
 end
 
+-- The options that are numbers on the request.
+local NUMBER_OPTIONS = { "temperature", "max_tokens" }
+
 local function build_request(o)
   local req = { user_question = concat(o.words, " "), context = o.context, system_prompt = o.system }
-  if o.temperature ~= nil then
-    local t = tonumber(o.temperature)
-    if not t then
-      return nil, fmt("temperature: '%s' is not a number", o.temperature)
+  for _, f in ipairs(NUMBER_OPTIONS) do
+    local v = o[f]
+    if v ~= nil then
+      local n = tonumber(v)
+      if not n then
+        return nil, fmt("%s: '%s' is not a number", f, v)
+      end
+      req[f] = n
     end
-    req.temperature = t
-  end
-  if o.max_tokens ~= nil then
-    local n = tonumber(o.max_tokens)
-    if not n then
-      return nil, fmt("max_tokens: '%s' is not a number", o.max_tokens)
-    end
-    req.max_tokens = n
   end
   if o.policy ~= nil then
     local p, err = policy.parse(o.policy, "--policy")
