@@ -26,6 +26,7 @@ local EMPTY = {} -- never written
 
 local _M = { api = "anthropic" }
 
+local events = common.events
 local text_of = common.text_of
 local pass, translate, refuse = common.pass, common.translate, common.refuse
 local copy, fail, set, tokens = common.copy, common.fail, common.set, common.tokens
@@ -1169,10 +1170,7 @@ function Decoder:event(sse)
     self.err = { self.classify(doc.error) }
     return nil
   end
-  if #out == 0 then
-    return { type = "meta", raw = sse }
-  end
-  return #out == 1 and out[1] or out
+  return events(out, sse)
 end
 
 -- result() -> the result as decode_response gives it, or nil, kind, message.

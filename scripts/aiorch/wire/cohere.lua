@@ -26,6 +26,7 @@ local EMPTY = {} -- never written
 
 local _M = { api = "cohere" }
 
+local events, continue_chat = common.events, common.continue_chat
 local text_of = common.text_of
 local pass, translate, refuse = common.pass, common.translate, common.refuse
 local copy, copy_to, ignore = common.copy, common.copy_to, common.ignore
@@ -398,12 +399,7 @@ function _M.encode_request(req, opts)
   local body = { model = opts.model }
   write_fields(REQUEST, body, req)
   -- Continuing an answer another provider began: it is ours so far.
-  local partial = req.continue_from
-  if type(partial) == "string" and partial ~= "" then
-    local msgs = body.messages
-    msgs[#msgs + 1] = { role = "assistant", content = partial }
-    msgs[#msgs + 1] = { role = "user", content = util.CONTINUE }
-  end
+  continue_chat(body.messages, req.continue_from)
   merge_extra(body, req.extra, "extra")
   if opts.stream then
     body.stream = true
@@ -701,10 +697,7 @@ function Decoder:event(sse)
       return nil
     end
   end
-  if #out == 0 then
-    return { type = "meta", raw = sse }
-  end
-  return #out == 1 and out[1] or out
+  return events(out, sse)
 end
 
 -- result() -> the result as decode_response gives it, or nil, kind, message.

@@ -3,6 +3,7 @@
 -- checks of their encoders, made once per API (`encoder(api, encoded)`).
 -- Pure functions; no I/O.
 local json = require "aiorch.json"
+local util = require "aiorch.adapter"
 
 local fmt = string.format
 local type = type
@@ -82,6 +83,26 @@ function _M.text_of(parts)
     end
   end
   return out and concat(out) or one or ""
+end
+
+-- Continuing an answer another provider began (a request's continue_from)
+-- in a chat of {role, content} messages: the answer so far is the
+-- assistant's, then a user turn asks for the rest.
+function _M.continue_chat(msgs, partial)
+  if type(partial) == "string" and partial ~= "" then
+    msgs[#msgs + 1] = { role = "assistant", content = partial }
+    msgs[#msgs + 1] = { role = "user", content = util.CONTINUE }
+  end
+end
+
+-- What a stream decoder's :event returns for the canonical events out of
+-- one server-sent event: a meta event when there are none, the event
+-- when there is one, else the list.
+function _M.events(out, sse)
+  if #out == 0 then
+    return { type = "meta", raw = sse }
+  end
+  return #out == 1 and out[1] or out
 end
 
 -- Entries of an encoder's REQUEST table (canonical field -> how it is

@@ -44,6 +44,7 @@ local EMPTY = {} -- never written
 
 local _M = { api = "gemini" }
 
+local events = common.events
 local text_of = common.text_of
 local pass, translate, refuse = common.pass, common.translate, common.refuse
 local fail, set, ignore, tokens = common.fail, common.set, common.ignore, common.tokens
@@ -1457,10 +1458,7 @@ function Decoder:event(sse)
       return nil
     end
   end
-  if #out == 0 then
-    return { type = "meta", raw = sse }
-  end
-  return #out == 1 and out[1] or out
+  return events(out, sse)
 end
 
 -- result() -> the result as decode_response gives it, or nil, kind, message.

@@ -32,6 +32,7 @@ local EMPTY = {} -- never written
 
 local _M = { api = "openai" }
 
+local continue_chat = common.continue_chat
 local text_of = common.text_of
 local pass, translate, refuse = common.pass, common.translate, common.refuse
 local copy, fail, set, tokens = common.copy, common.fail, common.set, common.tokens
@@ -801,12 +802,7 @@ function _M.encode_request(req, opts)
   local body = { model = opts.model }
   write_fields(REQUEST, body, req)
   -- Continuing an answer another provider began: it is ours so far.
-  local partial = req.continue_from
-  if type(partial) == "string" and partial ~= "" then
-    local msgs = body.messages
-    msgs[#msgs + 1] = { role = "assistant", content = partial }
-    msgs[#msgs + 1] = { role = "user", content = util.CONTINUE }
-  end
+  continue_chat(body.messages, req.continue_from)
   merge_extra(body, req.extra, "extra")
   if opts.stream then
     body.stream = true
