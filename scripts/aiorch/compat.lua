@@ -442,11 +442,7 @@ local function classify(e)
   return kind, "provider error: " .. util.excerpt(msg, 500), { provider_error = util.provider_error(e) }
 end
 
-local function failed(doc)
-  if util.present(doc.error) then
-    return classify(doc.error)
-  end
-end
+local failed = common.error_field(classify)
 
 -- Servers' error bodies: OpenAI's {"error": {...}}, Azure's gateway
 -- {"statusCode", "message"}, Mistral's {"message"} or {"detail": [...]}.

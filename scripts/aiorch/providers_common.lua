@@ -79,6 +79,17 @@ function _M.read_answer(body, decode, failed, wire, model)
   return result
 end
 
+-- read_answer's failed for a provider whose error in a 2xx is the body's
+-- `error` object: classify(e) -> kind, message, extra.
+function _M.error_field(classify)
+  local present = util.present
+  return function(doc)
+    if present(doc.error) then
+      return classify(doc.error)
+    end
+  end
+end
+
 -- Streams -------------------------------------------------------------------
 
 -- text_event(event[, skip_empty]) -> :event for a parser made without

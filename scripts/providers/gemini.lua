@@ -12,7 +12,7 @@ local tostring = tostring
 local concat = table.concat
 local find = string.find
 local byte = string.byte
-local str, present = util.str, util.present
+local str = util.str
 
 local EMPTY = {} -- never written
 
@@ -116,11 +116,7 @@ local function classify(e)
     { provider_error = provider_error(e) }
 end
 
-local function failed(doc)
-  if present(doc.error) then
-    return classify(doc.error)
-  end
-end
+local failed = common.error_field(classify)
 
 -- result: wire.gemini.decode_response's, plus raw_body (the upstream bytes).
 function _M.parse_response(config, status, headers, body)

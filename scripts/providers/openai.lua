@@ -6,7 +6,7 @@ local common = require "aiorch.providers_common"
 local wire = require "aiorch.wire.openai"
 
 local type = type
-local str, present = util.str, util.present
+local str = util.str
 
 local EMPTY = {} -- never written
 
@@ -72,11 +72,7 @@ local function classify(e)
   return kind, "provider error: " .. util.excerpt(msg, 500), { provider_error = util.provider_error(e) }
 end
 
-local function failed(doc)
-  if present(doc.error) then
-    return classify(doc.error)
-  end
-end
+local failed = common.error_field(classify)
 
 -- result: wire.openai.decode_response's, plus raw_body (the upstream bytes).
 function _M.parse_response(config, status, headers, body)
