@@ -14,6 +14,7 @@ local error = error
 local tostring = tostring
 local tointeger = math.tointeger
 local concat = table.concat
+local max = math.max
 local null = json.null
 
 local _M = {}
@@ -103,6 +104,34 @@ function _M.events(out, sse)
     return { type = "meta", raw = sse }
   end
   return #out == 1 and out[1] or out
+end
+
+-- The number of choices a stream decoder keeps by index from 0: one more
+-- than the highest index (0 for none).
+function _M.choice_count(choices)
+  local n = 0
+  for idx in pairs(choices) do
+    n = max(n, idx + 1)
+  end
+  return n
+end
+
+-- A stream's result, as decode_response gives it, from its choices in
+-- order (each {index, content, response_text, finish_reason,
+-- provider_finish_reason, logprobs}); the first is the answer's.
+function _M.choices_result(list, text, model, usage, upstream)
+  local one = list[1]
+  return {
+    content = one.content,
+    text = text,
+    choices = #list > 1 and list or nil,
+    model = model,
+    finish_reason = one.finish_reason,
+    provider_finish_reason = one.provider_finish_reason,
+    usage = usage or {},
+    logprobs = one.logprobs,
+    upstream = upstream,
+  }
 end
 
 -- Entries of an encoder's REQUEST table (canonical field -> how it is

@@ -45,6 +45,7 @@ local EMPTY = {} -- never written
 local _M = { api = "gemini" }
 
 local events = common.events
+local choice_count, choices_result = common.choice_count, common.choices_result
 local text_of = common.text_of
 local pass, translate, refuse = common.pass, common.translate, common.refuse
 local fail, set, ignore, tokens = common.fail, common.set, common.ignore, common.tokens
@@ -1470,28 +1471,14 @@ function Decoder:result()
   if not (first and first.finish) then
     return nil, "stream_cut", fmt("stream ended after %d events without a finishReason", self.events)
   end
-  local n = 0
-  for idx in pairs(self.choices) do
-    n = max(n, idx + 1)
-  end
+  local n = choice_count(self.choices)
   local list = {}
   for idx = 0, n - 1 do
     local st = self.choices[idx] or { parts = {}, calls = 0 }
     list[idx + 1] = { index = idx, content = st.parts, response_text = text_of(st.parts),
       finish_reason = finish_of(st.finish, st.calls > 0), provider_finish_reason = st.finish, logprobs = st.logprobs }
   end
-  local one = list[1]
-  return {
-    content = one.content,
-    text = concat(self.parts),
-    choices = #list > 1 and list or nil,
-    model = self.model,
-    finish_reason = one.finish_reason,
-    provider_finish_reason = one.provider_finish_reason,
-    usage = self.usage or {},
-    logprobs = one.logprobs,
-    upstream = { id = self.response_id },
-  }
+  return choices_result(list, concat(self.parts), self.model, self.usage, { id = self.response_id })
 end
 
 -- An error object in a stream chunk -> kind, message (the adapter sets

@@ -33,6 +33,7 @@ local EMPTY = {} -- never written
 local _M = { api = "openai" }
 
 local continue_chat = common.continue_chat
+local choice_count, choices_result = common.choice_count, common.choices_result
 local text_of = common.text_of
 local pass, translate, refuse = common.pass, common.translate, common.refuse
 local copy, fail, set, tokens = common.copy, common.fail, common.set, common.tokens
@@ -1278,10 +1279,7 @@ function Decoder:result()
     return nil, "stream_cut", fmt("stream ended after %d events without [DONE]", self.events)
   end
   local list = {}
-  local n = 0
-  for idx in pairs(self.choices) do
-    n = max(n, idx + 1)
-  end
+  local n = choice_count(self.choices)
   for idx = 0, max(n, 1) - 1 do
     local st = self.choices[idx] or new_choice()
     local parts = finished_parts(st)
@@ -1289,18 +1287,7 @@ function Decoder:result()
       finish_reason = canonical.finish_reason(st.finish), provider_finish_reason = st.finish,
       logprobs = st.logprobs and { content = st.logprobs } or nil }
   end
-  local one = list[1]
-  return {
-    content = one.content,
-    text = concat(self.parts),
-    choices = #list > 1 and list or nil,
-    model = self.model,
-    finish_reason = one.finish_reason,
-    provider_finish_reason = one.provider_finish_reason,
-    usage = self.usage or {},
-    logprobs = one.logprobs,
-    upstream = self.upstream or {},
-  }
+  return choices_result(list, concat(self.parts), self.model, self.usage, self.upstream or {})
 end
 
 -- An error object in a stream chunk -> kind, message (the adapter sets
