@@ -212,6 +212,20 @@ local function parse(cmd, spec, args, first, stop_at_word)
   return o
 end
 
+-- A command's options, or nil and its exit code when that is all it does:
+-- a usage error (2), or --help written (0).
+local function command_options(name, spec, args, first, stop_at_word)
+  local o, perr = parse(name, spec, args, first, stop_at_word)
+  if not o then
+    return nil, usage_error(perr)
+  end
+  if o.help then
+    io_stdout:write(_M.usage)
+    return nil, 0
+  end
+  return o
+end
+
 -- The options that are numbers on the request.
 local NUMBER_OPTIONS = { "temperature", "max_tokens" }
 
@@ -329,13 +343,9 @@ local function run_orchestration(req, strategy, providers, opts)
 end
 
 function _M.ask(args, first)
-  local o, perr = parse("ask", ASK_OPTIONS, args, first)
+  local o, done = command_options("ask", ASK_OPTIONS, args, first)
   if not o then
-    return usage_error(perr)
-  end
-  if o.help then
-    io_stdout:write(_M.usage)
-    return 0
+    return done
   end
   if #o.words == 0 then
     return usage_error("ask: missing QUESTION")
@@ -394,13 +404,9 @@ end
 -- global arg. An error is one line naming the script's file and line; its
 -- traceback comes in debug mode only.
 function _M.run(args, first)
-  local o, perr = parse("run", RUN_OPTIONS, args, first, true)
+  local o, done = command_options("run", RUN_OPTIONS, args, first, true)
   if not o then
-    return usage_error(perr)
-  end
-  if o.help then
-    io_stdout:write(_M.usage)
-    return 0
+    return done
   end
   local script = o.words[1]
   if not script then
@@ -435,13 +441,9 @@ function _M.serve(args, first)
   -- --worker: one worker under the master (gateway/master.lua), hidden.
   local worker = args[first] == "--worker"
   -- --debug reaches the workers too: they run these arguments.
-  local o, perr = parse("serve", SERVE_OPTIONS, args, worker and first + 1 or first)
+  local o, done = command_options("serve", SERVE_OPTIONS, args, worker and first + 1 or first)
   if not o then
-    return usage_error(perr)
-  end
-  if o.help then
-    io_stdout:write(_M.usage)
-    return 0
+    return done
   end
   if #o.words > 0 then
     return usage_error("serve: unknown argument '%s'", o.words[1])
@@ -566,12 +568,9 @@ function _M.main(args)
   elseif cmd == "serve" then
     return _M.serve(args, 2)
   elseif cmd == "demo" then
-    local o, perr = parse("demo", DEMO_OPTIONS, args, 2)
+    local o, done = command_options("demo", DEMO_OPTIONS, args, 2)
     if not o then
-      return usage_error(perr)
-    elseif o.help then
-      io_stdout:write(_M.usage)
-      return 0
+      return done
     elseif #o.words > 0 then
       return usage_error("demo: unknown argument '%s'", o.words[1])
     end

@@ -10,6 +10,7 @@ local cjson = require "cjson.safe"
 local util = require "aiorch.adapter"
 local common = require "aiorch.providers_common"
 local wire = require "aiorch.wire.openai"
+local wire_common = require "aiorch.wire.common"
 
 local fmt = string.format
 local type = type
@@ -415,17 +416,7 @@ local function fields_for(quirks, refused)
   return f
 end
 
-local function percent(s)
-  return (s:gsub("[^%w%-%._~]", function(c) return fmt("%%%02X", byte(c)) end))
-end
-
-local function copy(t)
-  local c = {}
-  for k, v in pairs(t) do
-    c[k] = v
-  end
-  return c
-end
+local percent, copy = common.percent, wire_common.copy
 
 -- An error object in a 200 body or a stream chunk: classify by its type/code.
 local function classify(e)

@@ -8,6 +8,8 @@ local type = type
 local ipairs = ipairs
 local error = error
 local concat = table.concat
+local fmt = string.format
+local byte = string.byte
 
 local _M = {}
 
@@ -30,6 +32,12 @@ function _M.raw_of(request, api)
     return raw
   end
   return nil
+end
+
+-- s percent-encoded for a URL's path or query: all but letters, digits
+-- and -._~ (a model or deployment name, an API version).
+function _M.percent(s)
+  return (s:gsub("[^%w%-%._~]", function(c) return fmt("%%%02X", byte(c)) end))
 end
 
 -- "Bearer " .. key, made once per key, not on every request.

@@ -6,12 +6,10 @@ local util = require "aiorch.adapter"
 local common = require "aiorch.providers_common"
 local wire = require "aiorch.wire.gemini"
 
-local fmt = string.format
 local type = type
 local tostring = tostring
 local concat = table.concat
 local find = string.find
-local byte = string.byte
 local str = util.str
 
 local EMPTY = {} -- never written
@@ -37,15 +35,11 @@ local _M = {
 local urls, n_urls = {}, 0
 local URLS_MAX = 256
 
-local function escape(s)
-  return (s:gsub("[^%w%-%._~]", function(c) return fmt("%%%02X", byte(c)) end))
-end
-
 local function url_of(base, model, stream)
   local key = concat({ base, model, stream and "s" or "" }, "\0")
   local url = urls[key]
   if not url then
-    url = util.join_url(base, "/v1beta/models/" .. escape(model)
+    url = util.join_url(base, "/v1beta/models/" .. common.percent(model)
       .. (stream and ":streamGenerateContent?alt=sse" or ":generateContent"))
     if n_urls >= URLS_MAX then
       urls, n_urls = {}, 0
