@@ -433,8 +433,6 @@ local function classify(e)
   return kind, "provider error: " .. util.excerpt(msg, 500), { provider_error = util.provider_error(e) }
 end
 
-local failed = common.error_field(classify)
-
 -- Servers' error bodies: OpenAI's {"error": {...}}, Azure's gateway
 -- {"statusCode", "message"}, Mistral's {"message"} or {"detail": [...]}.
 local function error_message(doc)
@@ -494,7 +492,7 @@ function _M.new(name, spec)
         a.base_url_env or "base_url"), 0)
     end
     if not spec.azure then
-      return common.url(urls, base, "/chat/completions")
+      return urls[base] or common.url(urls, base, "/chat/completions")
     end
     local dep = deployments[model] or model
     local version = fixed_version or config.api_version or _M.default_azure_api_version
@@ -516,10 +514,10 @@ function _M.new(name, spec)
   -- sent as it came, unless a quirk must change it (then re-encoded).
   function a.build_request(config, request, opts)
     opts = opts or EMPTY
-    local raw = common.raw_of(request, "openai")
+    local raw = request.raw
     local body, stream
     local model = opts.model or config.model or a.default_model
-    if raw then
+    if type(raw) == "table" and raw.api == "openai" and type(raw.body) == "string" then
       local doc = type(raw.doc) == "table" and raw.doc or EMPTY
       local mine = has_quirks and copy(doc) or nil
       if mine and apply(quirks, mine, name) then
@@ -577,7 +575,7 @@ function _M.new(name, spec)
       end
       return r, kind, msg, extra
     end
-    return common.read_answer(body, json.decode_plain, failed, wire, config.model or a.default_model)
+    return common.read_answer(body, json.decode_plain, classify, wire, config.model or a.default_model)
   end
 
   -- Groq reports a stream's usage in x_groq.usage.

@@ -8,6 +8,7 @@ local type = type
 local ipairs = ipairs
 local error = error
 local concat = table.concat
+local present = util.present
 local fmt = string.format
 local byte = string.byte
 
@@ -24,60 +25,55 @@ function _M.normalize(request)
   return req
 end
 
--- request.raw when the request came in through api with its body (then it
--- is sent as it came), else nil.
-function _M.raw_of(request, api)
-  local raw = request.raw
-  if type(raw) == "table" and raw.api == api and type(raw.body) == "string" then
-    return raw
-  end
-  return nil
-end
-
 -- s percent-encoded for a URL's path or query: all but letters, digits
 -- and -._~ (a model or deployment name, an API version).
 function _M.percent(s)
   return (s:gsub("[^%w%-%._~]", function(c) return fmt("%%%02X", byte(c)) end))
 end
 
--- "Bearer " .. key, made once per key, not on every request.
+-- "Bearer " .. key, made once per key, not on every request: callers
+-- read _M.bearers[key] first, and call bearer(key) only when it is not
+-- there (no call on a request's path).
 local bearers = {}
+_M.bearers = bearers
 
 function _M.bearer(key)
-  local auth = bearers[key]
-  if not auth then
-    auth = "Bearer " .. key
-    bearers[key] = auth
-  end
+  local auth = "Bearer " .. key
+  bearers[key] = auth
   return auth
 end
 
--- base joined with path, once per base: urls is the adapter's cache.
+-- base joined with path, kept in urls (the adapter's cache by base): as
+-- with bearer, callers read urls[base] first.
 function _M.url(urls, base, path)
-  local url = urls[base]
-  if not url then
-    url = util.join_url(base, path)
-    urls[base] = url
-  end
+  local url = util.join_url(base, path)
+  urls[base] = url
   return url
 end
 
 -- Answers -------------------------------------------------------------------
 
 -- The result of a 2xx answer's body: decoded with decode (aiorch.json's
--- decode or decode_plain); failed(doc) -> kind, message, extra when the
--- body is the provider's error instead; translated by wire.decode_response,
--- with model when the answer names none, and raw_body (the upstream bytes).
-function _M.read_answer(body, decode, failed, wire, model)
+-- decode or decode_plain); the provider's error instead when the body
+-- has an `error` object (classify(e) -> kind, message, extra; nil: the
+-- provider has none of those) or failed(doc) (optional) says kind,
+-- message, extra; else translated by wire.decode_response, with model
+-- when the answer names none, and raw_body (the upstream bytes).
+function _M.read_answer(body, decode, classify, wire, model, failed)
   local doc, err = decode(body or "")
   if type(doc) ~= "table" then
     return nil, "parse", "malformed JSON body: " .. (err or "not an object")
   end
-  local kind, msg, extra = failed(doc)
-  if kind then
-    return nil, kind, msg, extra
+  if classify and present(doc.error) then
+    return nil, classify(doc.error)
   end
-  local result
+  local result, kind, msg, extra
+  if failed then
+    kind, msg, extra = failed(doc)
+    if kind then
+      return nil, kind, msg, extra
+    end
+  end
   result, kind, msg = wire.decode_response(doc)
   if not result then
     return nil, kind, msg
@@ -85,17 +81,6 @@ function _M.read_answer(body, decode, failed, wire, model)
   result.model = result.model or model
   result.raw_body = body
   return result
-end
-
--- read_answer's failed for a provider whose error in a 2xx is the body's
--- `error` object: classify(e) -> kind, message, extra.
-function _M.error_field(classify)
-  local present = util.present
-  return function(doc)
-    if present(doc.error) then
-      return classify(doc.error)
-    end
-  end
 end
 
 -- Streams -------------------------------------------------------------------

@@ -7,7 +7,7 @@ local wire = require "aiorch.wire.anthropic"
 
 local type = type
 local find = string.find
-local str, present = util.str, util.present
+local str = util.str
 
 local EMPTY = {} -- never written
 
@@ -43,9 +43,9 @@ function _M.build_request(config, request, opts)
     ["x-api-key"] = config.key or "",
     ["anthropic-version"] = _M.api_version,
   }
-  local raw = common.raw_of(request, _M.api)
+  local raw = request.raw
   local body, stream
-  if raw then
+  if type(raw) == "table" and raw.api == _M.api and type(raw.body) == "string" then
     body, stream = util.passthrough(raw, opts.model, opts.stream == true)
     local h = type(raw.headers) == "table" and raw.headers or EMPTY
     headers["anthropic-version"] = str(h["anthropic-version"]) or _M.api_version
@@ -66,9 +66,10 @@ function _M.build_request(config, request, opts)
   if stream then
     headers["accept"] = "text/event-stream"
   end
+  local base = config.base_url or _M.default_base_url
   return {
     method = "POST",
-    url = common.url(urls, config.base_url or _M.default_base_url, "/v1/messages"),
+    url = urls[base] or common.url(urls, base, "/v1/messages"),
     headers = headers,
     body = body,
   }
@@ -93,8 +94,9 @@ local function classify(e)
     { provider_error = util.provider_error(e) }
 end
 
+-- An error body without an error object is an error still.
 local function failed(doc)
-  if doc.type == "error" or present(doc.error) then
+  if doc.type == "error" then
     return classify(doc.error)
   end
 end
@@ -107,7 +109,7 @@ function _M.parse_response(config, status, headers, body)
   -- A tool call's input is an object: it becomes JSON text again, so its
   -- empty arrays must stay arrays (aiorch.json); otherwise cjson alone.
   local decode = find(body or "", '"tool_use"', 1, true) and json.decode or json.decode_plain
-  return common.read_answer(body, decode, failed, wire, config.model or _M.default_model)
+  return common.read_answer(body, decode, classify, wire, config.model or _M.default_model, failed)
 end
 
 -- stream_parser(config[, opts]) -> wire.anthropic's stream decoder (the

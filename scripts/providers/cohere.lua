@@ -9,6 +9,7 @@ local type = type
 local str = util.str
 
 local EMPTY = {} -- never written
+local bearers = common.bearers
 
 local _M = {
   name = "cohere",
@@ -36,14 +37,16 @@ function _M.build_request(config, request, opts)
   local stream = opts.stream and true or false
   local body = json.encode(wire.encode_request(req, { model = opts.model or config.model or _M.default_model,
     stream = stream }))
+  local key = config.key or ""
   local headers = {
     ["content-type"] = "application/json",
-    ["authorization"] = common.bearer(config.key or ""),
+    ["authorization"] = bearers[key] or common.bearer(key),
     ["accept"] = stream and "text/event-stream" or "application/json",
   }
+  local base = config.base_url or _M.default_base_url
   return {
     method = "POST",
-    url = common.url(urls, config.base_url or _M.default_base_url, "/v2/chat"),
+    url = urls[base] or common.url(urls, base, "/v2/chat"),
     headers = headers,
     body = body,
   }
@@ -63,7 +66,7 @@ function _M.parse_response(config, status, headers, body)
     return util.http_error(status, headers, body, util.error_object_message)
   end
   -- Tool calls' arguments are JSON text already: cjson alone reads it.
-  return common.read_answer(body, json.decode_plain, failed, wire, config.model or _M.default_model)
+  return common.read_answer(body, json.decode_plain, nil, wire, config.model or _M.default_model, failed)
 end
 
 -- stream_parser(config[, opts]) -> wire.cohere's stream decoder (the

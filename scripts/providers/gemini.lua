@@ -55,9 +55,9 @@ end
 -- sent as it came: its bytes (the model and the stream flag are in the URL).
 function _M.build_request(config, request, opts)
   opts = opts or EMPTY
-  local raw = common.raw_of(request, _M.api)
+  local raw = request.raw
   local body
-  if raw then
+  if type(raw) == "table" and raw.api == _M.api and type(raw.body) == "string" then
     body = raw.body
   else
     body = json.encode(wire.encode_request(common.normalize(request)))
@@ -110,8 +110,6 @@ local function classify(e)
     { provider_error = provider_error(e) }
 end
 
-local failed = common.error_field(classify)
-
 -- result: wire.gemini.decode_response's, plus raw_body (the upstream bytes).
 function _M.parse_response(config, status, headers, body)
   if status < 200 or status > 299 then
@@ -120,7 +118,7 @@ function _M.parse_response(config, status, headers, body)
   -- A call's args become JSON text again, so their empty arrays must stay
   -- arrays (aiorch.json); otherwise cjson alone.
   local decode = find(body or "", '"functionCall"', 1, true) and json.decode or json.decode_plain
-  return common.read_answer(body, decode, failed, wire, config.model or _M.default_model)
+  return common.read_answer(body, decode, classify, wire, config.model or _M.default_model)
 end
 
 -- stream_parser(config[, opts]) -> wire.gemini's stream decoder (each

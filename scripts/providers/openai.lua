@@ -9,6 +9,7 @@ local type = type
 local str = util.str
 
 local EMPTY = {} -- never written
+local bearers = common.bearers
 
 local _M = {
   name = "openai",
@@ -32,9 +33,9 @@ local urls = {}
 -- sent as it came, with opts.model only when given.
 function _M.build_request(config, request, opts)
   opts = opts or EMPTY
-  local raw = common.raw_of(request, _M.api)
+  local raw = request.raw
   local body, stream
-  if raw then
+  if type(raw) == "table" and raw.api == _M.api and type(raw.body) == "string" then
     body, stream = util.passthrough(raw, opts.model, opts.stream == true)
   else
     local req = common.normalize(request)
@@ -42,16 +43,18 @@ function _M.build_request(config, request, opts)
     body = json.encode(wire.encode_request(req, { model = opts.model or config.model or _M.default_model,
       stream = stream }))
   end
+  local key = config.key or ""
   local headers = {
     ["content-type"] = "application/json",
-    ["authorization"] = common.bearer(config.key or ""),
+    ["authorization"] = bearers[key] or common.bearer(key),
   }
   if stream then
     headers["accept"] = "text/event-stream"
   end
+  local base = config.base_url or _M.default_base_url
   return {
     method = "POST",
-    url = common.url(urls, config.base_url or _M.default_base_url, "/chat/completions"),
+    url = urls[base] or common.url(urls, base, "/chat/completions"),
     headers = headers,
     body = body,
   }
@@ -72,8 +75,6 @@ local function classify(e)
   return kind, "provider error: " .. util.excerpt(msg, 500), { provider_error = util.provider_error(e) }
 end
 
-local failed = common.error_field(classify)
-
 -- result: wire.openai.decode_response's, plus raw_body (the upstream bytes).
 function _M.parse_response(config, status, headers, body)
   if status < 200 or status > 299 then
@@ -81,7 +82,7 @@ function _M.parse_response(config, status, headers, body)
   end
   -- Tool calls' arguments are JSON text already: nothing here is
   -- written back as JSON, so cjson alone reads it.
-  return common.read_answer(body, json.decode_plain, failed, wire, config.model or _M.default_model)
+  return common.read_answer(body, json.decode_plain, classify, wire, config.model or _M.default_model)
 end
 
 -- stream_parser(config[, opts]) -> wire.openai's stream decoder: :event(ev)
