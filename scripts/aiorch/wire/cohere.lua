@@ -135,7 +135,7 @@ local ENCODED = common.encoded {
 local encoder = common.encoder("cohere", ENCODED, { arrays_replace = true })
 local cannot, merge_extra, check_keys = encoder.cannot, encoder.merge_extra, encoder.check_keys
 local opaque_value, default_only = encoder.opaque_value, encoder.default_only
-local write_fields = encoder.write_fields
+local write_fields, image_url = encoder.write_fields, encoder.image_url
 
 -- A text document's data object.
 local function document_data(p, where)
@@ -154,16 +154,7 @@ local function encode_item(p, where, docs)
   if t == "text" then
     out = { type = "text", text = p.text }
   elseif t == "image" and docs then
-    local s = p.source
-    local url
-    if s.type == "base64" then
-      url = "data:" .. s.media_type .. ";base64," .. s.data
-    elseif s.type == "url" then
-      url = s.url
-    else
-      cannot(where .. ": an image by " .. tostring(s.type))
-    end
-    out = { type = "image_url", image_url = { url = url, detail = p.detail } }
+    out = image_url(p, where)
   elseif t == "document" and docs then
     docs[#docs + 1] = merge_extra({ data = document_data(p, where) }, p.extra, where)
     return nil

@@ -193,7 +193,7 @@ function _M.encoded(more)
 end
 
 -- The checks of one API's encoder: encoder(api, encoded[, opts]) ->
--- {cannot, merge_extra, check_keys, opaque_value, write_fields,
+-- {cannot, merge_extra, check_keys, opaque_value, write_fields, image_url,
 -- default_only}. encoded: the attributes each part type's encoder writes
 -- (_M.encoded). opts: arrays_replace (an extra's array replaces the
 -- object's value instead of being merged into it), foreign_empty_refused
@@ -268,6 +268,21 @@ function _M.encoder(api, encoded, opts)
       f(body, v, req)
     end
     return body
+  end
+
+  -- An image part as an `image_url` item {url, detail} (OpenAI's, which
+  -- Cohere takes too): base64 data as a data: URL.
+  function h.image_url(p, where)
+    local s = p.source
+    local url
+    if s.type == "base64" then
+      url = "data:" .. s.media_type .. ";base64," .. s.data
+    elseif s.type == "url" then
+      url = s.url
+    else
+      cannot(where .. ": an image by " .. tostring(s.type))
+    end
+    return { type = "image_url", image_url = { url = url, detail = p.detail } }
   end
 
   -- A REQUEST entry for a field the API cannot set: only its default passes.

@@ -594,7 +594,7 @@ local ENCODED = common.encoded()
 local encoder = common.encoder("openai", ENCODED)
 local cannot, merge_extra, check_keys = encoder.cannot, encoder.merge_extra, encoder.check_keys
 local opaque_value = encoder.opaque_value
-local write_fields = encoder.write_fields
+local write_fields, image_url = encoder.write_fields, encoder.image_url
 
 local function encode_part(p, where)
   check_keys(p, where)
@@ -603,16 +603,7 @@ local function encode_part(p, where)
   if t == "text" then
     out = { type = "text", text = p.text }
   elseif t == "image" then
-    local s = p.source
-    local url
-    if s.type == "base64" then
-      url = "data:" .. s.media_type .. ";base64," .. s.data
-    elseif s.type == "url" then
-      url = s.url
-    else
-      cannot(where .. ": an image by " .. tostring(s.type))
-    end
-    out = { type = "image_url", image_url = { url = url, detail = p.detail } }
+    out = image_url(p, where)
   elseif t == "document" then
     local s = p.source
     local file = { filename = p.filename or p.title }
