@@ -54,6 +54,156 @@ function _M.write(path, text)
   f:close()
 end
 
+-- A file's text, or nil when it cannot be read (slurp gives "" then).
+function _M.read(path)
+  local f = io.open(path, "rb")
+  if not f then
+    return nil
+  end
+  local s = f:read("a")
+  f:close()
+  return s
+end
+
+-- A fresh path in the temporary directory, with nothing there yet.
+function _M.tmpname()
+  local p = os.tmpname()
+  os.remove(p)
+  return p
+end
+
+function _M.sh_quote(s)
+  return "'" .. tostring(s):gsub("'", "'\\''") .. "'"
+end
+
+-- Calls cond every `every` ms (default 5) until it returns a true value,
+-- for at most stretch(ms) (default 5000); returns that value, or what
+-- cond returns once the time is up.
+function _M.wait_for(cond, ms, every)
+  local deadline = aiorch.now() + _M.stretch(ms or 5000)
+  repeat
+    local v = cond()
+    if v then
+      return v
+    end
+    aiorch.sleep(every or 5)
+  until aiorch.now() > deadline
+  return cond()
+end
+
+-- A field of /proc/PID/status (VmRSS, VmHWM) in KiB; 0 once it is gone.
+function _M.status_kib(pid, field)
+  local s = _M.read("/proc/" .. pid .. "/status") or ""
+  return tonumber(s:match(field .. ":%s*(%d+)")) or 0
+end
+
+-- Whether AddressSanitizer's library is mapped: then shadow memory and
+-- the quarantine dwarf the RSS of the runtime's own buffers.
+function _M.under_asan()
+  return (_M.read("/proc/self/maps") or ""):find("libasan", 1, true) ~= nil
+end
+
+-- Processes run by start(), in their order; stop() and stop_all() end them.
+local started = {}
+
+-- Spawns argv with process.spawn's opts, under `ulimit -n nofile` (soft
+-- and hard) when nofile is given; returns its pid.
+function _M.start(argv, opts, nofile)
+  if nofile then
+    local words = {}
+    for i, a in ipairs(argv) do
+      words[i] = _M.sh_quote(a)
+    end
+    argv = { "sh", "-c", string.format("ulimit -n %d && exec %s", nofile, table.concat(words, " ")) }
+  end
+  local pid = assert(process.spawn(argv, opts))
+  started[#started + 1] = pid
+  return pid
+end
+
+-- Takes pid off start()'s list (it was waited for); true when it was there.
+function _M.forget(pid)
+  for i, p in ipairs(started) do
+    if p == pid then
+      table.remove(started, i)
+      return true
+    end
+  end
+  return false
+end
+
+-- SIGKILLs a process run by start() and waits for it.
+function _M.stop(pid)
+  if _M.forget(pid) and process.kill(pid, "SIGKILL") then
+    process.wait(pid, 5000)
+  end
+end
+
+-- Stops every process start() ran that is not stopped yet.
+function _M.stop_all()
+  while started[1] do
+    _M.stop(started[1])
+  end
+end
+
+-- The pids of a process's children, ascending.
+function _M.children(pid)
+  local p = io.popen("pgrep -P " .. pid)
+  local list = {}
+  for line in p:lines() do
+    list[#list + 1] = tonumber(line)
+  end
+  p:close()
+  table.sort(list)
+  return list
+end
+
+-- Whether pid is there and not a zombie.
+function _M.alive(pid)
+  local s = _M.read("/proc/" .. pid .. "/stat")
+  return s ~= nil and s:match("%) (%a)") ~= "Z"
+end
+
+-- Runs argv (start()) with its stdout in a file; returns a function that
+-- waits for its end (stretch(ms), default 30 s), checks that it exited 0
+-- and returns its output's lines.
+function _M.start_lines(argv, ms)
+  local out = _M.tmpname()
+  local words = {}
+  for i, a in ipairs(argv) do
+    words[i] = tostring(a)
+  end
+  local pid = _M.start(words, { stdout = out })
+  return function()
+    local code = process.wait(pid, _M.stretch(ms or 30000))
+    _M.forget(pid)
+    assert(code == 0, "the client failed: " .. tostring(code))
+    local lines = {}
+    for line in (_M.read(out) or ""):gmatch("[^\n]+") do
+      lines[#lines + 1] = line
+    end
+    os.remove(out)
+    return lines
+  end
+end
+
+-- Starts `aiorch serve --workers 0` (start(): stop it with stop(pid)) with
+-- the configuration text cfg and env; opts: nofile (start()'s), exe (the
+-- program, default this one). Returns pid, port and its stderr's file once
+-- it says it listens.
+function _M.start_serve(cfg, env, opts)
+  opts = opts or {}
+  local port = _M.free_port()
+  local errfile, cfgfile = _M.tmpname(), _M.tmpname() .. ".lua"
+  _M.write(cfgfile, cfg)
+  local pid = _M.start({ opts.exe or process.exe(), "serve", "--workers", "0", "--listen", "127.0.0.1:" .. port,
+    "--config", cfgfile }, { stderr = errfile, env = env }, opts.nofile)
+  assert(_M.wait_for(function() return (_M.read(errfile) or ""):find("listening on", 1, true) end),
+    "the gateway did not start: " .. tostring(_M.read(errfile)))
+  os.remove(cfgfile)
+  return pid, port, errfile
+end
+
 -- A new empty directory; removed by _M.cleanup().
 local dirs = {}
 function _M.tmpdir()
