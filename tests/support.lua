@@ -292,6 +292,62 @@ function _M.access_lines(s)
   return out
 end
 
+-- Parses a whole SSE body into {event = name|nil, data = text, json =
+-- data decoded or nil} records.
+function _M.sse(body)
+  local out = {}
+  for block in (body .. "\n\n"):gmatch("(.-)\n\n") do
+    if block ~= "" then
+      local ev = { data = {} }
+      for line in block:gmatch("[^\n]+") do
+        local k, v = line:match("^(%w+): ?(.*)$")
+        if k == "event" then
+          ev.event = v
+        elseif k == "data" then
+          ev.data[#ev.data + 1] = v
+        end
+      end
+      ev.data = table.concat(ev.data, "\n")
+      ev.json = cjson.decode(ev.data)
+      out[#out + 1] = ev
+    end
+  end
+  return out
+end
+
+-- The environment of providers openai and anthropic at an aiorch.mock
+-- server m, with their keys (keys.openai, keys.anthropic), the mock
+-- directives o and a for each, and extra variables.
+function _M.mock_env(m, keys, o, a, extra)
+  local env = {
+    OPENAI_API_KEY = keys.openai, ANTHROPIC_API_KEY = keys.anthropic,
+    OPENAI_BASE_URL = m:base_url("openai", o or {}), ANTHROPIC_BASE_URL = m:base_url("anthropic", a or {}),
+  }
+  for k, v in pairs(extra or {}) do
+    env[k] = v
+  end
+  return env
+end
+
+-- The requests an aiorch.mock server received for one api, in order.
+function _M.requests_of(mock, api)
+  local out = {}
+  for _, r in ipairs(mock.requests) do
+    if r.api == api then
+      out[#out + 1] = r
+    end
+  end
+  return out
+end
+
+-- Fails unless none of keys (a table's values) is in text; what names
+-- them in the message (default "a key"), never the key itself.
+function _M.no_keys_in(text, keys, what)
+  for _, key in pairs(keys) do
+    assert(not text:find(key, 1, true), (what or "a key") .. " leaked")
+  end
+end
+
 -- A Prometheus sample's value.
 function _M.metric(text, name)
   local v = text:match("\n" .. name:gsub("[%-%.%[%]%(%)%+%*%?%^%$%%]", "%%%0") .. " ([%d%.e%+%-]+)")

@@ -3,6 +3,7 @@
 -- real `aiorch serve` subprocess. Runs inside the runtime.
 local aiorch = require "aiorch"
 local cjson = require "cjson.safe"
+local support = require "tests.support"
 local mock_mod = require "aiorch.mock"
 local gateway = require "aiorch.gateway.server"
 local gconfig = require "aiorch.gateway.config"
@@ -68,54 +69,17 @@ local function post(base, path, body, headers)
 end
 
 -- Parses a whole SSE body into {event = name|nil, data = text} records.
-local function sse(body)
-  local out = {}
-  for block in (body .. "\n\n"):gmatch("(.-)\n\n") do
-    if block ~= "" then
-      local ev = { data = {} }
-      for line in block:gmatch("[^\n]+") do
-        local k, v = line:match("^(%w+): ?(.*)$")
-        if k == "event" then
-          ev.event = v
-        elseif k == "data" then
-          ev.data[#ev.data + 1] = v
-        end
-      end
-      ev.data = table.concat(ev.data, "\n")
-      ev.json = cjson.decode(ev.data)
-      out[#out + 1] = ev
-    end
-  end
-  return out
-end
+local sse = support.sse
 
 local function requests_of(api)
-  local out = {}
-  for _, r in ipairs(m.requests) do
-    if r.api == api then
-      out[#out + 1] = r
-    end
-  end
-  return out
+  return support.requests_of(m, api)
 end
 
--- Longer under valgrind (tests/busted.lua).
-local SLOWDOWN = (tonumber(os.getenv("AIORCH_TEST_SLOWDOWN") or "") or 1)
-
-local function wait_for(pred, ms)
-  ms = ms * SLOWDOWN
-  local t0 = aiorch.now()
-  while not pred() and aiorch.now() - t0 < ms do
-    aiorch.sleep(5)
-  end
-  return pred()
-end
+local wait_for = support.wait_for
 
 local function no_keys_in(text)
-  for _, key in pairs(KEYS) do
-    assert.falsy(text:find(key, 1, true), "a provider key leaked")
-  end
-  assert.falsy(text:find(CLIENT_KEY, 1, true), "a client key leaked")
+  support.no_keys_in(text, KEYS, "a provider key")
+  support.no_keys_in(text, { CLIENT_KEY }, "a client key")
 end
 
 local function chat(model, extra)

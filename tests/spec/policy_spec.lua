@@ -8,6 +8,7 @@ local metrics = require "aiorch.metrics"
 local breaker = require "aiorch.breaker"
 local policy = require "aiorch.policy"
 local response = require "aiorch.response"
+local support = require "tests.support"
 
 local KEYS = { openai = "sk-test-policy-openai-0001", anthropic = "sk-ant-test-policy-0002" }
 local QUESTION = "Is it resilient?"
@@ -22,14 +23,7 @@ end
 local m
 
 local function env_for(o, a, extra)
-  local env = {
-    OPENAI_API_KEY = KEYS.openai, ANTHROPIC_API_KEY = KEYS.anthropic,
-    OPENAI_BASE_URL = m:base_url("openai", o or {}), ANTHROPIC_BASE_URL = m:base_url("anthropic", a or {}),
-  }
-  for k, v in pairs(extra or {}) do
-    env[k] = v
-  end
-  return env
+  return support.mock_env(m, KEYS, o, a, extra)
 end
 
 local function run(strategy, providers, o, a, pol, opts)
@@ -51,10 +45,7 @@ local function count(api)
 end
 
 local function no_keys_in(v)
-  local text = type(v) == "string" and v or response.encode(v)
-  for _, key in pairs(KEYS) do
-    assert.falsy(text:find(key, 1, true), "a key leaked")
-  end
+  support.no_keys_in(type(v) == "string" and v or response.encode(v), KEYS)
 end
 
 local function within(ms, at, slack)
