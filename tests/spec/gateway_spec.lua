@@ -24,9 +24,7 @@ local m -- the mock providers
 local started = {} -- gateways to close
 local logs = {} -- access log lines
 
-local function q(s)
-  return "'" .. tostring(s):gsub("'", "'\\''") .. "'"
-end
+local q = support.sh_quote
 
 -- Starts an in-process gateway. o, a: mock directives for openai and
 -- anthropic; raw: the config table; extra: more env variables.
@@ -1020,15 +1018,7 @@ end)
 describe("aiorch serve as a subprocess", function()
   local proc, pid, errfile, base
 
-  local function read_file(path)
-    local f = io.open(path, "r")
-    if not f then
-      return ""
-    end
-    local s = f:read("a")
-    f:close()
-    return s
-  end
+  local read_file = support.slurp
 
   setup(function()
     errfile = os.tmpname()
