@@ -315,6 +315,33 @@ function _M.sse(body)
   return out
 end
 
+-- For a spec (or a describe block): an aiorch.mock server, started by
+-- setup() with opts (default: on 127.0.0.1, a free port) and handed to
+-- set; before each test its requests and counters, the metrics and the
+-- circuit breakers are reset; teardown() closes it and calls cleanup().
+function _M.use_mock(set, opts)
+  local busted = require "busted" -- the running busted's API: a spec's setup() and the rest
+  local setup, teardown, before_each = busted.setup, busted.teardown, busted.before_each
+  local mock_mod = require "aiorch.mock"
+  local metrics = require "aiorch.metrics"
+  local breaker = require "aiorch.breaker"
+  local m
+  setup(function()
+    m = assert(mock_mod.start(opts or { host = "127.0.0.1", port = 0 }))
+    set(m)
+  end)
+  teardown(function()
+    m:close()
+    _M.cleanup()
+  end)
+  before_each(function()
+    m:reset()
+    m:reset_counters()
+    metrics.reset()
+    breaker.reset() -- each test starts with every provider healthy
+  end)
+end
+
 -- The environment of providers openai and anthropic at an aiorch.mock
 -- server m, with their keys (keys.openai, keys.anthropic), the mock
 -- directives o and a for each, and extra variables.

@@ -11,7 +11,6 @@ local cjson = require "cjson.safe"
 local json = require "aiorch.json"
 local mock_mod = require "aiorch.mock"
 local orchestrate = require "aiorch.orchestrate"
-local breaker = require "aiorch.breaker"
 local adapter = require "providers.cohere"
 local support = require "tests.support"
 
@@ -25,20 +24,7 @@ local TOOLS = { { name = "get_weather", description = "Weather now", parameters 
 
 local m -- the mock
 
-setup(function()
-  m = assert(mock_mod.start {})
-end)
-
-teardown(function()
-  m:close()
-  support.cleanup()
-end)
-
-before_each(function()
-  m:reset()
-  m:reset_counters()
-  breaker.reset()
-end)
+support.use_mock(function(mock) m = mock end, {})
 
 local function env(dirs, extra)
   local e = { CO_API_KEY = KEY, CO_API_URL = m:base_url("cohere", dirs) }

@@ -10,7 +10,6 @@
 local aiorch = require "aiorch"
 local cjson = require "cjson.safe"
 local json = require "aiorch.json"
-local mock_mod = require "aiorch.mock"
 local orchestrate = require "aiorch.orchestrate"
 local breaker = require "aiorch.breaker"
 local compat = require "aiorch.compat"
@@ -30,20 +29,7 @@ local PRESETS = compat.PRESET_ORDER
 
 local m -- the mock
 
-setup(function()
-  m = assert(mock_mod.start {})
-end)
-
-teardown(function()
-  m:close()
-  support.cleanup()
-end)
-
-before_each(function()
-  m:reset()
-  m:reset_counters()
-  breaker.reset()
-end)
+support.use_mock(function(mock) m = mock end, {})
 
 local function last()
   return m.requests[#m.requests]

@@ -6,11 +6,10 @@
 local aiorch = require "aiorch"
 local cjson = require "cjson.safe"
 local json = require "aiorch.json"
-local mock_mod = require "aiorch.mock"
+local support = require "tests.support"
 local orchestrate = require "aiorch.orchestrate"
 local canonical = require "aiorch.canonical"
 local breaker = require "aiorch.breaker"
-local metrics = require "aiorch.metrics"
 local gateway = require "aiorch.gateway.server"
 local gconfig = require "aiorch.gateway.config"
 local wire = require "aiorch.wire.gemini"
@@ -24,19 +23,7 @@ local WEATHER = { type = "object", properties = { city = { type = "string" } }, 
 
 local m -- the mock providers
 
-setup(function()
-  m = assert(mock_mod.start { host = "127.0.0.1", port = 0 })
-end)
-
-teardown(function()
-  m:close()
-end)
-
-before_each(function()
-  m:reset()
-  metrics.reset()
-  breaker.reset()
-end)
+support.use_mock(function(mock) m = mock end)
 
 local function decode(doc, path)
   return wire.decode_request(json.decode(cjson.encode(doc)), {}, path or PATH)

@@ -2,7 +2,6 @@
 -- timer, retries with backoff and Retry-After, circuit breakers, hedging,
 -- the cost of cancelled work, and policy overrides. Runs inside the runtime.
 local aiorch = require "aiorch"
-local mock_mod = require "aiorch.mock"
 local orchestrate = require "aiorch.orchestrate"
 local metrics = require "aiorch.metrics"
 local breaker = require "aiorch.breaker"
@@ -53,19 +52,7 @@ local function within(ms, at, slack)
     string.format("expected %d ms (+%d), took %.1f ms", ms, slack or SLACK_MS, at))
 end
 
-setup(function()
-  m = assert(mock_mod.start { host = "127.0.0.1", port = 0 })
-end)
-
-teardown(function()
-  m:close()
-end)
-
-before_each(function()
-  m:reset()
-  metrics.reset()
-  breaker.reset()
-end)
+support.use_mock(function(mock) m = mock end)
 
 describe("deadlines", function()
   -- Each row: directives, stream?, policy, the deadline that must fire, at ms.

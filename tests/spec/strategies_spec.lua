@@ -2,7 +2,6 @@
 -- providers, with each injected fault. Runs inside the runtime.
 local aiorch = require "aiorch"
 local cjson = require "cjson.safe"
-local mock_mod = require "aiorch.mock"
 local orchestrate = require "aiorch.orchestrate"
 local metrics = require "aiorch.metrics"
 local breaker = require "aiorch.breaker"
@@ -51,19 +50,7 @@ local function write(path, text)
   f:close()
 end
 
-setup(function()
-  m = assert(mock_mod.start { host = "127.0.0.1", port = 0 })
-end)
-
-teardown(function()
-  m:close()
-end)
-
-before_each(function()
-  m:reset()
-  metrics.reset()
-  breaker.reset() -- each case starts with every provider healthy
-end)
+support.use_mock(function(mock) m = mock end)
 
 describe("single", function()
   it("gets an answer from openai, with the documented wire request", function()
