@@ -315,6 +315,30 @@ function _M.sse(body)
   return out
 end
 
+-- Gateways started in this process by start_gateway(); close_gateways()
+-- closes them.
+local gateways = {}
+
+-- Starts an aiorch.gateway.server on a free port with the configuration
+-- table raw, checked with the variables of env (a table); its access
+-- lines go to access_log (default: dropped). Returns its base URL and
+-- its handle.
+function _M.start_gateway(raw, env, access_log)
+  local gconfig = require "aiorch.gateway.config"
+  local gateway = require "aiorch.gateway.server"
+  local cfg = assert(gconfig.check(raw or {}, function(k) return env[k] end))
+  local h = assert(gateway.start { config = cfg, port = 0, access_log = access_log or function() end })
+  gateways[#gateways + 1] = h
+  return "http://127.0.0.1:" .. h.port, h
+end
+
+function _M.close_gateways()
+  for _, h in ipairs(gateways) do
+    h:close()
+  end
+  gateways = {}
+end
+
 -- For a spec (or a describe block): an aiorch.mock server, started by
 -- setup() with opts (default: on 127.0.0.1, a free port) and handed to
 -- set; before each test its requests and counters, the metrics and the

@@ -5,7 +5,6 @@
 local aiorch = require "aiorch"
 local cjson = require "cjson.safe"
 local mock_mod = require "aiorch.mock"
-local gateway = require "aiorch.gateway.server"
 local gconfig = require "aiorch.gateway.config"
 local metrics = require "aiorch.metrics"
 local breaker = require "aiorch.breaker"
@@ -23,7 +22,6 @@ local function stretch(ms)
 end
 
 local m
-local started = {}
 
 -- Clients may set every field they may ever set, over its whole range.
 local ALL_CLIENT_POLICY = {}
@@ -44,21 +42,11 @@ local function start_gw(raw, o, a)
     OPENAI_API_KEY = KEYS.openai, ANTHROPIC_API_KEY = KEYS.anthropic,
     OPENAI_BASE_URL = m:base_url("openai", o), ANTHROPIC_BASE_URL = m:base_url("anthropic", a),
   }
-  local cfg = assert(gconfig.check(raw, function(k) return env[k] end))
-  local h = assert(gateway.start { config = cfg, port = 0, access_log = function() end })
-  started[#started + 1] = h
-  return "http://127.0.0.1:" .. h.port
+  return (support.start_gateway(raw, env))
 end
 
 local function post(base, path, body, headers)
-  local h = { ["content-type"] = "application/json" }
-  for k, v in pairs(headers or {}) do
-    h[k] = v
-  end
-  local status, rh, rb = aiorch.http.request { method = "POST", url = base .. path, headers = h,
-    body = type(body) == "table" and assert(cjson.encode(body)) or body, timeout_ms = stretch(10000) }
-  assert(status, "request failed: " .. tostring(rh) .. " " .. tostring(rb))
-  return status, rh, rb, cjson.decode(rb or "")
+  return support.post(base .. path, body, headers)
 end
 
 local function chat(extra)
@@ -101,9 +89,7 @@ setup(function()
 end)
 
 teardown(function()
-  for _, h in ipairs(started) do
-    h:close()
-  end
+  support.close_gateways()
   m:close()
 end)
 

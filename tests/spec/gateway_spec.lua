@@ -21,7 +21,6 @@ local QUESTION = "What is two plus two?"
 local SECRET_PROMPT = "the-prompt-text-must-not-be-logged"
 
 local m -- the mock providers
-local started = {} -- gateways to close
 local logs = {} -- access log lines
 
 local q = support.sh_quote
@@ -41,10 +40,7 @@ local function start_gw(raw, o, a, extra)
   raw = raw or {}
   raw.aliases = raw.aliases or {}
   raw.aliases.any = raw.aliases.any or { providers = { "openai", "anthropic" } }
-  local cfg = assert(gconfig.check(raw, function(k) return env[k] end))
-  local h = assert(gateway.start { config = cfg, port = 0, access_log = function(l) logs[#logs + 1] = l end })
-  started[#started + 1] = h
-  return "http://127.0.0.1:" .. h.port, h
+  return support.start_gateway(raw, env, function(l) logs[#logs + 1] = l end)
 end
 
 -- request(base, method, path, body, headers) -> status, headers, body, json
@@ -167,9 +163,7 @@ setup(function()
 end)
 
 teardown(function()
-  for _, h in ipairs(started) do
-    h:close()
-  end
+  support.close_gateways()
   m:close()
 end)
 

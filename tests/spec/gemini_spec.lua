@@ -10,8 +10,6 @@ local support = require "tests.support"
 local orchestrate = require "aiorch.orchestrate"
 local canonical = require "aiorch.canonical"
 local breaker = require "aiorch.breaker"
-local gateway = require "aiorch.gateway.server"
-local gconfig = require "aiorch.gateway.config"
 local wire = require "aiorch.wire.gemini"
 local adapter = require "providers.gemini"
 
@@ -410,14 +408,10 @@ describe("the gemini adapter against the mock", function()
 end)
 
 describe("the gateway's Gemini API", function()
-  local started = {}
   local logs = {}
 
   after_each(function()
-    for _, h in ipairs(started) do
-      h:close()
-    end
-    started = {}
+    support.close_gateways()
   end)
 
   local function start_gw(raw)
@@ -427,10 +421,7 @@ describe("the gateway's Gemini API", function()
       OPENAI_BASE_URL = m:base_url("openai"), ANTHROPIC_BASE_URL = m:base_url("anthropic"),
       GEMINI_BASE_URL = m:base_url("gemini"), GW_CLIENT_KEY = "gm-client-secret-4545",
     }
-    local cfg = assert(gconfig.check(raw or {}, function(k) return env[k] end))
-    local h = assert(gateway.start { config = cfg, port = 0, access_log = function(l) logs[#logs + 1] = l end })
-    started[#started + 1] = h
-    return "http://127.0.0.1:" .. h.port
+    return (support.start_gateway(raw, env, function(l) logs[#logs + 1] = l end))
   end
 
   local function post(url, body, headers)
