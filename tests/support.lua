@@ -380,6 +380,29 @@ function _M.mock_env(m, keys, o, a, extra)
   return env
 end
 
+-- An SSE body's events as {event = name|nil, data = the data decoded, or
+-- the text "[DONE]"}.
+function _M.sse_events(body)
+  local out = {}
+  for i, ev in ipairs(_M.sse(body)) do
+    out[i] = { event = ev.event, data = ev.data == "[DONE]" and ev.data or ev.json }
+  end
+  return out
+end
+
+-- Runs `aiorch ARGS...` (this program) with env to its end, for at most
+-- stretch(ms) (default 20 s); returns its exit code, stdout and stderr.
+function _M.run_aiorch(args, env, ms)
+  local dir = _M.tmpdir()
+  local argv = { process.exe() }
+  for _, a in ipairs(args) do
+    argv[#argv + 1] = a
+  end
+  local pid = assert(process.spawn(argv, { env = env, stdout = dir .. "/out", stderr = dir .. "/err" }))
+  local code = process.wait(pid, _M.stretch(ms or 20000))
+  return code, _M.slurp(dir .. "/out"), _M.slurp(dir .. "/err")
+end
+
 -- The requests an aiorch.mock server received for one api, in order.
 function _M.requests_of(mock, api)
   local out = {}

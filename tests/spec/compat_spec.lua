@@ -471,16 +471,12 @@ end)
 
 -- `aiorch ask` as a subprocess, the mock served by this process meanwhile.
 local function ask(e, ...)
-  local dir = support.tmpdir()
   local full = { AZURE_OPENAI_API_KEY = false, AZURE_OPENAI_ENDPOINT = false, OPENAI_API_VERSION = false,
     AZURE_OPENAI_DEPLOYMENT = false, AIORCH_PROVIDERS = false, AIORCH_PATH = false, AIORCH_POLICY = false }
   for k, v in pairs(e) do
     full[k] = v
   end
-  local pid = assert(process.spawn({ process.exe(), "ask", ... }, { env = full, stdout = dir .. "/out",
-    stderr = dir .. "/err" }))
-  local code = process.wait(pid, support.stretch(20000))
-  return code, support.slurp(dir .. "/out"), support.slurp(dir .. "/err")
+  return support.run_aiorch({ "ask", ... }, full)
 end
 
 describe("aiorch ask", function()
@@ -531,14 +527,7 @@ describe("aiorch serve with OpenAI-compatible providers", function()
     gw.stop()
   end)
 
-  local function sse_of(body)
-    local out = {}
-    for block in body:gmatch("(.-)\n\n") do
-      local data = block:match("data: (.*)$")
-      out[#out + 1] = { event = block:match("^event: (%S+)"), data = data ~= "[DONE]" and cjson.decode(data) or data }
-    end
-    return out
-  end
+  local sse_of = support.sse_events
 
   local function openai_stream(model)
     local status, h, body = support.post(gw.base .. "/v1/chat/completions", { model = model, stream = true,

@@ -84,16 +84,7 @@ local function total(text, name, labels)
   return sum
 end
 
-local function children(pid)
-  local p = io.popen("pgrep -P " .. pid)
-  local list = {}
-  for line in p:lines() do
-    list[#list + 1] = tonumber(line)
-  end
-  p:close()
-  table.sort(list)
-  return list
-end
+local children = support.children
 
 -- The bytes each process has written to files (its access lines).
 local function writes(pids)
