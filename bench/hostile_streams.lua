@@ -13,7 +13,6 @@
 -- subprocess; the clients that never read are tests/hostile_client.py.
 local aiorch = require "aiorch"
 local mock = require "aiorch.mock"
-local cjson = require "cjson.safe"
 
 local process = aiorch.process
 local fmt = string.format
@@ -187,24 +186,10 @@ function parts.reload()
 
   local first, t_stream = false, aiorch.now()
   local stream = aiorch.spawn(function()
-    local deltas, done = {}, false
-    local status, kind, msg = aiorch.http.request {
-      method = "POST", url = url, headers = headers, timeout_ms = 60000,
-      body = '{"model":"gpt-4o-mini","stream":true,"messages":[{"role":"user","content":"count"}]}',
-      on_event = function(ev)
-        first = true
-        if ev.data == "[DONE]" then
-          done = true
-          return
-        end
-        local j = cjson.decode(ev.data)
-        local c = j and j.choices and j.choices[1]
-        if c and c.delta and type(c.delta.content) == "string" then
-          deltas[#deltas + 1] = c.delta.content
-        end
-      end,
-    }
-    return status, kind, msg, concat(deltas), done, aiorch.now() - t_stream
+    local status, kind, msg, text, done = support.stream_chat(url, headers,
+      '{"model":"gpt-4o-mini","stream":true,"messages":[{"role":"user","content":"count"}]}', 60000,
+      function() first = true end)
+    return status, kind, msg, text, done, aiorch.now() - t_stream
   end)
   local served, failures, first_failure, running = 0, 0, nil, true
   local load = aiorch.spawn(function()

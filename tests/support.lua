@@ -292,6 +292,32 @@ function _M.access_lines(s)
   return out
 end
 
+-- POSTs an OpenAI chat request for a stream (body: its JSON text) to url
+-- and reads the stream to its end. Returns aiorch.http.request's status
+-- (or nil, kind, message), the text of the deltas and whether [DONE]
+-- came; on_event, when given, sees each event first.
+function _M.stream_chat(url, headers, body, timeout_ms, on_event)
+  local deltas, done = {}, false
+  local status, kind, msg = aiorch.http.request {
+    method = "POST", url = url, headers = headers, body = body, timeout_ms = timeout_ms,
+    on_event = function(ev)
+      if on_event then
+        on_event(ev)
+      end
+      if ev.data == "[DONE]" then
+        done = true
+        return
+      end
+      local j = cjson.decode(ev.data)
+      local c = j and j.choices and j.choices[1]
+      if c and c.delta and type(c.delta.content) == "string" then
+        deltas[#deltas + 1] = c.delta.content
+      end
+    end,
+  }
+  return status, kind, msg, table.concat(deltas), done
+end
+
 -- Parses a whole SSE body into {event = name|nil, data = text, json =
 -- data decoded or nil} records.
 function _M.sse(body)

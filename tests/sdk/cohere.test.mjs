@@ -15,7 +15,7 @@ import { join } from 'node:path';
 import { CohereClientV2, Cohere, CohereError } from 'cohere-ai';
 import OpenAI from 'openai';
 import Anthropic from '@anthropic-ai/sdk';
-import { AIORCH, HOST, hasServe, mockPrefix, startMock, startServe, stopAll } from './support.mjs';
+import { AIORCH, HOST, assertValid, hasServe, mockPrefix, startMock, startServe, stopAll } from './support.mjs';
 
 const MODEL = 'command-a-03-2025';
 const PNG = 'iVBORw0KGgo='; // the PNG signature
@@ -25,36 +25,6 @@ const PREAMBLE_TOKENS = 64; // what the mock adds to billed input tokens in usag
 const SKIP = hasServe() ? false : `${AIORCH} is not built (or has no 'serve' command)`;
 
 // --- A little JSON Schema, for the arguments and JSON answers ----------------
-
-function check(schema, value, root = schema, path = '') {
-  if (schema.$ref) {
-    return check(schema.$ref.replace(/^#\//, '').split('/').reduce((n, k) => n[k], root), value, root, path);
-  }
-  if (schema.enum && !schema.enum.includes(value)) return [`${path}: not one of ${schema.enum}`];
-  const typeOf = (v) => (v === null ? 'null' : Array.isArray(v) ? 'array'
-    : Number.isInteger(v) ? 'integer' : typeof v);
-  const t = typeOf(value);
-  if (schema.type && schema.type !== t && !(schema.type === 'number' && t === 'integer')) {
-    return [`${path}: expected ${schema.type}, got ${t}`];
-  }
-  const out = [];
-  if (t === 'object') {
-    for (const k of schema.required ?? []) if (!(k in value)) out.push(`${path}: missing ${k}`);
-    for (const [k, v] of Object.entries(value)) {
-      if (schema.properties?.[k]) out.push(...check(schema.properties[k], v, root, `${path}.${k}`));
-      else if (schema.additionalProperties === false) out.push(`${path}: unexpected ${k}`);
-    }
-  } else if (t === 'array') {
-    if (schema.minItems !== undefined && value.length < schema.minItems) out.push(`${path}: too few items`);
-    value.forEach((v, i) => out.push(...check(schema.items ?? {}, v, root, `${path}[${i}]`)));
-  } else if (typeof value === 'number') {
-    if (schema.minimum !== undefined && value < schema.minimum) out.push(`${path}: below minimum`);
-    if (schema.maximum !== undefined && value > schema.maximum) out.push(`${path}: above maximum`);
-  }
-  return out;
-}
-
-const assertValid = (schema, value) => assert.deepEqual(check(schema, value), [], JSON.stringify(value));
 
 const WEATHER = {
   type: 'object',

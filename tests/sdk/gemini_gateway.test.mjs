@@ -12,7 +12,7 @@ import { GoogleGenAI, ApiError, createPartFromFunctionResponse, createUserConten
   from '@google/genai';
 import OpenAI from 'openai';
 import Anthropic from '@anthropic-ai/sdk';
-import { AIORCH, HOST, hasServe, mockPrefix, startMock, startServe, stopAll } from './support.mjs';
+import { AIORCH, HOST, collectGemini, hasServe, mockPrefix, startMock, startServe, stopAll } from './support.mjs';
 
 const MODEL = 'gemini-2.5-flash';
 const QUESTION = 'What is the capital of France?';
@@ -62,15 +62,7 @@ const gemini = (url, provider) => new GoogleGenAI({ apiKey: 'gm-client', httpOpt
   baseUrl: url, ...(provider ? { headers: { 'X-Aiorch-Providers': provider } } : {}) } });
 const ask = (contents, config = {}) => ({ model: MODEL, contents, config });
 
-async function collect(stream) {
-  const chunks = [];
-  let text = '';
-  for await (const c of stream) {
-    chunks.push(c);
-    for (const p of c.candidates?.[0]?.content?.parts ?? []) if (p.text && !p.thought) text += p.text;
-  }
-  return { chunks, text, last: chunks[chunks.length - 1] };
-}
+const collect = collectGemini;
 
 // A CallableTool for the SDK's automatic function calling.
 function weatherTool(seen) {

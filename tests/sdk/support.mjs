@@ -1,6 +1,7 @@
 // Helpers shared by the SDK tests (tests/sdk/*.test.mjs): the aiorch
 // processes they start (the mock providers, the recording upstream,
 // `aiorch serve`), stopped by PID in after() and on exit.
+import assert from 'node:assert/strict';
 import { spawn, spawnSync } from 'node:child_process';
 import { createServer } from 'node:net';
 import { createInterface } from 'node:readline';
@@ -119,4 +120,64 @@ export async function startServe(args, env, ready = (status) => status === 200) 
     await new Promise((r) => setTimeout(r, 50));
   }
   return { child, url };
+}
+
+// What value breaks in schema (a list of Standard Schema issues; empty: valid).
+// Enough JSON Schema for the tests' schemas and the SDKs' strict rewrites.
+export function schemaIssues(schema, value, root = schema, path = []) {
+  const issue = (message) => [{ message, path }];
+  if (schema === true || schema === undefined) return [];
+  if (schema.$ref) {
+    const target = schema.$ref.replace(/^#\/?/, '').split('/').filter(Boolean)
+      .reduce((node, key) => node?.[key], root);
+    return target ? schemaIssues(target, value, root, path) : issue(`unresolved ${schema.$ref}`);
+  }
+  if (schema.anyOf) {
+    const fits = schema.anyOf.some((s) => schemaIssues(s, value, root, path).length === 0);
+    return fits ? [] : issue('no anyOf branch fits');
+  }
+  if ('const' in schema && value !== schema.const) return issue(`not ${schema.const}`);
+  if (schema.enum && !schema.enum.includes(value)) return issue(`not one of ${schema.enum}`);
+  const types = [].concat(schema.type ?? []);
+  const typeOf = (v) => (v === null ? 'null' : Array.isArray(v) ? 'array'
+    : Number.isInteger(v) ? 'integer' : typeof v);
+  if (types.length && !types.some((t) => t === typeOf(value) || (t === 'number' && typeOf(value) === 'integer'))) {
+    return issue(`expected ${types.join('|')}, got ${typeOf(value)}`);
+  }
+  const out = [];
+  if (typeOf(value) === 'object') {
+    for (const k of schema.required ?? []) if (!(k in value)) out.push(...issue(`missing ${k}`));
+    for (const [k, v] of Object.entries(value)) {
+      const sub = schema.properties?.[k];
+      if (sub !== undefined) out.push(...schemaIssues(sub, v, root, [...path, k]));
+      else if (schema.additionalProperties === false) out.push(...issue(`unexpected ${k}`));
+    }
+  } else if (typeOf(value) === 'array') {
+    if (schema.minItems !== undefined && value.length < schema.minItems) out.push(...issue('too few items'));
+    if (schema.maxItems !== undefined && value.length > schema.maxItems) out.push(...issue('too many items'));
+    value.forEach((v, i) => out.push(...schemaIssues(schema.items, v, root, [...path, i])));
+  } else if (typeof value === 'number') {
+    if (schema.minimum !== undefined && value < schema.minimum) out.push(...issue('below minimum'));
+    if (schema.maximum !== undefined && value > schema.maximum) out.push(...issue('above maximum'));
+  } else if (typeof value === 'string') {
+    if (schema.minLength !== undefined && value.length < schema.minLength) out.push(...issue('too short'));
+    if (schema.maxLength !== undefined && value.length > schema.maxLength) out.push(...issue('too long'));
+  }
+  return out;
+}
+
+export function assertValid(schema, value) {
+  assert.deepEqual(schemaIssues(schema, value), [], JSON.stringify(value));
+}
+
+// Every chunk of a Gemini SDK stream, the text of its parts (not the
+// thoughts) joined, and the last chunk.
+export async function collectGemini(stream) {
+  const chunks = [];
+  let text = '';
+  for await (const c of stream) {
+    chunks.push(c);
+    for (const p of c.candidates?.[0]?.content?.parts ?? []) if (p.text && !p.thought) text += p.text;
+  }
+  return { chunks, text, last: chunks[chunks.length - 1] };
 }

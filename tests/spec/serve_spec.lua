@@ -569,7 +569,6 @@ describe("aiorch.gateway.master", function()
     function()
       local master = require "aiorch.gateway.master"
       local mock_mod = require "aiorch.mock"
-      local cjson = require "cjson.safe"
       local DRAIN_MS, GRACE_MS = 5000, 500
       local TEXT = string.rep("tick ", 60)
       local m = assert(mock_mod.start { defaults = { chunks = 30, chunk_delay_ms = 100, text = TEXT } })
@@ -593,24 +592,10 @@ describe("aiorch.gateway.master", function()
       -- the stream, about 3 s long
       local first = false
       local stream = aiorch.spawn(function()
-        local deltas, done = {}, false
-        local status = aiorch.http.request {
-          method = "POST", url = url, headers = headers, timeout_ms = 30000,
-          body = '{"model":"gpt-4o-mini","stream":true,"messages":[{"role":"user","content":"count"}]}',
-          on_event = function(ev)
-            first = true
-            if ev.data == "[DONE]" then
-              done = true
-              return
-            end
-            local j = cjson.decode(ev.data)
-            local c = j and j.choices and j.choices[1]
-            if c and c.delta and type(c.delta.content) == "string" then
-              deltas[#deltas + 1] = c.delta.content
-            end
-          end,
-        }
-        return status, table.concat(deltas), done
+        local status, _, _, text, done = support.stream_chat(url, headers,
+          '{"model":"gpt-4o-mini","stream":true,"messages":[{"role":"user","content":"count"}]}', 30000,
+          function() first = true end)
+        return status, text, done
       end)
       -- plain requests all along: none may fail
       local failures, served, running = {}, 0, true
