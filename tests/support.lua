@@ -38,6 +38,18 @@ function _M.get(url, headers)
   return _M.request("GET", url, nil, headers)
 end
 
+-- A new table with the fields of each argument in turn (a nil is skipped;
+-- a later one wins): a base table and a test's additions to it.
+function _M.merge(...)
+  local out = {}
+  for i = 1, select("#", ...) do
+    for k, v in pairs(select(i, ...) or {}) do
+      out[k] = v
+    end
+  end
+  return out
+end
+
 function _M.slurp(path)
   local f = io.open(path, "rb")
   if not f then

@@ -237,14 +237,7 @@ describe("aiorch command without network", function()
     end
 
     local function with(extra)
-      local e = {}
-      for k, v in pairs(env) do
-        e[k] = v
-      end
-      for k, v in pairs(extra or {}) do
-        e[k] = v
-      end
-      return e
+      return support.merge(env, extra)
     end
 
     -- The one line, and no traceback; then with --debug (and AIORCH_DEBUG=1)
@@ -397,10 +390,7 @@ describe("aiorch ask against the mock providers", function()
       ANTHROPIC_BASE_URL = base .. (a and "/_mock/" .. a or ""),
       AIORCH_LOG = "debug", -- so that a key in any log line would be caught
     }
-    for k, v in pairs(extra or {}) do
-      e[k] = v
-    end
-    return e
+    return support.merge(e, extra)
   end
 
   it("prints the answer text and exits 0", function()

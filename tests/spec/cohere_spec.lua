@@ -25,18 +25,12 @@ support.use_mock(function(mock) m = mock end, {})
 
 local function env(dirs, extra)
   local e = { CO_API_KEY = KEY, CO_API_URL = m:base_url("cohere", dirs) }
-  for k, v in pairs(extra or {}) do
-    e[k] = v
-  end
-  return e
+  return support.merge(e, extra)
 end
 
 local function post(dirs, body, headers)
-  local h = { authorization = "Bearer " .. KEY }
-  for k, v in pairs(headers or {}) do
-    h[k] = v
-  end
-  return support.post(m:base_url("cohere", dirs) .. "/v2/chat", body, h)
+  return support.post(m:base_url("cohere", dirs) .. "/v2/chat", body,
+    support.merge({ authorization = "Bearer " .. KEY }, headers))
 end
 
 -- The canonical events of a stream, from a parser in events mode.
@@ -287,10 +281,7 @@ end)
 local function ask(e, ...)
   local full = { CO_API_KEY = false, CO_API_URL = false, COHERE_MODEL = false, COHERE_POLICY = false,
     AIORCH_PROVIDERS = false, AIORCH_PATH = false, AIORCH_POLICY = false, AIORCH_LOG = "debug" }
-  for k, v in pairs(e) do
-    full[k] = v
-  end
-  return support.run_aiorch({ "ask", ... }, full)
+  return support.run_aiorch({ "ask", ... }, support.merge(full, e))
 end
 
 describe("aiorch ask --providers cohere", function()

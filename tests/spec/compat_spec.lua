@@ -43,10 +43,7 @@ local function env_for(name, dirs, extra)
     e[p.key_env] = KEY
   end
   e[p.base_url_env or name:upper() .. "_BASE_URL"] = m:base_url(name, dirs)
-  for k, v in pairs(extra or {}) do
-    e[k] = v
-  end
-  return e
+  return support.merge(e, extra)
 end
 
 local function cfg_of(name, env)
@@ -473,10 +470,7 @@ end)
 local function ask(e, ...)
   local full = { AZURE_OPENAI_API_KEY = false, AZURE_OPENAI_ENDPOINT = false, OPENAI_API_VERSION = false,
     AZURE_OPENAI_DEPLOYMENT = false, AIORCH_PROVIDERS = false, AIORCH_PATH = false, AIORCH_POLICY = false }
-  for k, v in pairs(e) do
-    full[k] = v
-  end
-  return support.run_aiorch({ "ask", ... }, full)
+  return support.run_aiorch({ "ask", ... }, support.merge(full, e))
 end
 
 describe("aiorch ask", function()

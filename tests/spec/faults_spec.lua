@@ -607,10 +607,7 @@ local function with(t, extra)
   for k, v in pairs(t) do
     out[k] = v
   end
-  for k, v in pairs(extra) do
-    out[k] = v
-  end
-  return out
+  return support.merge(out, extra)
 end
 
 local function sig(a, api)

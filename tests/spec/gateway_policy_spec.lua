@@ -51,10 +51,7 @@ end
 
 local function chat(extra)
   local body = { model = "gpt-4o-mini", messages = { { role = "user", content = QUESTION } } }
-  for k, v in pairs(extra or {}) do
-    body[k] = v
-  end
-  return body
+  return support.merge(body, extra)
 end
 
 local function count(api)

@@ -78,19 +78,13 @@ end
 
 local function chat(model, extra)
   local body = { model = model or "any", messages = { { role = "user", content = QUESTION } } }
-  for k, v in pairs(extra or {}) do
-    body[k] = v
-  end
-  return body
+  return support.merge(body, extra)
 end
 
 local function msgs(model, extra)
   local body = { model = model or "any", max_tokens = 64,
                  messages = { { role = "user", content = QUESTION } } }
-  for k, v in pairs(extra or {}) do
-    body[k] = v
-  end
-  return body
+  return support.merge(body, extra)
 end
 
 local OPENAI_TEXT = "Hello from the mock openai provider. You asked: " .. QUESTION

@@ -269,10 +269,7 @@ end)
 describe("the gemini adapter against the mock", function()
   local function env(d, extra)
     local e = { GEMINI_API_KEY = KEYS.gemini, GEMINI_BASE_URL = m:base_url("gemini", d) }
-    for k, v in pairs(extra or {}) do
-      e[k] = v
-    end
-    return e
+    return support.merge(e, extra)
   end
 
   local function ask(request, d, opts)

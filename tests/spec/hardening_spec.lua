@@ -19,19 +19,13 @@ local m
 
 local function chat(extra)
   local body = { model = "gpt-4o-mini", messages = { { role = "user", content = QUESTION } } }
-  for k, v in pairs(extra or {}) do
-    body[k] = v
-  end
-  return body
+  return support.merge(body, extra)
 end
 
 local function env(extra)
   local e = { OPENAI_API_KEY = KEY, OPENAI_BASE_URL = m:base_url("openai"), ANTHROPIC_API_KEY = ANT_KEY,
     ANTHROPIC_BASE_URL = m:base_url("anthropic"), AIORCH_INSTRUCTION_BUDGET = "2000000" }
-  for k, v in pairs(extra or {}) do
-    e[k] = v
-  end
-  return e
+  return support.merge(e, extra)
 end
 
 -- A --path directory with these strategies (name -> source).

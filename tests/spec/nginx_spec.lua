@@ -29,18 +29,12 @@ local n -- nginx
 
 local function chat(extra)
   local body = { model = "any", messages = { { role = "user", content = QUESTION } } }
-  for k, v in pairs(extra or {}) do
-    body[k] = v
-  end
-  return body
+  return support.merge(body, extra)
 end
 
 local function msgs(extra)
   local body = { model = "any", max_tokens = 64, messages = { { role = "user", content = QUESTION } } }
-  for k, v in pairs(extra or {}) do
-    body[k] = v
-  end
-  return body
+  return support.merge(body, extra)
 end
 
 -- Parses a whole SSE body into {event, data, json} records.

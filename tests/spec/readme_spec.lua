@@ -73,10 +73,7 @@ local function env(extra)
     "OPENAI_POLICY", "ANTHROPIC_POLICY", "OPENAI_MODEL", "ANTHROPIC_MODEL", "AIORCH_TIMEOUT_MS" } do
     e[k] = false
   end
-  for k, v in pairs(extra or {}) do
-    e[k] = v
-  end
-  return e
+  return support.merge(e, extra)
 end
 
 -- Runs a shell command in dir (build/ meaning this build); yields until it

@@ -20,10 +20,7 @@ local m -- the mock providers
 local function env(extra)
   local e = { OPENAI_API_KEY = KEY, OPENAI_BASE_URL = m:base_url("openai"), ANTHROPIC_API_KEY = KEY,
     ANTHROPIC_BASE_URL = m:base_url("anthropic"), AIORCH_LOG = "error" }
-  for k, v in pairs(extra or {}) do
-    e[k] = v
-  end
-  return e
+  return support.merge(e, extra)
 end
 
 local BODY = '{"model":"gpt-4o-mini","messages":[{"role":"user","content":"hi"}]}'
