@@ -168,21 +168,28 @@ PARTS[#PARTS + 1] = {
   end,
 }
 
+-- The bodies clients (N, SIZE, SLICE, EVERY, HEADERS: tests/hostile_client.py)
+-- against a gateway with a client key and max_body: what they were
+-- answered (label), how long it took and the RSS they added.
+local function bodies(max_body, args, label)
+  local pid, port, errfile = serve(fmt([[return { max_body = %d, client_keys_env = { "HOSTILE_KEY" } }]], max_body))
+  local rss0 = status_kib(pid, "VmRSS")
+  local t0 = aiorch.now()
+  local lines = client({ "bodies", port, table.unpack(args) })()
+  local took = aiorch.now() - t0
+  local hwm = status_kib(pid, "VmHWM")
+  stop(pid)
+  os.remove(errfile)
+  figure(label, count(lines))
+  figure("time to answer them all", fmt("%.0f", took), "ms")
+  figure("RSS added (peak - idle)", fmt("%.1f", (hwm - rss0) / 1024), "MiB")
+end
+
 PARTS[#PARTS + 1] = {
   name = "unauth",
   about = "100 unauthenticated 4 MiB bodies at once",
   run = function()
-    local pid, port, errfile = serve([[return { max_body = 8 * 1024 * 1024, client_keys_env = { "HOSTILE_KEY" } }]])
-    local rss0 = status_kib(pid, "VmRSS")
-    local t0 = aiorch.now()
-    local lines = client({ "bodies", port, 100, 4 * MiB, 256 * 1024, 0, "" })()
-    local took = aiorch.now() - t0
-    local hwm = status_kib(pid, "VmHWM")
-    stop(pid)
-    os.remove(errfile)
-    figure("answers", count(lines))
-    figure("time to answer them all", fmt("%.0f", took), "ms")
-    figure("RSS added (peak - idle)", fmt("%.1f", (hwm - rss0) / 1024), "MiB")
+    bodies(8 * MiB, { 100, 4 * MiB, 256 * 1024, 0, "" }, "answers")
   end,
 }
 
@@ -190,17 +197,8 @@ PARTS[#PARTS + 1] = {
   name = "slow",
   about = "1,500 authenticated 1 MiB bodies at once, 64 KiB each every 100 ms",
   run = function()
-    local pid, port, errfile = serve([[return { max_body = 2 * 1024 * 1024, client_keys_env = { "HOSTILE_KEY" } }]])
-    local rss0 = status_kib(pid, "VmRSS")
-    local t0 = aiorch.now()
-    local lines = client({ "bodies", port, 1500, MiB, 64 * 1024, 0.1, "Authorization: Bearer " .. KEY .. "\\r\\n" })()
-    local took = aiorch.now() - t0
-    local hwm = status_kib(pid, "VmHWM")
-    stop(pid)
-    os.remove(errfile)
-    figure("answers (400: read, malformed JSON)", count(lines))
-    figure("time to answer them all", fmt("%.0f", took), "ms")
-    figure("RSS added (peak - idle)", fmt("%.1f", (hwm - rss0) / 1024), "MiB")
+    bodies(2 * MiB, { 1500, MiB, 64 * 1024, 0.1, "Authorization: Bearer " .. KEY .. "\\r\\n" },
+      "answers (400: read, malformed JSON)")
   end,
 }
 

@@ -4,10 +4,7 @@
 -- and a real `aiorch serve` whose every output is searched for the keys.
 local aiorch = require "aiorch"
 local cjson = require "cjson.safe"
-local mock_mod = require "aiorch.mock"
 local gconfig = require "aiorch.gateway.config"
-local metrics = require "aiorch.metrics"
-local breaker = require "aiorch.breaker"
 local policy = require "aiorch.policy"
 local support = require "tests.support"
 
@@ -81,20 +78,8 @@ local function stream_text(body)
   return table.concat(text), done, err
 end
 
-setup(function()
-  m = assert(mock_mod.start { host = "127.0.0.1", port = 0 })
-end)
-
-teardown(function()
-  support.close_gateways()
-  m:close()
-end)
-
-before_each(function()
-  m:reset()
-  metrics.reset()
-  breaker.reset()
-end)
+support.use_mock(function(mock) m = mock end)
+teardown(support.close_gateways)
 
 describe("policies in the gateway", function()
   it("a provider's policy from the config retries it", function()

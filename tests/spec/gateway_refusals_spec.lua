@@ -5,9 +5,6 @@
 -- tests/sdk/fidelity.test.mjs.
 local aiorch = require "aiorch"
 local cjson = require "cjson.safe"
-local mock_mod = require "aiorch.mock"
-local metrics = require "aiorch.metrics"
-local breaker = require "aiorch.breaker"
 local support = require "tests.support"
 
 local KEYS = { openai = "sk-refusal-spec-openai-4545", anthropic = "sk-ant-refusal-spec-5656" }
@@ -31,8 +28,9 @@ local chat = { model = "gpt-4o-mini", messages = { { role = "user", content = "h
 local messages = { model = "claude-3-haiku-20240307", max_tokens = 64,
   messages = { { role = "user", content = "hi" } } }
 
+support.use_mock(function(mock) m = mock end)
+
 setup(function()
-  m = assert(mock_mod.start { host = "127.0.0.1", port = 0 })
   quoting = assert(aiorch.server.listen { host = "127.0.0.1", port = 0, handler = function(req, res)
     local key = req.headers["x-api-key"] or (req.headers.authorization or ""):gsub("^Bearer ", "")
     res:respond(answer.status, { ["content-type"] = "application/json" }, answer.body(key))
@@ -42,13 +40,6 @@ end)
 teardown(function()
   support.close_gateways()
   quoting:close()
-  m:close()
-end)
-
-before_each(function()
-  m:reset()
-  metrics.reset()
-  breaker.reset()
 end)
 
 describe("an upstream's refusal of the request", function()

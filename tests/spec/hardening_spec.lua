@@ -4,7 +4,6 @@
 -- a strategy, and every policy value is checked, from a header or a config.
 local aiorch = require "aiorch"
 local cjson = require "cjson.safe"
-local mock_mod = require "aiorch.mock"
 local gconfig = require "aiorch.gateway.config"
 local policy = require "aiorch.policy"
 local support = require "tests.support"
@@ -48,18 +47,7 @@ end
 ]]
 local RAISES = "return function() error('strategy bug') end\n"
 
-setup(function()
-  m = assert(mock_mod.start { host = "127.0.0.1", port = 0 })
-end)
-
-teardown(function()
-  support.cleanup()
-  m:close()
-end)
-
-before_each(function()
-  m:reset()
-end)
+support.use_mock(function(mock) m = mock end)
 
 describe("every way a request ends is accounted for once", function()
   it("five runaway strategies under max_inflight = 2 leave nothing in flight", function()

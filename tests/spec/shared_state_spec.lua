@@ -6,7 +6,6 @@
 -- own, so that the kernel spreads them over the workers (reuseport).
 local aiorch = require "aiorch"
 local cjson = require "cjson.safe"
-local mock_mod = require "aiorch.mock"
 local support = require "tests.support"
 
 local process = aiorch.process
@@ -98,18 +97,7 @@ local function serve(config, opts)
 end
 
 describe("aiorch serve --workers 4 with shared state", function()
-  setup(function()
-    m = assert(mock_mod.start {})
-  end)
-
-  teardown(function()
-    support.cleanup()
-    m:close()
-  end)
-
-  before_each(function()
-    m:reset()
-  end)
+  support.use_mock(function(mock) m = mock end, {})
 
   it("a rate limit of 100 a minute lets 100 (± 2) of 400 requests through, over every worker", function()
     -- (each worker writes its access lines: which ones answered)
@@ -327,14 +315,7 @@ describe("aiorch serve --workers 4 with shared state", function()
 end)
 
 describe("aiorch serve --workers 0", function()
-  setup(function()
-    m = assert(mock_mod.start {})
-  end)
-
-  teardown(function()
-    support.cleanup()
-    m:close()
-  end)
+  support.use_mock(function(mock) m = mock end, {})
 
   it("holds the rate limit with its own state", function()
     local gw = serve('return { access_log = false, rate_limit = { requests = 10, per = "minute" } }',
