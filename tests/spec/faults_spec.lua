@@ -245,7 +245,9 @@ local function run_case(c, strategy, api, stream)
       assert.equal(2, #a)
       assert.equal(api, a[1].provider)
       check_outcome(e, a[1], api .. " attempt")
-      assert.same({ provider = other, status = "success", http_status = 200, latency_ms = a[2].latency_ms }, a[2])
+      assert.is_true(a[2].cost_usd > 0, "the answer's attempt is charged")
+      assert.same({ provider = other, status = "success", http_status = 200, latency_ms = a[2].latency_ms,
+        cost_usd = a[2].cost_usd }, a[2])
       assert.is_true(took >= e.min and took < e.max + FAST, "took " .. took)
       assert.equal(1, #requests_of(m, other))
       if stream then
