@@ -183,7 +183,9 @@ end
 
 -- The cooling function, or nil when no breaker can be cooling (none of
 -- this process's has seen a failure): a balancer asks once per decision.
--- Shared breakers: as read at most SHARED_RECHECK_MS ago.
+-- Shared breakers: as read at most SHARED_RECHECK_MS ago. Local ones: also
+-- the breakers' table, {name = state}: no entry, or one whose state is
+-- "closed", is not cooling (the caller skips the call for those).
 function _M.cooling_check()
   if state_mod.is_shared then
     return shared_cooling
@@ -191,7 +193,7 @@ function _M.cooling_check()
   if nstates == 0 then
     return nil
   end
-  return cooling
+  return cooling, states
 end
 
 cooling = function(name)

@@ -342,7 +342,7 @@ local function usable_deployments(st, providers, exclude, out)
     providers = { providers }
   end
   local n, t = 0, now()
-  local cooling = breaker.cooling_check()
+  local cooling, breakers = breaker.cooling_check()
   for i = 1, #providers do
     local p = providers[i]
     local a, c = resolve(adapters, configs, opts, p)
@@ -364,10 +364,19 @@ local function usable_deployments(st, providers, exclude, out)
       end
       for j = 1, #list do
         local d = list[j]
-        if d and d.limited_until <= t and not (exclude and exclude[d.id]) and not (cooling and cooling(d.id)) then
-          n = n + 1
-          out[n] = d
-          d.model = models[j] -- the model a call would use in this orchestration
+        if d and d.limited_until <= t and not (exclude and exclude[d.id]) then
+          local cool = false
+          if breakers then -- this process's breakers: only one not closed may be cooling
+            local b = breakers[d.id]
+            cool = b ~= nil and b.state ~= "closed" and cooling(d.id)
+          elseif cooling then
+            cool = cooling(d.id)
+          end
+          if not cool then
+            n = n + 1
+            out[n] = d
+            d.model = models[j] -- the model a call would use in this orchestration
+          end
         end
       end
     end
@@ -404,6 +413,13 @@ function BOUND.sticky_key(st)
   return function()
     return st.opts.sticky_key
   end
+end
+
+-- estimate_tokens(request) -> the input and output tokens ctx.estimate
+-- prices (aiorch.cost.estimate_tokens): a strategy that compares models
+-- counts them once, and prices them with ctx.price.
+function BOUND.estimate_tokens()
+  return cost.estimate_tokens
 end
 
 -- latency_now(record, t), headroom(record, t): a deployment's figures as of t.
