@@ -1,4 +1,5 @@
--- The cost of one balancer decision: build/aiorch run bench/balance.lua [DECISIONS] [DEPLOYMENTS] [BALANCER]
+-- The cost of one balancer decision:
+--   build/aiorch run bench/balance.lua [DECISIONS] [DEPLOYMENTS] [BALANCER] [MODELS]
 -- One provider with DEPLOYMENTS deployments (default 16), with live figures
 -- (latencies, calls in flight, rate-limit headroom) set as traffic would;
 -- each balancer in strategies/ is run as a strategy whose ctx.balance
@@ -24,13 +25,15 @@ if args[3] then -- one only (say, to count its instructions with callgrind)
   BALANCERS = { args[3] }
 end
 
-local MODELS = { "gpt-4o-mini", "gpt-4o", "gpt-4.1-nano" } -- (cheapest: three prices)
+-- The deployments' models (cheapest compares their prices): MODELS of these.
+local MODELS = { "gpt-4o-mini", "gpt-4o", "gpt-4.1-nano" }
+local NMODELS = math.tointeger(tonumber(args[4] or "")) or #MODELS
 
 math.randomseed(42)
 local list, env = {}, {}
 for i = 1, D do
   list[i] = { name = "d" .. i, base_url = "http://127.0.0.1:9/v1", api_key_env = "KEY_" .. i, weight = 1 + i % 3,
-    model = MODELS[1 + i % #MODELS] }
+    model = MODELS[1 + i % NMODELS] }
   env["KEY_" .. i] = "bench-key-" .. i
 end
 env.OPENAI_DEPLOYMENTS = list
@@ -71,7 +74,8 @@ local proxy = setmetatable({
 }, { __index = ctx })
 
 local function run(title)
-  print(fmt("balancer decisions, %s: %d deployments, %d decisions each (CPU time)", title, D, N))
+  print(fmt("balancer decisions, %s: %d deployments of %d models, %d decisions each (CPU time)", title, D,
+    NMODELS, N))
   local worst = 0
   for _, name in ipairs(BALANCERS) do
     local strategy = assert(loader.load("strategy", name))

@@ -79,11 +79,12 @@ local function key_hash(request, ctx)
 end
 
 -- Highest random weight: each deployment draws u in (0, 1) from the pair
--- (key, deployment); with equal weights the largest draw wins, else the
--- largest -weight / ln(u) (weighted rendezvous hashing). h: the key's hash.
+-- (key, deployment), and the largest -weight / ln(u) wins (weighted
+-- rendezvous hashing). As -ln(u) >= 1 - u, weight / (1 - u) bounds the
+-- score from above: the logarithm is taken only of a draw that may win.
+-- h: the key's hash.
 local function pick(list, h)
-  local best, best_x, best_score = nil, nil, -math.huge
-  local w0, same = list[1].weight, true
+  local best, best_score = nil, -1
   for i = 1, #list do
     local d = list[i]
     local x = d.hash
@@ -95,29 +96,10 @@ local function pick(list, h)
     x = h ~ x
     x = (x ~ (x >> 30)) * -4658895280553007687
     x = (x ~ (x >> 27)) * -7723592293110705685
-    x = (x ~ (x >> 31)) >> 11 -- 53 bits
+    local u = (((x ~ (x >> 31)) >> 11) + 0.5) / 9007199254740992
     local w = d.weight
-    if same and w == w0 then
-      if not best_x or x > best_x then
-        best, best_x = d, x
-      end
-    else
-      if same then -- weights differ: score what came before
-        same = false
-        best = nil
-        for j = 1, i - 1 do
-          local e = list[j]
-          local y = h ~ e.hash
-          y = (y ~ (y >> 30)) * -4658895280553007687
-          y = (y ~ (y >> 27)) * -7723592293110705685
-          y = (y ~ (y >> 31)) >> 11
-          local score = -e.weight / log((y + 0.5) / 9007199254740992)
-          if score > best_score then
-            best, best_score = e, score
-          end
-        end
-      end
-      local score = -w / log((x + 0.5) / 9007199254740992)
+    if w / (1 - u) > best_score then
+      local score = -w / log(u)
       if score > best_score then
         best, best_score = d, score
       end
