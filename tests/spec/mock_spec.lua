@@ -3,6 +3,7 @@ local aiorch = require "aiorch"
 local cjson = require "cjson.safe"
 local json = require "aiorch.json"
 local mock = require "aiorch.mock"
+local support = require "tests.support"
 
 local fmt = string.format
 local null = cjson.null
@@ -17,10 +18,7 @@ local function openai_body(extra)
       { role = "user", content = QUESTION },
     },
   }
-  for k, v in pairs(extra or {}) do
-    b[k] = v
-  end
-  return b
+  return support.merge(b, extra)
 end
 
 local function anthropic_body(extra)
@@ -30,10 +28,7 @@ local function anthropic_body(extra)
     system = "You are terse.",
     messages = { { role = "user", content = QUESTION } },
   }
-  for k, v in pairs(extra or {}) do
-    b[k] = v
-  end
-  return b
+  return support.merge(b, extra)
 end
 
 local function words(s)
@@ -1264,10 +1259,7 @@ describe("aiorch.mock conversations", function()
     if api == "anthropic" then
       b.max_tokens = 4096
     end
-    for k, v in pairs(extra or {}) do
-      b[k] = v
-    end
-    return b
+    return support.merge(b, extra)
   end
 
   local function user(text)
