@@ -104,6 +104,36 @@ describe("replicas sharing redis", function()
     b.stop()
   end)
 
+  it("a budget holds over two replicas: 10 requests spend it, not 10 each", function()
+    local config = fmt([[return { access_log = false, redis = %%s,
+      providers = { openai = { api_key_env = "OPENAI_API_KEY", base_url = %q } },
+      aliases = { cheap = { strategy = "single", providers = { "openai:gpt-4o-mini" } } },
+      budgets = { { alias = "cheap", tokens = 60, window = "day" } } }]],
+      m:base_url("openai", { text = "one two three four five" })):gsub("%%%x%x", "%%%0") -- (its %20s stay)
+    local a, b = replicas(config)
+    -- each request: 1 token in ("hi"), 5 out (max_tokens, and the mock's answer): 6 reserved, 6 spent
+    local body = '{"model":"cheap","max_tokens":5,"messages":[{"role":"user","content":"hi"}]}'
+    local statuses, i = {}, 0
+    local tasks = {}
+    for t = 1, 8 do
+      tasks[t] = aiorch.spawn(function()
+        while i < 40 do
+          i = i + 1
+          local base = i % 2 == 0 and a.base or b.base
+          local st = aiorch.http.request { method = "POST", url = base .. "/v1/chat/completions",
+            headers = { ["content-type"] = "application/json" }, body = body, timeout_ms = support.stretch(15000) }
+          statuses[st] = (statuses[st] or 0) + 1
+        end
+      end)
+    end
+    aiorch.gather(tasks)
+    local through = statuses[200] or 0
+    assert.equal(10, through, cjson.encode(statuses))
+    assert.equal(30, statuses[429])
+    a.stop()
+    b.stop()
+  end)
+
   it("a breaker opened by one replica is open on the other within 100 ms #timing", function()
     local config = fmt([[return { access_log = false, redis = %%s, providers = { openai = {
       api_key_env = "OPENAI_API_KEY", base_url = %q,
