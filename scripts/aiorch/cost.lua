@@ -97,14 +97,23 @@ local function undated(model)
     or model:match("^(.+)%-%d%d%-%d%d%d%d$") or model:match("^(.+)%-%d%d%d$")
 end
 
+-- An entry of the overrides a caller gave as they are (not through
+-- check): completed, or nil when it is wrong.
+local function complete(model, e)
+  if type(e) == "table" and (e.cached_read == nil or e.cache_write == nil or e.reasoning == nil) then
+    return (normalize(model, e))
+  end
+  return e
+end
+
 local function lookup(model, overrides)
-  local p = overrides and overrides[model] or table_[model]
+  local p = overrides and complete(model, overrides[model]) or table_[model]
   if p then
     return p
   end
   local base = undated(model)
   if base then
-    return overrides and overrides[base] or table_[base]
+    return overrides and complete(base, overrides[base]) or table_[base]
   end
   return nil
 end
