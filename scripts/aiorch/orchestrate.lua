@@ -236,6 +236,9 @@ end
 local function settle(r, st)
   local m = r.metadata
   local attempts = m.attempts
+  if type(attempts) ~= "table" then
+    return -- (a strategy's own answer, without attempts)
+  end
   local cancelled = st.cancelled
   if cancelled then -- what each loser cost, on its entry
     local used = {}
