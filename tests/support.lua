@@ -50,6 +50,18 @@ function _M.merge(...)
   return out
 end
 
+-- Whether no value of the list a is in the list b (no old pid left).
+function _M.none_in(a, b)
+  for _, x in ipairs(a) do
+    for _, y in ipairs(b) do
+      if x == y then
+        return false
+      end
+    end
+  end
+  return true
+end
+
 function _M.slurp(path)
   local f = io.open(path, "rb")
   if not f then

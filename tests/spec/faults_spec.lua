@@ -285,23 +285,10 @@ local function run_case(c, strategy, api, stream)
   end
 end
 
+support.use_mock(function(mock) m = mock end)
+
 setup(function()
-  m = assert(mock_mod.start { host = "127.0.0.1", port = 0 })
-  -- bound, noted, closed: nothing listens there now
-  local srv = assert(aiorch.server.listen { host = "127.0.0.1", port = 0, handler = function() end })
-  closed_port = srv.port
-  srv:close()
-end)
-
-teardown(function()
-  m:close()
-end)
-
-before_each(function()
-  m:reset()
-  metrics.reset()
-  breaker.reset() -- each case starts with every provider healthy
-  m:reset_counters()
+  closed_port = support.free_port() -- bound, noted, closed: nothing listens there now
 end)
 
 for _, strategy in ipairs { "single", "fallback" } do

@@ -1225,18 +1225,7 @@ local STREAMS = { false, true }
 
 describe("aiorch.mock conversations", function()
   local m
-
-  setup(function()
-    m = assert(mock.start {})
-  end)
-
-  teardown(function()
-    m:close()
-  end)
-
-  before_each(function()
-    m:reset()
-  end)
+  support.use_mock(function(mock_server) m = mock_server end, {})
 
   -- POSTs body (all of it, encoded by its marks) to api's endpoint with the
   -- directives; returns status, the answer (a stream assembled), the raw

@@ -477,14 +477,7 @@ describe("nginx in front of the gateway", function()
     assert.equal(OPENAI_TEXT, openai_text(raw))
     assert.is_true(wait_for(function()
       local now = nginx.workers(n)
-      for _, pid in ipairs(now) do
-        for _, o in ipairs(old) do
-          if pid == o then
-            return false
-          end
-        end
-      end
-      return #now == 2
+      return support.none_in(now, old) and #now == 2
     end, 10000), "the old workers did not go")
     assert.equal(200, (post(n.base("plain") .. "/v1/chat/completions", chat())))
     assert.falsy(n.log():find("open socket", 1, true), "a worker left a socket open")

@@ -259,17 +259,7 @@ describe("aiorch serve --workers 4 with shared state", function()
     end
     -- the old generation drains (its requests are done) and goes
     deadline = aiorch.now() + support.stretch(15000)
-    local function old_gone()
-      for _, pid in ipairs(children(gw.pid)) do
-        for _, o in ipairs(old) do
-          if pid == o then
-            return false
-          end
-        end
-      end
-      return true
-    end
-    while not old_gone() do
+    while not support.none_in(children(gw.pid), old) do
       assert(aiorch.now() < deadline, "the old generation is still there")
       aiorch.sleep(20)
     end
