@@ -247,6 +247,13 @@ describe("budgets", function()
     assert.equal(429, st2, b2)
     assert.truthy(cjson.decode(b2).error.message:find("alias cheap", 1, true))
     assert.is_true(tonumber(h2["retry-after"]) <= 60)
+    -- a Gemini client of the alias: its API's error shape
+    local st3, h3, b3, doc3 = support.post(gw.base .. "/v1beta/models/cheap:generateContent",
+      { contents = { { role = "user", parts = { { text = "hi" } } } } })
+    assert.equal(429, st3, b3)
+    assert.equal(429, doc3.error.code)
+    assert.equal("RESOURCE_EXHAUSTED", doc3.error.status)
+    assert.is_truthy(tonumber(h3["retry-after"]))
     -- another model is not the alias
     st = support.post(gw.base .. "/v1/chat/completions", { model = "gpt-4o-mini", max_tokens = 5,
       messages = { { role = "user", content = "hi" } } })
