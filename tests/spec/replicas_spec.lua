@@ -93,7 +93,8 @@ describe("replicas sharing redis", function()
   end)
 
   it("a rate limit of 100 a minute over two replicas lets 100 (± 2) of 200 through, not 200", function()
-    local a, b = replicas('return { access_log = false, rate_limit = { requests = 100, per = "minute" }, redis = %s }')
+    local a, b = replicas('return { access_log = false, rate_limit = { requests = 100, per = "minute" }, redis = %s }',
+      ", timeout_ms = 1000") -- (a loaded machine: Redis late is the third test's business)
     local statuses = send({ a.base, b.base }, 200, 8)
     local through = statuses[200] or 0
     assert.is_true(through >= 98 and through <= 102, fmt("%d requests let through\n%s\n%s", through,
