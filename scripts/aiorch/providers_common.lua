@@ -1,6 +1,6 @@
 -- The plumbing the built-in provider adapters share (scripts/providers/*.lua
 -- and aiorch.compat's), around their wire modules: the request's parts,
--- reading a 2xx answer, the stream parser. Nothing here does I/O.
+-- the answer's parser, the stream parser. Nothing here does I/O.
 local canonical = require "aiorch.canonical"
 local util = require "aiorch.adapter"
 local json = require "aiorch.json"
