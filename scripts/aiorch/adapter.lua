@@ -8,6 +8,7 @@ local type = type
 local pairs = pairs
 local tonumber = tonumber
 local tostring = tostring
+local tointeger = math.tointeger
 
 local _M = {}
 
@@ -25,7 +26,7 @@ end
 
 function _M.num(v)
   if type(v) == "number" then
-    return math.tointeger(v) or v
+    return tointeger(v) or v
   end
   return nil
 end

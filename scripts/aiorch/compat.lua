@@ -565,18 +565,17 @@ function _M.new(name, spec)
     return { method = "POST", url = url_of(config, model), headers = headers, body = body }
   end
 
-  function a.parse_response(config, status, headers, body)
-    if status < 200 or status > 299 then
-      local r, kind, msg, extra = util.http_error(status, headers, body, error_message)
-      -- Azure says when to retry in milliseconds too.
-      if extra and not extra.retry_after and type(headers) == "table" then
-        local ms = num(tonumber(headers["retry-after-ms"] or ""))
-        extra.retry_after = ms and ms / 1000 or nil
-      end
-      return r, kind, msg, extra
+  -- A non-2xx: Azure says when to retry in milliseconds too.
+  local function http_error(status, headers, body)
+    local r, kind, msg, extra = util.http_error(status, headers, body, error_message)
+    if extra and not extra.retry_after and type(headers) == "table" then
+      local ms = num(tonumber(headers["retry-after-ms"] or ""))
+      extra.retry_after = ms and ms / 1000 or nil
     end
-    return common.read_answer(body, json.decode_plain, classify, wire, config.model or a.default_model)
+    return r, kind, msg, extra
   end
+
+  a.parse_response = common.response_parser(a, wire, { classify = classify, http_error = http_error })
 
   -- Groq reports a stream's usage in x_groq.usage.
   local function event(self, ev)

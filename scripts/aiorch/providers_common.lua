@@ -1,13 +1,15 @@
 -- The plumbing the built-in provider adapters share (scripts/providers/*.lua
 -- and aiorch.compat's), around their wire modules: the request's parts,
--- reading a 2xx answer, the stream parser. Nothing here does I/O.
+-- the answer's parser, the stream parser. Nothing here does I/O.
 local canonical = require "aiorch.canonical"
 local util = require "aiorch.adapter"
+local json = require "aiorch.json"
 
 local type = type
 local ipairs = ipairs
 local error = error
 local concat = table.concat
+local find = string.find
 local present = util.present
 local fmt = string.format
 local byte = string.byte
@@ -53,34 +55,58 @@ end
 
 -- Answers -------------------------------------------------------------------
 
--- The result of a 2xx answer's body: decoded with decode (aiorch.json's
--- decode or decode_plain); the provider's error instead when the body
--- has an `error` object (classify(e) -> kind, message, extra; nil: the
--- provider has none of those) or failed(doc) (optional) says kind,
--- message, extra; else translated by wire.decode_response, with model
--- when the answer names none, and raw_body (the upstream bytes).
-function _M.read_answer(body, decode, classify, wire, model, failed)
-  local doc, err = decode(body or "")
-  if type(doc) ~= "table" then
-    return nil, "parse", "malformed JSON body: " .. (err or "not an object")
+-- response_parser(adapter, wire, opts) -> the adapter's
+-- parse_response(config, status, headers, body): a non-2xx answer is
+-- opts.http_error's (default: util.http_error with opts.message_of,
+-- default util.error_object_message, and opts.error_of); a 2xx body is
+-- decoded by aiorch.json's decode_plain, or by its decode when the body
+-- has opts.objects (a JSON text that is written again, so its empty
+-- arrays must stay arrays); the provider's error instead when the body
+-- has an `error` object (opts.classify(e) -> kind, message, extra; none:
+-- the provider has no such object) or opts.failed(doc) says kind,
+-- message, extra; else wire.decode_response's result, with the model
+-- (the config's or the adapter's default when the answer names none) and
+-- raw_body (the upstream bytes). One function, no call more, on the
+-- answer's path.
+function _M.response_parser(adapter, wire, opts)
+  local classify, failed, objects = opts.classify, opts.failed, opts.objects
+  local message_of, error_of = opts.message_of or util.error_object_message, opts.error_of
+  local http_error = opts.http_error or function(status, headers, body)
+    return util.http_error(status, headers, body, message_of, error_of)
   end
-  if classify and present(doc.error) then
-    return nil, classify(doc.error)
-  end
-  local result, kind, msg, extra
-  if failed then
-    kind, msg, extra = failed(doc)
-    if kind then
-      return nil, kind, msg, extra
+  local decode, decode_plain = json.decode, json.decode_plain
+  return function(config, status, headers, body)
+    if status < 200 or status > 299 then
+      return http_error(status, headers, body)
     end
+    local text = body or ""
+    local doc, err
+    if objects and find(text, objects, 1, true) then
+      doc, err = decode(text)
+    else
+      doc, err = decode_plain(text)
+    end
+    if type(doc) ~= "table" then
+      return nil, "parse", "malformed JSON body: " .. (err or "not an object")
+    end
+    if classify and present(doc.error) then
+      return nil, classify(doc.error)
+    end
+    local result, kind, msg, extra
+    if failed then
+      kind, msg, extra = failed(doc)
+      if kind then
+        return nil, kind, msg, extra
+      end
+    end
+    result, kind, msg = wire.decode_response(doc)
+    if not result then
+      return nil, kind, msg
+    end
+    result.model = result.model or config.model or adapter.default_model
+    result.raw_body = body
+    return result
   end
-  result, kind, msg = wire.decode_response(doc)
-  if not result then
-    return nil, kind, msg
-  end
-  result.model = result.model or model
-  result.raw_body = body
-  return result
 end
 
 -- Streams -------------------------------------------------------------------

@@ -6,7 +6,6 @@ local common = require "aiorch.providers_common"
 local wire = require "aiorch.wire.anthropic"
 
 local type = type
-local find = string.find
 local str = util.str
 
 local EMPTY = {} -- never written
@@ -102,15 +101,9 @@ local function failed(doc)
 end
 
 -- result: wire.anthropic.decode_response's, plus raw_body (the upstream bytes).
-function _M.parse_response(config, status, headers, body)
-  if status < 200 or status > 299 then
-    return util.http_error(status, headers, body, util.error_object_message)
-  end
-  -- A tool call's input is an object: it becomes JSON text again, so its
-  -- empty arrays must stay arrays (aiorch.json); otherwise cjson alone.
-  local decode = find(body or "", '"tool_use"', 1, true) and json.decode or json.decode_plain
-  return common.read_answer(body, decode, classify, wire, config.model or _M.default_model, failed)
-end
+-- A tool call's input is an object: it becomes JSON text again, so its
+-- empty arrays must stay arrays (aiorch.json); otherwise cjson alone.
+_M.parse_response = common.response_parser(_M, wire, { classify = classify, failed = failed, objects = '"tool_use"' })
 
 -- stream_parser(config[, opts]) -> wire.anthropic's stream decoder (the
 -- named events message_start, content_block_*, message_delta,

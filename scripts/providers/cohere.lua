@@ -60,14 +60,9 @@ local function failed(doc)
 end
 
 -- result: wire.cohere.decode_response's, plus model (the config's: Cohere
--- does not name it) and raw_body (the upstream bytes).
-function _M.parse_response(config, status, headers, body)
-  if status < 200 or status > 299 then
-    return util.http_error(status, headers, body, util.error_object_message)
-  end
-  -- Tool calls' arguments are JSON text already: cjson alone reads it.
-  return common.read_answer(body, json.decode_plain, nil, wire, config.model or _M.default_model, failed)
-end
+-- does not name it) and raw_body (the upstream bytes). Tool calls'
+-- arguments are JSON text already: cjson alone reads it.
+_M.parse_response = common.response_parser(_M, wire, { failed = failed })
 
 -- stream_parser(config[, opts]) -> wire.cohere's stream decoder (the
 -- events message-start, content-*, tool-plan-delta, tool-call-*,

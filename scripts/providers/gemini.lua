@@ -9,7 +9,6 @@ local wire = require "aiorch.wire.gemini"
 local type = type
 local tostring = tostring
 local concat = table.concat
-local find = string.find
 local str = util.str
 
 local EMPTY = {} -- never written
@@ -111,15 +110,11 @@ local function classify(e)
 end
 
 -- result: wire.gemini.decode_response's, plus raw_body (the upstream bytes).
-function _M.parse_response(config, status, headers, body)
-  if status < 200 or status > 299 then
-    return util.http_error(status, headers, body, util.error_object_message, provider_error)
-  end
-  -- A call's args become JSON text again, so their empty arrays must stay
-  -- arrays (aiorch.json); otherwise cjson alone.
-  local decode = find(body or "", '"functionCall"', 1, true) and json.decode or json.decode_plain
-  return common.read_answer(body, decode, classify, wire, config.model or _M.default_model)
-end
+-- A call's args become JSON text again, so their empty arrays must stay
+-- arrays (aiorch.json); otherwise cjson alone. A non-2xx's error object
+-- is read as Gemini's ({status, code}) first.
+_M.parse_response = common.response_parser(_M, wire, { classify = classify, objects = '"functionCall"',
+  error_of = provider_error })
 
 -- stream_parser(config[, opts]) -> wire.gemini's stream decoder (each
 -- server-sent event a whole GenerateContentResponse): :event(ev) returns

@@ -76,14 +76,9 @@ local function classify(e)
 end
 
 -- result: wire.openai.decode_response's, plus raw_body (the upstream bytes).
-function _M.parse_response(config, status, headers, body)
-  if status < 200 or status > 299 then
-    return util.http_error(status, headers, body, util.error_object_message)
-  end
-  -- Tool calls' arguments are JSON text already: nothing here is
-  -- written back as JSON, so cjson alone reads it.
-  return common.read_answer(body, json.decode_plain, classify, wire, config.model or _M.default_model)
-end
+-- Tool calls' arguments are JSON text already: nothing here is written
+-- back as JSON, so cjson alone reads it.
+_M.parse_response = common.response_parser(_M, wire, { classify = classify })
 
 -- stream_parser(config[, opts]) -> wire.openai's stream decoder: :event(ev)
 -- returns canonical events when opts.events, else the text delta (or

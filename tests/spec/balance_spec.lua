@@ -167,6 +167,7 @@ describe("deployments", function()
       assert.equal("success", r.status)
       assert.equal("anthropic", r.ia_provider_name)
       assert.equal(3, #r.metadata.attempts) -- a, b, then anthropic
+      assert.is_true(r.metadata.cost_usd > 0) -- what anthropic's answer cost, through the nested balancer
     end)
 
   it("the gateway configuration is checked: literal keys, bad weights, unknown balancers are refused", function()

@@ -10,7 +10,6 @@ local secrets = require "aiorch.secrets"
 local state_shm = require "aiorch.state.shm"
 local state_redis = require "aiorch.state.redis"
 local cost = require "aiorch.cost"
-local budgets = require "aiorch.gateway.budgets"
 
 local fmt = string.format
 local type = type
@@ -646,7 +645,8 @@ function _M.check(raw, getenv, path)
     for _, e in ipairs(clients) do
       names[e.name] = true
     end
-    local list, berr = budgets.check(raw.budgets, names, c.aliases)
+    -- (loaded only for a configuration with budgets)
+    local list, berr = require("aiorch.gateway.budgets").check(raw.budgets, names, c.aliases)
     if not list then
       return nil, berr
     end
