@@ -45,7 +45,6 @@ local _M = {}
 _M.EWMA_TAU_MS = 10000 -- peak EWMA: how fast a latency is forgotten
 _M.ERROR_ALPHA = 0.2 -- weight of the last attempt in error_rate
 _M.TOKENS_ALPHA = 0.2
-_M.DEFAULT_TOKENS_PER_CALL = 1000
 _M.MAX_DEPLOYMENTS = 64 -- per provider
 _M.TPM_RECHECK_MS = 1000 -- a deployment over its tpm is looked at again after this
 
@@ -59,7 +58,7 @@ function _M.record(id, fields)
     d = { id = id, provider = id, name = nil, weight = 1, rpm = nil, tpm = nil, inflight = 0, ewma_ms = nil,
       ewma_at = 0, error_rate = 0, calls = 0, failures = 0, requests_remaining = nil, requests_limit = nil,
       requests_reset_at = nil, tokens_remaining = nil, tokens_limit = nil, tokens_reset_at = nil,
-      tokens_per_call = nil, limited_until = 0, swrr = 0, picks = 0 }
+      tokens_per_call = nil, limited_until = 0, limited_why = nil, swrr = 0, picks = 0 }
     records[id] = d
   end
   if fields then
@@ -232,20 +231,22 @@ local WINDOW_MS = 60000
 function _M.admit(d)
   local t = now()
   if d.limited_until > t then
-    return false, d.limited_until - t, fmt("deployment %s is at its rate limit", d.id)
+    return false, d.limited_until - t, d.limited_why
   end
   if d.tpm then
     local used = state.window_count("dt\31" .. d.id, WINDOW_MS)
     if used and used >= d.tpm then
       d.limited_until = t + _M.TPM_RECHECK_MS
-      return false, _M.TPM_RECHECK_MS, fmt("deployment %s is at its tpm (%d)", d.id, d.tpm)
+      d.limited_why = fmt("deployment %s is at its tpm (%d)", d.id, d.tpm)
+      return false, _M.TPM_RECHECK_MS, d.limited_why
     end
   end
   if d.rpm then
     local ok, wait = state.window("dr\31" .. d.id, 1, WINDOW_MS, d.rpm)
     if ok == false then
       d.limited_until = t + wait
-      return false, wait, fmt("deployment %s is at its rpm (%d)", d.id, d.rpm)
+      d.limited_why = fmt("deployment %s is at its rpm (%d)", d.id, d.rpm)
+      return false, wait, d.limited_why
     end
   end
   return true

@@ -202,6 +202,27 @@ describe("deployments", function()
   end)
 end)
 
+describe("a deployment's tpm", function()
+  it("counts the tokens its answers used; past it, it is passed over for a while", function()
+    local env = env_of { { name = "a", tpm = 60 }, { name = "b" } }
+    local used = 0
+    while used < 60 do
+      local r = ask("single", env, { providers = "openai/a" })
+      assert.equal("success", r.status)
+      used = used + r.metadata.usage.input_tokens + r.metadata.usage.output_tokens
+    end
+    local sent = #mocks[1].requests
+    for _ = 1, 6 do
+      assert.equal("b", ask("least_busy", env).metadata.deployment)
+    end
+    local r = ask("single", env, { providers = "openai/a" })
+    assert.equal("rate_limited", r.metadata.error_kind)
+    assert.matches("tpm", r.error_message)
+    assert.equal(sent, #mocks[1].requests)
+    print(fmt("  tpm 60: a took %d requests (%d tokens), then b took the next 6", sent, used))
+  end)
+end)
+
 describe("the mock's rate-limit headers", function()
   it("are the real APIs' own: OpenAI's durations, Anthropic's RFC 3339 times; past the limit, a 429", function()
     local m = mocks[1]
