@@ -21,6 +21,7 @@ local policy = require "aiorch.policy"
 local breaker = require "aiorch.breaker"
 local limits = require "aiorch.gateway.limits" -- rate limits, max_inflight: for the whole server
 local totals = require "aiorch.gateway.totals" -- /metrics and /healthz: for the whole server
+local response_cache = require "aiorch.gateway.cache" -- the response cache, when configured
 local json = require "aiorch.json"
 
 local fmt = string.format
@@ -539,6 +540,8 @@ local function client_providers(x, rt)
   rt.providers = #out > 0 and out or x.client.provider_names
 end
 
+local answer_api -- below
+
 -- /v1/chat/completions and /v1/messages: api is the client's wire module.
 local function serve_api(x, api)
   local doc, derr = common.decode_object(x.req.body)
@@ -570,6 +573,14 @@ local function serve_api(x, api)
   if not s then
     return x:fail(400, serr)
   end
+  if state.cache then
+    return response_cache.serve(state.cache, x, api, request, info, rt, answer_api)
+  end
+  return answer_api(x, api, request, info, rt)
+end
+
+-- The answer of a decoded, routed request: streamed or whole.
+function answer_api(x, api, request, info, rt)
   if info.stream then
     return serve_streamed(x, api, request, info, rt)
   end
@@ -692,7 +703,8 @@ end
 local function serve_metrics(x)
   local state = x.state
   x:respond(200, { ["content-type"] = prometheus.content_type },
-    prometheus.render({ requests = totals.requests(state), in_flight = totals.in_flight(state) })) -- not this scrape
+    prometheus.render({ requests = totals.requests(state), in_flight = totals.in_flight(state), -- not this scrape
+      cache = state.cache }))
 end
 
 local ROUTES = {
@@ -1159,6 +1171,7 @@ function _M.handler(opts)
     max_inflight = cfg.max_inflight or 0, orchestrating = 0, log_bodies = cfg.log_bodies == true,
     log_buf = {}, log_n = 0, log_bytes = 0, log_timer = false,
     ns = "", -- the limits' keys' prefix (start: the port, the same in every worker)
+    cache = cfg.cache and response_cache.new(cfg.cache) or nil,
   }
   return {
     handler = function(req, res) return handle(state, req, res) end,

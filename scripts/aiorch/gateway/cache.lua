@@ -1,0 +1,832 @@
+-- The gateway's response cache: an answer the gateway gave is given again,
+-- without calling a provider, to an identical request.
+--
+-- The key is exact: the canonical request (aiorch.canonical) written out
+-- field by field with sorted keys, without what does not change the
+-- answer (the client's key, `user`, `metadata`, the policy, headers such as
+-- tracing ones), after the client API, whether it streams, the model, the
+-- strategy and providers it was routed to, and (namespace = "client") the
+-- client's name. Entries are per client API: what one stored is served to
+-- the same API only (its bytes are that API's).
+--
+-- An entry is what the client got: the status 200 answer's headers that
+-- say who answered, and its body, or, for a stream, its server-sent
+-- events one by one, as they were written. A hit writes them again, each
+-- event on its own, so that a stream is replayed with its chunking, its
+-- tool-call deltas and its thinking. The usage in an entry is rewritten
+-- once, when it is stored, to report the input as cached (and the native
+-- answer's metadata.cached = true, cost_usd = 0). Only a complete answer
+-- is stored: not an error, a stream that broke, one whose client went away
+-- or one that ran out of time.
+--
+-- Tiers: memory (aiorch.cache, an LRU bounded by bytes, per process), then
+-- the shared Redis tier (aiorch.state.redis's cache_get/cache_set) when
+-- the gateway has `redis = {...}`: a miss in memory asks Redis, a Redis
+-- hit is kept in memory too; a store goes to both. Redis that fails or is
+-- slow (cache_timeout_ms) is a miss, never an error.
+--
+-- Single-flight: while a request is being answered for a key, identical
+-- requests wait for it (at most max_waiters each) and are then answered
+-- from what it stored; when it stored nothing they go on by themselves.
+local aiorch = require "aiorch"
+local store = require "aiorch.cache"
+local state = require "aiorch.state"
+local json = require "aiorch.json"
+
+local fmt = string.format
+local type = type
+local pairs = pairs
+local ipairs = ipairs
+local tostring = tostring
+local tonumber = tonumber
+local tointeger = math.tointeger
+local math_type = math.type
+local floor = math.floor
+local sort = table.sort
+local concat = table.concat
+local find = string.find
+local sub = string.sub
+local spack = string.pack
+local sunpack = string.unpack
+local setmetatable = setmetatable
+local os_time = os.time
+local spawn = aiorch.spawn
+local sleep = aiorch.sleep
+
+local _M = {}
+
+_M.default_max_bytes = 64 * 1024 * 1024
+_M.default_max_entries = 65536
+_M.default_max_entry_bytes = 4 * 1024 * 1024
+_M.default_ttl_ms = 3600 * 1000
+_M.default_max_ttl_ms = 24 * 3600 * 1000
+_M.default_max_waiters = 1000
+
+------------------------------------------------------------------------------
+-- Configuration
+
+local FIELDS = { enabled = true, max_bytes = true, max_entries = true, max_entry_bytes = true, ttl_ms = true,
+  max_ttl_ms = true, deterministic_only = true, routes = true, redis = true, max_waiters = true, namespace = true }
+
+-- The routes whose answers may be cached (the gateway's names).
+_M.ROUTES = { "/v1/chat/completions", "/v1/messages", "/{version}/models/{model}:generateContent",
+  "/{version}/models/{model}:streamGenerateContent" }
+
+local function int_field(raw, name, least, most, default, where)
+  local v = raw[name]
+  if v == nil then
+    return default
+  end
+  local n = type(v) == "number" and tointeger(v) or nil
+  if not n or n < least or n > most then
+    return nil, fmt("%s.%s: must be an integer from %d to %d", where, name, least, most)
+  end
+  return n
+end
+
+-- The configuration's `cache` (true, or a table) checked: the settings
+-- with their defaults, or nil, message.
+function _M.check(raw, where)
+  where = where or "cache"
+  if raw == true then
+    raw = {}
+  end
+  if type(raw) ~= "table" then
+    return nil, where .. ": must be true or a table {max_bytes = ..., ttl_ms = ..., ...}"
+  end
+  for k in pairs(raw) do
+    if not FIELDS[k] then
+      return nil, fmt("%s: unknown field '%s'", where, tostring(k))
+    end
+  end
+  local c = {}
+  local err
+  for _, f in ipairs({
+    { "max_bytes", 0, 1 << 40, _M.default_max_bytes },
+    { "max_entries", 1, 1 << 30, _M.default_max_entries },
+    { "max_entry_bytes", 1, 1 << 32, _M.default_max_entry_bytes },
+    { "ttl_ms", 1, 365 * 24 * 3600 * 1000, _M.default_ttl_ms },
+    { "max_ttl_ms", 1, 365 * 24 * 3600 * 1000, _M.default_max_ttl_ms },
+    { "max_waiters", 0, 1000000, _M.default_max_waiters },
+  }) do
+    c[f[1]], err = int_field(raw, f[1], f[2], f[3], f[4], where)
+    if not c[f[1]] then
+      return nil, err
+    end
+  end
+  if c.ttl_ms > c.max_ttl_ms then
+    return nil, fmt("%s.ttl_ms: must not exceed max_ttl_ms (%d)", where, c.max_ttl_ms)
+  end
+  for _, b in ipairs({ "enabled", "deterministic_only", "redis" }) do
+    if raw[b] ~= nil and type(raw[b]) ~= "boolean" then
+      return nil, fmt("%s.%s: must be true or false", where, b)
+    end
+  end
+  c.enabled = raw.enabled ~= false
+  c.deterministic_only = raw.deterministic_only == true
+  c.redis = raw.redis ~= false
+  if raw.namespace ~= nil and raw.namespace ~= "none" and raw.namespace ~= "client" then
+    return nil, where .. '.namespace: must be "none" (one cache for every client) or "client" (one per client key)'
+  end
+  c.per_client = raw.namespace == "client"
+  local routes = raw.routes or _M.ROUTES
+  if type(routes) ~= "table" then
+    return nil, where .. ".routes: must be a list of routes"
+  end
+  c.routes = {}
+  local known = {}
+  for _, r in ipairs(_M.ROUTES) do
+    known[r] = true
+  end
+  for i, r in ipairs(routes) do
+    if not known[r] then
+      return nil, fmt("%s.routes[%d]: '%s' is not a route whose answers can be cached (%s)", where, i,
+        tostring(r), concat(_M.ROUTES, ", "))
+    end
+    c.routes[r] = true
+  end
+  return c
+end
+
+------------------------------------------------------------------------------
+-- The key
+
+-- Top-level fields of the canonical request that do not change the answer.
+local NOT_KEYED = { raw = true, user = true, metadata = true, policy = true }
+
+local function keys_of(t)
+  local ks, n = {}, 0
+  for k in pairs(t) do
+    n = n + 1
+    ks[n] = k
+  end
+  if n > 1 then
+    sort(ks, function(a, b)
+      local ta, tb = type(a), type(b)
+      if ta ~= tb then
+        return ta < tb
+      end
+      return a < b
+    end)
+  end
+  return ks, n
+end
+
+-- Writes v into buf (from n + 1); returns the new n. Strings carry their
+-- length, so that no two values write the same text.
+local write_value
+local function write_table(buf, n, t, skip)
+  local len = #t
+  if len > 0 or json.is_array(t) then
+    n = n + 1
+    buf[n] = "["
+    for i = 1, len do
+      n = write_value(buf, n, t[i])
+    end
+    n = n + 1
+    buf[n] = "]"
+    return n
+  end
+  local ks, kn = keys_of(t)
+  n = n + 1
+  buf[n] = "{"
+  for i = 1, kn do
+    local k = ks[i]
+    if not (skip and skip[k]) then
+      n = write_value(buf, n, k)
+      n = write_value(buf, n, t[k])
+    end
+  end
+  n = n + 1
+  buf[n] = "}"
+  return n
+end
+
+function write_value(buf, n, v)
+  local tv = type(v)
+  if tv == "string" then
+    buf[n + 1], buf[n + 2] = #v .. ":", v
+    return n + 2
+  elseif tv == "number" then
+    local i = math_type(v) == "integer" and v or (v == floor(v) and v >= -2 ^ 53 and v <= 2 ^ 53 and floor(v))
+    buf[n + 1] = i and "i" .. tointeger(i) .. ";" or fmt("f%.17g;", v)
+    return n + 1
+  elseif tv == "boolean" then
+    buf[n + 1] = v and "T" or "F"
+    return n + 1
+  elseif tv == "table" then
+    return write_table(buf, n, v)
+  end
+  buf[n + 1] = "N" -- json.null, and whatever JSON cannot hold
+  return n + 1
+end
+
+-- The key of a request (see the top of the file).
+local function key_of(c, x, api, request, info, rt)
+  local buf = { api.api, info.stream and "S" or "P", tostring(info.model), "\0", rt.strategy or "", "\0" }
+  local n = #buf
+  for _, p in ipairs(rt.providers or {}) do
+    buf[n + 1], buf[n + 2] = p, ","
+    n = n + 2
+  end
+  if api.api == "gemini" then
+    n = n + 1
+    buf[n] = find(x.req.path, "alt=sse", 1, true) and "\0sse" or "\0json"
+  end
+  if c.cfg.per_client then
+    n = n + 1
+    buf[n] = "\0c:" .. tostring(x.client and x.client.name or "")
+  end
+  n = n + 1
+  buf[n] = "\0"
+  n = write_table(buf, n, request, NOT_KEYED)
+  return concat(buf, "", 1, n)
+end
+_M.key_of = key_of
+
+-- A 128-bit hash of s as 32 hex digits: the Redis tier's key (the whole
+-- key is kept in the entry and compared on a hit, so a collision is a miss).
+local P1, P2 = 0x100000001b3, 0x9E3779B97F4A7C15
+local function hash(s)
+  local h1, h2 = -3750763034362895579, 0x2545F4914F6CDD1D ~ #s
+  local len = #s
+  local i = 1
+  while i + 31 <= len do
+    local a, b, cc, d = sunpack("<i8i8i8i8", s, i)
+    h1 = (h1 ~ a) * P1
+    h2 = (h2 ~ b) * P2
+    h1 = (h1 ~ cc) * P1
+    h2 = (h2 ~ d) * P2
+    i = i + 32
+  end
+  while i <= len do
+    local b = s:byte(i)
+    h1 = (h1 ~ b) * P1
+    h2 = (h2 ~ b) * P2
+    i = i + 1
+  end
+  h1 = (h1 ~ (h2 >> 29)) * P2
+  h2 = (h2 ~ (h1 >> 31)) * P1
+  return fmt("%016x%016x", h1, h2)
+end
+_M.hash = hash
+
+------------------------------------------------------------------------------
+-- Usage reported as cached
+
+-- Rewrites the usage objects of one decoded answer (any API's shape, or a
+-- native StandardAIResponse) so that its input reads as cached.
+local function cached_usage(doc)
+  if type(doc) ~= "table" then
+    return
+  end
+  local m = doc.metadata
+  if type(m) == "table" and doc.ia_provider_name ~= nil then -- a StandardAIResponse
+    m.cached = true
+    if m.cost_usd ~= nil then
+      m.cost_usd = 0
+    end
+    local u = m.usage
+    if type(u) == "table" and type(u.input_tokens) == "number" then
+      u.cached_input_tokens = u.input_tokens
+    end
+    return
+  end
+  local u = doc.usage
+  if type(u) ~= "table" and type(doc.message) == "table" then
+    u = doc.message.usage -- Anthropic's message_start
+  end
+  if type(u) == "table" then
+    if type(u.prompt_tokens) == "number" then -- OpenAI
+      local d = type(u.prompt_tokens_details) == "table" and u.prompt_tokens_details or json.object()
+      d.cached_tokens = u.prompt_tokens
+      u.prompt_tokens_details = d
+    elseif type(u.input_tokens) == "number" then -- Anthropic: cached input is counted apart
+      u.cache_read_input_tokens = u.input_tokens + (tonumber(u.cache_read_input_tokens) or 0)
+        + (tonumber(u.cache_creation_input_tokens) or 0)
+      u.input_tokens = 0
+      if u.cache_creation_input_tokens ~= nil then
+        u.cache_creation_input_tokens = 0
+      end
+    end
+  end
+  local g = doc.usageMetadata -- Gemini
+  if type(g) == "table" and type(g.promptTokenCount) == "number" then
+    g.cachedContentTokenCount = g.promptTokenCount
+  end
+end
+
+-- A JSON body with its usage reported as cached (as it was when it does
+-- not parse).
+local function cached_body(body)
+  local doc = json.decode(body)
+  if type(doc) ~= "table" then
+    return body
+  end
+  if json.is_array(doc) or doc[1] ~= nil then
+    for _, one in ipairs(doc) do
+      cached_usage(one)
+    end
+  else
+    cached_usage(doc)
+  end
+  local ok, out = pcall(json.encode, doc)
+  return ok and out or body
+end
+
+-- One server-sent event with its usage reported as cached.
+local function cached_frame(frame)
+  if not find(frame, "sage", 1, true) then -- usage, usageMetadata: most frames have neither
+    return frame
+  end
+  local head, data, tail = frame:match("^(.-data: )(.-)(\n\n)$")
+  if not data or find(data, "\n", 1, true) then
+    return frame
+  end
+  local patched = cached_body(data)
+  return patched == data and frame or head .. patched .. tail
+end
+
+-- The server-sent events of a stream's bytes, each with its blank line.
+local function frames_of(bytes)
+  local out, n, from = {}, 0, 1
+  while true do
+    local a, b = find(bytes, "\n\n", from, true)
+    if not a then
+      if from <= #bytes then
+        n = n + 1
+        out[n] = sub(bytes, from)
+      end
+      return out
+    end
+    n = n + 1
+    out[n] = cached_frame(sub(bytes, from, b))
+    from = b + 1
+  end
+end
+
+------------------------------------------------------------------------------
+-- Recording what a client gets
+
+-- The headers an entry keeps: those that say who answered and how.
+local KEPT = { "content-type", "cache-control", "x-aiorch-strategy", "x-aiorch-provider", "x-aiorch-model",
+  "x-aiorch-attempts", "x-aiorch-dropped" }
+
+-- Stands for the response writer (res) while a request is answered:
+-- every header set gets X-Aiorch-Cache, and, when rec is true, what is
+-- sent is recorded (up to max bytes).
+local Recorder = {}
+Recorder.__index = Recorder
+
+local function recorder(res, tag, rec, max)
+  return setmetatable({ res = res, tag = tag, rec = rec, max = max, status = nil, headers = nil, body = nil,
+    parts = nil, np = 0, bytes = 0, complete = false, broken = false }, Recorder)
+end
+
+local function record(self, data)
+  if not self.rec or data == nil or data == "" then
+    return
+  end
+  local b = self.bytes + #data
+  if b > self.max then
+    self.rec, self.parts = false, nil -- too large to keep
+    return
+  end
+  self.bytes = b
+  local np = self.np + 1
+  self.parts[np] = data
+  self.np = np
+end
+
+function Recorder:respond(status, headers, body)
+  headers["x-aiorch-cache"] = self.tag
+  self.status, self.headers, self.complete = status, headers, true
+  if self.rec then
+    if body and #body > self.max then
+      self.rec = false
+    else
+      self.body = body
+    end
+  end
+  return self.res:respond(status, headers, body)
+end
+
+function Recorder:start(status, headers)
+  headers = headers or {}
+  headers["x-aiorch-cache"] = self.tag
+  self.status, self.headers, self.parts = status, headers, {}
+  return self.res:start(status, headers)
+end
+
+function Recorder:write(data)
+  record(self, data)
+  local ok, kind, msg = self.res:write(data)
+  if not ok then
+    self.broken = true
+  end
+  return ok, kind, msg
+end
+
+function Recorder:finish(data)
+  record(self, data)
+  self.complete = true
+  return self.res:finish(data)
+end
+
+function Recorder:abort()
+  self.broken = true
+  return self.res:abort()
+end
+
+function Recorder:on_error(...)
+  return self.res:on_error(...)
+end
+
+-- The entry of what was recorded, or nil when it is not to be kept.
+local function entry_of(rec, x)
+  if not (rec.rec and rec.complete) or rec.broken or rec.status ~= 200 or x.broken or x.aborted then
+    return nil
+  end
+  local h = {}
+  for _, k in ipairs(KEPT) do
+    h[k] = rec.headers[k]
+  end
+  if rec.parts then -- a stream
+    local frames = frames_of(concat(rec.parts, "", 1, rec.np))
+    return { headers = h, frames = frames, size = rec.bytes + 256 }
+  end
+  local body = cached_body(rec.body or "")
+  return { headers = h, body = body, size = #body + 256 }
+end
+
+------------------------------------------------------------------------------
+-- Entries in Redis: one string (string.pack) holding the whole key, so
+-- that a hash that collides is a miss; its wall-clock expiry, so that the
+-- memory tier keeps it no longer than Redis does.
+
+local MAGIC = "AIC1"
+
+local function encode_entry(key, e, expires_at)
+  local parts = { MAGIC, spack("<s4d", key, expires_at) }
+  local hn = 0
+  for _, k in ipairs(KEPT) do
+    if e.headers[k] then
+      hn = hn + 1
+    end
+  end
+  parts[#parts + 1] = spack("<B", hn)
+  for _, k in ipairs(KEPT) do
+    local v = e.headers[k]
+    if v then
+      parts[#parts + 1] = spack("<s2s4", k, tostring(v))
+    end
+  end
+  if e.frames then
+    parts[#parts + 1] = spack("<BI4", 1, #e.frames)
+    for _, f in ipairs(e.frames) do
+      parts[#parts + 1] = spack("<s4", f)
+    end
+  else
+    parts[#parts + 1] = spack("<Bs4", 0, e.body)
+  end
+  return concat(parts)
+end
+
+-- The entry in v if it is key's (else nil), and its wall-clock expiry.
+local function decode_entry(key, v)
+  if type(v) ~= "string" or sub(v, 1, 4) ~= MAGIC then
+    return nil
+  end
+  local ok, e, expires_at = pcall(function()
+    local k, exp, pos = sunpack("<s4d", v, 5)
+    if k ~= key then
+      return nil
+    end
+    local hn
+    hn, pos = sunpack("<B", v, pos)
+    local h = {}
+    for _ = 1, hn do
+      local name, value
+      name, value, pos = sunpack("<s2s4", v, pos)
+      h[name] = value
+    end
+    local kind
+    kind, pos = sunpack("<B", v, pos)
+    if kind == 1 then
+      local n
+      n, pos = sunpack("<I4", v, pos)
+      local frames = {}
+      for i = 1, n do
+        frames[i], pos = sunpack("<s4", v, pos)
+      end
+      return { headers = h, frames = frames, size = #v }, exp
+    end
+    local body = sunpack("<s4", v, pos)
+    return { headers = h, body = body, size = #v }, exp
+  end)
+  if not ok then
+    return nil
+  end
+  return e, expires_at
+end
+
+local function wall_ms()
+  return os_time() * 1000
+end
+
+------------------------------------------------------------------------------
+-- The cache of one gateway
+
+local Cache = {}
+Cache.__index = Cache
+
+local COUNTS = { "hit", "miss", "bypass", "stored", "memory_hit", "redis_hit", "flight_hit", "redis_error" }
+local PREFIX = "ca\31" -- the counters' keys in the state
+
+-- The counters since the last flush, pushed to the state's backend (the
+-- server's totals across workers).
+local function source(c)
+  local flushed = {}
+  local function collect(add)
+    for k, v in pairs(c.counts) do
+      if v ~= (flushed[k] or 0) then
+        add(PREFIX .. k, v - (flushed[k] or 0))
+        flushed[k] = v
+      end
+    end
+  end
+  local function baseline()
+    for k, v in pairs(c.counts) do
+      flushed[k] = v
+    end
+  end
+  return collect, baseline
+end
+
+-- A cache on cfg (from check()).
+function _M.new(cfg)
+  local c = setmetatable({ cfg = cfg, flights = {}, counts = {} }, Cache)
+  for _, k in ipairs(COUNTS) do
+    c.counts[k] = 0
+  end
+  if cfg.max_bytes > 0 then
+    c.memory = store.new { max_bytes = cfg.max_bytes, max_entries = cfg.max_entries }
+  end
+  c.source = state.source(source(c))
+  c.bytes_fn = function() return c.memory and c.memory.bytes or 0 end
+  c.entries_fn = function() return c.memory and c.memory.entries or 0 end
+  c.evictions_fn = function() return c.memory and c.memory.evictions or 0 end
+  state.gauge("cache_bytes", c.bytes_fn)
+  state.gauge("cache_entries", c.entries_fn)
+  state.gauge("cache_evictions", c.evictions_fn)
+  return c
+end
+
+function Cache:close()
+  state.unsource(self.source)
+  state.ungauge("cache_bytes", self.bytes_fn)
+  state.ungauge("cache_entries", self.entries_fn)
+  state.ungauge("cache_evictions", self.evictions_fn)
+end
+
+-- The server's figures: {hit, miss, bypass, stored, ..., bytes, entries, evictions}.
+function Cache:metrics()
+  local out = {}
+  if state.shared() then
+    local t = state.read(PREFIX)
+    for _, k in ipairs(COUNTS) do
+      out[k] = t[PREFIX .. k] or 0
+    end
+  else
+    for _, k in ipairs(COUNTS) do
+      out[k] = self.counts[k]
+    end
+  end
+  out.bytes = state.gauge_total("cache_bytes", self.bytes_fn)
+  out.entries = state.gauge_total("cache_entries", self.entries_fn)
+  out.evictions = state.gauge_total("cache_evictions", self.evictions_fn)
+  return out
+end
+
+-- The Prometheus lines of the cache, through add and header (those of
+-- aiorch.gateway.prometheus).
+function Cache:render(add, header)
+  local m = self:metrics()
+  header("aiorch_cache_requests_total", "Requests the response cache looked at, by result (hit, miss, bypass).",
+    "counter")
+  for _, k in ipairs({ "hit", "miss", "bypass" }) do
+    add(fmt('aiorch_cache_requests_total{result="%s"} %d', k, m[k]))
+  end
+  header("aiorch_cache_hits_total", "Cache hits by where the answer came from (memory, redis, a request in flight).",
+    "counter")
+  for _, k in ipairs({ "memory", "redis", "flight" }) do
+    add(fmt('aiorch_cache_hits_total{tier="%s"} %d', k, m[k .. "_hit"]))
+  end
+  header("aiorch_cache_stores_total", "Answers stored in the cache.", "counter")
+  add(fmt("aiorch_cache_stores_total %d", m.stored))
+  header("aiorch_cache_evictions_total", "Entries the memory tier pushed out for room.", "counter")
+  add(fmt("aiorch_cache_evictions_total %d", m.evictions))
+  header("aiorch_cache_redis_errors_total", "Redis tier operations that failed (the cache went on without it).",
+    "counter")
+  add(fmt("aiorch_cache_redis_errors_total %d", m.redis_error))
+  header("aiorch_cache_bytes", "Bytes held by the memory tier (all workers).", "gauge")
+  add(fmt("aiorch_cache_bytes %d", m.bytes))
+  header("aiorch_cache_entries", "Entries held by the memory tier (all workers).", "gauge")
+  add(fmt("aiorch_cache_entries %d", m.entries))
+end
+
+local function count(c, k)
+  c.counts[k] = c.counts[k] + 1
+end
+
+local function redis_tier(c)
+  return c.cfg.redis and state.redis() or nil
+end
+
+-- The entry under key: memory first, then Redis (kept in memory then).
+function Cache:lookup(key)
+  local mem = self.memory
+  if mem then
+    local e = mem:get(key)
+    if e then
+      count(self, "memory_hit")
+      return e
+    end
+  end
+  local tier = redis_tier(self)
+  if not tier then
+    return nil
+  end
+  local v, kind = tier:cache_get(hash(key))
+  if v == nil then
+    if kind then
+      count(self, "redis_error")
+    end
+    return nil
+  end
+  local e, expires_at = decode_entry(key, v)
+  if not e then
+    return nil
+  end
+  count(self, "redis_hit")
+  local left = expires_at - wall_ms()
+  if mem and left >= 1000 then
+    mem:set(key, e, e.size, left)
+  end
+  return e
+end
+
+function Cache:store(key, e, ttl_ms)
+  count(self, "stored")
+  if self.memory then
+    self.memory:set(key, e, e.size, ttl_ms)
+  end
+  local tier = redis_tier(self)
+  if tier then
+    local ok = tier:cache_set(hash(key), encode_entry(key, e, wall_ms() + ttl_ms), ttl_ms)
+    if not ok then
+      count(self, "redis_error")
+    end
+  end
+end
+
+------------------------------------------------------------------------------
+-- Answering
+
+-- Writes an entry to the client: the body, or the stream event by event.
+local function replay(x, e)
+  local h = { ["x-request-id"] = x.id, ["x-aiorch-cache"] = "hit" }
+  for k, v in pairs(e.headers) do
+    h[k] = v
+  end
+  local eh = e.headers
+  x.provider, x.model, x.attempts = eh["x-aiorch-provider"], eh["x-aiorch-model"], "cache:hit"
+  x.tokens_in, x.tokens_out = 0, 0
+  if not e.frames then
+    return x:respond(200, h, e.body)
+  end
+  x.stream, x.status, x.started = true, 200, true
+  local res = x.res
+  res:start(200, h)
+  for _, f in ipairs(e.frames) do
+    if not res:write(f) then
+      return
+    end
+  end
+  res:finish()
+end
+
+-- Cache-Control's directives: no_cache, no_store.
+local function directives(v)
+  if type(v) ~= "string" then
+    return false, false
+  end
+  v = v:lower()
+  return find(v, "no-cache", 1, true) ~= nil, find(v, "no-store", 1, true) ~= nil
+end
+
+local function bypass(c, x, answer, ...)
+  count(c, "bypass")
+  x.res = recorder(x.res, "bypass", false, 0)
+  return answer(x, ...)
+end
+
+-- A request in flight for a key: followers wait on its signal (a task
+-- that sleeps until it is cancelled, which wakes every follower at once),
+-- then read its entry.
+local function park()
+  sleep(1e9)
+end
+
+local flight_guard = {
+  __close = function(f)
+    if f.c.flights[f.key] == f then
+      f.c.flights[f.key] = nil
+    end
+    f.signal:cancel()
+  end,
+}
+
+-- Answers x (whose request is decoded and routed) from the cache, or
+-- through answer(x, api, request, info, rt) and then stores what the
+-- client got.
+function _M.serve(c, x, api, request, info, rt, answer)
+  local cfg = c.cfg
+  local client_on = x.client and x.client.cache
+  if not (cfg.routes[x.route] and (client_on or (client_on == nil and cfg.enabled))) then
+    return bypass(c, x, answer, api, request, info, rt)
+  end
+  if cfg.deterministic_only and request.temperature ~= 0 and request.seed == nil then
+    return bypass(c, x, answer, api, request, info, rt)
+  end
+  local h = x.req.headers
+  local no_cache, no_store = directives(h["cache-control"])
+  local ttl_ms = cfg.ttl_ms
+  local asked = h["x-aiorch-cache-ttl"]
+  if asked ~= nil then
+    local s = tointeger(tonumber(asked))
+    if not s or s < 0 or s * 1000 > cfg.max_ttl_ms then
+      return x:fail(400, fmt("X-Aiorch-Cache-TTL: must be a whole number of seconds from 0 to %d",
+        cfg.max_ttl_ms // 1000))
+    end
+    if s == 0 then
+      no_store = true
+    else
+      ttl_ms = s * 1000
+    end
+  end
+  if no_cache and no_store then
+    return bypass(c, x, answer, api, request, info, rt)
+  end
+  local key = key_of(c, x, api, request, info, rt)
+  if not no_cache then
+    local e = c:lookup(key)
+    if e then
+      count(c, "hit")
+      return replay(x, e)
+    end
+    -- Single-flight: the same request already on its way upstream.
+    local f = c.flights[key]
+    if f and f.waiters < cfg.max_waiters then
+      f.waiters = f.waiters + 1
+      f.signal:await()
+      e = f.entry
+      if e then
+        count(c, "hit")
+        count(c, "flight_hit")
+        return replay(x, e)
+      end
+      e = c:lookup(key) -- (stored by another meanwhile)
+      if e then
+        count(c, "hit")
+        return replay(x, e)
+      end
+    end
+  end
+  -- no-cache: the answer is fetched whatever is stored (and stored in its
+  -- place); the cache did not answer, so the header says bypass.
+  local tag = no_cache and "bypass" or "miss"
+  count(c, tag)
+  local rec = recorder(x.res, tag, not no_store, cfg.max_entry_bytes)
+  x.res = rec
+  if no_store then
+    return answer(x, api, request, info, rt)
+  end
+  local f
+  if not c.flights[key] then
+    f = setmetatable({ c = c, key = key, waiters = 0, entry = nil, signal = spawn(park) }, flight_guard)
+    c.flights[key] = f
+  end
+  local _ <close> = f
+  answer(x, api, request, info, rt)
+  local e = entry_of(rec, x)
+  if e then
+    if f then
+      f.entry = e
+      f.signal:cancel() -- the followers answer at once
+    end
+    c:store(key, e, ttl_ms)
+  end
+end
+
+return _M
