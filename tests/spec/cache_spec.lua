@@ -157,6 +157,51 @@ describe("response cache", function()
     assert.equal(1, upstream_calls())
   end)
 
+  it("the native endpoint's hit says metadata.cached = true, costs 0 and reports its input as cached", function()
+    local base = start_gw { cache = true }
+    local body = { user_question = "Native?", strategy = "single", providers = { "openai" } }
+    local s1, h1, b1 = post(base, "/v1/orchestrate", body)
+    local s2, h2, b2 = post(base, "/v1/orchestrate", body)
+    assert.equal(200, s1)
+    assert.equal(200, s2)
+    assert.equal("miss", h1["x-aiorch-cache"])
+    assert.equal("hit", h2["x-aiorch-cache"])
+    local r1, r2 = cjson.decode(b1), cjson.decode(b2)
+    assert.is_nil(r1.metadata.cached)
+    assert.is_true(r1.metadata.cost_usd > 0)
+    assert.is_true(r2.metadata.cached)
+    assert.equal(0, r2.metadata.cost_usd)
+    assert.equal(r1.metadata.usage.input_tokens, r2.metadata.usage.cached_input_tokens)
+    assert.equal(r1.response_text, r2.response_text)
+    assert.equal(1, upstream_calls())
+  end)
+
+  it("serves a Gemini client's hit, plain and streamed (alt=sse)", function()
+    local base = start_gw { cache = true }
+    local body = { contents = { { role = "user", parts = { { text = "Gemini?" } } } } }
+    local hd = { ["x-aiorch-providers"] = "openai" }
+    local path = "/v1beta/models/gpt-4o-mini:generateContent"
+    local _, h1, b1 = post(base, path, body, hd)
+    local _, h2, b2 = post(base, path, body, hd)
+    assert.equal("miss", h1["x-aiorch-cache"])
+    assert.equal("hit", h2["x-aiorch-cache"])
+    local u = cjson.decode(b2).usageMetadata
+    assert.equal(u.promptTokenCount, u.cachedContentTokenCount)
+    assert.same(cjson.decode(b1).candidates, cjson.decode(b2).candidates)
+    local spath = "/v1beta/models/gpt-4o-mini:streamGenerateContent?alt=sse"
+    local _, h3, ev3 = stream(base, spath, body, hd)
+    local _, h4, ev4 = stream(base, spath, body, hd)
+    assert.equal("miss", h3["x-aiorch-cache"])
+    assert.equal("hit", h4["x-aiorch-cache"])
+    assert.equal(#ev3, #ev4)
+    for i = 1, #ev3 do
+      local a, b = cjson.decode(ev3[i].data), cjson.decode(ev4[i].data)
+      a.usageMetadata, b.usageMetadata = nil, nil
+      assert.same(a, b)
+    end
+    assert.equal(2, upstream_calls())
+  end)
+
   it("keys on every parameter and tool, not on user nor on the client's key", function()
     local base = start_gw { cache = true, clients = { a = { key_env = "CLIENT_A" }, b = { key_env = "CLIENT_B" } } }
     local tool = { type = "function", ["function"] = { name = "get_weather", description = "Weather",

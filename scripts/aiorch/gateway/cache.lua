@@ -70,7 +70,7 @@ local FIELDS = { enabled = true, max_bytes = true, max_entries = true, max_entry
 
 -- The routes whose answers may be cached (the gateway's names).
 _M.ROUTES = { "/v1/chat/completions", "/v1/messages", "/{version}/models/{model}:generateContent",
-  "/{version}/models/{model}:streamGenerateContent" }
+  "/{version}/models/{model}:streamGenerateContent", "/v1/orchestrate" }
 
 local function int_field(raw, name, least, most, default, where)
   local v = raw[name]
@@ -223,13 +223,13 @@ end
 
 -- The key of a request (see the top of the file).
 local function key_of(c, x, api, request, info, rt)
-  local buf = { api.api, info.stream and "S" or "P", tostring(info.model), "\0", rt.strategy or "", "\0" }
+  local buf = { x.route, info.stream and "S" or "P", tostring(info.model), "\0", rt.strategy or "", "\0" }
   local n = #buf
   for _, p in ipairs(rt.providers or {}) do
     buf[n + 1], buf[n + 2] = p, ","
     n = n + 2
   end
-  if api.api == "gemini" then
+  if api.api == "gemini" and info.stream then
     n = n + 1
     buf[n] = find(x.req.path, "alt=sse", 1, true) and "\0sse" or "\0json"
   end

@@ -599,6 +599,8 @@ function answer_api(x, api, request, info, rt)
   }, body)
 end
 
+local answer_native -- below
+
 local function serve_native(x)
   local doc, derr = common.decode_object(x.req.body)
   if not doc then
@@ -622,7 +624,15 @@ local function serve_native(x)
     return
   end
   client_providers(x, rt)
-  local r = run_plain(x, p.request, rt)
+  if x.state.cache then
+    return response_cache.serve(x.state.cache, x, native, p.request, { model = p.model }, rt, answer_native)
+  end
+  return answer_native(x, native, p.request, nil, rt)
+end
+
+-- The native endpoint's answer (api and info: as answer_api's, unused).
+function answer_native(x, _, request, _, rt)
+  local r = run_plain(x, request, rt)
   if not r then
     return
   end
