@@ -3,7 +3,9 @@
 -- builds can be compared on a busy machine.
 --   build/aiorch run bench/instructions.lua [REQUESTS] [KIND] [EXE] [WORKERS]
 -- KIND: plain (default: an OpenAI client, `single`, answered by openai),
--- cross (the same request answered by anthropic), stream (plain, streamed).
+-- cross (the same request answered by anthropic), stream (plain, streamed);
+-- hit and stream_hit: plain and stream with the response cache on (the
+-- first request stores, every other one is a memory hit).
 -- EXE: the aiorch binary to measure (default: this build's). WORKERS: 0
 -- (default: one process, the local state), or N: a master and N workers on
 -- the shared state, every process counted. The mock runs in this process,
@@ -25,7 +27,8 @@ local CONCURRENCY = 8
 local BODY = '{"model":"gpt-4o-mini","max_tokens":64,"messages":[{"role":"user","content":"What is a monad?"}]}'
 local HEADERS = { ["content-type"] = "application/json", ["x-aiorch-strategy"] = "single",
   ["x-aiorch-providers"] = KIND == "cross" and "anthropic" or "openai" }
-local body = KIND == "stream" and BODY:gsub("^{", '{"stream":true,') or BODY
+local body = (KIND == "stream" or KIND == "stream_hit") and BODY:gsub("^{", '{"stream":true,') or BODY
+local CACHED = KIND == "hit" or KIND == "stream_hit"
 
 local function capture(cmd)
   local p = io.popen(cmd, "r")
@@ -46,9 +49,17 @@ end
 local function run(m, n)
   local port = free_port()
   local out = fmt("%s/callgrind.%d", TMP, n)
-  local pid = assert(process.spawn({ "valgrind", "--tool=callgrind", "--trace-children=yes",
+  local argv = { "valgrind", "--tool=callgrind", "--trace-children=yes",
     "--callgrind-out-file=" .. out .. ".%p", EXE, "serve", "--workers", tostring(WORKERS),
-    "--listen", "127.0.0.1:" .. port }, {
+    "--listen", "127.0.0.1:" .. port }
+  if CACHED then
+    local f = assert(io.open(TMP .. "/cache.lua", "w"))
+    f:write("return { cache = true }")
+    f:close()
+    argv[#argv + 1] = "--config"
+    argv[#argv + 1] = TMP .. "/cache.lua"
+  end
+  local pid = assert(process.spawn(argv, {
     stderr = TMP .. "/serve.err",
     env = { OPENAI_API_KEY = "sk-bench", ANTHROPIC_API_KEY = "sk-bench", OPENAI_BASE_URL = m:base_url("openai"),
       ANTHROPIC_BASE_URL = m:base_url("anthropic"), AIORCH_LOG = "error" },

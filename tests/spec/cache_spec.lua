@@ -231,7 +231,14 @@ describe("response cache", function()
     tool2["function"].parameters.properties.unit = { type = "string" }
     assert.equal("miss", tag(question("Hello there", { temperature = 0, tools = { tool2 } }), auth_a))
     assert.equal("miss", tag(question("Hello there!", { temperature = 0, tools = { tool } }), auth_a))
-    assert.equal(5, upstream_calls())
+    st, h = chat(base, base_body, { authorization = auth_a.authorization, ["x-aiorch-allow-drop"] = "seed" })
+    assert.equal(200, st)
+    assert.equal("miss", h["x-aiorch-cache"])
+    st, h = chat(base, base_body, { authorization = auth_a.authorization, ["x-aiorch-providers"] = "anthropic" })
+    assert.equal(200, st)
+    assert.equal("miss", h["x-aiorch-cache"])
+    assert.equal("anthropic", h["x-aiorch-provider"])
+    assert.equal(7, upstream_calls())
   end)
 
   it("per client key: namespace = \"client\" keeps the clients' entries apart, and a key can turn it off",

@@ -50,6 +50,7 @@ local spack = string.pack
 local sunpack = string.unpack
 local setmetatable = setmetatable
 local os_time = os.time
+local now = aiorch.now
 local spawn = aiorch.spawn
 local sleep = aiorch.sleep
 
@@ -221,9 +222,15 @@ function write_value(buf, n, v)
   return n + 1
 end
 
+-- The request headers that change an answer besides those that route it:
+-- the fields a provider may drop, Anthropic's version and betas.
+local KEYED_HEADERS = { "x-aiorch-allow-drop", "anthropic-version", "anthropic-beta" }
+
 -- The key of a request (see the top of the file).
 local function key_of(c, x, api, request, info, rt)
-  local buf = { x.route, info.stream and "S" or "P", tostring(info.model), "\0", rt.strategy or "", "\0" }
+  local hd = x.req.headers
+  local buf = { x.route, info.stream and "S" or "P", tostring(info.model), "\0", rt.strategy or "", "\0",
+    hd[KEYED_HEADERS[1]] or "", "\0", hd[KEYED_HEADERS[2]] or "", "\0", hd[KEYED_HEADERS[3]] or "", "\0" }
   local n = #buf
   for _, p in ipairs(rt.providers or {}) do
     buf[n + 1], buf[n + 2] = p, ","
@@ -243,6 +250,26 @@ local function key_of(c, x, api, request, info, rt)
   return concat(buf, "", 1, n)
 end
 _M.key_of = key_of
+
+-- The key of a request's bytes: its body, its path (a Gemini model is in
+-- it), its client and every header the answer depends on, the routing
+-- ones included. A request whose bytes were answered from the cache (or
+-- stored in it) before gets an alias of this key to the canonical one, so
+-- that the same bytes again are answered without decoding them. Anything
+-- else that differs (a tracing header, another client key of the same
+-- client...) only misses the alias: the canonical key still finds the
+-- entry.
+local function bytes_key(x)
+  local req = x.req
+  local h = req.headers
+  local path = req.path
+  local q = find(path, "?", 1, true)
+  local client = x.client
+  return concat({ "\1", q and sub(path, 1, q - 1) or path, q and find(path, "alt=sse", q, true) and "\0sse\0" or "\0\0",
+    client and client.name or "", "\0", h["x-aiorch-strategy"] or "", "\0", h["x-aiorch-providers"] or "", "\0",
+    h["x-aiorch-allow-drop"] or "", "\0", h["x-aiorch-policy"] or "", "\0", h["anthropic-version"] or "", "\0",
+    h["anthropic-beta"] or "", "\0", req.body or "" })
+end
 
 -- A 128-bit hash of s as 32 hex digits: the Redis tier's key (the whole
 -- key is kept in the entry and compared on a hit, so a collision is a miss).
@@ -647,10 +674,10 @@ end
 function Cache:lookup(key)
   local mem = self.memory
   if mem then
-    local e = mem:get(key)
+    local e, expires = mem:get(key)
     if e then
       count(self, "memory_hit")
-      return e
+      return e, expires - now()
     end
   end
   local tier = redis_tier(self)
@@ -673,14 +700,26 @@ function Cache:lookup(key)
   if mem and left >= 1000 then
     mem:set(key, e, e.size, left)
   end
-  return e
+  return e, left
 end
 
-function Cache:store(key, e, ttl_ms)
+-- Points the bytes' key of x at key (the request's own, with no cache
+-- header that would change what is looked up or stored) for ttl_ms.
+function Cache:alias(x, key, ttl_ms)
+  local mem = self.memory
+  local h = x.req.headers
+  if mem and ttl_ms >= 1 and not (h["cache-control"] or h["x-aiorch-cache-ttl"]) then
+    local bk = bytes_key(x)
+    mem:set(bk, key, #key, ttl_ms)
+  end
+end
+
+function Cache:store(x, key, e, ttl_ms)
   count(self, "stored")
   if self.memory then
     self.memory:set(key, e, e.size, ttl_ms)
   end
+  self:alias(x, key, ttl_ms)
   local tier = redis_tier(self)
   if tier then
     local ok = tier:cache_set(hash(key), encode_entry(key, e, wall_ms() + ttl_ms), ttl_ms)
@@ -747,6 +786,29 @@ local flight_guard = {
   end,
 }
 
+-- Answers x from the memory tier if its bytes were seen (see bytes_key),
+-- before its body is decoded: true when it did.
+function _M.quick(c, x)
+  local mem = c.memory
+  if not mem then
+    return false
+  end
+  local h = x.req.headers
+  if h["cache-control"] or h["x-aiorch-cache-ttl"] then
+    return false
+  end
+  local key = mem:get(bytes_key(x))
+  local e = key and mem:get(key)
+  if not e then
+    return false
+  end
+  count(c, "hit")
+  count(c, "memory_hit")
+  x.strategy = e.headers["x-aiorch-strategy"]
+  replay(x, e)
+  return true
+end
+
 -- Answers x (whose request is decoded and routed) from the cache, or
 -- through answer(x, api, request, info, rt) and then stores what the
 -- client got.
@@ -780,9 +842,10 @@ function _M.serve(c, x, api, request, info, rt, answer)
   end
   local key = key_of(c, x, api, request, info, rt)
   if not no_cache then
-    local e = c:lookup(key)
+    local e, left = c:lookup(key)
     if e then
       count(c, "hit")
+      c:alias(x, key, left)
       return replay(x, e)
     end
     -- Single-flight: the same request already on its way upstream.
@@ -825,7 +888,7 @@ function _M.serve(c, x, api, request, info, rt, answer)
       f.entry = e
       f.signal:cancel() -- the followers answer at once
     end
-    c:store(key, e, ttl_ms)
+    c:store(x, key, e, ttl_ms)
   end
 end
 

@@ -544,6 +544,9 @@ local answer_api -- below
 
 -- /v1/chat/completions and /v1/messages: api is the client's wire module.
 local function serve_api(x, api)
+  if x.state.cache and response_cache.quick(x.state.cache, x) then -- these bytes were answered before
+    return
+  end
   local doc, derr = common.decode_object(x.req.body)
   if not doc then
     return x:fail(400, derr)
@@ -602,6 +605,9 @@ end
 local answer_native -- below
 
 local function serve_native(x)
+  if x.state.cache and response_cache.quick(x.state.cache, x) then -- these bytes were answered before
+    return
+  end
   local doc, derr = common.decode_object(x.req.body)
   if not doc then
     return x:fail(400, derr)
