@@ -255,6 +255,27 @@ describe("response cache", function()
       assert.equal(2, upstream_calls())
     end)
 
+  it("per route: an alias, or the list of endpoints, turns it on or off", function()
+    local base = start_gw { cache = { enabled = false, routes = { "/v1/chat/completions" } },
+      aliases = { cached = { providers = { "openai" }, cache = true }, plain = { providers = { "openai" } } } }
+    local function tag(model, path)
+      local body = question("Per route?", { model = model })
+      local st, h = post(base, path or "/v1/chat/completions", body, { ["anthropic-version"] = path and "2023-06-01" })
+      assert.equal(200, st)
+      return h["x-aiorch-cache"]
+    end
+    assert.equal("bypass", tag("plain"))
+    assert.equal("miss", tag("cached"))
+    assert.equal("hit", tag("cached"))
+    assert.equal("bypass", tag("cached", "/v1/messages")) -- not a listed endpoint
+    local base2 = start_gw { cache = true, aliases = { live = { providers = { "openai" }, cache = false } } }
+    local _, h = chat(base2, question("Live?", { model = "live" }))
+    assert.equal("bypass", h["x-aiorch-cache"])
+    _, h = chat(base2, question("Live?", { model = "live" }))
+    assert.equal("bypass", h["x-aiorch-cache"])
+    assert.equal(5, upstream_calls())
+  end)
+
   it("deterministic_only caches temperature 0 or a seed, and bypasses the rest", function()
     local base = start_gw { cache = { deterministic_only = true } }
     local function tag(extra)

@@ -814,8 +814,19 @@ end
 -- client got.
 function _M.serve(c, x, api, request, info, rt, answer)
   local cfg = c.cfg
-  local client_on = x.client and x.client.cache
-  if not (cfg.routes[x.route] and (client_on or (client_on == nil and cfg.enabled))) then
+  -- On for this request: its endpoint is listed, and neither its client
+  -- key nor its model's alias says false; either saying true turns it on
+  -- where cache.enabled = false.
+  local by_client = x.client and x.client.cache
+  local alias = rt.alias and x.state.config.aliases[rt.alias]
+  local by_alias = alias and alias.cache
+  local on
+  if by_client == false or by_alias == false then
+    on = false
+  else
+    on = by_client or by_alias or cfg.enabled
+  end
+  if not (on and cfg.routes[x.route]) then
     return bypass(c, x, answer, api, request, info, rt)
   end
   if cfg.deterministic_only and request.temperature ~= 0 and request.seed == nil then

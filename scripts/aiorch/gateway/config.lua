@@ -53,7 +53,7 @@ local PROVIDER = {
   -- aiorch.compat's: an OpenAI-compatible provider declared here.
   api = true, preset = true, quirks = true, deployments = true, api_version = true,
 }
-local ALIAS = { strategy = true, providers = true }
+local ALIAS = { strategy = true, providers = true, cache = true }
 local CLIENT = { key_env = true, strategies = true, providers = true, client_policy = true, request_timeout_ms = true,
   rate_limit = true, cache = true }
 
@@ -481,7 +481,10 @@ function _M.check(raw, getenv, path)
       names[#names + 1] = pname
       models[pname] = pmodel
     end
-    c.aliases[name] = { strategy = strategy, providers = #names > 0 and names or nil, models = models }
+    if a.cache ~= nil and type(a.cache) ~= "boolean" then -- this model's answers cached or not
+      return nil, where .. ".cache: must be true or false"
+    end
+    c.aliases[name] = { strategy = strategy, providers = #names > 0 and names or nil, models = models, cache = a.cache }
   end
 
   -- The strategies clients may choose: as listed, else the built-ins plus
