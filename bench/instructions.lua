@@ -5,7 +5,8 @@
 -- KIND: plain (default: an OpenAI client, `single`, answered by openai),
 -- cross (the same request answered by anthropic), stream (plain, streamed);
 -- hit and stream_hit: plain and stream with the response cache on (the
--- first request stores, every other one is a memory hit).
+-- first request stores, every other one is a memory hit); floor: not the
+-- gateway but bench/floor.lua (the HTTP server alone, a fixed answer).
 -- EXE: the aiorch binary to measure (default: this build's). WORKERS: 0
 -- (default: one process, the local state), or N: a master and N workers on
 -- the shared state, every process counted. The mock runs in this process,
@@ -52,6 +53,10 @@ local function run(m, n)
   local argv = { "valgrind", "--tool=callgrind", "--trace-children=yes",
     "--callgrind-out-file=" .. out .. ".%p", EXE, "serve", "--workers", tostring(WORKERS),
     "--listen", "127.0.0.1:" .. port }
+  if KIND == "floor" then
+    argv = { "valgrind", "--tool=callgrind", "--trace-children=yes", "--callgrind-out-file=" .. out .. ".%p", EXE,
+      "run", "bench/floor.lua", tostring(port) }
+  end
   if CACHED then
     local f = assert(io.open(TMP .. "/cache.lua", "w"))
     f:write("return { cache = true }")

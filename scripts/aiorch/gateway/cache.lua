@@ -790,7 +790,7 @@ local flight_guard = {
 -- before its body is decoded: true when it did.
 function _M.quick(c, x)
   local mem = c.memory
-  if not mem then
+  if not (mem and c.cfg.routes[x.route]) then
     return false
   end
   local h = x.req.headers

@@ -544,9 +544,6 @@ local answer_api -- below
 
 -- /v1/chat/completions and /v1/messages: api is the client's wire module.
 local function serve_api(x, api)
-  if x.state.cache and response_cache.quick(x.state.cache, x) then -- these bytes were answered before
-    return
-  end
   local doc, derr = common.decode_object(x.req.body)
   if not doc then
     return x:fail(400, derr)
@@ -605,9 +602,6 @@ end
 local answer_native -- below
 
 local function serve_native(x)
-  if x.state.cache and response_cache.quick(x.state.cache, x) then -- these bytes were answered before
-    return
-  end
   local doc, derr = common.decode_object(x.req.body)
   if not doc then
     return x:fail(400, derr)
@@ -1070,6 +1064,9 @@ local function handle(state, req, res)
     if not ok then
       return failed(x, err)
     end
+    return
+  end
+  if state.cache and response_cache.quick(state.cache, x) then -- these bytes were answered before
     return
   end
   local deadline = request_deadline(x)
