@@ -459,6 +459,47 @@ describe("response cache", function()
     assert.is_true(support.metric(scrape(base), 'aiorch_cache_hits_total{tier="flight"}') >= 2 * (N - 1))
   end)
 
+  it("single-flight streams: the waiting requests get the first stream's events as they come", function()
+    local base = start_gw({ cache = true }, { chunks = 5, chunk_delay_ms = 150 })
+    local body = question("Stream slowly", { stream = true })
+    local N = 4
+    local t0 = aiorch.now()
+    local tasks = {}
+    for i = 1, N do
+      tasks[i] = aiorch.spawn(function()
+        local first, events = nil, {}
+        local st, h = post(base, "/v1/chat/completions", body, { ["x-aiorch-providers"] = "openai" }, function(ev)
+          first = first or aiorch.now() - t0
+          events[#events + 1] = { event = ev.event, data = ev.data }
+          return true
+        end)
+        return { st, h["x-aiorch-cache"], first, aiorch.now() - t0, events }
+      end)
+    end
+    local values, errs, msgs = aiorch.gather(tasks)
+    for i = 1, N do
+      assert(not errs[i], msgs[i])
+    end
+    assert.equal(1, upstream_calls())
+    local leader
+    for _, v in ipairs(values) do
+      assert.equal(200, v[1])
+      if v[2] == "miss" then
+        leader = v
+      end
+    end
+    assert.truthy(leader)
+    for _, v in ipairs(values) do
+      if v ~= leader then
+        assert.equal("hit", v[2])
+        same_events(leader[5], v[5])
+        -- the first content came long before the leader's stream ended (5 pieces 150 ms apart)
+        assert.is_true(v[3] < leader[4] - 300, fmt("first event at %.0f ms, the leader ended at %.0f ms", v[3],
+          leader[4]))
+      end
+    end
+  end)
+
   it("checks its configuration", function()
     local env = env_of()
     local function refused(cache)

@@ -407,8 +407,10 @@ Recorder.__index = Recorder
 
 local function recorder(res, tag, rec, max)
   return setmetatable({ res = res, tag = tag, rec = rec, max = max, status = nil, headers = nil, body = nil,
-    parts = nil, np = 0, bytes = 0, complete = false, broken = false }, Recorder)
+    parts = nil, np = 0, bytes = 0, complete = false, broken = false, flight = nil }, Recorder)
 end
+
+local wake -- below: tells a flight's followers that its leader sent more
 
 local function record(self, data)
   if not self.rec or data == nil or data == "" then
@@ -441,12 +443,18 @@ end
 function Recorder:start(status, headers)
   headers = headers or {}
   headers["x-aiorch-cache"] = self.tag
-  self.status, self.headers, self.parts = status, headers, {}
+  self.status, self.headers, self.parts = status, headers, self.rec and {} or nil
+  if self.flight then
+    wake(self.flight)
+  end
   return self.res:start(status, headers)
 end
 
 function Recorder:write(data)
   record(self, data)
+  if self.flight then
+    wake(self.flight)
+  end
   local ok, kind, msg = self.res:write(data)
   if not ok then
     self.broken = true
@@ -457,6 +465,9 @@ end
 function Recorder:finish(data)
   record(self, data)
   self.complete = true
+  if self.flight then
+    wake(self.flight)
+  end
   return self.res:finish(data)
 end
 
@@ -770,11 +781,20 @@ local function bypass(c, x, answer, ...)
   return answer(x, ...)
 end
 
--- A request in flight for a key: followers wait on its signal (a task
--- that sleeps until it is cancelled, which wakes every follower at once),
--- then read its entry.
+-- A request in flight for a key (its leader): followers wait on its
+-- signal, a task that sleeps until it is cancelled, which wakes every
+-- follower at once. The leader wakes them at each piece of a stream (a
+-- new signal for the next one) and when it ends (done).
 local function park()
   sleep(1e9)
+end
+
+function wake(f)
+  if f.waiters > 0 and not f.done then
+    local old = f.signal
+    f.signal = spawn(park)
+    old:cancel()
+  end
 end
 
 local flight_guard = {
@@ -782,9 +802,71 @@ local flight_guard = {
     if f.c.flights[f.key] == f then
       f.c.flights[f.key] = nil
     end
+    f.done = true
     f.signal:cancel()
   end,
 }
+
+-- Answers x with what the leader of flight f sends: a stream piece by
+-- piece as it comes (so that a follower's first event is not held until
+-- the leader's last), else the entry it stored. Returns false when the
+-- leader ended with nothing for x (an error, nothing stored): x is then
+-- answered by itself.
+local function follow(c, x, f)
+  f.waiters = f.waiters + 1
+  local rec, res = f.rec, x.res
+  local n = 0 -- the leader's pieces written to x
+  while true do
+    local parts = rec.parts
+    if parts and rec.status == 200 and rec.np > n then
+      if n == 0 then
+        local h = { ["x-request-id"] = x.id, ["x-aiorch-cache"] = "hit" }
+        for _, k in ipairs(KEPT) do
+          h[k] = rec.headers[k]
+        end
+        x.provider, x.model, x.attempts = h["x-aiorch-provider"], h["x-aiorch-model"], "cache:flight"
+        x.tokens_in, x.tokens_out = 0, 0
+        x.stream, x.status, x.started = true, 200, true
+        count(c, "hit")
+        count(c, "flight_hit")
+        res:start(200, h)
+      end
+      while parts and n < rec.np do
+        n = n + 1
+        if not res:write(parts[n]) then
+          return true -- the follower's client went away
+        end
+        parts = rec.parts
+      end
+    end
+    if n > 0 and not rec.parts then
+      res:abort() -- the leader's stream grew too large to follow
+      return true
+    end
+    if f.done and n >= rec.np then
+      break
+    end
+    if not f.done then
+      f.signal:await()
+    end
+  end
+  if n > 0 then
+    if rec.complete then
+      res:finish() -- as the leader's ended (its error event included)
+    else
+      res:abort() -- the leader was cut before its end
+    end
+    return true
+  end
+  local e = f.entry
+  if e then
+    count(c, "hit")
+    count(c, "flight_hit")
+    replay(x, e)
+    return true
+  end
+  return false
+end
 
 -- Answers x from the memory tier if its bytes were seen (see bytes_key),
 -- before its body is decoded: true when it did.
@@ -862,13 +944,8 @@ function _M.serve(c, x, api, request, info, rt, answer)
     -- Single-flight: the same request already on its way upstream.
     local f = c.flights[key]
     if f and f.waiters < cfg.max_waiters then
-      f.waiters = f.waiters + 1
-      f.signal:await()
-      e = f.entry
-      if e then
-        count(c, "hit")
-        count(c, "flight_hit")
-        return replay(x, e)
+      if follow(c, x, f) then
+        return
       end
       e = c:lookup(key) -- (stored by another meanwhile)
       if e then
@@ -888,8 +965,10 @@ function _M.serve(c, x, api, request, info, rt, answer)
   end
   local f
   if not c.flights[key] then
-    f = setmetatable({ c = c, key = key, waiters = 0, entry = nil, signal = spawn(park) }, flight_guard)
+    f = setmetatable({ c = c, key = key, waiters = 0, entry = nil, rec = rec, done = false, signal = spawn(park) },
+      flight_guard)
     c.flights[key] = f
+    rec.flight = f
   end
   local _ <close> = f
   answer(x, api, request, info, rt)
@@ -897,6 +976,7 @@ function _M.serve(c, x, api, request, info, rt, answer)
   if e then
     if f then
       f.entry = e
+      f.done = true
       f.signal:cancel() -- the followers answer at once
     end
     c:store(x, key, e, ttl_ms)
