@@ -25,10 +25,10 @@ end
 
 -- An in-process gateway on raw (a configuration table); o, a: the mock's
 -- directives for openai and anthropic.
-local function start_gw(raw, o, a)
+local function start_gw(raw, o, a, log)
   local env = env_of(o, a)
   local cfg = assert(gconfig.check(raw, function(k) return env[k] end))
-  local h = assert(gateway.start { config = cfg, port = 0, access_log = false })
+  local h = assert(gateway.start { config = cfg, port = 0, access_log = log or false })
   started[#started + 1] = h
   return "http://127.0.0.1:" .. h.port, h
 end
@@ -327,6 +327,24 @@ describe("response cache", function()
     assert.equal(400, st)
     assert.matches("X%-Aiorch%-Cache%-TTL", rb)
   end)
+
+  it("does not store an answer larger than max_entry_bytes; the access log says which answers were hits",
+    function()
+      local lines = {}
+      local base = start_gw({ cache = { max_entry_bytes = 200 } }, nil, nil, function(l) lines[#lines + 1] = l end)
+      local _, h1 = chat(base, question("A long answer, please"))
+      local _, h2 = chat(base, question("A long answer, please"))
+      assert.equal("miss", h1["x-aiorch-cache"])
+      assert.equal("miss", h2["x-aiorch-cache"])
+      local base2 = start_gw({ cache = true }, nil, nil, function(l) lines[#lines + 1] = l end)
+      chat(base2, question("Logged?"))
+      chat(base2, question("Logged?"))
+      aiorch.sleep(100)
+      assert.matches("attempts=openai:success", lines[#lines - 1])
+      assert.matches("status=200 strategy=single provider=openai attempts=cache:hit .* tokens_in=0 tokens_out=0",
+        lines[#lines])
+      assert.equal(3, upstream_calls())
+    end)
 
   it("evicts the least recently used entries to stay within max_bytes, and counts them", function()
     local base = start_gw { cache = { max_bytes = 6000 } }

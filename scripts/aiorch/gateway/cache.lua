@@ -843,12 +843,10 @@ local function follow(c, x, f)
       res:abort() -- the leader's stream grew too large to follow
       return true
     end
-    if f.done and n >= rec.np then
-      break
+    if f.done then
+      break -- (what it sent is written: nothing yields since)
     end
-    if not f.done then
-      f.signal:await()
-    end
+    f.signal:await()
   end
   if n > 0 then
     if rec.complete then
