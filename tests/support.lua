@@ -86,7 +86,8 @@ end
 -- Starts `aiorch serve --workers 0` with a config (a Lua source text) and
 -- env (a table; false unsets). opts: path (a --path dir), args (more
 -- arguments), workers (N: a master and N workers, waited for until all
--- listen). Returns {base, pid, err (stderr's file), dir, stop()}.
+-- listen), config_workers (N: as many, set by the configuration's
+-- `workers`). Returns {base, pid, err (stderr's file), dir, stop()}.
 local serving = {}
 function _M.serve(config_text, env, opts)
   opts = opts or {}
@@ -94,9 +95,12 @@ function _M.serve(config_text, env, opts)
   local conf = dir .. "/gateway.lua"
   _M.write(conf, config_text)
   local port = _M.free_port()
-  local workers = opts.workers or 0
-  local argv = { process.exe(), "serve", "--workers", tostring(workers), "--config", conf, "--listen",
-    "127.0.0.1:" .. port }
+  local workers = opts.workers or opts.config_workers or 0
+  local argv = { process.exe(), "serve", "--config", conf, "--listen", "127.0.0.1:" .. port }
+  if not opts.config_workers then -- (else the configuration's `workers` says how many)
+    table.insert(argv, 3, "--workers")
+    table.insert(argv, 4, tostring(workers))
+  end
   if opts.path then
     argv[#argv + 1] = "--path"
     argv[#argv + 1] = opts.path

@@ -9,10 +9,12 @@ local policy = require "aiorch.policy"
 local breaker = require "aiorch.breaker"
 local secrets = require "aiorch.secrets"
 local json = require "aiorch.json"
+local cost = require "aiorch.cost"
 
 local fmt = string.format
 local type = type
 local pairs = pairs
+local ipairs = ipairs
 local pcall = pcall
 local tostring = tostring
 local setmetatable = setmetatable
@@ -127,6 +129,9 @@ local function parser_usage(p)
   local i = type(u) == "table" and u.input_tokens or p.input_tokens
   local o = type(u) == "table" and u.output_tokens or p.output_tokens
   if type(i) == "number" or type(o) == "number" then
+    if type(u) == "table" then
+      return u
+    end
     return { input_tokens = i, output_tokens = o }
   end
   return nil
@@ -149,13 +154,107 @@ local function count_wasted(name, usage)
   end
 end
 
--- Ends an attempt whose task was cancelled before it finished.
+-- What an attempt cost: its response's metadata.cost_usd (nil when the
+-- model has no price), the metrics by provider, model and client, and the
+-- orchestration's running total (opts.spend: {usd, unpriced, estimated}).
+local function charge(name, model, usage, usd, estimated, opts)
+  metrics.spend(name, model, opts.client, usage, usd)
+  local spend = opts.spend
+  if spend then
+    spend.tokens = spend.tokens + (usage.input_tokens or 0) + (usage.output_tokens or 0)
+    if usd then
+      spend.usd = spend.usd + usd
+    elseif usage.input_tokens or usage.output_tokens then
+      spend.unpriced = true
+    end
+    if estimated then
+      spend.estimated = true
+    end
+  end
+end
+
+-- Charges a finished attempt (a failure that reported usage too: its
+-- metadata.cost_usd is set here).
+local function priced(name, resp, opts, request)
+  local m = resp.metadata
+  local usage = m.usage
+  if usage == nil then
+    return resp
+  end
+  local usd = m.cost_usd
+  if resp.status ~= "success" then
+    usd = cost.of(m.model, usage)
+    m.cost_usd = usd
+  elseif usage.input_tokens == nil and usage.output_tokens == nil then
+    -- An answer that came without its usage (a stream not asked for it,
+    -- a server that does not count): priced on estimates, said so;
+    -- metadata.usage stays what the provider reported.
+    local i = cost.estimate_tokens(request)
+    usage = { input_tokens = i, output_tokens = cost.tokens_of_text(#(resp.response_text or "")) }
+    usd = cost.of(m.model, usage)
+    m.cost_usd, m.cost_estimated = usd, true
+    charge(name, m.model, usage, usd, true, opts)
+    return resp
+  end
+  charge(name, m.model, usage, usd, false, opts)
+  return resp
+end
+
+-- The usage of a stream cancelled before its end: the counts the provider
+-- had reported, else estimates (the request's text for the input, the
+-- streamed text for the output). Returns the usage and whether it is an estimate.
+local function cancelled_usage(p, request)
+  local u = parser_usage(p) or EMPTY
+  local estimated = false
+  local i = u.input_tokens
+  if type(i) ~= "number" then
+    i = cost.estimate_tokens(request)
+    estimated = true
+  end
+  local chars = 0
+  if p and type(p.parts) == "table" then
+    for _, t in ipairs(p.parts) do
+      chars = chars + #t
+    end
+  end
+  local o = u.output_tokens
+  local streamed = cost.tokens_of_text(chars)
+  if type(o) ~= "number" or o < streamed then
+    o = streamed
+    estimated = true
+  end
+  return { input_tokens = i, output_tokens = o, cached_input_tokens = u.cached_input_tokens,
+    cache_write_tokens = u.cache_write_tokens }, estimated
+end
+
+-- Ends an attempt whose task was cancelled before it finished: a race or
+-- hedge loser is charged what it had consumed (opts.spend.cancelled lists
+-- it for the orchestration's answer).
 local cancel_guard = {
   __close = function(g)
     if not g.finished then
-      metrics.cancelled(g.name)
-      breaker.release(g.name, g.trial)
-      count_wasted(g.name, parser_usage(g.parser))
+      local name = g.name
+      metrics.cancelled(name)
+      breaker.release(name, g.trial)
+      local p = g.parser
+      if not p then
+        return -- no stream: nothing was reported, and a request alone is not charged
+      end
+      local usage, estimated = cancelled_usage(p, g.request)
+      count_wasted(name, usage)
+      local model = p.model or g.model
+      local usd = cost.of(model, usage)
+      if usd then
+        metrics.count(name, "cost_usd", usd)
+      end
+      local opts = g.opts
+      charge(name, model, usage, usd, estimated, opts)
+      local spend = opts.spend
+      if spend then
+        local list = spend.cancelled or {}
+        spend.cancelled = list
+        list[#list + 1] = { provider = name, cost_usd = usd, cost_estimated = estimated, usage = usage }
+      end
     end
   end,
 }
@@ -206,7 +305,8 @@ local function attempt(adapter, config, request, opts, pol, trial)
   local name = config.name
   local t0 = now()
   metrics.started(name)
-  local guard <close> = setmetatable({ name = name, finished = false, trial = trial }, cancel_guard)
+  local guard <close> = setmetatable({ name = name, finished = false, trial = trial, opts = opts, request = request,
+    model = config.model }, cancel_guard)
 
   local stream = opts.stream and type(adapter.stream_parser) == "function"
   local ok, wire = pcall(adapter.build_request, config, request, { stream = stream, model = config.model })
@@ -306,17 +406,17 @@ local function attempt(adapter, config, request, opts, pol, trial)
     count_wasted(name, usage)
     local partial = partial_text(parser, emitted)
     if stream_err then
-      return finish(name, fail(name, config, "stream", stream_err, t0,
-        { usage = usage, partial_text = partial })), emitted
+      return finish(name, priced(name, fail(name, config, "stream", stream_err, t0,
+        { usage = usage, partial_text = partial }), opts, request)), emitted
     end
     -- A stream that broke after it began is a cut answer, not a connect error.
     if events and events > 0 and kind ~= "timeout" and kind ~= "too_large" then
-      return finish(name, fail(name, config, "stream_cut",
+      return finish(name, priced(name, fail(name, config, "stream_cut",
         fmt("stream cut after %d events: %s", events, tostring(msg or kind)), t0,
-        { usage = usage, partial_text = partial })), emitted
+        { usage = usage, partial_text = partial }), opts, request)), emitted
     end
-    return finish(name, fail(name, config, tostring(kind or "http"), msg or kind, t0,
-      { deadline = deadline, usage = usage, partial_text = partial })), emitted
+    return finish(name, priced(name, fail(name, config, tostring(kind or "http"), msg or kind, t0,
+      { deadline = deadline, usage = usage, partial_text = partial }), opts, request)), emitted
   end
 
   local result, kind, msg, extra
@@ -337,18 +437,33 @@ local function attempt(adapter, config, request, opts, pol, trial)
   end
 
   if type(result) == "table" then
-    return finish(name, response.success(name, result, now() - t0, status, adapter.api)), emitted
+    local r = response.success(name, result, now() - t0, status, adapter.api)
+    return finish(name, priced(name, r, opts, request)), emitted
   end
   local usage = parser_usage(parser)
   count_wasted(name, usage)
-  return finish(name, fail(name, config, kind or "parse", msg or "no result", t0, {
+  return finish(name, priced(name, fail(name, config, kind or "parse", msg or "no result", t0, {
     http_status = status,
     retry_after = type(extra) == "table" and extra.retry_after or nil,
     provider_error = type(extra) == "table" and extra.provider_error or nil,
     upstream_error = rejection(adapter, config, status, body),
     usage = usage,
     partial_text = partial_text(parser, emitted),
-  })), emitted
+  }), opts, request)), emitted
+end
+
+-- What a provider's attempts cost together (the caller pays for each):
+-- nil when one that reported tokens had no price (last: the last one's).
+local function total_cost(attempts, last)
+  local total = 0
+  for _, a in ipairs(attempts) do
+    if a.cost_usd then
+      total = total + a.cost_usd
+    elseif a.unpriced then
+      return nil
+    end
+  end
+  return (last or total > 0) and total or nil
 end
 
 -- opts.on_token(text, provider) of a caller that wants only the text: an
@@ -446,9 +561,11 @@ function _M.call(adapter, config, request, opts)
     end
     sleep(wait)
   end
-  r.metadata.attempts = attempts
+  local m = r.metadata
+  m.attempts = attempts
   if #attempts > 1 then
     r.latency_ms = floor(now() - t0 + 0.5) -- the caller waited for all of them
+    m.cost_usd = total_cost(attempts, m.cost_usd)
   end
   return r
 end

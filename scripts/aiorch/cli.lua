@@ -31,7 +31,7 @@ commands:
   --version                  show the version
 
 ask options:
-  --strategy S        single | parallel | fallback (default) | fastest | hedged | a user strategy
+  --strategy S        single | parallel | fallback (default) | fastest | hedged | thrifty | a user strategy
   --providers a,b     providers in priority order (default: every available one)
   --context TEXT      context for the question
   --system TEXT       system prompt (default: built from the context)
@@ -481,6 +481,9 @@ function _M.serve(args, first)
   if not cfg then
     err_line("serve: %s", cerr)
     return o.config and 1 or 2
+  end
+  if workers == nil then
+    workers = cfg.workers -- the configuration's, when the command line gives none
   end
   if not o.worker and workers ~= 0 then
     -- The master: the workers run this same command with --worker.

@@ -9,11 +9,13 @@ local log = require "aiorch.log"
 local policy = require "aiorch.policy"
 local breaker = require "aiorch.breaker"
 local canonical = require "aiorch.canonical"
+local cost = require "aiorch.cost"
 
 local type = type
 local pairs = pairs
 local tostring = tostring
 local setmetatable = setmetatable
+local getmetatable = getmetatable
 
 local _M = {}
 
@@ -44,6 +46,19 @@ end
 
 function base.error_response(provider, kind, message)
   return response.error(provider, kind or "error", message, 0, {})
+end
+
+-- price(model) -> {input, output, cached_read, cache_write, reasoning,
+-- source, date} in USD per 1M tokens (the configuration's prices over the
+-- table), or nil.
+function base.price(model)
+  return cost.price(model)
+end
+
+-- estimate(model, request) -> the USD a request will likely cost on model
+-- (aiorch.cost.estimate), or nil when the model has no price.
+function base.estimate(model, request)
+  return (cost.estimate(model, request))
 end
 
 local EMPTY = {} -- never written
@@ -102,6 +117,16 @@ local function sink_of(st)
   end
 end
 
+-- A provider's configuration with another model (ctx.call's opts.model).
+local function with_model(c, model)
+  local out = {}
+  for k, v in pairs(c) do
+    out[k] = v
+  end
+  out.model = model
+  return setmetatable(out, getmetatable(c))
+end
+
 local function do_call(st, provider, copts, req)
   local adapters, configs, opts = st.adapters, st.configs, st.opts
   local request = st.request
@@ -133,10 +158,14 @@ local function do_call(st, provider, copts, req)
       end
     end
   end
-  local o = { stream = opts.stream, on_event = st.event_sink, timeout_ms = opts.timeout_ms, policy = opts.policy }
+  local o = { stream = opts.stream, on_event = st.event_sink, timeout_ms = opts.timeout_ms, policy = opts.policy,
+    client = opts.client, spend = st.spend }
   if type(copts) == "table" then
     for k, v in pairs(copts) do
       o[k] = v
+    end
+    if type(copts.model) == "string" and copts.model ~= c.model then
+      c = with_model(c, copts.model)
     end
   end
   local r = call.call(a, c, req, o)
@@ -177,7 +206,8 @@ function BOUND.policy(st)
   end
 end
 
--- call(provider[, opts]) -> StandardAIResponse. opts: policy (overrides), timeout_ms.
+-- call(provider[, opts]) -> StandardAIResponse. opts: policy (overrides),
+-- timeout_ms, model (another model than the provider's configured one).
 function BOUND.call(st)
   return function(provider, copts)
     return do_call(st, provider, copts, st.request)
@@ -201,6 +231,19 @@ function BOUND.continue_with(st)
       r.metadata.continued_from = from
     end
     return r
+  end
+end
+
+-- budget() -> what is left of the budget of the request's client key or
+-- alias {usd, tokens, window, resets_at}, or nil when none is configured.
+-- opts.budget (the gateway's) reads it; elsewhere there is none.
+function BOUND.budget(st)
+  local read = st.opts.budget
+  return function()
+    if read then
+      return read()
+    end
+    return nil
   end
 end
 
@@ -232,7 +275,8 @@ local ctx_mt = {
 -- state: {request, adapters = {name = adapter}, configs = {name = config},
 --         opts = {stream, on_event, on_token, timeout_ms, policy, env, path}, strategy = name,
 --         variants = {name = the request as that provider takes it}, dropped = {name = {fields}},
---         fits = {name = true}: the providers the orchestration checked}
+--         fits = {name = true}: the providers the orchestration checked,
+--         spend = {usd, tokens, unpriced, estimated, cancelled}: what the calls cost (aiorch.call)}
 -- The context keeps state (and writes in it: the stream's owner).
 function _M.new(state)
   local opts = state.opts or EMPTY

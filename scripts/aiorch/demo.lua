@@ -131,7 +131,23 @@ local RUNS = {
 }
 
 local function row(cols)
-  return fmt("%-9s %-17s %-8s %7s  %s\n", cols[1], cols[2], cols[3], cols[4], cols[5])
+  return fmt("%-9s %-17s %-8s %7s %11s  %s\n", cols[1], cols[2], cols[3], cols[4], cols[6] or "", cols[5])
+end
+
+-- What a result cost (a list: all of it): "$0.0000530", "~$…" for an
+-- estimate, "-" when unknown (a model without a price).
+local function cost_text(result)
+  local list = result.status and { result } or result
+  local usd, estimated = 0, false
+  for _, r in ipairs(list) do
+    local c = r.metadata and r.metadata.cost_usd
+    if c == nil then
+      return "-"
+    end
+    usd = usd + c
+    estimated = estimated or r.metadata.cost_estimated == true
+  end
+  return (estimated and "~$" or "$") .. fmt("%.7f", usd)
 end
 
 function _M.main()
@@ -145,7 +161,7 @@ function _M.main()
   end
   put(fmt("aiorch demo: mock providers on %s (openai ~%d ms, anthropic ~%d ms; no keys, no network)\n\n",
     m.url, LATENCY.openai, LATENCY.anthropic))
-  put(row { "STRATEGY", "ANSWERED BY", "STATUS", "WALL", "ATTEMPTS" })
+  put(row { "STRATEGY", "ANSWERED BY", "STATUS", "WALL", "ATTEMPTS", "COST" })
 
   local answers, all_ok = {}, true
   for _, run in ipairs(RUNS) do
@@ -176,7 +192,7 @@ function _M.main()
           answers[#answers + 1] = { run.strategy, r.ia_provider_name, r.response_text }
         end
         put(row { run.strategy, concat(names, "+"), statuses[1] == statuses[2] and statuses[1] or "mixed",
-          wall, concat(atts, " | ") .. mark })
+          wall, concat(atts, " | ") .. mark, cost_text(result) })
       else
         local atts = {}
         for i, a in ipairs(result.metadata.attempts or {}) do
@@ -192,7 +208,8 @@ function _M.main()
           local closed = math.floor(loser.aborted_at - loser.received_at + 0.5)
           note = fmt(" [openai's connection closed after %d ms]", closed)
         end
-        put(row { run.strategy, result.ia_provider_name, result.status, wall, concat(atts, sep) .. note .. mark })
+        put(row { run.strategy, result.ia_provider_name, result.status, wall, concat(atts, sep) .. note .. mark,
+          cost_text(result) })
         answers[#answers + 1] = { run.strategy, result.ia_provider_name,
           result.status == "success" and result.response_text or result.error_message }
       end

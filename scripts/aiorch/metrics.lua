@@ -12,6 +12,7 @@ local sort = table.sort
 local floor = math.floor
 local tonumber = tonumber
 local match = string.match
+local max = math.max
 
 local _M = {}
 
@@ -105,7 +106,6 @@ function _M.finished(name, resp)
     local u = meta.usage or EMPTY
     e.tokens_in = e.tokens_in + (u.input_tokens or 0)
     e.tokens_out = e.tokens_out + (u.output_tokens or 0)
-    e.cost_usd = e.cost_usd + (meta.cost_usd or 0)
   else
     if resp.status == "timeout" then
       e.timeouts = e.timeouts + 1
@@ -114,9 +114,69 @@ function _M.finished(name, resp)
     local kind = meta.error_kind or resp.status
     e.errors_by_kind[kind] = (e.errors_by_kind[kind] or 0) + 1
   end
+  local usd = meta.cost_usd
+  if usd then -- a failure that reported tokens costs money too
+    e.cost_usd = e.cost_usd + usd
+  end
   -- A provider that was never reached says nothing about its latency.
   if meta.error_kind ~= "unavailable" and type(resp.latency_ms) == "number" then
     observe_latency(e, resp.latency_ms)
+  end
+end
+
+------------------------------------------------------------------------------
+-- Spending by provider, model and client: USD and tokens by kind. The
+-- kinds do not overlap (their sum is every token): input read fresh,
+-- cached_read, cache_write, output other than reasoning, reasoning.
+
+_M.SPEND_KINDS = { "input", "output", "cached_read", "cache_write", "reasoning" }
+_M.spend_series_max = 1000 -- (provider, model, client) series; later ones count as model "other"
+local spent = {} -- provider -> model -> client -> {cost_usd, input, ...}
+local n_spent = 0
+
+local function spend_entry(provider, model, client)
+  local by_model = spent[provider]
+  if not by_model then
+    by_model = {}
+    spent[provider] = by_model
+  end
+  local by_client = by_model[model]
+  local e = by_client and by_client[client]
+  if e then
+    return e
+  end
+  if n_spent >= _M.spend_series_max and model ~= "other" then
+    return spend_entry(provider, "other", client)
+  end
+  if not by_client then
+    by_client = {}
+    by_model[model] = by_client
+  end
+  e = { input = 0, output = 0, cached_read = 0, cache_write = 0, reasoning = 0, cost_usd = nil }
+  by_client[client] = e
+  n_spent = n_spent + 1
+  return e
+end
+
+local function tokens(v)
+  return type(v) == "number" and v > 0 and v or 0
+end
+
+-- What one call spent: its canonical usage and its cost (nil: no price).
+-- client: the gateway's name for the caller's key (never the key), or nil.
+function _M.spend(provider, model, client, usage, usd)
+  local e = spend_entry(provider, type(model) == "string" and model or "-", client or "-")
+  changed = true
+  local i, o = tokens(usage.input_tokens), tokens(usage.output_tokens)
+  local cr, cw, r = tokens(usage.cached_input_tokens), tokens(usage.cache_write_tokens),
+    tokens(usage.reasoning_tokens)
+  e.input = e.input + max(i - cr - cw, 0)
+  e.cached_read = e.cached_read + cr
+  e.cache_write = e.cache_write + cw
+  e.output = e.output + max(o - r, 0)
+  e.reasoning = e.reasoning + r
+  if usd then
+    e.cost_usd = (e.cost_usd or 0) + usd
   end
 end
 
@@ -180,6 +240,38 @@ local function key_of(name, kind, field)
   return k
 end
 
+-- The spending's deltas since the last flush: s<US>provider<US>model<US>client<US>field.
+local spend_flushed = {} -- key -> value pushed
+local SPEND_FIELDS = { "cost_usd", "input", "output", "cached_read", "cache_write", "reasoning" }
+local function collect_spend(add)
+  for provider, by_model in pairs(spent) do
+    for model, by_client in pairs(by_model) do
+      for client, e in pairs(by_client) do
+        local keys = e.keys
+        if not keys then
+          keys = {}
+          local ok = not (provider:find("\31", 1, true) or model:find("\31", 1, true) or client:find("\31", 1, true))
+            and #provider + #model + #client < 180
+          for _, f in ipairs(SPEND_FIELDS) do
+            keys[f] = ok and ("s\31" .. provider .. "\31" .. model .. "\31" .. client .. "\31" .. f) or false
+          end
+          e.keys = keys
+        end
+        for _, f in ipairs(SPEND_FIELDS) do
+          local k, v = keys[f], e[f]
+          if k and v then
+            local was = spend_flushed[k] or 0
+            if v ~= was then
+              add(k, v - was)
+              spend_flushed[k] = v
+            end
+          end
+        end
+      end
+    end
+  end
+end
+
 -- The state's flush: what changed since the last one, as deltas.
 local function collect(add)
   if not changed then
@@ -229,12 +321,14 @@ local function collect(add)
       end
     end
   end
+  collect_spend(add)
 end
 
 -- What was counted so far stays out of a new backend.
 local function baseline()
   changed = true
   flushed = {}
+  spend_flushed = {}
   collect(function() end)
 end
 
@@ -318,9 +412,53 @@ function _M.snapshot()
   return out
 end
 
+-- Spending by provider, model and client: a list of {provider, model,
+-- client, cost_usd (nil: never priced), input, output, cached_read,
+-- cache_write, reasoning}, sorted; the server's totals when the state is shared.
+function _M.spending()
+  local out = {}
+  if state.shared() then
+    local by = {}
+    for key, v in pairs(state.read("s\31")) do
+      local provider, model, client, field = match(key, "^s\31([^\31]*)\31([^\31]*)\31([^\31]*)\31(.*)$")
+      if provider then
+        local id = provider .. "\31" .. model .. "\31" .. client
+        local e = by[id]
+        if not e then
+          e = { provider = provider, model = model, client = client, input = 0, output = 0, cached_read = 0,
+            cache_write = 0, reasoning = 0 }
+          by[id] = e
+          out[#out + 1] = e
+        end
+        e[field] = v
+      end
+    end
+  else
+    for provider, by_model in pairs(spent) do
+      for model, by_client in pairs(by_model) do
+        for client, e in pairs(by_client) do
+          out[#out + 1] = { provider = provider, model = model, client = client, cost_usd = e.cost_usd,
+            input = e.input, output = e.output, cached_read = e.cached_read, cache_write = e.cache_write,
+            reasoning = e.reasoning }
+        end
+      end
+    end
+  end
+  sort(out, function(a, b)
+    if a.provider ~= b.provider then
+      return a.provider < b.provider
+    elseif a.model ~= b.model then
+      return a.model < b.model
+    end
+    return a.client < b.client
+  end)
+  return out
+end
+
 function _M.reset()
   providers = {}
   flushed = {}
+  spent, n_spent, spend_flushed = {}, 0, {}
 end
 
 return _M

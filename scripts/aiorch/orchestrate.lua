@@ -230,10 +230,43 @@ note_skipped = function(result, skipped)
   end
 end
 
+-- The cost of the whole request on its one answer: every call the
+-- strategy made (retries, failed attempts, cancelled race and hedge
+-- losers, whose attempts say what each cost).
+local function settle(r, spend)
+  local m = r.metadata
+  local cancelled = spend.cancelled
+  if cancelled and type(m.attempts) == "table" then
+    local used = {}
+    for _, a in ipairs(m.attempts) do
+      if a.status == "cancelled" and a.cost_usd == nil then
+        for i, c in ipairs(cancelled) do
+          if not used[i] and c.provider == a.provider then
+            used[i] = true
+            a.cost_usd, a.cost_estimated, a.usage = c.cost_usd, c.cost_estimated, c.usage
+            break
+          end
+        end
+      end
+    end
+  end
+  if spend.unpriced then
+    m.cost_usd = nil
+  elseif spend.usd > 0 or m.cost_usd then
+    m.cost_usd = spend.usd
+  end
+  if spend.estimated then
+    m.cost_estimated = true
+  end
+end
+
 -- opts: env (table|function, default the process env), path (user dirs),
 -- stream, on_token(text, provider), timeout_ms, policy (overrides of the
 -- providers' policies, see aiorch.policy), prompt (builder name),
--- context_info (for the prompt builder; default request.context).
+-- context_info (for the prompt builder; default request.context), client
+-- (the client's name, for the metrics of cost), spend (a table
+-- {usd = 0, tokens = 0} that adds up what every call cost, unpriced and
+-- estimated set when a part was), budget (a function for ctx.budget).
 function _M.orchestrate(request, strategy_name, providers, opts)
   opts = opts or {}
   strategy_name = strategy_name or _M.default_strategy
@@ -295,9 +328,10 @@ function _M.orchestrate(request, strategy_name, providers, opts)
   end
   names = fit.names
 
+  local spend = opts.spend or { usd = 0, tokens = 0 }
   local ctx = context.new {
     request = req, adapters = adapters, configs = configs, opts = opts, strategy = strategy_name,
-    variants = fit.variants, dropped = fit.dropped, fits = fit.set,
+    variants = fit.variants, dropped = fit.dropped, fits = fit.set, spend = spend,
   }
   if log.enabled("debug") then
     log.debug("strategy %s over %s", strategy_name, concat(names, ","))
@@ -319,6 +353,9 @@ function _M.orchestrate(request, strategy_name, providers, opts)
   end
   if skipped then
     note_skipped(result, skipped)
+  end
+  if result.status then
+    settle(result, spend)
   end
   return result
 end

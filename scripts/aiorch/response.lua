@@ -1,5 +1,6 @@
--- StandardAIResponse: constructors, cost, and JSON encoding.
+-- StandardAIResponse: constructors, cost (aiorch.cost), and JSON encoding.
 local cjson = require "cjson.safe"
+local cost = require "aiorch.cost"
 
 local fmt = string.format
 local type = type
@@ -13,42 +14,9 @@ local math_type = math.type
 
 local _M = {}
 
--- USD per million tokens: {input, output}.
-_M.prices = {
-  ["gpt-4o-mini"] = { 0.15, 0.60 },
-  ["claude-3-haiku-20240307"] = { 0.25, 1.25 },
-}
-
-local function price_of(model)
-  if type(model) ~= "string" then
-    return nil
-  end
-  local p = _M.prices[model]
-  if p then
-    return p
-  end
-  -- Providers answer with dated names (gpt-4o-mini-2024-07-18): longest prefix.
-  local best, best_len = nil, 0
-  for name, price in pairs(_M.prices) do
-    if #name > best_len and model:sub(1, #name + 1) == name .. "-" then
-      best, best_len = price, #name
-    end
-  end
-  return best
-end
-
-function _M.cost(model, usage)
-  local p = price_of(model)
-  if not p or type(usage) ~= "table" then
-    return nil
-  end
-  local i, o = usage.input_tokens, usage.output_tokens
-  if i == nil and o == nil then
-    return nil
-  end
-  i, o = i or 0, o or 0
-  return (i * p[1] + o * p[2]) / 1e6
-end
+-- cost(model, usage) -> USD or nil (aiorch.cost.of: the price table and
+-- the configuration's prices).
+_M.cost = cost.of
 
 local function ms(v)
   if type(v) ~= "number" then
@@ -86,7 +54,7 @@ function _M.success(provider, result, latency_ms, http_status, api)
       upstream = result.upstream,
       api = api,
       http_status = http_status,
-      cost_usd = _M.cost(result.model, usage),
+      cost_usd = cost.of(result.model, usage),
     },
   }
 end
@@ -138,6 +106,9 @@ function _M.attempt(r)
     retry_after = m.retry_after,
     provider_error = m.provider_error,
     upstream_error = m.upstream_error,
+    cost_usd = m.cost_usd,
+    unpriced = m.cost_usd == nil and m.usage ~= nil and (m.usage.input_tokens or m.usage.output_tokens) ~= nil
+      or nil,
   }
 end
 
@@ -199,7 +170,7 @@ for i, k in ipairs(ORDER) do
 end
 local ARRAY_FIELDS = { attempts = true, content = true }
 -- Kept beside a response, not part of it.
-local PRIVATE = { raw_body = true }
+local PRIVATE = { raw_body = true, unpriced = true }
 
 local function key_less(a, b)
   local ra, rb = RANK[a] or 1000, RANK[b] or 1000
@@ -265,14 +236,29 @@ function encode_value(v, as_array, depth)
   return "null"
 end
 
+-- Kept nil in Lua (arithmetic stays simple), null in JSON: a response's
+-- error_message and ia_provider_name, and its cost when unknown.
 local function with_nulls(r)
-  if type(r) == "table" and r.status and (r.error_message == nil or r.ia_provider_name == nil) then
+  if type(r) ~= "table" or not r.status then
+    return r
+  end
+  local m = r.metadata
+  local no_cost = type(m) == "table" and m.cost_usd == nil
+  if r.error_message == nil or r.ia_provider_name == nil or no_cost then
     local copy = {}
     for k, v in pairs(r) do
       copy[k] = v
     end
     copy.error_message = r.error_message or cjson.null
     copy.ia_provider_name = r.ia_provider_name or cjson.null
+    if no_cost then
+      local mc = {}
+      for k, v in pairs(m) do
+        mc[k] = v
+      end
+      mc.cost_usd = cjson.null
+      copy.metadata = mc
+    end
     return copy
   end
   return r

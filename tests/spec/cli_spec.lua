@@ -346,7 +346,7 @@ aiorch.sleep(5)
       check("^aiorch: .*raises%.lua:1: boom here$", 1, 2, nil, "run", path)
       -- raised inside the library, with the library's position: the script's line comes first
       path = put("misuse.lua", "local response = require 'aiorch.response'\n"
-        .. "response.cost('gpt-4o-mini', { input_tokens = 'many' })\n")
+        .. "response.attempt(42)\n")
       check("^aiorch: .*misuse%.lua:2: .*/scripts/aiorch/response%.lua:%d+: attempt to", 1, 2, nil,
         "run", path)
     end)
@@ -373,6 +373,9 @@ aiorch.sleep(5)
       assert.matches("\n" .. s .. " ", out)
     end
     assert.matches("openai:rate_limited%(429", out)
+    -- the cost column: each row's, priced from the table
+    assert.matches("WALL +COST +ATTEMPTS", out)
+    assert.matches("\nsingle +openai +success +%d+ ms +%$0%.%d%d%d%d%d%d%d ", out)
     assert.matches("every strategy behaved as expected", out)
     assert.falsy(out:find("demo-openai-key", 1, true))
     assert.falsy(out:find("demo-anthropic-key", 1, true))

@@ -9,6 +9,8 @@ local policy = require "aiorch.policy"
 local secrets = require "aiorch.secrets"
 local state_shm = require "aiorch.state.shm"
 local state_redis = require "aiorch.state.redis"
+local cost = require "aiorch.cost"
+local budgets = require "aiorch.gateway.budgets"
 local response_cache = require "aiorch.gateway.cache"
 
 local fmt = string.format
@@ -45,7 +47,7 @@ local TOP = {
   aliases = true, client_keys_env = true, drain_timeout_ms = true, access_log = true, server = true,
   policy = true, max_inflight = true, log_bodies = true, request_timeout_ms = true, client_policy = true,
   strategies = true, clients = true, drop_unsupported = true, rate_limit = true, shared_memory = true,
-  redis = true, cache = true,
+  redis = true, prices = true, budgets = true, workers = true, cache = true,
 }
 local PROVIDER = {
   api_key_env = true, base_url = true, model = true, models = true, model_prefixes = true, timeout_ms = true,
@@ -614,6 +616,36 @@ function _M.check(raw, getenv, path)
   end
   c.client_keys = #keys > 0 and keys or nil
   c.clients = #clients > 0 and clients or nil
+
+  -- workers = N: worker processes of `aiorch serve` (--workers overrides it).
+  if raw.workers ~= nil then
+    local n = math.tointeger(raw.workers)
+    if not n or n < 0 or n > 1024 then
+      return nil, "workers: must be an integer from 0 to 1024"
+    end
+    c.workers = n
+  end
+  -- prices = {model = {input, output, cached_read, cache_write, reasoning,
+  -- source, date}}: over and beside the price table (aiorch.cost).
+  if raw.prices ~= nil then
+    local p, perr = cost.check(raw.prices)
+    if not p then
+      return nil, perr
+    end
+    c.prices = p
+  end
+  -- budgets = {{client = NAME or alias = NAME, usd, tokens, window, fail_closed}}
+  if raw.budgets ~= nil then
+    local names = {}
+    for _, e in ipairs(clients) do
+      names[e.name] = true
+    end
+    local list, berr = budgets.check(raw.budgets, names, c.aliases)
+    if not list then
+      return nil, berr
+    end
+    c.budgets = #list > 0 and list or nil
+  end
   for _, k in ipairs(keys) do -- never echoed, whoever quotes them
     secrets.add(k)
   end

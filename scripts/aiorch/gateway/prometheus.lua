@@ -97,6 +97,26 @@ function _M.render(gw)
       num(snap[p].tokens_wasted_out)))
   end
 
+  -- Spending by provider, model and client key (its name in the
+  -- configuration, never the key; "-" when the gateway has no keys).
+  local spending = metrics.spending()
+  header("aiorch_cost_usd_total", "What calls cost in US dollars (failed attempts and cancelled race losers "
+    .. "included), by provider, model and client key; models without a price are left out.", "counter")
+  for _, e in ipairs(spending) do
+    if e.cost_usd then
+      add(fmt('aiorch_cost_usd_total{provider="%s",model="%s",key="%s"} %s', esc(e.provider), esc(e.model),
+        esc(e.client), num(e.cost_usd)))
+    end
+  end
+  header("aiorch_tokens_total", "Tokens by kind (input: read fresh; cached_read; cache_write; output: other than "
+    .. "reasoning; reasoning), by provider, model and client key.", "counter")
+  for _, e in ipairs(spending) do
+    for _, kind in ipairs(metrics.SPEND_KINDS) do
+      add(fmt('aiorch_tokens_total{provider="%s",model="%s",key="%s",kind="%s"} %s', esc(e.provider),
+        esc(e.model), esc(e.client), kind, num(e[kind])))
+    end
+  end
+
   header("aiorch_provider_healthy", "1 unless the provider's circuit breaker is open (it is cooling down).", "gauge")
   for _, p in ipairs(names) do
     add(fmt('aiorch_provider_healthy{provider="%s"} %d', esc(p), snap[p].healthy and 1 or 0))

@@ -20,9 +20,12 @@ local stream = require "aiorch.gateway.stream"
 local policy = require "aiorch.policy"
 local breaker = require "aiorch.breaker"
 local limits = require "aiorch.gateway.limits" -- rate limits, max_inflight: for the whole server
+local budgets = require "aiorch.gateway.budgets" -- USD and tokens per client key or alias: for the whole server
+local cost = require "aiorch.cost"
 local totals = require "aiorch.gateway.totals" -- /metrics and /healthz: for the whole server
 local response_cache = require "aiorch.gateway.cache" -- the response cache, when configured
 local json = require "aiorch.json"
+local log_warn = require("aiorch.log").warn
 
 local fmt = string.format
 local type = type
@@ -341,8 +344,10 @@ function Exchange:refuse(kind, err, field)
 end
 
 local function run_plain(x, request, rt)
+  local b = x.budget
   local r, kind, err, field = orchestrate.orchestrate(request, rt.strategy, rt.providers,
-    { env = rt.env, path = x.state.path, timeout_ms = x.state.timeout_ms, allow_drop = allow_drop(x) })
+    { env = rt.env, path = x.state.path, timeout_ms = x.state.timeout_ms, allow_drop = allow_drop(x),
+      client = x.client.name, spend = b and b.spend, budget = b and b.read })
   if not r then
     x:refuse(kind, err, field)
     return nil
@@ -412,9 +417,11 @@ local function serve_streamed(x, api, request, info, rt)
   local s = stream.session(x.res, api.stream_encoder(x.id, info.model, { include_usage = info.include_usage }),
     headers, api.api)
   x.stream, x.session = true, s
+  local b = x.budget
   local r, kind, err, field = orchestrate.orchestrate(request, rt.strategy, rt.providers, {
     env = rt.env, path = x.state.path, timeout_ms = x.state.timeout_ms, allow_drop = allow_drop(x),
     stream = true, on_event = function(ev, provider, i) return s:event(ev, provider, i) end,
+    client = x.client.name, spend = b and b.spend, budget = b and b.read,
   })
   if not r then
     return x:refuse(kind, err, field)
@@ -540,6 +547,26 @@ local function client_providers(x, rt)
   rt.providers = #out > 0 and out or x.client.provider_names
 end
 
+-- Reserves the request's likely cost against the budgets of its client
+-- and alias (aiorch.gateway.budgets). false once the client has its 429
+-- (or 503); true when admitted (x.budget then holds the reservations,
+-- settled when the request ends, and ctx.budget's reader).
+local function within_budget(x, rt, model, request)
+  local state = x.state
+  local list = budgets.applying(state.config, x.client, rt)
+  if not list then
+    return true
+  end
+  local alias = rt.alias and state.config.aliases[rt.alias]
+  local holds = budgets.reserve(x, list, model, request, alias and alias.models)
+  if not holds then
+    return false
+  end
+  x.budget = { holds = holds, spend = { usd = 0, tokens = 0 },
+    read = function() return budgets.remaining(state, list) end }
+  return true
+end
+
 local answer_api -- below
 
 -- /v1/chat/completions and /v1/messages: api is the client's wire module.
@@ -579,8 +606,12 @@ local function serve_api(x, api)
   return answer_api(x, api, request, info, rt)
 end
 
--- The answer of a decoded, routed request: streamed or whole.
+-- The answer of a decoded, routed request: streamed or whole. (A cache
+-- hit never gets here: it costs nothing, so no budget is reserved.)
 function answer_api(x, api, request, info, rt)
+  if not within_budget(x, rt, info.model, request) then
+    return
+  end
   if info.stream then
     return serve_streamed(x, api, request, info, rt)
   end
@@ -624,14 +655,18 @@ local function serve_native(x)
     return
   end
   client_providers(x, rt)
+  local info = { model = p.model }
   if x.state.cache then
-    return response_cache.serve(x.state.cache, x, native, p.request, { model = p.model }, rt, answer_native)
+    return response_cache.serve(x.state.cache, x, native, p.request, info, rt, answer_native)
   end
-  return answer_native(x, native, p.request, nil, rt)
+  return answer_native(x, native, p.request, info, rt)
 end
 
--- The native endpoint's answer (api and info: as answer_api's, unused).
-function answer_native(x, _, request, _, rt)
+-- The native endpoint's answer (api: as answer_api's, unused).
+function answer_native(x, _, request, info, rt)
+  if not within_budget(x, rt, info.model, request) then
+    return
+  end
   local r = run_plain(x, request, rt)
   if not r then
     return
@@ -939,6 +974,13 @@ local function done(x)
     state.orchestrating = state.orchestrating - 1
     limits.release(x)
   end
+  local b = x.budget
+  if b then -- (in a task of its own: this may run as the request's task is cancelled)
+    x.budget = nil
+    if not pcall(spawn, budgets.settle, b.holds, b.spend) then
+      log_warn("budget: a request's spending was not counted (no task could be started)")
+    end
+  end
   if not x.status then
     x.aborted = true
   end
@@ -1177,6 +1219,7 @@ function _M.handler(opts)
   if access == nil then
     access = cfg.access_log
   end
+  cost.configure(cfg.prices) -- the configuration's prices, for every response's cost and ctx.price
   local state = {
     config = cfg, path = opts.path, in_flight = 0, draining = false, seq = 0, counts = {},
     tag = fmt("%04x", random(0, 0xffff)),
