@@ -518,6 +518,27 @@ describe("response cache", function()
     end
   end)
 
+  it("a hit reserves and charges no budget: a spent budget refuses misses, not hits", function()
+    local base = start_gw { cache = true, clients = { a = { key_env = "CLIENT_A" } },
+      budgets = { { client = "a", tokens = 5, window = "hour" } } }
+    local auth = { authorization = "Bearer " .. CLIENT_A }
+    local st, h = chat(base, question("Budgeted?"), auth)
+    assert.equal(200, st)
+    assert.equal("miss", h["x-aiorch-cache"])
+    aiorch.sleep(100) -- (a request's spending is settled once it ended): the budget is spent
+    for _ = 1, 3 do
+      st, h = chat(base, question("Budgeted?"), { authorization = auth.authorization })
+      assert.equal(200, st)
+      assert.equal("hit", h["x-aiorch-cache"])
+    end
+    local rb
+    st, h, rb = chat(base, question("Budgeted, but new?"), { authorization = auth.authorization })
+    assert.equal(429, st)
+    assert.equal("budget_exceeded", cjson.decode(rb).error.code)
+    assert.equal("miss", h["x-aiorch-cache"])
+    assert.equal(1, upstream_calls())
+  end)
+
   it("checks its configuration", function()
     local env = env_of()
     local function refused(cache)
