@@ -578,6 +578,26 @@ describe("response cache on redis", function()
     return { OPENAI_API_KEY = KEYS.openai, OPENAI_BASE_URL = m:base_url("openai"), AIORCH_LOG = "warn" }
   end
 
+  it("with workers: each keeps its own memory tier, /metrics counts them all", function()
+    local s = support.serve("return { access_log = false, cache = true }", env(), { workers = 2 })
+    local N = 12
+    for _ = 1, N do
+      local st = chat(s.base, question("Workers?"))
+      assert.equal(200, st)
+    end
+    -- at most one miss per worker: the memory tier is per worker (docs/replicas.md)
+    local calls = upstream_calls()
+    assert.is_true(calls >= 1 and calls <= 2, calls .. " upstream calls")
+    aiorch.sleep(300) -- the workers push their counts every 100 ms
+    local text = scrape(s.base)
+    local hits = support.metric(text, 'aiorch_cache_requests_total{result="hit"}')
+    local misses = support.metric(text, 'aiorch_cache_requests_total{result="miss"}')
+    assert.equal(N, hits + misses)
+    assert.equal(calls, misses)
+    assert.equal(calls, support.metric(text, "aiorch_cache_entries"))
+    s.stop()
+  end)
+
   it("is shared by two aiorch serve processes, streams included; Redis killed, requests still succeed",
     function()
       local config = fmt('return { access_log = false, cache = true, redis = { url = %q, prefix = "cachespec:" } }',

@@ -608,10 +608,16 @@ function _M.new(cfg)
     c.counts[k] = 0
   end
   if cfg.max_bytes > 0 then
-    c.memory = store.new { max_bytes = cfg.max_bytes, max_entries = cfg.max_entries }
+    -- The aliases of requests' bytes (bytes_key) get an eighth of the
+    -- bytes, in a store of their own: they never push answers out.
+    local for_aliases = cfg.max_bytes // 8
+    c.memory = store.new { max_bytes = math.max(1, cfg.max_bytes - for_aliases), max_entries = cfg.max_entries }
+    if for_aliases > 0 then
+      c.aliases = store.new { max_bytes = for_aliases, max_entries = cfg.max_entries }
+    end
   end
   c.source = state.source(source(c))
-  c.bytes_fn = function() return c.memory and c.memory.bytes or 0 end
+  c.bytes_fn = function() return c.memory and c.memory.bytes + (c.aliases and c.aliases.bytes or 0) or 0 end
   c.entries_fn = function() return c.memory and c.memory.entries or 0 end
   c.evictions_fn = function() return c.memory and c.memory.evictions or 0 end
   state.gauge("cache_bytes", c.bytes_fn)
@@ -717,11 +723,10 @@ end
 -- Points the bytes' key of x at key (the request's own, with no cache
 -- header that would change what is looked up or stored) for ttl_ms.
 function Cache:alias(x, key, ttl_ms)
-  local mem = self.memory
+  local aliases = self.aliases
   local h = x.req.headers
-  if mem and ttl_ms >= 1 and not (h["cache-control"] or h["x-aiorch-cache-ttl"]) then
-    local bk = bytes_key(x)
-    mem:set(bk, key, #key, ttl_ms)
+  if aliases and ttl_ms >= 1 and not (h["cache-control"] or h["x-aiorch-cache-ttl"]) then
+    aliases:set(bytes_key(x), key, #key, ttl_ms)
   end
 end
 
@@ -869,16 +874,16 @@ end
 -- Answers x from the memory tier if its bytes were seen (see bytes_key),
 -- before its body is decoded: true when it did.
 function _M.quick(c, x)
-  local mem = c.memory
-  if not (mem and c.cfg.routes[x.route]) then
+  local aliases = c.aliases
+  if not (aliases and c.cfg.routes[x.route]) then
     return false
   end
   local h = x.req.headers
   if h["cache-control"] or h["x-aiorch-cache-ttl"] then
     return false
   end
-  local key = mem:get(bytes_key(x))
-  local e = key and mem:get(key)
+  local key = aliases:get(bytes_key(x))
+  local e = key and c.memory:get(key)
   if not e then
     return false
   end
