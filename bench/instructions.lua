@@ -5,7 +5,8 @@
 -- KIND: plain (default: an OpenAI client, `single`, answered by openai),
 -- cross (the same request answered by anthropic), stream (plain, streamed);
 -- hit and stream_hit: plain and stream with the response cache on (the
--- first request stores, every other one is a memory hit); floor: not the
+-- first request stores, every other one is a memory hit); miss: the cache
+-- on, every request another question (looked up, answered, stored); floor: not the
 -- gateway but bench/floor.lua (the HTTP server alone, a fixed answer).
 -- EXE: the aiorch binary to measure (default: this build's). WORKERS: 0
 -- (default: one process, the local state), or N: a master and N workers on
@@ -29,7 +30,8 @@ local BODY = '{"model":"gpt-4o-mini","max_tokens":64,"messages":[{"role":"user",
 local HEADERS = { ["content-type"] = "application/json", ["x-aiorch-strategy"] = "single",
   ["x-aiorch-providers"] = KIND == "cross" and "anthropic" or "openai" }
 local body = (KIND == "stream" or KIND == "stream_hit") and BODY:gsub("^{", '{"stream":true,') or BODY
-local CACHED = KIND == "hit" or KIND == "stream_hit"
+local CACHED = KIND == "hit" or KIND == "stream_hit" or KIND == "miss"
+local sent = 0 -- miss: every request another question
 
 local function capture(cmd)
   local p = io.popen(cmd, "r")
@@ -81,7 +83,9 @@ local function run(m, n)
     workers[i] = aiorch.spawn(function()
       while left > 0 do
         left = left - 1
-        local st, _, b = aiorch.http.request { method = "POST", url = url, headers = HEADERS, body = body,
+        sent = sent + 1
+        local b0 = KIND == "miss" and body:gsub("monad", "monad " .. sent) or body
+        local st, _, b = aiorch.http.request { method = "POST", url = url, headers = HEADERS, body = b0,
           timeout_ms = 60000 }
         assert(st == 200, "request failed: " .. tostring(st) .. " " .. tostring(b))
       end

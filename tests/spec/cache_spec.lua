@@ -539,6 +539,32 @@ describe("response cache", function()
     assert.equal(1, upstream_calls())
   end)
 
+  it("rewrites the usage where it stands, every other byte kept", function()
+    local cached_body = require("aiorch.gateway.cache").cached_body
+    local openai = '{"id":"x","choices":[{"message":{"content":"a \\"usage\\": {}","annotations":[]}}],'
+      .. '"usage":{"prompt_tokens":7,"completion_tokens":3,"total_tokens":10},"service_tier":"default"}'
+    local out = cached_body(openai)
+    assert.equal(openai:match('^(.-)"usage"'), out:match('^(.-)"usage"'))
+    assert.equal(',"service_tier":"default"}', out:sub(-26))
+    local u = cjson.decode(out).usage
+    assert.equal(7, u.prompt_tokens_details.cached_tokens)
+    assert.equal(10, u.total_tokens)
+    local start = '{"type":"message_start","message":{"id":"m","content":[],"usage":{"input_tokens":9,'
+      .. '"cache_read_input_tokens":2,"output_tokens":1}}}'
+    u = cjson.decode(cached_body(start)).message.usage
+    assert.same({ input_tokens = 0, cache_read_input_tokens = 11, output_tokens = 1 }, u)
+    local native = '[{"ia_provider_name":"openai","content":[],"metadata":{"cost_usd":0.5,"attempts":'
+      .. '[{"provider":"openai","cost_usd":0.5}],"usage":{"input_tokens":4,"output_tokens":2}}},'
+      .. '{"ia_provider_name":"anthropic","metadata":{}}]'
+    local list = cjson.decode(cached_body(native))
+    assert.is_true(list[1].metadata.cached)
+    assert.equal(0, list[1].metadata.cost_usd)
+    assert.equal(0.5, list[1].metadata.attempts[1].cost_usd)
+    assert.equal(4, list[1].metadata.usage.cached_input_tokens)
+    assert.is_true(list[2].metadata.cached)
+    assert.equal("not json {", cached_body("not json {"))
+  end)
+
   it("checks its configuration", function()
     local env = env_of()
     local function refused(cache)

@@ -32,6 +32,7 @@ local aiorch = require "aiorch"
 local store = require "aiorch.cache"
 local state = require "aiorch.state"
 local json = require "aiorch.json"
+local cjson = require "cjson.safe"
 
 local fmt = string.format
 local type = type
@@ -46,6 +47,7 @@ local sort = table.sort
 local concat = table.concat
 local find = string.find
 local sub = string.sub
+local byte = string.byte
 local spack = string.pack
 local sunpack = string.unpack
 local setmetatable = setmetatable
@@ -301,65 +303,228 @@ _M.hash = hash
 ------------------------------------------------------------------------------
 -- Usage reported as cached
 
--- Rewrites the usage objects of one decoded answer (any API's shape, or a
--- native StandardAIResponse) so that its input reads as cached.
-local function cached_usage(doc)
-  if type(doc) ~= "table" then
-    return
-  end
-  local m = doc.metadata
-  if type(m) == "table" and doc.ia_provider_name ~= nil then -- a StandardAIResponse
-    m.cached = true
-    if m.cost_usd ~= nil then
-      m.cost_usd = 0
+-- The usage is rewritten in the answer's text, where it stands: the JSON
+-- around it is scanned, not decoded (a body with an empty array would be
+-- decoded by dkjson, in Lua, at many times the cost of the rest of a
+-- miss), and only the small usage objects are decoded and encoded again.
+
+local function blank_end(s, i)
+  return find(s, "[^ \t\r\n]", i)
+end
+
+-- The index of the quote that ends the string starting at i.
+local function string_end(s, i)
+  local j = i + 1
+  while true do
+    local q = find(s, '["\\]', j)
+    if not q then
+      return nil
     end
-    local u = m.usage
-    if type(u) == "table" and type(u.input_tokens) == "number" then
-      u.cached_input_tokens = u.input_tokens
+    if byte(s, q) == 92 then
+      j = q + 2
+    else
+      return q
     end
-    return
-  end
-  local u = doc.usage
-  if type(u) ~= "table" and type(doc.message) == "table" then
-    u = doc.message.usage -- Anthropic's message_start
-  end
-  if type(u) == "table" then
-    if type(u.prompt_tokens) == "number" then -- OpenAI
-      local d = type(u.prompt_tokens_details) == "table" and u.prompt_tokens_details or json.object()
-      d.cached_tokens = u.prompt_tokens
-      u.prompt_tokens_details = d
-    elseif type(u.input_tokens) == "number" then -- Anthropic: cached input is counted apart
-      u.cache_read_input_tokens = u.input_tokens + (tonumber(u.cache_read_input_tokens) or 0)
-        + (tonumber(u.cache_creation_input_tokens) or 0)
-      u.input_tokens = 0
-      if u.cache_creation_input_tokens ~= nil then
-        u.cache_creation_input_tokens = 0
-      end
-    end
-  end
-  local g = doc.usageMetadata -- Gemini
-  if type(g) == "table" and type(g.promptTokenCount) == "number" then
-    g.cachedContentTokenCount = g.promptTokenCount
   end
 end
 
--- A JSON body with its usage reported as cached (as it was when it does
--- not parse).
+-- The index of the last byte of the JSON value starting at i.
+local function value_end(s, i)
+  local ch = byte(s, i)
+  if ch == 34 then
+    return string_end(s, i)
+  elseif ch == 123 or ch == 91 then -- to the matching bracket
+    local depth, j = 0, i
+    while true do
+      j = find(s, '[{}%[%]"]', j)
+      if not j then
+        return nil
+      end
+      local c = byte(s, j)
+      if c == 34 then
+        j = string_end(s, j)
+        if not j then
+          return nil
+        end
+      elseif c == 123 or c == 91 then
+        depth = depth + 1
+      else
+        depth = depth - 1
+        if depth == 0 then
+          return j
+        end
+      end
+      j = j + 1
+    end
+  end
+  local e = find(s, "[,}%]%s]", i) -- a number, true, false, null
+  return e and e - 1 or #s
+end
+
+-- Calls fn(key, from, to) for each member of the object whose "{" is at
+-- i, fn(nil, from, to) for each element of an array; returns its end.
+local function each(s, i, fn)
+  local close = byte(s, i) == 123 and 125 or 93
+  local j = blank_end(s, i + 1)
+  if j and byte(s, j) == close then
+    return j
+  end
+  while j do
+    local key
+    if close == 125 then
+      if byte(s, j) ~= 34 then
+        return nil
+      end
+      local ke = string_end(s, j)
+      local colon = ke and blank_end(s, ke + 1)
+      if not colon or byte(s, colon) ~= 58 then
+        return nil
+      end
+      key = sub(s, j + 1, ke - 1)
+      j = blank_end(s, colon + 1)
+      if not j then
+        return nil
+      end
+    end
+    local ve = value_end(s, j)
+    if not ve then
+      return nil
+    end
+    fn(key, j, ve)
+    j = blank_end(s, ve + 1)
+    local c = j and byte(s, j)
+    if c == close then
+      return j
+    elseif c ~= 44 then
+      return nil
+    end
+    j = blank_end(s, j + 1)
+  end
+  return nil
+end
+
+-- Appends to edits the usage object s[from..to] rewritten as cached for
+-- kind: "openai", "anthropic", "gemini" or "native".
+local function edit_usage(s, from, to, kind, edits)
+  local text = sub(s, from, to)
+  if byte(text, 1) ~= 123 or find(text, "[", 1, true) then
+    return
+  end
+  local u = cjson.decode(text)
+  if type(u) ~= "table" then
+    return
+  end
+  if kind == "openai" then
+    if type(u.prompt_tokens) ~= "number" then
+      return
+    end
+    local d = type(u.prompt_tokens_details) == "table" and u.prompt_tokens_details or {}
+    d.cached_tokens = u.prompt_tokens
+    u.prompt_tokens_details = d
+  elseif kind == "anthropic" then -- cached input is counted apart
+    if type(u.input_tokens) ~= "number" then
+      return
+    end
+    u.cache_read_input_tokens = u.input_tokens + (tonumber(u.cache_read_input_tokens) or 0)
+      + (tonumber(u.cache_creation_input_tokens) or 0)
+    u.input_tokens = 0
+    if u.cache_creation_input_tokens ~= nil then
+      u.cache_creation_input_tokens = 0
+    end
+  elseif kind == "gemini" then
+    if type(u.promptTokenCount) ~= "number" then
+      return
+    end
+    u.cachedContentTokenCount = u.promptTokenCount
+  else -- native: the canonical usage
+    if type(u.input_tokens) ~= "number" then
+      return
+    end
+    u.cached_input_tokens = u.input_tokens
+  end
+  local out = cjson.encode(u)
+  if out then
+    edits[#edits + 1] = { from, to, out }
+  end
+end
+
+-- The edits of one answer object (any API's shape, or a native
+-- StandardAIResponse) at i.
+local function edit_answer(s, i, edits)
+  local spans, native = {}, false
+  each(s, i, function(key, from, to)
+    if key == "ia_provider_name" then
+      native = true
+    elseif key then
+      spans[key] = { from, to }
+    end
+  end)
+  local m = spans.metadata
+  if native and m and byte(s, m[1]) == 123 then
+    local has_cached = false
+    each(s, m[1], function(key, from, to)
+      if key == "usage" then
+        edit_usage(s, from, to, "native", edits)
+      elseif key == "cost_usd" then
+        edits[#edits + 1] = { from, to, "0" }
+      elseif key == "cached" then
+        has_cached = true
+        edits[#edits + 1] = { from, to, "true" }
+      end
+    end)
+    if not has_cached then -- (an insertion: to is before from)
+      local first = blank_end(s, m[1] + 1)
+      edits[#edits + 1] = { m[1] + 1, m[1], byte(s, first) == 125 and '"cached":true' or '"cached":true,' }
+    end
+    return
+  end
+  local u = spans.usage
+  if u then
+    edit_usage(s, u[1], u[2], find(s, '"prompt_tokens"', u[1], true) and "openai" or "anthropic", edits)
+  end
+  local msg = spans.message -- Anthropic's message_start
+  if msg and byte(s, msg[1]) == 123 then
+    each(s, msg[1], function(key, from, to)
+      if key == "usage" then
+        edit_usage(s, from, to, "anthropic", edits)
+      end
+    end)
+  end
+  local g = spans.usageMetadata
+  if g then
+    edit_usage(s, g[1], g[2], "gemini", edits)
+  end
+end
+
+-- A JSON body (an answer, or a list of them) with its usage reported as
+-- cached (as it was when it does not scan).
 local function cached_body(body)
-  local doc = json.decode(body)
-  if type(doc) ~= "table" then
+  local i = blank_end(body, 1)
+  local first = i and byte(body, i)
+  local edits = {}
+  if first == 123 then
+    edit_answer(body, i, edits)
+  elseif first == 91 then
+    each(body, i, function(_, from)
+      if byte(body, from) == 123 then
+        edit_answer(body, from, edits)
+      end
+    end)
+  end
+  if #edits == 0 then
     return body
   end
-  if json.is_array(doc) or doc[1] ~= nil then
-    for _, one in ipairs(doc) do
-      cached_usage(one)
-    end
-  else
-    cached_usage(doc)
+  sort(edits, function(a, b) return a[1] < b[1] end)
+  local out, at = {}, 1
+  for _, e in ipairs(edits) do
+    out[#out + 1] = sub(body, at, e[1] - 1)
+    out[#out + 1] = e[3]
+    at = e[2] + 1
   end
-  local ok, out = pcall(json.encode, doc)
-  return ok and out or body
+  out[#out + 1] = sub(body, at)
+  return concat(out)
 end
+_M.cached_body = cached_body
 
 -- One server-sent event with its usage reported as cached.
 local function cached_frame(frame)
