@@ -6,7 +6,8 @@
 -- cross (the same request answered by anthropic), stream (plain, streamed);
 -- hit and stream_hit: plain and stream with the response cache on (the
 -- first request stores, every other one is a memory hit); miss: the cache
--- on, every request another question (looked up, answered, stored); floor: not the
+-- on, every request another question (looked up, answered, stored); unique:
+-- plain, every request another question (miss's baseline); floor: not the
 -- gateway but bench/floor.lua (the HTTP server alone, a fixed answer).
 -- EXE: the aiorch binary to measure (default: this build's). WORKERS: 0
 -- (default: one process, the local state), or N: a master and N workers on
@@ -84,7 +85,7 @@ local function run(m, n)
       while left > 0 do
         left = left - 1
         sent = sent + 1
-        local b0 = KIND == "miss" and body:gsub("monad", "monad " .. sent) or body
+        local b0 = (KIND == "miss" or KIND == "unique") and body:gsub("monad", "monad " .. sent) or body
         local st, _, b = aiorch.http.request { method = "POST", url = url, headers = HEADERS, body = b0,
           timeout_ms = 60000 }
         assert(st == 200, "request failed: " .. tostring(st) .. " " .. tostring(b))

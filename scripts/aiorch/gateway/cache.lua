@@ -157,20 +157,23 @@ end
 -- Top-level fields of the canonical request that do not change the answer.
 local NOT_KEYED = { raw = true, user = true, metadata = true, policy = true }
 
+local function mixed_order(a, b)
+  local ta, tb = type(a), type(b)
+  if ta ~= tb then
+    return ta < tb
+  end
+  return a < b
+end
+
 local function keys_of(t)
-  local ks, n = {}, 0
+  local ks, n, mixed = {}, 0, false
   for k in pairs(t) do
     n = n + 1
     ks[n] = k
+    mixed = mixed or type(k) ~= "string"
   end
   if n > 1 then
-    sort(ks, function(a, b)
-      local ta, tb = type(a), type(b)
-      if ta ~= tb then
-        return ta < tb
-      end
-      return a < b
-    end)
+    sort(ks, mixed and mixed_order or nil) -- (strings alone: the plain order, no Lua call per comparison)
   end
   return ks, n
 end
@@ -654,12 +657,28 @@ local function entry_of(rec, x)
   for _, k in ipairs(KEPT) do
     h[k] = rec.headers[k]
   end
+  -- As it was sent: the usage is rewritten, and a stream cut into its
+  -- events, at the first hit (ready), so that an entry never hit costs its
+  -- miss nothing more.
   if rec.parts then -- a stream
-    local frames = frames_of(concat(rec.parts, "", 1, rec.np))
-    return { headers = h, frames = frames, size = rec.bytes + 256 }
+    return { headers = h, bytes = concat(rec.parts, "", 1, rec.np), size = rec.bytes + 256, ready = false }
   end
-  local body = cached_body(rec.body or "")
-  return { headers = h, body = body, size = #body + 256 }
+  local body = rec.body or ""
+  return { headers = h, body = body, size = #body + 256, ready = false }
+end
+
+-- Makes an entry ready to replay: its usage reported as cached, a
+-- stream's events apart.
+local function ready(e)
+  if not e.ready then
+    if e.bytes then
+      e.frames, e.bytes = frames_of(e.bytes), nil
+    else
+      e.body = cached_body(e.body)
+    end
+    e.ready = true
+  end
+  return e
 end
 
 ------------------------------------------------------------------------------
@@ -684,11 +703,9 @@ local function encode_entry(key, e, expires_at)
       parts[#parts + 1] = spack("<s2s4", k, tostring(v))
     end
   end
-  if e.frames then
-    parts[#parts + 1] = spack("<BI4", 1, #e.frames)
-    for _, f in ipairs(e.frames) do
-      parts[#parts + 1] = spack("<s4", f)
-    end
+  -- As it was sent (entries are stored before any hit made them ready).
+  if e.bytes then
+    parts[#parts + 1] = spack("<Bs4", 2, e.bytes)
   else
     parts[#parts + 1] = spack("<Bs4", 0, e.body)
   end
@@ -715,17 +732,11 @@ local function decode_entry(key, v)
     end
     local kind
     kind, pos = sunpack("<B", v, pos)
-    if kind == 1 then
-      local n
-      n, pos = sunpack("<I4", v, pos)
-      local frames = {}
-      for i = 1, n do
-        frames[i], pos = sunpack("<s4", v, pos)
-      end
-      return { headers = h, frames = frames, size = #v }, exp
+    local bytes = sunpack("<s4", v, pos)
+    if kind == 2 then
+      return { headers = h, bytes = bytes, size = #v, ready = false }, exp
     end
-    local body = sunpack("<s4", v, pos)
-    return { headers = h, body = body, size = #v }, exp
+    return { headers = h, body = bytes, size = #v, ready = false }, exp
   end)
   if not ok then
     return nil
@@ -915,6 +926,7 @@ end
 
 -- Writes an entry to the client: the body, or the stream event by event.
 local function replay(x, e)
+  ready(e)
   local h = { ["x-request-id"] = x.id, ["x-aiorch-cache"] = "hit" }
   for k, v in pairs(e.headers) do
     h[k] = v
@@ -960,11 +972,22 @@ local function park()
 end
 
 function wake(f)
-  if f.waiters > 0 and not f.done then
-    local old = f.signal
-    f.signal = spawn(park)
-    old:cancel()
+  local s = f.signal
+  if s then
+    f.signal = nil -- (the next waiter makes the next one)
+    s:cancel()
   end
+end
+
+-- The signal to wait on: made by the first follower to wait (none is made
+-- while nobody waits), again if the follower that made it went away.
+local function signal_of(f)
+  local s = f.signal
+  if not s or s:status() == "cancelled" or s:status() == "done" then
+    s = spawn(park)
+    f.signal = s
+  end
+  return s
 end
 
 local flight_guard = {
@@ -973,7 +996,7 @@ local flight_guard = {
       f.c.flights[f.key] = nil
     end
     f.done = true
-    f.signal:cancel()
+    wake(f)
   end,
 }
 
@@ -1016,7 +1039,7 @@ local function follow(c, x, f)
     if f.done then
       break -- (what it sent is written: nothing yields since)
     end
-    f.signal:await()
+    signal_of(f):await()
   end
   if n > 0 then
     if rec.complete then
@@ -1133,7 +1156,7 @@ function _M.serve(c, x, api, request, info, rt, answer)
   end
   local f
   if not c.flights[key] then
-    f = setmetatable({ c = c, key = key, waiters = 0, entry = nil, rec = rec, done = false, signal = spawn(park) },
+    f = setmetatable({ c = c, key = key, waiters = 0, entry = nil, rec = rec, done = false, signal = nil },
       flight_guard)
     c.flights[key] = f
     rec.flight = f
@@ -1145,7 +1168,7 @@ function _M.serve(c, x, api, request, info, rt, answer)
     if f then
       f.entry = e
       f.done = true
-      f.signal:cancel() -- the followers answer at once
+      wake(f) -- the followers answer at once
     end
     c:store(x, key, e, ttl_ms)
   end
