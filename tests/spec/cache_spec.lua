@@ -238,7 +238,16 @@ describe("response cache", function()
     assert.equal(200, st)
     assert.equal("miss", h["x-aiorch-cache"])
     assert.equal("anthropic", h["x-aiorch-provider"])
-    assert.equal(7, upstream_calls())
+    -- seeds that differ past the 15th digit are other requests
+    local function seeded(seed)
+      local _, sh = chat(base, '{"model":"gpt-4o-mini","max_tokens":64,"seed":' .. seed
+        .. ',"messages":[{"role":"user","content":"Seeded"}]}', { authorization = auth_a.authorization })
+      return sh["x-aiorch-cache"]
+    end
+    assert.equal("miss", seeded("12345678901234567"))
+    assert.equal("miss", seeded("12345678901234568"))
+    assert.equal("hit", seeded("12345678901234567"))
+    assert.equal(9, upstream_calls())
   end)
 
   it("per client key: namespace = \"client\" keeps the clients' entries apart, and a key can turn it off",

@@ -231,8 +231,80 @@ end
 -- the fields a provider may drop, Anthropic's version and betas.
 local KEYED_HEADERS = { "x-aiorch-allow-drop", "anthropic-version", "anthropic-beta" }
 
--- The key of a request (see the top of the file).
-local function key_of(c, x, api, request, info, rt)
+-- The keys of a request (see the top of the file): the head (what routes
+-- and shapes it) with the request written two ways.
+--   memory    cjson's text of the request: fast, and the same for the same
+--             request in one process (its tables are built in the same
+--             order); a request that cjson cannot write, or writes
+--             otherwise (keys in another order), is keyed by the portable
+--             text or misses, never hits wrongly. cjson writes numbers
+--             with 14 digits: the seed, the one field with more, follows
+--             in full.
+--   portable  the request written field by field, keys sorted: the same
+--             in every process, for the Redis tier; made when needed.
+-- The canonical request's fields, in a fixed order (docs/canonical.md).
+local KEYED_FIELDS = { "context", "extra", "frequency_penalty", "logprobs", "max_tokens", "messages", "n",
+  "parallel_tool_calls", "presence_penalty", "reasoning", "response_format", "seed", "stop", "stream_options",
+  "system_prompt", "temperature", "tool_choice", "tools", "top_k", "top_logprobs", "top_p", "user_question" }
+local KNOWN = {}
+for _, f in ipairs(KEYED_FIELDS) do
+  KNOWN[f] = true
+end
+
+-- cjson's text of the request's keyed fields, or nil (a field it does not
+-- know, a value cjson cannot write).
+local function fast_text(request)
+  for k in pairs(request) do
+    if not (KNOWN[k] or NOT_KEYED[k]) then
+      return nil
+    end
+  end
+  local buf, n = {}, 0
+  for _, f in ipairs(KEYED_FIELDS) do
+    local v = request[f]
+    if v ~= nil then
+      local text = cjson.encode(v)
+      if not text then
+        return nil
+      end
+      buf[n + 1], buf[n + 2], buf[n + 3] = f, "=", text
+      buf[n + 4] = "\0"
+      n = n + 4
+    end
+  end
+  return concat(buf, "", 1, n)
+end
+
+local function keys_of_request(c, x, api, request, info, rt)
+  local head = _M.key_head(c, x, api, info, rt)
+  local text = fast_text(request)
+  local seed = request.seed
+  return { head = head, request = request, portable = nil,
+    memory = text and head .. "\0j" .. text .. (seed ~= nil and "\0s" .. tostring(seed) or "") or nil }
+end
+
+local function portable(k)
+  local p = k.portable
+  if not p then
+    local buf = { k.head, "\0" }
+    local n = write_table(buf, 2, k.request, NOT_KEYED)
+    p = concat(buf, "", 1, n)
+    k.portable = p
+  end
+  return p
+end
+
+local function memory_key(k)
+  return k.memory or portable(k)
+end
+
+-- The portable key of a request, as the Redis tier has it.
+function _M.key_of(c, x, api, request, info, rt)
+  return portable(keys_of_request(c, x, api, request, info, rt))
+end
+
+-- What routes and shapes a request's answer, before the request itself.
+function _M.key_head(c, x, api, info, rt)
   local hd = x.req.headers
   local buf = { x.route, info.stream and "S" or "P", tostring(info.model), "\0", rt.strategy or "", "\0",
     hd[KEYED_HEADERS[1]] or "", "\0", hd[KEYED_HEADERS[2]] or "", "\0", hd[KEYED_HEADERS[3]] or "", "\0" }
@@ -249,12 +321,8 @@ local function key_of(c, x, api, request, info, rt)
     n = n + 1
     buf[n] = "\0c:" .. tostring(x.client and x.client.name or "")
   end
-  n = n + 1
-  buf[n] = "\0"
-  n = write_table(buf, n, request, NOT_KEYED)
   return concat(buf, "", 1, n)
 end
-_M.key_of = key_of
 
 -- The key of a request's bytes: its body, its path (a Gemini model is in
 -- it), its client and every header the answer depends on, the routing
@@ -499,13 +567,40 @@ local function edit_answer(s, i, edits)
   end
 end
 
+-- The edits of an API's answer (or one event of its stream): each usage
+-- object found by its name. A key in the text with its quotes bare is a
+-- key (inside a string they would be escaped), and a usage object holds
+-- numbers and objects, no string with a brace: %b{} finds its end.
+local function edit_api(s, edits)
+  local from = 1
+  while true do
+    local _, b, name = find(s, '"(usage%a*)":%s*{', from)
+    if not b then
+      return
+    end
+    local _, e = find(s, "^%b{}", b)
+    if not e then
+      return
+    end
+    if name == "usageMetadata" then
+      edit_usage(s, b, e, "gemini", edits)
+    elseif name == "usage" then
+      local p = find(s, '"prompt_tokens"', b, true)
+      edit_usage(s, b, e, p and p < e and "openai" or "anthropic", edits)
+    end
+    from = e + 1
+  end
+end
+
 -- A JSON body (an answer, or a list of them) with its usage reported as
 -- cached (as it was when it does not scan).
 local function cached_body(body)
   local i = blank_end(body, 1)
   local first = i and byte(body, i)
   local edits = {}
-  if first == 123 then
+  if not find(body, '"ia_provider_name"', 1, true) then
+    edit_api(body, edits)
+  elseif first == 123 then
     edit_answer(body, i, edits)
   elseif first == 91 then
     each(body, i, function(_, from)
@@ -863,9 +958,10 @@ local function redis_tier(c)
   return c.cfg.redis and state.redis() or nil
 end
 
--- The entry under key: memory first, then Redis (kept in memory then).
-function Cache:lookup(key)
+-- The entry under the keys k: memory first, then Redis (kept in memory then).
+function Cache:lookup(k)
   local mem = self.memory
+  local key = memory_key(k)
   if mem then
     local e, expires = mem:get(key)
     if e then
@@ -877,14 +973,15 @@ function Cache:lookup(key)
   if not tier then
     return nil
   end
-  local v, kind = tier:cache_get(hash(key))
+  local pk = portable(k)
+  local v, kind = tier:cache_get(hash(pk))
   if v == nil then
     if kind then
       count(self, "redis_error")
     end
     return nil
   end
-  local e, expires_at = decode_entry(key, v)
+  local e, expires_at = decode_entry(pk, v)
   if not e then
     return nil
   end
@@ -906,7 +1003,8 @@ function Cache:alias(x, key, ttl_ms)
   end
 end
 
-function Cache:store(x, key, e, ttl_ms)
+function Cache:store(x, k, e, ttl_ms)
+  local key = memory_key(k)
   count(self, "stored")
   if self.memory then
     self.memory:set(key, e, e.size, ttl_ms)
@@ -914,7 +1012,8 @@ function Cache:store(x, key, e, ttl_ms)
   self:alias(x, key, ttl_ms)
   local tier = redis_tier(self)
   if tier then
-    local ok = tier:cache_set(hash(key), encode_entry(key, e, wall_ms() + ttl_ms), ttl_ms)
+    local pk = portable(k)
+    local ok = tier:cache_set(hash(pk), encode_entry(pk, e, wall_ms() + ttl_ms), ttl_ms)
     if not ok then
       count(self, "redis_error")
     end
@@ -1124,9 +1223,10 @@ function _M.serve(c, x, api, request, info, rt, answer)
   if no_cache and no_store then
     return bypass(c, x, answer, api, request, info, rt)
   end
-  local key = key_of(c, x, api, request, info, rt)
+  local keys = keys_of_request(c, x, api, request, info, rt)
+  local key = memory_key(keys)
   if not no_cache then
-    local e, left = c:lookup(key)
+    local e, left = c:lookup(keys)
     if e then
       count(c, "hit")
       c:alias(x, key, left)
@@ -1138,7 +1238,7 @@ function _M.serve(c, x, api, request, info, rt, answer)
       if follow(c, x, f) then
         return
       end
-      e = c:lookup(key) -- (stored by another meanwhile)
+      e = c:lookup(keys) -- (stored by another meanwhile)
       if e then
         count(c, "hit")
         return replay(x, e)
@@ -1170,7 +1270,7 @@ function _M.serve(c, x, api, request, info, rt, answer)
       f.done = true
       wake(f) -- the followers answer at once
     end
-    c:store(x, key, e, ttl_ms)
+    c:store(x, keys, e, ttl_ms)
   end
 end
 
