@@ -1,23 +1,27 @@
 -- The gateway's response cache: an answer the gateway gave is given again,
 -- without calling a provider, to an identical request.
 --
--- The key is exact: the canonical request (aiorch.canonical) written out
--- field by field with sorted keys, without what does not change the
--- answer (the client's key, `user`, `metadata`, the policy, headers such as
--- tracing ones), after the client API, whether it streams, the model, the
--- strategy and providers it was routed to, and (namespace = "client") the
--- client's name. Entries are per client API: what one stored is served to
--- the same API only (its bytes are that API's).
+-- The key is exact: the canonical request (aiorch.canonical) without what
+-- does not change the answer (the client's key, `user`, `metadata`, the
+-- policy, headers such as tracing ones), after the route (the client
+-- API), whether it streams, the model, the strategy and providers it was
+-- routed to, the headers that change what is sent (X-Aiorch-Allow-Drop,
+-- Anthropic's version and betas) and (namespace = "client") the client's
+-- name. Entries are per client API: what one stored is served to the same
+-- API only (its bytes are that API's). In memory the request is written
+-- by cjson (keys_of_request); for Redis, field by field with sorted keys,
+-- the same in every process. Before any of that, a request's exact bytes
+-- may name its key (bytes_key): a repeated request is answered before its
+-- body is decoded.
 --
 -- An entry is what the client got: the status 200 answer's headers that
--- say who answered, and its body, or, for a stream, its server-sent
--- events one by one, as they were written. A hit writes them again, each
--- event on its own, so that a stream is replayed with its chunking, its
--- tool-call deltas and its thinking. The usage in an entry is rewritten
--- once, when it is stored, to report the input as cached (and the native
--- answer's metadata.cached = true, cost_usd = 0). Only a complete answer
--- is stored: not an error, a stream that broke, one whose client went away
--- or one that ran out of time.
+-- say who answered, and its body, or, for a stream, its bytes. A hit
+-- writes them again, a stream's events one by one, so that it is replayed
+-- with its chunking, its tool-call deltas and its thinking. At its first
+-- hit the entry's usage is rewritten to report the input as cached (and
+-- the native answer's metadata.cached = true, cost_usd = 0). Only a
+-- complete answer is stored: not an error, a stream that broke, one whose
+-- client went away or one that ran out of time.
 --
 -- Tiers: memory (aiorch.cache, an LRU bounded by bytes, per process), then
 -- the shared Redis tier (aiorch.state.redis's cache_get/cache_set) when
@@ -26,8 +30,9 @@
 -- slow (cache_timeout_ms) is a miss, never an error.
 --
 -- Single-flight: while a request is being answered for a key, identical
--- requests wait for it (at most max_waiters each) and are then answered
--- from what it stored; when it stored nothing they go on by themselves.
+-- requests wait for it (at most max_waiters) and get what it sends, a
+-- stream's events as they come; when it ends with nothing for them (an
+-- error) they go on by themselves.
 local aiorch = require "aiorch"
 local store = require "aiorch.cache"
 local state = require "aiorch.state"
