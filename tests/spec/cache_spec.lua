@@ -487,7 +487,7 @@ describe("response cache", function()
   end)
 
   it("single-flight streams: the waiting requests get the first stream's events as they come", function()
-    local base = start_gw({ cache = true }, { chunks = 5, chunk_delay_ms = 150 })
+    local base = start_gw({ cache = true }, { chunks = 5, chunk_delay_ms = 200 })
     local body = question("Stream slowly", { stream = true })
     local N = 4
     local t0 = aiorch.now()
@@ -520,7 +520,7 @@ describe("response cache", function()
       if v ~= leader then
         assert.equal("hit", v[2])
         same_events(leader[5], v[5])
-        -- the first content came long before the leader's stream ended (5 pieces 150 ms apart)
+        -- the first content came long before the leader's stream ended (5 pieces 200 ms apart)
         assert.is_true(v[3] < leader[4] - 300, fmt("first event at %.0f ms, the leader ended at %.0f ms", v[3],
           leader[4]))
       end
