@@ -280,8 +280,6 @@ local function keys_of_request(c, x, api, request, info, rt)
     memory = text and head .. "\0j" .. text .. (seed ~= nil and "\0s" .. tostring(seed) or "") or nil }
 end
 
-_M.keys_of_request = keys_of_request
-
 local function portable(k)
   local p = k.portable
   if not p then
