@@ -33,6 +33,9 @@ for p in (args[3] or "latency,streams,fastest"):gmatch("[^,%s]+") do PARTS[p] = 
 local BUILD = os.getenv("AIORCH_BUILD") or "build"
 local EXE = BUILD .. "/aiorch"
 local HOST = "127.0.0.1"
+local ROOT = debug.getinfo(1, "S").source:match("^@(.*)/bench/[^/]+$") or "."
+package.path = ROOT .. "/?.lua;" .. package.path
+local bench = require "bench.support"
 
 local PACE_MS = 20 -- the paced 64-connection runs: at most 3,200 req/s offered
 local TARGETS = {
@@ -43,132 +46,18 @@ local TARGETS = {
 ------------------------------------------------------------------------------
 -- Processes
 
-local function sh_quote(s)
-  return "'" .. tostring(s):gsub("'", "'\\''") .. "'"
-end
-
-local function capture(cmd)
-  local p = io.popen(cmd, "r")
-  local out = p:read("a")
-  p:close()
-  return out
-end
-
-local function have(cmd)
-  return os.execute("command -v " .. cmd .. " >/dev/null 2>&1")
-end
-
-local function own_pid()
-  local f = assert(io.open("/proc/self/stat"))
-  local pid = f:read("n")
-  f:close()
-  return pid
-end
+local sh_quote, capture, have, pin, tree = bench.sh_quote, bench.capture, bench.have, bench.pin, bench.tree
+local start, stop, stop_all, cpu_seconds, status_kib = bench.start, bench.stop, bench.stop_all, bench.cpu_seconds,
+  bench.status_kib
+local free_port, PIN, ANY_CPU = bench.free_port, bench.PIN, bench.ANY_CPU
 
 -- aiorch (the gateway) on CPU 0; the mock, wrk and this process on CPU 1.
--- Counted before this process pins itself: nproc honours the affinity.
-local NCPU = tonumber(capture("nproc")) or 1
-local PIN = have("taskset") and NCPU >= 2
-if PIN then os.execute("taskset -cp 1 " .. own_pid() .. " >/dev/null") end
-local function pin(cpu) return PIN and fmt("taskset -c %d ", cpu) or "" end
--- Children inherit this process's CPU; "unpinned" ones get every CPU back.
-local ANY_CPU = PIN and fmt("taskset -c 0-%d ", NCPU - 1) or ""
+bench.pin_self(1)
 
-local TMP = capture("mktemp -d /tmp/aiorch-gateway-bench.XXXXXX"):match("%S+")
-local started = {} -- pid -> pipe
-
--- Starts cmd (exec'ed by sh, so the pid is the program's); returns pid, pipe.
--- With `log`, its output goes to that file instead of the pipe.
-local function start(cmd, env, log)
-  local parts = { "echo $$; exec env" }
-  for k, v in pairs(env or {}) do parts[#parts + 1] = k .. "=" .. sh_quote(v) end
-  parts[#parts + 1] = cmd
-  if log then parts[#parts + 1] = ">" .. sh_quote(log) .. " 2>&1" end
-  local p = assert(io.popen(concat(parts, " "), "r"))
-  local pid = math.tointeger(tonumber(p:read("l") or ""))
-  assert(pid, "could not start: " .. cmd)
-  started[pid] = p
-  return pid, p
-end
-
-local function alive(pid)
-  local f = io.open(fmt("/proc/%d/stat", pid))
-  if not f then return false end
-  local s = f:read("a")
-  f:close()
-  return s:match("%) (%a)") ~= "Z"
-end
-
-local tree -- below
-
--- SIGTERM (the gateway drains), then SIGKILL after 5 s to it and whatever
--- of its workers is left; by pid.
-local function stop(pid)
-  local p = started[pid]
-  if not p then return end
-  started[pid] = nil
-  local pids = tree(pid)
-  os.execute(fmt("kill -TERM %d 2>/dev/null", pid))
-  local t0 = aiorch.now()
-  while alive(pid) and aiorch.now() - t0 < 5000 do aiorch.sleep(20) end
-  for _, q in ipairs(pids) do
-    if alive(q) then os.execute(fmt("kill -KILL %d 2>/dev/null", q)) end
-  end
-  p:close()
-end
-
-local function stop_all()
-  for pid in pairs(started) do stop(pid) end
-end
+local TMP = bench.workdir("gateway-bench")
 
 local function start_mock(extra, unpinned)
-  local pid, p = start((unpinned and ANY_CPU or pin(1)) .. EXE .. " run tests/mock_server.lua " .. (extra or ""))
-  local line = p:read("l") or ""
-  local port = line:match("^PORT (%d+)")
-  assert(port, "the mock did not start: " .. line)
-  return tonumber(port), pid
-end
-
--- The process and its descendants (a master and its workers).
-function tree(pid)
-  local out = { pid }
-  local i = 1
-  while out[i] do
-    local f = io.open(fmt("/proc/%d/task/%d/children", out[i], out[i]))
-    if f then
-      for c in f:read("a"):gmatch("%d+") do out[#out + 1] = tonumber(c) end
-      f:close()
-    end
-    i = i + 1
-  end
-  return out
-end
-
-local CLK_TCK = tonumber(capture("getconf CLK_TCK")) or 100
-
--- utime + stime of the processes, in seconds.
-local function cpu_seconds(pids)
-  local total = 0
-  for _, pid in ipairs(pids) do
-    local f = io.open(fmt("/proc/%d/stat", pid))
-    if f then
-      local s = f:read("a")
-      f:close()
-      local fields = {}
-      for v in s:match("%) (.*)"):gmatch("%S+") do fields[#fields + 1] = v end
-      total = total + (tonumber(fields[12]) + tonumber(fields[13])) / CLK_TCK
-    end
-  end
-  return total
-end
-
--- A field of /proc/PID/status in KiB (VmRSS, VmHWM).
-local function status_kib(pid, field)
-  local f = io.open(fmt("/proc/%d/status", pid))
-  if not f then return 0 end
-  local s = f:read("a")
-  f:close()
-  return tonumber(s:match(field .. ":%s*(%d+)")) or 0
+  return bench.start_mock(EXE, unpinned and ANY_CPU or pin(1), extra)
 end
 
 -- Of /proc/PID/smaps_rollup: the RSS split into what the process alone
@@ -202,28 +91,10 @@ local function env_for(port, openai_directives, anthropic_directives)
   }
 end
 
-local function free_port()
-  local srv = aiorch.server.listen { host = HOST, port = 0, handler = function() end }
-  local port = srv.port
-  srv:close()
-  return port
-end
-
 -- Waits until url/healthz answers 200; raises with the tail of the log
 -- if the process (what, for the message) dies or 15 s pass.
 local function wait_healthy(what, pid, url, log)
-  local t0 = aiorch.now()
-  while true do
-    local status = aiorch.http.request { url = url .. "/healthz", timeout_ms = 1000 }
-    if status == 200 then return end
-    if not alive(pid) or aiorch.now() - t0 > 15000 then
-      local f = io.open(log)
-      local text = f and f:read("a") or ""
-      if f then f:close() end
-      error(fmt("%s did not become healthy: %s", what, text:sub(-2000)))
-    end
-    aiorch.sleep(20)
-  end
+  bench.wait_up(what, pid, url .. "/healthz", log, 200)
 end
 
 -- Starts `aiorch serve` and waits for /healthz; returns {pid, url, port, log}.
@@ -236,9 +107,7 @@ local function start_gateway(name, env, opts)
   if HAS_WORKERS and not opts.unpinned then cmd[#cmd + 1] = "--workers " .. (opts.workers or 1) end
   if opts.config then
     local path = fmt("%s/%s.config.lua", TMP, name)
-    local f = assert(io.open(path, "w"))
-    f:write(opts.config)
-    f:close()
+    bench.write(path, opts.config)
     cmd[#cmd + 1] = "--config " .. sh_quote(path)
   end
   local pid = start(concat(cmd, " "), env, log)
@@ -251,51 +120,13 @@ end
 ------------------------------------------------------------------------------
 -- wrk
 
-local BODY = '{"model":"gpt-4o-mini","max_tokens":16,'
-  .. '"messages":[{"role":"user","content":"How fast is this?"}]}'
-
-local WRK_SCRIPT = [[
-wrk.method = "POST"
-wrk.body = os.getenv("BENCH_BODY")
-wrk.headers["Content-Type"] = "application/json"
-wrk.headers["Authorization"] = "Bearer sk-bench"
-local strategy, providers = os.getenv("BENCH_STRATEGY"), os.getenv("BENCH_PROVIDERS")
-if strategy and strategy ~= "" then wrk.headers["X-Aiorch-Strategy"] = strategy end
-if providers and providers ~= "" then wrk.headers["X-Aiorch-Providers"] = providers end
-local pause = tonumber(os.getenv("BENCH_DELAY_MS") or "")
--- Each connection waits about this long between requests, at random so
--- that the connections do not fire together.
-if pause then function delay() return math.random(0, 2 * pause) end end
-function done(summary, latency, requests)
-  local e = summary.errors
-  io.write(string.format(
-    "WRK requests=%d duration_us=%d status_errors=%d socket_errors=%d p50=%d p90=%d p99=%d max=%d\n",
-    summary.requests, summary.duration, e.status, e.connect + e.read + e.write + e.timeout,
-    latency:percentile(50), latency:percentile(90), latency:percentile(99), latency.max))
-end
-]]
-local WRK_LUA = TMP .. "/post.lua"
-do
-  local f = assert(io.open(WRK_LUA, "w"))
-  f:write(WRK_SCRIPT)
-  f:close()
-end
+local BODY = bench.BODY
 
 -- Runs wrk against url; returns {requests, rps, p50, p90, p99 (µs), errors}.
 -- delay_ms: each connection pauses that long between requests (a paced load).
 local function wrk(url, conns, seconds, strategy, providers, unpinned, delay_ms)
-  local cmd = fmt("BENCH_BODY=%s BENCH_STRATEGY=%s BENCH_PROVIDERS=%s BENCH_DELAY_MS=%s %swrk -t1 -c%d -d%ds "
-    .. "--timeout 10s -s %s %s", sh_quote(BODY), sh_quote(strategy or ""), sh_quote(providers or ""),
-    delay_ms or "", unpinned and ANY_CPU or pin(1), conns, seconds, sh_quote(WRK_LUA),
-    sh_quote(url .. "/v1/chat/completions"))
-  local out = capture(cmd .. " 2>&1")
-  local r = {}
-  local line = out:match("WRK ([^\n]*)")
-  assert(line, "wrk failed: " .. out)
-  for k, v in line:gmatch("([%w_]+)=(%d+)") do r[k] = tonumber(v) end
-  r.rps = r.requests / (r.duration_us / 1e6)
-  r.errors = r.status_errors + r.socket_errors
-  return r
+  return bench.wrk(TMP, url, conns, seconds, { strategy = strategy, providers = providers,
+    cpu = unpinned and ANY_CPU or nil, delay_ms = delay_ms })
 end
 
 -- One request through the gateway: true when it answers 200 from `want`;

@@ -19,10 +19,11 @@
 -- PARTS below: a name, what it does, and a function that prints figures.
 local aiorch = require "aiorch"
 
-local process = aiorch.process
 local fmt = string.format
 
 local ROOT = debug.getinfo(1, "S").source:match("^@(.*)/bench/[^/]+$") or "."
+package.path = ROOT .. "/?.lua;" .. package.path
+local support = require "tests.support"
 local BUILD = os.getenv("AIORCH_BUILD") or (ROOT .. "/build")
 local EXE = BUILD .. "/aiorch"
 local CLIENT = ROOT .. "/tests/hostile_client.py"
@@ -32,55 +33,7 @@ local KEY = "hostile-bench-client-key"
 ------------------------------------------------------------------------------
 -- Processes and /proc
 
-local function slurp(path)
-  local f = io.open(path, "rb")
-  if not f then
-    return nil
-  end
-  local s = f:read("a")
-  f:close()
-  return s
-end
-
-local function tmpname()
-  local p = os.tmpname()
-  os.remove(p)
-  return p
-end
-
-local function sh_quote(s)
-  return "'" .. tostring(s):gsub("'", "'\\''") .. "'"
-end
-
-local running = {}
-
--- Starts argv (under `ulimit -n nofile` when given); returns its pid.
-local function start(argv, opts, nofile)
-  if nofile then
-    local words = {}
-    for i, a in ipairs(argv) do
-      words[i] = sh_quote(a)
-    end
-    argv = { "sh", "-c", fmt("ulimit -n %d && exec %s", nofile, table.concat(words, " ")) }
-  end
-  local pid = assert(process.spawn(argv, opts))
-  running[pid] = true
-  return pid
-end
-
-local function stop(pid)
-  if running[pid] then
-    running[pid] = nil
-    if process.kill(pid, "SIGKILL") then
-      process.wait(pid, 5000)
-    end
-  end
-end
-
-local function status_kib(pid, field)
-  local s = slurp("/proc/" .. pid .. "/status") or ""
-  return tonumber(s:match(field .. ":%s*(%d+)")) or 0
-end
+local slurp, stop, status_kib = support.read, support.stop, support.status_kib
 
 -- utime + stime of a process, in seconds.
 local function cpu_s(pid)
@@ -93,32 +46,13 @@ local function cpu_s(pid)
   return ((tonumber(f[12]) or 0) + (tonumber(f[13]) or 0)) / 100 -- fields 14, 15; USER_HZ
 end
 
-local function free_port()
-  local s = assert(aiorch.server.listen { host = "127.0.0.1", port = 0, handler = function() end })
-  local port = s.port
-  s:close()
-  return port
-end
-
 local ENV = { OPENAI_API_KEY = false, ANTHROPIC_API_KEY = false, AIORCH_PATH = false, AIORCH_LOG = false,
   HOSTILE_KEY = KEY }
 
 -- `aiorch serve --workers 0` with the configuration text cfg; returns its
 -- pid, port and stderr file once it listens.
 local function serve(cfg, nofile)
-  local port = free_port()
-  local errfile, cfgfile = tmpname(), tmpname() .. ".lua"
-  local f = assert(io.open(cfgfile, "w"))
-  f:write(cfg)
-  f:close()
-  local pid = start({ EXE, "serve", "--workers", "0", "--listen", "127.0.0.1:" .. port, "--config", cfgfile },
-    { stderr = errfile, env = ENV }, nofile)
-  local t0 = aiorch.now()
-  while not (slurp(errfile) or ""):find("listening on", 1, true) do
-    assert(aiorch.now() - t0 < 5000, "the gateway did not start: " .. tostring(slurp(errfile)))
-    aiorch.sleep(20)
-  end
-  os.remove(cfgfile)
+  local pid, port, errfile = support.start_serve(cfg, ENV, { exe = EXE, nofile = nofile })
   aiorch.sleep(200) -- settled: the RSS before
   return pid, port, errfile
 end
@@ -126,23 +60,9 @@ end
 -- Starts the python client; returns a function that waits for it and
 -- returns its output lines.
 local function client(args)
-  local out = tmpname()
   local argv = { "python3", CLIENT }
-  for _, a in ipairs(args) do
-    argv[#argv + 1] = tostring(a)
-  end
-  local pid = start(argv, { stdout = out })
-  return function()
-    local code = process.wait(pid, 120000)
-    running[pid] = nil
-    assert(code == 0, "the client failed")
-    local lines = {}
-    for line in (slurp(out) or ""):gmatch("[^\n]+") do
-      lines[#lines + 1] = line
-    end
-    os.remove(out)
-    return lines
-  end
+  table.move(args, 1, #args, 3, argv)
+  return support.start_lines(argv, 120000)
 end
 
 local function count(lines)
@@ -248,21 +168,28 @@ PARTS[#PARTS + 1] = {
   end,
 }
 
+-- The bodies clients (N, SIZE, SLICE, EVERY, HEADERS: tests/hostile_client.py)
+-- against a gateway with a client key and max_body: what they were
+-- answered (label), how long it took and the RSS they added.
+local function bodies(max_body, args, label)
+  local pid, port, errfile = serve(fmt([[return { max_body = %d, client_keys_env = { "HOSTILE_KEY" } }]], max_body))
+  local rss0 = status_kib(pid, "VmRSS")
+  local t0 = aiorch.now()
+  local lines = client({ "bodies", port, table.unpack(args) })()
+  local took = aiorch.now() - t0
+  local hwm = status_kib(pid, "VmHWM")
+  stop(pid)
+  os.remove(errfile)
+  figure(label, count(lines))
+  figure("time to answer them all", fmt("%.0f", took), "ms")
+  figure("RSS added (peak - idle)", fmt("%.1f", (hwm - rss0) / 1024), "MiB")
+end
+
 PARTS[#PARTS + 1] = {
   name = "unauth",
   about = "100 unauthenticated 4 MiB bodies at once",
   run = function()
-    local pid, port, errfile = serve([[return { max_body = 8 * 1024 * 1024, client_keys_env = { "HOSTILE_KEY" } }]])
-    local rss0 = status_kib(pid, "VmRSS")
-    local t0 = aiorch.now()
-    local lines = client({ "bodies", port, 100, 4 * MiB, 256 * 1024, 0, "" })()
-    local took = aiorch.now() - t0
-    local hwm = status_kib(pid, "VmHWM")
-    stop(pid)
-    os.remove(errfile)
-    figure("answers", count(lines))
-    figure("time to answer them all", fmt("%.0f", took), "ms")
-    figure("RSS added (peak - idle)", fmt("%.1f", (hwm - rss0) / 1024), "MiB")
+    bodies(8 * MiB, { 100, 4 * MiB, 256 * 1024, 0, "" }, "answers")
   end,
 }
 
@@ -270,17 +197,8 @@ PARTS[#PARTS + 1] = {
   name = "slow",
   about = "1,500 authenticated 1 MiB bodies at once, 64 KiB each every 100 ms",
   run = function()
-    local pid, port, errfile = serve([[return { max_body = 2 * 1024 * 1024, client_keys_env = { "HOSTILE_KEY" } }]])
-    local rss0 = status_kib(pid, "VmRSS")
-    local t0 = aiorch.now()
-    local lines = client({ "bodies", port, 1500, MiB, 64 * 1024, 0.1, "Authorization: Bearer " .. KEY .. "\\r\\n" })()
-    local took = aiorch.now() - t0
-    local hwm = status_kib(pid, "VmHWM")
-    stop(pid)
-    os.remove(errfile)
-    figure("answers (400: read, malformed JSON)", count(lines))
-    figure("time to answer them all", fmt("%.0f", took), "ms")
-    figure("RSS added (peak - idle)", fmt("%.1f", (hwm - rss0) / 1024), "MiB")
+    bodies(2 * MiB, { 1500, MiB, 64 * 1024, 0.1, "Authorization: Bearer " .. KEY .. "\\r\\n" },
+      "answers (400: read, malformed JSON)")
   end,
 }
 
@@ -311,9 +229,7 @@ for _, part in ipairs(PARTS) do
     if not ok then
       print("  FAILED: " .. tostring(err))
     end
-    for pid in pairs(running) do
-      stop(pid)
-    end
+    support.stop_all()
   end
 end
 if not any then

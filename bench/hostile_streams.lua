@@ -10,16 +10,18 @@
 --                 twice, 1 s apart: the stream completes, the newest
 --                 generation serves, no worker of it is killed.
 -- Runs the mock providers inside this process and the gateway as a
--- subprocess; the clients that never read are a python3 script.
+-- subprocess; the clients that never read are tests/hostile_client.py.
 local aiorch = require "aiorch"
 local mock = require "aiorch.mock"
-local cjson = require "cjson.safe"
 
 local process = aiorch.process
 local fmt = string.format
 local concat = table.concat
 
 local args = table.pack(...)
+local ROOT = debug.getinfo(1, "S").source:match("^@(.*)/bench/[^/]+$") or "."
+package.path = ROOT .. "/?.lua;" .. package.path
+local support = require "tests.support"
 local BUILD = os.getenv("AIORCH_BUILD") or "build"
 local EXE = BUILD .. "/aiorch"
 local HOST = "127.0.0.1"
@@ -27,68 +29,9 @@ local HOST = "127.0.0.1"
 ------------------------------------------------------------------------------
 -- Helpers
 
-local started = {} -- pids to stop at the end
-
-local function start(argv, opts)
-  local pid = assert(process.spawn(argv, opts))
-  started[#started + 1] = pid
-  return pid
-end
-
-local function stop(pid)
-  if process.kill(pid, "SIGKILL") then
-    process.wait(pid, 5000)
-  end
-end
-
-local function stop_all()
-  for _, pid in ipairs(started) do
-    stop(pid)
-  end
-  started = {}
-end
-
-local function tmpname()
-  local p = os.tmpname()
-  os.remove(p)
-  return p
-end
-
-local function slurp(path)
-  local f = io.open(path, "rb")
-  if not f then
-    return nil
-  end
-  local s = f:read("a")
-  f:close()
-  return s
-end
-
-local function wait_for(cond, ms)
-  local deadline = aiorch.now() + ms
-  repeat
-    local v = cond()
-    if v then
-      return v
-    end
-    aiorch.sleep(10)
-  until aiorch.now() > deadline
-  return cond()
-end
-
--- A field of /proc/PID/status in KiB (VmRSS, VmHWM).
-local function status_kib(pid, field)
-  local s = slurp(fmt("/proc/%d/status", pid))
-  return s and tonumber(s:match(field .. ":%s*(%d+)")) or 0
-end
-
--- A free port (bound and released).
-local function free_port()
-  local s = assert(aiorch.server.listen { host = HOST, port = 0, handler = function() end })
-  local port = s.port
-  s:close()
-  return port
-end
+local slurp, tmpname, start, stop, status_kib = support.read, support.tmpname, support.start, support.stop,
+  support.status_kib
+local free_port, children, alive, wait_for = support.free_port, support.children, support.alive, support.wait_for
 
 local function get(url, timeout_ms)
   return aiorch.http.request { url = url, timeout_ms = timeout_ms or 1000 }
@@ -106,35 +49,14 @@ local function start_gateway(port, tail, env, log)
   return pid
 end
 
--- Clients that send a request each and never read: python3 PORT N BODYFILE OUT.
-local IDLE_CLIENTS = [[
-import socket, sys, time
-port, n, body, out = int(sys.argv[1]), int(sys.argv[2]), open(sys.argv[3], "rb").read(), sys.argv[4]
-req = (b"POST /v1/chat/completions HTTP/1.1\r\nhost: 127.0.0.1\r\ncontent-type: application/json\r\n"
-       b"x-aiorch-providers: openai\r\ncontent-length: %d\r\n\r\n" % len(body)) + body
-socks = []
-for i in range(n):
-    s = socket.create_connection(("127.0.0.1", port))
-    s.sendall(req)
-    socks.append(s)
-open(out, "w").write("SENT\n")
-time.sleep(3600)
-]]
-
--- Starts n clients that ask the gateway at port for a stream and never
--- read; returns the pid once every request is sent.
+-- Starts n clients (tests/hostile_client.py streams) that ask the gateway
+-- at port for a stream and never read; returns the pid once every request
+-- is sent.
 local function idle_clients(port, n)
-  local script, bodyfile, out = tmpname() .. ".py", tmpname(), tmpname()
-  local f = assert(io.open(script, "w"))
-  f:write(IDLE_CLIENTS)
-  f:close()
-  f = assert(io.open(bodyfile, "w"))
-  f:write('{"model":"gpt-4o-mini","stream":true,"messages":[{"role":"user","content":"Tell me everything"}]}')
-  f:close()
-  local pid = start { "python3", script, tostring(port), tostring(n), bodyfile, out }
+  local out = tmpname()
+  local pid = start({ "python3", ROOT .. "/tests/hostile_client.py", "streams", tostring(port), tostring(n),
+    "Tell me everything" }, { stdout = out })
   assert(wait_for(function() return (slurp(out) or ""):find("SENT") end, 30000), "the clients did not start")
-  os.remove(script)
-  os.remove(bodyfile)
   os.remove(out)
   return pid
 end
@@ -243,21 +165,6 @@ function parts.streams(n)
   return ok
 end
 
-local function children(pid)
-  local p = io.popen("pgrep -P " .. pid)
-  local list = {}
-  for line in p:lines() do
-    list[#list + 1] = tonumber(line)
-  end
-  p:close()
-  return list
-end
-
-local function alive(pid)
-  local s = slurp(fmt("/proc/%d/stat", pid))
-  return s ~= nil and s:match("%) (%a)") ~= "Z"
-end
-
 -- A 20 s stream through `aiorch serve --workers 2` (drain_timeout_ms 25 s,
 -- the master's kill grace 5 s) while the master gets SIGHUP twice, 1 s
 -- apart, and plain requests go on all along. Watched until 2 s past the
@@ -267,9 +174,7 @@ function parts.reload()
   local TEXT = string.rep("tock ", 40)
   local m = assert(mock.start { defaults = { chunks = 40, chunk_delay_ms = 500, text = TEXT } })
   local cfg, log = tmpname() .. ".lua", tmpname()
-  local f = assert(io.open(cfg, "w"))
-  f:write(fmt("return { drain_timeout_ms = %d, access_log = false }\n", DRAIN_MS))
-  f:close()
+  support.write(cfg, fmt("return { drain_timeout_ms = %d, access_log = false }\n", DRAIN_MS))
   local port = free_port()
   local master = start({ EXE, "serve", "--workers", "2", "--listen", fmt("%s:%d", HOST, port), "--config", cfg }, {
     env = { OPENAI_API_KEY = "sk-bench", OPENAI_BASE_URL = m:base_url("openai") }, stderr = log,
@@ -281,24 +186,10 @@ function parts.reload()
 
   local first, t_stream = false, aiorch.now()
   local stream = aiorch.spawn(function()
-    local deltas, done = {}, false
-    local status, kind, msg = aiorch.http.request {
-      method = "POST", url = url, headers = headers, timeout_ms = 60000,
-      body = '{"model":"gpt-4o-mini","stream":true,"messages":[{"role":"user","content":"count"}]}',
-      on_event = function(ev)
-        first = true
-        if ev.data == "[DONE]" then
-          done = true
-          return
-        end
-        local j = cjson.decode(ev.data)
-        local c = j and j.choices and j.choices[1]
-        if c and c.delta and type(c.delta.content) == "string" then
-          deltas[#deltas + 1] = c.delta.content
-        end
-      end,
-    }
-    return status, kind, msg, concat(deltas), done, aiorch.now() - t_stream
+    local status, kind, msg, text, done = support.stream_chat(url, headers,
+      '{"model":"gpt-4o-mini","stream":true,"messages":[{"role":"user","content":"count"}]}', 60000,
+      function() first = true end)
+    return status, kind, msg, text, done, aiorch.now() - t_stream
   end)
   local served, failures, first_failure, running = 0, 0, nil, true
   local load = aiorch.spawn(function()
@@ -381,6 +272,6 @@ for _, p in ipairs(chosen) do
     print(fmt("%s: failed: %s", p, tostring(res)))
   end
   all_ok = all_ok and ok and res
-  stop_all()
+  support.stop_all()
 end
 return all_ok and 0 or 1

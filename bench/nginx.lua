@@ -15,7 +15,6 @@
 local aiorch = require "aiorch"
 
 local fmt = string.format
-local concat = table.concat
 
 local SECONDS = math.tointeger(tonumber((...) or "")) or 5
 local ROUNDS = math.tointeger(tonumber((select(2, ...)) or "")) or 3
@@ -23,17 +22,13 @@ local BUILD = os.getenv("AIORCH_BUILD") or "build"
 local EXE = BUILD .. "/aiorch"
 local NGINX = os.getenv("AIORCH_NGINX") or "/usr/sbin/nginx"
 local HOST = "127.0.0.1"
+local ROOT = debug.getinfo(1, "S").source:match("^@(.*)/bench/[^/]+$") or "."
+package.path = ROOT .. "/?.lua;" .. package.path
+local bench = require "bench.support"
 
-local function sh_quote(s)
-  return "'" .. tostring(s):gsub("'", "'\\''") .. "'"
-end
-
-local function capture(cmd)
-  local p = io.popen(cmd, "r")
-  local out = p:read("a")
-  p:close()
-  return out
-end
+local sh_quote, capture, pin, start, stop_all = bench.sh_quote, bench.capture, bench.pin, bench.start,
+  bench.stop_all
+local free_port, write, PIN = bench.free_port, bench.write, bench.PIN
 
 local function cwd()
   return (capture("pwd"):gsub("%s+$", ""))
@@ -49,117 +44,17 @@ for _, need in ipairs { { "wrk", "command -v wrk" }, { NGINX, "test -x " .. NGIN
 end
 
 -- Servers on CPU 0; the mock, wrk and this process on CPU 1.
-local NCPU = tonumber(capture("nproc")) or 1
-local PIN = NCPU >= 2 and os.execute("command -v taskset >/dev/null 2>&1")
-local function pin(cpu) return PIN and fmt("taskset -c %d ", cpu) or "" end
-if PIN then os.execute(fmt("taskset -cp 1 %d >/dev/null", aiorch.process.pid())) end
+bench.pin_self(1)
 
-local TMP = capture("mktemp -d /tmp/aiorch-nginx-bench.XXXXXX"):match("%S+")
+local TMP = bench.workdir("nginx-bench")
 os.execute("chmod 755 " .. TMP) -- nginx's workers run as nobody: they read the configuration
-local started = {}
 
--- Starts cmd (exec'ed by sh: the pid is the program's); returns pid, pipe.
-local function start(cmd, env, log)
-  local parts = { "echo $$; exec env" }
-  for k, v in pairs(env or {}) do parts[#parts + 1] = k .. "=" .. sh_quote(v) end
-  parts[#parts + 1] = cmd
-  if log then parts[#parts + 1] = ">" .. sh_quote(log) .. " 2>&1" end
-  local p = assert(io.popen(concat(parts, " "), "r"))
-  local pid = math.tointeger(tonumber(p:read("l") or ""))
-  assert(pid, "could not start: " .. cmd)
-  started[pid] = p
-  return pid, p
-end
-
-local function alive(pid)
-  local f = io.open(fmt("/proc/%d/stat", pid))
-  if not f then return false end
-  local s = f:read("a")
-  f:close()
-  return s:match("%) (%a)") ~= "Z"
-end
-
--- The process and its descendants (a master and its workers).
-local function tree(pid)
-  local out = { pid }
-  local i = 1
-  while out[i] do
-    local f = io.open(fmt("/proc/%d/task/%d/children", out[i], out[i]))
-    if f then
-      for c in f:read("a"):gmatch("%d+") do out[#out + 1] = tonumber(c) end
-      f:close()
-    end
-    i = i + 1
-  end
-  return out
-end
-
-local function stop(pid, sig)
-  local p = started[pid]
-  if not p then return end
-  started[pid] = nil
-  local pids = tree(pid)
-  os.execute(fmt("kill -%s %d 2>/dev/null", sig or "TERM", pid))
-  local t0 = aiorch.now()
-  while alive(pid) and aiorch.now() - t0 < 5000 do aiorch.sleep(20) end
-  for _, q in ipairs(pids) do
-    if alive(q) then os.execute(fmt("kill -KILL %d 2>/dev/null", q)) end
-  end
-  p:close()
-end
-
-local CLK_TCK = tonumber(capture("getconf CLK_TCK")) or 100
-
--- utime + stime of the processes, in seconds.
-local function cpu_seconds(pids)
-  local total = 0
-  for _, pid in ipairs(pids) do
-    local f = io.open(fmt("/proc/%d/stat", pid))
-    if f then
-      local s = f:read("a")
-      f:close()
-      local fields = {}
-      for v in s:match("%) (.*)"):gmatch("%S+") do fields[#fields + 1] = v end
-      total = total + (tonumber(fields[12]) + tonumber(fields[13])) / CLK_TCK
-    end
-  end
-  return total
-end
-
-local function free_port()
-  local srv = aiorch.server.listen { host = HOST, port = 0, handler = function() end }
-  local port = srv.port
-  srv:close()
-  return port
-end
-
-local function write(path, text)
-  local f = assert(io.open(path, "w"))
-  f:write(text)
-  f:close()
-end
-
-local function wait_up(what, pid, url, log)
-  local t0 = aiorch.now()
-  while true do
-    local status = aiorch.http.request { url = url, timeout_ms = 1000 }
-    if status then return end
-    if not alive(pid) or aiorch.now() - t0 > 15000 then
-      local f = io.open(log)
-      local text = f and f:read("a") or ""
-      if f then f:close() end
-      error(fmt("%s did not start: %s", what, text:sub(-2000)))
-    end
-    aiorch.sleep(20)
-  end
-end
+local wait_up = bench.wait_up
 
 ------------------------------------------------------------------------------
 -- The servers
 
-local _, mock_pipe = start(pin(1) .. EXE .. " run tests/mock_server.lua")
-local mock_port = tonumber((mock_pipe:read("l") or ""):match("^PORT (%d+)"))
-assert(mock_port, "the mock did not start")
+local mock_port = bench.start_mock(EXE, pin(1))
 local MOCK = fmt("http://%s:%d", HOST, mock_port)
 
 -- The same gateway configuration for aiorch serve and the module: no
@@ -226,32 +121,10 @@ end
 ------------------------------------------------------------------------------
 -- wrk
 
-local BODY = '{"model":"gpt-4o-mini","max_tokens":16,"messages":[{"role":"user","content":"How fast is this?"}]}'
-local WRK_LUA = TMP .. "/post.lua"
-write(WRK_LUA, [[
-wrk.method = "POST"
-wrk.body = os.getenv("BENCH_BODY")
-wrk.headers["Content-Type"] = "application/json"
-wrk.headers["Authorization"] = "Bearer sk-bench"
-wrk.headers["X-Aiorch-Providers"] = "openai"
-function done(summary, latency, requests)
-  local e = summary.errors
-  io.write(string.format("WRK requests=%d duration_us=%d status_errors=%d socket_errors=%d p50=%d p99=%d\n",
-    summary.requests, summary.duration, e.status, e.connect + e.read + e.write + e.timeout,
-    latency:percentile(50), latency:percentile(99)))
-end
-]])
+local BODY = bench.BODY
 
 local function wrk(url, conns, seconds)
-  local out = capture(fmt("BENCH_BODY=%s %swrk -t1 -c%d -d%ds --timeout 10s -s %s %s 2>&1", sh_quote(BODY),
-    pin(1), conns, seconds, sh_quote(WRK_LUA), sh_quote(url .. "/v1/chat/completions")))
-  local line = out:match("WRK ([^\n]*)")
-  assert(line, "wrk failed: " .. out)
-  local r = {}
-  for k, v in line:gmatch("([%w_]+)=(%d+)") do r[k] = tonumber(v) end
-  r.rps = r.requests / (r.duration_us / 1e6)
-  r.errors = r.status_errors + r.socket_errors
-  return r
+  return bench.wrk(TMP, url, conns, seconds, { providers = "openai" })
 end
 
 -- One check that the route answers 200 (else the figures mean nothing).
@@ -263,16 +136,12 @@ end
 
 local function measure(s)
   local one = wrk(s.url, 1, SECONDS)
-  local pids = tree(s.pid)
-  local c0 = cpu_seconds(pids)
+  local pids = bench.tree(s.pid)
+  local c0 = bench.cpu_seconds(pids)
   local many = wrk(s.url, 64, SECONDS)
-  local cpu = cpu_seconds(pids) - c0
+  local cpu = bench.cpu_seconds(pids) - c0
   return { cpu_us = cpu / many.requests * 1e6, p50 = one.p50, p99 = one.p99, rps = many.rps,
            errors = one.errors + many.errors }
-end
-
-local function stop_all()
-  for pid in pairs(started) do stop(pid) end
 end
 
 local function median(list, key)

@@ -1,5 +1,5 @@
-# Hostile HTTP clients for tests/spec/hostile_spec.lua and bench/hostile.lua,
-# against 127.0.0.1:PORT. Each mode prints its results on stdout:
+# Hostile HTTP clients for tests/spec/hostile_spec.lua, tests/spec/serve_spec.lua,
+# bench/hostile.lua and bench/hostile_streams.lua, against 127.0.0.1:PORT. Each mode prints its results on stdout:
 #
 #   hold PORT N SECS
 #       A keep-alive client asks GET /healthz; then N connections open and
@@ -17,6 +17,10 @@
 #       BYTES (cycling) every EVERY seconds, until the server closes them or
 #       SECS pass. Prints, per connection, the seconds from its first byte to
 #       the close (-1: still open) and the status it got (0: none).
+#   streams PORT N CONTENT
+#       N connections each POST /v1/chat/completions (X-Aiorch-Providers:
+#       openai) for a stream of gpt-4o-mini's answer to CONTENT, and never
+#       read it. Prints "SENT" once every request is sent, then sleeps an hour.
 # STATUS 0 means no HTTP/1.1 answer.
 import select
 import socket
@@ -167,6 +171,21 @@ def trickle(port, n, every, secs, head, data):
         print("%.3f %s" % (c["end"], status_of(c["got"])))
 
 
+def streams(port, n, content):
+    body = ('{"model":"gpt-4o-mini","stream":true,"messages":[{"role":"user","content":"%s"}]}'
+            % content).encode()
+    req = (b"POST /v1/chat/completions HTTP/1.1\r\nhost: 127.0.0.1\r\ncontent-type: application/json\r\n"
+           b"x-aiorch-providers: openai\r\ncontent-length: %d\r\n\r\n" % len(body)) + body
+    socks = []
+    for _ in range(n):
+        s = socket.create_connection(("127.0.0.1", port))
+        s.sendall(req)
+        socks.append(s)
+    print("SENT")
+    sys.stdout.flush()
+    time.sleep(3600)
+
+
 def main(argv):
     mode, port = argv[1], int(argv[2])
     if mode == "hold":
@@ -175,6 +194,8 @@ def main(argv):
         bodies(port, int(argv[3]), int(argv[4]), int(argv[5]), float(argv[6]), unescape(argv[7]))
     elif mode == "trickle":
         trickle(port, int(argv[3]), float(argv[4]), float(argv[5]), unescape(argv[6]), argv[7].encode())
+    elif mode == "streams":
+        streams(port, int(argv[3]), argv[4])
     else:
         sys.exit("unknown mode " + mode)
 

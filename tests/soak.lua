@@ -25,6 +25,8 @@ local now = aiorch.now
 local HOST = "127.0.0.1"
 local EXE = assert(process.exe(), "soak: cannot find the aiorch executable")
 local HERE = debug.getinfo(1, "S").source:match("^@(.*)/[^/]*$") or "."
+package.path = HERE .. "/../?.lua;" .. package.path
+local support = require "tests.support"
 local CONCURRENCY = 64
 local WARM_SHARE = 0.10
 -- Before a sample: the idle_timeout_ms (1 s) of the gateway and the mock
@@ -124,25 +126,7 @@ local STRATEGIES = { "single", "fallback", "fastest", "parallel" }
 ------------------------------------------------------------------------------
 -- Files and processes
 
-local function sh_quote(s)
-  return "'" .. s:gsub("'", "'\\''") .. "'"
-end
-
-local function slurp(path)
-  local f = io.open(path, "rb")
-  if not f then
-    return nil
-  end
-  local s = f:read("a")
-  f:close()
-  return s
-end
-
-local function write(path, text)
-  local f = assert(io.open(path, "wb"))
-  f:write(text)
-  f:close()
-end
+local sh_quote, slurp, write = support.sh_quote, support.read, support.write
 
 local TMP = os.tmpname()
 os.remove(TMP)
@@ -192,8 +176,7 @@ end
 
 -- The gateway's figures from /proc.
 local function rss_kib(pid)
-  local s = slurp(fmt("/proc/%d/status", pid)) or ""
-  return tonumber(s:match("VmRSS:%s*(%d+)")) or 0, tonumber(s:match("VmHWM:%s*(%d+)")) or 0
+  return support.status_kib(pid, "VmRSS"), support.status_kib(pid, "VmHWM")
 end
 
 -- Open descriptors: the total and how many are sockets.

@@ -38,6 +38,30 @@ function _M.get(url, headers)
   return _M.request("GET", url, nil, headers)
 end
 
+-- A new table with the fields of each argument in turn (a nil is skipped;
+-- a later one wins): a base table and a test's additions to it.
+function _M.merge(...)
+  local out = {}
+  for i = 1, select("#", ...) do
+    for k, v in pairs(select(i, ...) or {}) do
+      out[k] = v
+    end
+  end
+  return out
+end
+
+-- Whether no value of the list a is in the list b (no old pid left).
+function _M.none_in(a, b)
+  for _, x in ipairs(a) do
+    for _, y in ipairs(b) do
+      if x == y then
+        return false
+      end
+    end
+  end
+  return true
+end
+
 function _M.slurp(path)
   local f = io.open(path, "rb")
   if not f then
@@ -52,6 +76,156 @@ function _M.write(path, text)
   local f = assert(io.open(path, "w"))
   f:write(text)
   f:close()
+end
+
+-- A file's text, or nil when it cannot be read (slurp gives "" then).
+function _M.read(path)
+  local f = io.open(path, "rb")
+  if not f then
+    return nil
+  end
+  local s = f:read("a")
+  f:close()
+  return s
+end
+
+-- A fresh path in the temporary directory, with nothing there yet.
+function _M.tmpname()
+  local p = os.tmpname()
+  os.remove(p)
+  return p
+end
+
+function _M.sh_quote(s)
+  return "'" .. tostring(s):gsub("'", "'\\''") .. "'"
+end
+
+-- Calls cond every `every` ms (default 5) until it returns a true value,
+-- for at most stretch(ms) (default 5000); returns that value, or what
+-- cond returns once the time is up.
+function _M.wait_for(cond, ms, every)
+  local deadline = aiorch.now() + _M.stretch(ms or 5000)
+  repeat
+    local v = cond()
+    if v then
+      return v
+    end
+    aiorch.sleep(every or 5)
+  until aiorch.now() > deadline
+  return cond()
+end
+
+-- A field of /proc/PID/status (VmRSS, VmHWM) in KiB; 0 once it is gone.
+function _M.status_kib(pid, field)
+  local s = _M.read("/proc/" .. pid .. "/status") or ""
+  return tonumber(s:match(field .. ":%s*(%d+)")) or 0
+end
+
+-- Whether AddressSanitizer's library is mapped: then shadow memory and
+-- the quarantine dwarf the RSS of the runtime's own buffers.
+function _M.under_asan()
+  return (_M.read("/proc/self/maps") or ""):find("libasan", 1, true) ~= nil
+end
+
+-- Processes run by start(), in their order; stop() and stop_all() end them.
+local started = {}
+
+-- Spawns argv with process.spawn's opts, under `ulimit -n nofile` (soft
+-- and hard) when nofile is given; returns its pid.
+function _M.start(argv, opts, nofile)
+  if nofile then
+    local words = {}
+    for i, a in ipairs(argv) do
+      words[i] = _M.sh_quote(a)
+    end
+    argv = { "sh", "-c", string.format("ulimit -n %d && exec %s", nofile, table.concat(words, " ")) }
+  end
+  local pid = assert(process.spawn(argv, opts))
+  started[#started + 1] = pid
+  return pid
+end
+
+-- Takes pid off start()'s list (it was waited for); true when it was there.
+function _M.forget(pid)
+  for i, p in ipairs(started) do
+    if p == pid then
+      table.remove(started, i)
+      return true
+    end
+  end
+  return false
+end
+
+-- SIGKILLs a process run by start() and waits for it.
+function _M.stop(pid)
+  if _M.forget(pid) and process.kill(pid, "SIGKILL") then
+    process.wait(pid, 5000)
+  end
+end
+
+-- Stops every process start() ran that is not stopped yet.
+function _M.stop_all()
+  while started[1] do
+    _M.stop(started[1])
+  end
+end
+
+-- The pids of a process's children, ascending.
+function _M.children(pid)
+  local p = io.popen("pgrep -P " .. pid)
+  local list = {}
+  for line in p:lines() do
+    list[#list + 1] = tonumber(line)
+  end
+  p:close()
+  table.sort(list)
+  return list
+end
+
+-- Whether pid is there and not a zombie.
+function _M.alive(pid)
+  local s = _M.read("/proc/" .. pid .. "/stat")
+  return s ~= nil and s:match("%) (%a)") ~= "Z"
+end
+
+-- Runs argv (start()) with its stdout in a file; returns a function that
+-- waits for its end (stretch(ms), default 30 s), checks that it exited 0
+-- and returns its output's lines.
+function _M.start_lines(argv, ms)
+  local out = _M.tmpname()
+  local words = {}
+  for i, a in ipairs(argv) do
+    words[i] = tostring(a)
+  end
+  local pid = _M.start(words, { stdout = out })
+  return function()
+    local code = process.wait(pid, _M.stretch(ms or 30000))
+    _M.forget(pid)
+    assert(code == 0, "the client failed: " .. tostring(code))
+    local lines = {}
+    for line in (_M.read(out) or ""):gmatch("[^\n]+") do
+      lines[#lines + 1] = line
+    end
+    os.remove(out)
+    return lines
+  end
+end
+
+-- Starts `aiorch serve --workers 0` (start(): stop it with stop(pid)) with
+-- the configuration text cfg and env; opts: nofile (start()'s), exe (the
+-- program, default this one). Returns pid, port and its stderr's file once
+-- it says it listens.
+function _M.start_serve(cfg, env, opts)
+  opts = opts or {}
+  local port = _M.free_port()
+  local errfile, cfgfile = _M.tmpname(), _M.tmpname() .. ".lua"
+  _M.write(cfgfile, cfg)
+  local pid = _M.start({ opts.exe or process.exe(), "serve", "--workers", "0", "--listen", "127.0.0.1:" .. port,
+    "--config", cfgfile }, { stderr = errfile, env = env }, opts.nofile)
+  assert(_M.wait_for(function() return (_M.read(errfile) or ""):find("listening on", 1, true) end),
+    "the gateway did not start: " .. tostring(_M.read(errfile)))
+  os.remove(cfgfile)
+  return pid, port, errfile
 end
 
 -- A new empty directory; removed by _M.cleanup().
@@ -144,6 +318,162 @@ function _M.access_lines(s)
     end
   end
   return out
+end
+
+-- POSTs an OpenAI chat request for a stream (body: its JSON text) to url
+-- and reads the stream to its end. Returns aiorch.http.request's status
+-- (or nil, kind, message), the text of the deltas and whether [DONE]
+-- came; on_event, when given, sees each event first.
+function _M.stream_chat(url, headers, body, timeout_ms, on_event)
+  local deltas, done = {}, false
+  local status, kind, msg = aiorch.http.request {
+    method = "POST", url = url, headers = headers, body = body, timeout_ms = timeout_ms,
+    on_event = function(ev)
+      if on_event then
+        on_event(ev)
+      end
+      if ev.data == "[DONE]" then
+        done = true
+        return
+      end
+      local j = cjson.decode(ev.data)
+      local c = j and j.choices and j.choices[1]
+      if c and c.delta and type(c.delta.content) == "string" then
+        deltas[#deltas + 1] = c.delta.content
+      end
+    end,
+  }
+  return status, kind, msg, table.concat(deltas), done
+end
+
+-- Parses a whole SSE body into {event = name|nil, data = text, json =
+-- data decoded or nil} records.
+function _M.sse(body)
+  local out = {}
+  for block in (body .. "\n\n"):gmatch("(.-)\n\n") do
+    if block ~= "" then
+      local ev = { data = {} }
+      for line in block:gmatch("[^\n]+") do
+        local k, v = line:match("^(%w+): ?(.*)$")
+        if k == "event" then
+          ev.event = v
+        elseif k == "data" then
+          ev.data[#ev.data + 1] = v
+        end
+      end
+      ev.data = table.concat(ev.data, "\n")
+      ev.json = cjson.decode(ev.data)
+      out[#out + 1] = ev
+    end
+  end
+  return out
+end
+
+-- Gateways started in this process by start_gateway(); close_gateways()
+-- closes them.
+local gateways = {}
+
+-- Starts an aiorch.gateway.server on a free port with the configuration
+-- table raw, checked with the variables of env (a table); its access
+-- lines go to access_log (default: dropped). Returns its base URL and
+-- its handle.
+function _M.start_gateway(raw, env, access_log)
+  local gconfig = require "aiorch.gateway.config"
+  local gateway = require "aiorch.gateway.server"
+  local cfg = assert(gconfig.check(raw or {}, function(k) return env[k] end))
+  local h = assert(gateway.start { config = cfg, port = 0, access_log = access_log or function() end })
+  gateways[#gateways + 1] = h
+  return "http://127.0.0.1:" .. h.port, h
+end
+
+function _M.close_gateways()
+  for _, h in ipairs(gateways) do
+    h:close()
+  end
+  gateways = {}
+end
+
+-- For a spec (or a describe block): an aiorch.mock server, started by
+-- setup() with opts (default: on 127.0.0.1, a free port) and handed to
+-- set; before each test its requests and counters, the metrics and the
+-- circuit breakers are reset; teardown() closes it and calls cleanup().
+function _M.use_mock(set, opts)
+  local busted = require "busted" -- the running busted's API: a spec's setup() and the rest
+  local setup, teardown, before_each = busted.setup, busted.teardown, busted.before_each
+  local mock_mod = require "aiorch.mock"
+  local metrics = require "aiorch.metrics"
+  local breaker = require "aiorch.breaker"
+  local m
+  setup(function()
+    m = assert(mock_mod.start(opts or { host = "127.0.0.1", port = 0 }))
+    set(m)
+  end)
+  teardown(function()
+    m:close()
+    _M.cleanup()
+  end)
+  before_each(function()
+    m:reset()
+    m:reset_counters()
+    metrics.reset()
+    breaker.reset() -- each test starts with every provider healthy
+  end)
+end
+
+-- The environment of providers openai and anthropic at an aiorch.mock
+-- server m, with their keys (keys.openai, keys.anthropic), the mock
+-- directives o and a for each, and extra variables.
+function _M.mock_env(m, keys, o, a, extra)
+  local env = {
+    OPENAI_API_KEY = keys.openai, ANTHROPIC_API_KEY = keys.anthropic,
+    OPENAI_BASE_URL = m:base_url("openai", o or {}), ANTHROPIC_BASE_URL = m:base_url("anthropic", a or {}),
+  }
+  for k, v in pairs(extra or {}) do
+    env[k] = v
+  end
+  return env
+end
+
+-- An SSE body's events as {event = name|nil, data = the data decoded, or
+-- the text "[DONE]"}.
+function _M.sse_events(body)
+  local out = {}
+  for i, ev in ipairs(_M.sse(body)) do
+    out[i] = { event = ev.event, data = ev.data == "[DONE]" and ev.data or ev.json }
+  end
+  return out
+end
+
+-- Runs `aiorch ARGS...` (this program) with env to its end, for at most
+-- stretch(ms) (default 20 s); returns its exit code, stdout and stderr.
+function _M.run_aiorch(args, env, ms)
+  local dir = _M.tmpdir()
+  local argv = { process.exe() }
+  for _, a in ipairs(args) do
+    argv[#argv + 1] = a
+  end
+  local pid = assert(process.spawn(argv, { env = env, stdout = dir .. "/out", stderr = dir .. "/err" }))
+  local code = process.wait(pid, _M.stretch(ms or 20000))
+  return code, _M.slurp(dir .. "/out"), _M.slurp(dir .. "/err")
+end
+
+-- The requests an aiorch.mock server received for one api, in order.
+function _M.requests_of(mock, api)
+  local out = {}
+  for _, r in ipairs(mock.requests) do
+    if r.api == api then
+      out[#out + 1] = r
+    end
+  end
+  return out
+end
+
+-- Fails unless none of keys (a table's values) is in text; what names
+-- them in the message (default "a key"), never the key itself.
+function _M.no_keys_in(text, keys, what)
+  for _, key in pairs(keys) do
+    assert(not text:find(key, 1, true), (what or "a key") .. " leaked")
+  end
 end
 
 -- A Prometheus sample's value.

@@ -8,6 +8,7 @@ local type = type
 local pairs = pairs
 local tonumber = tonumber
 local tostring = tostring
+local tointeger = math.tointeger
 
 local _M = {}
 
@@ -25,7 +26,7 @@ end
 
 function _M.num(v)
   if type(v) == "number" then
-    return math.tointeger(v) or v
+    return tointeger(v) or v
   end
   return nil
 end
@@ -124,8 +125,9 @@ end
 
 -- The error for a non-2xx reply: kind from the status, the provider's own
 -- message when its JSON error shape carries one. extra: retry_after, and
--- provider_error when the body has an error object (both APIs' shape).
-function _M.http_error(status, headers, body, message_of)
+-- provider_error when the body has an error object (both APIs' shape;
+-- error_of(doc.error), when given, reads the provider's own first).
+function _M.http_error(status, headers, body, message_of, error_of)
   local kind = _M.kind_for_status(status)
   local doc = cjson.decode(body or "")
   local msg = type(doc) == "table" and message_of(doc) or nil
@@ -135,7 +137,8 @@ function _M.http_error(status, headers, body, message_of)
   local message = msg ~= "" and fmt("HTTP %d: %s", status, _M.excerpt(msg, 500)) or fmt("HTTP %d", status)
   return nil, kind, message, {
     retry_after = _M.retry_after(headers),
-    provider_error = type(doc) == "table" and _M.provider_error(doc.error) or nil,
+    provider_error = type(doc) == "table" and (error_of and error_of(doc.error) or _M.provider_error(doc.error))
+      or nil,
   }
 end
 

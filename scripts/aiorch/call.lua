@@ -154,17 +154,23 @@ local function count_wasted(name, usage)
   end
 end
 
--- What an attempt cost: its response's metadata.cost_usd (nil when the
--- model has no price), the metrics by provider, model and client, and the
--- orchestration's running total (opts.spend: {usd, unpriced, estimated}).
-local function charge(name, model, usage, usd, estimated, opts)
+-- What an attempt cost: the metrics by provider, model and client, and
+-- the caller's running total. orch: the orchestration's state (its opts:
+-- client, the name to count it under; spend, {usd, tokens} to add to), or nil.
+local function charge(name, model, usage, usd, estimated, orch)
+  local opts = orch and orch.opts
+  if not opts then
+    metrics.spend(name, model, nil, usage, usd)
+    return
+  end
   metrics.spend(name, model, opts.client, usage, usd)
   local spend = opts.spend
   if spend then
-    spend.tokens = spend.tokens + (usage.input_tokens or 0) + (usage.output_tokens or 0)
+    local i, o = usage.input_tokens, usage.output_tokens
+    spend.tokens = spend.tokens + (i or 0) + (o or 0)
     if usd then
       spend.usd = spend.usd + usd
-    elseif usage.input_tokens or usage.output_tokens then
+    elseif i or o then
       spend.unpriced = true
     end
     if estimated then
@@ -173,9 +179,9 @@ local function charge(name, model, usage, usd, estimated, opts)
   end
 end
 
--- Charges a finished attempt (a failure that reported usage too: its
--- metadata.cost_usd is set here).
-local function priced(name, resp, opts, request)
+-- Charges a finished attempt; a failure that reported usage gets its
+-- metadata.cost_usd here (a success got it from response.success).
+local function priced(name, resp, orch, request)
   local m = resp.metadata
   local usage = m.usage
   if usage == nil then
@@ -185,7 +191,7 @@ local function priced(name, resp, opts, request)
   if resp.status ~= "success" then
     usd = cost.of(m.model, usage)
     m.cost_usd = usd
-  elseif usage.input_tokens == nil and usage.output_tokens == nil then
+  elseif usd == nil and usage.input_tokens == nil and usage.output_tokens == nil then
     -- An answer that came without its usage (a stream not asked for it,
     -- a server that does not count): priced on estimates, said so;
     -- metadata.usage stays what the provider reported.
@@ -193,10 +199,21 @@ local function priced(name, resp, opts, request)
     usage = { input_tokens = i, output_tokens = cost.tokens_of_text(#(resp.response_text or "")) }
     usd = cost.of(m.model, usage)
     m.cost_usd, m.cost_estimated = usd, true
-    charge(name, m.model, usage, usd, true, opts)
+    charge(name, m.model, usage, usd, true, orch)
     return resp
   end
-  charge(name, m.model, usage, usd, false, opts)
+  -- charge, inline: every answer comes here
+  local opts = orch and orch.opts
+  metrics.spend(name, m.model, opts and opts.client, usage, usd)
+  local spend = opts and opts.spend
+  if spend then
+    spend.tokens = spend.tokens + (usage.input_tokens or 0) + (usage.output_tokens or 0)
+    if usd then
+      spend.usd = spend.usd + usd
+    else
+      spend.unpriced = true
+    end
+  end
   return resp
 end
 
@@ -228,7 +245,7 @@ local function cancelled_usage(p, request)
 end
 
 -- Ends an attempt whose task was cancelled before it finished: a race or
--- hedge loser is charged what it had consumed (opts.spend.cancelled lists
+-- hedge loser is charged what it had consumed (orch.cancelled lists
 -- it for the orchestration's answer).
 local cancel_guard = {
   __close = function(g)
@@ -247,12 +264,11 @@ local cancel_guard = {
       if usd then
         metrics.count(name, "cost_usd", usd)
       end
-      local opts = g.opts
-      charge(name, model, usage, usd, estimated, opts)
-      local spend = opts.spend
-      if spend then
-        local list = spend.cancelled or {}
-        spend.cancelled = list
+      local orch = g.orch
+      charge(name, model, usage, usd, estimated, orch)
+      if orch then
+        local list = orch.cancelled or {}
+        orch.cancelled = list
         list[#list + 1] = { provider = name, cost_usd = usd, cost_estimated = estimated, usage = usage }
       end
     end
@@ -301,12 +317,11 @@ local function deliver(sink, list, from, name, info)
 end
 
 -- One HTTP attempt. Returns the response and whether a token went out.
-local function attempt(adapter, config, request, opts, pol, trial)
+local function attempt(adapter, config, request, opts, pol, trial, orch)
   local name = config.name
   local t0 = now()
   metrics.started(name)
-  local guard <close> = setmetatable({ name = name, finished = false, trial = trial, opts = opts, request = request,
-    model = config.model }, cancel_guard)
+  local guard <close> = setmetatable({ name = name, finished = false, trial = trial }, cancel_guard)
 
   local stream = opts.stream and type(adapter.stream_parser) == "function"
   local ok, wire = pcall(adapter.build_request, config, request, { stream = stream, model = config.model })
@@ -333,7 +348,8 @@ local function attempt(adapter, config, request, opts, pol, trial)
       return finish(name, fail(name, config, "adapter", "stream_parser failed: " .. tostring(p), t0)), false
     end
     parser, events, emitted = p, 0, false
-    guard.parser = p
+    -- what a cancelled stream is charged with (a call that does not stream reported nothing)
+    guard.parser, guard.orch, guard.request, guard.model = p, orch, request, config.model
     local sink = opts.on_event
     local held -- this attempt's events before its first content (a same-API caller relays them)
     -- Returns true for a content event: that meets the first-token deadline.
@@ -407,16 +423,16 @@ local function attempt(adapter, config, request, opts, pol, trial)
     local partial = partial_text(parser, emitted)
     if stream_err then
       return finish(name, priced(name, fail(name, config, "stream", stream_err, t0,
-        { usage = usage, partial_text = partial }), opts, request)), emitted
+        { usage = usage, partial_text = partial }), orch, request)), emitted
     end
     -- A stream that broke after it began is a cut answer, not a connect error.
     if events and events > 0 and kind ~= "timeout" and kind ~= "too_large" then
       return finish(name, priced(name, fail(name, config, "stream_cut",
         fmt("stream cut after %d events: %s", events, tostring(msg or kind)), t0,
-        { usage = usage, partial_text = partial }), opts, request)), emitted
+        { usage = usage, partial_text = partial }), orch, request)), emitted
     end
     return finish(name, priced(name, fail(name, config, tostring(kind or "http"), msg or kind, t0,
-      { deadline = deadline, usage = usage, partial_text = partial }), opts, request)), emitted
+      { deadline = deadline, usage = usage, partial_text = partial }), orch, request)), emitted
   end
 
   local result, kind, msg, extra
@@ -438,7 +454,7 @@ local function attempt(adapter, config, request, opts, pol, trial)
 
   if type(result) == "table" then
     local r = response.success(name, result, now() - t0, status, adapter.api)
-    return finish(name, priced(name, r, opts, request)), emitted
+    return finish(name, priced(name, r, orch, request)), emitted
   end
   local usage = parser_usage(parser)
   count_wasted(name, usage)
@@ -449,7 +465,7 @@ local function attempt(adapter, config, request, opts, pol, trial)
     upstream_error = rejection(adapter, config, status, body),
     usage = usage,
     partial_text = partial_text(parser, emitted),
-  }), opts, request)), emitted
+  }), orch, request)), emitted
 end
 
 -- What a provider's attempts cost together (the caller pays for each):
@@ -485,10 +501,12 @@ end
 -- call(adapter, config, request[, opts]) -> StandardAIResponse
 -- config: from aiorch.config.provider; request: a validated AIRequest.
 -- opts: stream, on_event(event, provider, info) (see aiorch.context) or
--- on_token(text, provider), timeout_ms, policy.
+-- on_token(text, provider), timeout_ms, policy. orch: the orchestration's
+-- state (aiorch.context: what the calls cost is counted for its opts.client
+-- and added to its opts.spend; cancelled calls listed in orch.cancelled), or nil.
 -- Retries the provider as its policy says; metadata.attempts lists every
 -- attempt. Never retries once a token went to the caller.
-function _M.call(adapter, config, request, opts)
+function _M.call(adapter, config, request, opts, orch)
   opts = opts or EMPTY
   local name = config.name
   if opts.on_token and not opts.on_event then
@@ -538,7 +556,7 @@ function _M.call(adapter, config, request, opts)
     end
     local emitted
     local trial = why == "trial"
-    r, emitted = attempt(adapter, config, request, opts, pol, trial)
+    r, emitted = attempt(adapter, config, request, opts, pol, trial, orch)
     local m = r.metadata
     attempts[n] = response.attempt(r)
     if hurried and m.error_kind == "timeout" then

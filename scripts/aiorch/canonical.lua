@@ -273,16 +273,20 @@ end
 local part_issue
 local TOOL_CALL_FIELDS = { "id", "name", "arguments" }
 
+-- A text or thinking part's fields: text, and a signature.
+local function text_issue(p)
+  local e = string_issue(p.text, true)
+  if e then
+    return ".text" .. e
+  end
+  e = string_issue(p.signature)
+  return e and ".signature" .. e
+end
+
 -- Each part type's own fields: what is wrong, or nil.
 local PART_ISSUES = {
-  text = function(p)
-    local e = string_issue(p.text, true)
-    if e then
-      return ".text" .. e
-    end
-    e = string_issue(p.signature)
-    return e and ".signature" .. e
-  end,
+  text = text_issue,
+  thinking = text_issue,
   image = function(p)
     local e = source_issue("image", p.source)
     if e then
@@ -340,14 +344,6 @@ local PART_ISSUES = {
       end
     end
     return nil
-  end,
-  thinking = function(p)
-    local e = string_issue(p.text, true)
-    if e then
-      return ".text" .. e
-    end
-    e = string_issue(p.signature)
-    return e and ".signature" .. e
   end,
   redacted_thinking = function(p)
     local e = string_issue(p.data, true)

@@ -110,8 +110,16 @@ local function version()
   return core.version or "0.1.0"
 end
 
--- ask's options: name -> field, and whether it takes a value.
-local ASK_OPTIONS = {
+-- A command's options: name -> field, and whether it takes a value;
+-- every command takes --debug and --help (-h).
+local function options(own)
+  own["--debug"] = { "debug", false }
+  own["--help"] = { "help", false }
+  own["-h"] = { "help", false }
+  return own
+end
+
+local ASK_OPTIONS = options {
   ["--strategy"] = { "strategy", true },
   ["--providers"] = { "providers", true },
   ["--context"] = { "context", true },
@@ -123,36 +131,22 @@ local ASK_OPTIONS = {
   ["--json"] = { "json", false },
   ["--stream"] = { "stream", false },
   ["--policy"] = { "policy", true },
-  ["--debug"] = { "debug", false },
-  ["--help"] = { "help", false },
-  ["-h"] = { "help", false },
 }
 
 -- serve's options; the hidden --worker (one worker under the master,
 -- gateway/master.lua) is not among them.
-local SERVE_OPTIONS = {
+local SERVE_OPTIONS = options {
   ["--listen"] = { "listen", true },
   ["--config"] = { "config", true },
   ["--path"] = { "path", true },
   ["--workers"] = { "workers", true },
-  ["--debug"] = { "debug", false },
-  ["--help"] = { "help", false },
-  ["-h"] = { "help", false },
 }
 
 -- run's options, before SCRIPT.lua (what follows it is the script's).
-local RUN_OPTIONS = {
-  ["--debug"] = { "debug", false },
-  ["--help"] = { "help", false },
-  ["-h"] = { "help", false },
-}
+local RUN_OPTIONS = options {}
 
 -- demo's: it takes no others.
-local DEMO_OPTIONS = {
-  ["--debug"] = { "debug", false },
-  ["--help"] = { "help", false },
-  ["-h"] = { "help", false },
-}
+local DEMO_OPTIONS = options {}
 
 _M.options = { ask = ASK_OPTIONS, serve = SERVE_OPTIONS, run = RUN_OPTIONS, demo = DEMO_OPTIONS }
 
@@ -218,21 +212,34 @@ local function parse(cmd, spec, args, first, stop_at_word)
   return o
 end
 
+-- A command's options, or nil and its exit code when that is all it does:
+-- a usage error (2), or --help written (0).
+local function command_options(name, spec, args, first, stop_at_word)
+  local o, perr = parse(name, spec, args, first, stop_at_word)
+  if not o then
+    return nil, usage_error(perr)
+  end
+  if o.help then
+    io_stdout:write(_M.usage)
+    return nil, 0
+  end
+  return o
+end
+
+-- The options that are numbers on the request.
+local NUMBER_OPTIONS = { "temperature", "max_tokens" }
+
 local function build_request(o)
   local req = { user_question = concat(o.words, " "), context = o.context, system_prompt = o.system }
-  if o.temperature ~= nil then
-    local t = tonumber(o.temperature)
-    if not t then
-      return nil, fmt("temperature: '%s' is not a number", o.temperature)
+  for _, f in ipairs(NUMBER_OPTIONS) do
+    local v = o[f]
+    if v ~= nil then
+      local n = tonumber(v)
+      if not n then
+        return nil, fmt("%s: '%s' is not a number", f, v)
+      end
+      req[f] = n
     end
-    req.temperature = t
-  end
-  if o.max_tokens ~= nil then
-    local n = tonumber(o.max_tokens)
-    if not n then
-      return nil, fmt("max_tokens: '%s' is not a number", o.max_tokens)
-    end
-    req.max_tokens = n
   end
   if o.policy ~= nil then
     local p, err = policy.parse(o.policy, "--policy")
@@ -336,13 +343,9 @@ local function run_orchestration(req, strategy, providers, opts)
 end
 
 function _M.ask(args, first)
-  local o, perr = parse("ask", ASK_OPTIONS, args, first)
+  local o, done = command_options("ask", ASK_OPTIONS, args, first)
   if not o then
-    return usage_error(perr)
-  end
-  if o.help then
-    io_stdout:write(_M.usage)
-    return 0
+    return done
   end
   if #o.words == 0 then
     return usage_error("ask: missing QUESTION")
@@ -401,13 +404,9 @@ end
 -- global arg. An error is one line naming the script's file and line; its
 -- traceback comes in debug mode only.
 function _M.run(args, first)
-  local o, perr = parse("run", RUN_OPTIONS, args, first, true)
+  local o, done = command_options("run", RUN_OPTIONS, args, first, true)
   if not o then
-    return usage_error(perr)
-  end
-  if o.help then
-    io_stdout:write(_M.usage)
-    return 0
+    return done
   end
   local script = o.words[1]
   if not script then
@@ -442,13 +441,9 @@ function _M.serve(args, first)
   -- --worker: one worker under the master (gateway/master.lua), hidden.
   local worker = args[first] == "--worker"
   -- --debug reaches the workers too: they run these arguments.
-  local o, perr = parse("serve", SERVE_OPTIONS, args, worker and first + 1 or first)
+  local o, done = command_options("serve", SERVE_OPTIONS, args, worker and first + 1 or first)
   if not o then
-    return usage_error(perr)
-  end
-  if o.help then
-    io_stdout:write(_M.usage)
-    return 0
+    return done
   end
   if #o.words > 0 then
     return usage_error("serve: unknown argument '%s'", o.words[1])
@@ -576,12 +571,9 @@ function _M.main(args)
   elseif cmd == "serve" then
     return _M.serve(args, 2)
   elseif cmd == "demo" then
-    local o, perr = parse("demo", DEMO_OPTIONS, args, 2)
+    local o, done = command_options("demo", DEMO_OPTIONS, args, 2)
     if not o then
-      return usage_error(perr)
-    elseif o.help then
-      io_stdout:write(_M.usage)
-      return 0
+      return done
     elseif #o.words > 0 then
       return usage_error("demo: unknown argument '%s'", o.words[1])
     end

@@ -8,8 +8,9 @@
 local json = require "aiorch.json"
 local cjson = require "cjson.safe"
 local util = require "aiorch.adapter"
-local canonical = require "aiorch.canonical"
+local common = require "aiorch.providers_common"
 local wire = require "aiorch.wire.openai"
+local wire_common = require "aiorch.wire.common"
 
 local fmt = string.format
 local type = type
@@ -415,20 +416,10 @@ local function fields_for(quirks, refused)
   return f
 end
 
-local function percent(s)
-  return (s:gsub("[^%w%-%._~]", function(c) return fmt("%%%02X", byte(c)) end))
-end
-
-local function copy(t)
-  local c = {}
-  for k, v in pairs(t) do
-    c[k] = v
-  end
-  return c
-end
+local percent, copy = common.percent, wire_common.copy
 
 -- An error object in a 200 body or a stream chunk: classify by its type/code.
-local function body_error(e)
+local function classify(e)
   local t = type(e) == "table" and (str(e.code) or str(e.type)) or ""
   local kind = "server_error"
   if t:find("rate_limit", 1, true) or t == "insufficient_quota" or t == "429" then
@@ -439,7 +430,7 @@ local function body_error(e)
     kind = "bad_request"
   end
   local msg = type(e) == "table" and (str(e.message) or str(e.type)) or str(e) or "unknown error"
-  return nil, kind, "provider error: " .. util.excerpt(msg, 500), { provider_error = util.provider_error(e) }
+  return kind, "provider error: " .. util.excerpt(msg, 500), { provider_error = util.provider_error(e) }
 end
 
 -- Servers' error bodies: OpenAI's {"error": {...}}, Azure's gateway
@@ -501,12 +492,7 @@ function _M.new(name, spec)
         a.base_url_env or "base_url"), 0)
     end
     if not spec.azure then
-      local u = urls[base]
-      if not u then
-        u = util.join_url(base, "/chat/completions")
-        urls[base] = u
-      end
-      return u
+      return urls[base] or common.url(urls, base, "/chat/completions")
     end
     local dep = deployments[model] or model
     local version = fixed_version or config.api_version or _M.default_azure_api_version
@@ -546,10 +532,7 @@ function _M.new(name, spec)
       end
       model = opts.model or str(doc.model) or model
     else
-      local req, err = canonical.normalize(request)
-      if not req then
-        error("invalid request: " .. err, 0)
-      end
+      local req = common.normalize(request)
       local texts
       if quirks.reasoning_content then
         req, texts = take_thinking(req)
@@ -582,52 +565,17 @@ function _M.new(name, spec)
     return { method = "POST", url = url_of(config, model), headers = headers, body = body }
   end
 
-  function a.parse_response(config, status, headers, body)
-    if status < 200 or status > 299 then
-      local r, kind, msg, extra = util.http_error(status, headers, body, error_message)
-      -- Azure says when to retry in milliseconds too.
-      if extra and not extra.retry_after and type(headers) == "table" then
-        local ms = num(tonumber(headers["retry-after-ms"] or ""))
-        extra.retry_after = ms and ms / 1000 or nil
-      end
-      return r, kind, msg, extra
+  -- A non-2xx: Azure says when to retry in milliseconds too.
+  local function http_error(status, headers, body)
+    local r, kind, msg, extra = util.http_error(status, headers, body, error_message)
+    if extra and not extra.retry_after and type(headers) == "table" then
+      local ms = num(tonumber(headers["retry-after-ms"] or ""))
+      extra.retry_after = ms and ms / 1000 or nil
     end
-    local doc, err = json.decode_plain(body or "")
-    if type(doc) ~= "table" then
-      return nil, "parse", "malformed JSON body: " .. (err or "not an object")
-    end
-    if util.present(doc.error) then
-      return body_error(doc.error)
-    end
-    local result, kind, msg = wire.decode_response(doc)
-    if not result then
-      return nil, kind, msg
-    end
-    result.model = result.model or config.model or a.default_model
-    result.raw_body = body
-    return result
+    return r, kind, msg, extra
   end
 
-  local function classify(e)
-    local _, kind, msg, extra = body_error(e)
-    return kind, msg, extra
-  end
-
-  local function text_event(self, ev)
-    local out = self:canonical_event(ev)
-    if not out then
-      return nil
-    elseif out.type then
-      return out.type == "text" and not out.choice and out.text or nil
-    end
-    local text = {}
-    for _, e in ipairs(out) do
-      if e.type == "text" and not e.choice then
-        text[#text + 1] = e.text
-      end
-    end
-    return #text > 0 and concat(text) or nil
-  end
+  a.parse_response = common.response_parser(a, wire, { classify = classify, http_error = http_error })
 
   -- Groq reports a stream's usage in x_groq.usage.
   local function event(self, ev)
@@ -643,24 +591,7 @@ function _M.new(name, spec)
     return out
   end
 
-  local function parser_result(self)
-    local result, kind, msg, extra = wire.Decoder.result(self)
-    if not result then
-      return nil, kind, msg, extra
-    end
-    result.model = result.model or self.config.model or a.default_model
-    return result
-  end
-
-  function a.stream_parser(config, opts)
-    local p = wire.stream_decoder()
-    p.config = config
-    p.classify = classify
-    p.result = parser_result
-    p.canonical_event = event
-    p.event = (opts and opts.events) and event or text_event
-    return p
-  end
+  a.stream_parser = common.stream_parser(a, wire, classify, common.text_event(event), event)
 
   return a
 end

@@ -158,8 +158,7 @@ local function do_call(st, provider, copts, req)
       end
     end
   end
-  local o = { stream = opts.stream, on_event = st.event_sink, timeout_ms = opts.timeout_ms, policy = opts.policy,
-    client = opts.client, spend = st.spend }
+  local o = { stream = opts.stream, on_event = st.event_sink, timeout_ms = opts.timeout_ms, policy = opts.policy }
   if type(copts) == "table" then
     for k, v in pairs(copts) do
       o[k] = v
@@ -168,7 +167,7 @@ local function do_call(st, provider, copts, req)
       c = with_model(c, copts.model)
     end
   end
-  local r = call.call(a, c, req, o)
+  local r = call.call(a, c, req, o, st) -- (what the calls cost: aiorch.call)
   local dropped = st.dropped
   local d = dropped and dropped[provider]
   if d then
@@ -275,8 +274,8 @@ local ctx_mt = {
 -- state: {request, adapters = {name = adapter}, configs = {name = config},
 --         opts = {stream, on_event, on_token, timeout_ms, policy, env, path}, strategy = name,
 --         variants = {name = the request as that provider takes it}, dropped = {name = {fields}},
---         fits = {name = true}: the providers the orchestration checked,
---         spend = {usd, tokens, unpriced, estimated, cancelled}: what the calls cost (aiorch.call)}
+--         fits = {name = true}: the providers the orchestration checked}
+-- (aiorch.call lists the calls cancelled in state.cancelled, with their cost)
 -- The context keeps state (and writes in it: the stream's owner).
 function _M.new(state)
   local opts = state.opts or EMPTY

@@ -73,6 +73,7 @@ function _M.check(prices)
 end
 
 local table_ = assert(_M.check(require "aiorch.prices"))
+package.loaded["aiorch.prices"] = nil -- the checked copy is the one kept (the heap is traversed by every GC cycle)
 _M.table = table_
 
 -- The configuration's prices (checked), in force for metadata.cost_usd and ctx.price.
@@ -96,14 +97,23 @@ local function undated(model)
     or model:match("^(.+)%-%d%d%-%d%d%d%d$") or model:match("^(.+)%-%d%d%d$")
 end
 
+-- An entry of the overrides a caller gave as they are (not through
+-- check): completed, or nil when it is wrong.
+local function complete(model, e)
+  if type(e) == "table" and (e.cached_read == nil or e.cache_write == nil or e.reasoning == nil) then
+    return (normalize(model, e))
+  end
+  return e
+end
+
 local function lookup(model, overrides)
-  local p = overrides and overrides[model] or table_[model]
+  local p = overrides and complete(model, overrides[model]) or table_[model]
   if p then
     return p
   end
   local base = undated(model)
   if base then
-    return overrides and overrides[base] or table_[base]
+    return overrides and complete(base, overrides[base]) or table_[base]
   end
   return nil
 end
@@ -131,15 +141,21 @@ function _M.price(model, overrides)
   return p or nil
 end
 
-local function tokens(v)
-  return type(v) == "number" and v > 0 and v or 0
-end
-
 -- The cost in USD of a price p and a canonical usage (input_tokens counts
--- every input token, cached ones included; output_tokens includes reasoning).
+-- every input token, cached ones included; output_tokens includes
+-- reasoning). Counts are numbers or nil (docs/lua-api.md: an adapter's
+-- result); on every answer, so the common case (no cache, no reasoning)
+-- is the short one.
 local function cost_of(p, usage)
-  local i, o = tokens(usage.input_tokens), tokens(usage.output_tokens)
-  local cr, cw, r = tokens(usage.cached_input_tokens), tokens(usage.cache_write_tokens), tokens(usage.reasoning_tokens)
+  local i, o = usage.input_tokens or 0, usage.output_tokens or 0
+  local cr, cw, r = usage.cached_input_tokens, usage.cache_write_tokens, usage.reasoning_tokens
+  if not cr or cr == 0 then
+    if (not cw or cw == 0) and (not r or r == 0) then
+      return (i * p.input + o * p.output) / 1e6
+    end
+    cr = 0
+  end
+  cw, r = cw or 0, r or 0
   return (max(i - cr - cw, 0) * p.input + cr * p.cached_read + cw * p.cache_write
     + max(o - r, 0) * p.output + r * p.reasoning) / 1e6
 end
@@ -147,24 +163,31 @@ _M.cost_of = cost_of
 
 local warned, n_warned = {}, 0
 
+local function unpriced(model)
+  if type(model) == "string" and not warned[model] then
+    if n_warned >= WARNED_MAX then
+      warned, n_warned = {}, 0
+    end
+    warned[model] = true
+    n_warned = n_warned + 1
+    log.warn("cost: no price for model %q: cost_usd is null (add it under prices in the configuration)",
+      #model > 100 and model:sub(1, 100) .. "..." or model)
+  end
+  return nil
+end
+
 -- of(model, usage[, overrides]) -> cost_usd, or nil when the model has no
 -- price (one warning per model) or there is no usage to price.
 function _M.of(model, usage, overrides)
   if type(usage) ~= "table" or usage.input_tokens == nil and usage.output_tokens == nil then
     return nil
   end
-  local p = _M.price(model, overrides)
+  local p = overrides == nil and model ~= nil and found[model] -- (the lookup's cache, inline: every answer comes here)
   if not p then
-    if type(model) == "string" and not warned[model] then
-      if n_warned >= WARNED_MAX then
-        warned, n_warned = {}, 0
-      end
-      warned[model] = true
-      n_warned = n_warned + 1
-      log.warn("cost: no price for model %q: cost_usd is null (add it under prices in the configuration)",
-        #model > 100 and model:sub(1, 100) .. "..." or model)
+    p = _M.price(model, overrides)
+    if not p then
+      return unpriced(model)
     end
-    return nil
   end
   return cost_of(p, usage)
 end

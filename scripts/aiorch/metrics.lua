@@ -135,6 +135,9 @@ local spent = {} -- provider -> model -> client -> {cost_usd, input, ...}
 local n_spent = 0
 
 local function spend_entry(provider, model, client)
+  if type(model) ~= "string" then
+    model = "-"
+  end
   local by_model = spent[provider]
   if not by_model then
     by_model = {}
@@ -158,23 +161,34 @@ local function spend_entry(provider, model, client)
   return e
 end
 
-local function tokens(v)
-  return type(v) == "number" and v > 0 and v or 0
-end
+-- What one call spent: its canonical usage (numbers or nil) and its cost
+-- (nil: no price). client: the gateway's name for the caller's key (never
+-- the key), or nil. On every answer: the entry is found inline.
+local last_provider, last_model, last_client, last_entry -- the series of the last call: most repeat it
 
--- What one call spent: its canonical usage and its cost (nil: no price).
--- client: the gateway's name for the caller's key (never the key), or nil.
 function _M.spend(provider, model, client, usage, usd)
-  local e = spend_entry(provider, type(model) == "string" and model or "-", client or "-")
+  model, client = model or "-", client or "-"
+  local e
+  if provider == last_provider and model == last_model and client == last_client then
+    e = last_entry
+  else
+    local by_model = spent[provider]
+    local by_client = by_model and by_model[model]
+    e = by_client and by_client[client] or spend_entry(provider, model, client)
+    last_provider, last_model, last_client, last_entry = provider, model, client, e
+  end
   changed = true
-  local i, o = tokens(usage.input_tokens), tokens(usage.output_tokens)
-  local cr, cw, r = tokens(usage.cached_input_tokens), tokens(usage.cache_write_tokens),
-    tokens(usage.reasoning_tokens)
-  e.input = e.input + max(i - cr - cw, 0)
-  e.cached_read = e.cached_read + cr
-  e.cache_write = e.cache_write + cw
-  e.output = e.output + max(o - r, 0)
-  e.reasoning = e.reasoning + r
+  local i, o = usage.input_tokens or 0, usage.output_tokens or 0
+  local cr, cw, r = usage.cached_input_tokens, usage.cache_write_tokens, usage.reasoning_tokens
+  if cr and cr ~= 0 or cw and cw ~= 0 or r and r ~= 0 then
+    cr, cw, r = cr or 0, cw or 0, r or 0
+    i, o = max(i - cr - cw, 0), max(o - r, 0)
+    e.cached_read = e.cached_read + cr
+    e.cache_write = e.cache_write + cw
+    e.reasoning = e.reasoning + r
+  end
+  e.input = e.input + i
+  e.output = e.output + o
   if usd then
     e.cost_usd = (e.cost_usd or 0) + usd
   end
@@ -459,6 +473,7 @@ function _M.reset()
   providers = {}
   flushed = {}
   spent, n_spent, spend_flushed = {}, 0, {}
+  last_provider, last_model, last_client, last_entry = nil, nil, nil, nil
 end
 
 return _M

@@ -230,32 +230,45 @@ note_skipped = function(result, skipped)
   end
 end
 
--- The cost of the whole request on its one answer: every call the
--- strategy made (retries, failed attempts, cancelled race and hedge
--- losers, whose attempts say what each cost).
-local function settle(r, spend)
+-- The cost of the whole request on its one answer: every attempt its
+-- metadata.attempts lists (retries, failed attempts, cancelled race and
+-- hedge losers: st.cancelled, from aiorch.call, says what each of those cost).
+local function settle(r, st)
   local m = r.metadata
-  local cancelled = spend.cancelled
-  if cancelled and type(m.attempts) == "table" then
+  local attempts = m.attempts
+  if type(attempts) ~= "table" then
+    return -- (a strategy's own answer, without attempts)
+  end
+  local cancelled = st.cancelled
+  if cancelled then -- what each loser cost, on its entry
     local used = {}
-    for _, a in ipairs(m.attempts) do
+    for _, a in ipairs(attempts) do
       if a.status == "cancelled" and a.cost_usd == nil then
         for i, c in ipairs(cancelled) do
           if not used[i] and c.provider == a.provider then
             used[i] = true
             a.cost_usd, a.cost_estimated, a.usage = c.cost_usd, c.cost_estimated, c.usage
+            a.unpriced = c.cost_usd == nil or nil
             break
           end
         end
       end
     end
   end
-  if spend.unpriced then
-    m.cost_usd = nil
-  elseif spend.usd > 0 or m.cost_usd then
-    m.cost_usd = spend.usd
+  local total, priced, estimated = 0, false, false
+  for _, a in ipairs(attempts) do
+    if a.cost_usd then
+      total, priced = total + a.cost_usd, true
+    elseif a.unpriced then
+      m.cost_usd = nil
+      return
+    end
+    estimated = estimated or a.cost_estimated == true
   end
-  if spend.estimated then
+  if priced then
+    m.cost_usd = total
+  end
+  if estimated then
     m.cost_estimated = true
   end
 end
@@ -265,8 +278,9 @@ end
 -- providers' policies, see aiorch.policy), prompt (builder name),
 -- context_info (for the prompt builder; default request.context), client
 -- (the client's name, for the metrics of cost), spend (a table
--- {usd = 0, tokens = 0} that adds up what every call cost, unpriced and
--- estimated set when a part was), budget (a function for ctx.budget).
+-- {usd = 0, tokens = 0} that aiorch.call adds what every call cost to,
+-- cancelled ones included; unpriced and estimated set when a part was),
+-- budget (a function for ctx.budget).
 function _M.orchestrate(request, strategy_name, providers, opts)
   opts = opts or {}
   strategy_name = strategy_name or _M.default_strategy
@@ -328,11 +342,11 @@ function _M.orchestrate(request, strategy_name, providers, opts)
   end
   names = fit.names
 
-  local spend = opts.spend or { usd = 0, tokens = 0 }
-  local ctx = context.new {
+  local st = {
     request = req, adapters = adapters, configs = configs, opts = opts, strategy = strategy_name,
-    variants = fit.variants, dropped = fit.dropped, fits = fit.set, spend = spend,
+    variants = fit.variants, dropped = fit.dropped, fits = fit.set,
   }
+  local ctx = context.new(st)
   if log.enabled("debug") then
     log.debug("strategy %s over %s", strategy_name, concat(names, ","))
   end
@@ -355,7 +369,10 @@ function _M.orchestrate(request, strategy_name, providers, opts)
     note_skipped(result, skipped)
   end
   if result.status then
-    settle(result, spend)
+    local attempts = result.metadata.attempts
+    if st.cancelled or type(attempts) == "table" and #attempts > 1 then
+      settle(result, st)
+    end
   end
   return result
 end

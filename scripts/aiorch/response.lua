@@ -107,6 +107,7 @@ function _M.attempt(r)
     provider_error = m.provider_error,
     upstream_error = m.upstream_error,
     cost_usd = m.cost_usd,
+    cost_estimated = m.cost_estimated,
     unpriced = m.cost_usd == nil and m.usage ~= nil and (m.usage.input_tokens or m.usage.output_tokens) ~= nil
       or nil,
   }

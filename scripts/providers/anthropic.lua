@@ -2,15 +2,11 @@
 -- to and from the canonical model is wire.anthropic's.
 local json = require "aiorch.json"
 local util = require "aiorch.adapter"
-local canonical = require "aiorch.canonical"
+local common = require "aiorch.providers_common"
 local wire = require "aiorch.wire.anthropic"
 
 local type = type
-local find = string.find
-local ipairs = ipairs
-local error = error
-local concat = table.concat
-local str, present = util.str, util.present
+local str = util.str
 
 local EMPTY = {} -- never written
 
@@ -54,10 +50,7 @@ function _M.build_request(config, request, opts)
     headers["anthropic-version"] = str(h["anthropic-version"]) or _M.api_version
     headers["anthropic-beta"] = str(h["anthropic-beta"])
   else
-    local req, err = canonical.normalize(request)
-    if not req then
-      error("invalid request: " .. err, 0)
-    end
+    local req = common.normalize(request)
     stream = opts.stream and true or false
     body = json.encode(wire.encode_request(req, {
       model = opts.model or config.model or _M.default_model,
@@ -73,14 +66,9 @@ function _M.build_request(config, request, opts)
     headers["accept"] = "text/event-stream"
   end
   local base = config.base_url or _M.default_base_url
-  local url = urls[base]
-  if not url then
-    url = util.join_url(base, "/v1/messages")
-    urls[base] = url
-  end
   return {
     method = "POST",
-    url = url,
+    url = urls[base] or common.url(urls, base, "/v1/messages"),
     headers = headers,
     body = body,
   }
@@ -98,68 +86,24 @@ local ERROR_KINDS = {
 }
 
 -- {"type":"error","error":{"type":"overloaded_error","message":"Overloaded"}}
-local function body_error(e)
+local function classify(e)
   local t = type(e) == "table" and str(e.type) or nil
   local msg = type(e) == "table" and (str(e.message) or t) or str(e) or "unknown error"
-  return nil, ERROR_KINDS[t] or "server_error", "provider error: " .. util.excerpt(msg, 500),
+  return ERROR_KINDS[t] or "server_error", "provider error: " .. util.excerpt(msg, 500),
     { provider_error = util.provider_error(e) }
 end
 
+-- An error body without an error object is an error still.
+local function failed(doc)
+  if doc.type == "error" then
+    return classify(doc.error)
+  end
+end
+
 -- result: wire.anthropic.decode_response's, plus raw_body (the upstream bytes).
-function _M.parse_response(config, status, headers, body)
-  if status < 200 or status > 299 then
-    return util.http_error(status, headers, body, util.error_object_message)
-  end
-  -- A tool call's input is an object: it becomes JSON text again, so its
-  -- empty arrays must stay arrays (aiorch.json); otherwise cjson alone.
-  local decode = find(body or "", '"tool_use"', 1, true) and json.decode or json.decode_plain
-  local doc, err = decode(body or "")
-  if type(doc) ~= "table" then
-    return nil, "parse", "malformed JSON body: " .. (err or "not an object")
-  end
-  if doc.type == "error" or present(doc.error) then
-    return body_error(doc.error)
-  end
-  local result, kind, msg = wire.decode_response(doc)
-  if not result then
-    return nil, kind, msg
-  end
-  result.model = result.model or config.model or _M.default_model
-  result.raw_body = body
-  return result
-end
-
-local function classify(e)
-  local _, kind, msg, extra = body_error(e)
-  return kind, msg, extra
-end
-
--- :event for a parser made without opts.events: the text the event adds,
--- as adapters written before stream events return.
-local function text_event(self, ev)
-  local out = wire.Decoder.event(self, ev)
-  if not out then
-    return nil
-  elseif out.type then
-    return out.type == "text" and out.text or nil
-  end
-  local text = {}
-  for _, e in ipairs(out) do
-    if e.type == "text" then
-      text[#text + 1] = e.text
-    end
-  end
-  return #text > 0 and concat(text) or nil
-end
-
-local function parser_result(self)
-  local result, kind, msg, extra = wire.Decoder.result(self)
-  if not result then
-    return nil, kind, msg, extra
-  end
-  result.model = result.model or self.config.model or _M.default_model
-  return result
-end
+-- A tool call's input is an object: it becomes JSON text again, so its
+-- empty arrays must stay arrays (aiorch.json); otherwise cjson alone.
+_M.parse_response = common.response_parser(_M, wire, { classify = classify, failed = failed, objects = '"tool_use"' })
 
 -- stream_parser(config[, opts]) -> wire.anthropic's stream decoder (the
 -- named events message_start, content_block_*, message_delta,
@@ -167,15 +111,6 @@ end
 -- opts.events, else the text delta (or nil); it keeps parts (the text
 -- deltas), usage, model, finish_reason. Without message_stop the answer
 -- may be truncated.
-function _M.stream_parser(config, opts)
-  local p = wire.stream_decoder()
-  p.config = config
-  p.classify = classify
-  p.result = parser_result
-  if not (opts and opts.events) then
-    p.event = text_event
-  end
-  return p
-end
+_M.stream_parser = common.stream_parser(_M, wire, classify, common.text_event(wire.Decoder.event))
 
 return _M

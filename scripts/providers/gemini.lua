@@ -3,19 +3,13 @@
 -- from the canonical model is wire.gemini's.
 local json = require "aiorch.json"
 local util = require "aiorch.adapter"
-local canonical = require "aiorch.canonical"
+local common = require "aiorch.providers_common"
 local wire = require "aiorch.wire.gemini"
-local cjson = require "cjson.safe"
 
-local fmt = string.format
 local type = type
-local ipairs = ipairs
-local error = error
 local tostring = tostring
 local concat = table.concat
-local find = string.find
-local byte = string.byte
-local str, present = util.str, util.present
+local str = util.str
 
 local EMPTY = {} -- never written
 
@@ -40,15 +34,11 @@ local _M = {
 local urls, n_urls = {}, 0
 local URLS_MAX = 256
 
-local function escape(s)
-  return (s:gsub("[^%w%-%._~]", function(c) return fmt("%%%02X", byte(c)) end))
-end
-
 local function url_of(base, model, stream)
   local key = concat({ base, model, stream and "s" or "" }, "\0")
   local url = urls[key]
   if not url then
-    url = util.join_url(base, "/v1beta/models/" .. escape(model)
+    url = util.join_url(base, "/v1beta/models/" .. common.percent(model)
       .. (stream and ":streamGenerateContent?alt=sse" or ":generateContent"))
     if n_urls >= URLS_MAX then
       urls, n_urls = {}, 0
@@ -69,11 +59,7 @@ function _M.build_request(config, request, opts)
   if type(raw) == "table" and raw.api == _M.api and type(raw.body) == "string" then
     body = raw.body
   else
-    local req, err = canonical.normalize(request)
-    if not req then
-      error("invalid request: " .. err, 0)
-    end
-    body = json.encode(wire.encode_request(req))
+    body = json.encode(wire.encode_request(common.normalize(request)))
   end
   local stream = opts.stream == true
   local headers = {
@@ -116,89 +102,26 @@ local function provider_error(e)
 end
 
 -- {"error":{"code":429,"message":"...","status":"RESOURCE_EXHAUSTED"}}
-local function body_error(e)
+local function classify(e)
   local t = type(e) == "table" and str(e.status) or nil
   local msg = type(e) == "table" and (str(e.message) or t) or str(e) or "unknown error"
-  return nil, KINDS[t] or "server_error", "provider error: " .. util.excerpt(msg, 500),
+  return KINDS[t] or "server_error", "provider error: " .. util.excerpt(msg, 500),
     { provider_error = provider_error(e) }
 end
 
 -- result: wire.gemini.decode_response's, plus raw_body (the upstream bytes).
-function _M.parse_response(config, status, headers, body)
-  if status < 200 or status > 299 then
-    local r, kind, msg, extra = util.http_error(status, headers, body, util.error_object_message)
-    local doc = cjson.decode(body or "")
-    if type(doc) == "table" then
-      extra.provider_error = provider_error(doc.error) or extra.provider_error
-    end
-    return r, kind, msg, extra
-  end
-  -- A call's args become JSON text again, so their empty arrays must stay
-  -- arrays (aiorch.json); otherwise cjson alone.
-  local decode = find(body or "", '"functionCall"', 1, true) and json.decode or json.decode_plain
-  local doc, err = decode(body or "")
-  if type(doc) ~= "table" then
-    return nil, "parse", "malformed JSON body: " .. (err or "not an object")
-  end
-  if present(doc.error) then
-    return body_error(doc.error)
-  end
-  local result, kind, msg = wire.decode_response(doc)
-  if not result then
-    return nil, kind, msg
-  end
-  result.model = result.model or config.model or _M.default_model
-  result.raw_body = body
-  return result
-end
-
-local function classify(e)
-  local _, kind, msg, extra = body_error(e)
-  return kind, msg, extra
-end
-
--- :event for a parser made without opts.events: the text the event adds
--- (the first candidate's), as adapters written before stream events return.
-local function text_event(self, ev)
-  local out = wire.Decoder.event(self, ev)
-  if not out then
-    return nil
-  elseif out.type then
-    return out.type == "text" and not out.choice and out.text ~= "" and out.text or nil
-  end
-  local text = {}
-  for _, e in ipairs(out) do
-    if e.type == "text" and not e.choice then
-      text[#text + 1] = e.text
-    end
-  end
-  local s = concat(text)
-  return s ~= "" and s or nil
-end
-
-local function parser_result(self)
-  local result, kind, msg, extra = wire.Decoder.result(self)
-  if not result then
-    return nil, kind, msg, extra
-  end
-  result.model = result.model or self.config.model or _M.default_model
-  return result
-end
+-- A call's args become JSON text again, so their empty arrays must stay
+-- arrays (aiorch.json); otherwise cjson alone. A non-2xx's error object
+-- is read as Gemini's ({status, code}) first.
+_M.parse_response = common.response_parser(_M, wire, { classify = classify, objects = '"functionCall"',
+  error_of = provider_error })
 
 -- stream_parser(config[, opts]) -> wire.gemini's stream decoder (each
 -- server-sent event a whole GenerateContentResponse): :event(ev) returns
--- canonical events when opts.events, else the text delta (or nil); it
--- keeps parts (the text deltas), usage, model, finish_reason. Without a
--- finishReason the answer may be truncated.
-function _M.stream_parser(config, opts)
-  local p = wire.stream_decoder()
-  p.config = config
-  p.classify = classify
-  p.result = parser_result
-  if not (opts and opts.events) then
-    p.event = text_event
-  end
-  return p
-end
+-- canonical events when opts.events, else the text delta (or nil: the
+-- first candidate's, empty text none); it keeps parts (the text deltas),
+-- usage, model, finish_reason. Without a finishReason the answer may be
+-- truncated.
+_M.stream_parser = common.stream_parser(_M, wire, classify, common.text_event(wire.Decoder.event, true))
 
 return _M

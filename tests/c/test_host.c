@@ -12,27 +12,8 @@
 #include <time.h>
 
 #include "aiorch.h"
-
-static int failures, passes;
-
-#define CHECK(cond, ...)                                                                           \
-    do {                                                                                           \
-        if (cond) {                                                                                \
-            passes++;                                                                              \
-        } else {                                                                                   \
-            failures++;                                                                            \
-            printf("FAIL %s:%d: ", __FILE__, __LINE__);                                            \
-            printf(__VA_ARGS__);                                                                   \
-            printf("\n");                                                                          \
-        }                                                                                          \
-    } while (0)
-
-static double now_ms(void)
-{
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (double)ts.tv_sec * 1e3 + (double)ts.tv_nsec / 1e6;
-}
+#include "check.h"
+#include "outcome.h"
 
 /* ---- the host: watchers kept in one list, polled ---- */
 
@@ -187,27 +168,6 @@ static int run_until(host *h, int (*done)(void *), void *arg, int ms)
 }
 
 /* ---- jobs ---- */
-
-typedef struct outcome {
-    int results, errors;
-    char json[8192];
-    char kind[64], message[512];
-} outcome;
-
-static void on_result(void *ud, const char *json, size_t len)
-{
-    outcome *o = ud;
-    o->results++;
-    snprintf(o->json, sizeof o->json, "%.*s", (int)len, json);
-}
-
-static void on_error(void *ud, const char *kind, const char *message)
-{
-    outcome *o = ud;
-    o->errors++;
-    snprintf(o->kind, sizeof o->kind, "%s", kind);
-    snprintf(o->message, sizeof o->message, "%s", message);
-}
 
 static int job_done(void *arg)
 {
@@ -425,6 +385,5 @@ int main(int argc, char **argv)
     CHECK(h.slots == 0 && h.list == NULL, "%d host watchers were not released", h.slots);
     CHECK(h.closings > 0, "the host was not told of libcurl's sockets closing");
 
-    printf("%d checks, %d failed\n", passes + failures, failures);
-    return failures ? 1 : 0;
+    return check_summary();
 }

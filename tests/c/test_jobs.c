@@ -10,45 +10,8 @@
 #include <time.h>
 
 #include "aiorch.h"
-
-static int failures, passes;
-
-#define CHECK(cond, ...)                                                                           \
-    do {                                                                                           \
-        if (cond) {                                                                                \
-            __atomic_add_fetch(&passes, 1, __ATOMIC_RELAXED);                                      \
-        } else {                                                                                   \
-            __atomic_add_fetch(&failures, 1, __ATOMIC_RELAXED);                                    \
-            printf("FAIL %s:%d: ", __FILE__, __LINE__);                                            \
-            printf(__VA_ARGS__);                                                                   \
-            printf("\n");                                                                          \
-        }                                                                                          \
-    } while (0)
-
-/* What one job reported. */
-typedef struct outcome {
-    int results, errors, events;
-    char json[8192];
-    char kind[64];
-    char message[1024];
-    char streamed[8192];
-    aiorch_job *cancel_on_event; /* cancels this job at the first event */
-} outcome;
-
-static void on_result(void *ud, const char *json, size_t len)
-{
-    outcome *o = ud;
-    o->results++;
-    snprintf(o->json, sizeof o->json, "%.*s", (int)len, json);
-}
-
-static void on_error(void *ud, const char *kind, const char *message)
-{
-    outcome *o = ud;
-    o->errors++;
-    snprintf(o->kind, sizeof o->kind, "%s", kind);
-    snprintf(o->message, sizeof o->message, "%s", message);
-}
+#include "check.h"
+#include "outcome.h"
 
 /* Keeps the text of {"type":"text","text":"..."} events (the mock's text has no escapes). */
 static void on_event(void *ud, const char *json, size_t len)
@@ -79,13 +42,6 @@ static aiorch_job *chunk(aiorch_runtime *rt, const char *code, outcome *o)
 {
     aiorch_job_callbacks cb = callbacks(o);
     return aiorch_job_submit_chunk(rt, code, strlen(code), "=test", 0, NULL, &cb);
-}
-
-static double now_ms(void)
-{
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return ts.tv_sec * 1e3 + ts.tv_nsec / 1e6;
 }
 
 static void test_results_and_failures(const char *dir)
@@ -340,6 +296,5 @@ int main(int argc, char **argv)
     test_pollable();
     test_threads();
     test_start(dir);
-    printf("%d passed, %d failed\n", passes, failures);
-    return failures ? 1 : 0;
+    return check_summary();
 }

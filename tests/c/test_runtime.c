@@ -10,20 +10,7 @@
 #include <ev.h>
 
 #include "aiorch.h"
-
-static int failures, passes;
-
-#define CHECK(cond, ...)                                                                           \
-    do {                                                                                           \
-        if (cond) {                                                                                \
-            passes++;                                                                              \
-        } else {                                                                                   \
-            failures++;                                                                            \
-            printf("FAIL %s:%d: ", __FILE__, __LINE__);                                            \
-            printf(__VA_ARGS__);                                                                   \
-            printf("\n");                                                                          \
-        }                                                                                          \
-    } while (0)
+#include "check.h"
 
 static char dir[512];
 
@@ -131,6 +118,5 @@ int main(int argc, char **argv)
     test_budget();
     test_errors();
     test_free_while_busy();
-    printf("%d passed, %d failed\n", passes, failures);
-    return failures ? 1 : 0;
+    return check_summary();
 }

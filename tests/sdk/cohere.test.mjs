@@ -9,62 +9,22 @@
 // AIORCH_BUILD names the build directory (default: build).
 import { test, before, after } from 'node:test';
 import assert from 'node:assert/strict';
-import { spawn, spawnSync } from 'node:child_process';
-import { createServer } from 'node:net';
-import { createInterface } from 'node:readline';
 import { writeFileSync, mkdtempSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
-import { join, resolve, dirname } from 'node:path';
-import { fileURLToPath } from 'node:url';
+import { join } from 'node:path';
 import { CohereClientV2, Cohere, CohereError } from 'cohere-ai';
 import OpenAI from 'openai';
 import Anthropic from '@anthropic-ai/sdk';
+import { AIORCH, HOST, assertValid, hasServe, mockPrefix, startMock, startServe, stopAll } from './support.mjs';
 
-const ROOT = resolve(dirname(fileURLToPath(import.meta.url)), '..', '..');
-const AIORCH = resolve(ROOT, process.env.AIORCH_BUILD || 'build', 'aiorch');
-const HOST = '127.0.0.1';
 const MODEL = 'command-a-03-2025';
 const PNG = 'iVBORw0KGgo='; // the PNG signature
 const MOCK_TEXT = /^Hello from the mock cohere provider\. You asked: /;
 const PREAMBLE_TOKENS = 64; // what the mock adds to billed input tokens in usage.tokens
 
-const hasServe = (() => {
-  const r = spawnSync(AIORCH, ['--help'], { encoding: 'utf8' });
-  return r.status === 0 && /^\s*serve\b/m.test(r.stdout);
-})();
-const SKIP = hasServe ? false : `${AIORCH} is not built (or has no 'serve' command)`;
+const SKIP = hasServe() ? false : `${AIORCH} is not built (or has no 'serve' command)`;
 
 // --- A little JSON Schema, for the arguments and JSON answers ----------------
-
-function check(schema, value, root = schema, path = '') {
-  if (schema.$ref) {
-    return check(schema.$ref.replace(/^#\//, '').split('/').reduce((n, k) => n[k], root), value, root, path);
-  }
-  if (schema.enum && !schema.enum.includes(value)) return [`${path}: not one of ${schema.enum}`];
-  const typeOf = (v) => (v === null ? 'null' : Array.isArray(v) ? 'array'
-    : Number.isInteger(v) ? 'integer' : typeof v);
-  const t = typeOf(value);
-  if (schema.type && schema.type !== t && !(schema.type === 'number' && t === 'integer')) {
-    return [`${path}: expected ${schema.type}, got ${t}`];
-  }
-  const out = [];
-  if (t === 'object') {
-    for (const k of schema.required ?? []) if (!(k in value)) out.push(`${path}: missing ${k}`);
-    for (const [k, v] of Object.entries(value)) {
-      if (schema.properties?.[k]) out.push(...check(schema.properties[k], v, root, `${path}.${k}`));
-      else if (schema.additionalProperties === false) out.push(`${path}: unexpected ${k}`);
-    }
-  } else if (t === 'array') {
-    if (schema.minItems !== undefined && value.length < schema.minItems) out.push(`${path}: too few items`);
-    value.forEach((v, i) => out.push(...check(schema.items ?? {}, v, root, `${path}[${i}]`)));
-  } else if (typeof value === 'number') {
-    if (schema.minimum !== undefined && value < schema.minimum) out.push(`${path}: below minimum`);
-    if (schema.maximum !== undefined && value > schema.maximum) out.push(`${path}: above maximum`);
-  }
-  return out;
-}
-
-const assertValid = (schema, value) => assert.deepEqual(check(schema, value), [], JSON.stringify(value));
 
 const WEATHER = {
   type: 'object',
@@ -92,80 +52,15 @@ const COHERE_TOOLS = [
 
 // --- Processes: the mock, the gateway ----------------------------------------
 
-const children = new Set();
 let tmp;
-
-function start(args, env = {}) {
-  const child = spawn(AIORCH, args, { cwd: ROOT, env: { ...process.env, ...env },
-    stdio: ['ignore', 'pipe', 'pipe'], detached: true });
-  child.log = '';
-  child.stderr.on('data', (d) => { child.log = (child.log + d).slice(-4000); });
-  children.add(child);
-  child.once('exit', () => children.delete(child));
-  return child;
-}
-
-function stop(child) {
-  return new Promise((done) => {
-    if (child.exitCode !== null || child.signalCode !== null) return done();
-    const timer = setTimeout(() => { try { child.kill('SIGKILL'); } catch { /* gone */ } }, 5000);
-    child.once('exit', () => { clearTimeout(timer); done(); });
-    try { child.kill('SIGTERM'); } catch { clearTimeout(timer); done(); }
-  });
-}
-
-process.on('exit', () => {
-  for (const c of children) {
-    try { c.kill('SIGKILL'); } catch { /* gone */ }
-  }
-});
-
-function freePort() {
-  return new Promise((ok, fail) => {
-    const s = createServer();
-    s.once('error', fail);
-    s.listen(0, HOST, () => { const { port } = s.address(); s.close(() => ok(port)); });
-  });
-}
-
-async function startMock() {
-  const child = start(['run', 'tests/mock_server.lua', '--port', '0']);
-  const lines = createInterface({ input: child.stdout });
-  const port = await new Promise((ok, fail) => {
-    const t = setTimeout(() => fail(new Error('the mock did not print its port: ' + child.log)), 10000);
-    lines.once('line', (l) => {
-      clearTimeout(t);
-      const m = /^PORT (\d+)$/.exec(l);
-      m ? ok(Number(m[1])) : fail(new Error('unexpected first line from the mock: ' + l));
-    });
-    child.once('exit', (code) => fail(new Error(`the mock exited (${code}): ${child.log}`)));
-  });
-  child.stdout.resume();
-  return port;
-}
 
 // `aiorch serve` whose one provider is cohere, at the mock (with directives).
 async function startGateway(mockPort, directives = '') {
-  const port = await freePort();
-  const config = join(tmp, `gateway-${port}.lua`);
-  const prefix = directives ? `/_mock/${directives}` : '';
-  writeFileSync(config, `return { providers = { cohere = { base_url = "http://${HOST}:${mockPort}${prefix}" } } }\n`);
-  const child = start(['serve', '--workers', '0', '--listen', `${HOST}:${port}`, '--config', config],
+  const config = join(tmp, `gateway-${directives || 'plain'}.lua`);
+  writeFileSync(config,
+    `return { providers = { cohere = { base_url = "http://${HOST}:${mockPort}${mockPrefix(directives)}" } } }\n`);
+  return startServe(['--workers', '0', '--config', config],
     { CO_API_KEY: 'co-test-key', OPENAI_API_KEY: '', ANTHROPIC_API_KEY: '' });
-  child.stdout.resume();
-  const url = `http://${HOST}:${port}`;
-  const deadline = Date.now() + 15000;
-  for (;;) {
-    if (child.exitCode !== null) throw new Error(`aiorch serve exited (${child.exitCode}): ${child.log}`);
-    try {
-      const r = await fetch(url + '/healthz');
-      await r.arrayBuffer();
-      if (r.status === 200) break;
-    } catch { /* not listening yet */ }
-    if (Date.now() > deadline) throw new Error('aiorch serve did not become healthy: ' + child.log);
-    await new Promise((r) => setTimeout(r, 50));
-  }
-  return { child, url };
 }
 
 let base = '';
@@ -174,14 +69,14 @@ let gw, limited;
 before(async () => {
   if (SKIP) return;
   tmp = mkdtempSync(join(tmpdir(), 'aiorch-cohere-'));
-  const port = await startMock();
-  base = `http://${HOST}:${port}`;
+  const { port, url } = await startMock(['--port', '0']);
+  base = url;
   gw = await startGateway(port);
   limited = await startGateway(port, 'fault=429,retry_after=1');
 });
 
 after(async () => {
-  await Promise.all([...children].map(stop));
+  await stopAll();
   if (tmp) rmSync(tmp, { recursive: true, force: true });
 });
 

@@ -12,29 +12,19 @@
 //   node --test tests/sdk/compat.test.mjs     (from the repository root; CTest: sdk_clients)
 import { test, before, after } from 'node:test';
 import assert from 'node:assert/strict';
-import { spawn, spawnSync } from 'node:child_process';
-import { createServer } from 'node:net';
-import { createInterface } from 'node:readline';
 import { writeFileSync, mkdtempSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
-import { join, resolve, dirname } from 'node:path';
-import { fileURLToPath } from 'node:url';
+import { join } from 'node:path';
 import OpenAI, { AzureOpenAI } from 'openai';
 import Anthropic from '@anthropic-ai/sdk';
 import Groq from 'groq-sdk';
 import { Mistral } from '@mistralai/mistralai';
 import * as mistralErrors from '@mistralai/mistralai/models/errors';
+import { AIORCH, hasServe, startMock, startServe, stopAll } from './support.mjs';
 
-const ROOT = resolve(dirname(fileURLToPath(import.meta.url)), '..', '..');
-const AIORCH = resolve(ROOT, process.env.AIORCH_BUILD || 'build', 'aiorch');
-const HOST = '127.0.0.1';
 const KEY = 'compat-sdk-key';
 
-const hasServe = (() => {
-  const r = spawnSync(AIORCH, ['--help'], { encoding: 'utf8' });
-  return r.status === 0 && /^\s*serve\b/m.test(r.stdout);
-})();
-const SKIP = hasServe ? false : `${AIORCH} is not built (or has no 'serve' command)`;
+const SKIP = hasServe() ? false : `${AIORCH} is not built (or has no 'serve' command)`;
 
 const WEATHER = {
   type: 'object',
@@ -44,83 +34,19 @@ const WEATHER = {
 const TOOLS = [{ type: 'function', function: { name: 'get_weather', description: 'Weather now', parameters: WEATHER } }];
 const ASK_TOOL = [{ role: 'user', content: 'Weather in Oslo? get_weather' }];
 
-const children = new Set();
 let tmp;
 
-function start(args, env = {}) {
-  const child = spawn(AIORCH, args, { cwd: ROOT, env: { ...process.env, ...env },
-    stdio: ['ignore', 'pipe', 'pipe'], detached: true });
-  child.log = '';
-  child.stderr.on('data', (d) => { child.log = (child.log + d).slice(-4000); });
-  children.add(child);
-  child.once('exit', () => children.delete(child));
-  return child;
-}
-
-function stop(child) {
-  return new Promise((done) => {
-    if (child.exitCode !== null || child.signalCode !== null) return done();
-    const timer = setTimeout(() => { try { child.kill('SIGKILL'); } catch { /* gone */ } }, 5000);
-    child.once('exit', () => { clearTimeout(timer); done(); });
-    try { child.kill('SIGTERM'); } catch { clearTimeout(timer); done(); }
-  });
-}
-
-process.on('exit', () => {
-  for (const c of children) {
-    try { c.kill('SIGKILL'); } catch { /* gone */ }
-  }
-});
-
-function freePort() {
-  return new Promise((ok, fail) => {
-    const s = createServer();
-    s.once('error', fail);
-    s.listen(0, HOST, () => { const { port } = s.address(); s.close(() => ok(port)); });
-  });
-}
-
-async function startMock() {
-  const child = start(['run', 'tests/mock_server.lua', '--port', '0', '--chunks', '3']);
-  const lines = createInterface({ input: child.stdout });
-  const port = await new Promise((ok, fail) => {
-    const t = setTimeout(() => fail(new Error('the mock did not print its port: ' + child.log)), 10000);
-    lines.once('line', (l) => {
-      clearTimeout(t);
-      const m = /^PORT (\d+)$/.exec(l);
-      m ? ok(Number(m[1])) : fail(new Error('unexpected first line from the mock: ' + l));
-    });
-    child.once('exit', (code) => fail(new Error(`the mock exited (${code}): ${child.log}`)));
-  });
-  child.stdout.resume();
-  return port;
-}
-
 async function startGateway(mock) {
-  const port = await freePort();
-  const config = join(tmp, `gateway-${port}.lua`);
+  const config = join(tmp, 'gateway.lua');
   writeFileSync(config, `return { providers = {
   azure = { base_url = "${mock}/azure", deployments = { ["gpt-4o"] = "prod-4o" }, api_version = "2024-10-21" },
   groq = { base_url = "${mock}/groq/openai/v1" },
   mistral = { base_url = "${mock}/mistral/v1" },
   mylocal = { api = "openai", base_url = "${mock}/ollama/v1", api_key_env = false, models = { "llama3.1:8b" } },
 } }\n`);
-  const child = start(['serve', '--workers', '0', '--listen', `${HOST}:${port}`, '--config', config],
+  const { url } = await startServe(['--workers', '0', '--config', config],
     { AZURE_OPENAI_API_KEY: KEY, GROQ_API_KEY: KEY, MISTRAL_API_KEY: KEY, OPENAI_API_KEY: '', ANTHROPIC_API_KEY: '',
       OPENAI_API_VERSION: '' });
-  child.stdout.resume();
-  const url = `http://${HOST}:${port}`;
-  const deadline = Date.now() + 15000;
-  for (;;) {
-    if (child.exitCode !== null) throw new Error(`aiorch serve exited (${child.exitCode}): ${child.log}`);
-    try {
-      const r = await fetch(url + '/healthz');
-      await r.arrayBuffer();
-      if (r.status === 200) break;
-    } catch { /* not listening yet */ }
-    if (Date.now() > deadline) throw new Error('aiorch serve did not become healthy: ' + child.log);
-    await new Promise((r) => setTimeout(r, 50));
-  }
   return url;
 }
 
@@ -130,12 +56,12 @@ let gateway = '';
 before(async () => {
   if (SKIP) return;
   tmp = mkdtempSync(join(tmpdir(), 'aiorch-compat-sdk-'));
-  mock = `http://${HOST}:${await startMock()}`;
+  mock = (await startMock(['--port', '0', '--chunks', '3'])).url;
   gateway = await startGateway(mock);
 });
 
 after(async () => {
-  for (const c of [...children]) await stop(c);
+  await stopAll();
   if (tmp) rmSync(tmp, { recursive: true, force: true });
 });
 

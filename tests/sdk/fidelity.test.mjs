@@ -11,23 +11,17 @@
 // AIORCH_BUILD names the build directory (default: build).
 import { test, before, after, beforeEach } from 'node:test';
 import assert from 'node:assert/strict';
-import { spawn, spawnSync } from 'node:child_process';
-import { createServer } from 'node:net';
-import { createInterface } from 'node:readline';
 import { writeFileSync, mkdtempSync, mkdirSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
-import { join, resolve, dirname } from 'node:path';
-import { fileURLToPath } from 'node:url';
+import { join } from 'node:path';
 import { randomUUID } from 'node:crypto';
 import OpenAI from 'openai';
 import Anthropic from '@anthropic-ai/sdk';
 import { jsonSchemaOutputFormat } from '@anthropic-ai/sdk/helpers/json-schema';
 import { betaTool } from '@anthropic-ai/sdk/helpers/beta/json-schema';
 import { standardResponseFormat } from 'openai/helpers/standard-schema';
+import { AIORCH, HOST, firstLine, hasServe, start, startServe, stop, stopAll } from './support.mjs';
 
-const ROOT = resolve(dirname(fileURLToPath(import.meta.url)), '..', '..');
-const AIORCH = resolve(ROOT, process.env.AIORCH_BUILD || 'build', 'aiorch');
-const HOST = '127.0.0.1';
 const OPENAI_KEY = 'sk-fid-upstream-openai-7310';
 const ANTHROPIC_KEY = 'sk-ant-fid-upstream-7311';
 const CLIENT_KEY = 'sk-fid-client-dummy-7312';
@@ -39,95 +33,27 @@ const ANTHROPIC_DEFAULT = 'claude-3-haiku-20240307';
 const PNG = 'iVBORw0KGgo='; // the PNG signature
 const IMAGE_URL = 'https://example.com/cat.jpg';
 
-const hasServe = (() => {
-  const r = spawnSync(AIORCH, ['--help'], { encoding: 'utf8' });
-  return r.status === 0 && /^\s*serve\b/m.test(r.stdout);
-})();
-const SKIP = hasServe ? false : `${AIORCH} has no 'serve' command yet`;
+const SKIP = hasServe() ? false : `${AIORCH} has no 'serve' command yet`;
 
 // --- Processes -------------------------------------------------------------------
 
-const children = new Set();
 let tmp;
-
-function freePort() {
-  return new Promise((ok, fail) => {
-    const s = createServer();
-    s.once('error', fail);
-    s.listen(0, HOST, () => {
-      const { port } = s.address();
-      s.close(() => ok(port));
-    });
-  });
-}
-
-function start(args, env = {}) {
-  const child = spawn(AIORCH, args, {
-    cwd: ROOT, env: { ...process.env, ...env }, stdio: ['ignore', 'pipe', 'pipe'], detached: true,
-  });
-  child.log = '';
-  child.stderr.on('data', (d) => { child.log = (child.log + d).slice(-8000); });
-  children.add(child);
-  child.once('exit', () => children.delete(child));
-  return child;
-}
-
-function stop(child) {
-  return new Promise((done) => {
-    if (child.exitCode !== null || child.signalCode !== null) return done();
-    const timer = setTimeout(() => {
-      try { process.kill(-child.pid, 'SIGKILL'); } catch { /* gone */ }
-    }, 5000);
-    child.once('exit', () => { clearTimeout(timer); done(); });
-    try { child.kill('SIGTERM'); } catch { clearTimeout(timer); done(); }
-  });
-}
-
-process.on('exit', () => {
-  for (const c of children) {
-    try { process.kill(-c.pid, 'SIGKILL'); } catch { /* gone */ }
-  }
-});
 
 // The recording upstream: its mock port and its control port.
 async function startUpstream() {
   const child = start(['run', 'tests/sdk/recording_upstream.lua']);
-  const lines = createInterface({ input: child.stdout });
-  const [port, control] = await new Promise((ok, fail) => {
-    const t = setTimeout(() => fail(new Error('the upstream did not print its ports: ' + child.log)), 10000);
-    lines.once('line', (l) => {
-      clearTimeout(t);
-      const m = /^PORT (\d+) (\d+)$/.exec(l);
-      m ? ok([Number(m[1]), Number(m[2])]) : fail(new Error('unexpected first line: ' + l));
-    });
-    child.once('exit', (code) => fail(new Error(`the upstream exited (${code}): ${child.log}`)));
-  });
-  child.stdout.resume();
+  const [port, control] = await firstLine(child, /^PORT (\d+) (\d+)$/, 'the upstream');
   return { child, port, url: `http://${HOST}:${port}`, control: `http://${HOST}:${control}` };
 }
 
 // `aiorch serve --workers 0` with a configuration file; waits for /healthz.
+let configs = 0;
 async function startGateway(config, extraArgs = []) {
-  const port = await freePort();
-  const file = join(tmp, `gateway-${port}.lua`);
+  const file = join(tmp, `gateway-${++configs}.lua`);
   writeFileSync(file, config);
-  const child = start(['serve', '--workers', '0', '--listen', `${HOST}:${port}`, '--config', file, ...extraArgs], {
+  return startServe(['--workers', '0', '--config', file, ...extraArgs], {
     FID_OPENAI_KEY: OPENAI_KEY, FID_ANTHROPIC_KEY: ANTHROPIC_KEY,
   });
-  child.stdout.resume();
-  const url = `http://${HOST}:${port}`;
-  const deadline = Date.now() + 15000;
-  for (;;) {
-    if (child.exitCode !== null) throw new Error(`aiorch serve exited (${child.exitCode}): ${child.log}`);
-    try {
-      const r = await fetch(url + '/healthz');
-      await r.arrayBuffer();
-      if (r.status === 200) break;
-    } catch { /* not listening yet */ }
-    if (Date.now() > deadline) throw new Error('aiorch serve did not become healthy: ' + child.log);
-    await new Promise((r) => setTimeout(r, 50));
-  }
-  return { child, url };
 }
 
 // A configuration: both providers on the recording upstream (each base URL
@@ -158,7 +84,7 @@ before(async () => {
 });
 
 after(async () => {
-  await Promise.all([...children].map(stop));
+  await stopAll();
   if (tmp) rmSync(tmp, { recursive: true, force: true });
 });
 

@@ -8,127 +8,35 @@
 // be configured as startGateway below configures its own.
 import { test, before, after } from 'node:test';
 import assert from 'node:assert/strict';
-import { spawn, spawnSync } from 'node:child_process';
-import { createServer } from 'node:net';
-import { createInterface } from 'node:readline';
 import { writeFileSync, mkdtempSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
-import { join, resolve, dirname } from 'node:path';
-import { fileURLToPath } from 'node:url';
+import { join } from 'node:path';
 import OpenAI from 'openai';
 import Anthropic from '@anthropic-ai/sdk';
+import { AIORCH, HOST, hasServe, startMock, startServe, stopAll } from './support.mjs';
 
-const ROOT = resolve(dirname(fileURLToPath(import.meta.url)), '..', '..');
-const AIORCH = resolve(ROOT, process.env.AIORCH_BUILD || 'build', 'aiorch');
-const HOST = '127.0.0.1';
 const CLIENT_KEY = 'sk-aiorch-sdk-test-client-key';
 const QUESTION = 'What is the capital of France?';
 const OPENAI_MODEL = 'gpt-4o-mini';
 const ANTHROPIC_MODEL = 'claude-3-haiku-20240307';
 const MOCK_TEXT = /^Hello from the mock (openai|anthropic) provider\. You asked: /;
 
-// Every process started here, killed by PID in after() and on exit.
-const children = new Set();
 let tmp;
 
 const GIVEN = process.env.AIORCH_SDK_GATEWAYS ? JSON.parse(process.env.AIORCH_SDK_GATEWAYS) : null;
-const hasServe = GIVEN !== null || (() => {
-  const r = spawnSync(AIORCH, ['--help'], { encoding: 'utf8' });
-  return r.status === 0 && /^\s*serve\b/m.test(r.stdout);
-})();
-const SKIP = hasServe ? false : `${AIORCH} has no 'serve' command yet`;
-
-function freePort() {
-  return new Promise((ok, fail) => {
-    const s = createServer();
-    s.once('error', fail);
-    s.listen(0, HOST, () => {
-      const { port } = s.address();
-      s.close(() => ok(port));
-    });
-  });
-}
-
-// Starts a child in its own process group; keeps the tail of its output for
-// failure messages.
-function start(args, env) {
-  const child = spawn(AIORCH, args, {
-    cwd: ROOT,
-    env: { ...process.env, ...env },
-    stdio: ['ignore', 'pipe', 'pipe'],
-    detached: true,
-  });
-  child.log = '';
-  const keep = (d) => { child.log = (child.log + d).slice(-4000); };
-  child.stderr.on('data', keep);
-  children.add(child);
-  child.once('exit', () => children.delete(child));
-  return child;
-}
-
-function stop(child) {
-  return new Promise((done) => {
-    if (child.exitCode !== null || child.signalCode !== null) return done();
-    const timer = setTimeout(() => {
-      try { process.kill(-child.pid, 'SIGKILL'); } catch { /* already gone */ }
-      try { child.kill('SIGKILL'); } catch { /* already gone */ }
-    }, 5000);
-    child.once('exit', () => { clearTimeout(timer); done(); });
-    try { child.kill('SIGTERM'); } catch { clearTimeout(timer); done(); }
-  });
-}
-
-process.on('exit', () => {
-  for (const c of children) {
-    try { process.kill(-c.pid, 'SIGKILL'); } catch { /* gone */ }
-    try { c.kill('SIGKILL'); } catch { /* gone */ }
-  }
-});
-
-async function startMock() {
-  const child = start(['run', 'tests/mock_server.lua']);
-  const lines = createInterface({ input: child.stdout });
-  const port = await new Promise((ok, fail) => {
-    const t = setTimeout(() => fail(new Error('the mock did not print its port: ' + child.log)), 10000);
-    lines.once('line', (l) => {
-      clearTimeout(t);
-      const m = /^PORT (\d+)$/.exec(l);
-      m ? ok(Number(m[1])) : fail(new Error('unexpected first line from the mock: ' + l));
-    });
-    child.once('exit', (code) => fail(new Error(`the mock exited (${code}): ${child.log}`)));
-  });
-  child.stdout.resume();
-  return { child, port };
-}
+const SKIP = GIVEN !== null || hasServe() ? false : `${AIORCH} has no 'serve' command yet`;
 
 // Starts `aiorch serve` with the mock behind it (base URLs with an optional
 // /_mock/... directive prefix) and waits until /healthz answers.
 async function startGateway(mockPort, { directives = '', config = null, env = {} } = {}) {
-  const port = await freePort();
   const prefix = directives ? `/_mock/${directives}` : '';
-  const args = ['serve', '--listen', `${HOST}:${port}`];
-  if (config) args.push('--config', config);
-  const child = start(args, {
+  return startServe(config ? ['--config', config] : [], {
     OPENAI_API_KEY: 'sk-test-openai',
     ANTHROPIC_API_KEY: 'sk-ant-test-anthropic',
     OPENAI_BASE_URL: `http://${HOST}:${mockPort}${prefix}/v1`,
     ANTHROPIC_BASE_URL: `http://${HOST}:${mockPort}${prefix}`,
     ...env,
-  });
-  child.stdout.resume();
-  const url = `http://${HOST}:${port}`;
-  const deadline = Date.now() + 15000;
-  for (;;) {
-    if (child.exitCode !== null) throw new Error(`aiorch serve exited (${child.exitCode}): ${child.log}`);
-    try {
-      const r = await fetch(url + '/healthz');
-      await r.arrayBuffer();
-      if (r.status === 200 || (config && r.status === 401)) break;
-    } catch { /* not listening yet */ }
-    if (Date.now() > deadline) throw new Error('aiorch serve did not become healthy: ' + child.log);
-    await new Promise((r) => setTimeout(r, 50));
-  }
-  return { child, url };
+  }, (status) => status === 200 || (config && status === 401));
 }
 
 const openai = (gw, opts = {}) => new OpenAI({ baseURL: gw.url + '/v1', apiKey: 'sk-dummy', ...opts });
@@ -165,7 +73,7 @@ before(async () => {
 });
 
 after(async () => {
-  await Promise.all([...children].map(stop));
+  await stopAll();
   if (tmp) rmSync(tmp, { recursive: true, force: true });
 });
 

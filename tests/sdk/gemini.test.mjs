@@ -9,56 +9,17 @@
 // AIORCH_BUILD names the build directory (default: build).
 import { test, before, after } from 'node:test';
 import assert from 'node:assert/strict';
-import { spawn, spawnSync } from 'node:child_process';
-import { createInterface } from 'node:readline';
-import { resolve, dirname } from 'node:path';
-import { fileURLToPath } from 'node:url';
 import { randomUUID } from 'node:crypto';
 import {
   GoogleGenAI, ApiError, Type, FunctionCallingConfigMode, createPartFromFunctionResponse, createUserContent,
 } from '@google/genai';
+import { AIORCH, assertValid, built, collectGemini, startMock, stopAll } from './support.mjs';
 
-const ROOT = resolve(dirname(fileURLToPath(import.meta.url)), '..', '..');
-const AIORCH = resolve(ROOT, process.env.AIORCH_BUILD || 'build', 'aiorch');
-const HOST = '127.0.0.1';
 const MODEL = 'gemini-2.5-flash';
 const PNG = 'iVBORw0KGgo='; // the PNG signature
 const PDF = 'JVBERi0xLjQK'; // %PDF-1.4
 
-const SKIP = spawnSync(AIORCH, ['--help']).status === 0 ? false : `${AIORCH} is not built`;
-
-// What value breaks in schema (empty: valid): enough JSON Schema for the
-// schemas below.
-function check(schema, value, path = []) {
-  const issue = (message) => [`${path.join('.')}: ${message}`];
-  if (schema === undefined) return [];
-  if (schema.enum && !schema.enum.includes(value)) return issue(`not one of ${schema.enum}`);
-  const types = [].concat(schema.type ?? []);
-  const typeOf = (v) => (v === null ? 'null' : Array.isArray(v) ? 'array'
-    : Number.isInteger(v) ? 'integer' : typeof v);
-  if (types.length && !types.some((t) => t === typeOf(value) || (t === 'number' && typeOf(value) === 'integer'))) {
-    return issue(`expected ${types.join('|')}, got ${typeOf(value)}`);
-  }
-  const out = [];
-  if (typeOf(value) === 'object') {
-    for (const k of schema.required ?? []) if (!(k in value)) out.push(...issue(`missing ${k}`));
-    for (const [k, v] of Object.entries(value)) {
-      if (schema.properties?.[k]) out.push(...check(schema.properties[k], v, [...path, k]));
-      else if (schema.additionalProperties === false) out.push(...issue(`unexpected ${k}`));
-    }
-  } else if (typeOf(value) === 'array') {
-    if (schema.minItems !== undefined && value.length < schema.minItems) out.push(...issue('too few items'));
-    value.forEach((v, i) => out.push(...check(schema.items, v, [...path, i])));
-  } else if (typeof value === 'number') {
-    if (schema.minimum !== undefined && value < schema.minimum) out.push(...issue('below minimum'));
-    if (schema.maximum !== undefined && value > schema.maximum) out.push(...issue('above maximum'));
-  }
-  return out;
-}
-
-function assertValid(schema, value) {
-  assert.deepEqual(check(schema, value), [], JSON.stringify(value));
-}
+const SKIP = built() ? false : `${AIORCH} is not built`;
 
 const WEATHER = {
   type: 'object',
@@ -97,41 +58,14 @@ const TOOLS = [{ functionDeclarations: [
 
 // --- The mock server -----------------------------------------------------------
 
-let mock = null;
 let base = '';
 
 before(async () => {
   if (SKIP) return;
-  mock = spawn(AIORCH, ['run', 'tests/mock_server.lua', '--port', '0'], {
-    cwd: ROOT, stdio: ['ignore', 'pipe', 'pipe'],
-  });
-  let log = '';
-  mock.stderr.on('data', (d) => { log = (log + d).slice(-4000); });
-  const lines = createInterface({ input: mock.stdout });
-  const port = await new Promise((ok, fail) => {
-    const t = setTimeout(() => fail(new Error('the mock did not print its port: ' + log)), 10000);
-    lines.once('line', (l) => {
-      clearTimeout(t);
-      const m = /^PORT (\d+)$/.exec(l);
-      m ? ok(Number(m[1])) : fail(new Error('unexpected first line from the mock: ' + l));
-    });
-    mock.once('exit', (code) => fail(new Error(`the mock exited (${code}): ${log}`)));
-  });
-  mock.stdout.resume();
-  base = `http://${HOST}:${port}`;
+  base = (await startMock(['--port', '0'])).url;
 });
 
-after(() => new Promise((done) => {
-  if (!mock || mock.exitCode !== null || mock.signalCode !== null) return done();
-  mock.once('exit', () => done());
-  mock.kill('SIGTERM');
-}));
-
-process.on('exit', () => {
-  if (mock && mock.exitCode === null) {
-    try { mock.kill('SIGKILL'); } catch { /* gone */ }
-  }
-});
+after(stopAll);
 
 // A client of the mock, with directives in the path when given ('a=1,b=2').
 const gemini = (dirs) => new GoogleGenAI({
@@ -140,16 +74,7 @@ const gemini = (dirs) => new GoogleGenAI({
 const ask = (contents, config = {}) => ({ model: MODEL, contents, config });
 const LONG = (n) => `${randomUUID()} ` + 'lorem ipsum dolor sit amet '.repeat(n);
 
-// Every chunk of a stream, and their text joined.
-async function collect(stream) {
-  const chunks = [];
-  let text = '';
-  for await (const c of stream) {
-    chunks.push(c);
-    for (const p of c.candidates?.[0]?.content?.parts ?? []) if (p.text && !p.thought) text += p.text;
-  }
-  return { chunks, text, last: chunks[chunks.length - 1] };
-}
+const collect = collectGemini;
 
 // --- Text ------------------------------------------------------------------------
 

@@ -8,27 +8,16 @@
 // AIORCH_BUILD names the build directory (default: build).
 import { test, before, after } from 'node:test';
 import assert from 'node:assert/strict';
-import { spawn, spawnSync } from 'node:child_process';
-import { createServer } from 'node:net';
-import { createInterface } from 'node:readline';
-import { resolve, dirname } from 'node:path';
-import { fileURLToPath } from 'node:url';
 import { GoogleGenAI, ApiError, createPartFromFunctionResponse, createUserContent, createModelContent }
   from '@google/genai';
 import OpenAI from 'openai';
 import Anthropic from '@anthropic-ai/sdk';
+import { AIORCH, HOST, collectGemini, hasServe, mockPrefix, startMock, startServe, stopAll } from './support.mjs';
 
-const ROOT = resolve(dirname(fileURLToPath(import.meta.url)), '..', '..');
-const AIORCH = resolve(ROOT, process.env.AIORCH_BUILD || 'build', 'aiorch');
-const HOST = '127.0.0.1';
 const MODEL = 'gemini-2.5-flash';
 const QUESTION = 'What is the capital of France?';
 
-const hasServe = (() => {
-  const r = spawnSync(AIORCH, ['--help'], { encoding: 'utf8' });
-  return r.status === 0 && /^\s*serve\b/m.test(r.stdout);
-})();
-const SKIP = hasServe ? false : `${AIORCH} has no 'serve' command yet`;
+const SKIP = hasServe() ? false : `${AIORCH} has no 'serve' command yet`;
 
 const WEATHER = {
   type: 'object',
@@ -43,87 +32,15 @@ const PERSON = {
   additionalProperties: false,
 };
 
-// Every process started here, killed by PID in after() and on exit.
-const children = new Set();
-
-function freePort() {
-  return new Promise((ok, fail) => {
-    const s = createServer();
-    s.once('error', fail);
-    s.listen(0, HOST, () => {
-      const { port } = s.address();
-      s.close(() => ok(port));
-    });
-  });
-}
-
-function start(args, env = {}) {
-  const child = spawn(AIORCH, args, {
-    cwd: ROOT, env: { ...process.env, ...env }, stdio: ['ignore', 'pipe', 'pipe'], detached: true,
-  });
-  child.log = '';
-  child.stderr.on('data', (d) => { child.log = (child.log + d).slice(-4000); });
-  children.add(child);
-  child.once('exit', () => children.delete(child));
-  return child;
-}
-
-function stop(child) {
-  return new Promise((done) => {
-    if (child.exitCode !== null || child.signalCode !== null) return done();
-    const timer = setTimeout(() => {
-      try { process.kill(-child.pid, 'SIGKILL'); } catch { /* already gone */ }
-    }, 5000);
-    child.once('exit', () => { clearTimeout(timer); done(); });
-    try { child.kill('SIGTERM'); } catch { clearTimeout(timer); done(); }
-  });
-}
-
-process.on('exit', () => {
-  for (const c of children) {
-    try { process.kill(-c.pid, 'SIGKILL'); } catch { /* gone */ }
-  }
-});
-
-async function startMock() {
-  const child = start(['run', 'tests/mock_server.lua']);
-  const lines = createInterface({ input: child.stdout });
-  const port = await new Promise((ok, fail) => {
-    const t = setTimeout(() => fail(new Error('the mock did not print its port: ' + child.log)), 10000);
-    lines.once('line', (l) => {
-      clearTimeout(t);
-      const m = /^PORT (\d+)$/.exec(l);
-      m ? ok(Number(m[1])) : fail(new Error('unexpected first line from the mock: ' + l));
-    });
-    child.once('exit', (code) => fail(new Error(`the mock exited (${code}): ${child.log}`)));
-  });
-  child.stdout.resume();
-  return port;
-}
-
 // `aiorch serve` with the three providers on the mock (directives in the
 // base URLs' path when given); waits until /healthz answers.
 async function startGateway(mockPort, directives = '') {
-  const port = await freePort();
-  const mock = `http://${HOST}:${mockPort}${directives ? `/_mock/${directives}` : ''}`;
-  const child = start(['serve', '--listen', `${HOST}:${port}`, '--workers', '0'], {
+  const mock = `http://${HOST}:${mockPort}${mockPrefix(directives)}`;
+  const { url } = await startServe(['--workers', '0'], {
     AIORCH_PROVIDERS: 'openai,anthropic,gemini',
     OPENAI_API_KEY: 'sk-test-openai', ANTHROPIC_API_KEY: 'sk-ant-test-anthropic', GEMINI_API_KEY: 'gm-test-gemini',
     OPENAI_BASE_URL: `${mock}/v1`, ANTHROPIC_BASE_URL: mock, GEMINI_BASE_URL: mock,
   });
-  child.stdout.resume();
-  const url = `http://${HOST}:${port}`;
-  const deadline = Date.now() + 15000;
-  for (;;) {
-    if (child.exitCode !== null) throw new Error(`aiorch serve exited (${child.exitCode}): ${child.log}`);
-    try {
-      const r = await fetch(url + '/healthz');
-      await r.arrayBuffer();
-      if (r.status === 200) break;
-    } catch { /* not listening yet */ }
-    if (Date.now() > deadline) throw new Error('aiorch serve did not become healthy: ' + child.log);
-    await new Promise((r) => setTimeout(r, 50));
-  }
   return url;
 }
 
@@ -133,29 +50,19 @@ let cut;
 
 before(async () => {
   if (SKIP) return;
-  const mockPort = await startMock();
+  const { port: mockPort } = await startMock();
   [gw, limited, cut] = await Promise.all([startGateway(mockPort), startGateway(mockPort, 'fault=429,retry_after=1'),
     startGateway(mockPort, 'fault=cut,chunks=6')]);
 });
 
-after(async () => {
-  await Promise.all([...children].map(stop));
-});
+after(stopAll);
 
 // A Gemini client of a gateway; provider: the X-Aiorch-Providers header.
 const gemini = (url, provider) => new GoogleGenAI({ apiKey: 'gm-client', httpOptions: {
   baseUrl: url, ...(provider ? { headers: { 'X-Aiorch-Providers': provider } } : {}) } });
 const ask = (contents, config = {}) => ({ model: MODEL, contents, config });
 
-async function collect(stream) {
-  const chunks = [];
-  let text = '';
-  for await (const c of stream) {
-    chunks.push(c);
-    for (const p of c.candidates?.[0]?.content?.parts ?? []) if (p.text && !p.thought) text += p.text;
-  }
-  return { chunks, text, last: chunks[chunks.length - 1] };
-}
+const collect = collectGemini;
 
 // A CallableTool for the SDK's automatic function calling.
 function weatherTool(seen) {

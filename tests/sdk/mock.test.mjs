@@ -9,10 +9,6 @@
 // AIORCH_BUILD names the build directory (default: build).
 import { test, before, after } from 'node:test';
 import assert from 'node:assert/strict';
-import { spawn, spawnSync } from 'node:child_process';
-import { createInterface } from 'node:readline';
-import { resolve, dirname } from 'node:path';
-import { fileURLToPath } from 'node:url';
 import { randomUUID } from 'node:crypto';
 import OpenAI from 'openai';
 import Anthropic from '@anthropic-ai/sdk';
@@ -20,74 +16,25 @@ import { standardResponseFormat, standardFunction } from 'openai/helpers/standar
 import { jsonSchemaOutputFormat } from '@anthropic-ai/sdk/helpers/json-schema';
 import { betaTool } from '@anthropic-ai/sdk/helpers/beta/json-schema';
 import { betaStandardSchemaOutputFormat } from '@anthropic-ai/sdk/helpers/beta/standard-schema';
+import { AIORCH, assertValid, built, schemaIssues, startMock, stopAll } from './support.mjs';
 
-const ROOT = resolve(dirname(fileURLToPath(import.meta.url)), '..', '..');
-const AIORCH = resolve(ROOT, process.env.AIORCH_BUILD || 'build', 'aiorch');
-const HOST = '127.0.0.1';
 const OPENAI_MODEL = 'gpt-4o';
 const ANTHROPIC_MODEL = 'claude-opus-4-8';
 const PNG = 'iVBORw0KGgo='; // the PNG signature
 const PDF = 'JVBERi0xLjQK'; // %PDF-1.4
 
-const SKIP = spawnSync(AIORCH, ['--help']).status === 0 ? false : `${AIORCH} is not built`;
+const SKIP = built() ? false : `${AIORCH} is not built`;
 
 // --- JSON Schema ---------------------------------------------------------------
 
-// What value breaks in schema (a list of Standard Schema issues; empty: valid).
-// Enough JSON Schema for this file's schemas and the SDKs' strict rewrites.
-function check(schema, value, root = schema, path = []) {
-  const issue = (message) => [{ message, path }];
-  if (schema === true || schema === undefined) return [];
-  if (schema.$ref) {
-    const target = schema.$ref.replace(/^#\/?/, '').split('/').filter(Boolean)
-      .reduce((node, key) => node?.[key], root);
-    return target ? check(target, value, root, path) : issue(`unresolved ${schema.$ref}`);
-  }
-  if (schema.anyOf) {
-    return schema.anyOf.some((s) => check(s, value, root, path).length === 0) ? [] : issue('no anyOf branch fits');
-  }
-  if ('const' in schema && value !== schema.const) return issue(`not ${schema.const}`);
-  if (schema.enum && !schema.enum.includes(value)) return issue(`not one of ${schema.enum}`);
-  const types = [].concat(schema.type ?? []);
-  const typeOf = (v) => (v === null ? 'null' : Array.isArray(v) ? 'array'
-    : Number.isInteger(v) ? 'integer' : typeof v);
-  if (types.length && !types.some((t) => t === typeOf(value) || (t === 'number' && typeOf(value) === 'integer'))) {
-    return issue(`expected ${types.join('|')}, got ${typeOf(value)}`);
-  }
-  const out = [];
-  if (typeOf(value) === 'object') {
-    for (const k of schema.required ?? []) if (!(k in value)) out.push(...issue(`missing ${k}`));
-    for (const [k, v] of Object.entries(value)) {
-      const sub = schema.properties?.[k];
-      if (sub !== undefined) out.push(...check(sub, v, root, [...path, k]));
-      else if (schema.additionalProperties === false) out.push(...issue(`unexpected ${k}`));
-    }
-  } else if (typeOf(value) === 'array') {
-    if (schema.minItems !== undefined && value.length < schema.minItems) out.push(...issue('too few items'));
-    if (schema.maxItems !== undefined && value.length > schema.maxItems) out.push(...issue('too many items'));
-    value.forEach((v, i) => out.push(...check(schema.items, v, root, [...path, i])));
-  } else if (typeof value === 'number') {
-    if (schema.minimum !== undefined && value < schema.minimum) out.push(...issue('below minimum'));
-    if (schema.maximum !== undefined && value > schema.maximum) out.push(...issue('above maximum'));
-  } else if (typeof value === 'string') {
-    if (schema.minLength !== undefined && value.length < schema.minLength) out.push(...issue('too short'));
-    if (schema.maxLength !== undefined && value.length > schema.maxLength) out.push(...issue('too long'));
-  }
-  return out;
-}
-
-function assertValid(schema, value) {
-  assert.deepEqual(check(schema, value), [], JSON.stringify(value));
-}
-
-// A Standard Schema (what zod, valibot... implement) backed by `check`.
+// A Standard Schema (what zod, valibot... implement) backed by `schemaIssues`.
 function standardSchema(schema) {
   return {
     '~standard': {
       version: 1,
       vendor: 'aiorch-test',
       validate(value) {
-        const issues = check(schema, value);
+        const issues = schemaIssues(schema, value);
         return issues.length ? { issues } : { value };
       },
       jsonSchema: { input: () => structuredClone(schema) },
@@ -150,41 +97,14 @@ const ANTHROPIC_TOOLS = [
 
 // --- The mock server -----------------------------------------------------------
 
-let mock = null;
 let base = '';
 
 before(async () => {
   if (SKIP) return;
-  mock = spawn(AIORCH, ['run', 'tests/mock_server.lua', '--port', '0'], {
-    cwd: ROOT, stdio: ['ignore', 'pipe', 'pipe'],
-  });
-  let log = '';
-  mock.stderr.on('data', (d) => { log = (log + d).slice(-4000); });
-  const lines = createInterface({ input: mock.stdout });
-  const port = await new Promise((ok, fail) => {
-    const t = setTimeout(() => fail(new Error('the mock did not print its port: ' + log)), 10000);
-    lines.once('line', (l) => {
-      clearTimeout(t);
-      const m = /^PORT (\d+)$/.exec(l);
-      m ? ok(Number(m[1])) : fail(new Error('unexpected first line from the mock: ' + l));
-    });
-    mock.once('exit', (code) => fail(new Error(`the mock exited (${code}): ${log}`)));
-  });
-  mock.stdout.resume();
-  base = `http://${HOST}:${port}`;
+  base = (await startMock(['--port', '0'])).url;
 });
 
-after(() => new Promise((done) => {
-  if (!mock || mock.exitCode !== null || mock.signalCode !== null) return done();
-  mock.once('exit', () => done());
-  mock.kill('SIGTERM');
-}));
-
-process.on('exit', () => {
-  if (mock && mock.exitCode === null) {
-    try { mock.kill('SIGKILL'); } catch { /* gone */ }
-  }
-});
+after(stopAll);
 
 // Clients of the mock, with directives in the path when given ('a=1,b=2').
 const prefix = (dirs) => (dirs ? `/_mock/${dirs}` : '');

@@ -1,6 +1,7 @@
 -- The `aiorch` command as a subprocess: exit codes, one-line errors on
 -- stderr, and keys that never show up in any output.
 local cjson = require "cjson.safe"
+local support = require "tests.support"
 
 local ROOT = debug.getinfo(1, "S").source:match("^@(.*)/tests/spec/[^/]+$") or "."
 local BUILD = os.getenv("AIORCH_BUILD") or (ROOT .. "/build")
@@ -12,19 +13,9 @@ local CLEAN = "env -u OPENAI_API_KEY -u ANTHROPIC_API_KEY -u OPENAI_BASE_URL -u 
   .. " -u OPENAI_MODEL -u ANTHROPIC_MODEL -u AIORCH_PATH -u AIORCH_PROVIDERS -u AIORCH_LOG -u AIORCH_TIMEOUT_MS"
   .. " -u AIORCH_DEBUG -u AIORCH_INSTRUCTION_BUDGET -u AIORCH_POLICY"
 
-local function q(s)
-  return "'" .. tostring(s):gsub("'", "'\\''") .. "'"
-end
+local q = support.sh_quote
 
-local function read_file(path)
-  local f = io.open(path, "r")
-  if not f then
-    return ""
-  end
-  local s = f:read("a")
-  f:close()
-  return s
-end
+local read_file = support.slurp
 
 -- sh(env, args...) -> exit code, stdout, stderr
 local function sh(env, ...)
@@ -246,14 +237,7 @@ describe("aiorch command without network", function()
     end
 
     local function with(extra)
-      local e = {}
-      for k, v in pairs(env) do
-        e[k] = v
-      end
-      for k, v in pairs(extra or {}) do
-        e[k] = v
-      end
-      return e
+      return support.merge(env, extra)
     end
 
     -- The one line, and no traceback; then with --debug (and AIORCH_DEBUG=1)
@@ -409,10 +393,7 @@ describe("aiorch ask against the mock providers", function()
       ANTHROPIC_BASE_URL = base .. (a and "/_mock/" .. a or ""),
       AIORCH_LOG = "debug", -- so that a key in any log line would be caught
     }
-    for k, v in pairs(extra or {}) do
-      e[k] = v
-    end
-    return e
+    return support.merge(e, extra)
   end
 
   it("prints the answer text and exits 0", function()

@@ -6,16 +6,12 @@
 -- OpenAI and Anthropic clients from cohere, streams with tool calls
 -- included. (The faults of every directive: faults_spec; the official SDK:
 -- tests/sdk/cohere.test.mjs.)
-local aiorch = require "aiorch"
 local cjson = require "cjson.safe"
 local json = require "aiorch.json"
 local mock_mod = require "aiorch.mock"
 local orchestrate = require "aiorch.orchestrate"
-local breaker = require "aiorch.breaker"
 local adapter = require "providers.cohere"
 local support = require "tests.support"
-
-local process = aiorch.process
 
 local KEY = "co-spec-secret-key-4242"
 local MODEL = "command-a-03-2025"
@@ -25,35 +21,16 @@ local TOOLS = { { name = "get_weather", description = "Weather now", parameters 
 
 local m -- the mock
 
-setup(function()
-  m = assert(mock_mod.start {})
-end)
-
-teardown(function()
-  m:close()
-  support.cleanup()
-end)
-
-before_each(function()
-  m:reset()
-  m:reset_counters()
-  breaker.reset()
-end)
+support.use_mock(function(mock) m = mock end, {})
 
 local function env(dirs, extra)
   local e = { CO_API_KEY = KEY, CO_API_URL = m:base_url("cohere", dirs) }
-  for k, v in pairs(extra or {}) do
-    e[k] = v
-  end
-  return e
+  return support.merge(e, extra)
 end
 
 local function post(dirs, body, headers)
-  local h = { authorization = "Bearer " .. KEY }
-  for k, v in pairs(headers or {}) do
-    h[k] = v
-  end
-  return support.post(m:base_url("cohere", dirs) .. "/v2/chat", body, h)
+  return support.post(m:base_url("cohere", dirs) .. "/v2/chat", body,
+    support.merge({ authorization = "Bearer " .. KEY }, headers))
 end
 
 -- The canonical events of a stream, from a parser in events mode.
@@ -302,16 +279,9 @@ end)
 
 -- `aiorch ask` as a subprocess, the mock served by this process meanwhile.
 local function ask(e, ...)
-  local dir = support.tmpdir()
   local full = { CO_API_KEY = false, CO_API_URL = false, COHERE_MODEL = false, COHERE_POLICY = false,
     AIORCH_PROVIDERS = false, AIORCH_PATH = false, AIORCH_POLICY = false, AIORCH_LOG = "debug" }
-  for k, v in pairs(e) do
-    full[k] = v
-  end
-  local pid = assert(process.spawn({ process.exe(), "ask", ... }, { env = full, stdout = dir .. "/out",
-    stderr = dir .. "/err" }))
-  local code = process.wait(pid, support.stretch(20000))
-  return code, support.slurp(dir .. "/out"), support.slurp(dir .. "/err")
+  return support.run_aiorch({ "ask", ... }, support.merge(full, e))
 end
 
 describe("aiorch ask --providers cohere", function()
@@ -368,14 +338,7 @@ describe("aiorch serve with a cohere provider", function()
     gw.stop()
   end)
 
-  local function sse_of(body)
-    local out = {}
-    for block in body:gmatch("(.-)\n\n") do
-      local data = block:match("data: (.*)$")
-      out[#out + 1] = { event = block:match("^event: (%S+)"), data = data ~= "[DONE]" and cjson.decode(data) or data }
-    end
-    return out
-  end
+  local sse_of = support.sse_events
 
   it("streams cohere's tool calls to an OpenAI client as tool_calls deltas", function()
     local status, h, body = support.post(gw.base .. "/v1/chat/completions", { model = MODEL, stream = true,

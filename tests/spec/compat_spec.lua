@@ -10,7 +10,6 @@
 local aiorch = require "aiorch"
 local cjson = require "cjson.safe"
 local json = require "aiorch.json"
-local mock_mod = require "aiorch.mock"
 local orchestrate = require "aiorch.orchestrate"
 local breaker = require "aiorch.breaker"
 local compat = require "aiorch.compat"
@@ -30,20 +29,7 @@ local PRESETS = compat.PRESET_ORDER
 
 local m -- the mock
 
-setup(function()
-  m = assert(mock_mod.start {})
-end)
-
-teardown(function()
-  m:close()
-  support.cleanup()
-end)
-
-before_each(function()
-  m:reset()
-  m:reset_counters()
-  breaker.reset()
-end)
+support.use_mock(function(mock) m = mock end, {})
 
 local function last()
   return m.requests[#m.requests]
@@ -57,10 +43,7 @@ local function env_for(name, dirs, extra)
     e[p.key_env] = KEY
   end
   e[p.base_url_env or name:upper() .. "_BASE_URL"] = m:base_url(name, dirs)
-  for k, v in pairs(extra or {}) do
-    e[k] = v
-  end
-  return e
+  return support.merge(e, extra)
 end
 
 local function cfg_of(name, env)
@@ -485,16 +468,9 @@ end)
 
 -- `aiorch ask` as a subprocess, the mock served by this process meanwhile.
 local function ask(e, ...)
-  local dir = support.tmpdir()
   local full = { AZURE_OPENAI_API_KEY = false, AZURE_OPENAI_ENDPOINT = false, OPENAI_API_VERSION = false,
     AZURE_OPENAI_DEPLOYMENT = false, AIORCH_PROVIDERS = false, AIORCH_PATH = false, AIORCH_POLICY = false }
-  for k, v in pairs(e) do
-    full[k] = v
-  end
-  local pid = assert(process.spawn({ process.exe(), "ask", ... }, { env = full, stdout = dir .. "/out",
-    stderr = dir .. "/err" }))
-  local code = process.wait(pid, support.stretch(20000))
-  return code, support.slurp(dir .. "/out"), support.slurp(dir .. "/err")
+  return support.run_aiorch({ "ask", ... }, support.merge(full, e))
 end
 
 describe("aiorch ask", function()
@@ -545,14 +521,7 @@ describe("aiorch serve with OpenAI-compatible providers", function()
     gw.stop()
   end)
 
-  local function sse_of(body)
-    local out = {}
-    for block in body:gmatch("(.-)\n\n") do
-      local data = block:match("data: (.*)$")
-      out[#out + 1] = { event = block:match("^event: (%S+)"), data = data ~= "[DONE]" and cjson.decode(data) or data }
-    end
-    return out
-  end
+  local sse_of = support.sse_events
 
   local function openai_stream(model)
     local status, h, body = support.post(gw.base .. "/v1/chat/completions", { model = model, stream = true,

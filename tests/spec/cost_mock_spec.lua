@@ -274,6 +274,37 @@ describe("the cost of failed attempts and race losers", function()
   end)
 end)
 
+describe("the strategy context", function()
+  it("ctx.price, ctx.estimate and ctx.budget", function()
+    local dir = os.tmpname()
+    os.remove(dir)
+    assert(os.execute("mkdir -p " .. dir .. "/strategies"))
+    finally(function() os.execute("rm -rf " .. dir) end)
+    local f = assert(io.open(dir .. "/strategies/peek.lua", "w"))
+    f:write([[
+return function(request, providers, ctx)
+  local r = ctx.call(providers[1])
+  r.metadata.peek = { price = ctx.price("claude-3-5-haiku-20241022"), none = ctx.price("no-such-model"),
+    estimate = ctx.estimate("gpt-4o-mini", request), budget = ctx.budget() }
+  return r
+end
+]])
+    f:close()
+    local r = ask("openai", { messages = { { role = "user", content = ("x"):rep(400) } }, max_tokens = 50 },
+      { strategy = "peek", path = { dir } })
+    local peek = r.metadata.peek
+    assert.same({ input = 0.80, output = 4.00, cached_read = 0.08, cache_write = 1.00, reasoning = 4.00,
+      source = "https://docs.anthropic.com/en/docs/about-claude/pricing", date = peek.price.date }, peek.price)
+    assert.is_nil(peek.none)
+    near((100 * 0.15 + 50 * 0.60) / 1e6, peek.estimate, "estimate")
+    assert.is_nil(peek.budget) -- no budget outside the gateway
+    -- the gateway's reader, when there is one
+    r = ask("openai", { user_question = "q" }, { strategy = "peek", path = { dir },
+      budget = function() return { usd = 1, tokens = 2, window = "day", resets_at = 3 } end })
+    assert.same({ usd = 1, tokens = 2, window = "day", resets_at = 3 }, r.metadata.peek.budget)
+  end)
+end)
+
 describe("prices from the configuration", function()
   it("override the table for metadata.cost_usd", function()
     local cost = require "aiorch.cost"

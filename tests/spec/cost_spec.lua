@@ -69,6 +69,12 @@ describe("cost.price", function()
     assert.equal(1, cost.price("gpt-4o-mini-2024-07-18", over).input)
     assert.equal(0, cost.price("my-local", over).output)
     assert.equal(2.50, cost.price("gpt-4o", over).input)
+    -- overrides as a caller writes them: completed
+    local raw = { ["my-raw"] = { input = 2, output = 8 } }
+    assert.same({ input = 2, output = 8, cached_read = 2, cache_write = 2, reasoning = 8 }, cost.price("my-raw", raw))
+    near((10 * 2 + 5 * 2 + 3 * 8) / 1e6, cost.of("my-raw-20250101", { input_tokens = 15, cached_input_tokens = 5,
+      output_tokens = 3, reasoning_tokens = 1 }, raw))
+    assert.is_nil(cost.price("bad", { bad = { input = "x", output = 1 } }))
   end)
 
   it("the configuration's overrides apply when none are given", function()

@@ -12,6 +12,7 @@ local orchestrate = require "aiorch.orchestrate"
 local response = require "aiorch.response"
 local metrics = require "aiorch.metrics"
 local breaker = require "aiorch.breaker"
+local support = require "tests.support"
 
 local KEYS = { openai = "sk-test-faults-openai-0001", anthropic = "sk-ant-test-faults-0002",
   cohere = "co-test-faults-cohere-0003" }
@@ -40,26 +41,14 @@ end
 
 -- Polls (yielding) until pred() or ms pass.
 local function wait_for(pred, ms)
-  local t0 = now()
-  while not pred() and now() - t0 < ms do
-    aiorch.sleep(2)
-  end
-  return pred()
+  return support.wait_for(pred, ms, 2)
 end
 
 local function suffix(api)
   return api == "openai" and "/v1" or ""
 end
 
-local function requests_of(mk, api)
-  local out = {}
-  for _, r in ipairs(mk.requests) do
-    if r.api == api then
-      out[#out + 1] = r
-    end
-  end
-  return out
-end
+local requests_of = support.requests_of
 
 -- Every request the mock saw was answered, cut or abandoned by its client:
 -- none is left running.
@@ -86,10 +75,7 @@ local function env_for(bases, timeouts)
 end
 
 local function no_keys_in(r)
-  local text = response.encode(r)
-  for _, key in pairs(KEYS) do
-    assert.falsy(text:find(key, 1, true), "a key leaked")
-  end
+  support.no_keys_in(response.encode(r), KEYS)
 end
 
 ------------------------------------------------------------------------------
@@ -259,7 +245,9 @@ local function run_case(c, strategy, api, stream)
       assert.equal(2, #a)
       assert.equal(api, a[1].provider)
       check_outcome(e, a[1], api .. " attempt")
-      assert.same({ provider = other, status = "success", http_status = 200, latency_ms = a[2].latency_ms }, a[2])
+      assert.is_true(a[2].cost_usd > 0, "the answer's attempt is charged")
+      assert.same({ provider = other, status = "success", http_status = 200, latency_ms = a[2].latency_ms,
+        cost_usd = a[2].cost_usd }, a[2])
       assert.is_true(took >= e.min and took < e.max + FAST, "took " .. took)
       assert.equal(1, #requests_of(m, other))
       if stream then
@@ -297,23 +285,10 @@ local function run_case(c, strategy, api, stream)
   end
 end
 
+support.use_mock(function(mock) m = mock end)
+
 setup(function()
-  m = assert(mock_mod.start { host = "127.0.0.1", port = 0 })
-  -- bound, noted, closed: nothing listens there now
-  local srv = assert(aiorch.server.listen { host = "127.0.0.1", port = 0, handler = function() end })
-  closed_port = srv.port
-  srv:close()
-end)
-
-teardown(function()
-  m:close()
-end)
-
-before_each(function()
-  m:reset()
-  metrics.reset()
-  breaker.reset() -- each case starts with every provider healthy
-  m:reset_counters()
+  closed_port = support.free_port() -- bound, noted, closed: nothing listens there now
 end)
 
 for _, strategy in ipairs { "single", "fallback" } do
@@ -621,10 +596,7 @@ local function with(t, extra)
   for k, v in pairs(t) do
     out[k] = v
   end
-  for k, v in pairs(extra) do
-    out[k] = v
-  end
-  return out
+  return support.merge(out, extra)
 end
 
 local function sig(a, api)

@@ -4,12 +4,9 @@
 -- and a real `aiorch serve` whose every output is searched for the keys.
 local aiorch = require "aiorch"
 local cjson = require "cjson.safe"
-local mock_mod = require "aiorch.mock"
-local gateway = require "aiorch.gateway.server"
 local gconfig = require "aiorch.gateway.config"
-local metrics = require "aiorch.metrics"
-local breaker = require "aiorch.breaker"
 local policy = require "aiorch.policy"
+local support = require "tests.support"
 
 local KEYS = { openai = "sk-gwpol-openai-8181", anthropic = "sk-ant-gwpol-9292" }
 local CLIENT_KEY = "gwpol-client-secret-1717"
@@ -22,7 +19,6 @@ local function stretch(ms)
 end
 
 local m
-local started = {}
 
 -- Clients may set every field they may ever set, over its whole range.
 local ALL_CLIENT_POLICY = {}
@@ -43,29 +39,16 @@ local function start_gw(raw, o, a)
     OPENAI_API_KEY = KEYS.openai, ANTHROPIC_API_KEY = KEYS.anthropic,
     OPENAI_BASE_URL = m:base_url("openai", o), ANTHROPIC_BASE_URL = m:base_url("anthropic", a),
   }
-  local cfg = assert(gconfig.check(raw, function(k) return env[k] end))
-  local h = assert(gateway.start { config = cfg, port = 0, access_log = function() end })
-  started[#started + 1] = h
-  return "http://127.0.0.1:" .. h.port
+  return (support.start_gateway(raw, env))
 end
 
 local function post(base, path, body, headers)
-  local h = { ["content-type"] = "application/json" }
-  for k, v in pairs(headers or {}) do
-    h[k] = v
-  end
-  local status, rh, rb = aiorch.http.request { method = "POST", url = base .. path, headers = h,
-    body = type(body) == "table" and assert(cjson.encode(body)) or body, timeout_ms = stretch(10000) }
-  assert(status, "request failed: " .. tostring(rh) .. " " .. tostring(rb))
-  return status, rh, rb, cjson.decode(rb or "")
+  return support.post(base .. path, body, headers)
 end
 
 local function chat(extra)
   local body = { model = "gpt-4o-mini", messages = { { role = "user", content = QUESTION } } }
-  for k, v in pairs(extra or {}) do
-    body[k] = v
-  end
-  return body
+  return support.merge(body, extra)
 end
 
 local function count(api)
@@ -95,22 +78,8 @@ local function stream_text(body)
   return table.concat(text), done, err
 end
 
-setup(function()
-  m = assert(mock_mod.start { host = "127.0.0.1", port = 0 })
-end)
-
-teardown(function()
-  for _, h in ipairs(started) do
-    h:close()
-  end
-  m:close()
-end)
-
-before_each(function()
-  m:reset()
-  metrics.reset()
-  breaker.reset()
-end)
+support.use_mock(function(mock) m = mock end)
+teardown(support.close_gateways)
 
 describe("policies in the gateway", function()
   it("a provider's policy from the config retries it", function()
@@ -268,37 +237,10 @@ describe("client headers", function()
 end)
 
 describe("aiorch serve, every output searched for the keys", function()
-  local process = aiorch.process
-
-  -- Polls /healthz until the server answers or its start-up time runs out.
-  local function wait_up(base)
-    local deadline = aiorch.now() + stretch(5000)
-    repeat
-      if aiorch.http.request { url = base .. "/healthz", timeout_ms = stretch(500) } then
-        return true
-      end
-      aiorch.sleep(10)
-    until aiorch.now() > deadline
-    return false
-  end
-
-  local function slurp(path)
-    local f = io.open(path, "rb")
-    if not f then
-      return ""
-    end
-    local s = f:read("a")
-    f:close()
-    return s
-  end
+  teardown(support.cleanup)
 
   it("no provider key, client key or Authorization header in logs, errors, attempts or metrics", function()
-    local dir = os.tmpname()
-    os.remove(dir)
-    assert(os.execute("mkdir -p '" .. dir .. "'"))
-    local conf = dir .. "/gw.lua"
-    local f = assert(io.open(conf, "w"))
-    f:write(([[
+    local gw = support.serve(([[
 return {
   client_keys_env = "GWPOL_CLIENT_KEYS",
   providers = {
@@ -307,21 +249,10 @@ return {
     anthropic = { base_url = %q, api_key_env = "GWPOL_ANTHROPIC_KEY" },
   },
 }
-]]):format(m:base_url("openai", { fault = "500" }), m:base_url("anthropic", { fault = "401" })))
-    f:close()
-    -- a free port
-    local probe = assert(aiorch.server.listen { host = "127.0.0.1", port = 0, handler = function() end })
-    local port = probe.port
-    probe:close()
-    local out, err = dir .. "/out", dir .. "/err"
-    local pid = assert(process.spawn({ process.exe(), "serve", "--workers", "0", "--config", conf,
-      "--listen", "127.0.0.1:" .. port }, {
-      stdout = out, stderr = err, death_signal = "TERM",
-      env = { AIORCH_LOG = "debug", GWPOL_CLIENT_KEYS = CLIENT_KEY, GWPOL_OPENAI_KEY = KEYS.openai,
-              GWPOL_ANTHROPIC_KEY = KEYS.anthropic },
-    }))
-    local base = "http://127.0.0.1:" .. port
-    assert.is_true(wait_up(base), slurp(err))
+]]):format(m:base_url("openai", { fault = "500" }), m:base_url("anthropic", { fault = "401" })),
+      { AIORCH_LOG = "debug", GWPOL_CLIENT_KEYS = CLIENT_KEY, GWPOL_OPENAI_KEY = KEYS.openai,
+        GWPOL_ANTHROPIC_KEY = KEYS.anthropic })
+    local base = gw.base
     local seen = {}
     local auth = { authorization = "Bearer " .. CLIENT_KEY }
     for _, path in ipairs { "/v1/chat/completions", "/v1/orchestrate" } do
@@ -341,12 +272,10 @@ return {
       { ["x-api-key"] = CLIENT_KEY .. "x" }))
     local _, _, metrics_text = aiorch.http.request { url = base .. "/metrics", headers = auth }
     seen[#seen + 1] = metrics_text
-    assert(process.kill(pid, "TERM"))
-    assert.equal(0, process.wait(pid, stretch(10000)))
-    seen[#seen + 1] = slurp(out)
-    seen[#seen + 1] = slurp(err)
+    assert.equal(0, gw.stop())
+    seen[#seen + 1] = support.slurp(gw.dir .. "/stdout")
+    seen[#seen + 1] = support.slurp(gw.err)
     local all = table.concat(seen, "\n")
-    os.execute("rm -rf '" .. dir .. "'")
     assert.matches("aiorch_provider_retries_total", all, 1, true) -- the outputs are really there
     assert.matches("debug", all, 1, true)
     for _, secret in ipairs { KEYS.openai, KEYS.anthropic, CLIENT_KEY } do
@@ -356,32 +285,14 @@ return {
   end)
 
   it("a user strategy that raises or runs away fails that request only; the server goes on", function()
-    local dir = os.tmpname()
-    os.remove(dir)
+    local dir = support.tmpdir()
     assert(os.execute("mkdir -p '" .. dir .. "/strategies'"))
-    local function put(name, text)
-      local f = assert(io.open(dir .. "/strategies/" .. name .. ".lua", "w"))
-      f:write(text)
-      f:close()
-    end
-    put("raises", "return function() error('strategy bug') end\n")
-    put("spins", "return function() local n = 0 while true do n = n + 1 end end\n")
-    local conf = dir .. "/gw.lua"
-    local f = assert(io.open(conf, "w"))
-    f:write('return { strategies = { "raises", "spins", "single" } }\n')
-    f:close()
-    local probe = assert(aiorch.server.listen { host = "127.0.0.1", port = 0, handler = function() end })
-    local port = probe.port
-    probe:close()
-    local err = dir .. "/err"
-    local pid = assert(process.spawn({ process.exe(), "serve", "--workers", "0", "--path", dir,
-      "--config", conf, "--listen", "127.0.0.1:" .. port }, {
-      stderr = err, death_signal = "TERM",
-      env = { AIORCH_INSTRUCTION_BUDGET = "2000000", OPENAI_API_KEY = KEYS.openai,
-              OPENAI_BASE_URL = m:base_url("openai"), ANTHROPIC_API_KEY = false },
-    }))
-    local base = "http://127.0.0.1:" .. port
-    assert.is_true(wait_up(base), slurp(err))
+    support.write(dir .. "/strategies/raises.lua", "return function() error('strategy bug') end\n")
+    support.write(dir .. "/strategies/spins.lua", "return function() local n = 0 while true do n = n + 1 end end\n")
+    local gw = support.serve('return { strategies = { "raises", "spins", "single" } }\n',
+      { AIORCH_INSTRUCTION_BUDGET = "2000000", OPENAI_API_KEY = KEYS.openai,
+        OPENAI_BASE_URL = m:base_url("openai"), ANTHROPIC_API_KEY = false }, { path = dir })
+    local base, err = gw.base, gw.err
     local function ask(strategy, question)
       return post(base, "/v1/orchestrate", { user_question = question or QUESTION, strategy = strategy,
         providers = { "openai" } })
@@ -395,12 +306,10 @@ return {
     s, _, body, doc = ask("spins")
     assert.equal(500, s, body)
     assert.matches("instruction budget exceeded", doc.error.message, 1, true) -- the API's error shape
-    assert.matches("instruction budget exceeded", slurp(err), 1, true)
+    assert.matches("instruction budget exceeded", support.slurp(err), 1, true)
     s, _, _, doc = ask("single")
     assert.equal(200, s)
     assert.equal("success", doc.status)
-    assert(process.kill(pid, "TERM"))
-    assert.equal(0, process.wait(pid, stretch(10000)))
-    os.execute("rm -rf '" .. dir .. "'")
+    assert.equal(0, gw.stop())
   end)
 end)

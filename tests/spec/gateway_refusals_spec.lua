@@ -5,46 +5,32 @@
 -- tests/sdk/fidelity.test.mjs.
 local aiorch = require "aiorch"
 local cjson = require "cjson.safe"
-local mock_mod = require "aiorch.mock"
-local gateway = require "aiorch.gateway.server"
-local gconfig = require "aiorch.gateway.config"
-local metrics = require "aiorch.metrics"
-local breaker = require "aiorch.breaker"
+local support = require "tests.support"
 
 local KEYS = { openai = "sk-refusal-spec-openai-4545", anthropic = "sk-ant-refusal-spec-5656" }
 
 local m -- the mock providers
 local quoting -- an upstream that refuses every request, quoting its key
 local answer -- what the quoting upstream answers: {status, body = function(key) -> text}
-local started = {}
 
 -- A gateway whose providers are at these base URLs.
 local function start_gw(openai_url, anthropic_url)
   local env = { OPENAI_API_KEY = KEYS.openai, ANTHROPIC_API_KEY = KEYS.anthropic,
     OPENAI_BASE_URL = openai_url, ANTHROPIC_BASE_URL = anthropic_url }
-  local cfg = assert(gconfig.check({}, function(k) return env[k] end))
-  local h = assert(gateway.start { config = cfg, port = 0, access_log = function() end })
-  started[#started + 1] = h
-  return "http://127.0.0.1:" .. h.port
+  return (support.start_gateway({}, env))
 end
 
 local function post(base, path, body, headers)
-  local h = { ["content-type"] = "application/json" }
-  for k, v in pairs(headers or {}) do
-    h[k] = v
-  end
-  local status, rh, rb = aiorch.http.request { method = "POST", url = base .. path, headers = h,
-    body = assert(cjson.encode(body)), timeout_ms = 10000 }
-  assert(status, "request failed: " .. tostring(rh) .. " " .. tostring(rb))
-  return status, rh, rb, cjson.decode(rb or "")
+  return support.post(base .. path, body, headers)
 end
 
 local chat = { model = "gpt-4o-mini", messages = { { role = "user", content = "hi" } } }
 local messages = { model = "claude-3-haiku-20240307", max_tokens = 64,
   messages = { { role = "user", content = "hi" } } }
 
+support.use_mock(function(mock) m = mock end)
+
 setup(function()
-  m = assert(mock_mod.start { host = "127.0.0.1", port = 0 })
   quoting = assert(aiorch.server.listen { host = "127.0.0.1", port = 0, handler = function(req, res)
     local key = req.headers["x-api-key"] or (req.headers.authorization or ""):gsub("^Bearer ", "")
     res:respond(answer.status, { ["content-type"] = "application/json" }, answer.body(key))
@@ -52,17 +38,8 @@ setup(function()
 end)
 
 teardown(function()
-  for _, h in ipairs(started) do
-    h:close()
-  end
+  support.close_gateways()
   quoting:close()
-  m:close()
-end)
-
-before_each(function()
-  m:reset()
-  metrics.reset()
-  breaker.reset()
 end)
 
 describe("an upstream's refusal of the request", function()

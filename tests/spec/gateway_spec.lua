@@ -3,6 +3,7 @@
 -- real `aiorch serve` subprocess. Runs inside the runtime.
 local aiorch = require "aiorch"
 local cjson = require "cjson.safe"
+local support = require "tests.support"
 local mock_mod = require "aiorch.mock"
 local gateway = require "aiorch.gateway.server"
 local gconfig = require "aiorch.gateway.config"
@@ -20,12 +21,9 @@ local QUESTION = "What is two plus two?"
 local SECRET_PROMPT = "the-prompt-text-must-not-be-logged"
 
 local m -- the mock providers
-local started = {} -- gateways to close
 local logs = {} -- access log lines
 
-local function q(s)
-  return "'" .. tostring(s):gsub("'", "'\\''") .. "'"
-end
+local q = support.sh_quote
 
 -- Starts an in-process gateway. o, a: mock directives for openai and
 -- anthropic; raw: the config table; extra: more env variables.
@@ -42,10 +40,7 @@ local function start_gw(raw, o, a, extra)
   raw = raw or {}
   raw.aliases = raw.aliases or {}
   raw.aliases.any = raw.aliases.any or { providers = { "openai", "anthropic" } }
-  local cfg = assert(gconfig.check(raw, function(k) return env[k] end))
-  local h = assert(gateway.start { config = cfg, port = 0, access_log = function(l) logs[#logs + 1] = l end })
-  started[#started + 1] = h
-  return "http://127.0.0.1:" .. h.port, h
+  return support.start_gateway(raw, env, function(l) logs[#logs + 1] = l end)
 end
 
 -- request(base, method, path, body, headers) -> status, headers, body, json
@@ -68,71 +63,28 @@ local function post(base, path, body, headers)
 end
 
 -- Parses a whole SSE body into {event = name|nil, data = text} records.
-local function sse(body)
-  local out = {}
-  for block in (body .. "\n\n"):gmatch("(.-)\n\n") do
-    if block ~= "" then
-      local ev = { data = {} }
-      for line in block:gmatch("[^\n]+") do
-        local k, v = line:match("^(%w+): ?(.*)$")
-        if k == "event" then
-          ev.event = v
-        elseif k == "data" then
-          ev.data[#ev.data + 1] = v
-        end
-      end
-      ev.data = table.concat(ev.data, "\n")
-      ev.json = cjson.decode(ev.data)
-      out[#out + 1] = ev
-    end
-  end
-  return out
-end
+local sse = support.sse
 
 local function requests_of(api)
-  local out = {}
-  for _, r in ipairs(m.requests) do
-    if r.api == api then
-      out[#out + 1] = r
-    end
-  end
-  return out
+  return support.requests_of(m, api)
 end
 
--- Longer under valgrind (tests/busted.lua).
-local SLOWDOWN = (tonumber(os.getenv("AIORCH_TEST_SLOWDOWN") or "") or 1)
-
-local function wait_for(pred, ms)
-  ms = ms * SLOWDOWN
-  local t0 = aiorch.now()
-  while not pred() and aiorch.now() - t0 < ms do
-    aiorch.sleep(5)
-  end
-  return pred()
-end
+local wait_for = support.wait_for
 
 local function no_keys_in(text)
-  for _, key in pairs(KEYS) do
-    assert.falsy(text:find(key, 1, true), "a provider key leaked")
-  end
-  assert.falsy(text:find(CLIENT_KEY, 1, true), "a client key leaked")
+  support.no_keys_in(text, KEYS, "a provider key")
+  support.no_keys_in(text, { CLIENT_KEY }, "a client key")
 end
 
 local function chat(model, extra)
   local body = { model = model or "any", messages = { { role = "user", content = QUESTION } } }
-  for k, v in pairs(extra or {}) do
-    body[k] = v
-  end
-  return body
+  return support.merge(body, extra)
 end
 
 local function msgs(model, extra)
   local body = { model = model or "any", max_tokens = 64,
                  messages = { { role = "user", content = QUESTION } } }
-  for k, v in pairs(extra or {}) do
-    body[k] = v
-  end
-  return body
+  return support.merge(body, extra)
 end
 
 local OPENAI_TEXT = "Hello from the mock openai provider. You asked: " .. QUESTION
@@ -205,9 +157,7 @@ setup(function()
 end)
 
 teardown(function()
-  for _, h in ipairs(started) do
-    h:close()
-  end
+  support.close_gateways()
   m:close()
 end)
 
@@ -1056,15 +1006,7 @@ end)
 describe("aiorch serve as a subprocess", function()
   local proc, pid, errfile, base
 
-  local function read_file(path)
-    local f = io.open(path, "r")
-    if not f then
-      return ""
-    end
-    local s = f:read("a")
-    f:close()
-    return s
-  end
+  local read_file = support.slurp
 
   setup(function()
     errfile = os.tmpname()

@@ -6,13 +6,10 @@
 local aiorch = require "aiorch"
 local cjson = require "cjson.safe"
 local json = require "aiorch.json"
-local mock_mod = require "aiorch.mock"
+local support = require "tests.support"
 local orchestrate = require "aiorch.orchestrate"
 local canonical = require "aiorch.canonical"
 local breaker = require "aiorch.breaker"
-local metrics = require "aiorch.metrics"
-local gateway = require "aiorch.gateway.server"
-local gconfig = require "aiorch.gateway.config"
 local wire = require "aiorch.wire.gemini"
 local adapter = require "providers.gemini"
 
@@ -24,19 +21,7 @@ local WEATHER = { type = "object", properties = { city = { type = "string" } }, 
 
 local m -- the mock providers
 
-setup(function()
-  m = assert(mock_mod.start { host = "127.0.0.1", port = 0 })
-end)
-
-teardown(function()
-  m:close()
-end)
-
-before_each(function()
-  m:reset()
-  metrics.reset()
-  breaker.reset()
-end)
+support.use_mock(function(mock) m = mock end)
 
 local function decode(doc, path)
   return wire.decode_request(json.decode(cjson.encode(doc)), {}, path or PATH)
@@ -284,10 +269,7 @@ end)
 describe("the gemini adapter against the mock", function()
   local function env(d, extra)
     local e = { GEMINI_API_KEY = KEYS.gemini, GEMINI_BASE_URL = m:base_url("gemini", d) }
-    for k, v in pairs(extra or {}) do
-      e[k] = v
-    end
-    return e
+    return support.merge(e, extra)
   end
 
   local function ask(request, d, opts)
@@ -423,14 +405,10 @@ describe("the gemini adapter against the mock", function()
 end)
 
 describe("the gateway's Gemini API", function()
-  local started = {}
   local logs = {}
 
   after_each(function()
-    for _, h in ipairs(started) do
-      h:close()
-    end
-    started = {}
+    support.close_gateways()
   end)
 
   local function start_gw(raw)
@@ -440,10 +418,7 @@ describe("the gateway's Gemini API", function()
       OPENAI_BASE_URL = m:base_url("openai"), ANTHROPIC_BASE_URL = m:base_url("anthropic"),
       GEMINI_BASE_URL = m:base_url("gemini"), GW_CLIENT_KEY = "gm-client-secret-4545",
     }
-    local cfg = assert(gconfig.check(raw or {}, function(k) return env[k] end))
-    local h = assert(gateway.start { config = cfg, port = 0, access_log = function(l) logs[#logs + 1] = l end })
-    started[#started + 1] = h
-    return "http://127.0.0.1:" .. h.port
+    return (support.start_gateway(raw, env, function(l) logs[#logs + 1] = l end))
   end
 
   local function post(url, body, headers)

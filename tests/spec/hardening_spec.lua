@@ -4,7 +4,6 @@
 -- a strategy, and every policy value is checked, from a header or a config.
 local aiorch = require "aiorch"
 local cjson = require "cjson.safe"
-local mock_mod = require "aiorch.mock"
 local gconfig = require "aiorch.gateway.config"
 local policy = require "aiorch.policy"
 local support = require "tests.support"
@@ -19,19 +18,13 @@ local m
 
 local function chat(extra)
   local body = { model = "gpt-4o-mini", messages = { { role = "user", content = QUESTION } } }
-  for k, v in pairs(extra or {}) do
-    body[k] = v
-  end
-  return body
+  return support.merge(body, extra)
 end
 
 local function env(extra)
   local e = { OPENAI_API_KEY = KEY, OPENAI_BASE_URL = m:base_url("openai"), ANTHROPIC_API_KEY = ANT_KEY,
     ANTHROPIC_BASE_URL = m:base_url("anthropic"), AIORCH_INSTRUCTION_BUDGET = "2000000" }
-  for k, v in pairs(extra or {}) do
-    e[k] = v
-  end
-  return e
+  return support.merge(e, extra)
 end
 
 -- A --path directory with these strategies (name -> source).
@@ -54,18 +47,7 @@ end
 ]]
 local RAISES = "return function() error('strategy bug') end\n"
 
-setup(function()
-  m = assert(mock_mod.start { host = "127.0.0.1", port = 0 })
-end)
-
-teardown(function()
-  support.cleanup()
-  m:close()
-end)
-
-before_each(function()
-  m:reset()
-end)
+support.use_mock(function(mock) m = mock end)
 
 describe("every way a request ends is accounted for once", function()
   it("five runaway strategies under max_inflight = 2 leave nothing in flight", function()

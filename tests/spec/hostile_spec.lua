@@ -3,115 +3,20 @@
 -- descriptors limit fitted to max_connections, bodies sent without a
 -- client key, and more slow bodies than max_buffered holds.
 local aiorch = require "aiorch"
+local support = require "tests.support"
 
 local process = aiorch.process
 local fmt = string.format
 
 local EXE = process.exe()
--- Longer under valgrind (tests/busted.lua).
-local SLOWDOWN = (tonumber(os.getenv("AIORCH_TEST_SLOWDOWN") or "") or 1)
+local SLOWDOWN = support.SLOWDOWN
+local slurp, tmpname, start, stop = support.read, support.tmpname, support.start, support.stop
+local wait_for, status_kib = support.wait_for, support.status_kib
+local serve = support.start_serve
 local MiB = 1024 * 1024
 
--- Under AddressSanitizer (its library is mapped) the RSS says nothing
--- about ours: shadow memory and the quarantine dwarf it.
-local function under_asan()
-  local f = io.open("/proc/self/maps")
-  local maps = f and f:read("a") or ""
-  if f then
-    f:close()
-  end
-  return maps:find("libasan", 1, true) ~= nil
-end
-local MEASURE_RSS = not under_asan() and SLOWDOWN == 1
-
-local function wait_for(cond, ms)
-  local deadline = aiorch.now() + (ms or 5000) * SLOWDOWN
-  repeat
-    local v = cond()
-    if v then
-      return v
-    end
-    aiorch.sleep(10)
-  until aiorch.now() > deadline
-  return cond()
-end
-
-local function slurp(path)
-  local f = io.open(path, "rb")
-  if not f then
-    return nil
-  end
-  local s = f:read("a")
-  f:close()
-  return s
-end
-
-local function tmpname()
-  local p = os.tmpname()
-  os.remove(p)
-  return p
-end
-
-local function write(path, s)
-  local f = assert(io.open(path, "wb"))
-  f:write(s)
-  f:close()
-  return path
-end
-
-local function sh_quote(s)
-  return "'" .. tostring(s):gsub("'", "'\\''") .. "'"
-end
-
-local started = {}
-
--- Runs argv under `ulimit -n nofile` (soft and hard) when given.
-local function start(argv, opts, nofile)
-  if nofile then
-    local words = {}
-    for i, a in ipairs(argv) do
-      words[i] = sh_quote(a)
-    end
-    argv = { "sh", "-c", fmt("ulimit -n %d && exec %s", nofile, table.concat(words, " ")) }
-  end
-  local pid = assert(process.spawn(argv, opts))
-  started[#started + 1] = pid
-  return pid
-end
-
-local function stop(pid)
-  if process.kill(pid, "SIGKILL") then
-    process.wait(pid, 5000)
-  end
-end
-
--- A field of /proc/PID/status, in KiB.
-local function status_kib(pid, field)
-  local s = slurp("/proc/" .. pid .. "/status") or ""
-  return tonumber(s:match(field .. ":%s*(%d+)")) or 0
-end
-
--- A free port (bound and released).
-local function free_port()
-  local s = assert(aiorch.server.listen { host = "127.0.0.1", port = 0, handler = function() end })
-  local port = s.port
-  s:close()
-  return port
-end
-
--- Starts `aiorch serve --workers 0` with the configuration text cfg and
--- env (name -> value); returns pid, port and the stderr file.
-local function serve(cfg, env, nofile)
-  local port = free_port()
-  local errfile = tmpname()
-  local cfgfile = write(tmpname() .. ".lua", cfg)
-  local pid = start({ EXE, "serve", "--workers", "0", "--listen", "127.0.0.1:" .. port, "--config", cfgfile },
-    { stderr = errfile, env = env }, nofile)
-  assert(wait_for(function() return (slurp(errfile) or ""):find("listening on", 1, true) end),
-    "the gateway did not start: " .. tostring(slurp(errfile)))
-  os.remove(cfgfile)
-  return pid, port, errfile
-end
+-- Under AddressSanitizer the RSS says nothing about ours.
+local MEASURE_RSS = not support.under_asan() and SLOWDOWN == 1
 
 -- The clients (python3): tests/hostile_client.py, shared with the benchmark.
 local ROOT = debug.getinfo(1, "S").source:match("^@(.*)/tests/spec/[^/]+$") or "."
@@ -119,19 +24,9 @@ local client_script = ROOT .. "/tests/hostile_client.py"
 
 -- Runs the client to its end; returns its output lines.
 local function client(args, ms)
-  local out = tmpname()
   local argv = { "python3", client_script }
-  for _, a in ipairs(args) do
-    argv[#argv + 1] = tostring(a)
-  end
-  local pid = start(argv, { stdout = out })
-  assert.equal(0, process.wait(pid, (ms or 30000) * SLOWDOWN))
-  local lines = {}
-  for line in (slurp(out) or ""):gmatch("[^\n]+") do
-    lines[#lines + 1] = line
-  end
-  os.remove(out)
-  return lines
+  table.move(args, 1, #args, 3, argv)
+  return support.start_lines(argv, ms)()
 end
 
 local function count(lines)
@@ -146,15 +41,11 @@ local ENV = { OPENAI_API_KEY = false, ANTHROPIC_API_KEY = false, AIORCH_PATH = f
   HOSTILE_KEY = "hostile-client-key-8080" }
 
 describe("hostile clients", function()
-  teardown(function()
-    for _, pid in ipairs(started) do
-      stop(pid)
-    end
-  end)
+  teardown(support.stop_all)
 
   -- #timing: the client's waits are fixed, and valgrind needs descriptors of its own.
   it("out of descriptors: pauses accepting, logs a little, serves the open connections, resumes #timing", function()
-    local pid, port, errfile = serve("return {}", ENV, 64)
+    local pid, port, errfile = serve("return {}", ENV, { nofile = 64 })
     local lines = client({ "hold", port, 200, 2 })
     local err = slurp(errfile) or ""
     stop(pid)
@@ -177,7 +68,8 @@ describe("hostile clients", function()
     local maps = slurp("/proc/self/maps") or ""
     local asan = maps:match("%s(/%S+/libasan%.so[%.%d]*)\n")
     local cpath = EXE:match("^(.*)/[^/]+$") .. "/lua/?.so"
-    local script = write(tmpname() .. ".lua", [[
+    local script = tmpname() .. ".lua"
+    support.write(script, [[
       local aiorch = require "aiorch"
       local srv = assert(aiorch.server.listen { port = 0, max_connections = 200, raise_nofile = true,
         handler = function() end })
@@ -189,7 +81,7 @@ describe("hostile clients", function()
     ]])
     -- the soft limit is low: raised to 2 x 200 + 64
     local out, errfile = tmpname(), tmpname()
-    local pid = start({ "sh", "-c", fmt("ulimit -Sn 100 && exec lua5.4 %s", sh_quote(script)) },
+    local pid = start({ "sh", "-c", fmt("ulimit -Sn 100 && exec lua5.4 %s", support.sh_quote(script)) },
       { stdout = out, stderr = errfile, env = { LUA_CPATH = cpath .. ";;", LD_PRELOAD = asan or false } })
     assert.equal(0, process.wait(pid, 10000 * SLOWDOWN), slurp(errfile))
     assert.equal("200 464", (slurp(out) or ""):match("[^\n]*"))

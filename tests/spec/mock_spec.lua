@@ -3,6 +3,7 @@ local aiorch = require "aiorch"
 local cjson = require "cjson.safe"
 local json = require "aiorch.json"
 local mock = require "aiorch.mock"
+local support = require "tests.support"
 
 local fmt = string.format
 local null = cjson.null
@@ -17,10 +18,7 @@ local function openai_body(extra)
       { role = "user", content = QUESTION },
     },
   }
-  for k, v in pairs(extra or {}) do
-    b[k] = v
-  end
-  return b
+  return support.merge(b, extra)
 end
 
 local function anthropic_body(extra)
@@ -30,10 +28,7 @@ local function anthropic_body(extra)
     system = "You are terse.",
     messages = { { role = "user", content = QUESTION } },
   }
-  for k, v in pairs(extra or {}) do
-    b[k] = v
-  end
-  return b
+  return support.merge(b, extra)
 end
 
 local function words(s)
@@ -1230,18 +1225,7 @@ local STREAMS = { false, true }
 
 describe("aiorch.mock conversations", function()
   local m
-
-  setup(function()
-    m = assert(mock.start {})
-  end)
-
-  teardown(function()
-    m:close()
-  end)
-
-  before_each(function()
-    m:reset()
-  end)
+  support.use_mock(function(mock_server) m = mock_server end, {})
 
   -- POSTs body (all of it, encoded by its marks) to api's endpoint with the
   -- directives; returns status, the answer (a stream assembled), the raw
@@ -1264,10 +1248,7 @@ describe("aiorch.mock conversations", function()
     if api == "anthropic" then
       b.max_tokens = 4096
     end
-    for k, v in pairs(extra or {}) do
-      b[k] = v
-    end
-    return b
+    return support.merge(b, extra)
   end
 
   local function user(text)

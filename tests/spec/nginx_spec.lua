@@ -21,8 +21,7 @@ local OPENAI_TEXT = "Hello from the mock openai provider. You asked: " .. QUESTI
 local ANTHROPIC_TEXT = "Hello from the mock anthropic provider. You asked: " .. QUESTION
 
 local MISSING = nginx.missing()
-local SANITIZED = (support.slurp("/proc/self/maps") or ""):find("libasan", 1, true) ~= nil
-  or support.SLOWDOWN > 1
+local SANITIZED = support.under_asan() or support.SLOWDOWN > 1
 
 local m -- the mock providers
 local big -- mock providers whose answers stream 6 MB
@@ -30,41 +29,16 @@ local n -- nginx
 
 local function chat(extra)
   local body = { model = "any", messages = { { role = "user", content = QUESTION } } }
-  for k, v in pairs(extra or {}) do
-    body[k] = v
-  end
-  return body
+  return support.merge(body, extra)
 end
 
 local function msgs(extra)
   local body = { model = "any", max_tokens = 64, messages = { { role = "user", content = QUESTION } } }
-  for k, v in pairs(extra or {}) do
-    body[k] = v
-  end
-  return body
+  return support.merge(body, extra)
 end
 
 -- Parses a whole SSE body into {event, data, json} records.
-local function sse(body)
-  local out = {}
-  for block in (body .. "\n\n"):gmatch("(.-)\n\n") do
-    if block ~= "" then
-      local ev = { data = {} }
-      for line in block:gmatch("[^\n]+") do
-        local k, v = line:match("^(%w+): ?(.*)$")
-        if k == "event" then
-          ev.event = v
-        elseif k == "data" then
-          ev.data[#ev.data + 1] = v
-        end
-      end
-      ev.data = table.concat(ev.data, "\n")
-      ev.json = cjson.decode(ev.data)
-      out[#out + 1] = ev
-    end
-  end
-  return out
-end
+local sse = support.sse
 
 local function openai_text(body)
   local text = {}
@@ -78,28 +52,14 @@ local function openai_text(body)
 end
 
 local function requests_of(api)
-  local out = {}
-  for _, r in ipairs(m.requests) do
-    if r.api == api then
-      out[#out + 1] = r
-    end
-  end
-  return out
+  return support.requests_of(m, api)
 end
 
-local function wait_for(pred, ms)
-  local deadline = aiorch.now() + stretch(ms)
-  while not pred() and aiorch.now() < deadline do
-    aiorch.sleep(5)
-  end
-  return pred()
-end
+local wait_for = support.wait_for
 
 local function no_keys_in(text)
-  for _, key in pairs(KEYS) do
-    assert.falsy(text:find(key, 1, true), "a provider key leaked")
-  end
-  assert.falsy(text:find(CLIENT_KEY, 1, true), "a client key leaked")
+  support.no_keys_in(text, KEYS, "a provider key")
+  support.no_keys_in(text, { CLIENT_KEY }, "a client key")
 end
 
 -- A gateway configuration (aiorch_config) with the mock's directives for
@@ -517,14 +477,7 @@ describe("nginx in front of the gateway", function()
     assert.equal(OPENAI_TEXT, openai_text(raw))
     assert.is_true(wait_for(function()
       local now = nginx.workers(n)
-      for _, pid in ipairs(now) do
-        for _, o in ipairs(old) do
-          if pid == o then
-            return false
-          end
-        end
-      end
-      return #now == 2
+      return support.none_in(now, old) and #now == 2
     end, 10000), "the old workers did not go")
     assert.equal(200, (post(n.base("plain") .. "/v1/chat/completions", chat())))
     assert.falsy(n.log():find("open socket", 1, true), "a worker left a socket open")

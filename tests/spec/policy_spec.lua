@@ -2,12 +2,12 @@
 -- timer, retries with backoff and Retry-After, circuit breakers, hedging,
 -- the cost of cancelled work, and policy overrides. Runs inside the runtime.
 local aiorch = require "aiorch"
-local mock_mod = require "aiorch.mock"
 local orchestrate = require "aiorch.orchestrate"
 local metrics = require "aiorch.metrics"
 local breaker = require "aiorch.breaker"
 local policy = require "aiorch.policy"
 local response = require "aiorch.response"
+local support = require "tests.support"
 
 local KEYS = { openai = "sk-test-policy-openai-0001", anthropic = "sk-ant-test-policy-0002" }
 local QUESTION = "Is it resilient?"
@@ -22,14 +22,7 @@ end
 local m
 
 local function env_for(o, a, extra)
-  local env = {
-    OPENAI_API_KEY = KEYS.openai, ANTHROPIC_API_KEY = KEYS.anthropic,
-    OPENAI_BASE_URL = m:base_url("openai", o or {}), ANTHROPIC_BASE_URL = m:base_url("anthropic", a or {}),
-  }
-  for k, v in pairs(extra or {}) do
-    env[k] = v
-  end
-  return env
+  return support.mock_env(m, KEYS, o, a, extra)
 end
 
 local function run(strategy, providers, o, a, pol, opts)
@@ -51,10 +44,7 @@ local function count(api)
 end
 
 local function no_keys_in(v)
-  local text = type(v) == "string" and v or response.encode(v)
-  for _, key in pairs(KEYS) do
-    assert.falsy(text:find(key, 1, true), "a key leaked")
-  end
+  support.no_keys_in(type(v) == "string" and v or response.encode(v), KEYS)
 end
 
 local function within(ms, at, slack)
@@ -62,19 +52,7 @@ local function within(ms, at, slack)
     string.format("expected %d ms (+%d), took %.1f ms", ms, slack or SLACK_MS, at))
 end
 
-setup(function()
-  m = assert(mock_mod.start { host = "127.0.0.1", port = 0 })
-end)
-
-teardown(function()
-  m:close()
-end)
-
-before_each(function()
-  m:reset()
-  metrics.reset()
-  breaker.reset()
-end)
+support.use_mock(function(mock) m = mock end)
 
 describe("deadlines", function()
   -- Each row: directives, stream?, policy, the deadline that must fire, at ms.

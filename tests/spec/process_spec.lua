@@ -2,25 +2,12 @@
 -- expected failure, misuse raises, cancel while pending), against real
 -- child processes.
 local aiorch = require "aiorch"
+local support = require "tests.support"
 
 local process = aiorch.process
 local signal = aiorch.signal
 
-local function tmpfile()
-  local p = os.tmpname()
-  os.remove(p)
-  return p
-end
-
-local function slurp(path)
-  local f = io.open(path, "rb")
-  if not f then
-    return nil
-  end
-  local s = f:read("a")
-  f:close()
-  return s
-end
+local tmpfile, slurp = support.tmpname, support.read
 
 describe("aiorch.process.spawn", function()
   it("starts a program found on PATH and returns its pid", function()

@@ -5,6 +5,7 @@
 local aiorch = require "aiorch"
 local cjson = require "cjson.safe"
 local mock_mod = require "aiorch.mock"
+local support = require "tests.support"
 
 local process = aiorch.process
 local concat = table.concat
@@ -28,15 +29,7 @@ local SLOWDOWN = tonumber(os.getenv("AIORCH_TEST_SLOWDOWN") or "") or 1
 local KEYS = { openai = "sk-readme-openai-3131", anthropic = "sk-ant-readme-4141" }
 local CLIENT_KEY = "readme-client-key-5151"
 
-local function slurp(path)
-  local f = io.open(path, "rb")
-  if not f then
-    return ""
-  end
-  local s = f:read("a")
-  f:close()
-  return s
-end
+local slurp = support.slurp
 
 local function put(path, text)
   assert(os.execute("mkdir -p '" .. path:match("^(.*)/[^/]*$") .. "'"))
@@ -80,10 +73,7 @@ local function env(extra)
     "OPENAI_POLICY", "ANTHROPIC_POLICY", "OPENAI_MODEL", "ANTHROPIC_MODEL", "AIORCH_TIMEOUT_MS" } do
     e[k] = false
   end
-  for k, v in pairs(extra or {}) do
-    e[k] = v
-  end
-  return e
+  return support.merge(e, extra)
 end
 
 -- Runs a shell command in dir (build/ meaning this build); yields until it

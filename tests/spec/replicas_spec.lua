@@ -93,13 +93,44 @@ describe("replicas sharing redis", function()
   end)
 
   it("a rate limit of 100 a minute over two replicas lets 100 (± 2) of 200 through, not 200", function()
-    local a, b = replicas('return { access_log = false, rate_limit = { requests = 100, per = "minute" }, redis = %s }')
+    local a, b = replicas('return { access_log = false, rate_limit = { requests = 100, per = "minute" }, redis = %s }',
+      ", timeout_ms = 1000") -- (a loaded machine: Redis late is the third test's business)
     local statuses = send({ a.base, b.base }, 200, 8)
     local through = statuses[200] or 0
     assert.is_true(through >= 98 and through <= 102, fmt("%d requests let through\n%s\n%s", through,
       support.slurp(a.err), support.slurp(b.err)))
     assert.equal(200 - through, statuses[429])
     assert.equal(through, #m.requests)
+    a.stop()
+    b.stop()
+  end)
+
+  it("a budget holds over two replicas: 10 requests spend it, not 10 each", function()
+    local config = fmt([[return { access_log = false, redis = %%s,
+      providers = { openai = { api_key_env = "OPENAI_API_KEY", base_url = %q } },
+      aliases = { cheap = { strategy = "single", providers = { "openai:gpt-4o-mini" } } },
+      budgets = { { alias = "cheap", tokens = 60, window = "day" } } }]],
+      m:base_url("openai", { text = "one two three four five" })):gsub("%%%x%x", "%%%0") -- (its %20s stay)
+    local a, b = replicas(config, ", timeout_ms = 1000") -- (a loaded machine: Redis late is not what this checks)
+    -- each request: 1 token in ("hi"), 5 out (max_tokens, and the mock's answer): 6 reserved, 6 spent
+    local body = '{"model":"cheap","max_tokens":5,"messages":[{"role":"user","content":"hi"}]}'
+    local statuses, i = {}, 0
+    local tasks = {}
+    for t = 1, 8 do
+      tasks[t] = aiorch.spawn(function()
+        while i < 40 do
+          i = i + 1
+          local base = i % 2 == 0 and a.base or b.base
+          local st = aiorch.http.request { method = "POST", url = base .. "/v1/chat/completions",
+            headers = { ["content-type"] = "application/json" }, body = body, timeout_ms = support.stretch(15000) }
+          statuses[st] = (statuses[st] or 0) + 1
+        end
+      end)
+    end
+    aiorch.gather(tasks)
+    local through = statuses[200] or 0
+    assert.equal(10, through, cjson.encode(statuses))
+    assert.equal(30, statuses[429])
     a.stop()
     b.stop()
   end)

@@ -7,6 +7,7 @@ local cjson = require "cjson.safe"
 local secrets = require "aiorch.secrets"
 local config = require "aiorch.config"
 local mock_mod = require "aiorch.mock"
+local support = require "tests.support"
 
 local R = secrets.REDACTED
 local KEY = "sk-proj-AbCdEf0123456789/xyzW" -- 28 bytes, a / for the escapes
@@ -88,7 +89,6 @@ describe("secrets.scrub", function()
 end)
 
 describe("aiorch serve in front of providers that echo their key", function()
-  local process = aiorch.process
   local KEYS = { openai = "sk-echo-openai-secret-6161", anthropic = "sk-ant-echo-secret-7272" }
   local SLOWDOWN = tonumber(os.getenv("AIORCH_TEST_SLOWDOWN") or "") or 1
   local m
@@ -99,25 +99,11 @@ describe("aiorch serve in front of providers that echo their key", function()
 
   teardown(function()
     m:close()
+    support.cleanup()
   end)
 
-  local function slurp(path)
-    local f = io.open(path, "rb")
-    if not f then
-      return ""
-    end
-    local s = f:read("a")
-    f:close()
-    return s
-  end
-
   it("no form of a key reaches a client, the logs (with bodies) or /metrics", function()
-    local dir = os.tmpname()
-    os.remove(dir)
-    assert(os.execute("mkdir -p '" .. dir .. "'"))
-    local conf = dir .. "/gw.lua"
-    local f = assert(io.open(conf, "w"))
-    f:write(([[
+    local gw = support.serve(([[
 return {
   log_bodies = true,
   providers = {
@@ -125,23 +111,10 @@ return {
     anthropic = { base_url = %q, api_key_env = "ECHO_ANTHROPIC_KEY" },
   },
 }
-]]):format(m:base_url("openai", { fault = "echo_key" }), m:base_url("anthropic", { fault = "echo_key" })))
-    f:close()
-    local probe = assert(aiorch.server.listen { host = "127.0.0.1", port = 0, handler = function() end })
-    local port = probe.port
-    probe:close()
-    local out, err = dir .. "/out", dir .. "/err"
-    local pid = assert(process.spawn({ process.exe(), "serve", "--workers", "0", "--config", conf,
-      "--listen", "127.0.0.1:" .. port }, {
-      stdout = out, stderr = err, death_signal = "TERM",
-      env = { AIORCH_LOG = "debug", ECHO_OPENAI_KEY = KEYS.openai, ECHO_ANTHROPIC_KEY = KEYS.anthropic,
-              OPENAI_API_KEY = false, ANTHROPIC_API_KEY = false },
-    }))
-    local base = "http://127.0.0.1:" .. port
-    local deadline = aiorch.now() + 5000 * SLOWDOWN
-    repeat
-      aiorch.sleep(10)
-    until aiorch.http.request { url = base .. "/healthz", timeout_ms = 500 } or aiorch.now() > deadline
+]]):format(m:base_url("openai", { fault = "echo_key" }), m:base_url("anthropic", { fault = "echo_key" })),
+      { AIORCH_LOG = "debug", ECHO_OPENAI_KEY = KEYS.openai, ECHO_ANTHROPIC_KEY = KEYS.anthropic,
+        OPENAI_API_KEY = false, ANTHROPIC_API_KEY = false })
+    local base = gw.base
 
     local seen = {}
     local function post(path, body, headers)
@@ -168,11 +141,9 @@ return {
     end
     local _, _, metrics_text = aiorch.http.request { url = base .. "/metrics" }
     seen[#seen + 1] = metrics_text
-    assert(process.kill(pid, "TERM"))
-    assert.equal(0, process.wait(pid, 10000 * SLOWDOWN))
-    seen[#seen + 1] = slurp(out)
-    seen[#seen + 1] = slurp(err)
-    os.execute("rm -rf '" .. dir .. "'")
+    assert.equal(0, gw.stop())
+    seen[#seen + 1] = support.slurp(gw.dir .. "/stdout")
+    seen[#seen + 1] = support.slurp(gw.err)
     local all = table.concat(seen, "\n")
     -- the echoes really came back, scrubbed, to the client and into the logs
     assert.matches("Incorrect API key provided: " .. R:gsub("%p", "%%%0"), all)

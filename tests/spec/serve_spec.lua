@@ -2,6 +2,7 @@
 -- shutdown (aiorch.server directly), then real `aiorch serve --workers 2`
 -- processes (master + workers) in front of the mock providers.
 local aiorch = require "aiorch"
+local support = require "tests.support"
 
 local process = aiorch.process
 local fmt = string.format
@@ -9,53 +10,9 @@ local fmt = string.format
 local HOST = "127.0.0.1"
 local EXE = process.exe()
 
--- Longer under valgrind (tests/busted.lua).
-local SLOWDOWN = (tonumber(os.getenv("AIORCH_TEST_SLOWDOWN") or "") or 1)
-
-local function wait_for(cond, ms)
-  local deadline = aiorch.now() + (ms or 5000) * SLOWDOWN
-  repeat
-    local v = cond()
-    if v then
-      return v
-    end
-    aiorch.sleep(10)
-  until aiorch.now() > deadline
-  return cond()
-end
-
-local function slurp(path)
-  local f = io.open(path, "rb")
-  if not f then
-    return nil
-  end
-  local s = f:read("a")
-  f:close()
-  return s
-end
-
-local function tmpname()
-  local p = os.tmpname()
-  os.remove(p)
-  return p
-end
-
-local started = {} -- pids to stop at the end, whatever happens
-
-local function start(argv, opts)
-  local pid = assert(process.spawn(argv, opts))
-  started[#started + 1] = pid
-  return pid
-end
-
-local function stop_all()
-  for _, pid in ipairs(started) do
-    if process.kill(pid, "SIGKILL") then
-      process.wait(pid, 5000)
-    end
-  end
-  started = {}
-end
+local SLOWDOWN = support.SLOWDOWN
+local slurp, tmpname, start, stop_all = support.read, support.tmpname, support.start, support.stop_all
+local wait_for, children = support.wait_for, support.children
 
 -- A raw TCP client (python3): sends the bytes of `data`, then reads until
 -- the server closes; returns what it got and the seconds it took.
@@ -81,18 +38,12 @@ open(out, "wb").write(("%.3f\n" % (time.time() - t0)).encode() + b"".join(got))
 ]]
 
 local raw_script = tmpname() .. ".py"
-do
-  local f = assert(io.open(raw_script, "w"))
-  f:write(RAW)
-  f:close()
-end
+support.write(raw_script, RAW)
 
 -- Runs the raw client to completion; returns the response bytes and seconds.
 local function raw(port, data)
   local infile, out = tmpname(), tmpname()
-  local f = assert(io.open(infile, "wb"))
-  f:write(data or "")
-  f:close()
+  support.write(infile, data or "")
   local pid = start { "python3", raw_script, tostring(port), infile, out }
   assert.equal(0, process.wait(pid, 15000))
   local got = slurp(out)
@@ -119,61 +70,17 @@ local function get(port, path, headers, timeout_ms)
   }
 end
 
--- Slow clients (python3): N connections, each sending `head` and then one
--- byte of `trickle` every `every` seconds (cycling), until the server
--- closes it or `secs` pass. Prints one line per connection: the seconds
--- from its first byte to the close (or -1) and the status it got (or 0).
-local TRICKLE = [[
-import socket, sys, time, select
-port, n, every, secs = int(sys.argv[1]), int(sys.argv[2]), float(sys.argv[3]), float(sys.argv[4])
-head, trickle = sys.argv[5].encode().decode("unicode_escape").encode(), sys.argv[6].encode()
-conns = []
-for i in range(n):
-    s = socket.create_connection(("127.0.0.1", port))
-    s.sendall(head)
-    conns.append({"s": s, "t0": time.time(), "got": b"", "end": -1, "k": 0})
-t_end = time.time() + secs
-next_send = time.time() + every
-while time.time() < t_end and any(c["end"] < 0 for c in conns):
-    live = [c for c in conns if c["end"] < 0]
-    r, _, _ = select.select([c["s"] for c in live], [], [], max(0, min(next_send, t_end) - time.time()))
-    for c in live:
-        if c["s"] in r:
-            try:
-                b = c["s"].recv(65536)
-            except OSError:
-                b = b""
-            if b:
-                c["got"] += b
-            else:
-                c["end"] = time.time() - c["t0"]
-    if time.time() >= next_send:
-        for c in conns:
-            if c["end"] < 0:
-                try:
-                    c["s"].send(trickle[c["k"] % len(trickle):][:1])
-                    c["k"] += 1
-                except OSError:
-                    pass
-        next_send += every
-for c in conns:
-    st = c["got"][9:12].decode() if c["got"].startswith(b"HTTP/1.1 ") else "0"
-    print("%.3f %s" % (c["end"], st))
-]]
-
-local trickle_script = tmpname() .. ".py"
-do
-  local f = assert(io.open(trickle_script, "w"))
-  f:write(TRICKLE)
-  f:close()
-end
-
--- Starts the slow clients; returns a function that waits for them and
--- returns their {secs, status} records.
+-- Slow clients (tests/hostile_client.py trickle): N connections, each
+-- sending `head` and then one byte of `bytes` every `every` seconds
+-- (cycling), until the server closes it or `secs` pass. Starts them;
+-- returns a function that waits for them and returns their {secs, status}
+-- records (secs from the first byte to the close, or -1; status or 0).
+local client_script = (debug.getinfo(1, "S").source:match("^@(.*)/tests/spec/[^/]+$") or ".")
+  .. "/tests/hostile_client.py"
 local function trickle(port, n, every, secs, head, bytes)
   local out = tmpname()
-  local pid = start({ "python3", trickle_script, tostring(port), tostring(n), tostring(every), tostring(secs),
-    head, bytes }, { stdout = out })
+  local pid = start({ "python3", client_script, "trickle", tostring(port), tostring(n), tostring(every),
+    tostring(secs), head, bytes }, { stdout = out })
   return function()
     assert.equal(0, process.wait(pid, (secs + 20) * 1000))
     local list = {}
@@ -455,24 +362,7 @@ local function start_mock(extra)
   return pid, port
 end
 
--- A free port for a server of ours (bound and released).
-local function free_port()
-  local s = assert(aiorch.server.listen { host = HOST, port = 0, handler = function() end })
-  local port = s.port
-  s:close()
-  return port
-end
-
-local function children(pid)
-  local p = io.popen("pgrep -P " .. pid)
-  local list = {}
-  for line in p:lines() do
-    list[#list + 1] = tonumber(line)
-  end
-  p:close()
-  table.sort(list)
-  return list
-end
+local free_port = support.free_port
 
 local function wchar(pid)
   local s = slurp("/proc/" .. pid .. "/io")
@@ -519,7 +409,6 @@ describe("aiorch serve --workers 2", function()
     stop_all()
     os.remove(log)
     os.remove(raw_script)
-    os.remove(trickle_script)
   end)
 
   -- #timing: the master gives its workers 10 s to listen, too short under valgrind.
@@ -680,7 +569,6 @@ describe("aiorch.gateway.master", function()
     function()
       local master = require "aiorch.gateway.master"
       local mock_mod = require "aiorch.mock"
-      local cjson = require "cjson.safe"
       local DRAIN_MS, GRACE_MS = 5000, 500
       local TEXT = string.rep("tick ", 60)
       local m = assert(mock_mod.start { defaults = { chunks = 30, chunk_delay_ms = 100, text = TEXT } })
@@ -704,24 +592,10 @@ describe("aiorch.gateway.master", function()
       -- the stream, about 3 s long
       local first = false
       local stream = aiorch.spawn(function()
-        local deltas, done = {}, false
-        local status = aiorch.http.request {
-          method = "POST", url = url, headers = headers, timeout_ms = 30000,
-          body = '{"model":"gpt-4o-mini","stream":true,"messages":[{"role":"user","content":"count"}]}',
-          on_event = function(ev)
-            first = true
-            if ev.data == "[DONE]" then
-              done = true
-              return
-            end
-            local j = cjson.decode(ev.data)
-            local c = j and j.choices and j.choices[1]
-            if c and c.delta and type(c.delta.content) == "string" then
-              deltas[#deltas + 1] = c.delta.content
-            end
-          end,
-        }
-        return status, table.concat(deltas), done
+        local status, _, _, text, done = support.stream_chat(url, headers,
+          '{"model":"gpt-4o-mini","stream":true,"messages":[{"role":"user","content":"count"}]}', 30000,
+          function() first = true end)
+        return status, text, done
       end)
       -- plain requests all along: none may fail
       local failures, served, running = {}, 0, true
@@ -799,28 +673,11 @@ describe("aiorch serve with clients that stop reading", function()
   -- Under the sanitizers (shadow memory, quarantine) or valgrind RSS says
   -- nothing about our own buffers: the memory bound is checked only in
   -- the plain build.
-  local SANITIZED = (slurp("/proc/self/maps") or ""):find("libasan", 1, true) ~= nil or SLOWDOWN > 1
+  local SANITIZED = support.under_asan() or SLOWDOWN > 1
   local CLIENTS = 8
 
-  -- Clients that each send a streamed request and never read: PORT N OUT.
-  local IDLE = [[
-import socket, sys, time
-port, n, out = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
-body = b'{"model":"gpt-4o-mini","stream":true,"messages":[{"role":"user","content":"Tell me all"}]}'
-req = (b"POST /v1/chat/completions HTTP/1.1\r\nhost: 127.0.0.1\r\ncontent-type: application/json\r\n"
-       b"x-aiorch-providers: openai\r\ncontent-length: %d\r\n\r\n" % len(body)) + body
-socks = []
-for i in range(n):
-    s = socket.create_connection(("127.0.0.1", port))
-    s.sendall(req)
-    socks.append(s)
-open(out, "w").write("SENT\n")
-time.sleep(3600)
-]]
-
   local function rss_kib(pid)
-    local s = slurp("/proc/" .. pid .. "/status")
-    return s and tonumber(s:match("VmRSS:%s*(%d+)")) or 0
+    return support.status_kib(pid, "VmRSS")
   end
 
   teardown(stop_all)
@@ -856,11 +713,10 @@ time.sleep(3600)
     aiorch.sleep(700) -- the gateway gives memory back once idle
     local rss0 = rss_kib(gw)
 
-    local script, out = tmpname() .. ".py", tmpname()
-    local f = assert(io.open(script, "w"))
-    f:write(IDLE)
-    f:close()
-    local clients = start { "python3", script, tostring(port), tostring(CLIENTS), out }
+    -- clients that each send a streamed request and never read
+    local out = tmpname()
+    local clients = start({ "python3", client_script, "streams", tostring(port), tostring(CLIENTS), "Tell me all" },
+      { stdout = out })
     assert.truthy(wait_for(function() return (slurp(out) or ""):find("SENT") end, 10000))
     -- every upstream stream ends up parked in a write
     local stalled = wait_for(function() return #m.requests == CLIENTS and m:stats().writing == CLIENTS end, 15000)
@@ -892,7 +748,6 @@ time.sleep(3600)
     process.kill(gw, "SIGTERM")
     assert.equal(0, process.wait(gw, 10000))
     m:close()
-    os.remove(script)
     os.remove(out)
     os.remove(glog)
 

@@ -2,24 +2,11 @@
 -- requests, a raw TCP client (python3, run in the background and polled) for
 -- pipelining, malformed input and slow readers.
 local aiorch = require "aiorch"
+local support = require "tests.support"
 
 local HOST = "127.0.0.1"
 
--- Polls cond() every few ms until it is truthy or ms pass; returns its value.
--- Longer under valgrind (tests/busted.lua).
-local SLOWDOWN = (tonumber(os.getenv("AIORCH_TEST_SLOWDOWN") or "") or 1)
-
-local function wait_for(cond, ms)
-  local deadline = aiorch.now() + (ms or 3000) * SLOWDOWN
-  repeat
-    local v = cond()
-    if v then
-      return v
-    end
-    aiorch.sleep(5)
-  until aiorch.now() > deadline
-  return cond()
-end
+local wait_for, slurp = support.wait_for, support.read
 
 local function listen(handler, opts)
   opts = opts or {}
@@ -68,30 +55,14 @@ os.rename(out + ".tmp", out)
 ]]
 
 local script = os.tmpname()
-do
-  local f = assert(io.open(script, "w"))
-  f:write(RAW_CLIENT)
-  f:close()
-end
-
-local function slurp(path)
-  local f = io.open(path, "rb")
-  if not f then
-    return nil
-  end
-  local s = f:read("a")
-  f:close()
-  return s
-end
+support.write(script, RAW_CLIENT)
 
 -- Sends payload to srv from a background process; returns a function that
 -- waits for (and returns) everything the server sent until it closed.
 local function raw(srv, payload, pause)
   local input, out = os.tmpname(), os.tmpname()
   os.remove(out)
-  local f = assert(io.open(input, "wb"))
-  f:write(payload)
-  f:close()
+  support.write(input, payload)
   assert(os.execute(string.format("python3 %s %d %s %s %s >/dev/null 2>&1 &",
     script, srv.port, input, out, tostring(pause or 0))))
   return function(ms)

@@ -6,7 +6,6 @@
 -- own, so that the kernel spreads them over the workers (reuseport).
 local aiorch = require "aiorch"
 local cjson = require "cjson.safe"
-local mock_mod = require "aiorch.mock"
 local support = require "tests.support"
 
 local process = aiorch.process
@@ -20,10 +19,7 @@ local m -- the mock providers
 local function env(extra)
   local e = { OPENAI_API_KEY = KEY, OPENAI_BASE_URL = m:base_url("openai"), ANTHROPIC_API_KEY = KEY,
     ANTHROPIC_BASE_URL = m:base_url("anthropic"), AIORCH_LOG = "error" }
-  for k, v in pairs(extra or {}) do
-    e[k] = v
-  end
-  return e
+  return support.merge(e, extra)
 end
 
 local BODY = '{"model":"gpt-4o-mini","messages":[{"role":"user","content":"hi"}]}'
@@ -84,16 +80,7 @@ local function total(text, name, labels)
   return sum
 end
 
-local function children(pid)
-  local p = io.popen("pgrep -P " .. pid)
-  local list = {}
-  for line in p:lines() do
-    list[#list + 1] = tonumber(line)
-  end
-  p:close()
-  table.sort(list)
-  return list
-end
+local children = support.children
 
 -- The bytes each process has written to files (its access lines).
 local function writes(pids)
@@ -110,18 +97,7 @@ local function serve(config, opts)
 end
 
 describe("aiorch serve --workers 4 with shared state", function()
-  setup(function()
-    m = assert(mock_mod.start {})
-  end)
-
-  teardown(function()
-    support.cleanup()
-    m:close()
-  end)
-
-  before_each(function()
-    m:reset()
-  end)
+  support.use_mock(function(mock) m = mock end, {})
 
   it("a rate limit of 100 a minute lets 100 (± 2) of 400 requests through, over every worker", function()
     -- (each worker writes its access lines: which ones answered)
@@ -283,17 +259,7 @@ describe("aiorch serve --workers 4 with shared state", function()
     end
     -- the old generation drains (its requests are done) and goes
     deadline = aiorch.now() + support.stretch(15000)
-    local function old_gone()
-      for _, pid in ipairs(children(gw.pid)) do
-        for _, o in ipairs(old) do
-          if pid == o then
-            return false
-          end
-        end
-      end
-      return true
-    end
-    while not old_gone() do
+    while not support.none_in(children(gw.pid), old) do
       assert(aiorch.now() < deadline, "the old generation is still there")
       aiorch.sleep(20)
     end
@@ -339,14 +305,7 @@ describe("aiorch serve --workers 4 with shared state", function()
 end)
 
 describe("aiorch serve --workers 0", function()
-  setup(function()
-    m = assert(mock_mod.start {})
-  end)
-
-  teardown(function()
-    support.cleanup()
-    m:close()
-  end)
+  support.use_mock(function(mock) m = mock end, {})
 
   it("holds the rate limit with its own state", function()
     local gw = serve('return { access_log = false, rate_limit = { requests = 10, per = "minute" } }',

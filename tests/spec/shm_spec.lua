@@ -2,26 +2,18 @@
 -- expected failure and misuse, and one segment shared with real child
 -- processes through process.spawn's pass_fds.
 local aiorch = require "aiorch"
+local support = require "tests.support"
 
 local shm = aiorch.shm
 local process = aiorch.process
 
+local slurp = support.read
+
+-- A new file holding text; returns its path.
 local function tmpfile(text)
   local p = os.tmpname()
-  local f = assert(io.open(p, "w"))
-  f:write(text)
-  f:close()
+  support.write(p, text)
   return p
-end
-
-local function slurp(path)
-  local f = io.open(path, "rb")
-  if not f then
-    return nil
-  end
-  local s = f:read("a")
-  f:close()
-  return s
 end
 
 -- The first two results of a call: nil and the kind of its failure.

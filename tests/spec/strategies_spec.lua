@@ -2,12 +2,12 @@
 -- providers, with each injected fault. Runs inside the runtime.
 local aiorch = require "aiorch"
 local cjson = require "cjson.safe"
-local mock_mod = require "aiorch.mock"
 local orchestrate = require "aiorch.orchestrate"
 local metrics = require "aiorch.metrics"
 local breaker = require "aiorch.breaker"
 local call = require "aiorch.call"
 local response = require "aiorch.response"
+local support = require "tests.support"
 
 local KEYS = { openai = "sk-test-strategies-openai-0001", anthropic = "sk-ant-test-strategies-0002" }
 local QUESTION = "What is two plus two?"
@@ -15,14 +15,7 @@ local QUESTION = "What is two plus two?"
 local m
 
 local function env_for(o, a, extra)
-  local env = {
-    OPENAI_API_KEY = KEYS.openai, ANTHROPIC_API_KEY = KEYS.anthropic,
-    OPENAI_BASE_URL = m:base_url("openai", o or {}), ANTHROPIC_BASE_URL = m:base_url("anthropic", a or {}),
-  }
-  for k, v in pairs(extra or {}) do
-    env[k] = v
-  end
-  return env
+  return support.mock_env(m, KEYS, o, a, extra)
 end
 
 local function run(strategy, providers, o, a, opts, req)
@@ -32,33 +25,16 @@ local function run(strategy, providers, o, a, opts, req)
 end
 
 local function requests_of(api)
-  local out = {}
-  for _, r in ipairs(m.requests) do
-    if r.api == api then
-      out[#out + 1] = r
-    end
-  end
-  return out
+  return support.requests_of(m, api)
 end
 
 local function no_keys_in(v)
-  local text = type(v) == "string" and v or (require "aiorch.response").encode(v)
-  for _, key in pairs(KEYS) do
-    assert.falsy(text:find(key, 1, true), "a key leaked")
-  end
+  support.no_keys_in(type(v) == "string" and v or response.encode(v), KEYS)
 end
 
 -- Polls (yielding) until pred() or ms pass.
--- Longer under valgrind (tests/busted.lua).
-local SLOWDOWN = (tonumber(os.getenv("AIORCH_TEST_SLOWDOWN") or "") or 1)
-
 local function wait_for(pred, ms)
-  ms = ms * SLOWDOWN
-  local t0 = aiorch.now()
-  while not pred() and aiorch.now() - t0 < ms do
-    aiorch.sleep(2)
-  end
-  return pred()
+  return support.wait_for(pred, ms, 2)
 end
 
 local function tmpdir()
@@ -74,19 +50,7 @@ local function write(path, text)
   f:close()
 end
 
-setup(function()
-  m = assert(mock_mod.start { host = "127.0.0.1", port = 0 })
-end)
-
-teardown(function()
-  m:close()
-end)
-
-before_each(function()
-  m:reset()
-  metrics.reset()
-  breaker.reset() -- each case starts with every provider healthy
-end)
+support.use_mock(function(mock) m = mock end)
 
 describe("single", function()
   it("gets an answer from openai, with the documented wire request", function()

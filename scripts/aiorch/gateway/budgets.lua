@@ -132,7 +132,7 @@ end
 -- The window key of budget b's measure (usd or tokens) in the period pid.
 local function key_of(gw, b, measure, pid)
   local ns = state.redis() and "" or gw.ns
-  return ns .. "b\31" .. b.id .. "\31" .. measure .. "\31" .. pid
+  return ns .. "bu\31" .. b.id .. "\31" .. measure .. "\31" .. pid
 end
 
 -- Adds n under the period's key. Returns what the period spent with it,

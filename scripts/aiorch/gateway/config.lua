@@ -10,7 +10,6 @@ local secrets = require "aiorch.secrets"
 local state_shm = require "aiorch.state.shm"
 local state_redis = require "aiorch.state.redis"
 local cost = require "aiorch.cost"
-local budgets = require "aiorch.gateway.budgets"
 local response_cache = require "aiorch.gateway.cache"
 
 local fmt = string.format
@@ -147,6 +146,9 @@ local function name_set(kind, list, where, path)
   sort(names)
   return set, names
 end
+
+-- A client's lists of names it may use: field, and the kind of the names.
+local CLIENT_NAMES = { { "strategies", "strategy" }, { "providers", "provider" } }
 
 -- client_policy = {field = {least, most}, ...}: the policy fields clients
 -- may set (X-Aiorch-Policy, a request's policy), each clamped to its
@@ -558,27 +560,19 @@ function _M.check(raw, getenv, path)
         return nil, fmt("%s.key_env: %s is not set", where, e.key_env)
       end
       local entry = { name = name, key = v }
-      if e.strategies ~= nil then
-        local list, lerr = string_list(e.strategies, where .. ".strategies")
-        if not list then
-          return nil, lerr
+      for _, f in ipairs(CLIENT_NAMES) do
+        local field, kind = f[1], f[2]
+        if e[field] ~= nil then
+          local list, lerr = string_list(e[field], where .. "." .. field)
+          if not list then
+            return nil, lerr
+          end
+          local set, names = name_set(kind, list, where .. "." .. field, path)
+          if not set then
+            return nil, names
+          end
+          entry[field], entry[kind .. "_names"] = set, names
         end
-        local set, names = name_set("strategy", list, where .. ".strategies", path)
-        if not set then
-          return nil, names
-        end
-        entry.strategies, entry.strategy_names = set, names
-      end
-      if e.providers ~= nil then
-        local list, lerr = string_list(e.providers, where .. ".providers")
-        if not list then
-          return nil, lerr
-        end
-        local set, names = name_set("provider", list, where .. ".providers", path)
-        if not set then
-          return nil, names
-        end
-        entry.providers, entry.provider_names = set, names
       end
       if e.client_policy ~= nil then
         local cp, cperr = check_client_policy(e.client_policy, where .. ".client_policy")
@@ -640,7 +634,8 @@ function _M.check(raw, getenv, path)
     for _, e in ipairs(clients) do
       names[e.name] = true
     end
-    local list, berr = budgets.check(raw.budgets, names, c.aliases)
+    -- (loaded only for a configuration with budgets)
+    local list, berr = require("aiorch.gateway.budgets").check(raw.budgets, names, c.aliases)
     if not list then
       return nil, berr
     end

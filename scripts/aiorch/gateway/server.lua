@@ -20,7 +20,7 @@ local stream = require "aiorch.gateway.stream"
 local policy = require "aiorch.policy"
 local breaker = require "aiorch.breaker"
 local limits = require "aiorch.gateway.limits" -- rate limits, max_inflight: for the whole server
-local budgets = require "aiorch.gateway.budgets" -- USD and tokens per client key or alias: for the whole server
+local budgets -- aiorch.gateway.budgets, loaded for a configuration with budgets
 local cost = require "aiorch.cost"
 local totals = require "aiorch.gateway.totals" -- /metrics and /healthz: for the whole server
 local response_cache = require "aiorch.gateway.cache" -- the response cache, when configured
@@ -343,11 +343,27 @@ function Exchange:refuse(kind, err, field)
   return self:fail(400, err)
 end
 
-local function run_plain(x, request, rt)
+-- What an orchestration needs to know of the client: its name (the
+-- metrics of cost) and its budget. Set only when there is one: the plain
+-- path keeps its small opts table.
+local function client_opts(x, o)
+  local name = x.client.name
+  if name then
+    o.client = name
+  end
   local b = x.budget
-  local r, kind, err, field = orchestrate.orchestrate(request, rt.strategy, rt.providers,
-    { env = rt.env, path = x.state.path, timeout_ms = x.state.timeout_ms, allow_drop = allow_drop(x),
-      client = x.client.name, spend = b and b.spend, budget = b and b.read })
+  if b then
+    o.spend, o.budget = b.spend, b.read
+  end
+  return o
+end
+
+local function run_plain(x, request, rt)
+  local o = { env = rt.env, path = x.state.path, timeout_ms = x.state.timeout_ms, allow_drop = allow_drop(x) }
+  if x.client.name or x.budget then
+    client_opts(x, o)
+  end
+  local r, kind, err, field = orchestrate.orchestrate(request, rt.strategy, rt.providers, o)
   if not r then
     x:refuse(kind, err, field)
     return nil
@@ -417,12 +433,10 @@ local function serve_streamed(x, api, request, info, rt)
   local s = stream.session(x.res, api.stream_encoder(x.id, info.model, { include_usage = info.include_usage }),
     headers, api.api)
   x.stream, x.session = true, s
-  local b = x.budget
-  local r, kind, err, field = orchestrate.orchestrate(request, rt.strategy, rt.providers, {
+  local r, kind, err, field = orchestrate.orchestrate(request, rt.strategy, rt.providers, client_opts(x, {
     env = rt.env, path = x.state.path, timeout_ms = x.state.timeout_ms, allow_drop = allow_drop(x),
     stream = true, on_event = function(ev, provider, i) return s:event(ev, provider, i) end,
-    client = x.client.name, spend = b and b.spend, budget = b and b.read,
-  })
+  }))
   if not r then
     return x:refuse(kind, err, field)
   end
@@ -548,11 +562,12 @@ local function client_providers(x, rt)
 end
 
 -- Reserves the request's likely cost against the budgets of its client
--- and alias (aiorch.gateway.budgets). false once the client has its 429
+-- and alias (aiorch.gateway.budgets; called when the configuration has budgets). false once the client has its 429
 -- (or 503); true when admitted (x.budget then holds the reservations,
 -- settled when the request ends, and ctx.budget's reader).
 local function within_budget(x, rt, model, request)
   local state = x.state
+  budgets = budgets or require "aiorch.gateway.budgets"
   local list = budgets.applying(state.config, x.client, rt)
   if not list then
     return true
@@ -609,7 +624,7 @@ end
 -- The answer of a decoded, routed request: streamed or whole. (A cache
 -- hit never gets here: it costs nothing, so no budget is reserved.)
 function answer_api(x, api, request, info, rt)
-  if not within_budget(x, rt, info.model, request) then
+  if x.state.config.budgets and not within_budget(x, rt, info.model, request) then
     return
   end
   if info.stream then
@@ -664,7 +679,7 @@ end
 
 -- The native endpoint's answer (api: as answer_api's, unused).
 function answer_native(x, _, request, info, rt)
-  if not within_budget(x, rt, info.model, request) then
+  if x.state.config.budgets and not within_budget(x, rt, info.model, request) then
     return
   end
   local r = run_plain(x, request, rt)

@@ -4,13 +4,13 @@
 local json = require "aiorch.json"
 local canonical = require "aiorch.canonical"
 local util = require "aiorch.adapter"
+local common = require "aiorch.wire.common"
 
 local fmt = string.format
 local type = type
 local pairs = pairs
 local ipairs = ipairs
 local next = next
-local error = error
 local tostring = tostring
 local setmetatable = setmetatable
 local concat = table.concat
@@ -26,22 +26,13 @@ local EMPTY = {} -- never written
 
 local _M = { api = "anthropic" }
 
--- pass(how) or pass({range = ...}).
-local function pass(x)
-  if type(x) == "table" then
-    x[1] = "pass"
-    return x
-  end
-  return { "pass", how = x }
-end
-
-local function translate(how)
-  return { "translate", how = how }
-end
-
-local function refuse(why)
-  return { "refuse", why = why }
-end
+local events = common.events
+local text_of = common.text_of
+local pass, translate, refuse = common.pass, common.translate, common.refuse
+local copy, fail, set, tokens = common.copy, common.fail, common.set, common.tokens
+local copy_to, ignore = common.copy_to, common.ignore
+local count = util.num -- a count as the canonical model keeps it, or nil
+local extra_of = common.extra_of_for("anthropic")
 
 -- What the Messages API can express of the canonical model: one cell per
 -- key of canonical.CELLS.
@@ -153,38 +144,6 @@ function _M.models(entries)
 end
 
 -- Requests: Anthropic -> canonical ----------------------------------------
-
-local function fail(path, msg)
-  return nil, path .. ": " .. msg
-end
-
-local function set(list)
-  local s = {}
-  for _, k in ipairs(list) do
-    s[k] = true
-  end
-  return s
-end
-
-local function copy(t)
-  local c = {}
-  for k, v in pairs(t) do
-    c[k] = v
-  end
-  return c
-end
-
--- The fields of obj not in known, as an extra {api, fields}, or nil.
-local function extra_of(obj, known)
-  local fields
-  for k, v in pairs(obj) do
-    if not known[k] and v ~= null then
-      fields = fields or {}
-      fields[k] = v
-    end
-  end
-  return fields and { api = "anthropic", fields = fields } or nil
-end
 
 local function cache_of(b)
   return type(b.cache_control) == "table" and b.cache_control or nil
@@ -555,52 +514,20 @@ end
 
 -- Requests: canonical -> Anthropic ----------------------------------------
 
-local function cannot(what)
-  error(fmt("wire.anthropic: cannot encode %s (canonical.unsupported refuses it)", what), 2)
-end
-
-local function merge_extra(obj, e, where)
-  if e == nil then
-    return obj
-  end
-  if e.api ~= "anthropic" then
-    cannot(fmt("%s: %s fields", where, tostring(e.api)))
-  end
-  for k, v in pairs(e.fields) do
-    local have = obj[k]
-    if type(have) == "table" and type(v) == "table" then
-      for k2, v2 in pairs(v) do
-        have[k2] = v2
-      end
-    else
-      obj[k] = v
-    end
-  end
-  return obj
-end
-
-local ENCODED = {
-  text = set { "type", "text", "signature", "cache_control", "extra" },
-  image = set { "type", "source", "detail", "cache_control", "extra" },
-  document = set { "type", "source", "title", "filename", "cache_control", "extra" },
-  tool_call = set { "type", "id", "name", "arguments", "signature", "cache_control", "extra" },
-  tool_result = set { "type", "id", "content", "is_error", "cache_control", "extra" },
-  thinking = set { "type", "text", "signature", "extra" },
-  redacted_thinking = set { "type", "data", "extra" },
-  opaque = set { "type", "api", "value", "name" },
+-- Each part type's attributes the encoder writes.
+local ENCODED = common.encoded {
+  text = { "cache_control" },
+  image = { "cache_control" },
+  document = { "cache_control" },
+  tool_call = { "cache_control" },
+  tool_result = { "is_error", "cache_control" },
+  thinking = { "type", "text", "signature", "extra" },
+  redacted_thinking = { "type", "data", "extra" },
 }
-
-local function check_keys(p, where)
-  local known = ENCODED[p.type]
-  if not known then
-    cannot(fmt("%s: a %s part", where, tostring(p.type)))
-  end
-  for k in pairs(p) do
-    if not known[k] then
-      cannot(where .. "." .. k)
-    end
-  end
-end
+local encoder = common.encoder("anthropic", ENCODED, { foreign_empty_refused = true })
+local cannot, merge_extra, check_keys = encoder.cannot, encoder.merge_extra, encoder.check_keys
+local default_only = encoder.default_only
+local write_fields = encoder.write_fields
 
 local function encode_source(s, where)
   if s.type == "base64" then
@@ -820,22 +747,6 @@ local function encode_tool_choice(body, _, req)
   body.tool_choice = out
 end
 
-local function copy_to(name)
-  return function(body, v)
-    body[name] = v
-  end
-end
-
-local function ignore() end
-
-local function default_only(name, default)
-  return function(_, v)
-    if v ~= default then
-      cannot(name)
-    end
-  end
-end
-
 local REQUEST = {
   messages = function(body, v)
     body.messages = encode_messages(v, body)
@@ -906,13 +817,7 @@ function _M.encode_request(req, opts)
   opts = opts or EMPTY
   -- (the usual fields named: the table is sized once)
   local body = { model = opts.model, messages = nil, max_tokens = nil, stream = nil }
-  for k, v in pairs(req) do
-    local f = REQUEST[k]
-    if not f then
-      cannot(k)
-    end
-    f(body, v, req)
-  end
+  write_fields(REQUEST, body, req)
   body.max_tokens = body.max_tokens or opts.default_max_tokens
   -- Continuing an answer another provider began: a last assistant turn is
   -- a prefill the model goes on from (it must not end in whitespace).
@@ -937,14 +842,6 @@ function _M.encode_request(req, opts)
 end
 
 -- Responses: Anthropic -> canonical ---------------------------------------
-
--- A count as the canonical model keeps it (an integer when it is one), or nil.
-local function count(v)
-  if type(v) == "number" then
-    return tointeger(v) or v
-  end
-  return nil
-end
 
 -- Anthropic's usage -> the canonical one: every input token counted.
 local function usage_of(u)
@@ -975,23 +872,6 @@ local function block_part(b)
     return { type = "tool_call", id = str(b.id) or "", name = b.name, arguments = json.encode(input) }
   end
   return { type = "opaque", api = "anthropic", value = b }
-end
-
--- The text parts joined (one part: its text, no list).
-local function text_of(parts)
-  local one, out
-  for _, p in ipairs(parts) do
-    if p.type == "text" then
-      if out then
-        out[#out + 1] = p.text
-      elseif one then
-        out = { one, p.text }
-      else
-        one = p.text
-      end
-    end
-  end
-  return out and concat(out) or one or ""
 end
 
 -- decode_response(doc) -> result, or nil, kind, message. doc: a decoded
@@ -1044,10 +924,6 @@ local function stop_sequence_of(r)
   local m = r and r.metadata or EMPTY
   local s = m.api == "anthropic" and type(m.upstream) == "table" and m.upstream.stop_sequence
   return type(s) == "string" and js(s) or "null"
-end
-
-local function tokens(v)
-  return type(v) == "number" and tointeger(v) or 0
 end
 
 -- The usage object of the results: Anthropic counts cached input apart.
@@ -1294,10 +1170,7 @@ function Decoder:event(sse)
     self.err = { self.classify(doc.error) }
     return nil
   end
-  if #out == 0 then
-    return { type = "meta", raw = sse }
-  end
-  return #out == 1 and out[1] or out
+  return events(out, sse)
 end
 
 -- result() -> the result as decode_response gives it, or nil, kind, message.

@@ -9,13 +9,13 @@
 -- text that comes with tool calls in `tool_plan` again.
 local json = require "aiorch.json"
 local util = require "aiorch.adapter"
+local common = require "aiorch.wire.common"
 
 local fmt = string.format
 local type = type
 local pairs = pairs
 local ipairs = ipairs
 local next = next
-local error = error
 local tostring = tostring
 local setmetatable = setmetatable
 local concat = table.concat
@@ -26,22 +26,10 @@ local EMPTY = {} -- never written
 
 local _M = { api = "cohere" }
 
--- pass(how) or pass({range = ...}).
-local function pass(x)
-  if type(x) == "table" then
-    x[1] = "pass"
-    return x
-  end
-  return { "pass", how = x }
-end
-
-local function translate(how)
-  return { "translate", how = how }
-end
-
-local function refuse(why)
-  return { "refuse", why = why }
-end
+local events, continue_chat = common.events, common.continue_chat
+local text_of = common.text_of
+local pass, translate, refuse = common.pass, common.translate, common.refuse
+local copy, copy_to, ignore = common.copy, common.copy_to, common.ignore
 
 -- The API's documented bounds of p and k; values past them are sent at
 -- the bound (top_p 1, "no nucleus cut", is 0.99, the widest Cohere takes).
@@ -140,79 +128,14 @@ _M.fields = {
 
 -- Requests: canonical -> Cohere -------------------------------------------
 
--- Raised when the encoder meets what it cannot write: canonical.unsupported
--- refuses it, so getting it here is a bug of the caller.
-local function cannot(what)
-  error(fmt("wire.cohere: cannot encode %s (canonical.unsupported refuses it)", what), 2)
-end
-
-local function set(list)
-  local s = {}
-  for _, k in ipairs(list) do
-    s[k] = true
-  end
-  return s
-end
-
-local function copy(t)
-  local c = {}
-  for k, v in pairs(t) do
-    c[k] = v
-  end
-  return c
-end
-
--- Adds the fields of a Cohere extra to a wire object; another API's
--- extra cannot be written.
-local function merge_extra(obj, e, where)
-  if e == nil or next(e.fields) == nil then
-    return obj -- (another API's headers only: nothing for this body)
-  end
-  if e.api ~= "cohere" then
-    cannot(fmt("%s: %s fields", where, tostring(e.api)))
-  end
-  for k, v in pairs(e.fields) do
-    local have = obj[k]
-    if type(have) == "table" and type(v) == "table" and not json.is_array(v) then
-      for k2, v2 in pairs(v) do
-        have[k2] = v2
-      end
-    else
-      obj[k] = v
-    end
-  end
-  return obj
-end
-
 -- Each part type's attributes the encoder writes.
-local ENCODED = {
-  text = set { "type", "text", "signature", "extra" },
-  image = set { "type", "source", "detail", "extra" },
-  document = set { "type", "source", "title", "filename", "extra" },
-  tool_call = set { "type", "id", "name", "arguments", "signature", "extra" },
-  tool_result = set { "type", "id", "content", "extra" },
-  thinking = set { "type", "text", "signature", "extra" },
-  opaque = set { "type", "api", "value", "name" },
+local ENCODED = common.encoded {
+  thinking = { "type", "text", "signature", "extra" },
 }
-
-local function check_keys(p, where)
-  local known = ENCODED[p.type]
-  if not known then
-    cannot(fmt("%s: a %s part", where, tostring(p.type)))
-  end
-  for k, v in pairs(p) do
-    if not known[k] and not (k == "is_error" and v == false) then
-      cannot(where .. "." .. k)
-    end
-  end
-end
-
-local function opaque_value(p, where)
-  if p.api ~= "cohere" then
-    cannot(fmt("%s: a %s part", where, tostring(p.api)))
-  end
-  return p.value
-end
+local encoder = common.encoder("cohere", ENCODED, { arrays_replace = true })
+local cannot, merge_extra, check_keys = encoder.cannot, encoder.merge_extra, encoder.check_keys
+local opaque_value, default_only = encoder.opaque_value, encoder.default_only
+local write_fields, image_url = encoder.write_fields, encoder.image_url
 
 -- A text document's data object.
 local function document_data(p, where)
@@ -231,16 +154,7 @@ local function encode_item(p, where, docs)
   if t == "text" then
     out = { type = "text", text = p.text }
   elseif t == "image" and docs then
-    local s = p.source
-    local url
-    if s.type == "base64" then
-      url = "data:" .. s.media_type .. ";base64," .. s.data
-    elseif s.type == "url" then
-      url = s.url
-    else
-      cannot(where .. ": an image by " .. tostring(s.type))
-    end
-    out = { type = "image_url", image_url = { url = url, detail = p.detail } }
+    out = image_url(p, where)
   elseif t == "document" and docs then
     docs[#docs + 1] = merge_extra({ data = document_data(p, where) }, p.extra, where)
     return nil
@@ -408,22 +322,6 @@ end
 
 local CHOICES = { required = "REQUIRED", none = "NONE" }
 
-local function copy_to(name)
-  return function(body, v)
-    body[name] = v
-  end
-end
-
-local function ignore() end
-
-local function default_only(name, default)
-  return function(_, v)
-    if v ~= default then
-      cannot(name)
-    end
-  end
-end
-
 -- Each canonical field -> how it is written. A field without an entry
 -- cannot be written (encode_request raises).
 local REQUEST = {
@@ -490,20 +388,9 @@ local REQUEST = {
 function _M.encode_request(req, opts)
   opts = opts or EMPTY
   local body = { model = opts.model }
-  for k, v in pairs(req) do
-    local f = REQUEST[k]
-    if not f then
-      cannot(k)
-    end
-    f(body, v, req)
-  end
+  write_fields(REQUEST, body, req)
   -- Continuing an answer another provider began: it is ours so far.
-  local partial = req.continue_from
-  if type(partial) == "string" and partial ~= "" then
-    local msgs = body.messages
-    msgs[#msgs + 1] = { role = "assistant", content = partial }
-    msgs[#msgs + 1] = { role = "user", content = util.CONTINUE }
-  end
+  continue_chat(body.messages, req.continue_from)
   merge_extra(body, req.extra, "extra")
   if opts.stream then
     body.stream = true
@@ -582,16 +469,6 @@ local function logprobs_of(items)
     out[#out + 1] = logprob_entry(item)
   end
   return { content = out }
-end
-
-local function text_of(parts)
-  local out = {}
-  for _, p in ipairs(parts) do
-    if p.type == "text" then
-      out[#out + 1] = p.text
-    end
-  end
-  return concat(out)
 end
 
 -- The parts of an answer's message: its content items in order, the
@@ -811,10 +688,7 @@ function Decoder:event(sse)
       return nil
     end
   end
-  if #out == 0 then
-    return { type = "meta", raw = sse }
-  end
-  return #out == 1 and out[1] or out
+  return events(out, sse)
 end
 
 -- result() -> the result as decode_response gives it, or nil, kind, message.

@@ -20,13 +20,13 @@
 local json = require "aiorch.json"
 local canonical = require "aiorch.canonical"
 local util = require "aiorch.adapter"
+local common = require "aiorch.wire.common"
 
 local fmt = string.format
 local type = type
 local pairs = pairs
 local ipairs = ipairs
 local next = next
-local error = error
 local tostring = tostring
 local tonumber = tonumber
 local setmetatable = setmetatable
@@ -44,17 +44,12 @@ local EMPTY = {} -- never written
 
 local _M = { api = "gemini" }
 
-local function pass(how)
-  return { "pass", how = how }
-end
-
-local function translate(how, range)
-  return { "translate", how = how, range = range }
-end
-
-local function refuse(why)
-  return { "refuse", why = why }
-end
+local events = common.events
+local choice_count, choices_result = common.choice_count, common.choices_result
+local text_of = common.text_of
+local pass, translate, refuse = common.pass, common.translate, common.refuse
+local fail, set, ignore, tokens = common.fail, common.set, common.ignore, common.tokens
+local extra_of = common.extra_of_for("gemini")
 
 -- What generateContent can express of the canonical model: one cell per
 -- key of canonical.CELLS.
@@ -181,30 +176,6 @@ function _M.models(entries)
 end
 
 -- Requests: Gemini -> canonical --------------------------------------------
-
-local function fail(path, msg)
-  return nil, path .. ": " .. msg
-end
-
-local function set(list)
-  local s = {}
-  for _, k in ipairs(list) do
-    s[k] = true
-  end
-  return s
-end
-
--- The fields of obj not in known, as an extra {api, fields}, or nil.
-local function extra_of(obj, known)
-  local fields
-  for k, v in pairs(obj) do
-    if not known[k] and v ~= null then
-      fields = fields or {}
-      fields[k] = v
-    end
-  end
-  return fields and { api = "gemini", fields = fields } or nil
-end
 
 local function unescape(s)
   return (s:gsub("%%(%x%x)", function(h) return char(tonumber(h, 16)) end))
@@ -819,52 +790,14 @@ end
 
 -- Requests: canonical -> Gemini --------------------------------------------
 
-local function cannot(what)
-  error(fmt("wire.gemini: cannot encode %s (canonical.unsupported refuses it)", what), 2)
-end
-
--- Adds the fields of a Gemini extra to a wire object, one level deep.
-local function merge_extra(obj, e, where)
-  if e == nil or next(e.fields) == nil then
-    return obj
-  end
-  if e.api ~= "gemini" then
-    cannot(fmt("%s: %s fields", where, tostring(e.api)))
-  end
-  for k, v in pairs(e.fields) do
-    local have = obj[k]
-    if type(have) == "table" and type(v) == "table" then
-      for k2, v2 in pairs(v) do
-        have[k2] = v2
-      end
-    else
-      obj[k] = v
-    end
-  end
-  return obj
-end
-
-local ENCODED = {
-  text = set { "type", "text", "signature", "extra" },
-  image = set { "type", "source", "detail", "extra" },
-  document = set { "type", "source", "title", "filename", "extra" },
-  tool_call = set { "type", "id", "name", "arguments", "signature", "extra" },
-  tool_result = set { "type", "id", "content", "is_error", "extra" },
-  thinking = set { "type", "text", "signature", "extra" },
-  opaque = set { "type", "api", "value", "name" },
+-- Each part type's attributes the encoder writes.
+local ENCODED = common.encoded {
+  tool_result = { "is_error" },
+  thinking = { "type", "text", "signature", "extra" },
 }
-
-local function check_keys(p, where)
-  local known = ENCODED[p.type]
-  if not known then
-    cannot(fmt("%s: a %s part", where, tostring(p.type)))
-  end
-  for k, v in pairs(p) do
-    if not known[k] and not (k == "is_error" and v == false) then
-      cannot(where .. "." .. k)
-    end
-  end
-end
+local encoder = common.encoder("gemini", ENCODED)
+local cannot, merge_extra, check_keys = encoder.cannot, encoder.merge_extra, encoder.check_keys
+local write_fields = encoder.write_fields
 
 -- Whether an id is one made here (never sent to Gemini).
 local function own_id(id)
@@ -1078,8 +1011,6 @@ end
 local MODES = { auto = "AUTO", none = "NONE", required = "ANY" }
 local LEVELS = { minimal = "MINIMAL", low = "LOW", medium = "MEDIUM", high = "HIGH", xhigh = "XHIGH", max = "XHIGH" }
 
-local function ignore() end
-
 local REQUEST = {
   messages = function(body, v)
     encode_messages(v, body)
@@ -1170,13 +1101,7 @@ local REQUEST = {
 -- refuses those).
 function _M.encode_request(req)
   local body = {}
-  for k, v in pairs(req) do
-    local f = REQUEST[k]
-    if not f then
-      cannot(k)
-    end
-    f(body, v, req)
-  end
+  write_fields(REQUEST, body, req)
   -- Continuing an answer another provider began: it is ours so far.
   local partial = req.continue_from
   if type(partial) == "string" and partial ~= "" then
@@ -1184,15 +1109,7 @@ function _M.encode_request(req)
     c[#c + 1] = { role = "model", parts = json.array({ { text = partial } }) }
     c[#c + 1] = { role = "user", parts = json.array({ { text = util.CONTINUE } }) }
   end
-  local e = req.extra
-  if e then
-    if e.api ~= "gemini" and next(e.fields) then
-      cannot("extra: " .. tostring(e.api) .. " fields")
-    end
-    if e.api == "gemini" then
-      merge_extra(body, e, "extra")
-    end
-  end
+  merge_extra(body, req.extra, "extra")
   return body
 end
 
@@ -1273,16 +1190,6 @@ local function candidate_parts(c, base, idx)
   return parts, calls
 end
 
-local function text_of(parts)
-  local out = {}
-  for _, p in ipairs(parts) do
-    if p.type == "text" then
-      out[#out + 1] = p.text
-    end
-  end
-  return concat(out)
-end
-
 -- The result of a reply whose prompt was blocked: nil, kind, message.
 local function blocked(doc)
   local pf = type(doc.promptFeedback) == "table" and doc.promptFeedback or EMPTY
@@ -1350,10 +1257,6 @@ local function finish_out(f, m, provider)
     return provider
   end
   return FINISH_OUT[canonical.finish_reason(f) or "stop"] or "STOP"
-end
-
-local function tokens(v)
-  return type(v) == "number" and tointeger(v) or 0
 end
 
 -- Every choice of the results, in order: {content, text, finish, logprobs}.
@@ -1556,10 +1459,7 @@ function Decoder:event(sse)
       return nil
     end
   end
-  if #out == 0 then
-    return { type = "meta", raw = sse }
-  end
-  return #out == 1 and out[1] or out
+  return events(out, sse)
 end
 
 -- result() -> the result as decode_response gives it, or nil, kind, message.
@@ -1571,28 +1471,14 @@ function Decoder:result()
   if not (first and first.finish) then
     return nil, "stream_cut", fmt("stream ended after %d events without a finishReason", self.events)
   end
-  local n = 0
-  for idx in pairs(self.choices) do
-    n = max(n, idx + 1)
-  end
+  local n = choice_count(self.choices)
   local list = {}
   for idx = 0, n - 1 do
     local st = self.choices[idx] or { parts = {}, calls = 0 }
     list[idx + 1] = { index = idx, content = st.parts, response_text = text_of(st.parts),
       finish_reason = finish_of(st.finish, st.calls > 0), provider_finish_reason = st.finish, logprobs = st.logprobs }
   end
-  local one = list[1]
-  return {
-    content = one.content,
-    text = concat(self.parts),
-    choices = #list > 1 and list or nil,
-    model = self.model,
-    finish_reason = one.finish_reason,
-    provider_finish_reason = one.provider_finish_reason,
-    usage = self.usage or {},
-    logprobs = one.logprobs,
-    upstream = { id = self.response_id },
-  }
+  return choices_result(list, concat(self.parts), self.model, self.usage, { id = self.response_id })
 end
 
 -- An error object in a stream chunk -> kind, message (the adapter sets

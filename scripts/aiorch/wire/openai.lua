@@ -10,13 +10,13 @@
 local json = require "aiorch.json"
 local canonical = require "aiorch.canonical"
 local util = require "aiorch.adapter"
+local common = require "aiorch.wire.common"
 
 local fmt = string.format
 local type = type
 local pairs = pairs
 local ipairs = ipairs
 local next = next
-local error = error
 local tostring = tostring
 local setmetatable = setmetatable
 local concat = table.concat
@@ -32,19 +32,14 @@ local EMPTY = {} -- never written
 
 local _M = { api = "openai" }
 
-local function pass(extra)
-  extra = extra or {}
-  extra[1] = "pass"
-  return extra
-end
-
-local function translate(how)
-  return { "translate", how = how }
-end
-
-local function refuse(why)
-  return { "refuse", why = why }
-end
+local continue_chat = common.continue_chat
+local choice_count, choices_result = common.choice_count, common.choices_result
+local text_of = common.text_of
+local pass, translate, refuse = common.pass, common.translate, common.refuse
+local copy, fail, set, tokens = common.copy, common.fail, common.set, common.tokens
+local copy_to, ignore = common.copy_to, common.ignore
+local count = util.num -- a count as the canonical model keeps it, or nil
+local extra_of = common.extra_of_for("openai")
 
 -- What Chat Completions can express of the canonical model: one cell per
 -- key of canonical.CELLS.
@@ -155,38 +150,6 @@ function _M.models(entries)
 end
 
 -- Requests: OpenAI -> canonical -------------------------------------------
-
-local function fail(path, msg)
-  return nil, path .. ": " .. msg
-end
-
-local function copy(t)
-  local c = {}
-  for k, v in pairs(t) do
-    c[k] = v
-  end
-  return c
-end
-
--- The fields of obj not in known, as an extra {api, fields}, or nil.
-local function extra_of(obj, known)
-  local fields
-  for k, v in pairs(obj) do
-    if not known[k] and v ~= null then
-      fields = fields or {}
-      fields[k] = v
-    end
-  end
-  return fields and { api = "openai", fields = fields } or nil
-end
-
-local function set(list)
-  local s = {}
-  for _, k in ipairs(list) do
-    s[k] = true
-  end
-  return s
-end
 
 -- "data:image/png;base64,AAAA" -> "image/png", "AAAA"
 local function data_url(u)
@@ -626,62 +589,12 @@ end
 
 -- Requests: canonical -> OpenAI -------------------------------------------
 
--- Raised when the encoder meets what it cannot write: canonical.unsupported
--- refuses it, so getting it here is a bug of the caller.
-local function cannot(what)
-  error(fmt("wire.openai: cannot encode %s (canonical.unsupported refuses it)", what), 2)
-end
-
--- Adds the fields of an OpenAI extra to a wire object; another API's
--- extra cannot be written.
-local function merge_extra(obj, e, where)
-  if e == nil or next(e.fields) == nil then
-    return obj -- (another API's headers only: nothing for this body)
-  end
-  if e.api ~= "openai" then
-    cannot(fmt("%s: %s fields", where, tostring(e.api)))
-  end
-  for k, v in pairs(e.fields) do
-    local have = obj[k]
-    if type(have) == "table" and type(v) == "table" then
-      for k2, v2 in pairs(v) do
-        have[k2] = v2
-      end
-    else
-      obj[k] = v
-    end
-  end
-  return obj
-end
-
 -- Each part type's attributes the encoder writes.
-local ENCODED = {
-  text = set { "type", "text", "signature", "extra" },
-  image = set { "type", "source", "detail", "extra" },
-  document = set { "type", "source", "title", "filename", "extra" },
-  tool_call = set { "type", "id", "name", "arguments", "signature", "extra" },
-  tool_result = set { "type", "id", "content", "extra" },
-  opaque = set { "type", "api", "value", "name" },
-}
-
-local function check_keys(p, where)
-  local known = ENCODED[p.type]
-  if not known then
-    cannot(fmt("%s: a %s part", where, tostring(p.type)))
-  end
-  for k, v in pairs(p) do
-    if not known[k] and not (k == "is_error" and v == false) then
-      cannot(where .. "." .. k)
-    end
-  end
-end
-
-local function opaque_value(p, where)
-  if p.api ~= "openai" then
-    cannot(fmt("%s: a %s part", where, tostring(p.api)))
-  end
-  return p.value
-end
+local ENCODED = common.encoded()
+local encoder = common.encoder("openai", ENCODED)
+local cannot, merge_extra, check_keys = encoder.cannot, encoder.merge_extra, encoder.check_keys
+local opaque_value = encoder.opaque_value
+local write_fields, image_url = encoder.write_fields, encoder.image_url
 
 local function encode_part(p, where)
   check_keys(p, where)
@@ -690,16 +603,7 @@ local function encode_part(p, where)
   if t == "text" then
     out = { type = "text", text = p.text }
   elseif t == "image" then
-    local s = p.source
-    local url
-    if s.type == "base64" then
-      url = "data:" .. s.media_type .. ";base64," .. s.data
-    elseif s.type == "url" then
-      url = s.url
-    else
-      cannot(where .. ": an image by " .. tostring(s.type))
-    end
-    out = { type = "image_url", image_url = { url = url, detail = p.detail } }
+    out = image_url(p, where)
   elseif t == "document" then
     local s = p.source
     local file = { filename = p.filename or p.title }
@@ -834,14 +738,6 @@ local function encode_tools(body, tools)
   body.tools = out
 end
 
-local function copy_to(name)
-  return function(body, v)
-    body[name] = v
-  end
-end
-
-local function ignore() end
-
 -- Each canonical field -> how it is written. A field without an entry
 -- cannot be written (encode_request raises).
 local REQUEST = {
@@ -896,20 +792,9 @@ local REQUEST = {
 function _M.encode_request(req, opts)
   opts = opts or EMPTY
   local body = { model = opts.model }
-  for k, v in pairs(req) do
-    local f = REQUEST[k]
-    if not f then
-      cannot(k)
-    end
-    f(body, v, req)
-  end
+  write_fields(REQUEST, body, req)
   -- Continuing an answer another provider began: it is ours so far.
-  local partial = req.continue_from
-  if type(partial) == "string" and partial ~= "" then
-    local msgs = body.messages
-    msgs[#msgs + 1] = { role = "assistant", content = partial }
-    msgs[#msgs + 1] = { role = "user", content = util.CONTINUE }
-  end
+  continue_chat(body.messages, req.continue_from)
   merge_extra(body, req.extra, "extra")
   if opts.stream then
     body.stream = true
@@ -920,14 +805,6 @@ function _M.encode_request(req, opts)
 end
 
 -- Responses: OpenAI -> canonical ------------------------------------------
-
--- A count as the canonical model keeps it (an integer when it is one), or nil.
-local function count(v)
-  if type(v) == "number" then
-    return tointeger(v) or v
-  end
-  return nil
-end
 
 local function usage_of(u)
   if type(u) ~= "table" then
@@ -947,16 +824,6 @@ local function usage_of(u)
     cache_write_tokens = count(p.cache_write_tokens),
     reasoning_tokens = count(c.reasoning_tokens),
   }
-end
-
-local function text_of(parts)
-  local out = {}
-  for _, p in ipairs(parts) do
-    if p.type == "text" then
-      out[#out + 1] = p.text
-    end
-  end
-  return concat(out)
 end
 
 -- The answer's text: its content, else its refusal (which comes instead
@@ -1068,10 +935,6 @@ local function finish_of(f, m)
     return "stop"
   end
   return FINISH_OUT[canonical.finish_reason(f)]
-end
-
-local function tokens(v)
-  return type(v) == "number" and tointeger(v) or 0
 end
 
 -- Every choice of the results, in order: {content, text, finish, logprobs}.
@@ -1407,10 +1270,7 @@ function Decoder:result()
     return nil, "stream_cut", fmt("stream ended after %d events without [DONE]", self.events)
   end
   local list = {}
-  local n = 0
-  for idx in pairs(self.choices) do
-    n = max(n, idx + 1)
-  end
+  local n = choice_count(self.choices)
   for idx = 0, max(n, 1) - 1 do
     local st = self.choices[idx] or new_choice()
     local parts = finished_parts(st)
@@ -1418,18 +1278,7 @@ function Decoder:result()
       finish_reason = canonical.finish_reason(st.finish), provider_finish_reason = st.finish,
       logprobs = st.logprobs and { content = st.logprobs } or nil }
   end
-  local one = list[1]
-  return {
-    content = one.content,
-    text = concat(self.parts),
-    choices = #list > 1 and list or nil,
-    model = self.model,
-    finish_reason = one.finish_reason,
-    provider_finish_reason = one.provider_finish_reason,
-    usage = self.usage or {},
-    logprobs = one.logprobs,
-    upstream = self.upstream or {},
-  }
+  return choices_result(list, concat(self.parts), self.model, self.usage, self.upstream or {})
 end
 
 -- An error object in a stream chunk -> kind, message (the adapter sets
