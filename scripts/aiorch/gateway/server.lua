@@ -1181,6 +1181,9 @@ function Handle:close()
   self.server:close()
   self.park:cancel()
   totals.stop(self.totals)
+  if self.state.cache then
+    self.state.cache:close() -- its counters and gauges leave the state
+  end
   log_flush(self.state)
 end
 
