@@ -14,6 +14,7 @@ local now = core.now
 local _M = {}
 
 local states = {}
+local shared_seen = {} -- shared breakers as a balancer last read them: name -> {read again after (ms), cooling}
 
 -- aiorch.state.breaker while the state is shared, else nil.
 local shared_breaker
@@ -25,11 +26,14 @@ local function shared()
   return nil
 end
 
+local nstates = 0 -- entries of states (one is made at a provider's first failure)
+
 local function state(name)
   local s = states[name]
   if not s then
     s = { state = "closed", failures = {}, first = 1, count = 0, open_until = 0, trial = false, why = nil }
     states[name] = s
+    nstates = nstates + 1
   end
   return s
 end
@@ -87,6 +91,7 @@ end
 function _M.record(name, pol, ok, kind, retry_after, trial)
   local sh = state_mod.is_shared and shared()
   if sh then
+    shared_seen[name] = nil -- (a balancer reads it afresh)
     return sh.record(name, pol, ok, kind, retry_after, trial)
   end
   local s = states[name]
@@ -148,6 +153,64 @@ function _M.release(name, trial)
   end
 end
 
+-- cooling(name) -> whether a call now would be refused: the breaker is
+-- open, or half open with its trial under way (cheap: the balancers ask
+-- it of every deployment at each decision).
+local cooling
+function _M.cooling(name)
+  return cooling(name)
+end
+
+-- A shared breaker is read again after this (a balancer asks of every
+-- deployment at each decision; the other processes' breakers are seen
+-- this late at most, as replicas see them).
+_M.SHARED_RECHECK_MS = 100
+
+local function shared_cooling(name)
+  local t = now()
+  local e = shared_seen[name]
+  if e and t < e[1] then
+    return e[2]
+  end
+  local v = shared().cooling(name)
+  if e then
+    e[1], e[2] = t + _M.SHARED_RECHECK_MS, v
+  else
+    shared_seen[name] = { t + _M.SHARED_RECHECK_MS, v }
+  end
+  return v
+end
+
+-- The cooling function, or nil when no breaker can be cooling (none of
+-- this process's has seen a failure): a balancer asks once per decision.
+-- Shared breakers: as read at most SHARED_RECHECK_MS ago. Local ones: also
+-- the breakers' table, {name = state}: no entry, or one whose state is
+-- "closed", is not cooling (the caller skips the call for those).
+function _M.cooling_check()
+  if state_mod.is_shared then
+    return shared_cooling
+  end
+  if nstates == 0 then
+    return nil
+  end
+  return cooling, states
+end
+
+cooling = function(name)
+  local sh = state_mod.is_shared and shared()
+  if sh then
+    return sh.cooling(name)
+  end
+  local s = states[name]
+  if not s or s.state == "closed" then
+    return false
+  end
+  if s.state == "open" and now() < s.open_until then
+    return true
+  end
+  return s.trial
+end
+
 -- health(name) -> {healthy, state, failures, cooldown_ms}
 function _M.health(name)
   local sh = state_mod.is_shared and shared()
@@ -170,7 +233,7 @@ function _M.health(name)
 end
 
 function _M.reset()
-  states = {}
+  states, nstates, shared_seen = {}, 0, {}
   local sh = shared()
   if sh then
     sh.reset()

@@ -246,13 +246,18 @@ end
 
 -- Ends an attempt whose task was cancelled before it finished: a race or
 -- hedge loser is charged what it had consumed (orch.cancelled lists
--- it for the orchestration's answer).
+-- it for the orchestration's answer). A deployment's attempt, however it
+-- ends, is no longer in flight.
 local cancel_guard = {
   __close = function(g)
+    local dep = g.dep
+    if dep then
+      dep.inflight = dep.inflight - 1
+    end
     if not g.finished then
       local name = g.name
       metrics.cancelled(name)
-      breaker.release(name, g.trial)
+      breaker.release(g.bkey or name, g.trial)
       local p = g.parser
       if not p then
         return -- no stream: nothing was reported, and a request alone is not charged
@@ -317,11 +322,17 @@ local function deliver(sink, list, from, name, info)
 end
 
 -- One HTTP attempt. Returns the response and whether a token went out.
-local function attempt(adapter, config, request, opts, pol, trial, orch)
+-- dep: a deployment's figures (config.stats), or nil.
+local function attempt(adapter, config, request, opts, pol, trial, orch, dep)
   local name = config.name
   local t0 = now()
   metrics.started(name)
   local guard <close> = setmetatable({ name = name, finished = false, trial = trial }, cancel_guard)
+  -- A deployment (aiorch.deployments): its in-flight count and figures.
+  if dep then
+    guard.dep, guard.bkey = dep, config.breaker_key
+    dep.inflight = dep.inflight + 1
+  end
 
   local stream = opts.stream and type(adapter.stream_parser) == "function"
   local ok, wire = pcall(adapter.build_request, config, request, { stream = stream, model = config.model })
@@ -415,6 +426,9 @@ local function attempt(adapter, config, request, opts, pol, trial, orch)
     on_event = on_event,
   }
   guard.finished = true
+  if dep and status then
+    require("aiorch.deployments").observe_headers(dep, headers, now())
+  end
 
   if not status then
     local kind, msg = headers, body
@@ -540,8 +554,10 @@ function _M.call(adapter, config, request, opts, orch)
   local t0 = now()
   local attempts = {}
   local r
+  local dep = config.stats
+  local bkey = dep and config.breaker_key or name -- a deployment's breaker is its own
   for n = 1, pol.max_attempts do
-    local allowed, why, asked_ms = breaker.allow(name)
+    local allowed, why, asked_ms = breaker.allow(bkey)
     if not allowed then
       metrics.count(name, "skipped")
       if r then
@@ -556,13 +572,18 @@ function _M.call(adapter, config, request, opts, orch)
     end
     local emitted
     local trial = why == "trial"
-    r, emitted = attempt(adapter, config, request, opts, pol, trial, orch)
+    r, emitted = attempt(adapter, config, request, opts, pol, trial, orch, dep)
     local m = r.metadata
     attempts[n] = response.attempt(r)
     if hurried and m.error_kind == "timeout" then
-      breaker.release(name, trial)
+      breaker.release(bkey, trial)
     else
-      breaker.record(name, pol, r.status == "success", m.error_kind, m.retry_after, trial)
+      breaker.record(bkey, pol, r.status == "success", m.error_kind, m.retry_after, trial)
+    end
+    if dep then -- (aiorch.deployments is loaded: it made config.stats)
+      local deployments = require "aiorch.deployments"
+      deployments.observe(dep, r.latency_ms, r.status ~= "success" and policy.counts_as_failure(m.error_kind))
+      deployments.spent(dep, m.usage)
     end
     if r.status == "success" or emitted or n == pol.max_attempts
       or not policy.retryable(m.error_kind, m.http_status) then

@@ -31,7 +31,10 @@ commands:
   --version                  show the version
 
 ask options:
-  --strategy S        single | parallel | fallback (default) | fastest | hedged | thrifty | a user strategy
+  --strategy S        single | parallel | fallback (default) | fastest | hedged | thrifty | a user
+                      strategy, or a balancer over deployments: weighted | least_busy |
+                      least_latency | headroom | sticky | cheapest; or quorum | first_k |
+                      arrived_by (parallel, policy parallel_k / arrived_by_ms)
   --providers a,b     providers in priority order (default: every available one)
   --context TEXT      context for the question
   --system TEXT       system prompt (default: built from the context)

@@ -133,6 +133,25 @@ function _M.provider(name, adapter, env)
     end
   end
   cfg.policy = policy.for_provider(merged)
+  -- Deployments (aiorch.deployments): NAME_DEPLOYMENTS, a list from a
+  -- configuration; the provider is available when one of them is.
+  local deps = get(prefix .. "_DEPLOYMENTS")
+  if deps ~= nil and not cfg.unavailable then
+    local list, derr = require("aiorch.deployments").configure(cfg, deps, get, secrets.add,
+      prefix .. "_DEPLOYMENTS")
+    if not list then
+      cfg.available, cfg.unavailable = false, derr
+    else
+      cfg.deployments, cfg.balancer = list, nonempty(get(prefix .. "_BALANCER")) or "weighted"
+      cfg.balanced = true -- (aiorch.context: a provider or deployment to balance)
+      cfg.available, cfg.deployment_ids = false, {}
+      for i, d in ipairs(list) do
+        cfg.available = cfg.available or d.available
+        cfg.deployment_ids[i] = d.breaker_key
+      end
+      cfg.unavailable = not cfg.available and list[1].unavailable or nil
+    end
+  end
   if not cfg.available and not cfg.unavailable then
     cfg.unavailable = _M.unavailable_reason(cfg)
   end

@@ -9,12 +9,22 @@ local log = require "aiorch.log"
 local policy = require "aiorch.policy"
 local breaker = require "aiorch.breaker"
 local canonical = require "aiorch.canonical"
+-- aiorch.deployments is loaded when first needed: a process without
+-- deployments or balancers never loads it.
+local deployments
+local function deployments_mod()
+  deployments = deployments or require "aiorch.deployments"
+  return deployments
+end
 local cost = require "aiorch.cost"
 
 local type = type
 local pairs = pairs
 local tostring = tostring
 local setmetatable = setmetatable
+local fmt = string.format
+local ceil = math.ceil
+local now = core.now
 local getmetatable = getmetatable
 
 local _M = {}
@@ -69,6 +79,21 @@ local function resolve(adapters, configs, opts, provider)
   if a and c then
     return a, c
   end
+  -- A deployment, "provider/name" (aiorch.deployments).
+  local parent, dname = tostring(provider):match("^([^/]+)/(.+)$")
+  if parent then
+    local pa, pc = resolve(adapters, configs, opts, parent)
+    if not pa then
+      return nil, pc
+    end
+    for _, d in ipairs(pc.deployments or EMPTY) do
+      if d.deployment == dname then
+        adapters[provider], configs[provider] = pa, d
+        return pa, d
+      end
+    end
+    return nil, fmt("provider '%s' has no deployment '%s'", parent, dname)
+  end
   local err
   a, err = loader.load("provider", provider, opts.path)
   if not a then
@@ -117,6 +142,8 @@ local function sink_of(st)
   end
 end
 
+local run_strategy, admit -- below (balance)
+
 -- A provider's configuration with another model (ctx.call's opts.model).
 local function with_model(c, model)
   local out = {}
@@ -136,12 +163,28 @@ local function do_call(st, provider, copts, req)
     metrics.finished(tostring(provider), r)
     return r
   end
+  -- (balance) A provider with deployments: its balancer picks one; a
+  -- deployment past its own rpm/tpm answers rate_limited at once.
+  local balanced = c.balanced
+  if balanced then
+    if c.deployments then
+      return run_strategy(st, c.balancer, req, c.deployment_ids, copts)
+    end
+    local dep = c.stats
+    if dep and (dep.rpm or dep.tpm or dep.limited_until > 0) then
+      local r = admit(c, dep)
+      if r then
+        return r
+      end
+    end
+  end
   if req == request then
     local variants, fits = st.variants, st.fits
-    local v = variants and variants[provider]
+    -- (a deployment: as chosen, or as its provider)
+    local v = variants and (variants[provider] or variants[c.name])
     if v then
       req = v
-    elseif fits and not fits[provider] then
+    elseif fits and not (fits[provider] or fits[c.name]) then
       -- A provider the orchestration did not check (a strategy may call
       -- any): what it cannot take is refused here, by name.
       local bad = canonical.unsupported(request, a)
@@ -167,11 +210,18 @@ local function do_call(st, provider, copts, req)
       c = with_model(c, copts.model)
     end
   end
-  local r = call.call(a, c, req, o, st) -- (what the calls cost: aiorch.call)
+  local r = call.call(a, c, req, o, st.root or st) -- (what the calls cost: aiorch.call; the root state)
   local dropped = st.dropped
-  local d = dropped and dropped[provider]
+  local d = dropped and dropped[c.name]
   if d then
     r.metadata.dropped = d
+  end
+  if balanced and c.deployment then
+    local m = r.metadata
+    m.deployment = c.deployment
+    for _, at in ipairs(m.attempts or EMPTY) do
+      at.deployment = c.deployment
+    end
   end
   return r
 end
@@ -192,7 +242,7 @@ end
 -- cancel the other racers before anything is written).
 function BOUND.on_commit(st)
   return function(fn)
-    st.on_commit = fn
+    (st.root or st).on_commit = fn
   end
 end
 
@@ -208,6 +258,12 @@ end
 -- call(provider[, opts]) -> StandardAIResponse. opts: policy (overrides),
 -- timeout_ms, model (another model than the provider's configured one).
 function BOUND.call(st)
+  local default = st.copts -- (a strategy run by another: the options it was given)
+  if default then
+    return function(provider, copts)
+      return do_call(st, provider, copts or default, st.request)
+    end
+  end
   return function(provider, copts)
     return do_call(st, provider, copts, st.request)
   end
@@ -218,7 +274,7 @@ end
 -- copts as for call (a gateway passes its own token sink there).
 function BOUND.continue_with(st)
   return function(provider, partial, from, copts)
-    st.owner = provider
+    (st.root or st).owner = provider
     local req = {}
     for k, v in pairs(st.request) do
       req[k] = v
@@ -257,6 +313,188 @@ function BOUND.log(st)
   end
 end
 
+------------------------------------------------------------------------------
+-- (balance) Deployments, balancers and strategies run from a strategy.
+
+-- The answer of a deployment past its own rpm/tpm, or nil when it may go.
+admit = function(c, dep)
+  local ok, wait, why = deployments_mod().admit(dep)
+  if ok then
+    return nil
+  end
+  local r = response.error(c.name, "rate_limited", why, 0, { model = c.model, retry_after = ceil(wait / 1000) })
+  r.metadata.attempts = { response.attempt(r) }
+  r.metadata.deployment = c.deployment
+  metrics.count(c.name, "skipped")
+  return r
+end
+
+-- The records (aiorch.deployments) of the providers' deployments that may
+-- take a call now: not cooling down, not past their own rpm/tpm, not in
+-- exclude (a set of ids), with a key. A provider without deployments is
+-- one, whose id is its name; a deployment's id may be given too.
+-- (The hot path of every balancer: cheap checks first, no call per
+-- deployment unless a breaker has seen a failure.)
+local function usable_deployments(st, providers, exclude, out)
+  local adapters, configs, opts = st.adapters, st.configs, st.opts
+  if type(providers) ~= "table" then
+    providers = { providers }
+  end
+  local n, t = 0, now()
+  local cooling, breakers = breaker.cooling_check()
+  for i = 1, #providers do
+    local p = providers[i]
+    local a, c = resolve(adapters, configs, opts, p)
+    if a and c.available then
+      local list, models = c.deployment_stats, c.deployment_models
+      if not list then
+        list, models = {}, {}
+        if c.deployments then
+          for j, dc in ipairs(c.deployments) do
+            list[j], models[j] = dc.available and dc.stats or false, dc.model
+          end
+        else
+          -- One deployment; from now on call.lua keeps this provider's figures.
+          c.stats = c.stats or deployments_mod().record(p, { provider = c.name })
+          c.balanced = true
+          list[1], models[1] = c.stats, c.model
+        end
+        c.deployment_stats, c.deployment_models = list, models
+      end
+      for j = 1, #list do
+        local d = list[j]
+        if d and d.limited_until <= t and not (exclude and exclude[d.id]) then
+          local cool = false
+          if breakers then -- this process's breakers: only one not closed may be cooling
+            local b = breakers[d.id]
+            cool = b ~= nil and b.state ~= "closed" and cooling(d.id)
+          elseif cooling then
+            cool = cooling(d.id)
+          end
+          if not cool then
+            n = n + 1
+            out[n] = d
+            d.model = models[j] -- the model a call would use in this orchestration
+          end
+        end
+      end
+    end
+  end
+  for j = #out, n + 1, -1 do
+    out[j] = nil
+  end
+  return out
+end
+
+local new_ctx -- below
+
+-- Runs strategy `name` over providers with a context of its own: the
+-- request given (the checks of the original's variants are redone for
+-- another one) and copts for every call it makes. Raises when the
+-- strategy does not load (a programmer's error).
+run_strategy = function(st, name, request, providers, copts)
+  local strategy, err = loader.load("strategy", name, st.opts.path)
+  if not strategy then
+    error(err, 0)
+  end
+  -- The stream's owner and on_commit stay the root's (its sink reads them).
+  local child = setmetatable({ request = request, copts = copts, strategy = name, root = st.root or st },
+    { __index = st })
+  if request ~= st.request then
+    child.variants, child.fits = false, EMPTY
+  end
+  return strategy(request, providers, new_ctx(child))
+end
+
+-- sticky_key() -> the request's sticky key (orchestrate's opts.sticky_key:
+-- the gateway's X-Aiorch-Sticky-Key header), or nil.
+function BOUND.sticky_key(st)
+  return function()
+    return st.opts.sticky_key
+  end
+end
+
+-- estimate_tokens(request) -> the input and output tokens ctx.estimate
+-- prices (aiorch.cost.estimate_tokens): a strategy that compares models
+-- counts them once, and prices them with ctx.price.
+function BOUND.estimate_tokens()
+  return cost.estimate_tokens
+end
+
+-- latency_now(record, t), headroom(record, t): a deployment's figures as of t.
+function BOUND.latency_now()
+  return deployments_mod().latency_now
+end
+
+function BOUND.headroom()
+  return deployments_mod().headroom
+end
+
+-- deployments(providers[, exclude[, into]]) -> the records of those that
+-- may take a call (in `into`, emptied first, when given).
+function BOUND.deployments(st)
+  return function(providers, exclude, into)
+    return usable_deployments(st, providers, exclude, into or {})
+  end
+end
+
+-- strategy(name, request, providers) -> what strategy `name` returns.
+function BOUND.strategy(st)
+  return function(name, request, providers)
+    return run_strategy(st, name, request or st.request, providers)
+  end
+end
+
+-- balance(providers, pick) -> a StandardAIResponse. pick(records) returns
+-- one of the records (aiorch.deployments) given: it is called, and on a
+-- failure pick chooses again among those not yet tried, until one
+-- succeeds, a stream was committed, or none is left.
+function BOUND.balance(st)
+  return function(providers, pick)
+    local t0 = now()
+    local tried, attempts, failures
+    local list = rawget(st, "scratch") -- reused: a pick does not keep it (a nested run has its own)
+    if not list then
+      list = {}
+      st.scratch = list
+    end
+    while true do
+      usable_deployments(st, providers, tried, list)
+      local d = #list > 0 and pick(list)
+      if not d then
+        break
+      end
+      if tried then
+        metrics.count(d.provider, "fallback_activations")
+      end
+      local r = do_call(st, d.id, st.copts, st.request)
+      if attempts then
+        response.add_attempts(attempts, r)
+        r.metadata.attempts = attempts
+      end
+      if r.status == "success" or (st.owner ~= nil and st.owner == r.ia_provider_name) then
+        return r
+      end
+      if not attempts then
+        attempts = response.add_attempts({}, r)
+      end
+      failures = failures or {}
+      failures[#failures + 1] = r
+      tried = tried or {}
+      tried[d.id] = true
+    end
+    if not failures then
+      local p = tostring(type(providers) == "table" and providers[1] or providers):match("^[^/]*")
+      return response.error(p, "cooldown",
+        fmt("no deployment of %s may take a call now (cooling down or at its rate limit)", p), 0, {})
+    end
+    local e = response.all_failed(failures)
+    e.metadata.attempts = attempts
+    e.latency_ms = math.floor(now() - t0 + 0.5)
+    return e
+  end
+end
+
 local STATE = {} -- the key of a context's state
 
 local ctx_mt = {
@@ -287,6 +525,12 @@ function _M.new(state)
   -- (The functions a strategy reads are named too: the table is sized once.)
   return setmetatable({ request = state.request, stream = opts.stream and true or false, [STATE] = state,
     call = nil, log = nil, owner = nil }, ctx_mt)
+end
+
+-- (balance) The context of a strategy run by another (run_strategy).
+new_ctx = function(state)
+  return setmetatable({ request = state.request, stream = state.opts.stream and true or false, [STATE] = state },
+    ctx_mt)
 end
 
 return _M

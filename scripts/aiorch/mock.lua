@@ -138,6 +138,12 @@
 -- For tests: mock.sign(text) is the signature the mock gives a thinking
 -- text; mock.schema_instance(schema) the instance it makes of a JSON Schema.
 --
+-- Rate limits: m:rate_limit{requests, tokens, window_ms} (or start's
+-- rate_limit) counts each key's requests and tokens and tells them in every
+-- answer's headers, in OpenAI's (x-ratelimit-*) or Anthropic's
+-- (anthropic-ratelimit-*) format, with a 429 past a limit; req.rate_limited
+-- marks those (scripts/aiorch/mock/ratelimit.lua).
+--
 -- Backpressure. A stream of more than 64 KiB that nothing paces is written
 -- in pieces of about 16 KiB (a fault=huge answer in pieces of 64 KiB);
 -- res:write waits while more than 64 KiB of them are unsent, so a client
@@ -164,6 +170,7 @@ local null = cjson.null
 local now = aiorch.now
 local cohere = require "aiorch.mock.cohere"
 local compat = require "aiorch.mock.compat"
+local ratelimit = require "aiorch.mock.ratelimit"
 
 local _M = {}
 
@@ -3118,6 +3125,18 @@ local function handle(self, req, res)
   elseif flavour and fn == openai_chat then
     fn = compat_chat
   end
+  if self.rate_limits and fn then
+    local extra, retry = ratelimit.check(self.rate_limits, self.rate_windows, req, api)
+    if retry then
+      local e = (ERROR_BODY[api] or ERROR_BODY.openai)["429"]
+      extra["retry-after"] = tostring(retry)
+      res:respond(e[1], with_headers(JSON_HEADERS, extra), e[2])
+      req.completed_at = aiorch.now()
+      req.rate_limited = true
+      return
+    end
+    res = ratelimit.adding_headers(res, extra, with_headers)
+  end
   local fault = d.fault
   local wait = d.latency_ms
   if d.tail_pct and math.random() * 100 < d.tail_pct then
@@ -3171,7 +3190,7 @@ Mock.__index = Mock
 -- message as aiorch.server.listen does.
 -- opts: host, port, defaults (directives), max_body, record (false: keep
 -- m.requests empty, for long benchmarks), idle_timeout_ms (close idle
--- keep-alive connections).
+-- keep-alive connections), rate_limit (m:rate_limit's).
 function _M.start(opts)
   opts = opts or {}
   if type(opts) ~= "table" then
@@ -3190,7 +3209,12 @@ function _M.start(opts)
     created = os_time(),
     defaults = resolve(opts.defaults, 2),
     record = opts.record ~= false,
+    rate_limits = nil,
+    rate_windows = {},
   }, Mock)
+  if opts.rate_limit ~= nil then
+    self:rate_limit(opts.rate_limit)
+  end
   local srv, kind, message = aiorch.server.listen {
     host = host,
     port = opts.port or 0,
@@ -3281,6 +3305,26 @@ end
 -- How many fail_first requests arrived with this key ("" for none).
 function Mock:counter(key)
   return self.counters[key or ""] or 0
+end
+
+-- Rate limits per key, told in the answers' headers (see "Rate limits"):
+-- {requests = n, tokens = n, window_ms = ms (default 60000)}; nil: none.
+-- Starts every key's window afresh.
+function Mock:rate_limit(limits)
+  if limits ~= nil then
+    if type(limits) ~= "table" then
+      error("mock: rate limits must be a table", 2)
+    end
+    for _, k in ipairs { "requests", "tokens", "window_ms" } do
+      local v = limits[k]
+      if v ~= nil and (math_type(v) ~= "integer" or v <= 0) then
+        error(fmt("mock: rate limit %s must be a positive integer", k), 2)
+      end
+    end
+    limits = { requests = limits.requests, tokens = limits.tokens, window_ms = limits.window_ms or 60000 }
+  end
+  self.rate_limits = limits
+  self.rate_windows = {}
 end
 
 -- Sets the directives of requests that carry none.

@@ -50,6 +50,22 @@ local function message_of(e)
   return type(e) == "table" and e.message or tostring(e)
 end
 
+-- (balance) A deployment named by its id, "provider/name": the provider's
+-- adapter and the deployment's config, or nil, nil, message.
+local function deployment_of(id, opts)
+  local parent, dname = id:match("^([^/]+)/(.+)$")
+  local a = parent and loader.load("provider", parent, opts.path)
+  if not a then
+    return nil, nil, fmt("unknown provider '%s'", id)
+  end
+  for _, d in ipairs(config.cached(parent, a, opts.env).deployments or {}) do
+    if d.deployment == dname then
+      return a, d
+    end
+  end
+  return nil, nil, fmt("provider '%s' has no deployment '%s'", parent, dname)
+end
+
 -- Adapters and configs for the given names, or nil, kind, message.
 local function providers_for(names, opts)
   local adapters, configs, list = {}, {}, {}
@@ -58,10 +74,14 @@ local function providers_for(names, opts)
       return nil, "invalid", fmt("provider '%s' is listed twice", tostring(name))
     end
     local a, err = loader.load("provider", name, opts.path)
+    local c
+    if not a and type(name) == "string" and name:find("/", 1, true) then
+      a, c, err = deployment_of(name, opts)
+    end
     if not a then
       return nil, load_kind("provider", name, opts.path), err
     end
-    adapters[name], configs[name], list[i] = a, config.cached(name, a, opts.env), a
+    adapters[name], configs[name], list[i] = a, c or config.cached(name, a, opts.env), a
   end
   return adapters, configs, list
 end

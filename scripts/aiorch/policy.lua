@@ -41,6 +41,10 @@ _M.fields = {
   -- the hedged strategy
   hedge_delay_ms = { nil, "wait before the next provider starts (default: the last one's p95)", "int", 0, HOUR_MS },
   hedge_budget = { 0.1, "extra requests hedging may add, as a share of hedged requests", "number", 0, 1 },
+  -- the parallel variants: quorum and first_k (k), arrived_by (its deadline)
+  parallel_k = { nil, "quorum: answers that must agree (default a majority); first_k: answers wanted (default 1)",
+    "int", 1, 1000 },
+  arrived_by_ms = { nil, "arrived_by: what has arrived by then is the answer (default 1000)", "int", 1, HOUR_MS },
   -- streaming
   continue_on_cut = { false, "a stream cut after its first token continues on the next provider", "bool" },
 }

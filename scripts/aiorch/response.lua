@@ -130,10 +130,11 @@ local function failure_text(r)
   local m = r.metadata or {}
   local kind = m.error_kind or r.status
   local msg = r.error_message
+  local who = tostring(r.ia_provider_name) .. (m.deployment and "/" .. m.deployment or "") -- (a deployment's id)
   if msg and msg ~= kind then
-    return fmt("%s: %s (%s)", tostring(r.ia_provider_name), kind, msg)
+    return fmt("%s: %s (%s)", who, kind, msg)
   end
-  return fmt("%s: %s", tostring(r.ia_provider_name), kind)
+  return fmt("%s: %s", who, kind)
 end
 
 -- The error that names every failure. Status is "timeout" only when every

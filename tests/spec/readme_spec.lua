@@ -151,6 +151,26 @@ RUNNERS["providers.lua"] = function(_, _, path)
   assert.matches("^Hello from the mock openai provider%. You asked: Hi\n$", out)
 end
 
+-- Balanced deployments: the file loads, and `aiorch ask --config` is
+-- answered by one of openai's deployments (the mock, with its own key).
+RUNNERS["balanced.lua"] = function(_, _, path)
+  local text = slurp(path):gsub('"https://east%.example/v1"', ('%q'):format(m:base_url("openai")))
+    :gsub('"https://west%.example/v1"', ('%q'):format(m:base_url("openai")))
+  put(path, text)
+  m:reset()
+  local keys = { OPENAI_KEY_EAST = "sk-readme-east-6161", OPENAI_KEY_WEST = "sk-readme-west-7171" }
+  for _ = 1, 2 do
+    local code, out, err = sh(("build/aiorch ask --config '%s' Hi"):format(path), keys)
+    assert.equal(0, code, err)
+    assert.matches("^Hello from the mock openai provider%. You asked: Hi\n$", out)
+  end
+  assert.equal(2, #m.requests)
+  for _, q in ipairs(m.requests) do
+    local auth = q.headers.authorization
+    assert.truthy(auth == "Bearer " .. keys.OPENAI_KEY_EAST or auth == "Bearer " .. keys.OPENAI_KEY_WEST, auth)
+  end
+end
+
 -- The gateway's configuration: a real `aiorch serve` runs with it.
 RUNNERS["gateway.lua"] = function(_, _, path)
   local probe = assert(aiorch.server.listen { host = "127.0.0.1", port = 0, handler = function() end })

@@ -53,6 +53,7 @@ local PROVIDER = {
   priority = true, api_key = true, key = true, policy = true,
   -- aiorch.compat's: an OpenAI-compatible provider declared here.
   api = true, preset = true, quirks = true, deployments = true, api_version = true,
+  balancer = true, -- (balance) the strategy that picks among its deployments
 }
 local ALIAS = { strategy = true, providers = true, cache = true }
 local CLIENT = { key_env = true, strategies = true, providers = true, client_policy = true, request_timeout_ms = true,
@@ -372,6 +373,32 @@ function _M.check(raw, getenv, path)
     if p.api_key ~= nil or p.key ~= nil then
       return nil, where .. ": literal keys are refused; name the environment variable with api_key_env"
     end
+    -- (balance) deployments as a list: the provider's keys, base URLs or
+    -- regions (as a map {model = deployment}: Azure's deployment names).
+    local balanced, balancer
+    if type(p.deployments) == "table" and p.deployments[1] ~= nil then
+      local derr
+      balanced, derr = require("aiorch.deployments").check(p.deployments, where .. ".deployments")
+      if not balanced then
+        return nil, derr
+      end
+      balancer = p.balancer or "weighted"
+      if type(balancer) ~= "string" then
+        return nil, where .. ".balancer: must be a strategy name"
+      end
+      local s, berr = loader.load("strategy", balancer, path)
+      if not s then
+        return nil, where .. ".balancer: " .. berr
+      end
+      local rest = {}
+      for k, v in pairs(p) do
+        rest[k] = v
+      end
+      rest.deployments, rest.balancer = nil, nil
+      p = rest
+    elseif p.balancer ~= nil then
+      return nil, where .. ".balancer: needs deployments (a list)"
+    end
     local adapter, aerr
     if compat.declares(p) then
       -- No adapter file: aiorch.compat's, found by the entry's name from now on.
@@ -425,6 +452,7 @@ function _M.check(raw, getenv, path)
     c.providers[name] = {
       name = name, adapter = adapter, model = model, models = models, model_prefixes = prefixes, base_url = p.base_url,
       timeout_ms = p.timeout_ms, key_env = p.api_key_env or nil, policy = p.policy and pol or nil,
+      deployments = balanced, balancer = balancer,
     }
     prio[#prio + 1] = { name = name, priority = p.priority or 1000 }
   end
@@ -745,6 +773,14 @@ function _M.env_for(c, models)
         env[model_env] = p.model or env[model_env]
         env[pre .. "_TIMEOUT_MS"] = p.timeout_ms and tostring(p.timeout_ms) or env[pre .. "_TIMEOUT_MS"]
         env[pre .. "_POLICY"] = p.policy or env[pre .. "_POLICY"] -- a table: aiorch.config takes it as it is
+        if p.deployments then -- (balance) a list: aiorch.config takes it as it is, and their keys' variables
+          env[pre .. "_DEPLOYMENTS"], env[pre .. "_BALANCER"] = p.deployments, p.balancer
+          for _, d in ipairs(p.deployments) do
+            if d.api_key_env then
+              env[d.api_key_env] = getenv(d.api_key_env)
+            end
+          end
+        end
       end
       if models and models[n] then
         env[model_env] = models[n]

@@ -363,6 +363,10 @@ local function run_plain(x, request, rt)
   if x.client.name or x.budget then
     client_opts(x, o)
   end
+  local sticky = x.req.headers["x-aiorch-sticky-key"] -- (balance) for the sticky balancer
+  if sticky then
+    o.sticky_key = sticky
+  end
   local r, kind, err, field = orchestrate.orchestrate(request, rt.strategy, rt.providers, o)
   if not r then
     x:refuse(kind, err, field)
@@ -436,6 +440,7 @@ local function serve_streamed(x, api, request, info, rt)
   local r, kind, err, field = orchestrate.orchestrate(request, rt.strategy, rt.providers, client_opts(x, {
     env = rt.env, path = x.state.path, timeout_ms = x.state.timeout_ms, allow_drop = allow_drop(x),
     stream = true, on_event = function(ev, provider, i) return s:event(ev, provider, i) end,
+    sticky_key = x.req.headers["x-aiorch-sticky-key"], -- (balance) for the sticky balancer
   }))
   if not r then
     return x:refuse(kind, err, field)

@@ -175,6 +175,18 @@ function _M.health(name)
   }
 end
 
+-- Whether a call now would be refused (open, or half open with its trial
+-- claimed): one or two reads.
+function _M.cooling(name)
+  local b = state.kv()
+  local k = keys(name)
+  local u = b:get(k.u)
+  if not u then
+    return false
+  end
+  return b:now() < u or b:get(k.t) ~= nil
+end
+
 -- Forgets every breaker (tests, the demo).
 function _M.reset()
   local b = state.kv()
