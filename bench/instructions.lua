@@ -3,7 +3,12 @@
 -- builds can be compared on a busy machine.
 --   build/aiorch run bench/instructions.lua [REQUESTS] [KIND] [EXE] [WORKERS]
 -- KIND: plain (default: an OpenAI client, `single`, answered by openai),
--- cross (the same request answered by anthropic), stream (plain, streamed).
+-- cross (the same request answered by anthropic), stream (plain, streamed);
+-- hit and stream_hit: plain and stream with the response cache on (the
+-- first request stores, every other one is a memory hit); miss: the cache
+-- on, every request another question (looked up, answered, stored); unique:
+-- plain, every request another question (miss's baseline); floor: not the
+-- gateway but bench/floor.lua (the HTTP server alone, a fixed answer).
 -- EXE: the aiorch binary to measure (default: this build's). WORKERS: 0
 -- (default: one process, the local state), or N: a master and N workers on
 -- the shared state, every process counted. The mock runs in this process,
@@ -25,7 +30,9 @@ local CONCURRENCY = 8
 local BODY = '{"model":"gpt-4o-mini","max_tokens":64,"messages":[{"role":"user","content":"What is a monad?"}]}'
 local HEADERS = { ["content-type"] = "application/json", ["x-aiorch-strategy"] = "single",
   ["x-aiorch-providers"] = KIND == "cross" and "anthropic" or "openai" }
-local body = KIND == "stream" and BODY:gsub("^{", '{"stream":true,') or BODY
+local body = (KIND == "stream" or KIND == "stream_hit") and BODY:gsub("^{", '{"stream":true,') or BODY
+local CACHED = KIND == "hit" or KIND == "stream_hit" or KIND == "miss"
+local sent = 0 -- miss: every request another question
 
 local function capture(cmd)
   local p = io.popen(cmd, "r")
@@ -46,9 +53,21 @@ end
 local function run(m, n)
   local port = free_port()
   local out = fmt("%s/callgrind.%d", TMP, n)
-  local pid = assert(process.spawn({ "valgrind", "--tool=callgrind", "--trace-children=yes",
+  local argv = { "valgrind", "--tool=callgrind", "--trace-children=yes",
     "--callgrind-out-file=" .. out .. ".%p", EXE, "serve", "--workers", tostring(WORKERS),
-    "--listen", "127.0.0.1:" .. port }, {
+    "--listen", "127.0.0.1:" .. port }
+  if KIND == "floor" then
+    argv = { "valgrind", "--tool=callgrind", "--trace-children=yes", "--callgrind-out-file=" .. out .. ".%p", EXE,
+      "run", "bench/floor.lua", tostring(port) }
+  end
+  if CACHED then
+    local f = assert(io.open(TMP .. "/cache.lua", "w"))
+    f:write("return { cache = true }")
+    f:close()
+    argv[#argv + 1] = "--config"
+    argv[#argv + 1] = TMP .. "/cache.lua"
+  end
+  local pid = assert(process.spawn(argv, {
     stderr = TMP .. "/serve.err",
     env = { OPENAI_API_KEY = "sk-bench", ANTHROPIC_API_KEY = "sk-bench", OPENAI_BASE_URL = m:base_url("openai"),
       ANTHROPIC_BASE_URL = m:base_url("anthropic"), AIORCH_LOG = "error" },
@@ -65,7 +84,9 @@ local function run(m, n)
     workers[i] = aiorch.spawn(function()
       while left > 0 do
         left = left - 1
-        local st, _, b = aiorch.http.request { method = "POST", url = url, headers = HEADERS, body = body,
+        sent = sent + 1
+        local b0 = (KIND == "miss" or KIND == "unique") and body:gsub("monad", "monad " .. sent) or body
+        local st, _, b = aiorch.http.request { method = "POST", url = url, headers = HEADERS, body = b0,
           timeout_ms = 60000 }
         assert(st == 200, "request failed: " .. tostring(st) .. " " .. tostring(b))
       end

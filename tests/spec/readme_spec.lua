@@ -203,6 +203,41 @@ RUNNERS["gateway.lua"] = function(_, _, path)
   assert.matches("^Hello from the mock openai provider", doc.choices[1].message.content)
 end
 
+-- The response cache's configuration (without its Redis: redis_spec and
+-- cache_spec have one): a real `aiorch serve` runs with it; the app's
+-- question misses then hits, the batch key's bypasses, and a temperature
+-- that is not 0 is not cached.
+RUNNERS["cache.lua"] = function(_, _, path)
+  local text, n = slurp(path):gsub('\n%s*redis = { url = "redis://[^\n]*', "")
+  assert.equal(1, n)
+  put(path, text)
+  local probe = assert(aiorch.server.listen { host = "127.0.0.1", port = 0, handler = function() end })
+  local port = probe.port
+  probe:close()
+  local errf = dir .. "/.serve.err"
+  local pid = assert(process.spawn({ BIN, "serve", "--workers", "0", "--config", path,
+    "--listen", "127.0.0.1:" .. port }, { env = env { APP_KEY = "readme-app-key", BATCH_KEY = "readme-batch-key" },
+    stderr = errf, death_signal = "TERM" }))
+  local base = "http://127.0.0.1:" .. port
+  local deadline = aiorch.now() + 5000 * SLOWDOWN
+  repeat
+    aiorch.sleep(10)
+  until aiorch.http.request { url = base .. "/healthz", timeout_ms = 500 } or aiorch.now() > deadline
+  local function chat(key, temperature)
+    local status, h = aiorch.http.request { method = "POST", url = base .. "/v1/chat/completions",
+      headers = { ["content-type"] = "application/json", authorization = "Bearer " .. key,
+        ["x-aiorch-providers"] = "openai" }, timeout_ms = 5000 * SLOWDOWN,
+      body = '{"model":"gpt-4o-mini","temperature":' .. temperature
+        .. ',"messages":[{"role":"user","content":"What is a monad?"}]}' }
+    return status, h and h["x-aiorch-cache"]
+  end
+  local results = { { chat("readme-app-key", 0) }, { chat("readme-app-key", 0) }, { chat("readme-batch-key", 0) },
+    { chat("readme-app-key", 0.5) } }
+  assert(process.kill(pid, "TERM"))
+  assert.equal(0, process.wait(pid, 15000 * SLOWDOWN))
+  assert.same({ { 200, "miss" }, { 200, "hit" }, { 200, "bypass" }, { 200, "bypass" } }, results, slurp(errf))
+end
+
 -- The runtime as a C module of a plain lua5.4 (an ASan build needs its
 -- runtime loaded first).
 local function run_plain_lua(text)

@@ -10,6 +10,7 @@ local secrets = require "aiorch.secrets"
 local state_shm = require "aiorch.state.shm"
 local state_redis = require "aiorch.state.redis"
 local cost = require "aiorch.cost"
+local response_cache = require "aiorch.gateway.cache"
 
 local fmt = string.format
 local type = type
@@ -45,7 +46,7 @@ local TOP = {
   aliases = true, client_keys_env = true, drain_timeout_ms = true, access_log = true, server = true,
   policy = true, max_inflight = true, log_bodies = true, request_timeout_ms = true, client_policy = true,
   strategies = true, clients = true, drop_unsupported = true, rate_limit = true, shared_memory = true,
-  redis = true, prices = true, budgets = true, workers = true,
+  redis = true, prices = true, budgets = true, workers = true, cache = true,
 }
 local PROVIDER = {
   api_key_env = true, base_url = true, model = true, models = true, model_prefixes = true, timeout_ms = true,
@@ -54,9 +55,9 @@ local PROVIDER = {
   api = true, preset = true, quirks = true, deployments = true, api_version = true,
   balancer = true, -- (balance) the strategy that picks among its deployments
 }
-local ALIAS = { strategy = true, providers = true }
+local ALIAS = { strategy = true, providers = true, cache = true }
 local CLIENT = { key_env = true, strategies = true, providers = true, client_policy = true, request_timeout_ms = true,
-  rate_limit = true }
+  rate_limit = true, cache = true }
 
 local function env_name_ok(s)
   return type(s) == "string" and s:match("^[%a_][%w_]*$") ~= nil
@@ -331,6 +332,13 @@ function _M.check(raw, getenv, path)
     end
     c.redis = rc
   end
+  if raw.cache ~= nil and raw.cache ~= false then -- the response cache (aiorch.gateway.cache)
+    local cc, cerr = response_cache.check(raw.cache, "cache")
+    if not cc then
+      return nil, cerr
+    end
+    c.cache = cc
+  end
   if type(c.server) ~= "table" then
     return nil, "server: must be a table of aiorch.server.listen options"
   end
@@ -505,7 +513,10 @@ function _M.check(raw, getenv, path)
       names[#names + 1] = pname
       models[pname] = pmodel
     end
-    c.aliases[name] = { strategy = strategy, providers = #names > 0 and names or nil, models = models }
+    if a.cache ~= nil and type(a.cache) ~= "boolean" then -- this model's answers cached or not
+      return nil, where .. ".cache: must be true or false"
+    end
+    c.aliases[name] = { strategy = strategy, providers = #names > 0 and names or nil, models = models, cache = a.cache }
   end
 
   -- The strategies clients may choose: as listed, else the built-ins plus
@@ -614,6 +625,12 @@ function _M.check(raw, getenv, path)
           return nil, rerr
         end
         entry.rate_limit = rl
+      end
+      if e.cache ~= nil then -- this key's answers cached or not, whatever cache.enabled says
+        if type(e.cache) ~= "boolean" then
+          return nil, where .. ".cache: must be true or false"
+        end
+        entry.cache = e.cache
       end
       keys[#keys + 1] = v
       clients[#clients + 1] = entry

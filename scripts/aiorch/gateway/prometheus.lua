@@ -142,6 +142,9 @@ function _M.render(gw)
     end
     header("aiorch_gateway_in_flight", "Gateway requests being answered.", "gauge")
     add("aiorch_gateway_in_flight " .. num(gw.in_flight or 0))
+    if gw.cache then -- the response cache (aiorch.gateway.cache)
+      gw.cache:render(add, header)
+    end
   end
   -- The shared state's tier (docs/replicas.md), when configured.
   local tier = state.redis()

@@ -23,6 +23,7 @@ local limits = require "aiorch.gateway.limits" -- rate limits, max_inflight: for
 local budgets -- aiorch.gateway.budgets, loaded for a configuration with budgets
 local cost = require "aiorch.cost"
 local totals = require "aiorch.gateway.totals" -- /metrics and /healthz: for the whole server
+local response_cache = require "aiorch.gateway.cache" -- the response cache, when configured
 local json = require "aiorch.json"
 local log_warn = require("aiorch.log").warn
 
@@ -586,6 +587,8 @@ local function within_budget(x, rt, model, request)
   return true
 end
 
+local answer_api -- below
+
 -- /v1/chat/completions and /v1/messages: api is the client's wire module.
 local function serve_api(x, api)
   local doc, derr = common.decode_object(x.req.body)
@@ -617,7 +620,16 @@ local function serve_api(x, api)
   if not s then
     return x:fail(400, serr)
   end
-  if state.config.budgets and not within_budget(x, rt, info.model, request) then
+  if state.cache then
+    return response_cache.serve(state.cache, x, api, request, info, rt, answer_api)
+  end
+  return answer_api(x, api, request, info, rt)
+end
+
+-- The answer of a decoded, routed request: streamed or whole. (A cache
+-- hit never gets here: it costs nothing, so no budget is reserved.)
+function answer_api(x, api, request, info, rt)
+  if x.state.config.budgets and not within_budget(x, rt, info.model, request) then
     return
   end
   if info.stream then
@@ -637,6 +649,8 @@ local function serve_api(x, api)
     ["x-aiorch-attempts"] = x.attempts, ["content-type"] = "application/json",
   }, body)
 end
+
+local answer_native -- below
 
 local function serve_native(x)
   local doc, derr = common.decode_object(x.req.body)
@@ -661,10 +675,19 @@ local function serve_native(x)
     return
   end
   client_providers(x, rt)
-  if x.state.config.budgets and not within_budget(x, rt, p.model, p.request) then
+  local info = { model = p.model }
+  if x.state.cache then
+    return response_cache.serve(x.state.cache, x, native, p.request, info, rt, answer_native)
+  end
+  return answer_native(x, native, p.request, info, rt)
+end
+
+-- The native endpoint's answer (api: as answer_api's, unused).
+function answer_native(x, _, request, info, rt)
+  if x.state.config.budgets and not within_budget(x, rt, info.model, request) then
     return
   end
-  local r = run_plain(x, p.request, rt)
+  local r = run_plain(x, request, rt)
   if not r then
     return
   end
@@ -745,7 +768,8 @@ end
 local function serve_metrics(x)
   local state = x.state
   x:respond(200, { ["content-type"] = prometheus.content_type },
-    prometheus.render({ requests = totals.requests(state), in_flight = totals.in_flight(state) })) -- not this scrape
+    prometheus.render({ requests = totals.requests(state), in_flight = totals.in_flight(state), -- not this scrape
+      cache = state.cache }))
 end
 
 local ROUTES = {
@@ -1104,6 +1128,9 @@ local function handle(state, req, res)
     end
     return
   end
+  if state.cache and response_cache.quick(state.cache, x) then -- these bytes were answered before
+    return
+  end
   local deadline = request_deadline(x)
   local task = spawn(work, fn, x)
   local _, e1, e2 = task:await(deadline)
@@ -1159,6 +1186,9 @@ function Handle:close()
   self.server:close()
   self.park:cancel()
   totals.stop(self.totals)
+  if self.state.cache then
+    self.state.cache:close() -- its counters and gauges leave the state
+  end
   log_flush(self.state)
 end
 
@@ -1220,6 +1250,7 @@ function _M.handler(opts)
     max_inflight = cfg.max_inflight or 0, orchestrating = 0, log_bodies = cfg.log_bodies == true,
     log_buf = {}, log_n = 0, log_bytes = 0, log_timer = false,
     ns = "", -- the limits' keys' prefix (start: the port, the same in every worker)
+    cache = cfg.cache and response_cache.new(cfg.cache) or nil,
   }
   return {
     handler = function(req, res) return handle(state, req, res) end,
