@@ -31,10 +31,14 @@ double aiorch_now_ms(void)
  * instructions a pair there (12% of a gateway request): freed blocks of up
  * to 256 bytes are kept on lists by size class, 16 bytes apart, and reused.
  * A small block is always allocated with its class's full size, so the
- * size Lua gives back names its class. aiorch_alloc_trim returns them to
- * malloc. Under ASan all go to malloc, so that misuse is still caught. */
+ * size Lua gives back names its class. The lists hold up to BLOCK_KEEP
+ * bytes together: the collector frees a whole cycle's garbage in one sweep,
+ * and lists too short for it (2,048 blocks a class once) sent the rest to
+ * free and the next cycle's allocations back to malloc (60 a request).
+ * aiorch_alloc_trim returns them to malloc. Under ASan all go to malloc,
+ * so that misuse is still caught. */
 #define BLOCK_CLASSES 16
-#define BLOCK_KEEP 2048 /* per class */
+#define BLOCK_KEEP (8u << 20)
 
 #if defined(__SANITIZE_ADDRESS__)
 #define KEEP_BLOCKS 0
@@ -50,10 +54,10 @@ double aiorch_now_ms(void)
 static void block_free(aiorch_runtime *rt, void *p, size_t size)
 {
     size_t k = (size + 15) / 16;
-    if (KEEP_BLOCKS && k >= 1 && k <= BLOCK_CLASSES && rt->nblocks[k] < BLOCK_KEEP) {
+    if (KEEP_BLOCKS && k >= 1 && k <= BLOCK_CLASSES && rt->kept + k * 16 <= BLOCK_KEEP) {
         *(void **)p = rt->blocks[k];
         rt->blocks[k] = p;
-        rt->nblocks[k]++;
+        rt->kept += k * 16;
         return;
     }
     free(p);
@@ -66,7 +70,7 @@ static void *block_alloc(aiorch_runtime *rt, size_t size)
     if (rt->blocks[k]) {
         void *p = rt->blocks[k];
         rt->blocks[k] = *(void **)p;
-        rt->nblocks[k]--;
+        rt->kept -= k * 16;
         return p;
     }
     return malloc(k * 16);
@@ -100,8 +104,8 @@ void aiorch_alloc_trim(aiorch_runtime *rt)
             rt->blocks[k] = *(void **)p;
             free(p);
         }
-        rt->nblocks[k] = 0;
     }
+    rt->kept = 0;
 }
 
 /* A helper thread takes no signal: they stay the host's main thread's,

@@ -2,6 +2,7 @@
  * limits, responses framed (see http1.h). */
 #include <limits.h>
 #include <stdarg.h>
+#include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -141,10 +142,13 @@ const char *aiorch_h1_reason(int status)
     return status < 400 ? "OK" : status < 500 ? "Client Error" : "Server Error";
 }
 
+/* RFC 9110's tchar: ALPHA, DIGIT and !#$%&'*+-.^_`|~, one bit a byte
+ * (every header name's bytes are looked up here). */
+static const uint64_t TCHAR_BITS[4] = {0x03ff6cfa00000000u, 0x57ffffffc7fffffeu, 0, 0};
+
 int aiorch_h1_is_tchar(unsigned char ch)
 {
-    return (ch >= 'a' && ch <= 'z') || (ch >= 'A' && ch <= 'Z') || (ch >= '0' && ch <= '9') ||
-           (ch && strchr("!#$%&'*+-.^_`|~", ch) != NULL);
+    return (int)((TCHAR_BITS[ch >> 6] >> (ch & 63)) & 1);
 }
 
 int aiorch_h1_is_token(const char *s, size_t n)

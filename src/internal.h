@@ -86,7 +86,7 @@ struct aiorch_runtime {
     unsigned long wd_seq; /* counts resumes (under wd_mu) */
     /* base.c: freed small Lua blocks kept for reuse, by size class */
     void *blocks[17];
-    unsigned nblocks[17];
+    size_t kept;            /* the bytes they hold */
     int warn_on, warn_cont; /* runtime.c: Lua warnings (warn_cb) */
     /* job.c: the jobs of the C API */
     struct aiorch_job *jobs;                  /* every job not yet freed */

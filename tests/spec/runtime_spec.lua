@@ -28,6 +28,22 @@ describe("tasks", function()
     assert.equal(5, (t:await()))
   end)
 
+  it("spawn takes opts first: a task started with a stack runs as any other", function()
+    local function depth(n) -- deep enough to need more than the stack it starts with
+      if n == 0 then sleep(1); return 0 end
+      return 1 + depth(n - 1)
+    end
+    local t = spawn({ stack = 320 }, function(a, n) return a, depth(n) end, "v", 200)
+    assert.equal("pending", t:status())
+    local a, d = t:await()
+    assert.equal("v", a)
+    assert.equal(200, d)
+    assert.equal(7, spawn({}, function(x) return x end, 7):await())
+    assert.has_error(function() spawn({ stack = 5000 }, function() end) end)
+    assert.has_error(function() spawn({ stack = -1 }, function() end) end)
+    assert.has_error(function() spawn({ stack = 10 }) end)
+  end)
+
   it("an error in a task comes back from await and leaves other tasks alone", function()
     local bad = spawn(function() sleep(1); error("kaboom") end)
     local good = spawn(function() sleep(5); return "fine" end)
