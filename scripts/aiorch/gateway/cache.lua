@@ -337,10 +337,12 @@ local function bytes_key(x)
   local path = req.path
   local q = find(path, "?", 1, true)
   local client = x.client
-  return concat({ "\1", q and sub(path, 1, q - 1) or path, q and find(path, "alt=sse", q, true) and "\0sse\0" or "\0\0",
-    client and client.name or "", "\0", h["x-aiorch-strategy"] or "", "\0", h["x-aiorch-providers"] or "", "\0",
-    h["x-aiorch-allow-drop"] or "", "\0", h["x-aiorch-policy"] or "", "\0", h["anthropic-version"] or "", "\0",
-    h["anthropic-beta"] or "", "\0", req.body or "" })
+  -- (one concatenation of them all: no table)
+  return "\1" .. (q and sub(path, 1, q - 1) or path) .. (q and find(path, "alt=sse", q, true) and "\0sse\0" or "\0\0")
+    .. (client and client.name or "") .. "\0" .. (h["x-aiorch-strategy"] or "") .. "\0"
+    .. (h["x-aiorch-providers"] or "") .. "\0" .. (h["x-aiorch-allow-drop"] or "") .. "\0"
+    .. (h["x-aiorch-policy"] or "") .. "\0" .. (h["anthropic-version"] or "") .. "\0"
+    .. (h["anthropic-beta"] or "") .. "\0" .. (req.body or "")
 end
 
 -- A 128-bit hash of s as 32 hex digits: the Redis tier's key (the whole
@@ -1025,7 +1027,9 @@ end
 
 -- Writes an entry to the client: the body, or the stream event by event.
 local function replay(x, e)
-  ready(e)
+  if not e.ready then
+    ready(e)
+  end
   local eh = e.headers
   -- (one constructor: KEPT's names, then the hit's own)
   local h = { ["content-type"] = eh["content-type"], ["cache-control"] = eh["cache-control"],
@@ -1177,8 +1181,8 @@ function _M.quick(c, x)
   if not e then
     return false
   end
-  count(c, "hit")
-  count(c, "memory_hit")
+  local counts = c.counts
+  counts.hit, counts.memory_hit = counts.hit + 1, counts.memory_hit + 1
   x.strategy = e.headers["x-aiorch-strategy"]
   replay(x, e)
   return true
