@@ -17,7 +17,8 @@
 -- and prints the targets of issue 15 with a verdict each:
 --   a memory hit adds <= 30 us of CPU over the floor;
 --   a Redis hit adds <= 300 us at p50 (over the memory hit's p50);
---   a hit is >= 5x cheaper in CPU than a miss to a 0 ms upstream.
+--   a hit is >= 5x cheaper in CPU than a miss to a 0 ms upstream (the
+--   miss with the cache on: miss+store).
 -- Needs wrk and redis-server (the Redis rows are skipped without it).
 local aiorch = require "aiorch"
 
@@ -294,9 +295,13 @@ local ok, err = pcall(function()
       fmt("%d us: redis hit p50 %d, memory hit p50 %d; CPU %.1f us", p50_added, rows["redis hit"].p50,
         rows["memory hit"].p50, rows["redis hit"].cpu_us))
   end
-  local ratio = rows["plain miss"].cpu_us / rows["memory hit"].cpu_us
+  -- (against the miss with the cache on, which looks up and stores too;
+  -- the plain miss beside it)
+  local hit_us = rows["memory hit"].cpu_us
+  local ratio = rows["miss+store"].cpu_us / hit_us
   target("a hit is >= 5x cheaper in CPU than a miss to a 0 ms upstream", ratio >= 5,
-    fmt("%.1fx: miss %.1f us, hit %.1f us", ratio, rows["plain miss"].cpu_us, rows["memory hit"].cpu_us))
+    fmt("%.1fx: miss+store %.1f us, hit %.1f us; plain miss %.1fx", ratio, rows["miss+store"].cpu_us, hit_us,
+      rows["plain miss"].cpu_us / hit_us))
   local sratio = rows["stream miss"].cpu_us / rows["stream hit"].cpu_us
   print(fmt("streams: a hit is %.1fx cheaper in CPU than a miss (%.1f us, %.1f us)", sratio,
     rows["stream miss"].cpu_us, rows["stream hit"].cpu_us))

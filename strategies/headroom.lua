@@ -11,10 +11,12 @@ local huge = math.huge
 return function(_, providers, ctx)
   local t = ctx.now()
   return ctx.balance(providers, function(list)
-    local best, best_room, best_picks
+    -- (below any room: the first deployment is the best so far)
+    local best, best_room, best_picks = nil, -huge, huge
     for i = 1, #list do
       local d = list[i]
       -- (ctx.headroom(d, t), inline: this runs for every deployment)
+      local inflight = d.inflight
       local room = huge
       local req = d.requests_remaining
       if req then
@@ -22,7 +24,7 @@ return function(_, providers, ctx)
         if reset and t >= reset then
           req = d.requests_limit or huge
         end
-        room = req - d.inflight
+        room = req - inflight
       end
       local tok = d.tokens_remaining
       if tok then
@@ -30,18 +32,19 @@ return function(_, providers, ctx)
         if reset and t >= reset then
           tok = d.tokens_limit or huge
         end
-        local by_tokens = tok / (d.tokens_per_call or DEFAULT_TOKENS_PER_CALL) - d.inflight
+        local by_tokens = tok / (d.tokens_per_call or DEFAULT_TOKENS_PER_CALL) - inflight
         if by_tokens < room then
           room = by_tokens
         end
       end
-      if not best or room >= best_room then
+      if room >= best_room then
         local picks = d.picks / d.weight
-        if not best or room > best_room or picks < best_picks then
+        if room > best_room or picks < best_picks then
           best, best_room, best_picks = d, room, picks
         end
       end
     end
+    best = best or list[1] -- (no room was a number)
     best.picks = best.picks + 1
     return best
   end)

@@ -67,7 +67,15 @@ local function key_hash(request, ctx)
   if type(msgs) == "table" then
     for i = 1, #msgs do
       local m = msgs[i]
-      h = mix(h ~ hash(text_of(m.content)))
+      local text = m.content
+      if type(text) ~= "string" then
+        text = text_of(text)
+      end
+      -- mix(h ~ hash(text)), with the hash from the cache inline (the keys repeat)
+      local x = h ~ (cache[text] or hash(text))
+      x = (x ~ (x >> 30)) * -4658895280553007687
+      x = (x ~ (x >> 27)) * -7723592293110705685
+      h = x ~ (x >> 31)
       if m.role == "user" then
         break
       end

@@ -329,6 +329,30 @@ admit = function(c, dep)
   return r
 end
 
+-- (usable_deployments) Appends to out (from n + 1) those of list that may
+-- take a call: not past their own rpm/tpm, not in exclude, not cooling
+-- down. Returns the new n.
+local function listed(list, models, t, exclude, cooling, breakers, out, n)
+  for j = 1, #list do
+    local d = list[j]
+    if d and d.limited_until <= t and not (exclude and exclude[d.id]) then
+      local cool = false
+      if breakers then -- this process's breakers: only one not closed may be cooling
+        local b = breakers[d.id]
+        cool = b ~= nil and b.state ~= "closed" and cooling(d.id)
+      elseif cooling then
+        cool = cooling(d.id)
+      end
+      if not cool then
+        n = n + 1
+        out[n] = d
+        d.model = models[j] -- the model a call would use in this orchestration
+      end
+    end
+  end
+  return n
+end
+
 -- The records (aiorch.deployments) of the providers' deployments that may
 -- take a call now: not cooling down, not past their own rpm/tpm, not in
 -- exclude (a set of ids), with a key. A provider without deployments is
@@ -361,22 +385,17 @@ local function usable_deployments(st, providers, exclude, out)
         end
         c.deployment_stats, c.deployment_models = list, models
       end
-      for j = 1, #list do
-        local d = list[j]
-        if d and d.limited_until <= t and not (exclude and exclude[d.id]) then
-          local cool = false
-          if breakers then -- this process's breakers: only one not closed may be cooling
-            local b = breakers[d.id]
-            cool = b ~= nil and b.state ~= "closed" and cooling(d.id)
-          elseif cooling then
-            cool = cooling(d.id)
-          end
-          if not cool then
+      if not (exclude or cooling) then -- the common case: no breaker has seen a failure, nothing tried yet
+        for j = 1, #list do
+          local d = list[j]
+          if d and d.limited_until <= t then
             n = n + 1
             out[n] = d
-            d.model = models[j] -- the model a call would use in this orchestration
+            d.model = models[j] -- (as in listed)
           end
         end
+      else
+        n = listed(list, models, t, exclude, cooling, breakers, out, n)
       end
     end
   end

@@ -7,6 +7,7 @@ local mock_mod = require "aiorch.mock"
 local orchestrate = require "aiorch.orchestrate"
 local breaker = require "aiorch.breaker"
 local deployments = require "aiorch.deployments"
+local cost = require "aiorch.cost"
 local support = require "tests.support"
 
 local fmt = string.format
@@ -768,6 +769,29 @@ describe("cheapest", function()
     assert.equal("c", r.metadata.deployment) -- no price: last
     local c = counts()
     show("cheapest: a gpt-4o, b gpt-4o-mini, c unpriced", c, c[1] + c[2] + c[3])
+  end)
+
+  it("models whose prices do not order them: the request's tokens decide", function()
+    -- cheap_in is cheaper per input token, cheap_out per output token; dear is dearer than both
+    cost.configure(assert(cost.check { cheap_in = { input = 1, output = 100 }, cheap_out = { input = 100, output = 1 },
+      dear = { input = 200, output = 200 } }))
+    local ok, err = pcall(function()
+      local env = env_of { { name = "a" }, { name = "b" }, { name = "c" } }
+      env.OPENAI_DEPLOYMENTS[1].model = "dear"
+      env.OPENAI_DEPLOYMENTS[2].model = "cheap_in"
+      env.OPENAI_DEPLOYMENTS[3].model = "cheap_out"
+      -- a long question, one token out: cheap_in; a short one, many tokens out: cheap_out
+      local long = { messages = { { role = "user", content = string.rep("word ", 800) } }, max_tokens = 1 }
+      local short = { messages = { { role = "user", content = "Hi" } }, max_tokens = 1000 }
+      for _, case in ipairs({ { long, "b" }, { long, "b" }, { long, "b" }, { short, "c" }, { short, "c" },
+        { short, "c" }, { long, "b" } }) do -- (each time: the count of picks does not decide)
+        local r = ask("cheapest", env, nil, case[1])
+        assert.equal("success", r.status)
+        assert.equal(case[2], r.metadata.deployment)
+      end
+    end)
+    cost.configure(nil)
+    assert(ok, err)
   end)
 
   it("over plain providers: the cheapest able to serve the request", function()

@@ -259,17 +259,19 @@ end
 -- cjson's text of the request's keyed fields, or nil (a field it does not
 -- know, a value cjson cannot write). The fields go into a new table in a
 -- fixed order, so that the same fields come out of cjson in the same order.
-local function fast_text(request)
-  for k in pairs(request) do
+-- (One constructor, KEYED_FIELDS in their order: the table is sized once.)
+local function fast_text(r)
+  for k in pairs(r) do
     if not (KNOWN[k] or NOT_KEYED[k]) then
       return nil
     end
   end
-  local t = {}
-  for _, f in ipairs(KEYED_FIELDS) do
-    t[f] = request[f]
-  end
-  return cjson.encode(t)
+  return cjson.encode({ context = r.context, extra = r.extra, frequency_penalty = r.frequency_penalty,
+    logprobs = r.logprobs, max_tokens = r.max_tokens, messages = r.messages, n = r.n,
+    parallel_tool_calls = r.parallel_tool_calls, presence_penalty = r.presence_penalty, reasoning = r.reasoning,
+    response_format = r.response_format, seed = r.seed, stop = r.stop, stream_options = r.stream_options,
+    system_prompt = r.system_prompt, temperature = r.temperature, tool_choice = r.tool_choice, tools = r.tools,
+    top_k = r.top_k, top_logprobs = r.top_logprobs, top_p = r.top_p, user_question = r.user_question })
 end
 
 local function keys_of_request(c, x, api, request, info, rt)
@@ -335,10 +337,12 @@ local function bytes_key(x)
   local path = req.path
   local q = find(path, "?", 1, true)
   local client = x.client
-  return concat({ "\1", q and sub(path, 1, q - 1) or path, q and find(path, "alt=sse", q, true) and "\0sse\0" or "\0\0",
-    client and client.name or "", "\0", h["x-aiorch-strategy"] or "", "\0", h["x-aiorch-providers"] or "", "\0",
-    h["x-aiorch-allow-drop"] or "", "\0", h["x-aiorch-policy"] or "", "\0", h["anthropic-version"] or "", "\0",
-    h["anthropic-beta"] or "", "\0", req.body or "" })
+  -- (one concatenation of them all: no table)
+  return "\1" .. (q and sub(path, 1, q - 1) or path) .. (q and find(path, "alt=sse", q, true) and "\0sse\0" or "\0\0")
+    .. (client and client.name or "") .. "\0" .. (h["x-aiorch-strategy"] or "") .. "\0"
+    .. (h["x-aiorch-providers"] or "") .. "\0" .. (h["x-aiorch-allow-drop"] or "") .. "\0"
+    .. (h["x-aiorch-policy"] or "") .. "\0" .. (h["anthropic-version"] or "") .. "\0"
+    .. (h["anthropic-beta"] or "") .. "\0" .. (req.body or "")
 end
 
 -- A 128-bit hash of s as 32 hex digits: the Redis tier's key (the whole
@@ -745,10 +749,11 @@ local function entry_of(rec, x)
   if not (rec.rec and rec.complete) or rec.broken or rec.status ~= 200 or x.broken or x.aborted then
     return nil
   end
-  local h = {}
-  for _, k in ipairs(KEPT) do
-    h[k] = rec.headers[k]
-  end
+  local rh = rec.headers
+  local h = { ["content-type"] = rh["content-type"], ["cache-control"] = rh["cache-control"], -- KEPT
+    ["x-aiorch-strategy"] = rh["x-aiorch-strategy"], ["x-aiorch-provider"] = rh["x-aiorch-provider"],
+    ["x-aiorch-model"] = rh["x-aiorch-model"], ["x-aiorch-attempts"] = rh["x-aiorch-attempts"],
+    ["x-aiorch-dropped"] = rh["x-aiorch-dropped"] }
   -- As it was sent: the usage is rewritten, and a stream cut into its
   -- events, at the first hit (ready), so that an entry never hit costs its
   -- miss nothing more.
@@ -996,7 +1001,7 @@ function Cache:alias(x, key, ttl_ms)
   local aliases = self.aliases
   local h = x.req.headers
   if aliases and ttl_ms >= 1 and not (h["cache-control"] or h["x-aiorch-cache-ttl"]) then
-    aliases:set(bytes_key(x), key, #key, ttl_ms)
+    aliases:set(x.bytes_key or bytes_key(x), key, #key, ttl_ms) -- (quick made it, mostly)
   end
 end
 
@@ -1022,12 +1027,15 @@ end
 
 -- Writes an entry to the client: the body, or the stream event by event.
 local function replay(x, e)
-  ready(e)
-  local h = { ["x-request-id"] = x.id, ["x-aiorch-cache"] = "hit" }
-  for k, v in pairs(e.headers) do
-    h[k] = v
+  if not e.ready then
+    ready(e)
   end
   local eh = e.headers
+  -- (one constructor: KEPT's names, then the hit's own)
+  local h = { ["content-type"] = eh["content-type"], ["cache-control"] = eh["cache-control"],
+    ["x-aiorch-strategy"] = eh["x-aiorch-strategy"], ["x-aiorch-provider"] = eh["x-aiorch-provider"],
+    ["x-aiorch-model"] = eh["x-aiorch-model"], ["x-aiorch-attempts"] = eh["x-aiorch-attempts"],
+    ["x-aiorch-dropped"] = eh["x-aiorch-dropped"], ["x-request-id"] = x.id, ["x-aiorch-cache"] = "hit" }
   x.provider, x.model, x.attempts = eh["x-aiorch-provider"], eh["x-aiorch-model"], "cache:hit"
   x.tokens_in, x.tokens_out = 0, 0
   if not e.frames then
@@ -1166,13 +1174,15 @@ function _M.quick(c, x)
   if h["cache-control"] or h["x-aiorch-cache-ttl"] then
     return false
   end
-  local key = aliases:get(bytes_key(x))
+  local bk = bytes_key(x)
+  x.bytes_key = bk -- (a miss stores its alias under it)
+  local key = aliases:get(bk)
   local e = key and c.memory:get(key)
   if not e then
     return false
   end
-  count(c, "hit")
-  count(c, "memory_hit")
+  local counts = c.counts
+  counts.hit, counts.memory_hit = counts.hit + 1, counts.memory_hit + 1
   x.strategy = e.headers["x-aiorch-strategy"]
   replay(x, e)
   return true

@@ -1111,7 +1111,7 @@ local function handle(state, req, res)
     state = state, req = req, res = res, route = route, t0 = req.received_at or now(),
     shape = shape_of(route, req.headers), id = new_id(state),
     status = nil, started = nil, strategy = nil, provider = nil, attempts = nil, tokens_in = nil, tokens_out = nil,
-    counted = nil, client = nil, session = nil, model = nil, holds = nil,
+    counted = nil, client = nil, session = nil, model = nil, holds = nil, bytes_key = nil,
   }, exchange_mt)
   -- If this handler itself fails, the server answers with this, in the
   -- caller's error shape.
