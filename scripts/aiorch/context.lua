@@ -531,7 +531,7 @@ local ctx_mt = {
 -- state: {request, adapters = {name = adapter}, configs = {name = config},
 --         opts = {stream, on_event, on_token, timeout_ms, policy, env, path}, strategy = name,
 --         variants = {name = the request as that provider takes it}, dropped = {name = {fields}},
---         fits = {name = true}: the providers the orchestration checked}
+--         fits = {name = a true value}: the providers the orchestration checked}
 -- (aiorch.call lists the calls cancelled in state.cancelled, with their cost)
 -- The context keeps state (and writes in it: the stream's owner).
 function _M.new(state)

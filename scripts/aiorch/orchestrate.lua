@@ -68,8 +68,8 @@ end
 
 -- Adapters and configs for the given names, or nil, kind, message.
 local function providers_for(names, opts)
-  local adapters, configs, list = {}, {}, {}
-  for i, name in ipairs(names) do
+  local adapters, configs = {}, {}
+  for _, name in ipairs(names) do
     if adapters[name] then
       return nil, "invalid", fmt("provider '%s' is listed twice", tostring(name))
     end
@@ -81,9 +81,9 @@ local function providers_for(names, opts)
     if not a then
       return nil, load_kind("provider", name, opts.path), err
     end
-    adapters[name], configs[name], list[i] = a, c or config.cached(name, a, opts.env), a
+    adapters[name], configs[name] = a, c or config.cached(name, a, opts.env)
   end
-  return adapters, configs, list
+  return adapters, configs
 end
 
 local function build_prompt(opts, info)
@@ -106,32 +106,31 @@ end
 
 -- The chosen providers: as given, or every available one in priority
 -- order; when none is available, all of them, so the error says why.
--- Returns names, adapters, configs, list[, order], or nil, kind, message.
+-- Returns names, adapters, configs[, order], or nil, kind, message.
 local function choose(names, opts)
   names = names ~= nil and split_names(names) or nil
   if names and #names > 0 then
-    local adapters, configs, list = providers_for(names, opts)
+    local adapters, configs, err = providers_for(names, opts)
     if not adapters then
-      return nil, configs, list
+      return nil, configs, err
     end
-    return names, adapters, configs, list
+    return names, adapters, configs
   end
   local order = config.priority(opts.env)
-  local adapters, configs, list = providers_for(order, opts)
+  local adapters, configs, err = providers_for(order, opts)
   if not adapters then
-    return nil, configs, list
+    return nil, configs, err
   end
-  local out, out_list = {}, {}
-  for i, n in ipairs(order) do
+  local out = {}
+  for _, n in ipairs(order) do
     if configs[n].available then
       out[#out + 1] = n
-      out_list[#out_list + 1] = list[i]
     end
   end
   if #out == 0 then
-    return order, adapters, configs, list, order
+    return order, adapters, configs, order
   end
-  return out, adapters, configs, out_list, order
+  return out, adapters, configs, order
 end
 
 local function valid_result(v)
@@ -179,8 +178,10 @@ local function refusal(req, name, adapter, allow)
   return bad, keep, keep[1] and refusal_text(keep[1], name) or nil
 end
 
--- fit_providers(req, names, adapters, opts) -> {names, variants, dropped},
--- skipped (attempt entries, or nil), the first refusal's message and field.
+-- fit_providers(req, names, adapters, opts) -> the names that fit, their
+-- set ({name = true}; adapters itself when every name fits), variants
+-- ({name = request} or nil), dropped ({name = fields} or nil), skipped
+-- (attempt entries, or nil), the first refusal's message and field.
 -- opts.allow_drop: the fields that may be dropped (a list or a set).
 fit_providers = function(req, names, adapters, opts)
   local allow = opts.allow_drop
@@ -191,7 +192,7 @@ fit_providers = function(req, names, adapters, opts)
     end
     allow = set
   end
-  local fit = { names = {}, set = {}, variants = nil, dropped = nil }
+  local fit_names, variants, dropped_by = {}, nil, nil
   local skipped, first, first_field
   for _, name in ipairs(names) do
     local a = adapters[name]
@@ -204,8 +205,8 @@ fit_providers = function(req, names, adapters, opts)
       end
       local dropped
       variant, dropped = canonical.drop(req, drop)
-      fit.dropped = fit.dropped or {}
-      fit.dropped[name] = dropped
+      dropped_by = dropped_by or {}
+      dropped_by[name] = dropped
     end
     if variant and not (bad and #keep > 0) and type(a.fields) ~= "table" then
       -- An adapter of the simple form gets the simple form.
@@ -222,15 +223,22 @@ fit_providers = function(req, names, adapters, opts)
       skipped[#skipped + 1] = { provider = name, status = "skipped", kind = "unsupported",
         note = "unsupported: " .. keep[1].field }
     else
-      fit.names[#fit.names + 1] = name
-      fit.set[name] = true
+      fit_names[#fit_names + 1] = name
       if variant ~= req then
-        fit.variants = fit.variants or {}
-        fit.variants[name] = variant
+        variants = variants or {}
+        variants[name] = variant
       end
     end
   end
-  return fit, skipped, first, first_field
+  -- (adapters is keyed by exactly the names: when all fit, it is their set)
+  local set = adapters
+  if skipped then
+    set = {}
+    for _, name in ipairs(fit_names) do
+      set[name] = true
+    end
+  end
+  return fit_names, set, variants, dropped_by, skipped, first, first_field
 end
 
 -- Providers skipped as unable to take the request come first in the
@@ -310,7 +318,7 @@ function _M.orchestrate(request, strategy_name, providers, opts)
     return nil, load_kind("strategy", strategy_name, opts.path), serr
   end
 
-  local names, adapters, configs, _, order = choose(providers, opts)
+  local names, adapters, configs, order = choose(providers, opts)
   if not names then
     return nil, adapters, configs -- the kind, the message
   end
@@ -356,15 +364,16 @@ function _M.orchestrate(request, strategy_name, providers, opts)
   -- Each provider gets the request as it can take it: refused (a field it
   -- cannot take, unless the caller allows dropping it), or with the
   -- allowed fields dropped, or folded for an adapter of the simple form.
-  local fit, skipped, first_refusal, refused_field = fit_providers(req, names, adapters, opts)
-  if #fit.names == 0 then
+  local fit_names, fits, variants, dropped, skipped, first_refusal, refused_field =
+    fit_providers(req, names, adapters, opts)
+  if #fit_names == 0 then
     return nil, "invalid", first_refusal, refused_field
   end
-  names = fit.names
+  names = fit_names
 
   local st = {
     request = req, adapters = adapters, configs = configs, opts = opts, strategy = strategy_name,
-    variants = fit.variants, dropped = fit.dropped, fits = fit.set,
+    variants = variants, dropped = dropped, fits = fits,
   }
   local ctx = context.new(st)
   if log.enabled("debug") then
