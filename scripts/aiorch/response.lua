@@ -30,6 +30,11 @@ end
 -- provider that gave it. raw_body (the upstream's bytes, which a caller
 -- of the same API gets as they are) is kept beside the response, never
 -- encoded.
+--
+-- A constructor sizes a table for every field it names, nil or not, and
+-- the nodes of a table of more than 8 fields are allocated with malloc,
+-- not from the allocator's lists (src/base.c): the answer names its 8
+-- fields (error_message is a failure's).
 function _M.success(provider, result, latency_ms, http_status, api)
   local usage = result.usage or {}
   local text = result.text
@@ -41,11 +46,10 @@ function _M.success(provider, result, latency_ms, http_status, api)
     response_text = text or "",
     status = "success",
     latency_ms = ms(latency_ms),
-    error_message = nil,
     content = result.content,
     choices = result.choices,
     raw_body = result.raw_body,
-    metadata = {
+    metadata = { -- (every field named: most answers have most, and attempts is added)
       model = result.model,
       usage = usage,
       finish_reason = result.finish_reason,
@@ -96,21 +100,23 @@ end
 -- One entry of metadata.attempts.
 function _M.attempt(r)
   local m = r.metadata or {}
-  return {
+  local a = {
     provider = r.ia_provider_name,
     status = r.status,
-    kind = m.error_kind,
     latency_ms = r.latency_ms,
     http_status = m.http_status,
-    deadline = m.deadline,
-    retry_after = m.retry_after,
-    provider_error = m.provider_error,
-    upstream_error = m.upstream_error,
     cost_usd = m.cost_usd,
     cost_estimated = m.cost_estimated,
     unpriced = m.cost_usd == nil and m.usage ~= nil and (m.usage.input_tokens or m.usage.output_tokens) ~= nil
       or nil,
   }
+  -- (a failure's: added when present, as success explains)
+  if m.error_kind ~= nil or m.deadline ~= nil or m.retry_after ~= nil or m.provider_error ~= nil
+    or m.upstream_error ~= nil then
+    a.kind, a.deadline, a.retry_after = m.error_kind, m.deadline, m.retry_after
+    a.provider_error, a.upstream_error = m.provider_error, m.upstream_error
+  end
+  return a
 end
 
 -- Appends r's attempts (or r itself, as one) to the list `into`.
