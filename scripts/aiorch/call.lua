@@ -412,19 +412,26 @@ local function attempt(adapter, config, request, opts, pol, trial, orch, dep)
     end
   end
 
-  local status, headers, body, deadline = http.request {
+  -- The options a call always has, then those it may (7 fields and up
+  -- to 8 nodes: from the allocator's lists, see aiorch.response.success).
+  local hopts = {
     method = wire.method or "POST",
     url = wire.url,
     headers = wire.headers,
     body = wire.body,
     timeout_ms = pol.timeout_ms,
     connect_timeout_ms = pol.connect_timeout_ms,
-    headers_timeout_ms = pol.headers_timeout_ms,
-    first_event_timeout_ms = pol.first_token_timeout_ms,
-    gap_timeout_ms = pol.gap_timeout_ms,
     max_body = pol.max_response_bytes,
-    on_event = on_event,
   }
+  if on_event then
+    hopts.on_event = on_event
+  end
+  if pol.headers_timeout_ms or pol.first_token_timeout_ms or pol.gap_timeout_ms then
+    hopts.headers_timeout_ms = pol.headers_timeout_ms
+    hopts.first_event_timeout_ms = pol.first_token_timeout_ms
+    hopts.gap_timeout_ms = pol.gap_timeout_ms
+  end
+  local status, headers, body, deadline = http.request(hopts)
   guard.finished = true
   if dep and status then
     require("aiorch.deployments").observe_headers(dep, headers, now())
