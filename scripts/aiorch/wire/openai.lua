@@ -908,17 +908,25 @@ function _M.decode_response(doc)
     parts, text, finish, provider, logprobs = choice_values(first, 1)
   end
   local model = doc.model
-  return {
+  -- The fields every answer has; choices and logprobs when there are. With
+  -- the adapter's raw_body that is 8 fields: 8 nodes, from the allocator's
+  -- lists (a constructor naming more would size the table for 16, with malloc).
+  local result = {
     content = parts,
     text = text,
-    choices = list,
     model = type(model) == "string" and model or nil,
     finish_reason = finish,
     provider_finish_reason = provider,
     usage = usage_of(doc.usage) or {},
-    logprobs = logprobs,
     upstream = upstream_of(doc),
   }
+  if list then
+    result.choices = list
+  end
+  if logprobs ~= nil then
+    result.logprobs = logprobs
+  end
+  return result
 end
 
 -- Responses: canonical -> OpenAI ------------------------------------------
