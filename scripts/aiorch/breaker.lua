@@ -26,14 +26,15 @@ local function shared()
   return nil
 end
 
-local nstates = 0 -- entries of states (one is made at a provider's first failure)
+-- Breakers of states not closed (open or half open): while none is, none
+-- can be cooling, and a balancer asks nothing per deployment.
+local nunclosed = 0
 
 local function state(name)
   local s = states[name]
   if not s then
     s = { state = "closed", failures = {}, first = 1, count = 0, open_until = 0, trial = false, why = nil }
     states[name] = s
-    nstates = nstates + 1
   end
   return s
 end
@@ -51,6 +52,9 @@ end
 -- asked: the provider asked for the pause (Retry-After), rather than the
 -- breaker deciding it after failures.
 local function open(s, t, ms, why, asked)
+  if s.state == "closed" then
+    nunclosed = nunclosed + 1
+  end
   s.state = "open"
   s.open_until = t + ms
   s.trial = false
@@ -117,6 +121,7 @@ function _M.record(name, pol, ok, kind, retry_after, trial)
     end
     if ok then
       s.state, s.trial, s.why = "closed", false, nil
+      nunclosed = nunclosed - 1
       s.failures, s.first, s.count = {}, 1, 0
     elseif policy.counts_as_failure(kind) then
       open(s, t, pol.cooldown_ms, "the trial request failed")
@@ -181,8 +186,8 @@ local function shared_cooling(name)
   return v
 end
 
--- The cooling function, or nil when no breaker can be cooling (none of
--- this process's has seen a failure): a balancer asks once per decision.
+-- The cooling function, or nil when no breaker can be cooling (all of
+-- this process's are closed): a balancer asks once per decision.
 -- Shared breakers: as read at most SHARED_RECHECK_MS ago. Local ones: also
 -- the breakers' table, {name = state}: no entry, or one whose state is
 -- "closed", is not cooling (the caller skips the call for those).
@@ -190,7 +195,7 @@ function _M.cooling_check()
   if state_mod.is_shared then
     return shared_cooling
   end
-  if nstates == 0 then
+  if nunclosed == 0 then
     return nil
   end
   return cooling, states
@@ -233,7 +238,7 @@ function _M.health(name)
 end
 
 function _M.reset()
-  states, nstates, shared_seen = {}, 0, {}
+  states, nunclosed, shared_seen = {}, 0, {}
   local sh = shared()
   if sh then
     sh.reset()

@@ -358,7 +358,7 @@ end
 -- exclude (a set of ids), with a key. A provider without deployments is
 -- one, whose id is its name; a deployment's id may be given too.
 -- (The hot path of every balancer: cheap checks first, no call per
--- deployment unless a breaker has seen a failure.)
+-- deployment unless a breaker is open or half open.)
 local function usable_deployments(st, providers, exclude, out)
   local adapters, configs, opts = st.adapters, st.configs, st.opts
   if type(providers) ~= "table" then
@@ -385,7 +385,7 @@ local function usable_deployments(st, providers, exclude, out)
         end
         c.deployment_stats, c.deployment_models = list, models
       end
-      if not (exclude or cooling) then -- the common case: no breaker has seen a failure, nothing tried yet
+      if not (exclude or cooling) then -- the common case: no breaker is open or half open, nothing tried yet
         for j = 1, #list do
           local d = list[j]
           if d and d.limited_until <= t then
