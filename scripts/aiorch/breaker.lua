@@ -26,14 +26,15 @@ local function shared()
   return nil
 end
 
--- Breakers of states not closed (open or half open): while none is, none
--- can be cooling, and a balancer asks nothing per deployment.
-local nunclosed = 0
+-- The breakers not closed (open or half open), {name = state}, and their
+-- number: while none is, none can be cooling, and a balancer asks nothing
+-- per deployment; else it asks of these only.
+local unclosed, nunclosed = {}, 0
 
 local function state(name)
   local s = states[name]
   if not s then
-    s = { state = "closed", failures = {}, first = 1, count = 0, open_until = 0, trial = false, why = nil }
+    s = { name = name, state = "closed", failures = {}, first = 1, count = 0, open_until = 0, trial = false, why = nil }
     states[name] = s
   end
   return s
@@ -53,7 +54,7 @@ end
 -- breaker deciding it after failures.
 local function open(s, t, ms, why, asked)
   if s.state == "closed" then
-    nunclosed = nunclosed + 1
+    unclosed[s.name], nunclosed = s, nunclosed + 1
   end
   s.state = "open"
   s.open_until = t + ms
@@ -121,7 +122,7 @@ function _M.record(name, pol, ok, kind, retry_after, trial)
     end
     if ok then
       s.state, s.trial, s.why = "closed", false, nil
-      nunclosed = nunclosed - 1
+      unclosed[name], nunclosed = nil, nunclosed - 1
       s.failures, s.first, s.count = {}, 1, 0
     elseif policy.counts_as_failure(kind) then
       open(s, t, pol.cooldown_ms, "the trial request failed")
@@ -189,8 +190,8 @@ end
 -- The cooling function, or nil when no breaker can be cooling (all of
 -- this process's are closed): a balancer asks once per decision.
 -- Shared breakers: as read at most SHARED_RECHECK_MS ago. Local ones: also
--- the breakers' table, {name = state}: no entry, or one whose state is
--- "closed", is not cooling (the caller skips the call for those).
+-- the table of those not closed, {name = state}: one not in it is not
+-- cooling (the caller asks of these only).
 function _M.cooling_check()
   if state_mod.is_shared then
     return shared_cooling
@@ -198,7 +199,7 @@ function _M.cooling_check()
   if nunclosed == 0 then
     return nil
   end
-  return cooling, states
+  return cooling, unclosed
 end
 
 cooling = function(name)
@@ -238,7 +239,7 @@ function _M.health(name)
 end
 
 function _M.reset()
-  states, nunclosed, shared_seen = {}, 0, {}
+  states, unclosed, nunclosed, shared_seen = {}, {}, 0, {}
   local sh = shared()
   if sh then
     sh.reset()

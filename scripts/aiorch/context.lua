@@ -338,8 +338,7 @@ local function listed(list, models, t, exclude, cooling, breakers, out, n)
     if d and d.limited_until <= t and not (exclude and exclude[d.id]) then
       local cool = false
       if breakers then -- this process's breakers: only one not closed may be cooling
-        local b = breakers[d.id]
-        cool = b ~= nil and b.state ~= "closed" and cooling(d.id)
+        cool = breakers[d.id] ~= nil and cooling(d.id)
       elseif cooling then
         cool = cooling(d.id)
       end
@@ -348,6 +347,30 @@ local function listed(list, models, t, exclude, cooling, breakers, out, n)
         out[n] = d
         d.model = models[j] -- the model a call would use in this orchestration
       end
+    end
+  end
+  return n
+end
+
+-- (usable_deployments) Takes out of out[1..n] those whose breaker (one of
+-- unclosed: this process's not closed) is cooling, keeping the order.
+-- Returns the new n.
+local function drop_cooling(out, n, cooling, unclosed)
+  for id in pairs(unclosed) do
+    if cooling(id) then -- (rare: one pass over out, for all of them)
+      local m = 0
+      for k = 1, n do
+        local d = out[k]
+        local did = d.id
+        if not (unclosed[did] ~= nil and cooling(did)) then
+          m = m + 1
+          out[m] = d
+        end
+      end
+      for k = n, m + 1, -1 do
+        out[k] = nil
+      end
+      return m
     end
   end
   return n
@@ -366,6 +389,8 @@ local function usable_deployments(st, providers, exclude, out)
   end
   local n, t = 0, now()
   local cooling, breakers = breaker.cooling_check()
+  -- (with this process's breakers, those cooling are taken out after)
+  local fast = not exclude and (not cooling or breakers ~= nil)
   for i = 1, #providers do
     local p = providers[i]
     local a, c = resolve(adapters, configs, opts, p)
@@ -385,7 +410,7 @@ local function usable_deployments(st, providers, exclude, out)
         end
         c.deployment_stats, c.deployment_models = list, models
       end
-      if not (exclude or cooling) then -- the common case: no breaker is open or half open, nothing tried yet
+      if fast then -- the common case: nothing tried yet
         for j = 1, #list do
           local d = list[j]
           if d and d.limited_until <= t then
@@ -398,6 +423,9 @@ local function usable_deployments(st, providers, exclude, out)
         n = listed(list, models, t, exclude, cooling, breakers, out, n)
       end
     end
+  end
+  if fast and cooling then
+    n = drop_cooling(out, n, cooling, breakers)
   end
   for j = #out, n + 1, -1 do
     out[j] = nil
