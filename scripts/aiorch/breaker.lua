@@ -27,8 +27,8 @@ local function shared()
 end
 
 -- The breakers not closed (open or half open), {name = state}, and their
--- number: while none is, none can be cooling, and a balancer asks nothing
--- per deployment; else it asks of these only.
+-- number: while none of these is cooling, a balancer asks nothing per
+-- deployment; else it asks of these only.
 local unclosed, nunclosed = {}, 0
 
 local function state(name)
@@ -187,8 +187,9 @@ local function shared_cooling(name)
   return v
 end
 
--- The cooling function, or nil when no breaker can be cooling (all of
--- this process's are closed): a balancer asks once per decision.
+-- The cooling function, or nil when no breaker is cooling (all of this
+-- process's are closed, or half open with no trial under way): a balancer
+-- asks once per decision.
 -- Shared breakers: as read at most SHARED_RECHECK_MS ago. Local ones: also
 -- the table of those not closed, {name = state}: one not in it is not
 -- cooling (the caller asks of these only).
@@ -199,7 +200,12 @@ function _M.cooling_check()
   if nunclosed == 0 then
     return nil
   end
-  return cooling, unclosed
+  for name in pairs(unclosed) do
+    if cooling(name) then
+      return cooling, unclosed
+    end
+  end
+  return nil
 end
 
 cooling = function(name)

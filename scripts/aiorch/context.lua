@@ -352,36 +352,12 @@ local function listed(list, models, t, exclude, cooling, breakers, out, n)
   return n
 end
 
--- (usable_deployments) Takes out of out[1..n] those whose breaker (one of
--- unclosed: this process's not closed) is cooling, keeping the order.
--- Returns the new n.
-local function drop_cooling(out, n, cooling, unclosed)
-  for id in pairs(unclosed) do
-    if cooling(id) then -- (rare: one pass over out, for all of them)
-      local m = 0
-      for k = 1, n do
-        local d = out[k]
-        local did = d.id
-        if not (unclosed[did] ~= nil and cooling(did)) then
-          m = m + 1
-          out[m] = d
-        end
-      end
-      for k = n, m + 1, -1 do
-        out[k] = nil
-      end
-      return m
-    end
-  end
-  return n
-end
-
 -- The records (aiorch.deployments) of the providers' deployments that may
 -- take a call now: not cooling down, not past their own rpm/tpm, not in
 -- exclude (a set of ids), with a key. A provider without deployments is
 -- one, whose id is its name; a deployment's id may be given too.
 -- (The hot path of every balancer: cheap checks first, no call per
--- deployment unless a breaker is open or half open.)
+-- deployment unless a breaker is cooling down.)
 local function usable_deployments(st, providers, exclude, out)
   local adapters, configs, opts = st.adapters, st.configs, st.opts
   if type(providers) ~= "table" then
@@ -389,8 +365,7 @@ local function usable_deployments(st, providers, exclude, out)
   end
   local n, t = 0, now()
   local cooling, breakers = breaker.cooling_check()
-  -- (with this process's breakers, those cooling are taken out after)
-  local fast = not exclude and (not cooling or breakers ~= nil)
+  local fast = not (exclude or cooling)
   for i = 1, #providers do
     local p = providers[i]
     local a, c = resolve(adapters, configs, opts, p)
@@ -410,7 +385,7 @@ local function usable_deployments(st, providers, exclude, out)
         end
         c.deployment_stats, c.deployment_models = list, models
       end
-      if fast then -- the common case: nothing tried yet
+      if fast then -- the common case: no breaker cooling down, nothing tried yet
         for j = 1, #list do
           local d = list[j]
           if d and d.limited_until <= t then
@@ -423,9 +398,6 @@ local function usable_deployments(st, providers, exclude, out)
         n = listed(list, models, t, exclude, cooling, breakers, out, n)
       end
     end
-  end
-  if fast and cooling then
-    n = drop_cooling(out, n, cooling, breakers)
   end
   for j = #out, n + 1, -1 do
     out[j] = nil
