@@ -333,6 +333,17 @@ end
 -- take a call: not past their own rpm/tpm, not in exclude, not cooling
 -- down. Returns the new n.
 local function listed(list, models, t, exclude, cooling, breakers, out, n)
+  if breakers and not exclude then -- (a breaker of this process cooling down: the checks it needs only)
+    for j = 1, #list do
+      local d = list[j]
+      if d and d.limited_until <= t and not (breakers[d.id] and cooling(d.id)) then
+        n = n + 1
+        out[n] = d
+        d.model = models[j]
+      end
+    end
+    return n
+  end
   for j = 1, #list do
     local d = list[j]
     if d and d.limited_until <= t and not (exclude and exclude[d.id]) then
