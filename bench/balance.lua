@@ -8,7 +8,8 @@
 -- that whole run: the strategy's own preparation (sticky's key, cheapest's
 -- estimate), the listing and the pick. Prints microseconds per decision
 -- (CPU time: the median of batches of 100, and the mean), first with no
--- breaker in play, then with breakers in play.
+-- breaker in play, then with breakers in play (all closed), then with one
+-- open.
 local aiorch = require "aiorch"
 local loader = require "aiorch.loader"
 local config = require "aiorch.config"
@@ -111,7 +112,17 @@ local function run(title)
 end
 
 run("no breaker has seen a failure")
--- A failure of one deployment (its breaker stays closed): from now on each
--- deployment's breaker is looked at in every decision.
+-- A failure of one deployment: its breaker has seen one but stays closed
+-- (while all are closed, a decision asks nothing of them).
 breaker.record("openai/d1", cfg.policy, false, "server_error")
 run("breakers in play")
+-- One deployment's breaker open (it is passed over): from now on each
+-- deployment's breaker is looked at in every decision.
+for _ = 1, 100 do
+  if breaker.health("openai/d1").state == "open" then
+    break
+  end
+  breaker.record("openai/d1", cfg.policy, false, "server_error")
+end
+assert(breaker.health("openai/d1").state == "open")
+run("one breaker open")

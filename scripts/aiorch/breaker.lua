@@ -26,14 +26,16 @@ local function shared()
   return nil
 end
 
-local nstates = 0 -- entries of states (one is made at a provider's first failure)
+-- The breakers not closed (open or half open), {name = state}, and their
+-- number: while none of these is cooling, a balancer asks nothing per
+-- deployment; else it asks of these only.
+local unclosed, nunclosed = {}, 0
 
 local function state(name)
   local s = states[name]
   if not s then
-    s = { state = "closed", failures = {}, first = 1, count = 0, open_until = 0, trial = false, why = nil }
+    s = { name = name, state = "closed", failures = {}, first = 1, count = 0, open_until = 0, trial = false, why = nil }
     states[name] = s
-    nstates = nstates + 1
   end
   return s
 end
@@ -51,6 +53,9 @@ end
 -- asked: the provider asked for the pause (Retry-After), rather than the
 -- breaker deciding it after failures.
 local function open(s, t, ms, why, asked)
+  if s.state == "closed" then
+    unclosed[s.name], nunclosed = s, nunclosed + 1
+  end
   s.state = "open"
   s.open_until = t + ms
   s.trial = false
@@ -117,6 +122,7 @@ function _M.record(name, pol, ok, kind, retry_after, trial)
     end
     if ok then
       s.state, s.trial, s.why = "closed", false, nil
+      unclosed[name], nunclosed = nil, nunclosed - 1
       s.failures, s.first, s.count = {}, 1, 0
     elseif policy.counts_as_failure(kind) then
       open(s, t, pol.cooldown_ms, "the trial request failed")
@@ -181,19 +187,25 @@ local function shared_cooling(name)
   return v
 end
 
--- The cooling function, or nil when no breaker can be cooling (none of
--- this process's has seen a failure): a balancer asks once per decision.
+-- The cooling function, or nil when no breaker is cooling (all of this
+-- process's are closed, or half open with no trial under way): a balancer
+-- asks once per decision.
 -- Shared breakers: as read at most SHARED_RECHECK_MS ago. Local ones: also
--- the breakers' table, {name = state}: no entry, or one whose state is
--- "closed", is not cooling (the caller skips the call for those).
+-- the table of those not closed, {name = state}: one not in it is not
+-- cooling (the caller asks of these only).
 function _M.cooling_check()
   if state_mod.is_shared then
     return shared_cooling
   end
-  if nstates == 0 then
+  if nunclosed == 0 then
     return nil
   end
-  return cooling, states
+  for name in pairs(unclosed) do
+    if cooling(name) then
+      return cooling, unclosed
+    end
+  end
+  return nil
 end
 
 cooling = function(name)
@@ -233,7 +245,7 @@ function _M.health(name)
 end
 
 function _M.reset()
-  states, nstates, shared_seen = {}, 0, {}
+  states, unclosed, nunclosed, shared_seen = {}, {}, 0, {}
   local sh = shared()
   if sh then
     sh.reset()

@@ -333,13 +333,23 @@ end
 -- take a call: not past their own rpm/tpm, not in exclude, not cooling
 -- down. Returns the new n.
 local function listed(list, models, t, exclude, cooling, breakers, out, n)
+  if breakers and not exclude then -- (a breaker of this process cooling down: the checks it needs only)
+    for j = 1, #list do
+      local d = list[j]
+      if d and d.limited_until <= t and not (breakers[d.id] and cooling(d.id)) then
+        n = n + 1
+        out[n] = d
+        d.model = models[j]
+      end
+    end
+    return n
+  end
   for j = 1, #list do
     local d = list[j]
     if d and d.limited_until <= t and not (exclude and exclude[d.id]) then
       local cool = false
       if breakers then -- this process's breakers: only one not closed may be cooling
-        local b = breakers[d.id]
-        cool = b ~= nil and b.state ~= "closed" and cooling(d.id)
+        cool = breakers[d.id] ~= nil and cooling(d.id)
       elseif cooling then
         cool = cooling(d.id)
       end
@@ -358,7 +368,7 @@ end
 -- exclude (a set of ids), with a key. A provider without deployments is
 -- one, whose id is its name; a deployment's id may be given too.
 -- (The hot path of every balancer: cheap checks first, no call per
--- deployment unless a breaker has seen a failure.)
+-- deployment unless a breaker is cooling down.)
 local function usable_deployments(st, providers, exclude, out)
   local adapters, configs, opts = st.adapters, st.configs, st.opts
   if type(providers) ~= "table" then
@@ -366,6 +376,7 @@ local function usable_deployments(st, providers, exclude, out)
   end
   local n, t = 0, now()
   local cooling, breakers = breaker.cooling_check()
+  local fast = not (exclude or cooling)
   for i = 1, #providers do
     local p = providers[i]
     local a, c = resolve(adapters, configs, opts, p)
@@ -385,7 +396,7 @@ local function usable_deployments(st, providers, exclude, out)
         end
         c.deployment_stats, c.deployment_models = list, models
       end
-      if not (exclude or cooling) then -- the common case: no breaker has seen a failure, nothing tried yet
+      if fast then -- the common case: no breaker cooling down, nothing tried yet
         for j = 1, #list do
           local d = list[j]
           if d and d.limited_until <= t then

@@ -8,6 +8,9 @@ local orchestrate = require "aiorch.orchestrate"
 local breaker = require "aiorch.breaker"
 local deployments = require "aiorch.deployments"
 local cost = require "aiorch.cost"
+local loader = require "aiorch.loader"
+local config = require "aiorch.config"
+local context = require "aiorch.context"
 local support = require "tests.support"
 
 local fmt = string.format
@@ -109,6 +112,35 @@ end)
 before_each(reset_all)
 
 describe("deployments", function()
+  it("lists those whose breaker is not cooling down, in their order", function()
+    local env = env_of({ { name = "a" }, { name = "b" }, { name = "c" }, { name = "d" } },
+      { OPENAI_POLICY = "breaker_failures=1,cooldown_ms=100" })
+    local adapter = assert(loader.load("provider", "openai"))
+    local cfg = config.provider("openai", adapter, env)
+    local ctx = context.new { request = { user_question = QUESTION }, adapters = { openai = adapter },
+      configs = { openai = cfg }, opts = { env = env } }
+    local function ids(providers, exclude)
+      local out = {}
+      for i, d in ipairs(ctx.deployments(providers, exclude)) do
+        out[i] = d.id:match("/(.*)")
+      end
+      return table.concat(out, " ")
+    end
+    assert.equal("a b c d", ids("openai"))
+    breaker.record("openai/b", cfg.policy, false, "server_error")
+    breaker.record("openai/d", cfg.policy, false, "server_error")
+    assert.equal("a c", ids("openai"))
+    assert.equal("a c a c", ids({ "openai", "openai" }))
+    assert.equal("c", ids("openai", { ["openai/a"] = true }))
+    aiorch.sleep(150) -- half open: the next call is the trial
+    assert.equal("a b c d", ids("openai"))
+    assert.is_true((breaker.allow("openai/d")))
+    assert.equal("a b c", ids("openai")) -- d's trial is under way
+    assert.equal("b c", ids("openai", { ["openai/a"] = true }))
+    breaker.record("openai/d", cfg.policy, true, nil, nil, true)
+    assert.equal("a b c d", ids("openai"))
+  end)
+
   it("each has its own base URL and key; the answer says which one served it", function()
     local env = env_of { { name = "a" }, { name = "b" } }
     for _ = 1, 4 do
