@@ -132,6 +132,33 @@ function _M.source(collect, baseline)
   return s
 end
 
+-- The source of a table of counters its owner counts up (name -> count;
+-- the same table for as long as it is a source): each flush pushes what
+-- each gained since, under prefix .. name.
+function _M.counts_source(prefix, counts)
+  local flushed, keys = {}, {}
+  local function collect(add)
+    for k, v in pairs(counts) do
+      local d = v - (flushed[k] or 0)
+      if d ~= 0 then
+        local key = keys[k]
+        if not key then
+          key = prefix .. k
+          keys[k] = key
+        end
+        add(key, d)
+        flushed[k] = v
+      end
+    end
+  end
+  local function baseline()
+    for k, v in pairs(counts) do
+      flushed[k] = v
+    end
+  end
+  return _M.source(collect, baseline)
+end
+
 function _M.unsource(s)
   for i, x in ipairs(sources) do
     if x == s then

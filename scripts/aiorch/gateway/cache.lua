@@ -854,26 +854,6 @@ Cache.__index = Cache
 local COUNTS = { "hit", "miss", "bypass", "stored", "memory_hit", "redis_hit", "flight_hit", "redis_error" }
 local PREFIX = "ca\31" -- the counters' keys in the state
 
--- The counters since the last flush, pushed to the state's backend (the
--- server's totals across workers).
-local function source(c)
-  local flushed = {}
-  local function collect(add)
-    for k, v in pairs(c.counts) do
-      if v ~= (flushed[k] or 0) then
-        add(PREFIX .. k, v - (flushed[k] or 0))
-        flushed[k] = v
-      end
-    end
-  end
-  local function baseline()
-    for k, v in pairs(c.counts) do
-      flushed[k] = v
-    end
-  end
-  return collect, baseline
-end
-
 -- A cache on cfg (from check()).
 function _M.new(cfg)
   local c = setmetatable({ cfg = cfg, flights = {}, counts = {} }, Cache)
@@ -889,7 +869,7 @@ function _M.new(cfg)
       c.aliases = store.new { max_bytes = for_aliases, max_entries = cfg.max_entries }
     end
   end
-  c.source = state.source(source(c))
+  c.source = state.counts_source(PREFIX, c.counts) -- the server's totals across workers
   c.bytes_fn = function() return c.memory and c.memory.bytes + (c.aliases and c.aliases.bytes or 0) or 0 end
   c.entries_fn = function() return c.memory and c.memory.entries or 0 end
   c.evictions_fn = function() return c.memory and c.memory.evictions or 0 end

@@ -21,27 +21,7 @@ end
 -- Starts counting gw (a gateway's state) into the server's totals, and,
 -- when the state is shared, the task that flushes. Returns what stop takes.
 function _M.start(gw)
-  local flushed, keys = {}, {}
-  local function collect(add)
-    for k, v in pairs(gw.counts) do
-      local d = v - (flushed[k] or 0)
-      if d ~= 0 then
-        local key = keys[k]
-        if not key then
-          key = PREFIX .. k
-          keys[k] = key
-        end
-        add(key, d)
-        flushed[k] = v
-      end
-    end
-  end
-  local function baseline()
-    for k, v in pairs(gw.counts) do
-      flushed[k] = v
-    end
-  end
-  local t = { source = state.source(collect, baseline), gauge = gauge_fn(gw) }
+  local t = { source = state.counts_source(PREFIX, gw.counts), gauge = gauge_fn(gw) }
   state.gauge("in_flight", t.gauge)
   if state.shared() then
     t.flusher = spawn(state.flusher)

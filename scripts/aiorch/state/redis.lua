@@ -488,25 +488,6 @@ function Tier:metrics()
   return { up = self.up, errors = errors }
 end
 
--- The errors counted since the last flush, pushed to the backend.
-local function source(t)
-  local flushed = {}
-  local function collect(add)
-    for k, v in pairs(t.errors) do
-      if v ~= (flushed[k] or 0) then
-        add(ERRORS .. k, v - (flushed[k] or 0))
-        flushed[k] = v
-      end
-    end
-  end
-  local function baseline()
-    for k, v in pairs(t.errors) do
-      flushed[k] = v
-    end
-  end
-  return collect, baseline
-end
-
 function Tier:close()
   state.unsource(self.source)
   state.ungauge("redis_down", self.down_fn)
@@ -529,7 +510,7 @@ function _M.new(cfg, fallback)
   t.server = client:stats().server
   fallback = fallback or function() return require("aiorch.state").backend() end
   t.kv = setmetatable({ tier = t, fallback = fallback, shared = true, kind = "redis" }, KV)
-  t.source = state.source(source(t))
+  t.source = state.counts_source(ERRORS, t.errors) -- the errors, by kind
   t.down_fn = function() return t.up and 0 or 1 end
   state.gauge("redis_down", t.down_fn)
   return t
